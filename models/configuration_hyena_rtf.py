@@ -1,0 +1,156 @@
+"""Configuration of Hyena-RTF decoders, and the model-size presets.
+
+The typed `__init__` signature below is the single source of truth for model hyper-parameters:
+the training config derives its `model` section from it, and `save_pretrained` writes it to
+config.json.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+FILTERS = ("rtf", "implicit")
+
+# Model-size presets. 125m follows the Hyena-RTF WikiText-103 model (d 768, 12 layers, state 64);
+# larger ones follow the usual GPT-3 / Pythia widths and depths. vocab_size is set from the data.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(d_model=64, n_layer=2, l_max=256, state_size=8, n_head=4),
+    "small": dict(d_model=256, n_layer=4, l_max=512, state_size=16, n_head=4),
+    "125m": dict(d_model=768, n_layer=12, l_max=2048, state_size=64, n_head=12),
+    "355m": dict(d_model=1024, n_layer=24, l_max=2048, state_size=64, n_head=16),
+    "1.3b": dict(d_model=2048, n_layer=24, l_max=2048, state_size=64, n_head=16),
+}
+
+
+class HyenaRTFConfig(PretrainedConfig):
+    """Hyper-parameters of `HyenaRTFForCausalLM`.
+
+    Args:
+        vocab_size: tokenizer vocabulary (logits have exactly this size).
+        pad_vocab_size_multiple: embedding rows are padded up to a multiple of this, for speed.
+        d_model, n_layer: width and depth.
+        l_max: training length; the RTF kernel FFT size. Longer inputs still work (see models/rtf.py).
+        filter: long filter of the Hyena mixers, "rtf" or "implicit".
+        state_size: RTF order n. num_a: distinct RTF denominators (None: one per filter).
+        filter_heads: distinct long filters, tied across d_model / filter_heads channels each
+            (None: one per channel; the multi-head tying of MultiHyena when smaller).
+        rtf_init: "zeros" | "xavier" | "montel". rtf_constraint: "none" | "l1_montel".
+        recurrent_dtype: dtype of the decoding state and coefficients, "float32" or "float64".
+        short_conv_width: causal depthwise conv width before the gating.
+        implicit_order, implicit_bands: width and positional bands of the implicit filter MLP.
+        attn_layers: layer indices that use causal softmax attention instead of Hyena.
+        n_head: attention heads (attention layers only).
+        mlp_ratio: MLP hidden width / d_model.
+        layer_norm_eps, dropout, initializer_range: as usual (GPT-2 style init, std 0.02, residual
+            projections scaled by 1 / sqrt(2 n_layer)).
+    """
+
+    model_type = "hyena_rtf"
+
+    def __init__(
+        self,
+        vocab_size: int = 50277,
+        pad_vocab_size_multiple: int = 64,
+        d_model: int = 768,
+        n_layer: int = 12,
+        l_max: int = 2048,
+        filter: str = "rtf",
+        state_size: int = 64,
+        num_a: int | None = None,
+        filter_heads: int | None = None,
+        rtf_init: str = "xavier",
+        rtf_constraint: str = "l1_montel",
+        recurrent_dtype: str = "float32",
+        short_conv_width: int = 3,
+        implicit_order: int = 64,
+        implicit_bands: int = 8,
+        attn_layers: list[int] | None = None,
+        n_head: int = 12,
+        mlp_ratio: int = 4,
+        layer_norm_eps: float = 1e-5,
+        dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = True,
+        use_cache: bool = True,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.pad_vocab_size_multiple = pad_vocab_size_multiple
+        self.d_model = d_model
+        self.n_layer = n_layer
+        self.l_max = l_max
+        self.filter = filter
+        self.state_size = state_size
+        self.num_a = num_a
+        self.filter_heads = filter_heads
+        self.rtf_init = rtf_init
+        self.rtf_constraint = rtf_constraint
+        self.recurrent_dtype = recurrent_dtype
+        self.short_conv_width = short_conv_width
+        self.implicit_order = implicit_order
+        self.implicit_bands = implicit_bands
+        self.attn_layers = sorted(int(i) for i in (attn_layers or []))
+        self.n_head = n_head
+        self.mlp_ratio = mlp_ratio
+        self.layer_norm_eps = layer_norm_eps
+        self.dropout = dropout
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self.tie_word_embeddings = tie_word_embeddings
+        self.check()
+
+    # Names HF utilities look for.
+    @property
+    def hidden_size(self) -> int:
+        return self.d_model
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.n_layer
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_size_multiple
+        return -(-self.vocab_size // m) * m
+
+    def check(self) -> None:
+        """Raise ValueError naming the first inconsistent hyper-parameter."""
+        if self.filter not in FILTERS:
+            raise ValueError(f"filter must be one of {FILTERS}, got {self.filter!r}")
+        if self.recurrent_dtype not in ("float32", "float64"):
+            raise ValueError(f"recurrent_dtype must be 'float32' or 'float64', got {self.recurrent_dtype!r}")
+        bad = [i for i in self.attn_layers if not 0 <= i < self.n_layer]
+        if bad:
+            raise ValueError(f"attn_layers {bad} out of range for n_layer={self.n_layer}")
+        if self.attn_layers and self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if self.filter_heads and self.d_model % self.filter_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by filter_heads ({self.filter_heads})")
+        for name in ("vocab_size", "d_model", "n_layer", "l_max", "state_size", "short_conv_width"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def config_from_preset(name: str, **overrides) -> HyenaRTFConfig:
+    """HyenaRTFConfig of a preset in PRESETS, with keyword overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return HyenaRTFConfig(**{**PRESETS[name], **overrides})
+
+
+def count_parameters(config: HyenaRTFConfig) -> int:
+    """Trainable parameters of the model built from `config` (tied weights counted once),
+    measured on the meta device so even the 1.3b preset costs no memory."""
+    import torch
+
+    from .modeling_hyena_rtf import HyenaRTFForCausalLM
+
+    with torch.device("meta"):
+        model = HyenaRTFForCausalLM(config)
+    unique = {id(p): p.numel() for p in model.parameters()}
+    return sum(unique.values())
