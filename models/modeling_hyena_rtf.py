@@ -108,6 +108,9 @@ class HyenaRTFPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
+    # Long-filter parameters stay float32 whatever dtype the model is loaded in (DESIGN: the FFT
+    # has no bf16 path and B/A is badly conditioned near the unit circle).
+    _keep_in_fp32_modules_strict = ["filter"]
 
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2 init: N(0, 0.02) weights, zero biases, residual projections / sqrt(2 n_layer).

@@ -196,6 +196,15 @@ class RTF(nn.Module):
                 self.a.mul_(0.5 / self.a.abs().sum(-1, keepdim=True).clamp_min(1e-12))
         self._recurrence_cache: tuple | None = None
 
+    def _apply(self, fn, recurse=True):
+        """Keep a, b, h0, slack in float32 through `.to(bfloat16)`, `.half()` and mixed-precision
+        engines that cast whole models: poles near the unit circle do not survive 8 mantissa bits."""
+        super()._apply(fn, recurse)
+        for p in self.parameters(recurse=False):
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+        return self
+
     # ---- parameters as the filters see them ---------------------------------------------------
     def denominator(self) -> torch.Tensor:
         """Constrained denominators, one row per filter: (num_filters, n), compute dtype."""
