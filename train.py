@@ -1,0 +1,89 @@
+"""Train a Hyena-RTF language model, or export a training checkpoint as a Hugging Face folder.
+
+Training (the same command line under every launcher; the engine is picked from the environment):
+
+    python train.py --config configs/default.yaml [section.key=value ...]          # one process
+    torchrun --nproc_per_node 8 train.py --config configs/pile_125m.yaml            # torch DDP
+    deepspeed [--num_gpus 8] [--hostfile H] train.py --config configs/pile_125m.yaml  # DeepSpeed ZeRO
+
+Overrides use OmegaConf dot-list syntax, e.g. `optim.lr=3e-4 train.max_steps=2000
+train.zero_stage=2 train.precision=bf16`. Rerunning a command resumes from the latest checkpoint in
+train.out_dir (checkpoint.resume=auto).
+
+Export (any checkpoint, any engine, from the full float32 weights):
+
+    python train.py export runs/default/checkpoints/step_00000300 OUT_DIR
+    python train.py export runs/default OUT_DIR          # the run's latest checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from training.config import ConfigError
+
+
+def _split_launcher_args(argv: list[str]) -> list[str]:
+    """Drop the `--local_rank=N` / `--local-rank N` that DeepSpeed's launcher and old torch
+    launchers append; the rank is read from the LOCAL_RANK environment variable instead."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a.startswith(("--local_rank=", "--local-rank=")):
+            continue
+        if a in ("--local_rank", "--local-rank"):
+            skip = True
+            continue
+        out.append(a)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = _split_launcher_args(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "export":
+        p = argparse.ArgumentParser(prog="train.py export", description="Export a checkpoint as an HF folder")
+        p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
+        p.add_argument("out_dir")
+        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                       help="dtype of the saved weights (RTF parameters always stay float32)")
+        args = p.parse_args(argv[1:])
+        import torch
+
+        from training.export import export_checkpoint
+
+        out = export_checkpoint(args.checkpoint, args.out_dir, dtype=getattr(torch, args.dtype))
+        print(f"[export] wrote {out}")
+        return 0
+
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML preset (configs/*.yaml); omitted: the schema defaults")
+    p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = p.parse_args(argv)
+
+    from training.config import load_config, to_yaml
+    from training.data import DataError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(to_yaml(cfg))
+            return 0
+        from training.trainer import TrainingError, run
+
+        try:
+            run(cfg)
+        except TrainingError as e:
+            print(f"[train] error: {e}", file=sys.stderr)
+            return 1
+    except (ConfigError, DataError) as e:
+        print(f"[train] error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

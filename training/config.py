@@ -1,0 +1,377 @@
+"""Typed training configuration: dataclass schema, YAML presets, command-line dot-list overrides.
+
+A run is configured by three layers merged in this order (later wins):
+
+    schema defaults (the dataclasses below)  <-  YAML preset (--config FILE)  <-  CLI `a.b=value`
+
+The merge goes through OmegaConf *structured* configs, so an unknown key or a value of the wrong
+type fails at load time with a `ConfigError` naming the key and where it came from.
+
+The `model` section is not written by hand: its dataclass is derived from the signature of
+`HyenaRTFConfig.__init__` (one source of truth for model hyper-parameters), every field made
+Optional with default None meaning "not set here". A set `model.preset` (a key of `PRESETS`) fills
+the unset fields; the rest fall back to HyenaRTFConfig's own defaults. `vocab_size` comes from the
+data's tokenizer (`resolve_model_kwargs`), and `l_max` defaults to `data.seq_len`.
+
+Batch arithmetic has one source of truth, `resolve_batch`:
+
+    global_batch = micro_batch_size * grad_accum_steps * world_size      (sequences per step)
+
+Give `train.global_batch_size` to keep the optimisation identical whatever the number of
+processes: `grad_accum_steps` is then derived (and must divide exactly).
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import functools
+import inspect
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message says which key and why."""
+
+
+# --------------------------------------------------------------------------------------------
+# Hand-written sections (everything except the model)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/default"  # output folder of data_prep (token shards + tokenizer + manifest)
+    seq_len: int = 256  # tokens per training sample (each sample holds seq_len + 1 tokens)
+    eval_samples: Optional[int] = None  # validation samples per evaluation; None = whole split
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4  # peak lr of the non-RTF parameters
+    rtf_lr: float = 1e-3  # peak lr of the RTF filter parameters (DESIGN 2.1; weight decay 0)
+    weight_decay: float = 0.1  # applied to matrices only (see training/optim.py)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad L2 norm; 0 disables clipping
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 100  # linear warmup from lr/warmup_steps to lr
+    decay_steps: Optional[int] = None  # end of the cosine; None = train.max_steps
+    min_lr_ratio: float = 0.1  # lr at the end of the cosine, as a fraction of the peak
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"  # checkpoints/, metrics.jsonl, hf/ (export) live here
+    max_steps: int = 1000  # optimizer steps
+    micro_batch_size: int = 8  # sequences per process per forward/backward
+    grad_accum_steps: Optional[int] = None  # None: derived from global_batch_size (or 1)
+    global_batch_size: Optional[int] = None  # sequences per optimizer step, all processes
+    seed: int = 1234  # model init and data order
+    engine: str = "auto"  # auto | single | ddp | deepspeed
+    zero_stage: int = 1  # DeepSpeed ZeRO stage: 1 or 2
+    precision: str = "fp32"  # fp32 | bf16 (autocast; parameters stay fp32)
+    device: str = "auto"  # auto | cpu | cuda
+    eval_every: int = 200  # steps between validation passes (0: only at the end)
+    max_nonfinite_steps: int = 20  # stop after this many skipped non-finite steps in one run
+    stop_after_steps: Optional[int] = None  # save a checkpoint and exit after this step (a planned interruption)
+    deepspeed: Dict[str, Any] = field(default_factory=dict)  # extra keys merged into the generated DeepSpeed JSON
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10  # steps per JSONL record / console line (the loss is averaged over them)
+    progress_bar: bool = True
+    tensorboard: bool = False  # needs the `tensorboard` package
+    unigram_baseline: bool = True  # print the add-one unigram perplexity of the validation tokens
+    unigram_max_train_samples: Optional[int] = 200_000  # train samples counted for it (None: all)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps between periodic checkpoints (0: only the final one)
+    keep_last: int = 3  # periodic checkpoints kept (older ones are deleted)
+    resume: str = "auto"  # auto (latest in out_dir, if any) | none | PATH to a checkpoint dir
+    export_at_end: bool = True  # write an HF checkpoint to export_dir after the final step
+    export_dir: Optional[str] = None  # None: OUT_DIR/hf
+
+
+ENGINES = ("auto", "single", "ddp", "deepspeed")
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+# --------------------------------------------------------------------------------------------
+# The model section, derived from HyenaRTFConfig.__init__
+# --------------------------------------------------------------------------------------------
+
+_SCALARS = (int, float, bool, str)
+
+
+def _omegaconf_type(annotation: Any) -> Any:
+    """Map a model-config annotation to a type OmegaConf validates, wrapped in Optional.
+
+    Scalars stay typed (so `model.d_model=abc` fails), list/tuple/Sequence of a scalar become
+    List[scalar]; anything OmegaConf cannot check becomes Any.
+    """
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if annotation in _SCALARS:
+        return Optional[annotation]
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _omegaconf_type(args[0])
+    if origin in (list, tuple, collections.abc.Sequence):
+        elems = [a for a in args if a is not Ellipsis]
+        if len(set(elems)) == 1 and elems[0] in _SCALARS:
+            return Optional[List[elems[0]]]
+        return Optional[List[Any]]
+    if origin is typing.Literal:
+        kinds = {type(a) for a in args}
+        return Optional[kinds.pop()] if len(kinds) == 1 and next(iter(kinds), None) in _SCALARS else Any
+    return Any
+
+
+def model_schema(config_cls: type) -> type:
+    """Dataclass with one Optional field (default None) per parameter of `config_cls.__init__`.
+
+    Parameters without a type annotation, *args/**kwargs and `self` are skipped. A `preset` field
+    is added in front.
+    """
+    hints = typing.get_type_hints(config_cls.__init__)
+    fields: list[tuple] = [("preset", Optional[str], field(default=None))]
+    for name, p in inspect.signature(config_cls.__init__).parameters.items():
+        if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or name not in hints:
+            continue
+        if name == "preset":
+            raise TypeError(f"{config_cls.__name__} has a parameter named 'preset', which the training config reserves")
+        fields.append((name, _omegaconf_type(hints[name]), field(default=None)))
+    return dataclasses.make_dataclass("ModelConfig", fields)
+
+
+def model_defaults(config_cls: type) -> Dict[str, Any]:
+    """Signature defaults of `config_cls.__init__` (the values used when neither preset nor YAML sets one)."""
+    out = {}
+    for name, p in inspect.signature(config_cls.__init__).parameters.items():
+        if p.default is not inspect.Parameter.empty and name != "self":
+            out[name] = list(p.default) if isinstance(p.default, tuple) else p.default
+    return out
+
+
+def _hyena_config_cls():
+    from models.configuration_hyena_rtf import HyenaRTFConfig
+
+    return HyenaRTFConfig
+
+
+def _hyena_presets() -> Dict[str, Dict[str, Any]]:
+    from models.configuration_hyena_rtf import PRESETS
+
+    return PRESETS
+
+
+@functools.lru_cache(maxsize=None)
+def build_schema(config_cls: Optional[type] = None) -> type:
+    """The full training-config dataclass; `config_cls` defaults to HyenaRTFConfig."""
+    model_cls = model_schema(config_cls or _hyena_config_cls())
+    sections = [
+        ("model", model_cls, field(default_factory=model_cls)),
+        ("data", DataConfig, field(default_factory=DataConfig)),
+        ("optim", OptimConfig, field(default_factory=OptimConfig)),
+        ("schedule", ScheduleConfig, field(default_factory=ScheduleConfig)),
+        ("train", TrainConfig, field(default_factory=TrainConfig)),
+        ("logging", LoggingConfig, field(default_factory=LoggingConfig)),
+        ("checkpoint", CheckpointConfig, field(default_factory=CheckpointConfig)),
+    ]
+    return dataclasses.make_dataclass("TrainingRunConfig", sections)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------
+
+
+def _valid_keys(schema: DictConfig, dotted: str) -> str:
+    """Comma-separated keys of the section that should have contained `dotted`."""
+    node = schema
+    for part in dotted.split(".")[:-1]:
+        if isinstance(node, DictConfig) and part in node:
+            node = node[part]
+        else:
+            break
+    return ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else ""
+
+
+def _merge(base: DictConfig, other: DictConfig, source: str, schema: DictConfig) -> DictConfig:
+    """OmegaConf.merge with its exceptions turned into ConfigErrors naming key and source."""
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as e:
+        key = e.full_key or str(e)
+        raise ConfigError(
+            f"{source}: unknown config key '{key}'. Valid keys here: {_valid_keys(schema, key)}"
+        ) from None
+    except ValidationError as e:
+        # e.msg is OmegaConf's first line ("Value 'abc' of type 'str' could not be converted to Integer").
+        raise ConfigError(f"{source}: invalid value for '{e.full_key}': {str(e.msg).splitlines()[0]}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(
+    config_file: Optional[str] = None, overrides: Optional[List[str]] = None, config_cls: Optional[type] = None
+) -> DictConfig:
+    """Schema <- YAML file <- dot-list overrides, typed and checked. Raises ConfigError.
+
+    overrides: ["optim.lr=3e-4", "train.max_steps=100", ...] (YAML syntax on the right-hand side).
+    """
+    schema = OmegaConf.structured(build_schema(config_cls))
+    cfg = schema
+    if config_file is not None:
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"config file not found: {config_file}")
+        try:
+            loaded = OmegaConf.load(config_file)
+        except Exception as e:  # yaml.YAMLError and friends
+            raise ConfigError(f"{config_file}: not valid YAML: {e}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{config_file}: the top level must be a mapping of sections")
+        cfg = _merge(cfg, loaded, config_file, schema)
+    for item in overrides or []:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"command-line override '{item}' is not of the form section.key=value")
+        try:
+            dot = OmegaConf.from_dotlist([item])
+        except Exception as e:
+            raise ConfigError(f"command-line override '{item}': {e}") from None
+        cfg = _merge(cfg, dot, f"command-line override '{item}'", schema)
+    check_values(cfg)
+    return cfg
+
+
+def _choice(value: str, allowed: tuple, key: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"invalid value for '{key}': {value!r} (choose one of {', '.join(allowed)})")
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Checks OmegaConf's types cannot express (choices, ranges)."""
+    t = cfg.train
+    _choice(t.engine, ENGINES, "train.engine")
+    _choice(t.precision, PRECISIONS, "train.precision")
+    _choice(t.device, DEVICES, "train.device")
+    if t.zero_stage not in (1, 2):
+        raise ConfigError(f"invalid value for 'train.zero_stage': {t.zero_stage} (supported: 1, 2)")
+    positive = {
+        "train.max_steps": t.max_steps,
+        "train.micro_batch_size": t.micro_batch_size,
+        "data.seq_len": cfg.data.seq_len,
+        "logging.log_every": cfg.logging.log_every,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+    }
+    for opt in ("grad_accum_steps", "global_batch_size", "stop_after_steps"):
+        if t[opt] is not None:
+            positive[f"train.{opt}"] = t[opt]
+    for key, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"invalid value for '{key}': {v} (must be >= 1)")
+    for key, v in {
+        "optim.lr": cfg.optim.lr,
+        "optim.rtf_lr": cfg.optim.rtf_lr,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.grad_clip": cfg.optim.grad_clip,
+        "schedule.warmup_steps": cfg.schedule.warmup_steps,
+        "train.eval_every": t.eval_every,
+        "checkpoint.every": cfg.checkpoint.every,
+    }.items():
+        if v < 0:
+            raise ConfigError(f"invalid value for '{key}': {v} (must be >= 0)")
+    if not 0.0 <= cfg.schedule.min_lr_ratio <= 1.0:
+        raise ConfigError(f"invalid value for 'schedule.min_lr_ratio': {cfg.schedule.min_lr_ratio} (must be in [0, 1])")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's sequences are split. global_batch = micro * accum * world."""
+
+    micro_batch_size: int
+    grad_accum_steps: int
+    world_size: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.world_size
+
+
+def resolve_batch(train: DictConfig, world_size: int) -> BatchPlan:
+    """The one place where micro batch, accumulation, world size and global batch are reconciled."""
+    micro, accum, glob = train.micro_batch_size, train.grad_accum_steps, train.global_batch_size
+    if glob is None:
+        return BatchPlan(micro, accum or 1, world_size)
+    per_step = micro * world_size
+    if glob % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={glob} is not a multiple of micro_batch_size * world_size = "
+            f"{micro} * {world_size} = {per_step}"
+        )
+    if accum is not None and accum != glob // per_step:
+        raise ConfigError(
+            f"train.grad_accum_steps={accum} disagrees with global_batch_size={glob} = micro_batch_size "
+            f"{micro} * world_size {world_size} * accumulation {glob // per_step}; set only one of them"
+        )
+    return BatchPlan(micro, glob // per_step, world_size)
+
+
+def resolve_model_kwargs(
+    model_cfg: DictConfig,
+    vocab_size: int,
+    seq_len: int,
+    presets: Optional[Dict[str, Dict[str, Any]]] = None,
+) -> Dict[str, Any]:
+    """Keyword arguments for HyenaRTFConfig: preset values, then explicitly set fields, then data facts.
+
+    vocab_size: the tokenizer's; an explicit model.vocab_size that disagrees is an error.
+    seq_len: the training length; l_max defaults to it and may not be smaller.
+    """
+    presets = _hyena_presets() if presets is None else presets
+    raw = OmegaConf.to_container(model_cfg, resolve=True)
+    preset = raw.pop("preset")
+    kwargs: Dict[str, Any] = {}
+    if preset is not None:
+        if preset not in presets:
+            raise ConfigError(f"unknown model.preset {preset!r} (choose one of {', '.join(presets)})")
+        kwargs.update(presets[preset])
+    kwargs.update({k: v for k, v in raw.items() if v is not None})
+    if kwargs.get("vocab_size") is not None and kwargs["vocab_size"] != vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={kwargs['vocab_size']} disagrees with the data's tokenizer, which has "
+            f"{vocab_size} tokens; remove model.vocab_size (it is taken from the data) or use matching data"
+        )
+    kwargs["vocab_size"] = vocab_size
+    if kwargs.get("l_max") is None:
+        kwargs["l_max"] = seq_len
+    elif kwargs["l_max"] < seq_len:
+        raise ConfigError(f"model.l_max={kwargs['l_max']} is smaller than data.seq_len={seq_len}")
+    return kwargs
+
+
+def fill_model_section(cfg: DictConfig, model_config: Any) -> None:
+    """Write the resolved model hyper-parameters back into cfg.model (the effective config)."""
+    for key in cfg.model:
+        if key != "preset" and hasattr(model_config, key):
+            value = getattr(model_config, key)
+            cfg.model[key] = list(value) if isinstance(value, tuple) else value
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

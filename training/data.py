@@ -1,0 +1,107 @@
+"""Training-side data access: open the prepared splits with clear errors, cut each optimizer step
+into per-process micro-batches, build the validation batches, and the unigram baseline.
+
+Which sequences a step trains on. A step's global batch is split into S = world_size *
+grad_accum_steps "slots" of micro_batch_size sequences; process r runs slots r*A .. r*A + A - 1
+(A = grad_accum_steps) and slot k is
+
+    data_prep.dataset.get_batch(ds, seed, step, rank=k, world_size=S, batch_size=micro_batch_size)
+
+a pure function of its arguments. So a step's sequences depend only on (seed, step, S, micro):
+two processes without accumulation and one process accumulating two micro-batches train on the
+same sequences, and resuming at step s needs no sampler state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from training.config import BatchPlan
+
+
+class DataError(RuntimeError):
+    """The prepared data is missing, incomplete or too small for the configured run."""
+
+
+def prepare_hint(data_dir: str) -> str:
+    return f"prepare it first, e.g. `python -m data_prep.prepare --out {data_dir}` (see scripts/main.sh)"
+
+
+def open_split(data_dir: str, split: str, seq_len: int):
+    """PackedDataset for one split, turning a missing/incomplete folder into a DataError."""
+    from data_prep.dataset import PackedDataset
+
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data directory '{data_dir}' does not exist (data.dir); {prepare_hint(data_dir)}")
+    try:
+        return PackedDataset(data_dir, split, seq_len)
+    except (FileNotFoundError, KeyError, ValueError, OSError) as e:
+        raise DataError(f"cannot open the '{split}' split of '{data_dir}': {e}; {prepare_hint(data_dir)}") from None
+
+
+def check_sizes(train_ds, val_ds, plan: BatchPlan, seq_len: int) -> None:
+    """One optimizer step needs global_batch_size distinct training sequences; evaluation needs one."""
+    need = plan.global_batch_size
+    if train_ds.num_samples < need:
+        raise DataError(
+            f"too few tokens for one batch: the train split holds {train_ds.num_samples} sequences of "
+            f"seq_len + 1 = {seq_len + 1} tokens, one step needs global_batch_size = {need} "
+            f"({need * (seq_len + 1)} tokens). Use more data or lower data.seq_len / train.micro_batch_size"
+        )
+    if val_ds.num_samples < 1:
+        raise DataError(f"too few tokens for one batch: the val split holds no full sequence of {seq_len + 1} tokens")
+
+
+def step_micro_batches(ds, seed: int, step: int, plan: BatchPlan, rank: int) -> List[torch.Tensor]:
+    """This rank's grad_accum_steps micro-batches of `step`, each LongTensor (micro, seq_len + 1)."""
+    from data_prep.dataset import get_batch
+
+    slots = plan.world_size * plan.grad_accum_steps
+    first = rank * plan.grad_accum_steps
+    return [
+        get_batch(ds, seed, step, first + m, slots, plan.micro_batch_size) for m in range(plan.grad_accum_steps)
+    ]
+
+
+def eval_indices(ds, eval_samples: Optional[int]) -> np.ndarray:
+    """The fixed validation sequences: the first `eval_samples` (all when None)."""
+    n = ds.num_samples if eval_samples is None else min(eval_samples, ds.num_samples)
+    return np.arange(n)
+
+
+def eval_batches(ds, eval_samples: Optional[int], batch_size: int, rank: int, world_size: int) -> List[torch.Tensor]:
+    """This rank's share (every world_size-th sequence) of the validation set, in batches."""
+    idx = eval_indices(ds, eval_samples)[rank::world_size]
+    out = []
+    for start in range(0, len(idx), batch_size):
+        rows = [np.asarray(ds[int(i)], dtype=np.int64) for i in idx[start : start + batch_size]]
+        out.append(torch.from_numpy(np.stack(rows)))
+    return out
+
+
+def unigram_perplexity(train_ds, val_ds, eval_samples: Optional[int], max_train_samples: Optional[int]) -> Tuple[float, int]:
+    """Perplexity of an add-one-smoothed unigram model on the validation targets.
+
+        p(w) = (c(w) + 1) / (N + V),    ppl = exp(-(1/M) sum_{val targets y} log p(y))
+
+    c counts the target tokens (positions 1..seq_len) of the first `max_train_samples` training
+    sequences (all when None), N = sum c, V = vocab_size; the validation targets are exactly those
+    the validation loss is measured on. Returns (ppl, number of train tokens counted).
+    """
+    vocab = train_ds.vocab_size
+    n_train = train_ds.num_samples if max_train_samples is None else min(max_train_samples, train_ds.num_samples)
+    counts = np.zeros(vocab, dtype=np.int64)
+    for i in range(n_train):
+        counts += np.bincount(np.asarray(train_ds[i][1:]), minlength=vocab)[:vocab]
+    logp = np.log(counts + 1.0) - math.log(counts.sum() + vocab)
+    nll, m = 0.0, 0
+    for i in eval_indices(val_ds, eval_samples):
+        y = np.asarray(val_ds[int(i)][1:])
+        nll -= float(logp[y].sum())
+        m += y.size
+    return math.exp(nll / m), int(counts.sum())

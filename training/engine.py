@@ -1,0 +1,391 @@
+"""Execution engines: one process, torch DDP (torchrun), DeepSpeed ZeRO 1/2.
+
+All engines expose the same small interface used by the trainer:
+
+    result = engine.train_step(micro_batches)   # one optimizer step over grad_accum_steps micro-batches
+    loss_sum, n_tokens = engine.eval_sums(batches)
+    engine.save(dir) / engine.load(dir)         # collective: every rank calls them
+
+`micro_batches` is this rank's list of LongTensor (micro_batch_size, seq_len + 1). The loss of a
+micro-batch is the mean token cross-entropy, computed in float32 from the logits:
+
+    loss = mean_{b,t} -log softmax(logits[b, t])[x[b, t + 1]]
+
+All micro-batches have the same size, so the step loss reported (and optimised) is the plain mean
+over the global batch, identical for any split into processes and accumulation steps.
+
+Non-finite steps: when any rank's loss or the global gradient norm is non-finite the optimizer
+step is skipped and the gradients are dropped, consistently on every rank (the flag is
+all-reduced). Under DeepSpeed the ZeRO optimizer performs the skip itself: it checks the global
+gradient norm of the (float32) gradients and reports it through `was_step_applied()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from training.config import BatchPlan, ConfigError
+
+
+# --------------------------------------------------------------------------------------------
+# Environment: launcher, ranks, device
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    launcher: str  # "deepspeed" | "torchrun" | "none"
+
+
+def detect_env() -> DistEnv:
+    """Ranks from the launcher's environment variables.
+
+    torchrun sets TORCHELASTIC_RUN_ID; DeepSpeed's launcher sets CROSS_RANK/LOCAL_SIZE next to
+    RANK/WORLD_SIZE; a plain `python train.py` sets none of them (one process).
+    """
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    rank = int(env.get("RANK", "0"))
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    if "TORCHELASTIC_RUN_ID" in env:
+        launcher = "torchrun"
+    elif "CROSS_RANK" in env or "LOCAL_SIZE" in env:
+        launcher = "deepspeed"
+    else:
+        launcher = "none" if world == 1 else "unknown"
+    return DistEnv(rank, local_rank, world, launcher)
+
+
+def choose_engine(requested: str, env: DistEnv) -> str:
+    """auto: DeepSpeed under its launcher, DDP under torchrun, otherwise a single process."""
+    if requested == "auto":
+        if env.launcher == "deepspeed":
+            return "deepspeed"
+        if env.world_size > 1:
+            return "ddp"
+        return "single"
+    if requested == "single" and env.world_size > 1:
+        raise ConfigError(
+            f"train.engine=single but the launcher started {env.world_size} processes; use ddp or deepspeed"
+        )
+    return requested
+
+
+def choose_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_single_process_env() -> None:
+    """A launcher-less process needs the rendezvous variables or DeepSpeed looks for MPI (DESIGN 3.2)."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------
+
+
+def lm_loss_terms(model: nn.Module, batch: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """(sum of token cross-entropies in float32, number of tokens) for batch (B, T + 1)."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    out = model(input_ids=inputs)
+    logits = out.logits if hasattr(out, "logits") else out
+    # Logits beyond the tokenizer's vocabulary are padding; targets never index them, so a plain
+    # cross-entropy over the padded width is the right loss (they only add to the normaliser).
+    loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+    return loss_sum, targets.numel()
+
+
+def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    loss_sum, n = lm_loss_terms(model, batch)
+    return loss_sum / n
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the global batch (nan/inf if non-finite on any rank)
+    grad_norm: Optional[float]  # global L2 norm before clipping
+    applied: bool  # False when the step was skipped (non-finite)
+
+
+class Engine:
+    """Common state and collectives. Subclasses implement train_step/save/load."""
+
+    kind = "base"
+
+    def __init__(self, model: nn.Module, plan: BatchPlan, device: torch.device, precision: str, env: DistEnv):
+        self.module = model
+        self.plan = plan
+        self.device = device
+        self.precision = precision
+        self.env = env
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+    def autocast(self):
+        """bf16 autocast for matmuls with float32 parameters (the model computes its RTF kernels in
+        float32 itself); nothing for fp32. DeepSpeed's forward applies the same autocast from its
+        `torch_autocast` section; evaluation calls the bare module and so uses this one."""
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized() and self.world_size > 1
+
+    def all_reduce_sum(self, values: Sequence[float]) -> List[float]:
+        """Sum a few floats over ranks (float64, so token counts stay exact)."""
+        t = torch.tensor(list(values), dtype=torch.float64, device=self._comm_device())
+        if self.distributed():
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.distributed():
+            dist.barrier()
+
+    def _comm_device(self) -> torch.device:
+        # NCCL only moves CUDA tensors; gloo moves CPU tensors.
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    @torch.no_grad()
+    def eval_sums(self, batches: List[torch.Tensor]) -> Tuple[float, float]:
+        """(sum of token losses, number of tokens) over this rank's batches, summed over ranks."""
+        was_training = self.module.training
+        self.module.eval()
+        total, count = 0.0, 0
+        for batch in batches:
+            with self.autocast():
+                s, n = lm_loss_terms(self.module, batch.to(self.device, non_blocking=True))
+            total += float(s)
+            count += n
+        self.module.train(was_training)
+        total, count = self.all_reduce_sum([total, count])
+        return total, count
+
+    @property
+    def param_groups(self) -> List[dict]:
+        raise NotImplementedError
+
+    def train_step(self, micro_batches: List[torch.Tensor]) -> StepResult:
+        raise NotImplementedError
+
+    def save(self, ckpt_dir: str) -> None:
+        raise NotImplementedError
+
+    def load(self, ckpt_dir: str) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# Single process and torch DDP
+# --------------------------------------------------------------------------------------------
+
+
+class TorchEngine(Engine):
+    """Plain PyTorch: one process, or DistributedDataParallel when launched with several."""
+
+    MODEL_FILE = "model.pt"
+    OPTIM_FILE = "optimizer.pt"
+
+    def __init__(self, model, optimizer, plan, device, precision, env, grad_clip: float):
+        super().__init__(model, plan, device, precision, env)
+        self.kind = "ddp" if env.world_size > 1 else "single"
+        self.optimizer = optimizer
+        self.grad_clip = grad_clip
+        if env.world_size > 1:
+            if not dist.is_initialized():
+                dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            ids = [device.index] if device.type == "cuda" else None
+            self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        else:
+            self.wrapped = model
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def train_step(self, micro_batches):
+        self.module.train()
+        accum = len(micro_batches)
+        loss_total = torch.zeros((), dtype=torch.float64)
+        for i, batch in enumerate(micro_batches):
+            last = i == accum - 1
+            # DDP all-reduces gradients in backward; skip that for all but the last micro-batch.
+            sync = contextlib.nullcontext() if last or self.wrapped is self.module else self.wrapped.no_sync()
+            with sync:
+                with self.autocast():
+                    loss = lm_loss(self.wrapped, batch.to(self.device, non_blocking=True))
+                (loss / accum).backward()
+            loss_total += loss.detach().double().cpu()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        # Gradients are identical on every rank after DDP's all-reduce, so is this norm.
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        loss_sum, = self.all_reduce_sum([float(loss_total) / accum])
+        loss = loss_sum / self.world_size
+        applied = math.isfinite(loss) and math.isfinite(grad_norm)
+        if applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss, grad_norm, applied)
+
+    def save(self, ckpt_dir):
+        # Replicas are identical: rank 0 writes the full fp32 weights and optimizer state.
+        if self.is_main:
+            torch.save(self.module.state_dict(), os.path.join(ckpt_dir, self.MODEL_FILE))
+            torch.save(self.optimizer.state_dict(), os.path.join(ckpt_dir, self.OPTIM_FILE))
+
+    def load(self, ckpt_dir):
+        model_file = os.path.join(ckpt_dir, self.MODEL_FILE)
+        if not os.path.isfile(model_file):
+            raise RuntimeError(
+                f"{ckpt_dir} has no {self.MODEL_FILE}: it was not written by the single/ddp engine "
+                f"(DeepSpeed checkpoints resume with train.engine=deepspeed)"
+            )
+        state = torch.load(model_file, map_location=self.device, weights_only=True)
+        self.module.load_state_dict(state)
+        optim = torch.load(os.path.join(ckpt_dir, self.OPTIM_FILE), map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(optim)
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed
+# --------------------------------------------------------------------------------------------
+
+DS_TAG = "deepspeed"  # sub-folder of a checkpoint holding DeepSpeed's files
+
+
+def deepspeed_config(plan: BatchPlan, zero_stage: int, precision: str, grad_clip: float, extra: dict) -> dict:
+    """The DeepSpeed JSON, derived from the training config (never kept by hand).
+
+    bf16 uses DeepSpeed's `torch_autocast` section, not its `bf16` section: `bf16` casts every
+    parameter to bfloat16 (RTF coefficients included), autocast keeps parameters and optimizer
+    state float32 and runs the matmuls in bfloat16. `extra` (train.deepspeed) is deep-merged last,
+    but may not touch the batch keys, which only `resolve_batch` decides.
+    """
+    cfg = {
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum_steps,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "steps_per_print": 2**31 - 1,  # our own logger reports progress
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if key in extra:
+            raise ConfigError(f"train.deepspeed.{key} is not allowed: batch sizes come from train.micro_batch_size, "
+                              f"train.grad_accum_steps / train.global_batch_size and the number of processes")
+    for key in ("bf16", "fp16"):
+        if extra.get(key, {}).get("enabled"):
+            raise ConfigError(f"train.deepspeed.{key} is not allowed: it would cast the RTF parameters; "
+                              f"use train.precision=bf16 (autocast)")
+
+    def merge(dst: dict, src: dict) -> dict:
+        for k, v in src.items():
+            dst[k] = merge(dict(dst.get(k, {})), v) if isinstance(v, dict) and isinstance(dst.get(k), dict) else v
+        return dst
+
+    return merge(cfg, extra)
+
+
+def init_deepspeed_distributed(device: torch.device) -> None:
+    import deepspeed
+
+    if device.type == "cpu":
+        # The shared-memory comm op is JIT-compiled on first use (~30 s); gloo does the job on CPU.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO stage 1/2 around a torch AdamW client optimizer."""
+
+    kind = "deepspeed"
+
+    def __init__(self, model, optimizer, plan, device, precision, env, ds_config: dict):
+        super().__init__(model, plan, device, precision, env)
+        import deepspeed
+
+        init_deepspeed_distributed(device)
+        self.ds_config = ds_config
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def train_step(self, micro_batches):
+        if len(micro_batches) != self.ds.gradient_accumulation_steps():
+            raise RuntimeError("micro-batch count differs from DeepSpeed's gradient_accumulation_steps")
+        self.ds.train()
+        loss_total = 0.0
+        for batch in micro_batches:
+            loss = lm_loss(self.ds, batch.to(self.device, non_blocking=True))
+            self.ds.backward(loss)  # scales by 1/accum itself
+            self.ds.step()  # applies the update only at the accumulation boundary
+            loss_total += float(loss.detach())
+        loss_sum, = self.all_reduce_sum([loss_total / len(micro_batches)])
+        norm = self.ds.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else None
+        applied = bool(self.ds.was_step_applied())
+        return StepResult(loss_sum / self.world_size, grad_norm, applied)
+
+    def save(self, ckpt_dir):
+        self.ds.save_checkpoint(ckpt_dir, tag=DS_TAG)
+
+    def load(self, ckpt_dir):
+        if not os.path.isdir(os.path.join(ckpt_dir, DS_TAG)):
+            raise RuntimeError(
+                f"{ckpt_dir} has no {DS_TAG}/ folder: it was not written by the DeepSpeed engine "
+                f"(use train.engine=single or ddp to resume it)"
+            )
+        path, _ = self.ds.load_checkpoint(ckpt_dir, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt_dir}")

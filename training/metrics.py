@@ -1,0 +1,120 @@
+"""Metrics: JSONL file, optional TensorBoard, throughput and model-FLOPs utilisation.
+
+metrics.jsonl holds one JSON object per line, two kinds:
+
+    {"kind": "train", "step": 120, "loss": 3.41, "lr": ..., "rtf_lr": ..., "grad_norm": ...,
+     "tokens": ..., "tokens_per_s": ..., "skipped_steps": 0, "elapsed_s": ..., ["mfu": ...]}
+    {"kind": "eval", "step": 200, "val_loss": 3.2, "val_ppl": 24.5, "val_tokens": ...}
+
+`loss` is the mean over the steps of its logging window (the step's own loss when
+logging.log_every = 1); Python's float repr round-trips, so losses read back are bit-exact.
+On resume the file is cut back to the resumed step, so an interrupted-and-resumed run leaves the
+same file as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Dict, Optional
+
+import torch
+
+# Dense bf16 tensor-core peak per GPU (no sparsity), from the vendors' datasheets. MFU is always
+# reported against this peak, also for fp32 runs (which then show how much they leave unused).
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,  # SXM; the PCIe part is lower (756e12)
+    "A100": 312e12,
+    "A10G": 70e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "V100": 125e12,  # fp16 tensor cores (no bf16)
+}
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    """bf16 dense peak of a CUDA device, or None (CPU, unknown GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).upper()
+    if "H100" in name and "PCIE" in name:
+        return 756e12
+    for key, flops in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return flops
+    return None
+
+
+def train_flops_per_token(n_params: int, n_attn_layers: int, d_model: int, seq_len: int) -> float:
+    """Model FLOPs per trained token: 6 N (forward 2 N, backward 4 N per parameter) plus
+    causal attention's score/value matmuls, 6 * 2 * d * T / 2 per attention layer.
+
+    The FFT long convolutions cost O(d T log T) and are left out (on a 125M model at T 2048 they
+    are a few percent of 6 N), so MFU is a slight under-estimate for Hyena layers.
+    """
+    return 6.0 * n_params + 6.0 * n_attn_layers * d_model * seq_len
+
+
+class MetricsLogger:
+    """Writes metrics.jsonl (and TensorBoard events when asked) on the main rank only."""
+
+    def __init__(self, path: str, enabled: bool, tensorboard_dir: Optional[str] = None):
+        self.path = path
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise RuntimeError(
+                    "logging.tensorboard=true needs the tensorboard package: pip install tensorboard"
+                ) from e
+            self.tb = SummaryWriter(tensorboard_dir)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps > `step` (left by a run interrupted after its last checkpoint)."""
+        if not self.enabled:
+            return
+        kept = []
+        if os.path.isfile(self.path):
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut by a kill
+                        continue
+                    if rec.get("step", 0) <= step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+
+    def log(self, record: Dict) -> None:
+        if not self.enabled:
+            return
+        # Non-finite floats are not valid JSON: write them as the strings "nan" / "inf".
+        clean = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+        if self.tb is not None:
+            prefix = "eval" if record.get("kind") == "eval" else "train"
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "kind") and math.isfinite(v):
+                    self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: str, kind: str = "train") -> list:
+    """Records of one kind from a metrics.jsonl file (for tests and plots)."""
+    with open(path) as f:
+        return [r for r in map(json.loads, f) if r.get("kind") == kind]

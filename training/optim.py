@@ -1,0 +1,107 @@
+"""AdamW parameter groups and the warmup + cosine learning-rate schedule.
+
+Groups (each parameter in exactly one):
+
+- `rtf`: every parameter of an RTF filter module (a, b, h0, slack). Own peak lr (`optim.rtf_lr`,
+  1e-3 in the paper), weight decay 0: decaying the denominator pulls the poles towards the origin
+  and the numerator towards a zero filter, which is a prior on the filter shape, not
+  regularisation. These parameters are float32 whatever the training precision.
+- `no_decay`: tensors with fewer than 2 dimensions (biases, norm gains, scalars) and the token
+  embedding (tied to the LM head). Decaying norm gains or biases only shrinks scale/offset
+  parameters the next layer can re-learn; decaying the embedding shrinks rare tokens' rows much
+  more than frequent ones', since they get few gradient updates to counter it.
+- `decay`: all other matrices (projections, MLP, short-conv weights), weight decay `optim.weight_decay`.
+
+The schedule is a pure function of the optimizer step, so resuming needs only the step number:
+
+    f(s) = (s + 1) / W                                             for s < W   (W = warmup_steps)
+    f(s) = r + (1 - r) * (1 + cos(pi * min(1, (s - W) / (D - W)))) / 2   otherwise
+
+with r = min_lr_ratio and D = decay_steps (default max_steps). Group lr at step s = peak * f(s).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Optional
+
+import torch
+import torch.nn as nn
+
+
+def rtf_module_types() -> tuple:
+    """The RTF filter module class(es); empty if the model package is unavailable."""
+    try:
+        from models.rtf import RTF
+    except ImportError:
+        return ()
+    return (RTF,)
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    rtf_lr: float,
+    weight_decay: float,
+    rtf_types: Optional[tuple] = None,
+) -> List[Dict]:
+    """AdamW groups as described in the module docstring.
+
+    Each group dict carries `name` and `peak_lr` in addition to torch's keys; `peak_lr` is what
+    `set_lr` multiplies by the schedule factor. Empty groups are dropped.
+    """
+    rtf_types = rtf_module_types() if rtf_types is None else rtf_types
+    rtf_ids = set()
+    for module in model.modules():
+        if rtf_types and isinstance(module, rtf_types):
+            rtf_ids.update(id(p) for p in module.parameters())
+    embed_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+    groups: Dict[str, List[nn.Parameter]] = {"decay": [], "no_decay": [], "rtf": []}
+    for p in model.parameters():  # de-duplicated, so a tied head/embedding appears once
+        if not p.requires_grad:
+            continue
+        if id(p) in rtf_ids:
+            groups["rtf"].append(p)
+        elif p.ndim < 2 or id(p) in embed_ids:
+            groups["no_decay"].append(p)
+        else:
+            groups["decay"].append(p)
+    settings = {"decay": (lr, weight_decay), "no_decay": (lr, 0.0), "rtf": (rtf_lr, 0.0)}
+    return [
+        {"params": ps, "name": name, "peak_lr": settings[name][0], "lr": settings[name][0], "weight_decay": settings[name][1]}
+        for name, ps in groups.items()
+        if ps
+    ]
+
+
+def check_rtf_fp32(model: nn.Module, rtf_types: Optional[tuple] = None) -> None:
+    """Raise if any RTF parameter is not float32 (DESIGN 2.1: they must stay float32)."""
+    rtf_types = rtf_module_types() if rtf_types is None else rtf_types
+    for name, module in model.named_modules():
+        if rtf_types and isinstance(module, rtf_types):
+            for pname, p in module.named_parameters():
+                if p.dtype != torch.float32:
+                    raise RuntimeError(f"RTF parameter {name}.{pname} is {p.dtype}; it must stay float32")
+
+
+def make_optimizer(groups: List[Dict], betas: tuple, eps: float) -> torch.optim.AdamW:
+    """torch AdamW. DeepSpeed gets the same object as a client optimizer (ZeRO wraps it), which
+    avoids the JIT-compiled FusedAdam / CPUAdam ops (DESIGN 3.2) and keeps one update rule for all
+    engines."""
+    return torch.optim.AdamW(groups, betas=betas, eps=eps)
+
+
+def lr_factor(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
+    """Schedule multiplier f(step) in (0, 1]; see the module docstring. step counts from 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, decay_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(param_groups_: Iterable[Dict], factor: float) -> None:
+    """lr = peak_lr * factor for every group (works on DeepSpeed's wrapped optimizer groups too)."""
+    for g in param_groups_:
+        g["lr"] = g["peak_lr"] * factor
