@@ -1,0 +1,311 @@
+"""Corpus readers: turn input paths into a deterministic stream of raw records, in constant memory.
+
+Supported inputs (``expand_inputs``):
+
+* Pile shards ``*.jsonl.zst`` (The Pile's on-disk format: zstandard-compressed JSON lines
+  ``{"text": str, "meta": {"pile_set_name": str, ...}}``), any number of frames per file;
+* ``*.jsonl`` / ``*.json`` JSON lines (same fields, ``meta`` optional);
+* Hugging Face ``datasets``: a folder written by ``save_to_disk`` (read with ``load_from_disk``;
+  every split of a DatasetDict, in sorted order) or ``*.parquet`` / ``*.arrow`` files (read with
+  ``load_dataset(..., streaming=True)``, which needs no cache and no network);
+* anything else is plain UTF-8 text; folders are walked recursively in sorted order (hidden
+  entries skipped) and each file is classified by its extension. Globs are expanded and sorted.
+
+A record is the tuple ``(source_index, line, kind, payload, set_name)``:
+
+* kind ``"J"``: payload is the raw bytes of one JSON line (parsed later, in a worker);
+* kind ``"T"``: payload is raw UTF-8 bytes of plain text (a whole file, or one chunk of it);
+* kind ``"S"``: payload is the ``text`` value of a datasets row (any Python object).
+
+``line`` is 1-based: the line number in a JSON-lines file, the chunk number in a text file, the
+row number in a dataset. Readers only split and hash bytes; decoding and validation happen in
+``validate_record`` (run in the worker processes) so that the main process stays cheap.
+
+File-level problems (missing file, corrupt or truncated zstd stream, unreadable dataset) raise
+``SourceError`` naming the file and, where known, the line.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+READ_BLOCK = 1 << 20
+SKIP_REASONS = ("invalid_json", "not_an_object", "missing_text", "non_string_text",
+                "invalid_utf8", "empty_document", "blank_line")
+
+
+class SourceError(RuntimeError):
+    """An input file that cannot be read (as opposed to one bad document inside it)."""
+
+    def __init__(self, path, line: int | None, message: str):
+        self.path, self.line = str(path), line
+        where = f"{path}:{line}" if line else str(path)
+        super().__init__(f"{where}: {message}")
+
+
+class DocumentError(ValueError):
+    """A bad document under ``on_error='fail'``: names the file, the line and the reason."""
+
+
+@dataclass
+class Source:
+    """One input unit. ``kind``: zst | jsonl | text | hf_disk | hf_file. ``set_name`` tags plain
+    text documents with a Pile set name (the embedded corpus uses "Github")."""
+    path: str
+    kind: str
+    set_name: str | None = None
+    # filled while reading, reported in the manifest
+    bytes: int = 0
+    sha256: str = ""
+    records: int = 0
+    error: str | None = None
+    read: str = "no"  # full | partial (...) | no
+    files: list = field(default_factory=list)  # hf_disk: the files that make up the folder
+
+
+def classify(path: str) -> str:
+    p = path.lower()
+    if p.endswith(".jsonl.zst") or p.endswith(".json.zst") or p.endswith(".zst"):
+        return "zst"
+    if p.endswith(".jsonl") or p.endswith(".json"):
+        return "jsonl"
+    if p.endswith(".parquet") or p.endswith(".arrow"):
+        return "hf_file"
+    return "text"
+
+
+def _is_hf_disk(d: Path) -> bool:
+    return (d / "dataset_dict.json").is_file() or (d / "state.json").is_file()
+
+
+def _walk(d: Path) -> list[Path]:
+    out = []
+    for root, dirs, files in os.walk(d):
+        dirs[:] = sorted(x for x in dirs if not x.startswith(".") and x != "__pycache__")
+        out.extend(Path(root) / f for f in sorted(files) if not f.startswith("."))
+    return sorted(out)
+
+
+def expand_inputs(inputs: list[str]) -> list[Source]:
+    """Resolve input paths, globs and folders into an ordered list of ``Source``s.
+
+    Raises ``SourceError`` for a path that does not exist or a glob that matches nothing, since
+    silently training on less data than asked for is the worse failure.
+    """
+    sources: list[Source] = []
+    for spec in inputs:
+        spec = os.path.expanduser(str(spec))
+        if glob.has_magic(spec):
+            matches = sorted(glob.glob(spec, recursive=True))
+            if not matches:
+                raise SourceError(spec, None, "glob matches no file")
+        else:
+            if not os.path.exists(spec):
+                raise SourceError(spec, None, "no such file or folder")
+            matches = [spec]
+        for m in matches:
+            p = Path(m).resolve()
+            if p.is_dir():
+                if _is_hf_disk(p):
+                    sources.append(Source(str(p), "hf_disk", files=[str(f) for f in _walk(p)]))
+                else:
+                    sources.extend(Source(str(f), classify(f.name)) for f in _walk(p))
+            else:
+                sources.append(Source(str(p), classify(p.name)))
+    return sources
+
+
+class _Counter:
+    """Bytes read from disk so far (the progress bar reads it)."""
+    def __init__(self):
+        self.bytes = 0
+
+
+def _hashed_blocks(src: Source, counter: _Counter):
+    """Yields the raw bytes of a file in blocks while hashing and counting them."""
+    h = hashlib.sha256()
+    n = 0
+    try:
+        with open(src.path, "rb") as f:
+            while True:
+                b = f.read(READ_BLOCK)
+                if not b:
+                    break
+                h.update(b)
+                n += len(b)
+                counter.bytes += len(b)
+                yield b
+    except OSError as e:
+        raise SourceError(src.path, None, f"cannot read: {e}") from e
+    src.bytes, src.sha256 = n, h.hexdigest()
+
+
+def _zst_blocks(src: Source, counter: _Counter, lines_so_far):
+    """Decompressed blocks of a (possibly multi-frame) zstd file; detects truncation.
+
+    ``ZstdDecompressor.stream_reader`` returns short data silently at a truncated frame, so the
+    frames are driven by hand: a frame still open at end of file is an error.
+    """
+    import zstandard
+    dctx = zstandard.ZstdDecompressor()
+    dobj, in_frame = dctx.decompressobj(), False
+    for block in _hashed_blocks(src, counter):
+        while block:
+            in_frame = True
+            try:
+                out = dobj.decompress(block)
+            except zstandard.ZstdError as e:
+                raise SourceError(src.path, lines_so_far() + 1, f"corrupt zstd stream: {e}") from e
+            if out:
+                yield out
+            if dobj.eof:  # frame complete: the rest of the block starts the next frame
+                block, dobj, in_frame = dobj.unused_data, dctx.decompressobj(), False
+            else:
+                block = b""
+    if in_frame:
+        raise SourceError(src.path, lines_so_far() + 1,
+                          "truncated zstd stream (file ends inside a frame)")
+
+
+def _lines(blocks):
+    """Splits byte blocks into lines (without the b"\\n"); a last line without newline counts."""
+    rest = b""
+    for b in blocks:
+        parts = (rest + b).split(b"\n") if rest else b.split(b"\n")
+        rest = parts.pop()
+        yield from parts
+    if rest:
+        yield rest
+
+
+def _json_records(si: int, src: Source, counter: _Counter, zst: bool):
+    state = {"line": 0}
+    blocks = (_zst_blocks(src, counter, lambda: state["line"]) if zst
+              else _hashed_blocks(src, counter))
+    for line in _lines(blocks):
+        state["line"] += 1
+        yield (si, state["line"], "J", line, None)
+
+
+def _text_records(si: int, src: Source, counter: _Counter, chunk_bytes: int):
+    """Plain text: the whole file as one document, or (chunk_bytes > 0) documents of about
+    chunk_bytes cut after a blank line (paragraph end), or after any line once past
+    4 x chunk_bytes, so that one huge file neither needs unbounded memory nor lands entirely in
+    one split. The chunks of a file concatenate back to the exact file."""
+    if chunk_bytes <= 0:
+        data = b"".join(_hashed_blocks(src, counter))
+        yield (si, 1, "T", data, src.set_name)
+        return
+    h, total, buf, size, n = hashlib.sha256(), 0, [], 0, 0
+    try:
+        with open(src.path, "rb") as f:
+            for line in f:  # binary iteration splits on b"\n" only and keeps it
+                h.update(line)
+                total += len(line)
+                counter.bytes += len(line)
+                buf.append(line)
+                size += len(line)
+                if size >= chunk_bytes and (not line.strip() or size >= 4 * chunk_bytes):
+                    n += 1
+                    yield (si, n, "T", b"".join(buf), src.set_name)
+                    buf, size = [], 0
+    except OSError as e:
+        raise SourceError(src.path, None, f"cannot read: {e}") from e
+    if buf:
+        n += 1
+        yield (si, n, "T", b"".join(buf), src.set_name)
+    src.bytes, src.sha256 = total, h.hexdigest()
+
+
+def _hf_records(si: int, src: Source, counter: _Counter, text_key: str):
+    """Rows of a Hugging Face dataset; ``meta.pile_set_name`` is honoured when present."""
+    try:
+        import datasets
+        if src.kind == "hf_disk":
+            h, total = hashlib.sha256(), 0
+            for f in src.files:  # checksum of the folder = its files, in sorted order
+                with open(f, "rb") as fh:
+                    for b in iter(lambda: fh.read(READ_BLOCK), b""):
+                        h.update(b)
+                        total += len(b)
+            src.bytes, src.sha256 = total, h.hexdigest()
+            ds = datasets.load_from_disk(src.path)
+            parts = ([ds[k] for k in sorted(ds.keys())] if isinstance(ds, datasets.DatasetDict)
+                     else [ds])
+        else:
+            for _ in _hashed_blocks(src, counter):
+                pass
+            builder = "parquet" if src.path.lower().endswith(".parquet") else "arrow"
+            parts = [datasets.load_dataset(builder, data_files=[src.path], split="train",
+                                           streaming=True)]
+    except SourceError:
+        raise
+    except Exception as e:  # datasets raises many types for unreadable data
+        raise SourceError(src.path, None, f"cannot open as a datasets dataset: {e}") from e
+    row = 0
+    for part in parts:
+        if text_key not in (part.column_names or []):
+            raise SourceError(src.path, None, f"dataset has no {text_key!r} column "
+                                              f"(columns: {part.column_names})")
+        try:
+            for ex in part:
+                row += 1
+                meta = ex.get("meta")
+                set_name = meta.get("pile_set_name") if isinstance(meta, dict) else None
+                yield (si, row, "S", ex.get(text_key), set_name)
+        except Exception as e:
+            raise SourceError(src.path, row + 1, f"cannot read row: {e}") from e
+
+
+def iter_records(si: int, src: Source, counter: _Counter, text_chunk_bytes: int = 0,
+                 text_key: str = "text"):
+    """All records of one source, in file order (see the module docstring for the tuple)."""
+    if src.kind in ("zst", "jsonl"):
+        yield from _json_records(si, src, counter, zst=src.kind == "zst")
+    elif src.kind == "text":
+        yield from _text_records(si, src, counter, text_chunk_bytes)
+    elif src.kind in ("hf_disk", "hf_file"):
+        yield from _hf_records(si, src, counter, text_key)
+    else:
+        raise SourceError(src.path, None, f"unknown source kind {src.kind}")
+
+
+def validate_record(kind: str, payload, set_name, text_key: str = "text"):
+    """Decode and check one record. Returns ``(text, set_name, None)`` for a usable document or
+    ``(None, None, (reason, message))`` with a reason from ``SKIP_REASONS``."""
+    if kind == "J":
+        if not payload.strip():
+            return None, None, ("blank_line", "blank line")
+        try:
+            s = payload.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, None, ("invalid_utf8", f"invalid UTF-8: {e}")
+        try:
+            obj = json.loads(s)
+        except ValueError as e:
+            return None, None, ("invalid_json", f"invalid JSON: {e}")
+        if not isinstance(obj, dict):
+            return None, None, ("not_an_object", f"JSON value is a {type(obj).__name__}, not an object")
+        if text_key not in obj:
+            return None, None, ("missing_text", f"no {text_key!r} field")
+        text = obj[text_key]
+        meta = obj.get("meta")
+        set_name = meta.get("pile_set_name") if isinstance(meta, dict) else None
+    elif kind == "T":
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, None, ("invalid_utf8", f"invalid UTF-8: {e}")
+    else:
+        text = payload
+        if text is None:
+            return None, None, ("missing_text", f"{text_key!r} is null")
+    if not isinstance(text, str):
+        return None, None, ("non_string_text", f"{text_key!r} is a {type(text).__name__}, not a string")
+    if not text.strip():
+        return None, None, ("empty_document", "empty document")
+    return text, set_name, None

@@ -1,0 +1,129 @@
+"""Tokenizers for data prep: load any Hugging Face tokenizer, or train a byte-level BPE.
+
+Everything is reduced to a ``tokenizers.Tokenizer`` plus the exact JSON text that is saved as
+``DIR/tokenizer.json`` (loadable later with ``tokenizers.Tokenizer.from_file`` or
+``transformers.PreTrainedTokenizerFast(tokenizer_file=...)``). The manifest records the sha256 of
+that file; when a ``tokenizer.json`` file is given, its bytes are kept unchanged, so the hash is
+the one published for it (e.g. GPT-NeoX-20B).
+
+Token dtypes: uint16 holds ids 0..65535, so it is chosen when the vocabulary (added tokens
+included) has at most 65,536 entries, else uint32 (see ``indexed.py`` for the int32 option).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
+TRAINED_SPECIALS = ("<|endoftext|>", "<|padding|>")  # ids 0 and 1, as in GPT-NeoX-20B
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class LoadedTokenizer:
+    """A tokenizer ready for data prep. ``json_text`` is what gets saved as tokenizer.json."""
+
+    def __init__(self, tok, json_text: str, source: str, eos_token: str, trained: bool):
+        self.tok = tok
+        self.json_text = json_text
+        self.source = source
+        self.trained = trained
+        self.eos_token = eos_token
+        eos_id = tok.token_to_id(eos_token)
+        if eos_id is None:
+            raise TokenizerError(f"end-of-document token {eos_token!r} is not in the vocabulary "
+                                 f"of {source}")
+        self.eos_id = int(eos_id)
+        self.vocab_size = int(tok.get_vocab_size(with_added_tokens=True))
+        self.sha256 = hashlib.sha256(json_text.encode("utf-8")).hexdigest()
+
+    def describe(self) -> dict:
+        return {"source": self.source, "file": "tokenizer.json", "sha256": self.sha256,
+                "vocab_size": self.vocab_size, "eos_token": self.eos_token, "eos_id": self.eos_id,
+                "trained_here": self.trained}
+
+
+def _pick_eos(tok, requested: str | None, hinted: str | None, source: str) -> str:
+    if requested:
+        return requested
+    if hinted and tok.token_to_id(hinted) is not None:
+        return hinted
+    for cand in EOS_CANDIDATES:
+        if tok.token_to_id(cand) is not None:
+            return cand
+    raise TokenizerError(f"no end-of-document token found in {source} (tried "
+                         f"{', '.join(EOS_CANDIDATES)}); pass eos_token / --eos-token")
+
+
+def load_tokenizer(spec: str, eos_token: str | None = None) -> LoadedTokenizer:
+    """``spec``: a tokenizer.json file, a folder (with tokenizer.json, or anything
+    ``AutoTokenizer`` loads), or a Hugging Face hub name (needs network unless cached)."""
+    from tokenizers import Tokenizer
+    p = Path(os.path.expanduser(spec))
+    if p.is_dir() and (p / "tokenizer.json").is_file():
+        p = p / "tokenizer.json"
+    if p.is_file():
+        text = p.read_text(encoding="utf-8")
+        try:
+            tok = Tokenizer.from_str(text)
+        except Exception as e:
+            raise TokenizerError(f"{p}: not a tokenizers JSON file: {e}") from e
+        source = str(p.resolve())
+        return LoadedTokenizer(tok, text, source, _pick_eos(tok, eos_token, None, source), False)
+    try:
+        from transformers import AutoTokenizer
+        hf = AutoTokenizer.from_pretrained(spec)
+    except Exception as e:
+        raise TokenizerError(f"cannot load tokenizer {spec!r} (not a file, a folder, or a "
+                             f"reachable hub name): {e}") from e
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is None:
+        raise TokenizerError(f"{spec!r} has no fast (tokenizers) backend; convert it first")
+    text = backend.to_str()
+    tok = Tokenizer.from_str(text)
+    return LoadedTokenizer(tok, text, spec, _pick_eos(tok, eos_token, hf.eos_token, spec), False)
+
+
+def train_bpe(texts, vocab_size: int) -> LoadedTokenizer:
+    """Byte-level BPE (GPT-2 style pre-tokenization, no normalizer, so decoding gives back the
+    exact text) trained on the iterable ``texts``. Special tokens: ``<|endoftext|>`` = 0
+    (end of document) and ``<|padding|>`` = 1. The result is deterministic for the same texts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    min_vocab = 256 + len(TRAINED_SPECIALS)
+    if vocab_size < min_vocab:
+        raise TokenizerError(f"vocab_size {vocab_size} is below the {min_vocab} needed for the "
+                             "256 bytes and the special tokens")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(TRAINED_SPECIALS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    text = tok.to_str()
+    return LoadedTokenizer(Tokenizer.from_str(text), text, f"byte-level BPE trained here "
+                           f"(vocab_size={vocab_size})", TRAINED_SPECIALS[0], True)
+
+
+def choose_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
+    """Token dtype for the shards; a clear error when the vocabulary does not fit."""
+    if requested == "auto":
+        return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+    if requested not in ("uint16", "uint32", "int32"):
+        raise TokenizerError(f"token dtype must be auto, uint16, uint32 or int32, not {requested!r}")
+    dt = np.dtype(requested)
+    if vocab_size - 1 > np.iinfo(dt).max:
+        raise TokenizerError(f"a vocabulary of {vocab_size} tokens does not fit {dt} "
+                             f"(largest id {np.iinfo(dt).max}); use a wider dtype")
+    return dt
+
+
+def canonical_json(obj) -> str:
+    """Stable JSON text (sorted keys, fixed separators) for manifests and fingerprints."""
+    return json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
