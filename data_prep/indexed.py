@@ -244,3 +244,7 @@ class IndexedDataset:
         start = int(self.pointers[lo]) // self.dtype.itemsize
         end = int(self.pointers[hi - 1]) // self.dtype.itemsize + int(self.sizes[hi - 1])
         return np.asarray(self.tokens[start:end])
+
+
+# The name Megatron-LM and GPT-NeoX use for this reader (evaluate.py imports it by that name).
+MMapIndexedDataset = IndexedDataset

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from data_prep.dataset import PackedDataset
-from data_prep.indexed import IndexedDataset, IndexedWriter, IndexFormatError
+from data_prep.indexed import IndexedDataset, IndexedWriter, IndexFormatError, MMapIndexedDataset
 from data_prep.link import link_indexed
 from data_prep.tokenizer import TokenizerError, train_bpe
 
@@ -67,6 +67,7 @@ def test_reads_hand_written_megatron_files_with_multi_sequence_documents(tmp_pat
     assert ds.document(0).tolist() == [1, 2, 3, 4, 5]
     assert ds.document(2).tolist() == [7, 8, 9, 10, 70000, 11]
     assert ds.tokens.tolist() == sum(seqs, [])
+    assert MMapIndexedDataset is IndexedDataset  # the Megatron name, used by evaluate.py
 
 
 def test_link_existing_indexed_files_for_training(tmp_path):
