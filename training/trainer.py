@@ -251,18 +251,12 @@ def run(cfg: DictConfig) -> Dict:
                 if main:
                     write(f"[train] step {step}: non-finite loss/gradient (loss {result.loss}, grad norm "
                           f"{result.grad_norm}); step skipped ({run_nonfinite}/{cfg.train.max_nonfinite_steps})")
-                if run_nonfinite >= cfg.train.max_nonfinite_steps:
-                    raise TrainingError(
-                        f"stopping at step {step}: {run_nonfinite} non-finite steps (limit "
-                        f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}). The model is diverging: lower "
-                        f"optim.lr / optim.rtf_lr, lengthen schedule.warmup_steps, or check the data. The last "
-                        f"checkpoint is {last_ckpt or ckpt.latest_checkpoint(ckpt_root) or 'none'}"
-                    )
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{result.loss:.3f}", refresh=False)
 
-            if step % cfg.logging.log_every == 0 or step == stop_at:
+            too_many = run_nonfinite >= cfg.train.max_nonfinite_steps
+            if step % cfg.logging.log_every == 0 or step == stop_at or too_many:
                 elapsed = time.time() - window["t"]
                 tps = tokens_per_step * window["steps"] / max(elapsed, 1e-9)
                 groups = {g.get("name"): g["lr"] for g in engine.param_groups}
@@ -287,6 +281,14 @@ def run(cfg: DictConfig) -> Dict:
                           f"grad norm {result.grad_norm if result.grad_norm is None else round(result.grad_norm, 3)} | "
                           f"{tps:,.0f} tok/s")
                 window = {"loss": 0.0, "n": 0, "t": time.time(), "steps": 0}
+
+            if too_many:
+                raise TrainingError(
+                    f"stopping at step {step}: {run_nonfinite} non-finite steps (limit "
+                    f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}). The model is diverging: lower "
+                    f"optim.lr / optim.rtf_lr, lengthen schedule.warmup_steps, or check the data. The last "
+                    f"checkpoint is {last_ckpt or ckpt.latest_checkpoint(ckpt_root) or 'none'}"
+                )
 
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
                 val_loss = evaluate(step)
