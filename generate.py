@@ -1,0 +1,308 @@
+"""Generate text from a Hugging Face causal-LM checkpoint folder (ours or any other).
+
+    python generate.py CKPT --prompt "Once upon a time" --max-new-tokens 64 --temperature 0.8 --top-p 0.95
+    python generate.py CKPT --prompt-file prompts.txt --batch-size 8 --num-samples 2
+
+The decode loop is written out here rather than hidden in `model.generate()`: the prompt is run
+once through the model (for Hyena-RTF: a parallel FFT prefill that fills the recurrent cache), then
+every new token is one `model(token, past_key_values=cache)` call, which for Hyena-RTF costs the
+same whatever the length of the context. Sampling uses transformers' own logits processors in the
+order `generate()` applies them, so with the same seed both give the same tokens.
+
+Output: with a single prompt and a single sample the text streams to stdout as it is produced;
+otherwise each output gets a `==> prompt I sample J <==` header (streamed when --batch-size is 1,
+printed per batch otherwise). Time to first token and tokens/s go to stderr. Bad arguments give a
+one-line error and exit code 2; they are checked before torch is imported, so that is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class UsageError(Exception):
+    """A bad argument or input: reported as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + message over two lines; we want one
+        raise UsageError(message)
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="generate.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="Hugging Face checkpoint folder (config.json, weights, tokenizer)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt text")
+    src.add_argument("--prompt-file", help="text file, one prompt per line (blank lines skipped)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy decoding")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-samples", type=int, default=1, help="continuations per prompt")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="weights / activations; the RTF filters and their recurrent state stay float32")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """Parse and validate everything that needs no torch; returns the args and the prompts."""
+    args = build_parser().parse_args(argv)
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
+    for name in ("max_new_tokens", "num_samples", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.repetition_penalty <= 0:
+        raise UsageError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    check_checkpoint(Path(args.checkpoint))
+    if args.prompt is not None:
+        prompts = [args.prompt]
+        if not args.prompt.strip():
+            raise UsageError("--prompt is empty")
+    else:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise UsageError(f"prompt file not found: {path}")
+        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise UsageError(f"prompt file {path} has no non-empty line")
+    return args, prompts
+
+
+def check_checkpoint(path: Path) -> None:
+    if not path.is_dir():
+        raise UsageError(f"checkpoint folder not found: {path}")
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise UsageError(f"{path} is not a Hugging Face checkpoint folder (no config.json)")
+    try:
+        json.loads(cfg.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"invalid {cfg}: {e}") from None
+
+
+def cast_model(model, dtype):
+    """Cast weights to `dtype` but leave RTF filters (found by class name, since remote code is
+    loaded under a generated module name) in float32: their poles are ill-conditioned in half
+    precision, and the kernel and recurrence are computed in float32 from them anyway."""
+    import torch
+
+    keep = {id(p) for m in model.modules() if type(m).__name__ == "RTF" for p in m.parameters()}
+    for p in model.parameters():
+        if id(p) not in keep and p.is_floating_point():
+            p.data = p.data.to(dtype)
+    for b in model.buffers():
+        if b.is_floating_point() and b.dtype != torch.float64:
+            b.data = b.data.to(dtype)
+    return model
+
+
+def load(checkpoint: str, device: str, dtype_name: str):
+    """(model, tokenizer) from a checkpoint folder; one-line UsageError when it cannot be loaded."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep stderr for our own timings
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a failed load should read as our one line, not a page of warnings
+    try:
+        what = "model"
+        # Loaded in float32 and cast below, so the RTF parameters never pass through half precision.
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True, dtype=torch.float32)
+        what = "tokenizer"
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=True)
+    except Exception as e:  # noqa: BLE001 - whatever the loader raises, the user needs one line
+        message = " ".join(str(e).split()) or type(e).__name__
+        raise UsageError(f"could not load the {what} from {checkpoint}: {message[:300]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model = cast_model(model, getattr(torch, dtype_name)).to(device).eval()
+    tokenizer.padding_side = "left"  # new tokens are appended on the right of every row
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.convert_ids_to_tokens(0)
+    return model, tokenizer
+
+
+def logits_processors(args):
+    """The processors `generate()` would build for these settings, in its order."""
+    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                              TopKLogitsWarper, TopPLogitsWarper)
+
+    procs = LogitsProcessorList()
+    if args.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(args.repetition_penalty))
+    if args.temperature > 0:  # warpers only matter when sampling
+        if args.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(args.temperature))
+        if args.top_k > 0:
+            procs.append(TopKLogitsWarper(args.top_k))
+        if args.top_p < 1.0:
+            procs.append(TopPLogitsWarper(args.top_p))
+    return procs
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    return [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
+
+
+def decode_batch(model, tokenizer, prompts: list[str], args, on_token=None):
+    """Generate for one batch of prompts. Returns (new token ids (B, <= max_new_tokens), stats).
+
+    on_token(step, tokens) is called with each new column of tokens as soon as it is chosen.
+    Rows that produced an end-of-sequence token are padded afterwards, as `generate()` does.
+    """
+    import inspect
+
+    import torch
+
+    procs = logits_processors(args)
+    stop = torch.tensor(eos_ids(model, tokenizer), dtype=torch.long, device=model.device)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    # Rotary / learned-position models need positions that skip the left padding; ours ignores them.
+    accepted = inspect.signature(model.forward).parameters
+    wants_positions = "position_ids" in accepted
+    kwargs = {"position_ids": (mask.cumsum(-1) - 1).clamp_min(0)} if wants_positions else {}
+    if "logits_to_keep" in accepted:
+        kwargs["logits_to_keep"] = 1  # the prefill needs the last position's logits only
+    unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+    new_tokens, cache, t_first, start = [], None, None, time.perf_counter()
+    with torch.inference_mode():
+        inputs = ids
+        for step in range(args.max_new_tokens):
+            out = model(input_ids=inputs, attention_mask=mask, past_key_values=cache, use_cache=True, **kwargs)
+            cache = out.past_key_values
+            scores = procs(ids, out.logits[:, -1].float())
+            if args.temperature > 0:
+                tok = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                tok = scores.argmax(-1)
+            tok = torch.where(unfinished, tok, tokenizer.pad_token_id)
+            new_tokens.append(tok)
+            if t_first is None:
+                t_first = time.perf_counter()  # prefill + first token: time to first token
+            if on_token is not None:
+                on_token(step, tok)
+            unfinished &= ~torch.isin(tok, stop)
+            if not unfinished.any():
+                break
+            # Only the new token goes in: the cache carries everything before it.
+            inputs = tok[:, None]
+            ids = torch.cat([ids, inputs], dim=-1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+            if wants_positions:
+                kwargs["position_ids"] = kwargs["position_ids"][:, -1:] + 1
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    end = time.perf_counter()
+    tokens = torch.stack(new_tokens, dim=1)
+    return tokens, {"ttft": t_first - start, "steps": len(new_tokens), "rows": len(tokens), "decode_s": end - t_first}
+
+
+class Streamer:
+    """Writes the text of one row as it grows. Decoding the whole continuation each time and
+    printing only the new suffix keeps multi-token characters and merged spaces right; a trailing
+    U+FFFD means an incomplete UTF-8 sequence, held back until the next token completes it."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], 0
+
+    def put(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and len(text) > self.printed:
+            self.out.write(text[self.printed:])
+            self.out.flush()
+            self.printed = len(text)
+
+
+def continuation_text(tokenizer, row, stop: list[int]) -> str:
+    """Text of one row of new tokens, cut at (and without) the first stop token."""
+    row = row.tolist()
+    cut = next((i for i, t in enumerate(row) if t in stop), len(row))
+    return tokenizer.decode(row[:cut], skip_special_tokens=True)
+
+
+def run(args, prompts: list[str], out=sys.stdout, err=sys.stderr) -> list[str]:
+    """Generate for every prompt x sample; write texts to `out`, timings to `err`; return the texts."""
+    import torch
+
+    model, tokenizer = load(args.checkpoint, args.device, args.dtype)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    stop = eos_ids(model, tokenizer)
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(args.num_samples)]
+    single = len(jobs) == 1
+    texts, total_tokens, total_time, ttfts = [], 0, 0.0, []
+    for first in range(0, len(jobs), args.batch_size):
+        batch = jobs[first:first + args.batch_size]
+        batch_prompts = [prompts[i] for i, _ in batch]
+        streamer = None
+        if len(batch) == 1:  # stream this row token by token
+            i, j = batch[0]
+            out.write(batch_prompts[0] if single else f"==> prompt {i + 1} sample {j + 1} <==\n{batch_prompts[0]}")
+            out.flush()
+            streamer = Streamer(tokenizer, out)
+
+        def on_token(step, tok, streamer=streamer):
+            if streamer is not None and tok[0].item() not in stop:
+                streamer.put(tok[0].item())
+
+        tokens, stats = decode_batch(model, tokenizer, batch_prompts, args, on_token)
+        for row, (i, j) in zip(tokens, batch):
+            text = continuation_text(tokenizer, row, stop)
+            texts.append(text)
+            if streamer is None:
+                out.write(f"==> prompt {i + 1} sample {j + 1} <==\n{prompts[i]}{text}\n")
+            else:
+                out.write("\n")
+        out.flush()
+        ttfts.append(stats["ttft"])
+        total_tokens += stats["rows"] * stats["steps"]
+        total_time += stats["ttft"] + stats["decode_s"]
+        rate = stats["rows"] * (stats["steps"] - 1) / stats["decode_s"] if stats["steps"] > 1 else float("nan")
+        err.write(f"[batch {first // args.batch_size + 1}: {stats['rows']} x {stats['steps']} tokens] "
+                  f"time to first token {stats['ttft'] * 1e3:.1f} ms, decode {rate:.1f} tokens/s\n")
+    err.write(f"total: {total_tokens} tokens in {total_time:.2f} s = {total_tokens / total_time:.1f} tokens/s, "
+              f"mean time to first token {1e3 * sum(ttfts) / len(ttfts):.1f} ms "
+              f"(device {model.device}, dtype {args.dtype})\n")
+    return texts
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, prompts = parse_args(argv)
+        run(args, prompts)
+    except UsageError as e:
+        print(f"generate.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

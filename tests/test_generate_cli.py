@@ -1,0 +1,316 @@
+"""generate.py: end to end on exported tiny checkpoints (ours and a GPT-NeoX), and its errors.
+
+Subprocess runs use an empty temporary HF_HOME and HF_HUB_OFFLINE=1. In-process tests drive
+generate.py's own functions with an in-memory model (not loaded through trust_remote_code, which
+would copy code into the user's HF cache from this process).
+"""
+
+import functools
+import importlib.util
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+
+from models import HyenaRTFConfig, HyenaRTFForCausalLM
+from models.export import load_tokenizer, save_hf_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "generate.py"
+TOKENIZER = REPO.parent / "shared" / "data" / "20B_tokenizer.json"
+PROMPTS = ["The history of the city", "A", "In 1905, the physicist wrote three papers that"]
+HEADER = re.compile(r"^==> prompt (\d+) sample (\d+) <==$", re.M)
+
+pytestmark = pytest.mark.skipif(not TOKENIZER.is_file(),
+                                reason=f"real tokenizer not found at {TOKENIZER} (../shared/data beside the repo)")
+
+# Loaded by path: a module named `generate` could be shadowed by an installed package.
+_spec = importlib.util.spec_from_file_location("hyena_rtf_generate", SCRIPT)
+gen = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gen)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = load_tokenizer(TOKENIZER)
+    tok.padding_side = "left"
+    return tok
+
+
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory):
+    """(model, checkpoint dir): a random hybrid Hyena-RTF with l_max 32, so decoding runs past it."""
+    torch.manual_seed(0)
+    cfg = HyenaRTFConfig(vocab_size=50277, d_model=32, n_layer=3, l_max=32, state_size=4, n_head=4,
+                         attn_layers=[1], initializer_range=0.2)
+    model = HyenaRTFForCausalLM(cfg).eval()
+    return model, save_hf_checkpoint(model, TOKENIZER, tmp_path_factory.mktemp("cli") / "ckpt")
+
+
+def other_model(kind: str):
+    """A random GPT-NeoX (rotary positions) or GPT-2 (learned absolute positions)."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=50277, initializer_range=0.2, eos_token_id=0, pad_token_id=0)
+    if kind == "gpt_neox":
+        return GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                intermediate_size=128, max_position_embeddings=256, **common))
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common))
+
+
+@pytest.fixture(scope="module", params=["gpt_neox", "gpt2"])
+def other(request, tmp_path_factory, tokenizer):
+    """(model, checkpoint dir) of a non-Hyena HF causal LM saved with the same tokenizer."""
+    model = other_model(request.param).eval()
+    out = tmp_path_factory.mktemp(request.param) / "ckpt"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return model, out
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    hf_home = tmp_path_factory.mktemp("hf_home")
+    e = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    e.pop("HF_MODULES_CACHE", None)
+    return e
+
+
+def cli(env, *args, timeout=240):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+
+
+def greedy_texts(model, tokenizer, prompts, new, batch=False) -> list[str]:
+    """Reference continuations from Hugging Face's generate(), cut at EOS (token 0)."""
+    groups = [prompts] if batch else [[p] for p in prompts]
+    texts = []
+    for group in groups:
+        enc = tokenizer(group, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=new, do_sample=False, eos_token_id=0, pad_token_id=0)
+        texts += [tokenizer.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
+    return texts
+
+
+def blocks(stdout: str) -> list[tuple[int, int, str]]:
+    """Parse the multi-output format into (prompt, sample, text) triples."""
+    parts = HEADER.split(stdout)
+    assert parts[0] == "", parts[0]
+    return [(int(parts[i]), int(parts[i + 1]), parts[i + 2].removeprefix("\n").removesuffix("\n"))
+            for i in range(1, len(parts), 3)]
+
+
+def assert_timings(stderr: str):
+    assert "Traceback" not in stderr
+    assert re.search(r"time to first token [\d.]+ ms", stderr), stderr
+    assert re.search(r"= [\d.]+ tokens/s", stderr), stderr
+
+
+# ---- end to end, in a subprocess ---------------------------------------------------------------
+def test_single_prompt_greedy(ours, tokenizer, env):
+    model, ckpt = ours
+    proc = cli(env, ckpt, "--prompt", PROMPTS[0], "--max-new-tokens", 40, "--temperature", 0)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == PROMPTS[0] + greedy_texts(model, tokenizer, PROMPTS[:1], 40)[0] + "\n"
+    assert_timings(proc.stderr)
+
+
+def test_prompt_file_batches_with_left_padding(ours, tokenizer, env, tmp_path):
+    model, ckpt = ours
+    (tmp_path / "prompts.txt").write_text("\n".join([PROMPTS[0], "", PROMPTS[1], "   ", PROMPTS[2]]) + "\n")
+    proc = cli(env, ckpt, "--prompt-file", tmp_path / "prompts.txt", "--num-samples", 2, "--batch-size", 4,
+               "--temperature", 0, "--max-new-tokens", 30)
+    assert proc.returncode == 0, proc.stderr
+    got = blocks(proc.stdout)
+    assert [(i, j) for i, j, _ in got] == [(i, j) for i in (1, 2, 3) for j in (1, 2)]
+    # Rows of different lengths were padded together (batches of 4 then 2) yet each continues
+    # exactly as the prompt alone does.
+    alone = greedy_texts(model, tokenizer, PROMPTS, 30)
+    for i, _, text in got:
+        assert text == PROMPTS[i - 1] + alone[i - 1]
+    assert proc.stderr.count("[batch ") == 2
+    assert_timings(proc.stderr)
+
+
+def test_any_hf_causal_lm(other, tokenizer, env, tmp_path):
+    model, ckpt = other
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS[:2]))
+    proc = cli(env, ckpt, "--prompt-file", tmp_path / "p.txt", "--temperature", 0, "--max-new-tokens", 20)
+    assert proc.returncode == 0, proc.stderr
+    # Left padding is right for GPT-2's absolute positions only if positions skip the pads.
+    alone = greedy_texts(model, tokenizer, PROMPTS[:2], 20)
+    assert [t for _, _, t in blocks(proc.stdout)] == [p + r for p, r in zip(PROMPTS[:2], alone)]
+    assert_timings(proc.stderr)
+
+
+# ---- the decode loop, in process -----------------------------------------------------------------
+@pytest.fixture
+def args_for(ours):
+    """Namespace for generate.py's functions, validated by its own parser."""
+    _, ckpt = ours
+
+    def build(*extra):
+        return gen.parse_args([str(ckpt), "--prompt", "x", *map(str, extra)])[0]
+    return build
+
+
+def test_sampling_matches_generate_with_the_same_seed(ours, tokenizer, args_for):
+    """generate.py's loop applies the same processors in the same order and draws the same random
+    numbers as GenerationMixin, so one seed gives one text whichever does the decoding."""
+    model, _ = ours
+    args = args_for("--temperature", 0.8, "--top-k", 50, "--top-p", 0.9, "--repetition-penalty", 1.3,
+                    "--max-new-tokens", 25)
+    prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[2], PROMPTS[2]]
+    torch.manual_seed(7)
+    ours_a, _ = gen.decode_batch(model, tokenizer, prompts, args)
+    torch.manual_seed(7)
+    ours_b, _ = gen.decode_batch(model, tokenizer, prompts, args)
+    enc = tokenizer(PROMPTS[::2], return_tensors="pt", padding=True)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        ref = model.generate(**enc, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.3,
+                             max_new_tokens=25, num_return_sequences=2, eos_token_id=0, pad_token_id=0)
+    ref = ref[:, enc["input_ids"].shape[1]:]
+    assert torch.equal(ours_a, ours_b)
+    assert torch.equal(ours_a, ref[:, :ours_a.shape[1]])
+    assert len({tuple(r.tolist()) for r in ours_a}) == 4  # all samples differ, even for the same prompt
+
+
+def test_greedy_loop_matches_generate_on_padded_batch(ours, tokenizer, args_for):
+    model, _ = ours
+    tokens, stats = gen.decode_batch(model, tokenizer, PROMPTS, args_for("--temperature", 0, "--max-new-tokens", 40))
+    texts = [gen.continuation_text(tokenizer, row, [0]) for row in tokens]
+    assert texts == greedy_texts(model, tokenizer, PROMPTS, 40, batch=True)
+    assert stats["rows"] == 3 and stats["steps"] == tokens.shape[1] and stats["ttft"] > 0
+
+
+def test_output_streams_token_by_token(ours, tokenizer, args_for, monkeypatch):
+    """Each piece of text is written before the next forward call, not at the end."""
+    model, _ = ours
+    calls = []
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def counting_forward(*a, **k):
+        calls.append(1)
+        return forward(*a, **k)
+
+    monkeypatch.setattr(model, "forward", counting_forward)
+    monkeypatch.setattr(gen, "load", lambda *a: (model, tokenizer))
+
+    class Recorder(io.StringIO):
+        writes = []
+
+        def write(self, s):
+            self.writes.append((len(calls), s))
+            return super().write(s)
+
+    out, err = Recorder(), io.StringIO()
+    args = args_for("--temperature", 0, "--max-new-tokens", 30)
+    texts = gen.run(args, [PROMPTS[0]], out=out, err=err)
+    assert out.getvalue() == PROMPTS[0] + texts[0] + "\n"
+    pieces = [(n, s) for n, s in out.writes[1:] if s != "\n"]  # after the prompt, before the newline
+    assert len(pieces) >= 10
+    assert pieces[0][0] == 1  # the first token was written right after the prefill
+    assert [n for n, _ in pieces] == sorted({n for n, _ in pieces})  # one write per forward call, in order
+    assert "".join(s for _, s in pieces) == texts[0]
+    assert "tokens/s" in err.getvalue()
+
+
+def test_seeded_sampling_is_reproducible_and_outputs_are_labelled(ours, tokenizer, args_for, monkeypatch):
+    model, _ = ours
+    monkeypatch.setattr(gen, "load", lambda *a: (model, tokenizer))
+    args = args_for("--temperature", 1.0, "--num-samples", 3, "--seed", 11, "--batch-size", 2, "--max-new-tokens", 12)
+    outs = []
+    for _ in range(2):
+        out = io.StringIO()
+        texts = gen.run(args, PROMPTS[:2], out=out, err=io.StringIO())
+        outs.append(out.getvalue())
+    assert outs[0] == outs[1]
+    got = blocks(outs[0])
+    assert [(i, j) for i, j, _ in got] == [(i, j) for i in (1, 2) for j in (1, 2, 3)]
+    assert [t for _, _, t in got] == [PROMPTS[i - 1] + texts[k] for k, (i, _, _) in enumerate(got)]
+    assert len(set(texts[:3])) > 1  # samples of the same prompt differ
+
+
+def test_half_precision_keeps_rtf_float32(ours, tokenizer, args_for):
+    model, _ = ours
+    half = HyenaRTFForCausalLM(model.config).eval()
+    half.load_state_dict(model.state_dict())
+    gen.cast_model(half, torch.bfloat16)
+    for name, p in half.named_parameters():
+        is_rtf = ".filter." in name
+        assert p.dtype == (torch.float32 if is_rtf else torch.bfloat16), name
+    assert torch.equal(half.model.layers[0].mixer.filter.a, model.model.layers[0].mixer.filter.a)
+    tokens, _ = gen.decode_batch(half, tokenizer, PROMPTS[:2], args_for("--temperature", 0, "--max-new-tokens", 8))
+    assert tokens.shape[0] == 2 and tokens.shape[1] >= 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error given when CUDA is missing")
+def test_cuda_requested_without_cuda(ours):
+    with pytest.raises(gen.UsageError, match="no CUDA device"):
+        gen.load(str(ours[1]), "cuda", "float32")
+
+
+# ---- errors --------------------------------------------------------------------------------------
+def bad_cases(ckpt: Path, tmp: Path):
+    (tmp / "empty_dir").mkdir()
+    (tmp / "bad_json").mkdir()
+    (tmp / "bad_json" / "config.json").write_text("{not json")
+    (tmp / "blank.txt").write_text("\n   \n\n")
+    return [
+        ([tmp / "nope", "--prompt", "hi"], "checkpoint folder not found"),
+        ([tmp / "empty_dir", "--prompt", "hi"], "no config.json"),
+        ([tmp / "bad_json", "--prompt", "hi"], "invalid"),
+        ([ckpt, "--prompt", "hi", "--temperature", "-0.5"], "--temperature must be >= 0"),
+        ([ckpt, "--prompt", "hi", "--top-p", "0"], "--top-p must be in (0, 1]"),
+        ([ckpt, "--prompt", "hi", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        ([ckpt, "--prompt", "hi", "--top-k", "-1"], "--top-k must be >= 0"),
+        ([ckpt, "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        ([ckpt, "--prompt", "hi", "--num-samples", "0"], "--num-samples must be >= 1"),
+        ([ckpt, "--prompt", "hi", "--temperature", "warm"], "invalid float value"),
+        ([ckpt, "--prompt", "hi", "--dtype", "int8"], "invalid choice"),
+        ([ckpt, "--prompt", "   "], "--prompt is empty"),
+        ([ckpt, "--prompt-file", tmp / "blank.txt"], "has no non-empty line"),
+        ([ckpt, "--prompt-file", tmp / "missing.txt"], "prompt file not found"),
+        ([ckpt], "one of the arguments --prompt --prompt-file is required"),
+        ([ckpt, "--prompt", "hi", "--prompt-file", tmp / "blank.txt"], "not allowed with"),
+    ]
+
+
+def test_bad_arguments_give_one_line_and_exit_2(ours, env, tmp_path):
+    for argv, message in bad_cases(ours[1], tmp_path):
+        proc = cli(env, *argv, timeout=60)
+        err = proc.stderr.strip()
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert "\n" not in err and err.startswith("generate.py: error: "), (argv, err)
+        assert message in err, (argv, err)
+        assert proc.stdout == ""
+
+
+def test_unloadable_checkpoint_gives_one_line_and_exit_2(ours, env, tmp_path):
+    """A checkpoint folder that fails at load time (weights missing) still gives one line."""
+    broken = tmp_path / "broken"
+    shutil.copytree(ours[1], broken)
+    (broken / "model.safetensors").unlink()
+    proc = cli(env, broken, "--prompt", "hi")
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, proc.stderr
+    assert "\n" not in err and err.startswith(f"generate.py: error: could not load the model from {broken}"), err
+    assert "model.safetensors" in err  # says what is missing
+    assert proc.stdout == ""
