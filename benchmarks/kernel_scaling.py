@@ -1,0 +1,350 @@
+"""Time and peak memory of long-convolution kernel generation (forward + backward) against the
+state size n: the RTF kernel, an S4D Vandermonde kernel, and Hyena's implicit filter.
+
+    python benchmarks/kernel_scaling.py --device cpu --d-model 64 --lengths 1024,4096 \
+        --states 4,8,16,32,64,128,256,512,1024,2048 --repeats 10 --out benchmarks/results/kernel_scaling_cpu
+
+writes <out>.json (machine, date, every row) and <out>.png (time and memory against n, log-log).
+
+What is measured, per (method, length L, state size n), with d = --d-model channels:
+
+- rtf:      RTF(d, n, L).kernel(L).sum().backward(): one batched rfft of the zero-padded
+            coefficients; its cost should not depend on n.
+- s4d:      the diagonal SSM kernel K[c, l] = 2 Re(sum_i C'_i exp(dt_c lambda_i l)) with n/2 complex
+            modes per channel (ZOH: C' = C (exp(dt lambda) - 1) / lambda), materialising the
+            (d, n/2, L) Vandermonde matrix as S4D does in plain PyTorch; .sum().backward().
+- implicit: ImplicitFilter(d, L).kernel(L).sum().backward(). It has no state size: measured once
+            per length and stored with state_size null.
+
+Time: median (and min) wall time of --repeats runs after one warm-up (fewer, but at least 3, once
+--time-budget seconds are spent on one configuration), synchronising on GPU.
+Peak memory: on CUDA, torch.cuda.max_memory_allocated over one run, minus what was allocated
+before it. On CPU there is no allocator counter: we replay one run under torch.profiler with
+profile_memory=True and take the peak of the running sum of the allocations and frees it
+reports for the CPU device (torch.profiler._memory_profiler, a private API); if that is not
+available, the peak RSS growth (psutil, sampled every 0.2 ms by a thread). The JSON says which.
+Each row also carries an analytic estimate of the peak bytes (`est_bytes`), used to skip
+configurations above --max-bytes; skipped rows are recorded with skipped: true (for S4D at large
+n x L this is the "out of memory" of the comparison).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.implicit import ImplicitFilter  # noqa: E402
+from models.rtf import RTF  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# the three kernels
+# ---------------------------------------------------------------------------------------------
+class S4DKernel(torch.nn.Module):
+    """Diagonal SSM (S4D-Lin init) kernel by an explicit Vandermonde product, (d, L)."""
+
+    def __init__(self, d: int, n: int):
+        super().__init__()
+        m = max(n // 2, 1)
+        self.log_dt = torch.nn.Parameter(torch.empty(d).uniform_(math.log(1e-3), math.log(1e-1)))
+        self.log_neg_re = torch.nn.Parameter(torch.full((d, m), math.log(0.5)))
+        self.im = torch.nn.Parameter(math.pi * torch.arange(m, dtype=torch.float32).repeat(d, 1))
+        self.c = torch.nn.Parameter(torch.randn(d, m, 2) * 0.5 ** 0.5)
+
+    def forward(self, L: int) -> torch.Tensor:
+        dt = self.log_dt.exp()[:, None]  # (d, 1)
+        lam = torch.complex(-self.log_neg_re.exp(), self.im)  # (d, m)
+        dtlam = dt * lam
+        c = torch.view_as_complex(self.c) * (dtlam.exp() - 1) / lam  # ZOH, B folded into C
+        pos = torch.arange(L, device=lam.device, dtype=torch.float32)
+        vandermonde = (dtlam[..., None] * pos).exp()  # (d, m, L): the memory of S4D
+        return 2 * torch.einsum("dm,dml->dl", c, vandermonde).real
+
+
+def estimate_bytes(method: str, d: int, n: int, L: int) -> int:
+    """Rough analytic peak of forward + backward (bytes), from the largest intermediates.
+
+    rtf: a few (d, L'/2+1) complex64 spectra and (d, L') float32 kernels, about 8 d L' floats.
+    s4d: the (d, n/2, L) complex64 Vandermonde lives about four times at the peak (the exponent,
+         exp's saved output, and gradients of the same shape during backward; measured 1.3x the
+         3-copy count on CPU).
+    implicit: the (L, order) MLP activations and (d, L) kernel, about 6 (order + d) L floats.
+    """
+    if method == "rtf":
+        return 4 * 8 * d * (L + L % 2)
+    if method == "s4d":
+        return 4 * 8 * d * max(n // 2, 1) * L
+    return 4 * 6 * (64 + d) * L
+
+
+def build(method: str, d: int, n: int, L: int, device: torch.device):
+    torch.manual_seed(0)
+    if method == "rtf":
+        mod = RTF(d, n, L).to(device)
+        return lambda: mod.kernel(L)
+    if method == "s4d":
+        mod = S4DKernel(d, n).to(device)
+        return lambda: mod(L)
+    mod = ImplicitFilter(d, L).to(device)
+    return lambda: mod.kernel(L)
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement
+# ---------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fwd_bwd(fn, device: torch.device, repeats: int, budget_s: float = float("inf")) -> list[float]:
+    """Wall times (s) of forward + backward, after one warm-up run: `repeats` runs, or fewer (but
+    at least 3) once `budget_s` seconds have been spent on this configuration."""
+    fn().sum().backward()
+    times = []
+    while len(times) < repeats and (len(times) < 3 or sum(times) < budget_s):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn().sum().backward()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _profiler_peak_cpu(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        fn().sum().backward()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    return int(max((sum(s) for s in sizes), default=0))
+
+
+def _rss_peak_cpu(fn) -> int:
+    import psutil
+
+    proc = psutil.Process(os.getpid())
+    base = proc.memory_info().rss
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(2e-4)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        fn().sum().backward()
+    finally:
+        done.set()
+        th.join()
+    return max(peak[0] - base, 0)
+
+
+def peak_memory(fn, device: torch.device, cpu_method: str) -> int:
+    """Peak bytes of one forward + backward (see module docstring for the method)."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn().sum().backward()
+        _sync(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    return _profiler_peak_cpu(fn) if cpu_method == "profiler" else _rss_peak_cpu(fn)
+
+
+def cpu_memory_method() -> str:
+    """'profiler' when torch's private memory-timeline API works here, else 'rss'."""
+    try:
+        x = torch.ones(4, requires_grad=True)
+        _profiler_peak_cpu(lambda: x * 2)
+        return "profiler"
+    except Exception:
+        return "rss"
+
+
+MEMORY_METHODS = {
+    "cuda": "torch.cuda.max_memory_allocated over one forward+backward, minus the bytes allocated before it",
+    "profiler": "torch.profiler(profile_memory=True) allocation/free timeline of one forward+backward on the "
+                "CPU device; peak of the running sum of live tensor bytes (torch.profiler._memory_profiler)",
+    "rss": "psutil RSS growth over one forward+backward, sampled every 0.2 ms by a thread (coarse: allocator "
+           "caching and page reuse hide small allocations)",
+}
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.replace(" ", "").split(",") if x]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--d-model", type=int, default=64, help="channels (filters) per kernel")
+    p.add_argument("--lengths", type=_ints, default=[1024, 4096], help="comma-separated kernel lengths L")
+    p.add_argument("--states", type=_ints, default=[2 ** k for k in range(2, 12)],
+                   help="comma-separated state sizes n (S4D: n/2 complex modes)")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per configuration (median reported)")
+    p.add_argument("--time-budget", type=float, default=5.0,
+                   help="seconds of timed runs per configuration before stopping early (at least 3 runs)")
+    p.add_argument("--max-bytes", type=float, default=6e9,
+                   help="skip (and record as skipped) configurations whose estimated peak exceeds this")
+    p.add_argument("--methods", default="rtf,s4d,implicit")
+    p.add_argument("--out", default="benchmarks/results/kernel_scaling",
+                   help="output path prefix: writes <out>.json and <out>.png")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    methods = [m for m in args.methods.split(",") if m]
+    mem_method = "cuda" if device.type == "cuda" else cpu_memory_method()
+    rows = []
+    for L in args.lengths:
+        for method in methods:
+            states = [None] if method == "implicit" else args.states
+            for n in states:
+                if n is not None and not 1 <= n < L:
+                    continue
+                est = estimate_bytes(method, args.d_model, n or 0, L)
+                row = {"method": method, "length": L, "state_size": n, "d_model": args.d_model,
+                       "est_bytes": est, "skipped": False}
+                if est > args.max_bytes:
+                    row.update(skipped=True, reason=f"estimated peak {est / 1e9:.2f} GB > --max-bytes "
+                                                    f"{args.max_bytes / 1e9:.2f} GB (out of memory)")
+                    rows.append(row)
+                    print(f"{method:9s} L={L:6d} n={n!s:5s} skipped ({row['reason']})", flush=True)
+                    continue
+                fn = build(method, args.d_model, n or 0, L, device)
+                times = time_fwd_bwd(fn, device, args.repeats, args.time_budget)
+                mem = peak_memory(fn, device, mem_method)
+                row.update(time_ms=1e3 * statistics.median(times), time_min_ms=1e3 * min(times),
+                           peak_bytes=mem, repeats=len(times))
+                rows.append(row)
+                print(f"{method:9s} L={L:6d} n={n!s:5s} {row['time_ms']:9.3f} ms  {mem / 1e6:10.2f} MB", flush=True)
+                del fn
+    return {"benchmark": "kernel_scaling", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "device": str(device), "machine": machine(), "memory_method": MEMORY_METHODS[mem_method],
+            "time_method": (f"median of up to {args.repeats} forward+backward runs after one warm-up (at least 3; "
+                            f"fewer once {args.time_budget} s were spent on a configuration); time_min_ms: fastest run"),
+            "args": {k: v for k, v in vars(args).items()}, "rows": rows}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    states = sorted({r["state_size"] for r in rows if r["state_size"] is not None})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    styles = {"rtf": ("tab:blue", "o"), "s4d": ("tab:red", "s"), "implicit": ("tab:green", "^")}
+    lengths = sorted({r["length"] for r in rows})
+    dashes = ["-", "--", ":", "-."]
+    for ax, key, label, scale in ((axes[0], "time_ms", "forward + backward time (ms)", 1.0),
+                                  (axes[1], "peak_bytes", "peak memory (MB)", 1e-6)):
+        for method, (color, marker) in styles.items():
+            for i, L in enumerate(lengths):
+                sel = [r for r in rows if r["method"] == method and r["length"] == L]
+                if not sel:
+                    continue
+                ls = dashes[i % len(dashes)]
+                done = [r for r in sel if not r["skipped"] and r.get(key, 0) > 0]
+                if method == "implicit":  # no state size: a flat reference line
+                    if done and states:
+                        ax.plot([states[0], states[-1]], [done[0][key] * scale] * 2, color=color, ls=ls,
+                                label=f"implicit, L={L} (no state)")
+                    continue
+                ax.plot([r["state_size"] for r in done], [r[key] * scale for r in done], color=color,
+                        marker=marker, ls=ls, label=f"{method}, L={L}")
+                skipped = [r["state_size"] for r in sel if r["skipped"]]
+                if skipped and done:
+                    top = max(r[key] * scale for r in done)
+                    ax.scatter(skipped, [top * 2] * len(skipped), color=color, marker="x", s=60,
+                               label=f"{method}, L={L}: skipped (> memory cap)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("state size n")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    m = result["machine"]
+    fig.suptitle(f"kernel forward+backward vs state size, d={result['args']['d_model']}, "
+                 f"{result['device']} ({m.get('gpu') or m['processor']}), torch {m['torch']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(result: dict) -> str:
+    """Markdown table: one line per (length, n), columns time / memory per method."""
+    rows = result["rows"]
+    methods = [m for m in ("rtf", "s4d", "implicit") if any(r["method"] == m for r in rows)]
+    head = "| L | n | " + " | ".join(f"{m} ms | {m} MB" for m in methods) + " |"
+    out = [head, "|" + "---|" * (2 + 2 * len(methods))]
+    for L in sorted({r["length"] for r in rows}):
+        for n in sorted({r["state_size"] for r in rows if r["state_size"] is not None}):
+            cells = []
+            for m in methods:
+                r = next((r for r in rows if r["method"] == m and r["length"] == L
+                          and r["state_size"] == (None if m == "implicit" else n)), None)
+                if r is None:
+                    cells += ["", ""]
+                elif r["skipped"]:
+                    cells += ["skipped", "> cap"]
+                else:
+                    cells += [f"{r['time_ms']:.2f}", f"{r['peak_bytes'] / 1e6:.1f}"]
+            out.append(f"| {L} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if out.suffix in (".json", ".png"):
+        out = out.with_suffix("")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = run(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    result["command"] = "python benchmarks/kernel_scaling.py " + " ".join(argv)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out.with_suffix(".png"))
+    print(table(result))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
