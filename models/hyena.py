@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .configuration_hyena_rtf import HyenaRTFConfig
 from .fftconv import fft_causal_conv
 from .implicit import ImplicitFilter
-from .rtf import RTF
+from .rtf import RTF, RTFRecurrence
 
 
 @dataclass
@@ -35,13 +35,16 @@ class HyenaState:
 
     conv: (B, 3d, w - 1) last inputs of the short conv (activation dtype).
     filt: RTF: (B, d, n) companion state (float32 or float64); implicit: (B, d, t) input history.
+    rec:  the RTF recurrence built at prefill (None for the implicit filter). Keeping it here means
+          a decode step does no parameter checks, and a new prompt always sees current weights.
     """
 
     conv: torch.Tensor
     filt: torch.Tensor
+    rec: RTFRecurrence | None = None
 
     def index_select(self, idx: torch.Tensor) -> "HyenaState":
-        return HyenaState(self.conv.index_select(0, idx), self.filt.index_select(0, idx))
+        return HyenaState(self.conv.index_select(0, idx), self.filt.index_select(0, idx), self.rec)
 
 
 def make_filter(config: HyenaRTFConfig) -> nn.Module:
@@ -87,10 +90,9 @@ class HyenaOperator(nn.Module):
             return out
         tail = F.pad(p, (self.width - 1, 0))[..., T:]  # last w - 1 columns, zeros before the start
         if isinstance(self.filter, RTF):
-            filt = self.filter.recurrence(self.rec_dtype).prefill(z)
-        else:
-            filt = self.filter.prefill(z)
-        return out, HyenaState(tail, filt)
+            rec = self.filter.recurrence(self.rec_dtype)
+            return out, HyenaState(tail, rec.prefill(z), rec)
+        return out, HyenaState(tail, self.filter.prefill(z))
 
     def step(self, u: torch.Tensor, state: HyenaState) -> tuple[torch.Tensor, HyenaState]:
         """One token. u: (B, d) -> (B, d). Cost O(d (d + w + n)), independent of the position."""
@@ -99,9 +101,9 @@ class HyenaOperator(nn.Module):
         q = (window * self.short_conv.weight[:, 0, :]).sum(-1) + self.short_conv.bias
         x0, x1, v = q.chunk(3, dim=-1)
         z = x1 * v
-        if isinstance(self.filter, RTF):
-            yf, filt = self.filter.recurrence(self.rec_dtype).step(z, state.filt)
+        if state.rec is not None:
+            yf, filt = state.rec.step(z, state.filt)
         else:
             yf, filt = self.filter.step(z, state.filt)
         y = x0 * yf.to(x0.dtype)
-        return self.out_proj(y), HyenaState(window[..., 1:], filt)
+        return self.out_proj(y), HyenaState(window[..., 1:], filt, state.rec)

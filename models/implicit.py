@@ -55,10 +55,10 @@ class ImplicitFilter(nn.Module):
         self.register_buffer("deltas", deltas, persistent=False)
         self.d = nn.Parameter(torch.randn(num_filters))
 
-    def features(self, T: int, device) -> torch.Tensor:
+    def features(self, T: int, device, dtype=torch.float32) -> torch.Tensor:
         """Positional features (T, 1 + 2 bands) and normalised positions s = t / l_max (T,)."""
-        s = torch.arange(T, device=device, dtype=torch.float32) / self.l_max
-        f = torch.arange(1, self.bands + 1, device=device, dtype=torch.float32)
+        s = torch.arange(T, device=device, dtype=dtype) / self.l_max
+        f = torch.arange(1, self.bands + 1, device=device, dtype=dtype)
         ang = 2 * math.pi * s[:, None] * f[None, :]
         return torch.cat([s[:, None], torch.cos(ang), torch.sin(ang)], dim=-1), s
 
@@ -66,7 +66,7 @@ class ImplicitFilter(nn.Module):
         """(channels, T) in float32 (float64 for float64 parameters)."""
         dtype = torch.float64 if self.d.dtype == torch.float64 else torch.float32
         with torch.autocast(self.d.device.type, enabled=False):
-            z, s = self.features(T, self.d.device)
+            z, s = self.features(T, self.d.device, dtype)
             mlp_dtype = self.mlp[0].weight.dtype
             h = self.mlp(z.to(mlp_dtype)).to(dtype).transpose(0, 1)  # (filters, T)
             h = h * torch.exp(-self.deltas.to(dtype)[:, None] * s.to(dtype)[None, :])
@@ -75,12 +75,12 @@ class ImplicitFilter(nn.Module):
 
     # ---- decoding: no finite state, so keep the input history -------------------------------
     def prefill(self, u: torch.Tensor) -> torch.Tensor:
-        """The 'state' is the whole input so far, (B, C, T), float32."""
-        return u.float()
+        """The 'state' is the whole input so far, (B, C, T), float32 or wider."""
+        return u.to(torch.promote_types(u.dtype, torch.float32))
 
     def step(self, u: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """u: (B, C). Appends u and returns y_t = sum_s k[s] u_{t-s}: O(t) per token."""
-        history = torch.cat([history, u.float().unsqueeze(-1)], dim=-1)
-        k = self.kernel(history.shape[-1]).float()
+        history = torch.cat([history, u.to(history.dtype).unsqueeze(-1)], dim=-1)
+        k = self.kernel(history.shape[-1]).to(history.dtype)
         y = (history.flip(-1) * k).sum(-1)
         return y, history

@@ -189,12 +189,15 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
                 past_key_values: HyenaRTFCache | None = None, inputs_embeds: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, use_cache: bool | None = None,
                 logits_to_keep: int = 0, return_dict: bool | None = None, **kwargs) -> CausalLMOutputWithPast:
-        """input_ids: (B, T) new tokens. attention_mask: (B, past + T). With a cache that has seen
-        tokens, the new tokens are decoded recurrently; without one, and use_cache, the whole input
-        is prefilled and a new cache is returned. labels: (B, T), shifted inside, -100 ignored."""
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        """input_ids: (B, T) new tokens. attention_mask: (B, past + T). labels: (B, T), shifted
+        inside, -100 ignored.
+
+        With a cache that has seen tokens, the new tokens are decoded recurrently. With
+        `use_cache=True` and no cache, the input is prefilled and a new cache is returned. A plain
+        call (`use_cache` not given) builds no cache: scoring should not pay for a prefill, and
+        `generate()` asks for one explicitly (see `prepare_inputs_for_generation`)."""
         cache = past_key_values
-        if cache is None and use_cache and not self.training:
+        if cache is None and use_cache and self.config.use_cache:
             cache = HyenaRTFCache(self.config.n_layer)
         T = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         h = self.model(input_ids, inputs_embeds, attention_mask, cache)
@@ -213,6 +216,7 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
         """Feed only the tokens the cache has not seen yet (the whole prompt on the first call)."""
         if past_key_values is not None and past_key_values.seen_tokens > 0:
             input_ids, inputs_embeds = input_ids[:, past_key_values.seen_tokens:], None
+        use_cache = self.config.use_cache if use_cache is None else use_cache
         inputs = {"past_key_values": past_key_values, "attention_mask": attention_mask, "use_cache": use_cache}
         if inputs_embeds is not None:
             inputs["inputs_embeds"] = inputs_embeds

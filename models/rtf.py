@@ -265,16 +265,19 @@ class RTF(nn.Module):
 
     @torch.no_grad()
     def recurrence(self, dtype: torch.dtype = torch.float32, check: str = "error") -> RTFRecurrence:
-        """The channel-level recurrent form (cached until the parameters change).
+        """The channel-level recurrent form (memoised until the parameter values change).
 
         check: "error" (default) refuses a filter with a pole on or outside the unit circle, "warn"
         warns, "none" skips the check. Such a filter's FFT kernel is the aliased response of an
         unstable system and its recurrence diverges past l_max.
         """
-        key = (dtype, check, self.a.device, *(p._version for p in self.parameters()),
-               *(p.data_ptr() for p in self.parameters()))
-        if self._recurrence_cache is not None and self._recurrence_cache[0] == key:
-            return self._recurrence_cache[1]
+        # Keyed on the parameter values themselves: optimizers (DeepSpeed ZeRO among them) may
+        # write through `.data`, which changes neither the version counter nor the address.
+        params = [p.detach() for p in self.parameters()]
+        memo = self._recurrence_cache
+        if (memo is not None and memo[0] == (dtype, check) and len(memo[1]) == len(params)
+                and all(m.device == p.device and torch.equal(m, p) for m, p in zip(memo[1], params))):
+            return memo[2]
         if check != "none":
             radius = self.pole_radius()
             if (radius >= 1.0).any():
@@ -289,7 +292,7 @@ class RTF(nn.Module):
         a, c, h0, m = self._corrected_system()
         rec = RTFRecurrence(self._expand(a), self._expand(c), self._expand(h0), self._expand(m), self.fft_len)
         rec = rec.to(dtype)
-        self._recurrence_cache = (key, rec)
+        self._recurrence_cache = ((dtype, check), [p.clone() for p in params], rec)
         return rec
 
     def extra_repr(self) -> str:

@@ -185,9 +185,6 @@ def test_loss_is_shifted_cross_entropy_with_ignore_index():
                                                             ignore_index=-100).item(), rel=1e-3)  # unshifted
 
 
-@pytest.mark.xfail(strict=True, reason="modeling_hyena_rtf.py: an eval-mode forward creates a HyenaRTFCache by default "
-                   "(config.use_cache=True) and prefills every layer's recurrent state, so scoring a model whose "
-                   "filters left the unit disk (rtf_constraint='none') raises from RTF.recurrence()")
 def test_plain_eval_forward_of_unstable_model_returns_logits():
     """Scoring text (evaluate.py, lm-eval's HFLM call model(input_ids) in eval mode) needs only the
     parallel form, which is defined for any filter; it should not fail because the recurrent

@@ -357,9 +357,6 @@ def test_chunked_prefill_with_initial_state(T1, T2):
     assert (rec.prefill(u[..., T1:]) - x_step).abs().max().item() / scale > 1e-2
 
 
-@pytest.mark.xfail(strict=True, reason="models/rtf.py: the recurrence cache is keyed on parameter _version and "
-                   "data_ptr, which an update through .data (p.data.copy_, as DeepSpeed ZeRO writes parameters) "
-                   "does not change, so recurrence() returns the old filters")
 def test_recurrence_cache_follows_parameter_updates_through_data():
     """After the parameters change, recurrence() must describe the NEW filters: stepping it must
     reproduce the new kernel. In-place updates under no_grad (what torch optimizers do) are seen;
