@@ -104,14 +104,6 @@ MODEL_BUILDERS = {"gpt_neox": build_tiny_gpt_neox, "hyena_rtf": build_tiny_hyena
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module", params=sorted(MODEL_BUILDERS))
 def model_dir(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)

@@ -10,19 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from models.fftconv import fft_causal_conv
-
-
-def np_causal_conv(u: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Naive causal convolution: u (B, C, T), k (C, T) -> (B, C, T), float64."""
-    B, C, T = u.shape
-    y = np.zeros((B, C, T))
-    for t in range(T):
-        for s in range(t + 1):
-            y[..., t] += k[:, s] * u[..., t - s]
-    return y
+from helpers import np_causal_conv, FFTSpy
 
 
 def circular_conv_same_length(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -102,17 +92,6 @@ def test_gradcheck():
     u = torch.randn(2, 2, 9, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 9, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(fft_causal_conv, (u, k))
-
-
-class FFTSpy(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.dtypes: list[torch.dtype] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if "fft" in getattr(func, "__name__", "") and args and isinstance(args[0], torch.Tensor):
-            self.dtypes.append(args[0].dtype)
-        return func(*args, **(kwargs or {}))
 
 
 def test_fft_runs_in_float32_under_bf16_autocast():

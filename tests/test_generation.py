@@ -19,15 +19,6 @@ from models.hyena import HyenaState
 VOCAB, L_MAX = 97, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes run faster on one thread, and much faster when other processes share the cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_model(filter="rtf", attn_layers=None, seed=0) -> HyenaRTFForCausalLM:
     torch.manual_seed(seed)
     cfg = HyenaRTFConfig(vocab_size=VOCAB, pad_vocab_size_multiple=8, d_model=32, n_layer=2, l_max=L_MAX,

@@ -65,15 +65,6 @@ CHILD = textwrap.dedent(r"""
 """)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The child runs on one thread; so does the parent, so that both sum in the same order."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(model, checkpoint dir, result of the child process)."""

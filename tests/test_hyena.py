@@ -15,11 +15,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from models.configuration_hyena_rtf import HyenaRTFConfig
 from models.hyena import HyenaOperator
 from models.rtf import RTF
+from helpers import np_causal_conv, FFTSpy
 
 
 def P(t: torch.Tensor) -> np.ndarray:
@@ -83,14 +83,6 @@ def np_implicit_kernel(filt, T: int) -> np.ndarray:
     h = h * np.exp(-P(filt.deltas)[:, None] * s[None, :])
     h[:, 0] += P(filt.d)
     return np.repeat(h, filt.channels // filt.num_filters, axis=0)
-
-
-def np_causal_conv(u: np.ndarray, k: np.ndarray) -> np.ndarray:
-    T = u.shape[-1]
-    y = np.zeros(u.shape)
-    for t in range(T):
-        y[..., t] = (k[:, : t + 1][:, ::-1] * u[..., : t + 1]).sum(-1)
-    return y
 
 
 def np_hyena(op: HyenaOperator, u: np.ndarray, kernel: np.ndarray) -> np.ndarray:
@@ -184,16 +176,6 @@ def test_operator_is_causal(filt, t0):
 # ---------------------------------------------------------------------------------------------
 # 4. precision under bf16 autocast
 # ---------------------------------------------------------------------------------------------
-class FFTSpy(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.dtypes: list[torch.dtype] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if "fft" in getattr(func, "__name__", "") and args and isinstance(args[0], torch.Tensor):
-            self.dtypes.append(args[0].dtype)
-        return func(*args, **(kwargs or {}))
-
 
 @pytest.mark.parametrize("filt", ["rtf", "implicit"])
 def test_bf16_autocast_forward_and_backward(filt):

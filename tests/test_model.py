@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 import models.attention as attention_module
 from models import HyenaRTFConfig, HyenaRTFForCausalLM, config_from_preset, count_parameters
+from helpers import FFTSpy
 
 
 def tiny_lm(seed=0, dtype=torch.float64, **kw) -> HyenaRTFForCausalLM:
@@ -69,16 +69,6 @@ def test_causality_check_catches_a_non_causal_attention(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # 4. bf16 autocast
 # ---------------------------------------------------------------------------------------------
-class FFTSpy(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.dtypes: list[torch.dtype] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if "fft" in getattr(func, "__name__", "") and args and isinstance(args[0], torch.Tensor):
-            self.dtypes.append(args[0].dtype)
-        return func(*args, **(kwargs or {}))
-
 
 def test_lm_under_bf16_autocast():
     """A float32 model under CPU bf16 autocast: finite logits and loss, every FFT input float32 /

@@ -30,10 +30,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from models.fftconv import fft_causal_conv
 from models.rtf import RTF
+from helpers import np_causal_conv, FFTSpy
 
 EPS64 = np.finfo(np.float64).eps
 EPS32 = np.finfo(np.float32).eps
@@ -256,15 +256,6 @@ def step_through(rec, u, x=None):
     return torch.stack(ys, -1), x
 
 
-def np_causal_conv(u: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Naive O(T^2) causal convolution, u (B, C, T), k (C, T)."""
-    T = u.shape[-1]
-    y = np.zeros(u.shape)
-    for t in range(T):
-        y[..., t] = (k[:, : t + 1][:, ::-1] * u[..., : t + 1]).sum(-1)
-    return y
-
-
 @pytest.mark.parametrize("T", [17, 48, 49, 150])
 def test_recurrence_steps_match_fft_convolution_float64(T):
     """Stepping the float64 recurrence T times == fft_causal_conv(u, kernel(T)), for T below
@@ -377,19 +368,6 @@ def test_recurrence_cache_follows_parameter_updates_through_data():
 # ---------------------------------------------------------------------------------------------
 # 4. precision under bf16 autocast
 # ---------------------------------------------------------------------------------------------
-class FFTSpy(TorchFunctionMode):
-    """Records the dtype of the first argument of every torch.fft call (however it was imported)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[tuple[str, torch.dtype]] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if "fft" in name and args and isinstance(args[0], torch.Tensor):
-            self.calls.append((name, args[0].dtype))
-        return func(*args, **(kwargs or {}))
-
 
 def test_bf16_autocast_keeps_parameters_and_fft_in_float32():
     """Under CPU bf16 autocast: the RTF parameters stay float32; every rfft input is float32 and
