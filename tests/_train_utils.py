@@ -3,7 +3,9 @@ launching train.py in subprocesses, reading metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -46,6 +48,21 @@ def make_corpus(data_dir: Path) -> Path:
     return data_dir
 
 
+@contextlib.contextmanager
+def torch_threads(n: int = 1):
+    """Run a block with n intra-op threads. The thread count changes the order of float reductions,
+    so runs compared bit for bit must use the same count: module-scoped fixtures run before the
+    per-test one-thread fixture of conftest.py, hence they pin it themselves."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,7 +84,16 @@ def child_env(threads: int | None = None) -> dict:
 
 def run_cmd(cmd: list, timeout: int = 240, threads: int | None = None) -> subprocess.CompletedProcess:
     """Run and return; on failure the assertion shows the tail of the output."""
-    p = subprocess.run(cmd, cwd=REPO, env=child_env(threads), capture_output=True, text=True, timeout=timeout)
+    # A session of its own, so that a timeout kills the launcher *and* its rank processes.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(threads), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(map(str, cmd))} timed out after {timeout} s:\n{out[-3000:]}\n{err[-5000:]}")
+    p = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     assert p.returncode == 0, f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     return p
 

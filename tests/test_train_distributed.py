@@ -24,7 +24,7 @@ from training.metrics import read_metrics
 from training.trainer import run
 from training.config import load_config
 
-from _train_utils import BIN, TINY, launcher_cmd, make_corpus, run_cmd
+from _train_utils import BIN, TINY, launcher_cmd, make_corpus, run_cmd, torch_threads
 
 LOSS_ATOL = 2e-5
 NORM_RTOL = 1e-4
@@ -41,7 +41,8 @@ def corpus(tmp_path_factory):
 def reference(corpus, tmp_path_factory):
     """One process, micro 4 x accumulation 2, 10 steps."""
     out = tmp_path_factory.mktemp("single")
-    run(load_config(None, [*TINY, f"data.dir={corpus}", f"train.out_dir={out}"]))
+    with torch_threads(1):
+        run(load_config(None, [*TINY, f"data.dir={corpus}", f"train.out_dir={out}"]))
     return curve(out)
 
 

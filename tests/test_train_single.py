@@ -23,7 +23,7 @@ from training.metrics import read_metrics
 from training.optim import make_optimizer, param_groups
 from training.trainer import TrainingError, run
 
-from _train_utils import TINY, make_corpus, run_cmd
+from _train_utils import TINY, make_corpus, run_cmd, torch_threads
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,8 @@ def curve(out_dir):
 def reference(corpus, tmp_path_factory):
     """An uninterrupted 10-step run (exported at the end)."""
     out = tmp_path_factory.mktemp("ref")
-    summary = run(tiny(corpus, out, "checkpoint.export_at_end=true", "checkpoint.keep_last=2"))
+    with torch_threads(1):  # as the tests themselves run (conftest.py)
+        summary = run(tiny(corpus, out, "checkpoint.export_at_end=true", "checkpoint.keep_last=2"))
     return out, summary
 
 
@@ -70,10 +71,11 @@ def test_reference_run_logs_and_keeps_checkpoints(reference):
 
 def test_interrupted_and_resumed_run_reproduces_losses_exactly(corpus, reference, tmp_path):
     ref_out, _ = reference
-    first = run(tiny(corpus, tmp_path, "train.stop_after_steps=3"))
-    assert first["step"] == 3 and "val_loss" not in first
-    assert ckpt.latest_checkpoint(tmp_path / "checkpoints").endswith("step_00000003")
-    second = run(tiny(corpus, tmp_path))  # checkpoint.resume=auto picks step 3 up
+    with torch_threads(1):  # as the reference
+        first = run(tiny(corpus, tmp_path, "train.stop_after_steps=3"))
+        assert first["step"] == 3 and "val_loss" not in first
+        assert ckpt.latest_checkpoint(tmp_path / "checkpoints").endswith("step_00000003")
+        second = run(tiny(corpus, tmp_path))  # checkpoint.resume=auto picks step 3 up
     assert second["step"] == 10
     assert curve(tmp_path) == curve(ref_out)  # bit-identical losses and grad norms, steps 1..10
     assert read_metrics(tmp_path / "metrics.jsonl", "eval") == read_metrics(ref_out / "metrics.jsonl", "eval")
@@ -105,13 +107,13 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint_loadable(corpus
     from _train_utils import REPO, child_env
 
     args = [*TINY, f"data.dir={corpus}", f"train.out_dir={tmp_path}"]
-    p = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *args], cwd=REPO, env=child_env(),
+    p = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *args], cwd=REPO, env=child_env(threads=1),
                        capture_output=True, text=True, timeout=240)
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
     root = tmp_path / "checkpoints"
     assert ".tmp-step_00000008" in os.listdir(root)  # the interrupted save
     assert ckpt.latest_checkpoint(root).endswith("step_00000004")  # the previous one is the latest
-    run_cmd([sys.executable, "train.py", *args])  # resumes from step 4
+    run_cmd([sys.executable, "train.py", *args], threads=1)  # resumes from step 4
     assert ".tmp-step_00000008" not in os.listdir(root)
     assert curve(tmp_path) == curve(reference[0])
 

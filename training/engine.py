@@ -215,7 +215,11 @@ class Engine:
         raise NotImplementedError
 
     def close(self) -> None:
+        """Leave the process group together: a rank that tears down its gloo connections while a
+        peer is still finishing the last collective can leave that peer waiting forever."""
         if dist.is_available() and dist.is_initialized():
+            if self.world_size > 1:
+                dist.barrier()
             dist.destroy_process_group()
 
 
