@@ -101,6 +101,20 @@ def test_cli_reports_config_and_data_errors(tmp_path, capsys):
     assert str(missing) in err and "does not exist" in err and "data_prep.prepare" in err
 
 
+def test_a_missing_optional_package_is_a_config_error():
+    import importlib.util
+
+    from training.config import check_optional_packages
+
+    cfg = load_config(None, ["logging.tensorboard=true"])
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ConfigError, match="logging.tensorboard=true needs the tensorboard package"):
+            check_optional_packages(cfg)
+    else:
+        check_optional_packages(cfg)
+    check_optional_packages(load_config(None))
+
+
 def test_vocab_mismatch_and_short_l_max_are_errors():
     cfg = load_config(None, ["model.vocab_size=1000"])
     with pytest.raises(ConfigError, match="model.vocab_size=1000 disagrees with the data's tokenizer, which has 512"):

@@ -300,6 +300,16 @@ def check_values(cfg: DictConfig) -> None:
         raise ConfigError(f"invalid value for 'schedule.min_lr_ratio': {cfg.schedule.min_lr_ratio} (must be in [0, 1])")
 
 
+def check_optional_packages(cfg: DictConfig) -> None:
+    """Fail on every rank, before any work, when an enabled option needs a missing package."""
+    import importlib.util
+
+    if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard")
+    if cfg.train.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("train.engine=deepspeed needs the deepspeed package: pip install deepspeed")
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     """How one optimizer step's sequences are split. global_batch = micro * accum * world."""

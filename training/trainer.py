@@ -27,7 +27,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from training import checkpoint as ckpt
-from training.config import ConfigError, fill_model_section, resolve_batch, resolve_model_kwargs, to_yaml
+from training.config import (
+    ConfigError,
+    check_optional_packages,
+    fill_model_section,
+    resolve_batch,
+    resolve_model_kwargs,
+    to_yaml,
+)
 from training.data import check_sizes, eval_batches, open_split, step_micro_batches, unigram_perplexity
 from training.engine import (
     DeepSpeedEngine,
@@ -125,6 +132,7 @@ def build_engine(cfg: DictConfig, model, plan, device, env, kind: str) -> Engine
 def run(cfg: DictConfig) -> Dict:
     """Train as configured; returns a summary dict (also on the non-main ranks)."""
     t_start = time.time()
+    check_optional_packages(cfg)
     env = detect_env()
     kind = choose_engine(cfg.train.engine, env)
     if kind == "deepspeed" and env.launcher == "none":
