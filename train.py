@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from training.config import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 
 
 def _split_launcher_args(argv: list[str]) -> list[str]:
@@ -59,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     p = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML preset (configs/*.yaml); omitted: the schema defaults")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG),
+                   help="YAML preset (default: configs/default.yaml, the small CPU-friendly run)")
     p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = p.parse_args(argv)

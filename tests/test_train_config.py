@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from omegaconf import OmegaConf
 
 import train
 from models.configuration_hyena_rtf import PRESETS, HyenaRTFConfig
