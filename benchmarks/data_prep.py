@@ -1,7 +1,7 @@
 """Data-prep throughput: MB/s of raw text and tokens/s of a full ``prepare`` (reading, worker
 start-up, tokenizing, writing shards and manifest), with the GPT-NeoX-20B tokenizer.
 
-    .venv/bin/python benchmarks/data_prep.py [--workers 2] [--repeats 3] [--out FILE]
+    .venv/bin/python benchmarks/data_prep.py [--workers N] [--repeats 3] [--out FILE]
 
 Scenarios (real data from ../shared/data, never copied into the repository):
 
@@ -59,9 +59,7 @@ def _cpu():
 def run_once(inputs, out, tokenizer, workers, **kw) -> dict:
     """One full prepare. Besides wall-clock figures it records CPU seconds of this process and
     of its (reaped) worker processes: on a shared machine the wall clock measures the contention,
-    while CPU time measures the work. ``projected_dedicated_mb_per_s`` is the text MB divided by
-    the larger of (all CPU time / workers) and the main process's CPU time: what the same work
-    takes when ``workers`` cores are free. It is a projection, labeled as such."""
+    while CPU time measures the work (the load average is recorded beside the results)."""
     from data_prep.prepare import prepare
     c0, t = _cpu(), time.perf_counter()
     m = prepare(inputs, out, tokenizer=tokenizer, workers=workers, force=True, verbose=False, **kw)
@@ -69,14 +67,11 @@ def run_once(inputs, out, tokenizer, workers, **kw) -> dict:
     c1 = _cpu()
     main_cpu, child_cpu = c1[0] - c0[0], c1[1] - c0[1]
     mb = m["text_bytes"] / 1e6
-    ideal = max((main_cpu + child_cpu) / workers, main_cpu)
     return {"seconds": round(dt, 3), "text_mb": round(mb, 3),
             "tokens": m["tokens"], "documents": m["documents"]["written"],
             "mb_per_s": round(mb / dt, 3), "tokens_per_s": round(m["tokens"] / dt),
             "cpu_seconds_main": round(main_cpu, 3), "cpu_seconds_workers": round(child_cpu, 3),
-            "mb_per_cpu_second": round(mb / (main_cpu + child_cpu), 3),
-            "projected_dedicated_mb_per_s": round(mb / ideal, 3),
-            "projected_dedicated_tokens_per_s": round(m["tokens"] / ideal)}
+            "mb_per_cpu_second": round(mb / (main_cpu + child_cpu), 3)}
 
 
 def scenario(name, inputs, tokenizer, workers, repeats, tmp, **kw) -> dict:
@@ -86,23 +81,23 @@ def scenario(name, inputs, tokenizer, workers, repeats, tmp, **kw) -> dict:
     res = {"inputs": [str(i) for i in inputs] if inputs else "default corpus",
            "tokenizer": str(tokenizer) if tokenizer else "trained BPE (8192)", "workers": workers,
            "runs": runs, "median_mb_per_s": round(med, 3), "best_mb_per_s": best["mb_per_s"],
-           "median_tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in runs)),
-           "median_projected_dedicated_mb_per_s": round(statistics.median(
-               r["projected_dedicated_mb_per_s"] for r in runs), 3)}
+           "median_tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in runs))}
     print(f"{name:15s} {res['median_mb_per_s']:6.2f} MB/s median (best {res['best_mb_per_s']:.2f}), "
           f"{res['median_tokens_per_s']:,} tokens/s, {runs[0]['text_mb']} MB, "
-          f"{[r['seconds'] for r in runs]} s; projected on {workers} free cores: "
-          f"{res['median_projected_dedicated_mb_per_s']:.2f} MB/s", flush=True)
+          f"{[r['seconds'] for r in runs]} s", flush=True)
     return res
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=None, help="default: data_prep's own choice")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_prep_cpu.json"))
     ap.add_argument("--skip-default", action="store_true", help="skip the default-corpus scenario")
     a = ap.parse_args()
+    if a.workers is None:
+        from data_prep.prepare import default_workers
+        a.workers = default_workers()
     tok = DATA / "20B_tokenizer.json"
     prose = [DATA / "pile_sample.jsonl.zst", DATA / "tinyshakespeare_input.txt"]
     if not tok.is_file() or not all(p.is_file() for p in prose):

@@ -14,8 +14,9 @@ validation set, the train document with the smallest hash is held back while wri
 it goes to ``val`` if ``val`` would otherwise be empty (and ``train`` keeps at least one
 document), else to ``train``.
 
-Workers are started with ``spawn`` (not ``fork``: the parent may hold tokenizer threads) and run
-``ProcessPoolExecutor``, so a worker that dies makes the run fail with ``BrokenProcessPool``
+Each process batch-encodes with ``tokenizers``' own Rayon threads (processes x threads = cores;
+with one worker everything runs in the main process). Workers are started with ``spawn`` (not
+``fork``: the parent may hold tokenizer threads) and run ``ProcessPoolExecutor``, so a worker that dies makes the run fail with ``BrokenProcessPool``
 instead of hanging.
 """
 from __future__ import annotations
@@ -36,6 +37,13 @@ from .readers import DocumentError, validate_record
 _W: dict = {}  # per-process worker state, set by init_worker
 
 
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def doc_hash(text_bytes: bytes, seed: int) -> int:
     """64-bit keyed hash of a document; the split and the held-back document depend on it."""
     key = (seed % (1 << 64)).to_bytes(8, "little")
@@ -47,9 +55,11 @@ def is_val(h: int, val_fraction: float) -> bool:
 
 
 def init_worker(tok_json: str, eos_id: int, dtype: str, seed: int, val_fraction: float,
-                pile_sets, text_key: str, single_thread: bool = True) -> None:
-    if single_thread:  # one process per core already; rayon threads would only contend
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+                pile_sets, text_key: str, threads: int = 0) -> None:
+    """threads: Rayon threads for batch encoding in this process (0: the library's default)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    if threads > 0:
+        os.environ["RAYON_NUM_THREADS"] = str(threads)  # read when the thread pool first starts
     from tokenizers import Tokenizer
     tok = Tokenizer.from_str(tok_json)
     # A document that contains the literal text "<|endoftext|>" must not get an end-of-document
@@ -209,12 +219,13 @@ class ShardBuilder:
         pool = None
         try:
             if self.workers <= 1:
-                init_worker(*self.init_args, single_thread=False)
+                init_worker(*self.init_args)
                 for items, where in self._chunks(records):
                     self._consume(tokenize_chunk(items), where)
             else:
+                threads = max(1, available_cores() // self.workers)  # processes x threads = cores
                 pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                           initializer=init_worker, initargs=self.init_args)
+                                           initializer=init_worker, initargs=(*self.init_args, threads))
                 pending: deque = deque()
                 for items, where in self._chunks(records):
                     pending.append((pool.submit(tokenize_chunk, items), where))
