@@ -116,9 +116,13 @@ class RTFRecurrence:
     def prefill(self, u: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
         """State after all of u (B, C, T), starting from x0 (B, C, n) or zero. Returns (B, C, n).
 
-        Exact in exact arithmetic for any T and any stable or unstable-free denominator whose
-        A(z) has no zero on the N-th roots of unity (all poles strictly inside the unit disk).
+        Exact up to rounding for any T, provided A(z) has no zero on the N-th roots of unity
+        (true when every pole lies strictly inside the unit disk).
         """
+        with torch.autocast(u.device.type, enabled=False):  # the matmuls below must stay float32+
+            return self._prefill(u, x0)
+
+    def _prefill(self, u: torch.Tensor, x0: torch.Tensor | None) -> torch.Tensor:
         B, C, T = u.shape
         n, N = self.state_size, self.fft_len
         u = u.to(self.a.dtype)
