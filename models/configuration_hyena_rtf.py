@@ -7,7 +7,7 @@ config.json.
 
 from __future__ import annotations
 
-from transformers import PretrainedConfig
+from transformers import PreTrainedConfig
 
 FILTERS = ("rtf", "implicit")
 
@@ -22,7 +22,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-class HyenaRTFConfig(PretrainedConfig):
+class HyenaRTFConfig(PreTrainedConfig):
     """Hyper-parameters of `HyenaRTFForCausalLM`.
 
     Args:
