@@ -66,15 +66,11 @@ def train_copy_task(seed: int, steps: int = 300, batch_size: int = 32) -> tuple[
 
 
 def test_hyena_rtf_learns_delayed_copy():
-    """>= 99% held-out token accuracy on the delay-32 copy task, training in < 60 s.
+    """>= 99% held-out token accuracy on the delay-32 copy task after a fixed budget of 300 steps.
 
-    One torch thread: on 2 shared cores, two threads on these tiny tensors lose more to
-    synchronisation than they gain (measured 10x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        acc, seconds = train_copy_task(seed=0)
-    finally:
-        torch.set_num_threads(threads)
+    That budget trains in 9-21 s on 2 CPU cores (measured 2026-11-22, idle to heavily loaded);
+    the time is printed, not asserted: speed goals live in benchmarks, where load cannot flake CI.
+    One torch thread (conftest): on these tiny tensors two threads lose more than they gain."""
+    acc, seconds = train_copy_task(seed=0)
+    print(f"delayed copy: held-out accuracy {acc:.4f} after {seconds:.1f} s of training")
     assert acc >= 0.99, f"held-out accuracy {acc:.4f}"
-    assert seconds < 60, f"training took {seconds:.1f} s"
