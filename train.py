@@ -14,6 +14,18 @@ Export (any checkpoint, any engine, from the full float32 weights):
 
     python train.py export runs/default/checkpoints/step_00000300 OUT_DIR
     python train.py export runs/default OUT_DIR          # the run's latest checkpoint
+
+Exit codes (training):
+
+    0    finished: train.max_steps reached (final evaluation and export done), or stopped as planned
+         at train.stop_after_steps (checkpoint saved; a planned stop is not an interruption: the
+         command did what it was asked, and rerunning without it continues)
+    1    training failed (the model diverged: train.max_nonfinite_steps non-finite steps)
+    2    the run could not start or resume: configuration, data or checkpoint error
+    130  stopped by SIGINT (Ctrl-C), after saving a checkpoint; rerun the same command to resume
+    143  stopped by SIGTERM (cluster pre-emption), after saving a checkpoint; likewise
+
+Under torchrun / deepspeed these are the codes of the rank processes; the launcher reports its own.
 """
 
 from __future__ import annotations
@@ -79,14 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         from training.trainer import TrainingError, run
 
         try:
-            run(cfg)
+            summary = run(cfg)
         except TrainingError as e:
             print(f"[train] error: {e}", file=sys.stderr)
             return 1
     except (ConfigError, DataError) as e:
         print(f"[train] error: {e}", file=sys.stderr)
         return 2
-    return 0
+    # 128 + signal number, the shell's code for a process ended by that signal: 143 / 130
+    return 128 + summary["signal"] if summary["signal"] else 0
 
 
 if __name__ == "__main__":

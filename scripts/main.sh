@@ -26,7 +26,9 @@ $PY -m data_prep.prepare --out "$DATA" --no-progress
 stamp "data ready in $DATA"
 
 # 2. Train. Prints the unigram-baseline perplexity of the validation tokens and the model's; at
-#    the end it exports the final checkpoint (full fp32 weights + tokenizer) to $HF.
+#    the end it exports the final checkpoint (full fp32 weights + tokenizer) to $HF. Stopped by
+#    SIGTERM / Ctrl-C it saves a checkpoint and exits 143 / 130, so `set -e` ends the job here
+#    instead of evaluating a stale export; rerun to resume.
 $PY train.py --config configs/default.yaml data.dir="$DATA" train.out_dir="$RUN" \
   checkpoint.export_dir="$HF" logging.progress_bar=false "$@"
 stamp "trained; HF checkpoint in $HF"

@@ -68,10 +68,16 @@ def _model_classes():
 
 
 class _Stop:
-    """SIGTERM/SIGINT ask for a checkpoint at the end of the current step (cluster pre-emption)."""
+    """SIGTERM/SIGINT ask for a checkpoint at the end of the current step (cluster pre-emption).
+
+    `signum` is the first signal received; the run then ends with exit code 128 + signum (143 for
+    SIGTERM, 130 for SIGINT, the shell's convention) so that `set -e` scripts and schedulers see
+    an interrupted run, not a finished one.
+    """
 
     def __init__(self):
         self.requested = False
+        self.signum: Optional[int] = None
         self._old = {}
 
     def install(self) -> None:
@@ -85,6 +91,7 @@ class _Stop:
         if self.requested:  # a second signal: stop now
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
 
     def restore(self) -> None:
         for sig, old in self._old.items():
@@ -130,7 +137,11 @@ def build_engine(cfg: DictConfig, model, plan, device, env, kind: str) -> Engine
 
 
 def run(cfg: DictConfig) -> Dict:
-    """Train as configured; returns a summary dict (also on the non-main ranks)."""
+    """Train as configured; returns a summary dict (also on the non-main ranks).
+
+    summary["signal"] is the number of the signal that stopped the run after its checkpoint was
+    saved (the same on every rank), None when it ran to train.max_steps or train.stop_after_steps.
+    """
     t_start = time.time()
     check_optional_packages(cfg)
     env = detect_env()
@@ -240,7 +251,7 @@ def run(cfg: DictConfig) -> Dict:
         progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0)
     write = progress.write if progress is not None else print
     window = {"loss": 0.0, "n": 0, "t": time.time(), "steps": 0}
-    last_ckpt, val_loss, step = None, None, start_step
+    last_ckpt, val_loss, step, stop_signal = None, None, start_step, None
     try:
         while step < stop_at:
             factor = lr_factor(step, cfg.schedule.warmup_steps, decay_steps, cfg.schedule.min_lr_ratio)
@@ -301,11 +312,16 @@ def run(cfg: DictConfig) -> Dict:
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
                 val_loss = evaluate(step)
             periodic = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
-            stop_now = engine.all_reduce_sum([float(stopper.requested)])[0] > 0
+            # Every rank stops at the same step, also those the signal did not reach; SIGTERM wins
+            # when ranks got different signals (a scheduler's pre-emption is the one to report).
+            got_term, got_int = engine.all_reduce_sum(
+                [float(stopper.signum == signal.SIGTERM), float(stopper.signum == signal.SIGINT)])
+            stop_now = got_term > 0 or got_int > 0
             if periodic or stop_now or step == stop_at:
                 last_ckpt = save(step)
             if stop_now:
-                say(f"stop requested by a signal: checkpoint saved at step {step}; rerun the same command to resume")
+                stop_signal = signal.SIGTERM if got_term > 0 else signal.SIGINT
+                say(f"stopped by {stop_signal.name}: checkpoint saved at step {step}; rerun the same command to resume")
                 break
     finally:
         stopper.restore()
@@ -313,7 +329,7 @@ def run(cfg: DictConfig) -> Dict:
             progress.close()
 
     summary = {"step": step, "checkpoint": last_ckpt, "nonfinite_steps": state["nonfinite_steps"],
-               "unigram_ppl": unigram_ppl}
+               "unigram_ppl": unigram_ppl, "signal": int(stop_signal) if stop_signal else None}
     if step >= cfg.train.max_steps:
         val_loss = evaluate(step)
         summary["val_loss"], summary["val_ppl"] = val_loss, math.exp(min(val_loss, 700.0))
@@ -329,7 +345,7 @@ def run(cfg: DictConfig) -> Dict:
                 say(f"exported HF checkpoint to {export_dir}")
             summary["export_dir"] = export_dir
             engine.barrier()
-    elif not stopper.requested:
+    elif stop_signal is None:
         say(f"stopped after step {step} as configured (train.stop_after_steps); rerun without it to resume")
     summary["wall_s"] = time.time() - t_start
     say(f"done in {summary['wall_s']:.1f}s")
