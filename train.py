@@ -21,17 +21,22 @@ Exit codes (training):
          at train.stop_after_steps (checkpoint saved; a planned stop is not an interruption: the
          command did what it was asked, and rerunning without it continues)
     1    training failed (the model diverged: train.max_nonfinite_steps non-finite steps)
-    2    the run could not start or resume: configuration, data or checkpoint error
+    2    the run could not start or resume: configuration, data or checkpoint error, or
+         train.out_dir is locked by another run (training/runlock.py)
     130  stopped by SIGINT (Ctrl-C), after saving a checkpoint; rerun the same command to resume
     143  stopped by SIGTERM (cluster pre-emption), after saving a checkpoint; likewise
 
 Under torchrun / deepspeed these are the codes of the rank processes; the launcher reports its own.
+Errors print one line, `train.py: error: <message naming the key or file>`, on stderr; set
+HYENA_RTF_DEBUG=1 to get the traceback as well.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from training.config import ConfigError
@@ -56,22 +61,45 @@ def _split_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
+def _user_errors() -> tuple:
+    """Exceptions that mean "fix the command, the config, the data or the checkpoint" (exit 2)."""
+    from training.data import DataError
+    from training.runlock import RunLockedError
+
+    return ConfigError, DataError, RunLockedError
+
+
+def _fail(e: BaseException, code: int) -> int:
+    """`train.py: error: <message>` on one line of stderr; the traceback too with HYENA_RTF_DEBUG=1."""
+    if os.environ.get("HYENA_RTF_DEBUG") == "1":
+        traceback.print_exception(e)
+    print(f"train.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return code
+
+
+def _export(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="train.py export", description="Export a checkpoint as an HF folder")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the saved weights (RTF parameters always stay float32)")
+    args = p.parse_args(argv)
+    import torch
+
+    from training.export import export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out_dir, dtype=getattr(torch, args.dtype))
+    except _user_errors() as e:
+        return _fail(e, 2)
+    print(f"[export] wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = _split_launcher_args(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "export":
-        p = argparse.ArgumentParser(prog="train.py export", description="Export a checkpoint as an HF folder")
-        p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
-        p.add_argument("out_dir")
-        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                       help="dtype of the saved weights (RTF parameters always stay float32)")
-        args = p.parse_args(argv[1:])
-        import torch
-
-        from training.export import export_checkpoint
-
-        out = export_checkpoint(args.checkpoint, args.out_dir, dtype=getattr(torch, args.dtype))
-        print(f"[export] wrote {out}")
-        return 0
+        return _export(argv[1:])
 
     p = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG),
@@ -81,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from training.config import load_config, to_yaml
-    from training.data import DataError
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -93,11 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             summary = run(cfg)
         except TrainingError as e:
-            print(f"[train] error: {e}", file=sys.stderr)
-            return 1
-    except (ConfigError, DataError) as e:
-        print(f"[train] error: {e}", file=sys.stderr)
-        return 2
+            return _fail(e, 1)
+    except _user_errors() as e:
+        return _fail(e, 2)
     # 128 + signal number, the shell's code for a process ended by that signal: 143 / 130
     return 128 + summary["signal"] if summary["signal"] else 0
 

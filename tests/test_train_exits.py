@@ -50,3 +50,20 @@ def test_a_signal_saves_a_checkpoint_then_exits_128_plus_signum(corpus, tmp_path
 def test_a_planned_stop_exits_0(corpus, tmp_path):
     assert train.main(args(corpus, tmp_path, "train.stop_after_steps=2")) == 0
     assert ckpt.latest_checkpoint(tmp_path / "checkpoints").endswith("step_00000002")
+
+
+def test_a_second_run_in_the_same_out_dir_fails_at_once_naming_the_holder(corpus, tmp_path, capsys):
+    import socket
+
+    from training.runlock import RunLock
+
+    with RunLock(str(tmp_path)):  # a run in progress (this process, its own open file: a separate flock)
+        assert train.main(args(corpus, tmp_path)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("train.py: error: train.out_dir") and len(err.splitlines()) == 1
+        assert f"PID {os.getpid()} on host {socket.gethostname()}" in err
+        assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
+    # released at the end of the holder's run, finished or failed: the next run gets it
+    assert train.main(args(corpus, tmp_path, "train.stop_after_steps=1")) == 0
+    with RunLock(str(tmp_path)):
+        pass

@@ -46,6 +46,7 @@ from training.engine import (
     detect_env,
     ensure_single_process_env,
 )
+from training.runlock import RunLock
 from training.metrics import MetricsLogger, peak_flops, train_flops_per_token
 from training.optim import check_rtf_fp32, lr_factor, make_optimizer, param_groups, set_lr
 
@@ -141,10 +142,22 @@ def run(cfg: DictConfig) -> Dict:
 
     summary["signal"] is the number of the signal that stopped the run after its checkpoint was
     saved (the same on every rank), None when it ran to train.max_steps or train.stop_after_steps.
+    The main process holds the run lock of train.out_dir (training/runlock.py) throughout.
     """
     t_start = time.time()
     check_optional_packages(cfg)
+    out_dir = cfg.train.out_dir
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"train.out_dir '{out_dir}' is an existing file, not a folder")
     env = detect_env()
+    if env.rank != 0:
+        return _run(cfg, env, t_start)
+    os.makedirs(out_dir, exist_ok=True)
+    with RunLock(out_dir):
+        return _run(cfg, env, t_start)
+
+
+def _run(cfg: DictConfig, env, t_start: float) -> Dict:
     kind = choose_engine(cfg.train.engine, env)
     if kind == "deepspeed" and env.launcher == "none":
         ensure_single_process_env()
@@ -174,7 +187,6 @@ def run(cfg: DictConfig) -> Dict:
     out_dir = cfg.train.out_dir
     ckpt_root = os.path.join(out_dir, ckpt.CHECKPOINTS)
     if main:
-        os.makedirs(out_dir, exist_ok=True)
         ckpt.cleanup_partial(ckpt_root)
         with open(os.path.join(out_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(cfg))
