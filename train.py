@@ -63,10 +63,11 @@ def _split_launcher_args(argv: list[str]) -> list[str]:
 
 def _user_errors() -> tuple:
     """Exceptions that mean "fix the command, the config, the data or the checkpoint" (exit 2)."""
+    from training.checkpoint import CheckpointError
     from training.data import DataError
     from training.runlock import RunLockedError
 
-    return ConfigError, DataError, RunLockedError
+    return ConfigError, DataError, CheckpointError, RunLockedError
 
 
 def _fail(e: BaseException, code: int) -> int:

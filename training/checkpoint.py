@@ -5,10 +5,11 @@ Layout (one folder per checkpoint, under OUT_DIR/checkpoints/):
     step_00000300/
         model.pt, optimizer.pt          single/DDP engine: full fp32 weights and AdamW state
         deepspeed/, latest              DeepSpeed engine: its own files (ZeRO partitions per rank)
-        rng_rank{R}.pt                  python / numpy / torch (/ cuda) RNG states of rank R
+        rng_rank{R}.pt                  RNG states of rank R, tensors only (training/rng.py)
         config.yaml                     the effective training config (everything resolved)
         tokenizer.json                  so a checkpoint exports on its own
-        trainer_state.json              step, tokens, skipped steps ... (written last)
+        trainer_state.json              step, tokens, skipped steps ...
+        manifest.json                   size and SHA-256 of every other file (written last)
 
 Atomicity: everything is written into `.tmp-step_X/`, flushed to disk, and only then renamed to
 `step_X/` (a rename within one directory is atomic on POSIX). A process killed at any moment leaves
@@ -16,25 +17,46 @@ either the complete new folder or none, next to the previous checkpoints; leftov
 are deleted at the next start. Old checkpoints are first renamed to `.trash-*` and then deleted,
 so a kill during pruning cannot leave a half-deleted `step_*` folder either. Multi-node runs need
 OUT_DIR on a filesystem all nodes share (DeepSpeed writes one optimizer partition per rank).
+
+Verification (`verify_checkpoint`), before anything in a checkpoint is loaded, on resume and on
+export: the files on disk must be exactly those of manifest.json, with its sizes and SHA-256
+digests. What that guarantees: the checkpoint is byte for byte what its save wrote, with no file
+missing, truncated, altered or added (DeepSpeed loads every `*_optim_states.pt` it finds, so an
+added file would be loaded too), at the moment of the check. What it does not: the manifest is not
+signed, so whoever can write the folder can also rewrite manifest.json to match crafted files; it
+tells a corrupt or partial checkpoint from a complete one, not a forged one from a genuine one.
+Against forgery: files this code loads itself go through torch's restricted unpickler
+(`weights_only=True`: model.pt, optimizer.pt, rng_rank*.pt), which cannot run code; DeepSpeed's
+own files (resume with the DeepSpeed engine, export of a ZeRO checkpoint) are loaded by DeepSpeed
+with full unpickling (it offers no weights_only option), so load only DeepSpeed checkpoints whose
+folder nobody else could write. A file changed after the check (a race) is not caught.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import random
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
+
+from training.rng import RngFileError, load_rng, save_rng
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.json"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "hyena-rtf-checkpoint/1"
 _STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, altered or incompatible; the message names the file."""
 
 
 def step_dir_name(step: int) -> str:
@@ -59,15 +81,19 @@ def latest_checkpoint(root: str) -> Optional[str]:
     return ckpts[-1][1] if ckpts else None
 
 
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint folder, or a run folder (OUT_DIR) meaning its latest checkpoint."""
+def resolve_checkpoint(path: str, key: Optional[str] = None) -> str:
+    """A checkpoint folder, or a run folder (OUT_DIR) meaning its latest checkpoint. CheckpointError
+    naming `path` (as `key=path` when it came from config key `key`) when there is none."""
     if os.path.isfile(os.path.join(path, STATE_FILE)):
         return path
     for root in (os.path.join(path, CHECKPOINTS), path):
         latest = latest_checkpoint(root)
         if latest:
             return latest
-    raise FileNotFoundError(f"no complete checkpoint at {path} (expected {STATE_FILE} or {CHECKPOINTS}/step_*/)")
+    where = f"{key}={path}" if key else path
+    if not os.path.exists(path):
+        raise CheckpointError(f"{where}: no such checkpoint or run folder")
+    raise CheckpointError(f"no complete checkpoint at {where} (expected {STATE_FILE} or {CHECKPOINTS}/step_*/)")
 
 
 def cleanup_partial(root: str) -> None:
@@ -80,23 +106,68 @@ def cleanup_partial(root: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# RNG states
+# Manifest
 # --------------------------------------------------------------------------------------------
 
 
-def rng_state() -> Dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def _files(ckpt_dir: str) -> List[str]:
+    """Every file under ckpt_dir except the manifest, as sorted '/'-separated relative paths."""
+    out = []
+    for dirpath, _, names in os.walk(ckpt_dir):
+        for n in names:
+            rel = os.path.relpath(os.path.join(dirpath, n), ckpt_dir).replace(os.sep, "/")
+            if rel != MANIFEST_FILE:
+                out.append(rel)
+    return sorted(out)
 
 
-def set_rng_state(state: Dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _digests(ckpt_dir: str, rels: List[str]) -> List[str]:
+    # hashlib releases the GIL on large reads: threads hash the (per-rank) files in parallel.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda r: _sha256(os.path.join(ckpt_dir, r)), rels))
+
+
+def write_manifest(ckpt_dir: str) -> None:
+    """manifest.json: size and SHA-256 of every file of the checkpoint (call after all are written)."""
+    rels = _files(ckpt_dir)
+    files = {r: {"bytes": os.path.getsize(os.path.join(ckpt_dir, r)), "sha256": h}
+             for r, h in zip(rels, _digests(ckpt_dir, rels))}
+    with open(os.path.join(ckpt_dir, MANIFEST_FILE), "w") as f:
+        json.dump({"format": MANIFEST_FORMAT, "files": files}, f, indent=1)
+
+
+def verify_checkpoint(ckpt_dir: str) -> None:
+    """Raise CheckpointError naming the first file that differs from manifest.json (see the module
+    docstring for what this guarantees). Sizes are compared before any digest is computed."""
+    path = os.path.join(ckpt_dir, MANIFEST_FILE)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        listed = manifest["files"]
+        assert manifest["format"] == MANIFEST_FORMAT and isinstance(listed, dict)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete or predates verified checkpoints") from None
+    except (ValueError, KeyError, TypeError, AssertionError, OSError):
+        raise CheckpointError(f"{path} is not a valid checkpoint manifest") from None
+    on_disk = _files(ckpt_dir)
+    for rel in on_disk:
+        if rel not in listed:
+            raise CheckpointError(f"{os.path.join(ckpt_dir, rel)} is not part of the checkpoint (not in {MANIFEST_FILE})")
+    for rel, rec in listed.items():
+        f = os.path.join(ckpt_dir, rel)
+        if rel not in on_disk:
+            raise CheckpointError(f"{f} is missing (listed in {MANIFEST_FILE})")
+        if os.path.getsize(f) != rec["bytes"]:
+            raise CheckpointError(f"{f} has {os.path.getsize(f)} bytes, {rec['bytes']} were written (truncated or altered)")
+    rels = sorted(listed)
+    for rel, h in zip(rels, _digests(ckpt_dir, rels)):
+        if h != listed[rel]["sha256"]:
+            raise CheckpointError(f"{os.path.join(ckpt_dir, rel)} does not match the SHA-256 recorded at save time (altered)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +209,7 @@ def save_checkpoint(
         os.makedirs(tmp)
     engine.barrier()
     engine.save(tmp)
-    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{engine.rank}.pt"))
+    save_rng(os.path.join(tmp, f"rng_rank{engine.rank}.pt"))
     engine.barrier()  # every rank's files are in tmp
     if engine.is_main:
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
@@ -147,6 +218,7 @@ def save_checkpoint(
             shutil.copyfile(tokenizer_file, os.path.join(tmp, TOKENIZER_FILE))
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump(trainer_state, f, indent=2)
+        write_manifest(tmp)
         _fsync_tree(tmp)
         trash = os.path.join(root, ".trash-" + step_dir_name(step))
         if os.path.exists(final):  # re-saving a step (a resumed run that stops where it resumed)
@@ -175,12 +247,16 @@ def read_trainer_state(ckpt_dir: str) -> Dict:
 def load_checkpoint(engine, ckpt_dir: str) -> Dict:
     """Collective: restores engine (model + optimizer) and this rank's RNG state; returns trainer_state.
 
-    A rank without an RNG file (resuming with more processes than saved) keeps its seeded state.
+    Call it on a checkpoint `verify_checkpoint` accepted. A rank without an RNG file (resuming with
+    more processes than saved) keeps its seeded state.
     """
     engine.load(ckpt_dir)
     rng_file = os.path.join(ckpt_dir, f"rng_rank{engine.rank}.pt")
     if os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        try:
+            load_rng(rng_file)
+        except RngFileError as e:
+            raise CheckpointError(str(e)) from None
     return read_trainer_state(ckpt_dir)
 
 

@@ -42,11 +42,17 @@ def model_from_checkpoint(ckpt_dir: str):
     return model.eval(), config
 
 
-def export_checkpoint(path: str, out_dir: str, dtype: Optional[torch.dtype] = None) -> Path:
-    """Write the HF folder of checkpoint `path` (or of the latest checkpoint of run folder `path`)."""
+def export_checkpoint(path: str, out_dir: str, dtype: Optional[torch.dtype] = None, verify: bool = True) -> Path:
+    """Write the HF folder of checkpoint `path` (or of the latest checkpoint of run folder `path`).
+
+    The checkpoint is verified against its manifest first (CheckpointError naming the bad file);
+    `verify=False` only for a checkpoint this process has just written or verified itself.
+    """
     from models.export import save_hf_checkpoint
 
     ckpt_dir = ckpt.resolve_checkpoint(path)
+    if verify:
+        ckpt.verify_checkpoint(ckpt_dir)
     model, _ = model_from_checkpoint(ckpt_dir)
     tok = os.path.join(ckpt_dir, ckpt.TOKENIZER_FILE)
     return save_hf_checkpoint(model, tok if os.path.isfile(tok) else None, out_dir, dtype=dtype)

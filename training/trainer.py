@@ -18,7 +18,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from typing import Dict, Optional
 
@@ -46,13 +45,14 @@ from training.engine import (
     detect_env,
     ensure_single_process_env,
 )
+from training.resume import check_resume_compatible, find_resume
 from training.runlock import RunLock
 from training.metrics import MetricsLogger, peak_flops, train_flops_per_token
 from training.optim import check_rtf_fp32, lr_factor, make_optimizer, param_groups, set_lr
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (too many non-finite steps, incompatible checkpoint)."""
+    """Training cannot go on (too many non-finite steps)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -97,33 +97,6 @@ class _Stop:
     def restore(self) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-def _check_resume_compatible(cfg: DictConfig, ckpt_dir: str, state: Dict, global_batch: int) -> None:
-    saved = OmegaConf.load(os.path.join(ckpt_dir, ckpt.CONFIG_FILE))
-    for key in saved.model:
-        if key != "preset" and saved.model[key] != cfg.model.get(key):
-            raise TrainingError(
-                f"cannot resume from {ckpt_dir}: it was trained with model.{key}={saved.model[key]}, "
-                f"this config gives {cfg.model.get(key)}. Use another train.out_dir or checkpoint.resume=none"
-            )
-    if saved.data.seq_len != cfg.data.seq_len:
-        raise TrainingError(f"cannot resume from {ckpt_dir}: data.seq_len was {saved.data.seq_len}, now {cfg.data.seq_len}")
-    if state["global_batch_size"] != global_batch or state["seed"] != cfg.train.seed:
-        print(
-            f"[train] warning: resuming with global batch {global_batch} / seed {cfg.train.seed} (checkpoint: "
-            f"{state['global_batch_size']} / {state['seed']}); the data order differs from the original run",
-            file=sys.stderr,
-        )
-
-
-def _find_resume(cfg: DictConfig, ckpt_root: str) -> Optional[str]:
-    mode = cfg.checkpoint.resume
-    if mode == "none":
-        return None
-    if mode == "auto":
-        return ckpt.latest_checkpoint(ckpt_root)
-    return ckpt.resolve_checkpoint(mode)
 
 
 def build_engine(cfg: DictConfig, model, plan, device, env, kind: str) -> Engine:
@@ -204,10 +177,10 @@ def _run(cfg: DictConfig, env, t_start: float) -> Dict:
 
     # ---- resume ----------------------------------------------------------------------------
     state = {"step": 0, "tokens": 0, "nonfinite_steps": 0}
-    resume_from = _find_resume(cfg, ckpt_root)
+    resume_from = find_resume(cfg, ckpt_root, engine)
     if resume_from is not None:
         saved_state = ckpt.read_trainer_state(resume_from)
-        _check_resume_compatible(cfg, resume_from, saved_state, plan.global_batch_size)
+        check_resume_compatible(cfg, resume_from, saved_state, plan.global_batch_size)
         state.update(ckpt.load_checkpoint(engine, resume_from))
         say(f"resumed from {resume_from} at step {state['step']}")
     start_step = state["step"]
@@ -353,7 +326,7 @@ def _run(cfg: DictConfig, env, t_start: float) -> Dict:
             if main:
                 from training.export import export_checkpoint
 
-                export_checkpoint(last_ckpt, export_dir)
+                export_checkpoint(last_ckpt, export_dir, verify=False)  # saved or verified by this run
                 say(f"exported HF checkpoint to {export_dir}")
             summary["export_dir"] = export_dir
             engine.barrier()
