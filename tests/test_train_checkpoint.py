@@ -109,3 +109,28 @@ def test_a_crafted_deepspeed_file_is_refused_before_deepspeed_loads_it(run_copy,
     assert train.main(["export", str(latest), str(tmp_path / "hf")]) == 2
     assert not marker.exists()
     assert "is not part of the checkpoint (not in manifest.json)" in one_error_line(capsys)
+
+
+def truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(corpus, run_copy, capsys):
+    bad = step_dir(run_copy, 4) / "optimizer.pt"
+    truncate(bad)
+    assert train.main(args(corpus, run_copy, "train.stop_after_steps=5")) == 0
+    out, err = capsys.readouterr()
+    assert f"skipping checkpoint {step_dir(run_copy, 4)}: {bad} has" in err and "truncated" in err
+    assert f"resumed from {step_dir(run_copy, 2)} at step 2" in out
+    assert ckpt.latest_checkpoint(run_copy / "checkpoints").endswith("step_00000005")
+
+
+def test_export_of_a_truncated_or_missing_checkpoint_is_a_one_line_error(run_copy, tmp_path, capsys):
+    bad = step_dir(run_copy, 4) / "model.pt"
+    truncate(bad)
+    assert train.main(["export", str(run_copy), str(tmp_path / "hf")]) == 2  # the run's latest: no silent fallback
+    assert f"{bad} has" in one_error_line(capsys)
+    assert train.main(["export", str(tmp_path / "nowhere"), str(tmp_path / "hf")]) == 2
+    assert f"{tmp_path / 'nowhere'}: no such checkpoint" in one_error_line(capsys)
+    assert not (tmp_path / "hf").exists()

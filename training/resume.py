@@ -2,7 +2,9 @@
 anything in it is loaded, the choice shared with every rank, then checked against the config.
 
 checkpoint.resume=auto takes the newest checkpoint of OUT_DIR/checkpoints that passes
-`verify_checkpoint` (training/checkpoint.py); checkpoint.resume=PATH takes that one or fails.
+`verify_checkpoint` (training/checkpoint.py), warning about each newer one it skips and naming its
+bad file (a truncated or altered file, e.g. after a disk fault or an interrupted copy); the run then
+retrains the steps after it. checkpoint.resume=PATH takes that one or fails.
 """
 
 from __future__ import annotations
@@ -38,15 +40,26 @@ def find_resume(cfg: DictConfig, ckpt_root: str, engine) -> Optional[str]:
         return None
     choice, error = -1, None
     if engine.is_main:
-        try:
-            ckpt.verify_checkpoint(candidates[0])
-            choice = 0
-        except CheckpointError as e:
-            error = e
+        choice, error = _first_intact(candidates, fallback=cfg.checkpoint.resume == "auto", ckpt_root=ckpt_root)
     picked, failed = engine.all_reduce_sum([choice + 1.0 if engine.is_main else 0.0, float(error is not None)])
     if failed:
         raise error or CheckpointError(f"rank 0 refused {candidates[0]} (its message says why)")
     return candidates[int(picked) - 1]
+
+
+def _first_intact(candidates: List[str], fallback: bool, ckpt_root: str):
+    """(index of the first candidate that verifies, None) or (-1, CheckpointError). With `fallback`
+    a bad checkpoint is skipped with a warning naming the bad file; without, it is the error."""
+    for i, path in enumerate(candidates):
+        try:
+            ckpt.verify_checkpoint(path)
+            return i, None
+        except CheckpointError as e:
+            if not fallback:
+                return -1, e
+            print(f"[train] warning: skipping checkpoint {path}: {e}", file=sys.stderr)
+    return -1, CheckpointError(f"no intact checkpoint in {ckpt_root} (each one is listed above with what is wrong); "
+                               f"move them away or set checkpoint.resume=none to start over")
 
 
 def check_resume_compatible(cfg: DictConfig, ckpt_dir: str, state: Dict, global_batch: int) -> None:
