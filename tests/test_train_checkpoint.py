@@ -134,3 +134,15 @@ def test_export_of_a_truncated_or_missing_checkpoint_is_a_one_line_error(run_cop
     assert train.main(["export", str(tmp_path / "nowhere"), str(tmp_path / "hf")]) == 2
     assert f"{tmp_path / 'nowhere'}: no such checkpoint" in one_error_line(capsys)
     assert not (tmp_path / "hf").exists()
+
+
+def test_plain_python_refuses_a_deepspeed_checkpoint_naming_the_launcher(corpus, run_copy, capsys):
+    latest = step_dir(run_copy, 4)
+    state = json.loads((latest / "trainer_state.json").read_text())
+    (latest / "trainer_state.json").write_text(json.dumps({**state, "engine": "deepspeed"}))
+    os.remove(latest / "model.pt")  # a ZeRO checkpoint has partitions under deepspeed/ instead
+    (latest / "deepspeed").mkdir()
+    (latest / "deepspeed" / "mp_rank_00_model_states.pt").write_bytes(b"partition")
+    forge_manifest(latest)
+    assert train.main(args(corpus, run_copy, "checkpoint.resume=" + str(latest))) == 2
+    assert "written by the DeepSpeed engine; resume it under the deepspeed launcher" in one_error_line(capsys)

@@ -1,9 +1,11 @@
 """How a training run ends and refuses to start: the exit codes of a signal stop (143 / 130) and of a
-planned stop (0). In-process through train.main, so each case costs a tiny run, not an interpreter."""
+planned stop (0), the run lock, and the one-line errors (exit 2) of bad settings and data.
+In-process through train.main, so each case costs a tiny run, not an interpreter."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 
 import pytest
@@ -67,3 +69,46 @@ def test_a_second_run_in_the_same_out_dir_fails_at_once_naming_the_holder(corpus
     assert train.main(args(corpus, tmp_path, "train.stop_after_steps=1")) == 0
     with RunLock(str(tmp_path)):
         pass
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["data.seq_len=4", "model.l_max=64"], "data.seq_len=4 must be greater than model.state_size=4"),
+        (["data.eval_samples=0"], "'data.eval_samples': 0 (must be >= 1)"),
+        (["train.seed=-1"], "'train.seed': -1 (must be in [0, 2**32 - 1])"),
+        (["train.max_nonfinite_steps=0"], "'train.max_nonfinite_steps': 0 (must be >= 1"),
+        (["train.engine=deepspeed", "train.deepspeed.zero_optimization.stage=3"],
+         "train.deepspeed.zero_optimization.stage=3 is not allowed"),
+        (["checkpoint.resume={tmp}/nowhere"], "checkpoint.resume={tmp}/nowhere: no such checkpoint"),
+        (["train.out_dir={tmp}/a_file"], "train.out_dir '{tmp}/a_file' is an existing file"),
+    ],
+)
+def test_usage_errors_are_one_line_naming_the_key_with_exit_2(corpus, tmp_path, capsys, overrides, expected):
+    (tmp_path / "a_file").write_text("")
+    extra = [o.format(tmp=tmp_path) for o in overrides]
+    assert train.main(args(corpus, tmp_path / "run", *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"train.py: error: {err[0][len('train.py: error: '):]}"] and expected.format(tmp=tmp_path) in err[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_hyena_rtf_debug_adds_the_traceback(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HYENA_RTF_DEBUG", "1")
+    assert train.main(args(corpus, tmp_path, "train.seed=-1")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.strip().endswith("(must be in [0, 2**32 - 1])")
+
+
+def test_out_of_vocabulary_token_ids_are_a_data_error(corpus, tmp_path, capsys):
+    import numpy as np
+
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    train_bin = np.memmap(data / "train.bin", dtype=np.uint16, mode="r+")
+    train_bin[:] = 600  # ids of a 600+-token tokenizer, data prepared for a 512-token one
+    train_bin.flush()
+    del train_bin
+    assert train.main([*TINY, f"data.dir={data}", f"train.out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the batch of step 1 of the 'train' split" in err and "token id 600, outside the tokenizer's vocabulary of 512" in err

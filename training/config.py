@@ -23,18 +23,16 @@ processes: `grad_accum_steps` is then derived (and must divide exactly).
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
 import functools
-import inspect
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from training.model_schema import model_defaults, model_schema  # noqa: F401 (model_defaults: re-exported)
 
 
 class ConfigError(ValueError):
@@ -50,7 +48,7 @@ class ConfigError(ValueError):
 class DataConfig:
     dir: str = "data/default"  # output folder of data_prep (token shards + tokenizer + manifest)
     seq_len: int = 256  # tokens per training sample (each sample holds seq_len + 1 tokens)
-    eval_samples: Optional[int] = None  # validation samples per evaluation; None = whole split
+    eval_samples: Optional[int] = None  # validation samples per evaluation (>= 1); None = whole split
 
 
 @dataclass
@@ -78,13 +76,15 @@ class TrainConfig:
     micro_batch_size: int = 8  # sequences per process per forward/backward
     grad_accum_steps: Optional[int] = None  # None: derived from global_batch_size (or 1)
     global_batch_size: Optional[int] = None  # sequences per optimizer step, all processes
-    seed: int = 1234  # model init and data order
+    seed: int = 1234  # model init and data order; 0 .. 2**32 - 1 (numpy's seed range)
     engine: str = "auto"  # auto | single | ddp | deepspeed
     zero_stage: int = 1  # DeepSpeed ZeRO stage: 1 or 2
     precision: str = "fp32"  # fp32 | bf16 (autocast; parameters stay fp32)
     device: str = "auto"  # auto | cpu | cuda
     eval_every: int = 200  # steps between validation passes (0: only at the end)
-    max_nonfinite_steps: int = 20  # stop after this many skipped non-finite steps in one run
+    # Stop after this many skipped non-finite steps in one run; >= 1. A non-finite step can never be
+    # applied, so 1 already means "stop at the first"; 0 is refused rather than read as "no limit".
+    max_nonfinite_steps: int = 20
     stop_after_steps: Optional[int] = None  # save a checkpoint and exit after this step (a planned interruption)
     deepspeed: Dict[str, Any] = field(default_factory=dict)  # extra keys merged into the generated DeepSpeed JSON
 
@@ -113,59 +113,8 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 # --------------------------------------------------------------------------------------------
-# The model section, derived from HyenaRTFConfig.__init__
+# The model section, derived from HyenaRTFConfig.__init__ (training/model_schema.py)
 # --------------------------------------------------------------------------------------------
-
-_SCALARS = (int, float, bool, str)
-
-
-def _omegaconf_type(annotation: Any) -> Any:
-    """Map a model-config annotation to a type OmegaConf validates, wrapped in Optional.
-
-    Scalars stay typed (so `model.d_model=abc` fails), list/tuple/Sequence of a scalar become
-    List[scalar]; anything OmegaConf cannot check becomes Any.
-    """
-    origin = typing.get_origin(annotation)
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if annotation in _SCALARS:
-        return Optional[annotation]
-    if origin in (typing.Union, types.UnionType) and len(args) == 1:
-        return _omegaconf_type(args[0])
-    if origin in (list, tuple, collections.abc.Sequence):
-        elems = [a for a in args if a is not Ellipsis]
-        if len(set(elems)) == 1 and elems[0] in _SCALARS:
-            return Optional[List[elems[0]]]
-        return Optional[List[Any]]
-    if origin is typing.Literal:
-        kinds = {type(a) for a in args}
-        return Optional[kinds.pop()] if len(kinds) == 1 and next(iter(kinds), None) in _SCALARS else Any
-    return Any
-
-
-def model_schema(config_cls: type) -> type:
-    """Dataclass with one Optional field (default None) per parameter of `config_cls.__init__`.
-
-    Parameters without a type annotation, *args/**kwargs and `self` are skipped. A `preset` field
-    is added in front.
-    """
-    hints = typing.get_type_hints(config_cls.__init__)
-    fields: list[tuple] = [("preset", Optional[str], field(default=None))]
-    for name, p in inspect.signature(config_cls.__init__).parameters.items():
-        if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or name not in hints:
-            continue
-        if name == "preset":
-            raise TypeError(f"{config_cls.__name__} has a parameter named 'preset', which the training config reserves")
-        fields.append((name, _omegaconf_type(hints[name]), field(default=None)))
-    return dataclasses.make_dataclass("ModelConfig", fields)
-
-
-def model_defaults(config_cls: type) -> Dict[str, Any]:
-    """Signature defaults of `config_cls.__init__` (the values used when neither preset nor YAML sets one)."""
-    out = {}
-    for name, p in inspect.signature(config_cls.__init__).parameters.items():
-        if p.default is not inspect.Parameter.empty and name != "self":
-            out[name] = list(p.default) if isinstance(p.default, tuple) else p.default
-    return out
 
 
 def _hyena_config_cls():
@@ -282,6 +231,11 @@ def check_values(cfg: DictConfig) -> None:
     for opt in ("grad_accum_steps", "global_batch_size", "stop_after_steps"):
         if t[opt] is not None:
             positive[f"train.{opt}"] = t[opt]
+    if cfg.data.eval_samples is not None:
+        positive["data.eval_samples"] = cfg.data.eval_samples
+    if t.max_nonfinite_steps < 1:
+        raise ConfigError(f"invalid value for 'train.max_nonfinite_steps': {t.max_nonfinite_steps} (must be >= 1; "
+                          f"1 stops at the first non-finite step, there is no 'unlimited')")
     for key, v in positive.items():
         if v < 1:
             raise ConfigError(f"invalid value for '{key}': {v} (must be >= 1)")
@@ -298,6 +252,29 @@ def check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"invalid value for '{key}': {v} (must be >= 0)")
     if not 0.0 <= cfg.schedule.min_lr_ratio <= 1.0:
         raise ConfigError(f"invalid value for 'schedule.min_lr_ratio': {cfg.schedule.min_lr_ratio} (must be in [0, 1])")
+    if not 0 <= t.seed < 2**32:
+        raise ConfigError(f"invalid value for 'train.seed': {t.seed} (must be in [0, 2**32 - 1])")
+    check_deepspeed_extra(OmegaConf.to_container(t.deepspeed, resolve=True), t.zero_stage)
+
+
+def check_deepspeed_extra(extra: dict, zero_stage: int) -> None:
+    """train.deepspeed is merged into the generated DeepSpeed JSON last, so it could undo what the
+    config decided: the batch keys (`resolve_batch` alone decides them), bf16/fp16 casts (they would
+    cast the RTF parameters) and the ZeRO stage (only 1 and 2 are supported: `train.zero_stage`)."""
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if key in extra:
+            raise ConfigError(f"train.deepspeed.{key} is not allowed: batch sizes come from train.micro_batch_size, "
+                              f"train.grad_accum_steps / train.global_batch_size and the number of processes")
+    for key in ("bf16", "fp16"):
+        if isinstance(extra.get(key), dict) and extra[key].get("enabled"):
+            raise ConfigError(f"train.deepspeed.{key} is not allowed: it would cast the RTF parameters; "
+                              f"use train.precision=bf16 (autocast)")
+    zero = extra.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError("train.deepspeed.zero_optimization must be a mapping of ZeRO options")
+    if "stage" in zero and str(zero["stage"]) != str(zero_stage):
+        raise ConfigError(f"train.deepspeed.zero_optimization.stage={zero['stage']} is not allowed: set the stage "
+                          f"with train.zero_stage (supported: 1, 2)")
 
 
 def check_optional_packages(cfg: DictConfig) -> None:

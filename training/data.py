@@ -57,6 +57,18 @@ def check_sizes(train_ds, val_ds, plan: BatchPlan, seq_len: int) -> None:
         raise DataError(f"too few tokens for one batch: the val split holds no full sequence of {seq_len + 1} tokens")
 
 
+def check_token_ids(batches: List[torch.Tensor], ds, what: str) -> None:
+    """DataError if a token id is outside the tokenizer's vocabulary (shards from another tokenizer,
+    or corrupt). Checked on the batches actually used: a max over them is cheap next to a forward
+    pass, where such an id would index past the embedding or silently train a padding row."""
+    top = max(int(b.max()) for b in batches) if batches else -1
+    if top >= ds.vocab_size:
+        raise DataError(
+            f"{what} of the '{ds.split}' split of {ds.data_dir} hold token id {top}, outside the tokenizer's "
+            f"vocabulary of {ds.vocab_size} (data.dir): the token shards do not match tokenizer.json; prepare the data again"
+        )
+
+
 def step_micro_batches(ds, seed: int, step: int, plan: BatchPlan, rank: int) -> List[torch.Tensor]:
     """This rank's grad_accum_steps micro-batches of `step`, each LongTensor (micro, seq_len + 1)."""
     from data_prep.dataset import get_batch

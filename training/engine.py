@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.config import BatchPlan, ConfigError
+from training.config import BatchPlan, ConfigError, check_deepspeed_extra
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,7 +308,7 @@ def deepspeed_config(plan: BatchPlan, zero_stage: int, precision: str, grad_clip
     bf16 uses DeepSpeed's `torch_autocast` section, not its `bf16` section: `bf16` casts every
     parameter to bfloat16 (RTF coefficients included), autocast keeps parameters and optimizer
     state float32 and runs the matmuls in bfloat16. `extra` (train.deepspeed) is deep-merged last,
-    but may not touch the batch keys, which only `resolve_batch` decides.
+    but may not touch the batch keys, precision casts or ZeRO stage (`check_deepspeed_extra`).
     """
     cfg = {
         "train_batch_size": plan.global_batch_size,
@@ -321,14 +321,7 @@ def deepspeed_config(plan: BatchPlan, zero_stage: int, precision: str, grad_clip
     }
     if precision == "bf16":
         cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-        if key in extra:
-            raise ConfigError(f"train.deepspeed.{key} is not allowed: batch sizes come from train.micro_batch_size, "
-                              f"train.grad_accum_steps / train.global_batch_size and the number of processes")
-    for key in ("bf16", "fp16"):
-        if extra.get(key, {}).get("enabled"):
-            raise ConfigError(f"train.deepspeed.{key} is not allowed: it would cast the RTF parameters; "
-                              f"use train.precision=bf16 (autocast)")
+    check_deepspeed_extra(extra, zero_stage)
 
     def merge(dst: dict, src: dict) -> dict:
         for k, v in src.items():

@@ -62,8 +62,21 @@ def _first_intact(candidates: List[str], fallback: bool, ckpt_root: str):
                                f"move them away or set checkpoint.resume=none to start over")
 
 
-def check_resume_compatible(cfg: DictConfig, ckpt_dir: str, state: Dict, global_batch: int) -> None:
-    """Refuse a checkpoint this run cannot continue (other model or sequence length)."""
+def check_resume_compatible(cfg: DictConfig, ckpt_dir: str, state: Dict, global_batch: int, engine_kind: str) -> None:
+    """Refuse a checkpoint this run cannot continue (other engine family, model or sequence length).
+
+    single and ddp checkpoints are the same files (full weights and optimizer state); DeepSpeed's
+    are ZeRO partitions only DeepSpeed reads, so the two families cannot resume each other.
+    """
+    saved_ds, now_ds = state.get("engine") == "deepspeed", engine_kind == "deepspeed"
+    if saved_ds and not now_ds:
+        raise CheckpointError(
+            f"cannot resume from {ckpt_dir}: it was written by the DeepSpeed engine; resume it under the deepspeed "
+            f"launcher (`deepspeed train.py ...`) or with train.engine=deepspeed, or set checkpoint.resume=none")
+    if now_ds and not saved_ds:
+        raise CheckpointError(
+            f"cannot resume from {ckpt_dir}: it was written by the {state.get('engine')} engine, and this run uses "
+            f"DeepSpeed; resume it with python train.py / torchrun, or set checkpoint.resume=none")
     saved = OmegaConf.load(os.path.join(ckpt_dir, ckpt.CONFIG_FILE))
     for key in saved.model:
         if key != "preset" and saved.model[key] != cfg.model.get(key):

@@ -34,7 +34,7 @@ from training.config import (
     resolve_model_kwargs,
     to_yaml,
 )
-from training.data import check_sizes, eval_batches, open_split, step_micro_batches, unigram_perplexity
+from training.data import check_sizes, check_token_ids, eval_batches, open_split, step_micro_batches, unigram_perplexity
 from training.engine import (
     DeepSpeedEngine,
     Engine,
@@ -150,6 +150,10 @@ def _run(cfg: DictConfig, env, t_start: float) -> Dict:
         model_config = HyenaRTFConfig(**kwargs)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"invalid model configuration: {e}") from None
+    if cfg.data.seq_len <= model_config.state_size:
+        # The RTF kernel zero-pads its state_size + 1 denominator coefficients to the training
+        # length; a shorter length would silently cut them off.
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be greater than model.state_size={model_config.state_size}")
     fill_model_section(cfg, model_config)
     seed_everything(cfg.train.seed)
     model = HyenaRTFForCausalLM(model_config).to(device)  # float32 parameters in every mode
@@ -180,7 +184,7 @@ def _run(cfg: DictConfig, env, t_start: float) -> Dict:
     resume_from = find_resume(cfg, ckpt_root, engine)
     if resume_from is not None:
         saved_state = ckpt.read_trainer_state(resume_from)
-        check_resume_compatible(cfg, resume_from, saved_state, plan.global_batch_size)
+        check_resume_compatible(cfg, resume_from, saved_state, plan.global_batch_size, engine.kind)
         state.update(ckpt.load_checkpoint(engine, resume_from))
         say(f"resumed from {resume_from} at step {state['step']}")
     start_step = state["step"]
@@ -191,6 +195,7 @@ def _run(cfg: DictConfig, env, t_start: float) -> Dict:
     metrics.truncate_after(start_step)
 
     val_batches = eval_batches(val_ds, cfg.data.eval_samples, plan.micro_batch_size, env.rank, env.world_size)
+    check_token_ids(val_batches, val_ds, "validation batches")
     unigram_ppl = None
     if main and cfg.logging.unigram_baseline:
         unigram_ppl, n_counted = unigram_perplexity(train_ds, val_ds, cfg.data.eval_samples, cfg.logging.unigram_max_train_samples)
@@ -241,7 +246,9 @@ def _run(cfg: DictConfig, env, t_start: float) -> Dict:
         while step < stop_at:
             factor = lr_factor(step, cfg.schedule.warmup_steps, decay_steps, cfg.schedule.min_lr_ratio)
             set_lr(engine.param_groups, factor)
-            result = engine.train_step(step_micro_batches(train_ds, cfg.train.seed, step, plan, env.rank))
+            micro_batches = step_micro_batches(train_ds, cfg.train.seed, step, plan, env.rank)
+            check_token_ids(micro_batches, train_ds, f"the batch of step {step + 1}")
+            result = engine.train_step(micro_batches)
             step += 1
             state["step"] = step
             state["tokens"] += tokens_per_step
