@@ -25,7 +25,8 @@ included; fewer only near the document start, where it sees everything). S = C (
 gives disjoint windows; a smaller S costs C / S times more compute for more history.
 
 `--mode recurrent` computes the same windows, each from an empty cache, feeding tokens one at a
-time: model(ids[:, t:t+1], past_key_values=cache, use_cache=True), carrying out.past_key_values.
+time: model(ids[:, t:t+1], cache=cache, use_cache=True), carrying the returned cache (under the name
+the running transformers release uses, see models/hf_compat.py).
 Both modes then score the same predictions from the same histories and must agree to rounding.
 
 LAMBADA (`--lambada FILE`, one {"text": ...} per line): context = text before the last space,
@@ -50,6 +51,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from models.hf_compat import cache_kwargs, output_cache
 
 # Where configs keep their trained length (l_max: Hyena-RTF); the default --context-length.
 CONTEXT_CONFIG_KEYS = ("max_position_embeddings", "n_positions", "l_max", "max_seq_len", "seq_len", "max_sequence_length")
@@ -251,8 +254,10 @@ def forward_logits(model, input_ids, mode):
         return model(input_ids=input_ids, use_cache=False).logits
     cache, steps = None, []
     for t in range(input_ids.shape[1]):
-        out = model(input_ids=input_ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=input_ids[:, t:t + 1], use_cache=True, **cache_kwargs(cache))
+        cache = output_cache(out)
+        if cache is None:  # every later token would be scored with no context, silently
+            raise EvalError(f"--mode recurrent: {type(model).__name__} returned no cache for use_cache=True")
         steps.append(out.logits[:, -1])
     return torch.stack(steps, dim=1)
 

@@ -5,7 +5,7 @@
 
 The decode loop is written out here rather than hidden in `model.generate()`: the prompt is run
 once through the model (for Hyena-RTF: a parallel FFT prefill that fills the recurrent cache), then
-every new token is one `model(token, past_key_values=cache)` call, which for Hyena-RTF costs the
+every new token is one `model(token, cache=cache)` call, which for Hyena-RTF costs the
 same whatever the length of the context. Sampling uses transformers' own logits processors in the
 order `generate()` applies them, so with the same seed both give the same tokens.
 
@@ -178,6 +178,8 @@ def decode_batch(model, tokenizer, prompts: list[str], args, on_token=None):
 
     import torch
 
+    from models.hf_compat import cache_kwargs, output_cache
+
     procs = logits_processors(args)
     stop = torch.tensor(eos_ids(model, tokenizer), dtype=torch.long, device=model.device)
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
@@ -193,8 +195,11 @@ def decode_batch(model, tokenizer, prompts: list[str], args, on_token=None):
     with torch.inference_mode():
         inputs = ids
         for step in range(args.max_new_tokens):
-            out = model(input_ids=inputs, attention_mask=mask, past_key_values=cache, use_cache=True, **kwargs)
-            cache = out.past_key_values
+            out = model(input_ids=inputs, attention_mask=mask, use_cache=True, **cache_kwargs(cache), **kwargs)
+            cache = output_cache(out)
+            if cache is None:  # decoding on would feed one token with no context: garbage, no error
+                raise UsageError(f"{type(model).__name__} returned no cache for use_cache=True, so it cannot be "
+                                 "decoded token by token")
             scores = procs(ids, out.logits[:, -1].float())
             if args.temperature > 0:
                 tok = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)

@@ -1,9 +1,22 @@
-"""Hyena-RTF models. Everything in this package is exported as Hugging Face custom code, so it
-imports nothing from the training code and only relative imports between its own files."""
+"""Hyena-RTF models. The files that `modeling_hyena_rtf.py` imports are exported as Hugging Face
+custom code, so they import nothing from the training code and only each other, relatively.
 
+Importing this package also registers the architecture with transformers' Auto classes, so a process
+that has the project on its path loads exported checkpoints with `AutoConfig`, `AutoModel`,
+`AutoModelForCausalLM` and `AutoTokenizer` without running the code stored in the checkpoint folder
+(no `trust_remote_code`, no prompt).
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .cache import HyenaRTFCache
 from .configuration_hyena_rtf import PRESETS, HyenaRTFConfig, config_from_preset, count_parameters
-from .modeling_hyena_rtf import HyenaRTFCache, HyenaRTFForCausalLM, HyenaRTFModel
+from .modeling_hyena_rtf import HyenaRTFForCausalLM, HyenaRTFModel
 from .rtf import RTF
+
+AutoConfig.register(HyenaRTFConfig.model_type, HyenaRTFConfig, exist_ok=True)
+AutoModel.register(HyenaRTFConfig, HyenaRTFModel, exist_ok=True)
+AutoModelForCausalLM.register(HyenaRTFConfig, HyenaRTFForCausalLM, exist_ok=True)
 
 __all__ = ["PRESETS", "HyenaRTFConfig", "config_from_preset", "count_parameters", "HyenaRTFCache",
            "HyenaRTFForCausalLM", "HyenaRTFModel", "RTF"]

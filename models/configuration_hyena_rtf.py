@@ -46,6 +46,11 @@ class HyenaRTFConfig(PreTrainedConfig):
     """
 
     model_type = "hyena_rtf"
+    # The names Hugging Face tools look for. max_position_embeddings is the trained length: lm-eval,
+    # the perplexity recipes and pipelines size their windows from it (the model runs longer
+    # inputs too, see models/rtf.py, but was not trained on them).
+    attribute_map = {"hidden_size": "d_model", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
+                     "max_position_embeddings": "l_max"}
 
     def __init__(
         self,
@@ -103,15 +108,6 @@ class HyenaRTFConfig(PreTrainedConfig):
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.tie_word_embeddings = tie_word_embeddings
         self.check()
-
-    # Names HF utilities look for.
-    @property
-    def hidden_size(self) -> int:
-        return self.d_model
-
-    @property
-    def num_hidden_layers(self) -> int:
-        return self.n_layer
 
     @property
     def padded_vocab_size(self) -> int:

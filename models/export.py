@@ -17,13 +17,14 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from .configuration_hyena_rtf import HyenaRTFConfig
-from .modeling_hyena_rtf import HyenaRTFForCausalLM
+from .modeling_hyena_rtf import HyenaRTFForCausalLM, HyenaRTFModel
 
 
 def load_tokenizer(tokenizer_file: str | os.PathLike, eos_token: str | None = None) -> PreTrainedTokenizerFast:
     """A fast tokenizer from a `tokenizers` JSON file, with EOS / pad set from the file when it
     names an end-of-text token (GPT-2 / GPT-NeoX `<|endoftext|>`) or from `eos_token`."""
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
+    # No token_type_ids: the model takes ids and a mask only, so `model(**tokenizer(text))` works.
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), model_input_names=["input_ids", "attention_mask"])
     vocab = tok.get_vocab()
     eos = eos_token or next((t for t in ("<|endoftext|>", "</s>", "<eos>") if t in vocab), None)
     if eos is not None:
@@ -54,8 +55,11 @@ def save_hf_checkpoint(model: HyenaRTFForCausalLM, tokenizer_file: str | os.Path
             config.pad_token_id = tok.pad_token_id
             model.generation_config.eos_token_id = tok.eos_token_id
             model.generation_config.pad_token_id = tok.pad_token_id
+    # auto_map: AutoConfig, AutoModel (the decoder without its head) and AutoModelForCausalLM.
     type(config).register_for_auto_class()
     type(model).register_for_auto_class("AutoModelForCausalLM")
+    config.auto_map = {**(getattr(config, "auto_map", None) or {}),
+                       "AutoModel": f"{HyenaRTFModel.__module__.rsplit('.', 1)[-1]}.{HyenaRTFModel.__name__}"}
     if dtype is not None and dtype != torch.float32:
         state = {k: (v if _is_rtf_param(k) else v.to(dtype)) for k, v in model.state_dict().items()}
         config.dtype = str(dtype).removeprefix("torch.")

@@ -80,8 +80,10 @@ class HyenaOperator(nn.Module):
             z = z * mask[:, None, :].to(z.dtype)
         return p, x0, z
 
-    def forward(self, u: torch.Tensor, mask: torch.Tensor | None = None, return_state: bool = False):
-        """u: (B, T, d), mask: (B, T) of 0/1 or None -> (B, T, d) [and the HyenaState after u]."""
+    def forward(self, u: torch.Tensor, mask: torch.Tensor | None = None, return_state: bool = False,
+                pole_check: str = "error"):
+        """u: (B, T, d), mask: (B, T) of 0/1 or None -> (B, T, d) [and the HyenaState after u].
+        pole_check: what building the RTF recurrence does with an unstable filter (RTF.recurrence)."""
         T = u.shape[1]
         p, x0, z = self._gate_inputs(u, mask)
         y = x0 * fft_causal_conv(z, self.filter.kernel(T))
@@ -90,7 +92,7 @@ class HyenaOperator(nn.Module):
             return out
         tail = F.pad(p, (self.width - 1, 0))[..., T:]  # last w - 1 columns, zeros before the start
         if isinstance(self.filter, RTF):
-            rec = self.filter.recurrence(self.rec_dtype)
+            rec = self.filter.recurrence(self.rec_dtype, pole_check)
             return out, HyenaState(tail, rec.prefill(z), rec)
         return out, HyenaState(tail, self.filter.prefill(z))
 

@@ -7,7 +7,9 @@
 
 Generation is recurrent: the first call prefills every layer's state in parallel (FFT), then each
 new token costs O(n_layer * d * (d + n)) whatever the length of the context (attention layers,
-if any, keep a growing KV cache). The cache is `HyenaRTFCache`, created in `forward`.
+if any, keep a growing KV cache). The cache is `HyenaRTFCache` (models/cache.py), created by `forward`
+whenever `use_cache` is on; `hf_compat` passes it under the name the running transformers release
+uses (`cache` from 5.24 on, `past_key_values` before).
 """
 
 from __future__ import annotations
@@ -19,39 +21,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .attention import CausalSelfAttention
+from .cache import HyenaRTFCache
 from .configuration_hyena_rtf import HyenaRTFConfig
-from .hyena import HyenaOperator, HyenaState
-
-
-class HyenaRTFCache:
-    """Per-layer decoding state: `HyenaState` for Hyena layers, (k, v) for attention layers.
-
-    Its tensors never grow for Hyena layers. `seen_tokens` counts the positions processed so far
-    (padding included), which is what `generate` slices new tokens by.
-    """
-
-    is_compileable = False
-
-    def __init__(self, num_layers: int):
-        self.layers: list = [None] * num_layers
-        self.seen_tokens = 0
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seen_tokens
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: keep the states of the selected beams (in place)."""
-        for i, s in enumerate(self.layers):
-            if isinstance(s, HyenaState):
-                self.layers[i] = s.index_select(beam_idx.to(s.conv.device))
-            elif s is not None:
-                self.layers[i] = tuple(t.index_select(0, beam_idx.to(t.device)) for t in s)
-
-    def __len__(self) -> int:
-        return len(self.layers)
+from .hf_compat import cache_kwargs, output_cache, pick_cache
+from .hyena import HyenaOperator
 
 
 class MLP(nn.Module):
@@ -92,7 +68,7 @@ class Block(nn.Module):
         elif cache is None:
             y = self.mixer(x, mask)
         elif cache.layers[layer_idx] is None:
-            y, cache.layers[layer_idx] = self.mixer(x, mask, return_state=True)
+            y, cache.layers[layer_idx] = self.mixer(x, mask, return_state=True, pole_check=cache.pole_check)
         else:
             state, ys = cache.layers[layer_idx], []
             for t in range(x.shape[1]):
@@ -108,8 +84,8 @@ class HyenaRTFPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
-    # Long-filter parameters stay float32 whatever dtype the model is loaded in (DESIGN: the FFT
-    # has no bf16 path and B/A is badly conditioned near the unit circle).
+    # Long-filter parameters stay float32 whatever dtype the model is loaded in: the FFT has no
+    # bf16 path, and B/A is badly conditioned when poles approach the unit circle.
     _keep_in_fp32_modules_strict = ["filter"]
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -130,6 +106,8 @@ class HyenaRTFPreTrainedModel(PreTrainedModel):
 
 
 class HyenaRTFModel(HyenaRTFPreTrainedModel):
+    """The decoder without its head: embeddings -> blocks -> final norm (what `AutoModel` loads)."""
+
     def __init__(self, config: HyenaRTFConfig):
         super().__init__(config)
         self.embed = nn.Embedding(config.padded_vocab_size, config.d_model)
@@ -145,23 +123,83 @@ class HyenaRTFModel(HyenaRTFPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed = value
 
-    def forward(self, input_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, cache: HyenaRTFCache | None = None) -> torch.Tensor:
-        """-> final hidden states (B, T, d). attention_mask: (B, past + T) or None."""
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                cache: HyenaRTFCache | None = None, past_key_values: HyenaRTFCache | None = None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                output_hidden_states: bool | None = None, output_attentions: bool | None = None,
+                return_dict: bool | None = None) -> BaseModelOutputWithPast | tuple:
+        """input_ids (B, T) or inputs_embeds (B, T, d): the tokens the cache has not seen yet.
+        attention_mask: (B, past + T), 1 for real tokens, 0 for (left) padding; or None.
+
+        use_cache: build and return a decoding cache (a given cache is always used and advanced).
+        An explicit argument wins; left as None it is `config.use_cache`, except in training mode,
+        where a plain forward never pays for a recurrent prefill. Only an explicit True refuses a
+        filter whose recurrence would diverge (see HyenaRTFCache); the default warns.
+        -> last_hidden_state (B, T, d); hidden_states (n_layer + 1 tensors (B, T, d): the embeddings,
+        then each block's output, the last one after the final norm) when asked; the cache.
+        """
+        if output_attentions:
+            raise ValueError("Hyena-RTF returns no attention weights (its mixers are long convolutions); "
+                             "call it with output_attentions=False")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        cache = pick_cache(cache, past_key_values)
+        asked = use_cache is not None
+        if not asked:
+            use_cache = self.config.use_cache and not self.training
+        if cache is None and use_cache:
+            # A cache nobody asked for must not make scoring fail: an unstable filter's recurrence
+            # is then built with a warning, and refused only when the caller asked for a cache.
+            cache = HyenaRTFCache([block.is_attention for block in self.layers], "error" if asked else "warn")
+        output_hidden_states = (self.config.output_hidden_states if output_hidden_states is None
+                                else output_hidden_states)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+
         h = self.drop(self.embed(input_ids) if inputs_embeds is None else inputs_embeds)
         mask = attention_mask
         if mask is not None and bool(mask.all()):
             mask = None  # no padding: take the unmasked fast paths
+        hidden = [h] if output_hidden_states else None
         for i, block in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:
                 h = checkpoint(block, h, mask, None, i, use_reentrant=False)
             else:
                 h = block(h, mask, cache, i)
-        return self.norm_f(h)
+            if hidden is not None and i < len(self.layers) - 1:
+                hidden.append(h)
+        h = self.norm_f(h)
+        if hidden is not None:
+            hidden.append(h)
+        if cache is not None:
+            cache.seen_tokens += h.shape[1]
+        out = BaseModelOutputWithPast(last_hidden_state=h, hidden_states=None if hidden is None else tuple(hidden),
+                                      **cache_kwargs(cache))
+        return out if return_dict else out.to_tuple()
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
+                   num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+    """Next-token cross-entropy: logits (B, T, V) at position t predict labels[:, t + 1]; -100 ignored.
+
+    Mean over the predicted tokens of this batch, or, when `num_items_in_batch` is given (the
+    predicted tokens of the whole accumulated step, which `transformers.Trainer` counts over
+    labels[:, 1:]), the sum divided by it, so that accumulated micro-batches add up to the mean
+    over the step however their token counts differ.
+    """
+    nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
+                          reduction="sum" if num_items_in_batch is not None else "mean")
+    if num_items_in_batch is None:
+        return nll
+    return nll / torch.as_tensor(num_items_in_batch, device=nll.device, dtype=nll.dtype)
 
 
 class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed.weight"}
+    # Trainer passes num_items_in_batch to forward (see causal_lm_loss) instead of averaging itself.
+    accepts_loss_kwargs = True
+    # The cache is a recurrent state that cannot be rewound: generate() refuses assisted decoding
+    # and prompt lookup with its own message instead of failing inside them.
+    _is_stateful = True
 
     def __init__(self, config: HyenaRTFConfig):
         super().__init__(config)
@@ -181,47 +219,77 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Resize to `new_num_tokens` real tokens. The embedding keeps `config.vocab_size` (the
+        logits' size) and the padded row count apart, as the constructor does, so the saved config
+        rebuilds exactly the resized shapes on reload."""
+        multiple = pad_to_multiple_of or self.config.pad_vocab_size_multiple
+        vocab = self.config.vocab_size if new_num_tokens is None else new_num_tokens
+        embed = super().resize_token_embeddings(vocab, pad_to_multiple_of=multiple, mean_resizing=mean_resizing)
+        self.config.vocab_size, self.config.pad_vocab_size_multiple = vocab, multiple
+        self.vocab_size = vocab
+        return embed
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # our cache is recurrent; forward creates it
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                past_key_values: HyenaRTFCache | None = None, inputs_embeds: torch.Tensor | None = None,
-                labels: torch.LongTensor | None = None, use_cache: bool | None = None,
-                logits_to_keep: int = 0, return_dict: bool | None = None, **kwargs) -> CausalLMOutputWithPast:
-        """input_ids: (B, T) new tokens. attention_mask: (B, past + T). labels: (B, T), shifted
-        inside, -100 ignored.
+                cache: HyenaRTFCache | None = None, past_key_values: HyenaRTFCache | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None, return_dict: bool | None = None,
+                logits_to_keep: int = 0,
+                num_items_in_batch: torch.Tensor | int | None = None) -> CausalLMOutputWithPast | tuple:
+        """input_ids: (B, T) new tokens (or inputs_embeds (B, T, d)). attention_mask: (B, past + T).
+        labels: (B, T), shifted inside, -100 ignored. logits_to_keep: only the last k positions'
+        logits (0: all). The cache (under either name) and `use_cache` work as in `HyenaRTFModel`:
+        with a cache that has seen tokens, the new tokens are decoded recurrently, O(1) each.
+        -> loss, logits (B, T or k, vocab_size), cache, hidden_states."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if labels is not None and logits_to_keep:
+            raise ValueError("labels need the logits of every position: do not combine them with logits_to_keep")
+        out = self.model(input_ids, attention_mask, cache=pick_cache(cache, past_key_values),
+                         inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                         return_dict=True)
+        h = out.last_hidden_state
+        h = h[:, -logits_to_keep:] if logits_to_keep else h
+        logits = self.lm_head(h)[..., : self.config.vocab_size]
+        loss = None if labels is None else causal_lm_loss(logits, labels, num_items_in_batch)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                        **cache_kwargs(output_cache(out)))
+        return result if return_dict else result.to_tuple()
 
-        With a cache that has seen tokens, the new tokens are decoded recurrently. With
-        `use_cache=True` and no cache, the input is prefilled and a new cache is returned. A plain
-        call (`use_cache` not given) builds no cache: scoring should not pay for a prefill, and
-        `generate()` asks for one explicitly (see `prepare_inputs_for_generation`)."""
-        cache = past_key_values
-        if cache is None and use_cache and self.config.use_cache:
-            cache = HyenaRTFCache(self.config.n_layer)
-        T = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        h = self.model(input_ids, inputs_embeds, attention_mask, cache)
-        if cache is not None:
-            cache.seen_tokens += T
-        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-        logits = self.lm_head(h[:, keep])[..., : self.config.vocab_size]
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, cache: HyenaRTFCache | None = None,
+                                      past_key_values: HyenaRTFCache | None = None,
+                                      attention_mask: torch.Tensor | None = None,
+                                      inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                                      next_sequence_length: int | None = None,
+                                      is_first_iteration: bool | None = None, **kwargs) -> dict:
+        """What `generate()` feeds the model at each step: only the positions the cache has not seen.
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, past_key_values=None,
-                                      attention_mask: torch.Tensor | None = None, inputs_embeds=None,
-                                      use_cache: bool | None = None, **kwargs) -> dict:
-        """Feed only the tokens the cache has not seen yet (the whole prompt on the first call)."""
-        if past_key_values is not None and past_key_values.seen_tokens > 0:
-            input_ids, inputs_embeds = input_ids[:, past_key_values.seen_tokens:], None
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        inputs = {"past_key_values": past_key_values, "attention_mask": attention_mask, "use_cache": use_cache}
-        if inputs_embeds is not None:
-            inputs["inputs_embeds"] = inputs_embeds
-        else:
-            inputs["input_ids"] = input_ids.contiguous()
-        if "logits_to_keep" in kwargs:
-            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        The first call gets the whole prompt (its ids, or `inputs_embeds`); every later one a single
+        token. A cache returned by an earlier `generate()` continues from where it stopped: the ids
+        are the whole sequence so far, of which the cache has seen `seen_tokens` positions.
+        `next_sequence_length` is how many new positions generate() says there are (1 per decode
+        step); without it, that is the sequence length (from the attention mask, which covers the
+        whole sequence, embedded prompt included) minus what the cache has seen.
+        """
+        cache = pick_cache(cache, past_key_values)
+        seen = 0 if cache is None else cache.seen_tokens
+        inputs = {"attention_mask": attention_mask, "use_cache": use_cache, **cache_kwargs(cache), **kwargs}
+        if inputs_embeds is not None and (is_first_iteration or (cache is not None and seen == 0)):
+            inputs["inputs_embeds"] = inputs_embeds[:, seen:]  # the prompt, given as vectors
+            return inputs
+        if inputs_embeds is not None and cache is None:
+            raise ValueError("generate(inputs_embeds=...) needs the recurrent cache: the prompt exists only as "
+                             "vectors, so it cannot be re-run from ids; do not pass use_cache=False")
+        total = attention_mask.shape[1] if attention_mask is not None else input_ids.shape[1]
+        new = next_sequence_length if next_sequence_length is not None else total - seen
+        if cache is not None and not 0 < new <= input_ids.shape[1]:
+            raise ValueError(f"the cache has seen {seen} positions but the input has {input_ids.shape[1]} ids and "
+                             f"a mask of {total}: pass the whole sequence so far to continue from a cache")
+        inputs["input_ids"] = input_ids[:, -new:].contiguous() if cache is not None else input_ids.contiguous()
         return inputs

@@ -34,3 +34,24 @@ class FFTSpy(TorchFunctionMode):
         if "fft" in name and args and isinstance(args[0], torch.Tensor):
             self.calls.append((name, args[0].dtype))
         return func(*args, **(kwargs or {}))
+
+
+def train_tiny_tokenizer(path) -> str:
+    """A byte-level BPE of about 300 tokens with `<|endoftext|>`, trained on a few generated English
+    sentences and written to `path` (a tokenizers JSON file); returns the path as a string. Lets the
+    Hugging Face tests run without the shared real tokenizers, with a vocabulary small enough that
+    a tiny model's embedding costs nothing."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    words = ("the cat dog sat on a mat and ran to house tree big small red blue quick lazy fox jumps over "
+             "def return class import for in if else while print self value list").split()
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.choice(words, size=12)) + "." for _ in range(400)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(lines, trainer)
+    tok.save(str(path))
+    return str(path)
