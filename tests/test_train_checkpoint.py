@@ -146,3 +146,21 @@ def test_plain_python_refuses_a_deepspeed_checkpoint_naming_the_launcher(corpus,
     forge_manifest(latest)
     assert train.main(args(corpus, run_copy, "checkpoint.resume=" + str(latest))) == 2
     assert "written by the DeepSpeed engine; resume it under the deepspeed launcher" in one_error_line(capsys)
+
+
+def test_resume_refuses_data_prepared_again_with_another_tokenizer_of_the_same_size(corpus, run_copy, tmp_path, capsys):
+    import sysconfig
+    from pathlib import Path
+
+    from data_prep.prepare import prepare
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    other = tmp_path / "other_data"  # other sources: another 512-token BPE, other shards
+    prepare([str(stdlib / n) for n in ("argparse.py", "typing.py", "inspect.py", "pathlib.py")], other,
+            vocab_size=512, val_fraction=0.1, text_chunk_bytes=8192, workers=1, verbose=False)
+    assert json.loads((other / "manifest.json").read_text())["tokenizer"]["vocab_size"] == 512
+    assert train.main([*TINY, f"data.dir={other}", f"train.out_dir={run_copy}"]) == 2
+    err = one_error_line(capsys)
+    assert f"cannot resume from {step_dir(run_copy, 4)}: the data in data.dir={other}" in err
+    assert "the tokenizer file differs" in err and "train split tokens" in err
+    assert train.main(args(corpus, run_copy, "train.stop_after_steps=5")) == 0  # the original data still resumes

@@ -9,6 +9,7 @@ retrains the steps after it. checkpoint.resume=PATH takes that one or fails.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from typing import Dict, List, Optional
@@ -60,6 +61,45 @@ def _first_intact(candidates: List[str], fallback: bool, ckpt_root: str):
             print(f"[train] warning: skipping checkpoint {path}: {e}", file=sys.stderr)
     return -1, CheckpointError(f"no intact checkpoint in {ckpt_root} (each one is listed above with what is wrong); "
                                f"move them away or set checkpoint.resume=none to start over")
+
+
+_SPLIT_KEYS = ("tokens", "bin_bytes", "idx_bytes", "bin_sha256", "idx_sha256")  # most telling first
+
+
+def data_fingerprint(ds) -> Dict:
+    """What the run's token stream depends on, recorded in every checkpoint (trainer_state["data"]):
+    the SHA-256 of the tokenizer file as it is on disk, and from data_prep's manifest.json the
+    per-split token counts, file sizes and digests (those it records). A dataset prepared again
+    with another tokenizer of the same vocabulary size changes the first; other shards, the rest."""
+    with open(ds.tokenizer_file, "rb") as f:
+        tokenizer_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    splits = {name: {k: sp[k] for k in _SPLIT_KEYS if k in sp} for name, sp in sorted(ds.manifest.get("splits", {}).items())}
+    return {"tokenizer_sha256": tokenizer_sha256, "vocab_size": ds.vocab_size, "splits": splits}
+
+
+def check_same_data(ckpt_dir: str, state: Dict, now: Dict, data_dir: str) -> None:
+    """Refuse to resume on data other than the checkpoint's: the batches of step s would differ."""
+    saved = state.get("data")
+    if saved is None:
+        print(f"[train] warning: {ckpt_dir} records no data fingerprint; cannot check that data.dir is unchanged",
+              file=sys.stderr)
+        return
+    changes = []
+    if saved["tokenizer_sha256"] != now["tokenizer_sha256"]:
+        changes.append(f"the tokenizer file differs (SHA-256 {saved['tokenizer_sha256'][:12]}... then, "
+                       f"{now['tokenizer_sha256'][:12]}... now)")
+    if saved["vocab_size"] != now["vocab_size"]:
+        changes.append(f"vocab_size {saved['vocab_size']} then, {now['vocab_size']} now")
+    short = lambda v: v[:12] + "..." if isinstance(v, str) and len(v) > 16 else v  # noqa: E731 (digests)
+    for name in sorted(set(saved["splits"]) | set(now["splits"])):
+        a, b = saved["splits"].get(name, {}), now["splits"].get(name, {})
+        changes += [f"{name} split {k} {short(a.get(k))} then, {short(b.get(k))} now"
+                    for k in _SPLIT_KEYS if a.get(k) != b.get(k)]
+    if changes:
+        raise CheckpointError(
+            f"cannot resume from {ckpt_dir}: the data in data.dir={data_dir} is not what it was trained on: "
+            f"{'; '.join(changes[:3])}{' ...' if len(changes) > 3 else ''}. Use the original data, another "
+            f"train.out_dir, or checkpoint.resume=none")
 
 
 def check_resume_compatible(cfg: DictConfig, ckpt_dir: str, state: Dict, global_batch: int, engine_kind: str) -> None:

@@ -45,7 +45,7 @@ from training.engine import (
     detect_env,
     ensure_single_process_env,
 )
-from training.resume import check_resume_compatible, find_resume
+from training.resume import check_resume_compatible, check_same_data, data_fingerprint, find_resume
 from training.runlock import RunLock
 from training.metrics import MetricsLogger, peak_flops, train_flops_per_token
 from training.optim import check_rtf_fp32, lr_factor, make_optimizer, param_groups, set_lr
@@ -181,10 +181,12 @@ def _run(cfg: DictConfig, env, t_start: float) -> Dict:
 
     # ---- resume ----------------------------------------------------------------------------
     state = {"step": 0, "tokens": 0, "nonfinite_steps": 0}
+    data_id = data_fingerprint(train_ds)
     resume_from = find_resume(cfg, ckpt_root, engine)
     if resume_from is not None:
         saved_state = ckpt.read_trainer_state(resume_from)
         check_resume_compatible(cfg, resume_from, saved_state, plan.global_batch_size, engine.kind)
+        check_same_data(resume_from, saved_state, data_id, cfg.data.dir)
         state.update(ckpt.load_checkpoint(engine, resume_from))
         say(f"resumed from {resume_from} at step {state['step']}")
     start_step = state["step"]
@@ -218,6 +220,7 @@ def _run(cfg: DictConfig, env, t_start: float) -> Dict:
             "world_size": env.world_size,
             "global_batch_size": plan.global_batch_size,
             "seed": cfg.train.seed,
+            "data": data_id,
         }
         path = ckpt.save_checkpoint(
             engine, ckpt_root, step, trainer_state, to_yaml(cfg), train_ds.tokenizer_file, cfg.checkpoint.keep_last
