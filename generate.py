@@ -169,7 +169,14 @@ def eos_ids(model, tokenizer) -> list[int]:
 
 
 def decode_batch(model, tokenizer, prompts: list[str], args, on_token=None):
-    """Generate for one batch of prompts. Returns (new token ids (B, <= max_new_tokens), stats).
+    """Generate for one batch of prompts (left-padded together); see `decode_ids`."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    return decode_ids(model, tokenizer, enc["input_ids"], enc["attention_mask"], args, on_token)
+
+
+def decode_ids(model, tokenizer, ids, mask, args, on_token=None):
+    """Decode after token ids (B, T) with attention mask (B, T). Returns (new token ids
+    (B, <= max_new_tokens), stats).
 
     on_token(step, tokens) is called with each new column of tokens as soon as it is chosen.
     Rows that produced an end-of-sequence token are padded afterwards, as `generate()` does.
@@ -182,8 +189,6 @@ def decode_batch(model, tokenizer, prompts: list[str], args, on_token=None):
 
     procs = logits_processors(args)
     stop = torch.tensor(eos_ids(model, tokenizer), dtype=torch.long, device=model.device)
-    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
     # Rotary / learned-position models need positions that skip the left padding; ours ignores them.
     accepted = inspect.signature(model.forward).parameters
     wants_positions = "position_ids" in accepted

@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from models import HyenaRTFConfig, config_from_preset  # noqa: E402
+from models.hf_compat import cache_kwargs, output_cache  # noqa: E402
 from models.modeling_hyena_rtf import HyenaRTFForCausalLM  # noqa: E402
 
 METHODS = ("hyena_rtf_recurrent", "hyena_rtf_no_cache", "gpt_neox_kv")
@@ -126,12 +127,12 @@ def decode(model, ids, steps: int, use_cache: bool, device) -> tuple[float, list
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
     sync(device)
     prefill = time.perf_counter() - t0
-    cache, times = out.past_key_values if use_cache else None, []
+    cache, times = output_cache(out) if use_cache else None, []
     for _ in range(steps):
         t0 = time.perf_counter()
         if use_cache:
-            out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+            out = model(input_ids=tok, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+            cache = output_cache(out)
         else:  # the whole sequence again: what a model without a recurrent form must do
             ids = torch.cat([ids, tok], dim=1)
             out = model(input_ids=ids, use_cache=False, logits_to_keep=1)

@@ -28,8 +28,8 @@ TOKENIZER = REPO.parent / "shared" / "data" / "20B_tokenizer.json"
 PROMPTS = ["The history of the city", "A", "In 1905, the physicist wrote three papers that"]
 HEADER = re.compile(r"^==> prompt (\d+) sample (\d+) <==$", re.M)
 
-pytestmark = pytest.mark.skipif(not TOKENIZER.is_file(),
-                                reason=f"real tokenizer not found at {TOKENIZER} (../shared/data beside the repo)")
+pytestmark = [pytest.mark.hf, pytest.mark.skipif(not TOKENIZER.is_file(),
+                                reason=f"real tokenizer not found at {TOKENIZER} (../shared/data beside the repo)")]
 
 # Loaded by path: a module named `generate` could be shadowed by an installed package.
 _spec = importlib.util.spec_from_file_location("hyena_rtf_generate", SCRIPT)

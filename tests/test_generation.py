@@ -14,7 +14,10 @@ import pytest
 import torch
 
 from models import HyenaRTFConfig, HyenaRTFForCausalLM
+from models.hf_compat import cache_kwargs, output_cache
 from models.hyena import HyenaState
+
+pytestmark = pytest.mark.hf  # CI runs these under every supported transformers release
 
 VOCAB, L_MAX = 97, 32
 
@@ -73,9 +76,9 @@ def test_prefill_then_steps_match_parallel_forward(filter, attn, prompt, total):
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits  # parallel FFT form over the whole sequence
         out = model(ids[:, :prompt], use_cache=True)
-        logits, cache = [out.logits], out.past_key_values
+        logits, cache = [out.logits], output_cache(out)
         for t in range(prompt, total):
-            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            out = model(ids[:, t:t + 1], use_cache=True, **cache_kwargs(cache))
             logits.append(out.logits)
     dec = torch.cat(logits, dim=1)
     assert dec.shape == ref.shape
@@ -173,21 +176,21 @@ def test_cache_size_is_constant_for_hyena_layers():
     with torch.no_grad():
         for new in (1, 5, 60):  # 60: well past l_max
             out = model.generate(ids, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
-            shapes.append(_cache_shapes(out.past_key_values))
+            shapes.append(_cache_shapes(output_cache(out)))
             # Decoding keeps: short-conv tail (3d, w - 1) and the RTF state (d, n), in float32.
             assert shapes[-1] == [((2, 96, 2), (2, 32, 4), torch.float32)] * 2
         assert shapes[0] == shapes[1] == shapes[2]
         # Stepping by hand: same sizes at every step, and the byte count never moves.
-        cache = model(ids, use_cache=True).past_key_values
+        cache = output_cache(model(ids, use_cache=True))
         nbytes = sum(s.conv.nbytes + s.filt.nbytes for s in cache.layers)
         for t in range(50):
-            cache = model(ids[:, t % 10:t % 10 + 1], past_key_values=cache, use_cache=True).past_key_values
+            cache = output_cache(model(ids[:, t % 10:t % 10 + 1], use_cache=True, **cache_kwargs(cache)))
             assert _cache_shapes(cache) == shapes[0]
         assert sum(s.conv.nbytes + s.filt.nbytes for s in cache.layers) == nbytes
         # The attention layer of a hybrid model, by contrast, grows by one key per token.
         hybrid = tiny_model("rtf", [1])
-        cache = hybrid(ids, use_cache=True).past_key_values
-        cache = hybrid(ids[:, :1], past_key_values=cache, use_cache=True).past_key_values
+        cache = output_cache(hybrid(ids, use_cache=True))
+        cache = output_cache(hybrid(ids[:, :1], use_cache=True, **cache_kwargs(cache)))
         assert cache.layers[1][0].shape[2] == 11
 
 

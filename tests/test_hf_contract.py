@@ -11,6 +11,7 @@ cache and no generation code.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -83,6 +84,7 @@ def spy_on_forward(model) -> list[Call]:
     calls: list[Call] = []
     forward = type(model).forward.__get__(model)  # the real one, even if a spy is already installed
 
+    @functools.wraps(forward)  # keeps the signature, which generate() inspects to decide what to pass
     def recording_forward(*args, **kwargs):
         fed = next(x for x in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds")) if x is not None)
         cache = next((kwargs[name] for name in CACHE_NAMES if kwargs.get(name) is not None), None)

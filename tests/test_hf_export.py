@@ -26,8 +26,8 @@ TOKENIZER = REPO.parent / "shared" / "data" / "20B_tokenizer.json"
 TEXT = "The quick brown fox jumps over the lazy dog. It was"
 NEW = 16
 
-pytestmark = pytest.mark.skipif(not TOKENIZER.is_file(),
-                                reason=f"real tokenizer not found at {TOKENIZER} (../shared/data beside the repo)")
+pytestmark = [pytest.mark.hf, pytest.mark.skipif(not TOKENIZER.is_file(),
+                                reason=f"real tokenizer not found at {TOKENIZER} (../shared/data beside the repo)")]
 
 CHILD = textwrap.dedent(r"""
     import json, os, sys

@@ -116,7 +116,7 @@ def ensure_single_process_env() -> None:
 def lm_loss_terms(model: nn.Module, batch: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """(sum of token cross-entropies in float32, number of tokens) for batch (B, T + 1)."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    out = model(input_ids=inputs)
+    out = model(input_ids=inputs, use_cache=False)  # scoring: no recurrent prefill, in eval mode too
     logits = out.logits if hasattr(out, "logits") else out
     # Logits beyond the tokenizer's vocabulary are padding; targets never index them, so a plain
     # cross-entropy over the padded width is the right loss (they only add to the normaliser).

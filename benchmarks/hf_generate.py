@@ -1,0 +1,169 @@
+"""Hugging Face `generate()` against the recurrent decode it should be, on the installed transformers:
+
+    generate_cached     model.generate(ids, use_cache=True): what a user of the HF API runs
+    generate_no_cache   model.generate(ids, use_cache=False): the whole sequence again per token
+    recurrent_loop      generate.py's own loop: one prefill, then model(token, cache) per token
+
+Each method decodes greedily the same number of new tokens after the same random prompt, on a
+random model of a preset (speed does not depend on the weights), and records how many positions
+every forward call was fed: a cached generate() that feeds [prompt, 1, 1, ...] is recurrent, one
+that feeds [prompt, prompt + 1, ...] is silently re-running the sequence. The three outputs must
+be the same tokens (the JSON says whether they were).
+
+    python benchmarks/hf_generate.py --prompt-length 2048 --new-tokens 32 --repeats 3
+
+Writes benchmarks/results/hf_generate_<device>_transformers-<version>.json (machine, date,
+versions, arguments, per method: seconds per run, tokens/s of the fastest run, fed positions) and
+redraws benchmarks/results/hf_generate_<device>.png from every such JSON there, so runs under
+several transformers releases appear side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import transformers
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from models import config_from_preset  # noqa: E402
+from models.modeling_hyena_rtf import HyenaRTFForCausalLM  # noqa: E402
+
+METHODS = ("generate_cached", "generate_no_cache", "recurrent_loop")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="small", help="model preset (models/configuration_hyena_rtf.py)")
+    p.add_argument("--vocab-size", type=int, default=50277)
+    p.add_argument("--prompt-length", type=int, default=2048)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per method; the fastest is reported")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
+    return p.parse_args(argv)
+
+
+def load_generate_script():
+    spec = importlib.util.spec_from_file_location("hyena_rtf_generate", REPO / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def record_fed_positions(model) -> list[int]:
+    """Wrap model.forward so that every call appends how many positions it was fed."""
+    fed: list[int] = []
+    forward = type(model).forward.__get__(model)
+
+    @functools.wraps(forward)  # keeps the signature: generate() reads it to decide what to pass
+    def counting_forward(*args, **kwargs):
+        x = next(t for t in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds")) if t is not None)
+        fed.append(int(x.shape[1]))
+        return forward(*args, **kwargs)
+
+    model.forward = counting_forward
+    return fed
+
+
+def run_method(method: str, model, ids: torch.Tensor, new: int, gen) -> torch.Tensor:
+    """The new tokens (B, new) that `method` decodes greedily after `ids`."""
+    if method == "recurrent_loop":
+        tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=None)  # ids in, ids out: no text needed
+        args = SimpleNamespace(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=new)
+        tokens, _ = gen.decode_ids(model, tokenizer, ids, torch.ones_like(ids), args)
+        return tokens
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                         do_sample=False, use_cache=method == "generate_cached")
+    return out[:, ids.shape[1]:]
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": platform.processor(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if hasattr(os, "getloadavg"):
+        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    return info
+
+
+def plot(out_dir: Path) -> Path:
+    """One bar group per transformers release found in out_dir: tokens/s of each method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = sorted((json.loads(p.read_text()) for p in out_dir.glob("hf_generate_cpu_transformers-*.json")),
+                     key=lambda r: [int(x) for x in r["versions"]["transformers"].split(".")[:3]])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(METHODS)
+    for i, method in enumerate(METHODS):
+        ax.bar([g + i * width for g in range(len(results))], [r["methods"][method]["tokens_per_s"] for r in results],
+               width, label=method)
+    ax.set_xticks([g + width for g in range(len(results))],
+                  [f"transformers {r['versions']['transformers']}" for r in results])
+    ax.set_yscale("log")
+    ax.set_ylabel("new tokens / s (log)")
+    if results:
+        a = results[-1]["arguments"]
+        ax.set_title(f"greedy decode, preset {a['preset']}, prompt {a['prompt_length']}, {a['new_tokens']} new tokens")
+    ax.legend()
+    fig.tight_layout()
+    path = out_dir / "hf_generate_cpu.png"
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = config_from_preset(args.preset, vocab_size=args.vocab_size)
+    model = HyenaRTFForCausalLM(config).eval()
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
+    ids = torch.randint(1, args.vocab_size, (1, args.prompt_length), generator=torch.Generator().manual_seed(1))
+    gen = load_generate_script()
+    methods, outputs = {}, {}
+    with torch.inference_mode():
+        for method in METHODS:
+            seconds, fed = [], []
+            for _ in range(args.repeats):
+                fed = record_fed_positions(model)
+                start = time.perf_counter()
+                outputs[method] = run_method(method, model, ids, args.new_tokens, gen)
+                seconds.append(time.perf_counter() - start)
+            best = min(seconds)
+            methods[method] = {"seconds": [round(s, 4) for s in seconds], "tokens_per_s": args.new_tokens / best,
+                               "fed_positions": fed}
+            print(f"[{method}] fastest of {args.repeats}: {best:.2f} s = {args.new_tokens / best:.1f} new tokens/s; "
+                  f"positions fed per call: {fed[:4]}{' ...' if len(fed) > 4 else ''}", flush=True)
+    same = all(torch.equal(outputs[m], outputs[METHODS[0]]) for m in METHODS)
+    result = {
+        "benchmark": "hf_generate", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(), "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "model": {"preset": args.preset, "parameters": model.num_parameters()},
+        "same_tokens": same, "methods": methods,
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"hf_generate_cpu_transformers-{transformers.__version__}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"same tokens from all methods: {same}; wrote {path} and {plot(args.out_dir)}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
