@@ -472,6 +472,8 @@ def test_cli_end_to_end_writes_json(model_dir, docs_jsonl, tmp_path):
                "--lambada", str(lambada), "--context-length", "16", "--stride", "8", "--output", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=ONE_THREAD_ENV)
     assert done.returncode == 0, done.stderr
+    for unwanted in ("deprecated", "[y/N]"):  # no cache-name deprecation, no custom-code prompt
+        assert unwanted not in done.stderr, done.stderr
     assert "bits/byte" in done.stdout and "LAMBADA 3 examples" in done.stdout
     saved = json.loads(out.read_text())
     in_process = run_eval(model_dir, *command[3:-2])

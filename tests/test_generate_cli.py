@@ -108,7 +108,8 @@ def blocks(stdout: str) -> list[tuple[int, int, str]]:
 
 
 def assert_timings(stderr: str):
-    assert "Traceback" not in stderr
+    for unwanted in ("Traceback", "deprecated", "[y/N]"):  # no cache-name deprecation, no custom-code prompt
+        assert unwanted not in stderr, stderr
     assert re.search(r"time to first token [\d.]+ ms", stderr), stderr
     assert re.search(r"= [\d.]+ tokens/s", stderr), stderr
 
