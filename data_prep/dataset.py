@@ -118,7 +118,9 @@ class PackedDataset:
         self.tokenizer_file = str(self.data_dir / tok.get("file", "tokenizer.json"))
         if not Path(self.tokenizer_file).is_file():
             raise FileNotFoundError(f"{self.data_dir}: tokenizer file {self.tokenizer_file} is missing")
-        self._ds = IndexedDataset(self.prefix)
+        # The pair must be the one the manifest describes (token count, file sizes): an index
+        # copied from another dataset would otherwise train on the wrong tokens in silence.
+        self._ds = IndexedDataset(self.prefix, expected=splits[split], manifest=mpath)
         self.num_tokens = self._ds.num_tokens
         if self.num_tokens < self.seq_len + 1:
             raise ValueError(f"{self.data_dir} split {split!r} has {self.num_tokens} tokens, fewer "
@@ -133,8 +135,8 @@ class PackedDataset:
         i = int(i)
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range [0, {self.num_samples})")
-        if self._ds is None:
-            self._ds = IndexedDataset(self.prefix)
+        if self._ds is None:  # reopened after pickling: the pair was verified when first opened
+            self._ds = IndexedDataset(self.prefix, expected={}, verify=False)
         start = i * self.seq_len
         return self._ds.tokens[start:start + self.seq_len + 1].astype(np.int64)
 

@@ -22,6 +22,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from . import atomic
 from .readers import Source
 
 SET_NAME = "Github"
@@ -62,8 +63,9 @@ def write_pile_shard(path: str | os.PathLike) -> int:
     import zstandard
     root = stdlib_root()
     n = 0
-    tmp = Path(f"{path}.partial")
-    with open(tmp, "wb") as fh, zstandard.ZstdCompressor(level=3, write_checksum=True).stream_writer(fh) as w:
+    # The zstd writer must not close the file: AtomicFile flushes, fsyncs and renames it after.
+    with atomic.AtomicFile(path) as af, zstandard.ZstdCompressor(
+            level=3, write_checksum=True).stream_writer(af.file, closefd=False) as w:
         for p in stdlib_files():
             try:
                 text = p.read_bytes().decode("utf-8")
@@ -73,7 +75,6 @@ def write_pile_shard(path: str | os.PathLike) -> int:
                                           "path": p.relative_to(root).as_posix()}}
             w.write(json.dumps(rec, ensure_ascii=False).encode("utf-8") + b"\n")
             n += 1
-    os.replace(tmp, path)
     return n
 
 

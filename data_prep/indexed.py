@@ -28,11 +28,14 @@ code 9 = uint32 is this project's extension, used only for vocabularies above 65
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import struct
 from pathlib import Path
 
 import numpy as np
+
+from . import atomic
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -51,6 +54,7 @@ DTYPE_CODES: dict[int, np.dtype] = {
 }
 _CODE_OF = {dt: code for code, dt in DTYPE_CODES.items()}
 TOKEN_DTYPES = ("uint16", "uint32", "int32")  # the dtypes the writer offers
+_BLOCK = 1 << 22  # entries per block when scanning or writing an index
 
 
 class IndexFormatError(ValueError):
@@ -76,21 +80,23 @@ class IndexedWriter:
     """Streams documents into ``PREFIX.bin``/``PREFIX.idx`` under temporary names.
 
     Nothing carries a final name until ``finalize()``: the .bin and .idx are written as
-    ``*.partial`` and renamed only once complete (the .bin first, then the .idx), so an
-    interrupted run never leaves a pair that looks complete. Memory stays constant: the
-    per-document sizes are spilled to a third temporary file instead of a Python list, because
-    the real Pile has ~2e8 documents.
+    ``atomic.AtomicFile`` temporaries and renamed only once complete (the .bin first, then the
+    .idx), so an interrupted run never leaves a pair that looks complete. Memory stays constant:
+    the per-document sizes are spilled to a third temporary file instead of a Python list,
+    because the real Pile has ~2e8 documents. Write errors (a full disk) name the file.
     """
 
     def __init__(self, prefix: str | os.PathLike, dtype):
         self.prefix = Path(prefix)
         self.dtype = np.dtype(dtype)
         self.code = dtype_code(self.dtype)
-        self._bin_tmp = Path(f"{self.prefix}.bin.partial")
-        self._idx_tmp = Path(f"{self.prefix}.idx.partial")
-        self._sizes_tmp = Path(f"{self.prefix}.sizes.partial")
-        self._bin = open(self._bin_tmp, "wb")
-        self._sizes = open(self._sizes_tmp, "wb")
+        self._bin = atomic.AtomicFile(bin_path(self.prefix))
+        self._sizes_tmp = atomic.temp_path(f"{self.prefix}.sizes")
+        try:
+            self._sizes = open(self._sizes_tmp, "xb")
+        except BaseException:
+            self._bin.abort()
+            raise
         self._bin_hash = hashlib.sha256()
         self.num_docs = 0
         self.num_tokens = 0
@@ -109,39 +115,45 @@ class IndexedWriter:
         data = tokens.tobytes()
         self._bin.write(data)
         self._bin_hash.update(data)
-        self._sizes.write(lengths.astype("<i4").tobytes())
+        try:
+            self._sizes.write(lengths.astype("<i4").tobytes())
+        except OSError as e:
+            raise atomic.named(e, self._sizes_tmp) from e
         self.num_docs += len(lengths)
         self.num_tokens += tokens.size
 
     def finalize(self) -> dict:
         """Write the .idx, rename both files to their final names; returns sizes and checksums."""
-        self._bin.close()
-        self._sizes.close()
+        try:
+            self._sizes.close()
+        except OSError as e:
+            raise atomic.named(e, self._sizes_tmp) from e
         n = self.num_docs
         idx_hash = hashlib.sha256()
-        with open(self._idx_tmp, "wb") as f:
+        idx = atomic.AtomicFile(idx_path(self.prefix))
+        try:
             def put(b: bytes):
-                f.write(b)
+                idx.write(b)
                 idx_hash.update(b)
 
             put(_HEADER.pack(MAGIC, VERSION, self.code, n, n + 1))
             sizes = np.memmap(self._sizes_tmp, dtype="<i4", mode="r") if n else np.zeros(0, "<i4")
-            step = 1 << 22  # blocks keep memory flat however many documents there are
-            for s in range(0, n, step):
-                put(np.asarray(sizes[s:s + step]).tobytes())
+            for s in range(0, n, _BLOCK):  # blocks keep memory flat however many documents
+                put(np.asarray(sizes[s:s + _BLOCK]).tobytes())
             offset = 0
-            for s in range(0, n, step):
-                block = np.asarray(sizes[s:s + step], dtype=np.int64) * self.dtype.itemsize
+            for s in range(0, n, _BLOCK):
+                block = np.asarray(sizes[s:s + _BLOCK], dtype=np.int64) * self.dtype.itemsize
                 ptr = np.cumsum(block) - block + offset
                 offset += int(block.sum())
                 put(ptr.astype("<i8").tobytes())
-            for s in range(0, n + 1, step):
-                put(np.arange(s, min(s + step, n + 1), dtype="<i8").tobytes())
+            for s in range(0, n + 1, _BLOCK):
+                put(np.arange(s, min(s + _BLOCK, n + 1), dtype="<i8").tobytes())
             del sizes
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(self._bin_tmp, bin_path(self.prefix))
-        os.replace(self._idx_tmp, idx_path(self.prefix))
+            self._bin.commit()
+            idx.commit()
+        except BaseException:
+            idx.abort()
+            raise
         os.unlink(self._sizes_tmp)
         self.closed = True
         return {
@@ -155,10 +167,12 @@ class IndexedWriter:
 
     def abort(self) -> None:
         """Close and delete the temporary files (used when a run fails)."""
-        for fh in (self._bin, self._sizes):
-            fh.close()
-        for p in (self._bin_tmp, self._idx_tmp, self._sizes_tmp):
-            p.unlink(missing_ok=True)
+        self._bin.abort()
+        try:
+            self._sizes.close()
+        except OSError:  # a full disk can fail the close too; the file is deleted anyway
+            pass
+        self._sizes_tmp.unlink(missing_ok=True)
         self.closed = True
 
 
@@ -170,7 +184,21 @@ class IndexedDataset:
     .bin as one flat array (valid because sequences are stored back to back, which is checked).
     """
 
-    def __init__(self, prefix: str | os.PathLike):
+    def __init__(self, prefix: str | os.PathLike, expected: dict | None = None,
+                 manifest: str | os.PathLike | None = None, verify: bool = True):
+        """Opens and checks the pair; a pair that does not fit together raises a one-line
+        ``IndexFormatError`` naming both files, since training on the wrong tokens is silent.
+
+        Checked: the header; the .idx size; the .bin size equals the index's token count times
+        the dtype size (an index of another dataset, or a cut .bin, fails here); and, in one pass
+        over the index unless ``verify=False``, sizes >= 0, each sequence starting where the
+        previous one ends, and doc_idx non-decreasing from 0 to S. ``expected``: a manifest's
+        entry for this split (its ``tokens``, ``documents``, ``sequences``, ``bin_bytes`` and
+        ``idx_bytes``, those present, must match), read from the file ``manifest``; when not
+        given, a ``manifest.json`` beside the files whose splits name this prefix is used, if
+        there is one. ``verify=False`` is for reopening a pair already verified (DataLoader
+        workers): the token count then comes from the last pointer instead of a scan.
+        """
         self.prefix = Path(prefix)
         ip, bp = idx_path(self.prefix), bin_path(self.prefix)
         for p in (ip, bp):
@@ -201,19 +229,68 @@ class IndexedDataset:
         self.doc_idx = np.memmap(ip, dtype="<i8", mode="r", offset=off, shape=(n_doc,)) if n_doc else np.zeros(0, "<i8")
         self.num_sequences = int(n_seq)
         self.num_documents = max(int(n_doc) - 1, 0)
-        # The sum is one pass over sizes (0.8 GB for the full Pile); int64 so it cannot overflow.
-        self.num_tokens = int(np.sum(self.sizes, dtype=np.int64)) if n_seq else 0
+        # Sequences back to back (first at 0): Megatron and GPT-NeoX always write them this way,
+        # and the flat token view depends on it.
+        if n_seq and int(self.pointers[0]) != 0:
+            raise IndexFormatError(f"{ip}: the first sequence starts at byte {int(self.pointers[0])} "
+                                   f"of {bp}, not 0 (corrupt index)")
+        if verify:
+            self.num_tokens = self._scan(ip, bp)
+        else:
+            self.num_tokens = ((int(self.pointers[-1]) // self.dtype.itemsize + int(self.sizes[-1]))
+                               if n_seq else 0)
         nbytes = self.num_tokens * self.dtype.itemsize
-        if bp.stat().st_size < nbytes:
-            raise IndexFormatError(f"{bp}: {bp.stat().st_size} bytes, the index needs {nbytes} "
-                                   "(truncated .bin)")
-        # Sequences back to back: first at 0, last ending where the sizes say. Megatron and
-        # GPT-NeoX always write them this way; a flat token view depends on it.
-        if n_seq and (int(self.pointers[0]) != 0 or
-                      int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize != nbytes):
-            raise IndexFormatError(f"{ip}: sequences are not stored contiguously in {bp}")
+        bin_bytes = bp.stat().st_size
+        if bin_bytes != nbytes:
+            why = ("truncated .bin" if bin_bytes < nbytes else
+                   "the .bin holds more: an index of another dataset?")
+            raise IndexFormatError(f"{ip} and {bp} do not match: the index describes "
+                                   f"{self.num_tokens} {self.dtype} tokens = {nbytes} bytes, the "
+                                   f".bin has {bin_bytes} bytes ({why})")
+        if expected is None:
+            expected, manifest = _manifest_entry(self.prefix)
+        if expected is not None:
+            self._check_expected(expected, manifest, ip, bp, bin_bytes, have)
         self._bin_file = bp
         self._tokens = None
+
+    def _scan(self, ip: Path, bp: Path) -> int:
+        """One pass over the index in blocks: sizes >= 0, pointers = the running byte offset of
+        the sizes, doc_idx non-decreasing from 0 to S. Returns the number of tokens (int64
+        arithmetic, so the full Pile's 3e11 cannot overflow)."""
+        item, n = self.dtype.itemsize, self.num_sequences
+        offset = 0
+        for s in range(0, n, _BLOCK):
+            nbytes = np.asarray(self.sizes[s:s + _BLOCK], dtype=np.int64) * item
+            want = np.cumsum(nbytes) - nbytes + offset
+            got = np.asarray(self.pointers[s:s + _BLOCK])
+            if nbytes.min() < 0 or not np.array_equal(got, want):
+                i = int(np.argmax((nbytes < 0) | (got != want)))
+                raise IndexFormatError(
+                    f"{ip}: sequence {s + i} (size {int(nbytes[i]) // item}) starts at byte "
+                    f"{int(got[i])} of {bp}, but the sizes before it end at {int(want[i])} "
+                    "(corrupt index: sizes and pointers disagree)")
+            offset += int(nbytes.sum())
+        prev = 0
+        for s in range(0, len(self.doc_idx), _BLOCK):
+            d = np.asarray(self.doc_idx[s:s + _BLOCK])
+            if d[0] < prev or (d.size > 1 and np.diff(d).min() < 0):
+                raise IndexFormatError(f"{ip}: doc_idx decreases near entry {s} (corrupt index "
+                                       f"for {bp})")
+            prev = int(d[-1])
+        if len(self.doc_idx) and (int(self.doc_idx[0]) != 0 or prev != n):
+            raise IndexFormatError(f"{ip}: doc_idx runs from {int(self.doc_idx[0])} to {prev}, "
+                                   f"not from 0 to the {n} sequences (corrupt index for {bp})")
+        return offset // item
+
+    def _check_expected(self, expected: dict, manifest, ip, bp, bin_bytes: int, idx_bytes: int):
+        have = {"tokens": self.num_tokens, "documents": self.num_documents,
+                "sequences": self.num_sequences, "bin_bytes": bin_bytes, "idx_bytes": idx_bytes}
+        diffs = [f"{k} {v} (manifest: {expected[k]})" for k, v in have.items()
+                 if isinstance(expected.get(k), int) and expected[k] != v]
+        if diffs:
+            raise IndexFormatError(f"{ip} and {bp} do not match {manifest or 'the manifest'}: "
+                                   f"{', '.join(diffs)}")
 
     @property
     def tokens(self) -> np.ndarray:
@@ -244,6 +321,23 @@ class IndexedDataset:
         start = int(self.pointers[lo]) // self.dtype.itemsize
         end = int(self.pointers[hi - 1]) // self.dtype.itemsize + int(self.sizes[hi - 1])
         return np.asarray(self.tokens[start:end])
+
+
+def _manifest_entry(prefix: Path) -> tuple[dict | None, Path | None]:
+    """The split entry of a ``manifest.json`` beside ``prefix`` that names it, and that file;
+    (None, None) where there is none. A manifest that is unreadable or of another layout (no
+    ``splits``) is not data_prep's and is ignored here: whoever reads it reports on it."""
+    path = prefix.parent / "manifest.json"
+    try:
+        splits = json.loads(path.read_text(encoding="utf-8"))["splits"]
+        me = prefix.resolve()
+        for entry in splits.values():
+            where = Path(entry["prefix"])
+            if (where if where.is_absolute() else path.parent / where).resolve() == me:
+                return entry, path
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None, None
 
 
 # The name Megatron-LM and GPT-NeoX use for this reader (evaluate.py imports it by that name).

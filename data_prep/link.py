@@ -14,18 +14,21 @@ from pathlib import Path
 
 import numpy as np
 
+from . import atomic
 from .indexed import IndexedDataset, bin_path, idx_path
-from .prepare import FORMAT, _atomic_write, _clean, _dir_lock
+from .manifest import FORMAT, replacing
 from .tokenizer import TokenizerError, canonical_json, load_tokenizer
 
 
 def link_indexed(out: str | os.PathLike, train_prefix: str, tokenizer: str,
-                 val_prefix: str | None = None, eos_token: str | None = None) -> dict:
+                 val_prefix: str | None = None, eos_token: str | None = None,
+                 overwrite: bool = False) -> dict:
     """Makes ``out`` a prepared directory for existing pre-tokenized ``PREFIX.bin/.idx`` files
     (e.g. Megatron / GPT-NeoX Pile shards) without copying them: the manifest points at them by
-    absolute path. Checks that they are readable and that the vocabulary fits their dtype."""
+    absolute path. Checks that they are readable and consistent and that the vocabulary fits
+    their dtype, all before ``out`` is touched; ``out`` is then replaced as a whole, under the
+    same rules as ``prepare`` (``manifest.replacing``; ``overwrite`` for a foreign folder)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(tokenizer, eos_token)
     splits, dt = {}, None
     for name, prefix in (("train", train_prefix), ("val", val_prefix)):
@@ -40,10 +43,10 @@ def link_indexed(out: str | os.PathLike, train_prefix: str, tokenizer: str,
                         "sequences": ds.num_sequences, "tokens": ds.num_tokens,
                         "bin_bytes": bin_path(prefix).stat().st_size,
                         "idx_bytes": idx_path(prefix).stat().st_size}
-    with _dir_lock(out):
-        _clean(out)
-        _atomic_write(out / "tokenizer.json", tok.json_text)
-        manifest = {"format": FORMAT, "corpus": {"name": "linked indexed dataset"},
-                    "tokenizer": tok.describe(), "dtype": dt.name, "splits": splits}
-        _atomic_write(out / "manifest.json", canonical_json(manifest))
+    manifest = {"format": FORMAT, "corpus": {"name": "linked indexed dataset"},
+                "tokenizer": tok.describe(), "dtype": dt.name, "splits": splits}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.locked(out), replacing(out, overwrite) as stage:
+        atomic.write_text(stage / "tokenizer.json", tok.json_text)
+        atomic.write_text(stage / "manifest.json", canonical_json(manifest))
     return manifest

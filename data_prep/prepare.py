@@ -18,15 +18,26 @@ id), the token dtype, the settings, and every source file with its size and sha2
 no timestamps, so the same inputs and settings give byte-identical shards and manifest.
 
 Rerunning with the same settings on a complete DIR returns the manifest at once (input files are
-compared by path, size and mtime); anything else, including a DIR left by an interrupted run,
-is rebuilt from scratch. Concurrent calls on one DIR are serialized with a file lock, so every
-rank of a distributed job may call ``prepare`` and all but the first find it up to date.
+compared by path, size and mtime); anything else is rebuilt from scratch. A rebuild never puts
+the existing DIR at risk: settings, inputs and the tokenizer are checked first, the new
+directory is built in a staging folder beside DIR (``.DIR.<pid>-<hex>.partial``) and swapped in
+only once complete (``atomic.py``), so a run that fails or is killed leaves DIR as it was (but
+needs room for both while it runs). DIR is replaced only if it is absent, empty or a data_prep
+output holding only data_prep's files (recognised by its manifest); anything else is refused
+unless ``overwrite=True`` (``--overwrite``). Concurrent calls on one DIR are serialized with a
+file lock beside it (``.DIR.lock``), so every rank of a distributed job may call ``prepare`` and
+all but the first find it up to date.
 
 Bad input: a bad document (invalid JSON, invalid UTF-8, missing or non-string text, empty) is
 skipped and counted (``on_error="skip"``, default) or stops the run with its file and line
 (``"fail"``); an unreadable file (missing, corrupt or truncated zstd, unreadable dataset) stops
 the run (``on_file_error="fail"``, default) or is recorded in the manifest and skipped from where
-it broke (``"skip"``).
+it broke (``"skip"``). A run that would write no document at all (every record bad, or
+filtered out) is an error naming the inputs and what was skipped, by reason.
+
+Command-line errors (bad input, tokenizer, settings, an output folder that is read-only, full or
+not data_prep's) are one line on stderr and exit status 2; with ``HYENA_RTF_DEBUG=1`` they are
+raised with their traceback instead.
 """
 from __future__ import annotations
 
@@ -34,20 +45,25 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
 from pathlib import Path
 
-from . import default_corpus
-from .indexed import bin_path, idx_path
+from . import atomic, default_corpus
+from .indexed import TOKEN_DTYPES, bin_path, idx_path
+from .manifest import FORMAT, describe, nothing_written, replacing, summary
 from .readers import DocumentError, SourceError, _Counter, expand_inputs, iter_records, validate_record
-from .tokenizer import TokenizerError, canonical_json, choose_dtype, load_tokenizer, train_bpe
+from .tokenizer import (TokenizerError, canonical_json, check_vocab_size, choose_dtype,
+                        load_tokenizer, piece_spans, train_bpe)
 from .writer import ShardBuilder, available_cores, doc_hash, is_val
 
-FORMAT = "hyena-rtf-data-prep/1"
-SPLITS = ("train", "val")
+DEFAULT_PIECE = 1 << 16  # characters per tokenizer call when text_chunk_bytes is 0
+
+
+class NoDocumentsError(ValueError):
+    """A run that would write no document: names the inputs and what was skipped, by reason."""
 
 
 def default_workers() -> int:
@@ -62,30 +78,6 @@ def default_workers() -> int:
 def _log(verbose: bool, msg: str) -> None:
     if verbose:
         print(f"[data_prep] {msg}", file=sys.stderr, flush=True)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = Path(f"{path}.partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-@contextmanager
-def _dir_lock(out: Path):
-    try:
-        import fcntl
-    except ImportError:  # no fcntl (Windows): callers must not prepare one DIR concurrently
-        yield
-        return
-    with open(out / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _file_stat(path: str) -> list:
@@ -126,19 +118,6 @@ def _up_to_date(out: Path, fingerprint: str) -> dict | None:
     return manifest
 
 
-def _clean(out: Path) -> None:
-    """Removes everything a previous (possibly interrupted) run may have left, manifest first,
-    so that no old manifest can ever describe new shards."""
-    for name in ("manifest.json", "stamp.json"):
-        (out / name).unlink(missing_ok=True)
-    for s in SPLITS:
-        bin_path(out / s).unlink(missing_ok=True)
-        idx_path(out / s).unlink(missing_ok=True)
-    (out / "tokenizer.json").unlink(missing_ok=True)
-    for p in out.glob("*.partial"):
-        p.unlink()
-
-
 def _records(sources, counter, *, max_docs, max_bytes, on_file_error, text_chunk_bytes, text_key,
              verbose):
     """All records of all sources in order, honouring the caps and the file-error policy."""
@@ -170,9 +149,11 @@ def _records(sources, counter, *, max_docs, max_bytes, on_file_error, text_chunk
             src.sha256 = None
 
 
-def _train_texts(records, *, seed, val_fraction, pile_sets, on_error, text_key, limit, sources):
+def _train_texts(records, *, seed, val_fraction, pile_sets, on_error, text_key, limit, sources,
+                 piece):
     """Documents for BPE training: the same validation as the writer, train split only, up to
-    ``limit`` bytes of text in corpus order."""
+    ``limit`` bytes of text in corpus order; in pieces, as the writer tokenizes them, so that one
+    huge document does not need gigabytes (the trainer counts the same words either way)."""
     used = 0
     for si, line, kind, payload, set_name in records:
         text, set_name, err = validate_record(kind, payload, set_name, text_key)
@@ -188,10 +169,38 @@ def _train_texts(records, *, seed, val_fraction, pile_sets, on_error, text_key, 
             continue
         if val_fraction > 0 and is_val(doc_hash(b, seed), val_fraction):
             continue
-        yield text
+        for a, z in piece_spans(text, piece):
+            yield text[a:z]
         used += len(b)
         if limit and used >= limit:
             return
+
+
+def _check_settings(on_error, on_file_error, val_fraction, dtype, text_chunk_bytes, chunk_bytes,
+                    max_docs, max_bytes) -> None:
+    """Raises ValueError naming the first bad setting (before anything is read or written)."""
+    if on_error not in ("skip", "fail") or on_file_error not in ("skip", "fail"):
+        raise ValueError("on_error and on_file_error must be 'skip' or 'fail'")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if dtype != "auto" and dtype not in TOKEN_DTYPES:
+        raise ValueError(f"dtype must be auto or one of {', '.join(TOKEN_DTYPES)}, not {dtype!r}")
+    for name, v in (("text_chunk_bytes", text_chunk_bytes), ("chunk_bytes", chunk_bytes),
+                    ("max_docs", max_docs), ("max_bytes", max_bytes)):
+        if v is not None and v < 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")
+
+
+def _check_readable(sources) -> None:
+    """Every input file can be opened for reading (a file that breaks later, e.g. a corrupt
+    zstd stream, fails the build instead, which leaves the output untouched as well)."""
+    for s in sources:
+        for f in s.files or [s.path]:
+            try:
+                with open(f, "rb"):
+                    pass
+            except OSError as e:
+                raise SourceError(f, None, f"cannot read: {e.strerror}") from e
 
 
 def prepare(inputs: list[str] | None, out: str | os.PathLike, tokenizer: str | None = None,
@@ -201,26 +210,29 @@ def prepare(inputs: list[str] | None, out: str | os.PathLike, tokenizer: str | N
             pile_sets: list[str] | None = None, dtype: str = "auto", eos_token: str | None = None,
             text_key: str = "text", text_chunk_bytes: int = 1 << 16,
             bpe_train_bytes: int | None = 100_000_000, chunk_bytes: int = 1 << 20,
-            force: bool = False, progress: bool = False, verbose: bool = True) -> dict:
+            force: bool = False, overwrite: bool = False, progress: bool = False,
+            verbose: bool = True) -> dict:
     """Builds (or finds up to date) the prepared directory ``out``; returns its manifest.
 
     ``inputs``: paths, globs or folders (see readers.py); None or [] = embedded default corpus.
     ``tokenizer``: tokenizer.json / folder / hub name; None = train a byte-level BPE of
     ``vocab_size`` on at most ``bpe_train_bytes`` of the train split. ``max_docs`` /
     ``max_bytes`` cap the records / raw bytes read (in corpus order). ``text_chunk_bytes``:
-    plain-text files are cut into documents of about this size (0 = one per file).
-    ``workers``, ``progress`` and ``verbose`` do not change the output.
+    plain-text files are cut into documents of about this size (0 = one per file), and every
+    document is tokenized in pieces of at most this many characters (``DEFAULT_PIECE`` when 0;
+    see ``tokenizer.piece_spans``). ``force``: rebuild even if up to date; ``overwrite``:
+    replace an ``out`` that is not a data_prep output. ``workers``, ``progress`` and
+    ``verbose`` do not change the output.
     """
-    if on_error not in ("skip", "fail") or on_file_error not in ("skip", "fail"):
-        raise ValueError("on_error and on_file_error must be 'skip' or 'fail'")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    _check_settings(on_error, on_file_error, val_fraction, dtype, text_chunk_bytes, chunk_bytes,
+                    max_docs, max_bytes)
     workers = default_workers() if workers is None else max(1, int(workers))
     out = Path(out)
     inputs = [os.fspath(i) for i in inputs] if inputs else None
     tokenizer = os.fspath(tokenizer) if tokenizer is not None else None
     default = not inputs
     sources = default_corpus.default_sources() if default else expand_inputs(list(inputs))
+    _check_readable(sources)
     if default:
         text_chunk_bytes = 0  # one document per source file
     settings = {
@@ -234,99 +246,90 @@ def prepare(inputs: list[str] | None, out: str | os.PathLike, tokenizer: str | N
         "chunk_bytes": chunk_bytes,
     }
     fingerprint = _fingerprint(settings, sources, tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
-    with _dir_lock(out):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.locked(out):
         if not force:
             manifest = _up_to_date(out, fingerprint)
             if manifest is not None:
                 _log(verbose, f"{out} is up to date ({manifest['splits']['train']['tokens']:,} "
                               "train tokens); nothing to do")
                 return manifest
-        _clean(out)
-        t0 = time.time()
-        rec_args = dict(max_docs=max_docs, max_bytes=max_bytes, on_file_error=on_file_error,
-                        text_chunk_bytes=text_chunk_bytes, text_key=text_key, verbose=verbose)
-        if tokenizer is None:
-            _log(verbose, f"training a byte-level BPE (vocab {vocab_size}) on the corpus")
-            texts = _train_texts(_records(sources, _Counter(), **rec_args), seed=seed,
-                                 val_fraction=val_fraction, pile_sets=pile_sets, on_error=on_error,
-                                 text_key=text_key, limit=bpe_train_bytes, sources=sources)
-            tok = train_bpe(texts, vocab_size)
-            _log(verbose, f"BPE trained in {time.time() - t0:.1f} s")
+        if tokenizer is None:  # trained in _build; only its size can be checked now
+            tok = None
+            check_vocab_size(vocab_size)
         else:
             tok = load_tokenizer(tokenizer, eos_token)
-        if eos_token and tok.eos_token != eos_token:
-            raise TokenizerError(f"eos_token {eos_token!r} given, tokenizer uses {tok.eos_token!r}")
-        token_dtype = choose_dtype(tok.vocab_size, dtype)
-        _atomic_write(out / "tokenizer.json", tok.json_text)
-        counter = _Counter()
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            total = sum(os.path.getsize(f) for s in sources for f in (s.files or [s.path]))
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", file=sys.stderr)
-        builder = ShardBuilder(out, token_dtype, tok, sources, workers=workers, seed=seed,
-                               val_fraction=val_fraction, pile_sets=pile_sets, text_key=text_key,
-                               on_error=on_error, chunk_bytes=chunk_bytes, progress=bar,
-                               byte_counter=counter)
-        t1 = time.time()
-        try:
-            splits = builder.run(_records(sources, counter, **rec_args))
-        finally:
-            if bar is not None:
-                bar.close()
-        t_write = time.time() - t1
-        manifest = _manifest(settings, default, tok, token_dtype, splits, builder, sources)
-        _atomic_write(out / "manifest.json", canonical_json(manifest))
-        _atomic_write(out / "stamp.json", canonical_json({"fingerprint": fingerprint}))
-        _summary(verbose, out, manifest, time.time() - t0, t_write, workers)
+            _token_dtype(tok, eos_token, dtype)
+        t0 = time.time()
+        with replacing(out, overwrite) as stage:
+            manifest, t_write = _build(
+                stage, sources, tok, settings, default, fingerprint, workers=workers,
+                progress=progress, verbose=verbose, piece=text_chunk_bytes or DEFAULT_PIECE)
+        _log(verbose, summary(out, manifest, time.time() - t0, t_write, workers))
         return manifest
 
 
-def _manifest(settings, default, tok, token_dtype, splits, builder, sources) -> dict:
-    src_list = []
-    for i, s in enumerate(sources):
-        skipped, filtered = builder.src_skipped[i], builder.src_filtered[i]
-        src_list.append({"path": s.path, "kind": s.kind, "bytes": s.bytes, "sha256": s.sha256 or None,
-                         "records": s.records, "skipped": skipped, "filtered": filtered,
-                         "documents": s.records - skipped - filtered,
-                         "read": s.read, "error": s.error})
-    written = sum(sp["documents"] for sp in splits.values())
-    return {
-        "format": FORMAT,
-        "corpus": default_corpus.describe() if default else {"name": "inputs"},
-        "settings": settings,
-        "tokenizer": tok.describe(),
-        "dtype": token_dtype.name,
-        "splits": {name: {"prefix": name, **sp} for name, sp in splits.items()},
-        "documents": {"records": builder.records, "written": written,
-                      "skipped": dict(sorted(builder.skipped.items())),
-                      "skipped_total": sum(builder.skipped.values()),
-                      "filtered_by_pile_set": builder.filtered},
-        "tokens": sum(sp["tokens"] for sp in splits.values()),
-        "text_bytes": sum(sp["text_bytes"] for sp in splits.values()),
-        "files_with_errors": sum(1 for s in sources if s.error),
-        "sources": src_list,
-    }
+def _token_dtype(tok, eos_token, dtype):
+    """The shard dtype for ``tok``; TokenizerError if it or its end-of-document token does not
+    fit the settings."""
+    if eos_token and tok.eos_token != eos_token:
+        raise TokenizerError(f"eos_token {eos_token!r} given, tokenizer uses {tok.eos_token!r}")
+    return choose_dtype(tok.vocab_size, dtype)
 
 
-def _summary(verbose, out, m, elapsed, t_write, workers) -> None:
-    if not verbose:
-        return
-    mb = m["text_bytes"] / 1e6
-    d = m["documents"]
-    lines = [f"prepared {out} in {elapsed:.1f} s ({workers} workers; tokenize+write {t_write:.1f} s "
-             f"= {mb / max(t_write, 1e-9):.2f} MB/s, {m['tokens'] / max(t_write, 1e-9):,.0f} tokens/s)"]
-    for name, sp in m["splits"].items():
-        lines.append(f"  {name:5s}: {sp['documents']:,} documents, {sp['tokens']:,} tokens "
-                     f"({sp['text_bytes'] / 1e6:.2f} MB text), {out / name}.bin/.idx")
-    lines.append(f"  records {d['records']:,}, written {d['written']:,}, skipped "
-                 f"{d['skipped_total']:,} {d['skipped'] or ''}, filtered {d['filtered_by_pile_set']:,}")
-    lines.append(f"  tokenizer: {m['tokenizer']['source']} (vocab {m['tokenizer']['vocab_size']:,}, "
-                 f"eos {m['tokenizer']['eos_token']!r} = {m['tokenizer']['eos_id']}), dtype {m['dtype']}")
-    if m["files_with_errors"]:
-        lines.append(f"  {m['files_with_errors']} unreadable file(s) skipped: see manifest.json")
-    _log(True, "\n".join(lines))
+def _build(stage: Path, sources, tok, settings, default, fingerprint, *, workers, progress,
+           verbose, piece) -> tuple[dict, float]:
+    """Writes the whole prepared directory into ``stage``; returns the manifest and the seconds
+    spent tokenizing and writing. Raises NoDocumentsError when no document would be written."""
+    st = settings
+    rec_args = dict(max_docs=st["max_docs"], max_bytes=st["max_bytes"],
+                    on_file_error=st["on_file_error"], text_chunk_bytes=st["text_chunk_bytes"],
+                    text_key=st["text_key"], verbose=verbose)
+    if tok is None:
+        t0 = time.time()
+        _log(verbose, f"training a byte-level BPE (vocab {st['vocab_size']}) on the corpus")
+        texts = _train_texts(_records(sources, _Counter(), **rec_args), seed=st["seed"],
+                             val_fraction=st["val_fraction"], pile_sets=st["pile_sets"],
+                             on_error=st["on_error"], text_key=st["text_key"],
+                             limit=st["bpe_train_bytes"], sources=sources, piece=piece)
+        tok = train_bpe(texts, st["vocab_size"])
+        _log(verbose, f"BPE trained in {time.time() - t0:.1f} s")
+    token_dtype = _token_dtype(tok, st["eos_token"], st["dtype"])
+    atomic.write_text(stage / "tokenizer.json", tok.json_text)
+    counter = _Counter()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        total = sum(os.path.getsize(f) for s in sources for f in (s.files or [s.path]))
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", file=sys.stderr)
+    builder = ShardBuilder(stage, token_dtype, tok, sources, workers=workers, seed=st["seed"],
+                           val_fraction=st["val_fraction"], pile_sets=st["pile_sets"],
+                           text_key=st["text_key"], on_error=st["on_error"],
+                           chunk_bytes=st["chunk_bytes"], piece_chars=piece, progress=bar,
+                           byte_counter=counter)
+    t1 = time.time()
+    try:
+        splits = builder.run(_records(sources, counter, **rec_args))
+    finally:
+        if bar is not None:
+            bar.close()
+    t_write = time.time() - t1
+    manifest = describe(settings, default, tok, token_dtype, splits, builder, sources)
+    if manifest["documents"]["written"] == 0:
+        raise NoDocumentsError(nothing_written(manifest, sources))
+    atomic.write_text(stage / "manifest.json", canonical_json(manifest))
+    atomic.write_text(stage / "stamp.json", canonical_json({"fingerprint": fingerprint}))
+    return manifest, t_write
+
+
+def _cli_error(e: BaseException) -> str:
+    """The one line that reports ``e``: an OSError as "file: reason", anything else as its
+    message, newlines folded (tokenizers' messages can have some)."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        msg = f"{e.filename}: {e.strerror}"
+    else:
+        msg = str(e)
+    return re.sub(r"\s*\n\s*", " ", msg).strip()
 
 
 def main(argv=None) -> int:
@@ -350,19 +353,23 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="auto", choices=("auto", "uint16", "uint32", "int32"))
     ap.add_argument("--eos-token")
     ap.add_argument("--text-key", default="text")
-    ap.add_argument("--text-chunk-bytes", type=int, default=1 << 16)
+    ap.add_argument("--text-chunk-bytes", type=int, default=1 << 16,
+                    help="plain text: document size; all text: characters per tokenizer call")
     ap.add_argument("--chunk-bytes", type=int, default=1 << 20, help="work unit sent to a worker")
     ap.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an --out folder that is not a data_prep output")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--indexed-train", help="link existing PREFIX.bin/.idx instead of preparing")
     ap.add_argument("--indexed-val")
     a = ap.parse_args(argv)
+    if a.indexed_train and not a.tokenizer:
+        ap.error("--indexed-train needs --tokenizer")
     try:
         if a.indexed_train:
-            if not a.tokenizer:
-                ap.error("--indexed-train needs --tokenizer")
             from .link import link_indexed
-            link_indexed(a.out, a.indexed_train, a.tokenizer, a.indexed_val, a.eos_token)
+            link_indexed(a.out, a.indexed_train, a.tokenizer, a.indexed_val, a.eos_token,
+                         overwrite=a.overwrite)
             _log(True, f"linked {a.indexed_train} into {a.out}")
             return 0
         prepare(a.input or None, a.out, a.tokenizer, vocab_size=a.vocab_size, workers=a.workers,
@@ -370,14 +377,20 @@ def main(argv=None) -> int:
                 on_file_error=a.on_file_error, max_docs=a.max_docs, max_bytes=a.max_bytes,
                 pile_sets=a.pile_sets, dtype=a.dtype, eos_token=a.eos_token, text_key=a.text_key,
                 text_chunk_bytes=a.text_chunk_bytes, bpe_train_bytes=a.bpe_train_bytes,
-                chunk_bytes=a.chunk_bytes, force=a.force, progress=not a.no_progress)
-    except (SourceError, DocumentError, TokenizerError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except BrokenProcessPool as e:
-        print(f"error: a tokenizer worker process died ({e}); no shard or manifest was written "
-              f"under final names in {a.out}; rerun to rebuild", file=sys.stderr)
-        return 1
+                chunk_bytes=a.chunk_bytes, force=a.force, overwrite=a.overwrite,
+                progress=not a.no_progress)
+    except (SourceError, DocumentError, TokenizerError, ValueError, OSError, BrokenProcessPool) as e:
+        # Bad input, tokenizer or settings, or an output folder that cannot be written (read-only,
+        # full, not ours): the user's to fix, so one line and no traceback, unless debugging.
+        # A worker that died is not, and keeps its own status, 1.
+        if os.environ.get("HYENA_RTF_DEBUG") == "1":
+            raise
+        if isinstance(e, BrokenProcessPool):
+            print(f"error: a tokenizer worker process died ({e}); {a.out} was not changed; rerun "
+                  "to rebuild", file=sys.stderr)
+            return 1
+        print(f"error: {_cli_error(e)}", file=sys.stderr)
+        return 2
     return 0
 
 

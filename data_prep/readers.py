@@ -172,14 +172,23 @@ def _zst_blocks(src: Source, counter: _Counter, lines_so_far):
 
 
 def _lines(blocks):
-    """Splits byte blocks into lines (without the b"\\n"); a last line without newline counts."""
-    rest = b""
+    """Splits byte blocks into lines (without the b"\\n"); a last line without newline counts.
+    The pieces of a line longer than a block are joined once, at its end, so that a line of
+    tens of MB costs one copy rather than one per block."""
+    rest: list = []
     for b in blocks:
-        parts = (rest + b).split(b"\n") if rest else b.split(b"\n")
-        rest = parts.pop()
+        if b"\n" not in b:
+            rest.append(b)
+            continue
+        parts = b.split(b"\n")
+        if rest:
+            rest.append(parts[0])
+            parts[0] = b"".join(rest)
+        rest = [parts.pop()]
         yield from parts
-    if rest:
-        yield rest
+    tail = b"".join(rest)
+    if tail:
+        yield tail
 
 
 def _json_records(si: int, src: Source, counter: _Counter, zst: bool):

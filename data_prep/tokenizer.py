@@ -69,13 +69,21 @@ def load_tokenizer(spec: str, eos_token: str | None = None) -> LoadedTokenizer:
     if p.is_dir() and (p / "tokenizer.json").is_file():
         p = p / "tokenizer.json"
     if p.is_file():
-        text = p.read_text(encoding="utf-8")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{p}: not a tokenizers JSON file (binary, not UTF-8 text: "
+                                 f"{e.reason} at byte {e.start})") from e
+        except OSError as e:
+            raise TokenizerError(f"{p}: cannot read the tokenizer file: {e.strerror}") from e
         try:
             tok = Tokenizer.from_str(text)
         except Exception as e:
             raise TokenizerError(f"{p}: not a tokenizers JSON file: {e}") from e
         source = str(p.resolve())
         return LoadedTokenizer(tok, text, source, _pick_eos(tok, eos_token, None, source), False)
+    if not p.exists() and _is_path(spec):  # a mistyped path: say so, without a hub lookup
+        raise TokenizerError(f"{spec}: no such tokenizer file or folder")
     try:
         from transformers import AutoTokenizer
         hf = AutoTokenizer.from_pretrained(spec)
@@ -90,15 +98,62 @@ def load_tokenizer(spec: str, eos_token: str | None = None) -> LoadedTokenizer:
     return LoadedTokenizer(tok, text, spec, _pick_eos(tok, eos_token, hf.eos_token, spec), False)
 
 
+def _is_path(spec: str) -> bool:
+    """Whether ``spec`` can only be a path, not a hub name (``name`` or ``org/name``, which
+    never start with "/", "." or "~", have at most one "/" and do not end in ".json")."""
+    return (spec.startswith(("/", ".", "~")) or spec.endswith(".json") or spec.count("/") > 1
+            or os.sep != "/" and os.sep in spec)
+
+
+def piece_spans(text: str, size: int):
+    """``(start, end)`` spans that cut ``text`` into pieces of at most ``size`` characters, to
+    be tokenized one after the other: a tokenizer's working memory grows with its input (about
+    150 bytes per character for a byte-level BPE: 7.7 GB for one 50 MB document), and nothing
+    bounds the size of one document. A text of at most ``size`` characters is one piece.
+
+    A cut goes just before a single space with a non-space character on each side (the last one
+    in the second half of the piece). Tokenizers treat such a space as the start of the next
+    word (the byte-level BPE regex `` ?\\p{L}+``, Metaspace's "▁", whitespace and BERT
+    splitting), so the tokens of the pieces, put together, are exactly those of the whole text;
+    tested for GPT-NeoX-20B, GPT-2, the BPE trained here, Metaspace BPEs, WordLevel on
+    whitespace and BERT WordPiece. The exceptions, where tokens next to a cut can differ from
+    the whole text's (e.g. one token of the whole text becomes two): a second half of a piece
+    without such a space (base64, a DNA sequence, a long run of blanks) is cut at exactly
+    ``size`` characters; and a tokenizer that looks at its whole input (a Strip normalizer, a
+    ByteLevel pre-tokenizer without its regex, an added token containing a single space).
+    """
+    if size < 1:
+        raise ValueError(f"piece size must be >= 1 character, got {size}")
+    start, n = 0, len(text)
+    while n - start > size:
+        end = cut = start + size
+        lo = start + size // 2
+        p = text.rfind(" ", lo, end)
+        while p > lo:
+            if not text[p - 1].isspace() and not text[p + 1].isspace():
+                cut = p
+                break
+            p = text.rfind(" ", lo, p)
+        yield start, cut
+        start = cut
+    yield start, n
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    """Raises TokenizerError if ``train_bpe`` cannot make a vocabulary of this size (callers
+    check it before reading any corpus)."""
+    min_vocab = 256 + len(TRAINED_SPECIALS)
+    if vocab_size < min_vocab:
+        raise TokenizerError(f"vocab_size {vocab_size} is below the {min_vocab} needed for the "
+                             "256 bytes and the special tokens")
+
+
 def train_bpe(texts, vocab_size: int) -> LoadedTokenizer:
     """Byte-level BPE (GPT-2 style pre-tokenization, no normalizer, so decoding gives back the
     exact text) trained on the iterable ``texts``. Special tokens: ``<|endoftext|>`` = 0
     (end of document) and ``<|padding|>`` = 1. The result is deterministic for the same texts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    min_vocab = 256 + len(TRAINED_SPECIALS)
-    if vocab_size < min_vocab:
-        raise TokenizerError(f"vocab_size {vocab_size} is below the {min_vocab} needed for the "
-                             "256 bytes and the special tokens")
+    check_vocab_size(vocab_size)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()

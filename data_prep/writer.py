@@ -3,6 +3,8 @@
 Flow: the main process reads records (``readers.py``), groups them into chunks of about
 ``chunk_bytes``, and hands the chunks to worker processes in order; each worker decodes and
 validates its records, tokenizes the good documents and appends the end-of-document id to each.
+A long document is tokenized in pieces (``tokenizer.piece_spans``; same tokens as in one go,
+see there for the exceptions), so that one huge document does not need gigabytes.
 Results are consumed strictly in submission order, so the shards are byte-identical for any
 number of workers. At most ``2 * workers + 2`` chunks are in flight, which bounds memory however
 large the corpus is.
@@ -33,8 +35,12 @@ import numpy as np
 
 from .indexed import IndexedWriter
 from .readers import DocumentError, validate_record
+from .tokenizer import piece_spans
 
 _W: dict = {}  # per-process worker state, set by init_worker
+# Characters per encode_batch call: bounds the tokenizer's working memory (~150 MB for a
+# byte-level BPE) while keeping batches large enough for its threads.
+ENCODE_BATCH_CHARS = 1 << 20
 
 
 def available_cores() -> int:
@@ -55,8 +61,10 @@ def is_val(h: int, val_fraction: float) -> bool:
 
 
 def init_worker(tok_json: str, eos_id: int, dtype: str, seed: int, val_fraction: float,
-                pile_sets, text_key: str, threads: int = 0) -> None:
-    """threads: Rayon threads for batch encoding in this process (0: the library's default)."""
+                pile_sets, text_key: str, piece_chars: int = 1 << 16, threads: int = 0) -> None:
+    """piece_chars: documents are tokenized in pieces of at most this many characters
+    (``tokenizer.piece_spans``); threads: Rayon threads for batch encoding in this process
+    (0: the library's default)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     if threads > 0:
         os.environ["RAYON_NUM_THREADS"] = str(threads)  # read when the thread pool first starts
@@ -67,7 +75,43 @@ def init_worker(tok_json: str, eos_id: int, dtype: str, seed: int, val_fraction:
     tok.encode_special_tokens = True
     _W.update(tok=tok, encode=getattr(tok, "encode_batch_fast", tok.encode_batch), eos=eos_id,
               dtype=np.dtype(dtype), seed=seed, frac=val_fraction,
-              sets=frozenset(pile_sets) if pile_sets else None, key=text_key)
+              sets=frozenset(pile_sets) if pile_sets else None, key=text_key, piece=piece_chars)
+
+
+def _encode(texts: list) -> list:
+    """The token ids of each text (a numpy array of the shard dtype, no end-of-document id).
+
+    Each text is tokenized in pieces (``piece_spans``), and the pieces are encoded in batches of
+    about ``ENCODE_BATCH_CHARS`` characters whose ids are turned into numpy arrays at once, so
+    that the tokenizer's working memory and the Python lists of ids stay bounded however long
+    one document is; the arrays take 2 or 4 bytes per token."""
+    w = _W
+    parts = [[] for _ in texts]
+    batch, owners, size = [], [], 0
+
+    def flush():
+        for j, enc in zip(owners, w["encode"](batch, add_special_tokens=False)):
+            parts[j].append(np.asarray(enc.ids, dtype=w["dtype"]))
+        batch.clear()
+        owners.clear()
+
+    for j, text in enumerate(texts):
+        for a, b in piece_spans(text, w["piece"]):
+            batch.append(text if b - a == len(text) else text[a:b])
+            owners.append(j)
+            size += b - a
+            if size >= ENCODE_BATCH_CHARS:
+                flush()
+                size = 0
+    if batch:
+        flush()
+    return [p[0] if len(p) == 1 else np.concatenate(p) for p in parts]
+
+
+def _with_eos(docs: list) -> np.ndarray:
+    """One flat array: each document's ids followed by the end-of-document id."""
+    eos = np.array([_W["eos"]], dtype=_W["dtype"])
+    return np.concatenate([x for d in docs for x in (d, eos)]) if docs else np.zeros(0, _W["dtype"])
 
 
 def tokenize_chunk(items: list) -> dict:
@@ -98,7 +142,8 @@ def tokenize_chunk(items: list) -> dict:
         texts.append(text)
         raw.append(len(b))
         hashes.append(doc_hash(b, w["seed"]))
-    encs = w["encode"](texts, add_special_tokens=False) if texts else []
+        del b  # a copy of the whole document: not kept while tokenizing
+    ids = _encode(texts)
     val_flags = [is_val(h, w["frac"]) for h in hashes]
     held_i = None
     if w["frac"] > 0:
@@ -107,19 +152,12 @@ def tokenize_chunk(items: list) -> dict:
             held_i = min(train_idx, key=lambda j: hashes[j])
     out = {"bad": bad, "filtered": filtered, "held": None}
     for name, want_val in (("train", False), ("val", True)):
-        flat, lens, nbytes = [], [], 0
-        for j, enc in enumerate(encs):
-            if val_flags[j] != want_val or j == held_i:
-                continue
-            ids = enc.ids
-            ids.append(w["eos"])
-            flat.extend(ids)
-            lens.append(len(ids))
-            nbytes += raw[j]
-        out[name] = (np.array(flat, dtype=w["dtype"]), np.array(lens, dtype=np.int64), nbytes)
+        sel = [j for j in range(len(ids)) if val_flags[j] == want_val and j != held_i]
+        out[name] = (_with_eos([ids[j] for j in sel]),
+                     np.array([len(ids[j]) + 1 for j in sel], dtype=np.int64),
+                     sum(raw[j] for j in sel))
     if held_i is not None:
-        ids = encs[held_i].ids + [w["eos"]]
-        out["held"] = (hashes[held_i], np.array(ids, dtype=w["dtype"]), raw[held_i])
+        out["held"] = (hashes[held_i], _with_eos([ids[held_i]]), raw[held_i])
     return out
 
 
@@ -133,7 +171,8 @@ class ShardBuilder:
 
     def __init__(self, out_dir, dtype, loaded_tok, sources, *, workers: int, seed: int,
                  val_fraction: float, pile_sets, text_key: str, on_error: str,
-                 chunk_bytes: int = 1 << 20, progress=None, byte_counter=None):
+                 chunk_bytes: int = 1 << 20, piece_chars: int = 1 << 16, progress=None,
+                 byte_counter=None):
         self.out_dir = Path(out_dir)
         self.dtype = np.dtype(dtype)
         self.sources = sources
@@ -143,7 +182,8 @@ class ShardBuilder:
         self.progress = progress
         self.byte_counter = byte_counter
         self.init_args = (loaded_tok.json_text, loaded_tok.eos_id, self.dtype.name, seed,
-                          val_fraction, sorted(pile_sets) if pile_sets else None, text_key)
+                          val_fraction, sorted(pile_sets) if pile_sets else None, text_key,
+                          piece_chars)
         self.skipped: dict[str, int] = {}
         self.filtered = 0
         self.records = 0

@@ -112,3 +112,57 @@ def test_aborted_writer_leaves_nothing(tmp_path):
     w.add(np.arange(10), [4, 6])
     w.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def _pair(prefix, seqs, dtype=np.uint16, code=8):
+    _write_megatron_by_hand(prefix, seqs, list(range(len(seqs))), dtype, code)
+
+
+def test_an_index_of_another_dataset_is_rejected(tmp_path):
+    _pair(tmp_path / "big", [list(range(i, i + 40)) for i in range(0, 4000, 40)])
+    _pair(tmp_path / "small", [[1, 2, 3], [4, 5]])
+    (tmp_path / "big.idx").write_bytes((tmp_path / "small.idx").read_bytes())
+    with pytest.raises(IndexFormatError) as e:
+        IndexedDataset(tmp_path / "big")
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path / "big.idx") in msg and str(tmp_path / "big.bin") in msg
+    assert "describes 5 uint16 tokens = 10 bytes, the .bin has 8000 bytes" in msg
+
+
+@pytest.mark.parametrize("damage", ["pointers out of order", "negative size", "doc_idx decreasing",
+                                    "doc_idx not ending at S"])
+def test_inconsistent_offsets_sizes_or_doc_idx_are_rejected(tmp_path, damage):
+    """Totals still add up (the .bin size matches), so only the full scan can see these."""
+    _pair(tmp_path / "a", [[1, 2], [3, 4, 5], [6], [7, 8]])
+    raw = bytearray((tmp_path / "a.idx").read_bytes())
+    sizes, ptrs, docs = 34, 34 + 16, 34 + 16 + 32
+    if damage == "pointers out of order":  # sequences 1 and 2 swapped in the pointers
+        raw[ptrs + 8:ptrs + 24] = raw[ptrs + 16:ptrs + 24] + raw[ptrs + 8:ptrs + 16]
+    elif damage == "negative size":  # sizes 3, 1 -> 5, -1: same total, same last pointer
+        raw[sizes + 4:sizes + 12] = struct.pack("<ii", 5, -1)
+    elif damage == "doc_idx decreasing":
+        raw[docs + 8:docs + 24] = struct.pack("<qq", 2, 1)
+    else:
+        raw[-8:] = struct.pack("<q", 3)
+    (tmp_path / "a.idx").write_bytes(bytes(raw))
+    with pytest.raises(IndexFormatError, match=r"corrupt index") as e:
+        IndexedDataset(tmp_path / "a")
+    assert str(tmp_path / "a.idx") in str(e.value) and str(tmp_path / "a.bin") in str(e.value)
+
+
+def test_a_pair_that_disagrees_with_its_manifest_is_rejected(tmp_path):
+    """Consistent files that are not the ones the manifest describes (another dataset's pair
+    copied in): the token count and file sizes must match the manifest's."""
+    from data_prep.prepare import prepare
+    (tmp_path / "a.jsonl").write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(30)))
+    (tmp_path / "b.jsonl").write_text("".join(f'{{"text": "other {i} words here"}}\n' for i in range(60)))
+    for name in "ab":
+        prepare([str(tmp_path / f"{name}.jsonl")], tmp_path / name, vocab_size=300, workers=1,
+                val_fraction=0.0, verbose=False)
+    for ext in ("bin", "idx"):
+        (tmp_path / "a" / f"train.{ext}").write_bytes((tmp_path / "b" / f"train.{ext}").read_bytes())
+    for opened in (lambda: IndexedDataset(tmp_path / "a" / "train"),
+                   lambda: PackedDataset(tmp_path / "a", "train", seq_len=8)):
+        with pytest.raises(IndexFormatError, match=r"do not match .*manifest\.json: tokens \d+ \(manifest: \d+\)"):
+            opened()
+    assert IndexedDataset(tmp_path / "b" / "train").num_documents == 60

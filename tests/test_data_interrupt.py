@@ -1,5 +1,6 @@
 """Interrupted runs of the CLI: killing the whole job, or one worker of its pool, mid-way leaves no
-complete-looking output, and the rerun succeeds with the same result as an uninterrupted run."""
+complete-looking output (the run builds in a staging folder beside it), and the rerun succeeds
+with the same result as an uninterrupted run."""
 import json
 import os
 import random
@@ -41,12 +42,17 @@ def _start(d, out):
                             start_new_session=True)
 
 
+def _staging(out):
+    """The staging folders of runs building ``out`` (atomic.replace_dir names them so)."""
+    return list(out.parent.glob(f".{out.name}.*.partial"))
+
+
 def _wait_for_partial_output(out, proc, timeout=60):
     """Until the shard being written has data: the run is then mid-way."""
     t = time.time()
-    p = out / "train.bin.partial"
     while time.time() - t < timeout:
-        if p.exists() and p.stat().st_size > 100_000:
+        shards = [p for d in _staging(out) for p in d.glob(".train.bin.*.partial")]
+        if any(p.stat().st_size > 100_000 for p in shards if p.exists()):
             return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.01)
@@ -68,7 +74,7 @@ def _assert_nothing_complete(out):
 def _rerun_matches_reference(d, out, ref):
     r = subprocess.run(_cmd(d, out), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert not list(out.glob("*.partial"))
+    assert not list(out.glob("*.partial")) and not _staging(out)  # the killed run's leftovers too
     for n in FINAL:
         assert (out / n).read_bytes() == (ref / n).read_bytes(), n
 
@@ -89,7 +95,7 @@ def test_killing_the_job_mid_way(job, reference):
     os.killpg(proc.pid, signal.SIGKILL)  # main process and its worker pool at once
     proc.wait(timeout=30)
     _assert_nothing_complete(out)
-    assert list(out.glob("*.partial"))  # it really was cut mid-way
+    assert _staging(out)  # it really was cut mid-way
     _rerun_matches_reference(job, out, reference)
 
 
@@ -106,5 +112,5 @@ def test_killing_a_pool_worker_mid_way(job, reference):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and b"worker process died" in err
     _assert_nothing_complete(out)
-    assert not list(out.glob("*.partial"))  # the main process cleaned up after itself
+    assert not _staging(out)  # the main process cleaned up after itself
     _rerun_matches_reference(job, out, reference)
