@@ -39,7 +39,6 @@ token_perplexity = exp(target NLL / target tokens).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import sys
@@ -53,6 +52,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from models.hf_compat import cache_kwargs, output_cache
+from data_prep.indexed import MMapIndexedDataset
+from data_prep.readers import Source, SourceError, classify, iter_records, validate_record
+from models.loading import RemoteCodeRefused, from_pretrained
 
 # Where configs keep their trained length (l_max: Hyena-RTF); the default --context-length.
 CONTEXT_CONFIG_KEYS = ("max_position_embeddings", "n_positions", "l_max", "max_seq_len", "seq_len", "max_sequence_length")
@@ -70,24 +72,44 @@ def check_model_folder(path):
         raise EvalError(f"model folder {path} not found or has no config.json")
 
 
-def load_tokenizer(path):
+def load_tokenizer(path, trust_remote_code=False):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     check_model_folder(path)
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        return from_pretrained(AutoTokenizer, path, trust_remote_code)
+    except RemoteCodeRefused as refused:
+        raise EvalError(str(refused)) from None
     except Exception as auto_error:  # e.g. only tokenizer.json saved, model_type unknown to AutoTokenizer
         if not (Path(path) / "tokenizer.json").is_file():
             raise EvalError(f"no usable tokenizer in {path}: {auto_error}") from auto_error
         return PreTrainedTokenizerFast(tokenizer_file=str(Path(path) / "tokenizer.json"))
 
 
-def load_model(path, dtype="float32", device="cpu"):
-    """Any local causal-LM folder; our exported checkpoints come in through trust_remote_code."""
+def load_config(path, trust_remote_code=False):
+    from transformers import AutoConfig
+
+    check_model_folder(path)
+    try:
+        return from_pretrained(AutoConfig, path, trust_remote_code)
+    except RemoteCodeRefused as refused:
+        raise EvalError(str(refused)) from None
+    except Exception as error:  # noqa: BLE001 - e.g. an invalid config.json or hyper-parameter
+        raise EvalError(f"could not load the config of {path}: {' '.join(str(error).split())[:300]}") from None
+
+
+def load_model(path, dtype="float32", device="cpu", trust_remote_code=False):
+    """Any local causal-LM folder. Hyena-RTF comes from this repository's code (models/loading.py);
+    a folder's own code runs only with trust_remote_code."""
     from transformers import AutoModelForCausalLM
 
     check_model_folder(path)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=DTYPES[dtype])
+    try:
+        model = from_pretrained(AutoModelForCausalLM, path, trust_remote_code, dtype=DTYPES[dtype])
+    except RemoteCodeRefused as refused:
+        raise EvalError(str(refused)) from None
+    except Exception as error:  # noqa: BLE001 - e.g. truncated weights: the user needs one line
+        raise EvalError(f"could not load the model from {path}: {' '.join(str(error).split())[:300]}") from None
     return model.to(device).eval()
 
 
@@ -119,28 +141,28 @@ class Document:
 
 
 def read_texts(path):
-    """Yield document texts: a .jsonl / .jsonl.zst line's "text" field (Pile format), or a whole file."""
-    name = path.name.lower()
-    if not (name.endswith(".jsonl") or name.endswith(".jsonl.zst")):
-        try:  # bytes then decode: keeps \r\n as is, so the byte count is that of the file
-            yield path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise EvalError(f"{path}: not UTF-8 text ({error})") from error
-        return
-    with open(path, "rb") as raw:
-        if name.endswith(".zst"):
-            import zstandard
-            raw = zstandard.ZstdDecompressor().stream_reader(raw)
-        for line_number, line in enumerate(io.BufferedReader(raw), start=1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line).get("text")
-            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
-                raise EvalError(f"{path}:{line_number}: not a JSON object ({error})") from error
-            if not isinstance(text, str):
-                raise EvalError(f"{path}:{line_number}: no string 'text' field")
+    """Yield document texts: each line's "text" of a .jsonl / .jsonl.zst file (Pile format), or a
+    whole other file as one document. Read by data_prep's readers, so truncated or corrupt zstd,
+    bad JSON and bad UTF-8 are errors naming the file and line (blank lines and empty documents
+    are skipped: they hold nothing to score). Plain files keep their bytes exactly (\r\n too), so
+    the byte count is that of the file."""
+    if not path.is_file():
+        raise EvalError(f"{path}: not a text or JSONL file, nor a data_prep folder (no manifest.json)")
+    kind = classify(str(path))
+    if kind not in ("zst", "jsonl", "text"):
+        raise EvalError(f"{path}: unsupported --data format ({kind}); use text, .jsonl or .jsonl.zst")
+    try:
+        for _, line, record_kind, payload, set_name in iter_records(0, Source(str(path), kind)):
+            text, _, skipped = validate_record(record_kind, payload, set_name)
+            if skipped is not None:
+                reason, message = skipped
+                if reason in ("blank_line", "empty_document"):
+                    continue
+                where = f"{path}:{line}" if record_kind == "J" else str(path)
+                raise EvalError(f"{where}: {message}")
             yield text
+    except SourceError as error:
+        raise EvalError(str(error)) from None
 
 
 def encode(tokenizer, text):
@@ -173,10 +195,6 @@ def shard_documents(path, max_documents=None, max_tokens=None):
     Reads through data_prep.indexed.MMapIndexedDataset(prefix) (Megatron layout): len(ds)
     sequences, ds[i] -> array of ids, ds.doc_idx -> document starts in sequence units (one
     sequence per document when absent). Bytes come from the shard's own tokenizer.json."""
-    try:
-        from data_prep.indexed import MMapIndexedDataset
-    except ImportError as error:
-        raise EvalError(f"token-shard input needs data_prep.indexed.MMapIndexedDataset ({error})") from error
     from tokenizers import Tokenizer
 
     prefix = path / "val" if path.is_dir() else path.with_suffix("")
@@ -184,8 +202,11 @@ def shard_documents(path, max_documents=None, max_tokens=None):
         raise EvalError(f"no {prefix}.bin / {prefix}.idx token shard")
     if not (prefix.parent / "tokenizer.json").is_file():
         raise EvalError(f"no tokenizer.json beside {prefix}: cannot count the bytes of the shard's text")
-    decoder = Tokenizer.from_file(str(prefix.parent / "tokenizer.json"))
-    dataset = MMapIndexedDataset(str(prefix))
+    try:
+        decoder = Tokenizer.from_file(str(prefix.parent / "tokenizer.json"))
+        dataset = MMapIndexedDataset(str(prefix))
+    except Exception as error:  # noqa: BLE001 - tokenizers and the index reader raise several types
+        raise EvalError(f"cannot read the token shard {prefix}: {' '.join(str(error).split())}") from None
     doc_idx = getattr(dataset, "doc_idx", None)
     bounds = [int(b) for b in doc_idx] if doc_idx is not None else list(range(len(dataset) + 1))
     documents, total = [], 0
@@ -370,6 +391,9 @@ def build_parser():
     p.add_argument("--mode", choices=("parallel", "recurrent"), default="parallel")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model folder's own Python code to run (needed only for architectures other than "
+                        "Hyena-RTF that ship custom code; off by default)")
     p.add_argument("--max-documents", type=positive_int, help="score at most this many documents per input (LAMBADA: examples)")
     p.add_argument("--max-tokens", type=positive_int, help="score at most about this many tokens per --data input")
     p.add_argument("--output", type=Path, help="write the results as JSON here (default: print only)")
@@ -397,12 +421,10 @@ def check_arguments(args):
 def evaluate(args):
     """Run everything the arguments ask for; return the results as a JSON-ready dict. Data is read
     and tokenized before the model is loaded, so that bad data fails fast."""
-    from transformers import AutoConfig
-
     check_arguments(args)
     started = time.time()
-    config = AutoConfig.from_pretrained(args.model, trust_remote_code=True)
-    tokenizer = load_tokenizer(args.model)
+    config = load_config(args.model, args.trust_remote_code)
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     context_length = args.context_length or default_context_length(config)
     stride = args.stride or context_length
     if stride > context_length:
@@ -410,9 +432,12 @@ def evaluate(args):
     start_id = start_token_id(tokenizer, config)
     inputs = [(path, shard_documents(path, args.max_documents, args.max_tokens) if is_shard(path)
                else text_documents(path, tokenizer, args.max_documents, args.max_tokens)) for path in args.data]
+    for path, documents in inputs:  # a perplexity over nothing is NaN, not a result
+        if not any(len(d.tokens) for d in documents):
+            raise EvalError(f"{path}: no document with a token to score")
     lambada = lambada_windows(args.lambada, tokenizer, context_length, args.max_documents) if args.lambada else None
 
-    model = load_model(args.model, args.dtype, args.device)
+    model = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
     head = model.get_output_embeddings()
     vocab = head.weight.shape[0] if head is not None else config.vocab_size
     results = {

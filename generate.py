@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,9 @@ def build_parser() -> Parser:
     p.add_argument("--num-samples", type=int, default=1, help="continuations per prompt")
     p.add_argument("--batch-size", type=int, default=8, help="sequences decoded together")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a checkpoint folder's own Python code to run (needed only for architectures "
+                        "other than Hyena-RTF that ship custom code; off by default)")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="weights / activations; the RTF filters and their recurrent state stay float32")
     return p
@@ -58,6 +62,9 @@ def build_parser() -> Parser:
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """Parse and validate everything that needs no torch; returns the args and the prompts."""
     args = build_parser().parse_args(argv)
+    for name in ("temperature", "top_p", "repetition_penalty"):
+        if not math.isfinite(getattr(args, name)):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
     if args.temperature < 0:
         raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
@@ -78,7 +85,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise UsageError(f"prompt file not found: {path}")
-        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise UsageError(f"prompt file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         if not prompts:
             raise UsageError(f"prompt file {path} has no non-empty line")
     return args, prompts
@@ -112,11 +122,15 @@ def cast_model(model, dtype):
     return model
 
 
-def load(checkpoint: str, device: str, dtype_name: str):
-    """(model, tokenizer) from a checkpoint folder; one-line UsageError when it cannot be loaded."""
+def load(checkpoint: str, device: str, dtype_name: str, trust_remote_code: bool = False):
+    """(model, tokenizer) from a checkpoint folder; one-line UsageError when it cannot be loaded.
+    Hyena-RTF checkpoints load from this repository's code; the folder's own code runs only with
+    trust_remote_code (see models/loading.py)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from models.loading import RemoteCodeRefused, from_pretrained
 
     hf_logging.disable_progress_bar()  # keep stderr for our own timings
     if device == "auto":
@@ -128,9 +142,11 @@ def load(checkpoint: str, device: str, dtype_name: str):
     try:
         what = "model"
         # Loaded in float32 and cast below, so the RTF parameters never pass through half precision.
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True, dtype=torch.float32)
+        model = from_pretrained(AutoModelForCausalLM, checkpoint, trust_remote_code, dtype=torch.float32)
         what = "tokenizer"
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=True)
+        tokenizer = from_pretrained(AutoTokenizer, checkpoint, trust_remote_code)
+    except RemoteCodeRefused as e:
+        raise UsageError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - whatever the loader raises, the user needs one line
         message = " ".join(str(e).split()) or type(e).__name__
         raise UsageError(f"could not load the {what} from {checkpoint}: {message[:300]}") from None
@@ -260,7 +276,7 @@ def run(args, prompts: list[str], out=sys.stdout, err=sys.stderr) -> list[str]:
     """Generate for every prompt x sample; write texts to `out`, timings to `err`; return the texts."""
     import torch
 
-    model, tokenizer = load(args.checkpoint, args.device, args.dtype)
+    model, tokenizer = load(args.checkpoint, args.device, args.dtype, args.trust_remote_code)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     stop = eos_ids(model, tokenizer)

@@ -63,11 +63,12 @@ def _split_launcher_args(argv: list[str]) -> list[str]:
 
 def _user_errors() -> tuple:
     """Exceptions that mean "fix the command, the config, the data or the checkpoint" (exit 2)."""
+    from data_prep.atomic import NotReplaceableError
     from training.checkpoint import CheckpointError
     from training.data import DataError
     from training.runlock import RunLockedError
 
-    return ConfigError, DataError, CheckpointError, RunLockedError
+    return ConfigError, DataError, CheckpointError, RunLockedError, NotReplaceableError
 
 
 def _fail(e: BaseException, code: int) -> int:
@@ -84,13 +85,16 @@ def _export(argv: list[str]) -> int:
     p.add_argument("out_dir")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype of the saved weights (RTF parameters always stay float32)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR even if it is not an earlier export (never the run or checkpoint itself)")
     args = p.parse_args(argv)
     import torch
 
     from training.export import export_checkpoint
 
     try:
-        out = export_checkpoint(args.checkpoint, args.out_dir, dtype=getattr(torch, args.dtype))
+        out = export_checkpoint(args.checkpoint, args.out_dir, dtype=getattr(torch, args.dtype),
+                                overwrite=args.overwrite)
     except _user_errors() as e:
         return _fail(e, 2)
     print(f"[export] wrote {out}")

@@ -270,9 +270,10 @@ def _hf_records(si: int, src: Source, counter: _Counter, text_key: str):
             raise SourceError(src.path, row + 1, f"cannot read row: {e}") from e
 
 
-def iter_records(si: int, src: Source, counter: _Counter, text_chunk_bytes: int = 0,
+def iter_records(si: int, src: Source, counter: _Counter | None = None, text_chunk_bytes: int = 0,
                  text_key: str = "text"):
     """All records of one source, in file order (see the module docstring for the tuple)."""
+    counter = _Counter() if counter is None else counter
     if src.kind in ("zst", "jsonl"):
         yield from _json_records(si, src, counter, zst=src.kind == "zst")
     elif src.kind == "text":

@@ -3,18 +3,26 @@
 
 The folder holds config.json (with auto_map), the model code (modeling_hyena_rtf.py and every file
 it imports relatively), model.safetensors, generation_config.json and the tokenizer files. It is
-written under a temporary name and renamed at the end, so a crash never leaves a folder that looks
-complete. This module is not part of the exported code.
+built in a staging folder beside the target and swapped in at the end (data_prep/atomic.py), so a
+crash never leaves a folder that looks complete and never loses the previous export.
+
+Nothing the export did not write is ever deleted: an existing target is replaced only if it is a
+Hyena-RTF export holding nothing but an export's own files (`check_export_target`), unless the
+caller passes overwrite=True; a target that is a file is always refused. This module is not part
+of the exported code.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
+import re
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerFast
+
+from data_prep.atomic import check_replaceable, locked, remove_stale, replace_dir
 
 from .configuration_hyena_rtf import HyenaRTFConfig
 from .modeling_hyena_rtf import HyenaRTFForCausalLM, HyenaRTFModel
@@ -34,17 +42,42 @@ def load_tokenizer(tokenizer_file: str | os.PathLike, eos_token: str | None = No
     return tok
 
 
+EXPORT_KIND = "Hyena-RTF Hugging Face export"
+# Every name save_hf_checkpoint writes: the model code, configs, weights (sharded or not), tokenizer.
+_EXPORT_FILES = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\.py|(config|generation_config|tokenizer|tokenizer_config|"
+                           r"special_tokens_map|model\.safetensors\.index)\.json|model(-\d+-of-\d+)?\.safetensors|"
+                           r"chat_template\.jinja")
+
+
+def is_export(config_json: Path) -> bool:
+    """True when `config_json` is the config.json of a Hyena-RTF export."""
+    try:
+        return json.loads(config_json.read_text(encoding="utf-8")).get("model_type") == HyenaRTFConfig.model_type
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_export_target(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise NotReplaceableError (one line) unless `out_dir` may receive an export: it does not
+    exist, is empty, or is an earlier Hyena-RTF export with only an export's files in it (or any
+    folder with overwrite=True). Call it before any long work, so a bad target fails at once."""
+    check_replaceable(out_dir, marker="config.json", kind=EXPORT_KIND, is_kind=is_export,
+                      owned=lambda name: _EXPORT_FILES.fullmatch(name) is not None, overwrite=overwrite)
+
+
 def save_hf_checkpoint(model: HyenaRTFForCausalLM, tokenizer_file: str | os.PathLike | None,
-                       out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+                       out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
+                       overwrite: bool = False) -> Path:
     """Save `model` (+ tokenizer) as a self-contained HF folder at `out_dir`; returns the path.
 
     dtype: optional dtype for the saved weights (the RTF parameters are always kept in float32).
-    An existing `out_dir` is replaced only once the new folder is complete.
+    An existing `out_dir` is replaced only once the new folder is complete, and only as
+    `check_export_target` allows.
     """
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp-export")
-    shutil.rmtree(tmp, ignore_errors=True)
+    check_export_target(out, overwrite)
     config: HyenaRTFConfig = model.config
+    tok = None
     if tokenizer_file is not None:
         tok = load_tokenizer(tokenizer_file)
         if len(tok) > config.vocab_size:
@@ -60,22 +93,19 @@ def save_hf_checkpoint(model: HyenaRTFForCausalLM, tokenizer_file: str | os.Path
     type(model).register_for_auto_class("AutoModelForCausalLM")
     config.auto_map = {**(getattr(config, "auto_map", None) or {}),
                        "AutoModel": f"{HyenaRTFModel.__module__.rsplit('.', 1)[-1]}.{HyenaRTFModel.__name__}"}
-    if dtype is not None and dtype != torch.float32:
-        state = {k: (v if _is_rtf_param(k) else v.to(dtype)) for k, v in model.state_dict().items()}
-        config.dtype = str(dtype).removeprefix("torch.")
-        model.save_pretrained(tmp, state_dict=state)
-    else:
-        model.save_pretrained(tmp)
-    if tokenizer_file is not None:
-        tok.save_pretrained(tmp)
-    if out.exists():
-        old = out.with_name(out.name + ".old-export")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with locked(out):
+        remove_stale(out)
+        check_export_target(out, overwrite)  # again: another export may have finished meanwhile
+        with replace_dir(out) as staging:
+            if dtype is not None and dtype != torch.float32:
+                state = {k: (v if _is_rtf_param(k) else v.to(dtype)) for k, v in model.state_dict().items()}
+                config.dtype = str(dtype).removeprefix("torch.")
+                model.save_pretrained(staging, state_dict=state)
+            else:
+                model.save_pretrained(staging)
+            if tok is not None:
+                tok.save_pretrained(staging)
     return out
 
 

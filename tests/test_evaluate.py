@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 import numpy as np
@@ -377,8 +376,8 @@ def check_shard_result(result, texts, documents, model, start):
 
 
 def install_stand_in_reader(monkeypatch, sequences, doc_idx=None):
-    """Stands in for data_prep.indexed (issue 4) with exactly the interface evaluate.py uses;
-    returns the list of path prefixes it was opened with."""
+    """Stands in for data_prep.indexed.MMapIndexedDataset with exactly the interface evaluate.py
+    uses; returns the list of path prefixes it was opened with."""
     opened = []
 
     class StandInDataset:
@@ -392,9 +391,7 @@ def install_stand_in_reader(monkeypatch, sequences, doc_idx=None):
         def __getitem__(self, i):
             return sequences[i]
 
-    module = types.ModuleType("data_prep.indexed")
-    module.MMapIndexedDataset = StandInDataset
-    monkeypatch.setitem(sys.modules, "data_prep.indexed", module)
+    monkeypatch.setattr(ev, "MMapIndexedDataset", StandInDataset)
     return opened
 
 
@@ -502,16 +499,51 @@ def test_bad_arguments_give_one_line_errors(model_dir, docs_jsonl, capsys, flags
     assert code != 0 and message in err and len(err.strip().splitlines()) == 1, err
 
 
+def two_zstd_frames_cut_in_the_second() -> bytes:
+    import zstandard
+
+    frames = [zstandard.ZstdCompressor().compress((json.dumps({"text": t}) + "\n").encode() * 20)
+              for t in ("first frame", "second frame")]
+    return frames[0] + frames[1][: len(frames[1]) // 2]
+
+
 @pytest.mark.parametrize("name, content, message", [
-    ("bad.jsonl", b'{"text": "fine"}\n{"text": broken\n', "bad.jsonl:2: not a JSON object"),
-    ("bad.jsonl", b'{"text": "fine"}\n\n{"meta": 1}\n', "bad.jsonl:3: no string 'text' field"),
-    ("bad.txt", b"caf\xe9 latin-1", "bad.txt: not UTF-8 text"),
+    ("bad.jsonl", b'{"text": "fine"}\n{"text": broken\n', "bad.jsonl:2: invalid JSON"),
+    ("bad.jsonl", b'{"text": "fine"}\n\n{"meta": 1}\n', "bad.jsonl:3: no 'text' field"),
+    ("bad.txt", b"caf\xe9 latin-1", "bad.txt: invalid UTF-8"),
+    ("cut.jsonl.zst", two_zstd_frames_cut_in_the_second(), "truncated zstd stream"),
+    ("empty.txt", b"", "empty.txt: no document with a token to score"),
+    ("blank.jsonl", b"\n\n", "blank.jsonl: no document with a token to score"),
+    ("folder", None, "not a text or JSONL file, nor a data_prep folder"),
 ])
 def test_bad_data_files_give_one_line_errors(model_dir, tmp_path, capsys, name, content, message):
-    (tmp_path / name).write_bytes(content)
-    assert ev.main([str(model_dir), "--data", str(tmp_path / name), "--context-length", "8"]) == 2
+    if content is None:
+        (tmp_path / name).mkdir()
+    else:
+        (tmp_path / name).write_bytes(content)
+    out = tmp_path / "results.json"
+    code = ev.main([str(model_dir), "--data", str(tmp_path / name), "--context-length", "8", "--output", str(out)])
     err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()  # no NaN results, no half-scored file reported as done
+
+
+def test_unloadable_models_give_one_line_errors(model_dir, docs_jsonl, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert ev.main([str(broken), "--data", str(docs_jsonl), "--context-length", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"evaluate.py: error: could not load the model from {broken}") and "\n" not in err, err
+    config = json.loads((model_dir / "config.json").read_text())
+    if config["model_type"] == "hyena_rtf":
+        (broken / "config.json").write_text(json.dumps({**config, "filter": "wavelet"}))
+        assert ev.main([str(broken), "--data", str(docs_jsonl), "--context-length", "8"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "could not load the config" in err and "filter must be one of" in err and "\n" not in err, err
 
 
 def test_cli_missing_model_is_one_line_error(tmp_path):

@@ -266,6 +266,7 @@ def bad_cases(ckpt: Path, tmp: Path):
     (tmp / "bad_json").mkdir()
     (tmp / "bad_json" / "config.json").write_text("{not json")
     (tmp / "blank.txt").write_text("\n   \n\n")
+    (tmp / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
     return [
         ([tmp / "nope", "--prompt", "hi"], "checkpoint folder not found"),
         ([tmp / "empty_dir", "--prompt", "hi"], "no config.json"),
@@ -283,6 +284,11 @@ def bad_cases(ckpt: Path, tmp: Path):
         ([ckpt, "--prompt-file", tmp / "missing.txt"], "prompt file not found"),
         ([ckpt], "one of the arguments --prompt --prompt-file is required"),
         ([ckpt, "--prompt", "hi", "--prompt-file", tmp / "blank.txt"], "not allowed with"),
+        ([ckpt, "--prompt-file", tmp / "binary.txt"], "is not UTF-8 text"),
+        ([ckpt, "--prompt", "hi", "--temperature", "nan"], "--temperature must be a finite number"),
+        ([ckpt, "--prompt", "hi", "--temperature", "inf"], "--temperature must be a finite number"),
+        ([ckpt, "--prompt", "hi", "--top-p", "nan"], "--top-p must be a finite number"),
+        ([ckpt, "--prompt", "hi", "--repetition-penalty", "inf"], "--repetition-penalty must be a finite number"),
     ]
 
 

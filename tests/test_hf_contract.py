@@ -335,7 +335,7 @@ def without_cache(model):
 
 
 def test_generate_cli_refuses_a_model_that_returns_no_cache(exported):
-    model, _, tokenizer_file = exported
+    tokenizer_file = exported[2]
     gen = load_script("generate.py")
     args = SimpleNamespace(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=4)
     tokenizer = load_tokenizer(tokenizer_file)

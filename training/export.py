@@ -42,17 +42,36 @@ def model_from_checkpoint(ckpt_dir: str):
     return model.eval(), config
 
 
-def export_checkpoint(path: str, out_dir: str, dtype: Optional[torch.dtype] = None, verify: bool = True) -> Path:
+def check_export_destination(out_dir: str, source: str, overwrite: bool = False) -> None:
+    """Raise NotReplaceableError (one line) unless `out_dir` may receive an export from `source`
+    (a run folder or one of its checkpoints). Whatever `overwrite` says, never: `source` itself, a
+    folder that contains it, or anything in the run's checkpoints folder. A folder beside the
+    checkpoints (OUT_DIR/hf) is fine. Otherwise as models.export.check_export_target."""
+    from data_prep.atomic import NotReplaceableError
+    from models.export import check_export_target
+
+    out, src = Path(os.path.realpath(out_dir)), Path(os.path.realpath(source))
+    ckpt_root = src.parent if src.parent.name == ckpt.CHECKPOINTS else src / ckpt.CHECKPOINTS
+    if out == src or out in src.parents or out == ckpt_root or ckpt_root in out.parents:
+        raise NotReplaceableError(f"export folder {out_dir} would replace or be written into {source} or its "
+                                  "checkpoints; choose an output path outside them")
+    check_export_target(out, overwrite)
+
+
+def export_checkpoint(path: str, out_dir: str, dtype: Optional[torch.dtype] = None, verify: bool = True,
+                      overwrite: bool = False) -> Path:
     """Write the HF folder of checkpoint `path` (or of the latest checkpoint of run folder `path`).
 
-    The checkpoint is verified against its manifest first (CheckpointError naming the bad file);
-    `verify=False` only for a checkpoint this process has just written or verified itself.
+    The destination is checked first (`check_export_destination`), then the checkpoint against
+    its manifest (CheckpointError naming the bad file); `verify=False` only for a checkpoint this
+    process has just written or verified itself. overwrite: replace a non-export folder.
     """
     from models.export import save_hf_checkpoint
 
+    check_export_destination(out_dir, path, overwrite)
     ckpt_dir = ckpt.resolve_checkpoint(path)
     if verify:
         ckpt.verify_checkpoint(ckpt_dir)
     model, _ = model_from_checkpoint(ckpt_dir)
     tok = os.path.join(ckpt_dir, ckpt.TOKENIZER_FILE)
-    return save_hf_checkpoint(model, tok if os.path.isfile(tok) else None, out_dir, dtype=dtype)
+    return save_hf_checkpoint(model, tok if os.path.isfile(tok) else None, out_dir, dtype=dtype, overwrite=overwrite)

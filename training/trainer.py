@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from data_prep.atomic import NotReplaceableError
 from training import checkpoint as ckpt
 from training.config import (
     ConfigError,
@@ -110,6 +111,18 @@ def build_engine(cfg: DictConfig, model, plan, device, env, kind: str) -> Engine
     return TorchEngine(model, optimizer, plan, device, cfg.train.precision, env, o.grad_clip)
 
 
+def export_dir_of(cfg: DictConfig) -> str:
+    return cfg.checkpoint.export_dir or os.path.join(cfg.train.out_dir, "hf")
+
+
+def check_export_target_of_run(cfg: DictConfig) -> None:
+    """The end-of-run export may replace an earlier export, never the run folder, its
+    checkpoints, or a folder that contains the run (NotReplaceableError)."""
+    from training.export import check_export_destination
+
+    check_export_destination(export_dir_of(cfg), cfg.train.out_dir)
+
+
 def run(cfg: DictConfig) -> Dict:
     """Train as configured; returns a summary dict (also on the non-main ranks).
 
@@ -122,6 +135,11 @@ def run(cfg: DictConfig) -> Dict:
     out_dir = cfg.train.out_dir
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"train.out_dir '{out_dir}' is an existing file, not a folder")
+    if cfg.checkpoint.export_at_end:  # a bad export folder must fail now, not after the last step
+        try:
+            check_export_target_of_run(cfg)
+        except NotReplaceableError as e:
+            raise ConfigError(f"checkpoint.export_dir: {e}") from None
     env = detect_env()
     if env.rank != 0:
         return _run(cfg, env, t_start)
@@ -332,7 +350,7 @@ def _run(cfg: DictConfig, env, t_start: float) -> Dict:
             say(f"final val perplexity {summary['val_ppl']:.2f} vs unigram baseline {unigram_ppl:.2f}")
         last_ckpt = last_ckpt or resume_from  # a rerun of a finished run trains no step
         if cfg.checkpoint.export_at_end:
-            export_dir = cfg.checkpoint.export_dir or os.path.join(out_dir, "hf")
+            export_dir = export_dir_of(cfg)
             if main:
                 from training.export import export_checkpoint
 

@@ -1,0 +1,107 @@
+"""Exporting never destroys what the export did not write.
+
+Each case runs `train.py export` (or a training run with an export at the end) the way a careless
+user would, and checks both the one-line error (exit code 2) and that every file that was there
+before is still there, byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import train
+from training.config import load_config
+from training.trainer import run
+
+from _train_utils import TINY, make_corpus, torch_threads
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, by relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A 4-step run folder with one checkpoint and metrics, no export."""
+    corpus = make_corpus(tmp_path_factory.mktemp("corpus") / "data")
+    out = tmp_path_factory.mktemp("run")
+    with torch_threads(1):
+        run(load_config(None, [*TINY, f"data.dir={corpus}", f"train.out_dir={out}", "train.max_steps=4",
+                               "train.eval_every=4"]))
+    return corpus, out
+
+
+def export(capsys, *args) -> tuple[int, str]:
+    code = train.main(["export", *map(str, args)])
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("where", ["the run itself", "a folder holding the run", "inside its checkpoints"])
+def test_export_onto_the_run_is_refused_and_the_run_survives(trained_run, capsys, where):
+    _, out = trained_run
+    target = {"the run itself": out, "a folder holding the run": out.parent,
+              "inside its checkpoints": out / "checkpoints" / "hf"}[where]
+    before = snapshot(out)
+    for extra in ((), ("--overwrite",)):  # --overwrite does not lift this refusal
+        code, err = export(capsys, out, target, *extra)
+        assert code == 2 and err.startswith("train.py: error: export folder") and "\n" not in err, err
+    assert snapshot(out) == before
+
+
+def test_export_into_a_folder_with_other_files_keeps_them(trained_run, tmp_path, capsys):
+    _, out = trained_run
+    home = tmp_path / "models"
+    (home / "other_model").mkdir(parents=True)
+    (home / "other_model" / "weights.bin").write_bytes(b"\x00" * 100)
+    (home / "notes.txt").write_text("mine")
+    before = snapshot(home)
+    code, err = export(capsys, out, home)
+    assert code == 2 and "is not empty" in err and "--overwrite" in err, err
+    assert snapshot(home) == before
+
+
+def test_export_onto_a_file_keeps_the_file(trained_run, tmp_path, capsys):
+    _, out = trained_run
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"precious")
+    code, err = export(capsys, out, target)
+    assert code == 2 and "is not a folder" in err, err
+    assert target.read_bytes() == b"precious"
+
+
+def test_an_earlier_export_is_replaced_but_not_one_holding_foreign_files(trained_run, tmp_path, capsys):
+    _, out = trained_run
+    hf = tmp_path / "hf"
+    assert export(capsys, out, hf)[0] == 0
+    first = snapshot(hf)
+    assert export(capsys, out, hf)[0] == 0  # an export of ours: replaced
+    assert snapshot(hf).keys() == first.keys()
+    (hf / "my_eval_results.txt").write_text("keep me")
+    code, err = export(capsys, out, hf)
+    assert code == 2 and "did not write" in err and "my_eval_results.txt" in err, err
+    assert (hf / "my_eval_results.txt").read_text() == "keep me"
+    assert export(capsys, out, hf, "--overwrite")[0] == 0  # asked for: replaced whole
+    assert not (hf / "my_eval_results.txt").exists() and (hf / "config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
+
+
+def test_an_export_beside_the_checkpoints_is_fine(trained_run, capsys):
+    _, out = trained_run
+    assert export(capsys, out, out / "hf_on_demand")[0] == 0
+    assert json.loads((out / "hf_on_demand" / "config.json").read_text())["model_type"] == "hyena_rtf"
+
+
+def test_export_dir_equal_to_out_dir_fails_before_training(trained_run, tmp_path, capsys):
+    corpus, _ = trained_run
+    out = tmp_path / "run2"
+    code = train.main(["--config", str(train.DEFAULT_CONFIG), *TINY, f"data.dir={corpus}", f"train.out_dir={out}",
+                       "checkpoint.export_at_end=true", f"checkpoint.export_dir={out}"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith("train.py: error: checkpoint.export_dir:"), err
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+    assert not os.path.exists(out) or set(os.listdir(out)) <= {".run.lock"}
