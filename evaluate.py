@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from models.hf_compat import cache_kwargs, output_cache
+from data_prep.atomic import write_text
 from data_prep.indexed import MMapIndexedDataset
 from data_prep.readers import Source, SourceError, classify, iter_records, validate_record
 from models.loading import RemoteCodeRefused, from_pretrained
@@ -488,9 +489,9 @@ def main(argv=None):
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         return 2
     print(format_table(results))
-    if args.output is not None:
+    if args.output is not None:  # complete or not at all, never a half-written file
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results, indent=2) + "\n")
+        write_text(args.output, json.dumps(results, indent=2) + "\n")
     return 0
 
 
