@@ -105,3 +105,85 @@ def launcher_cmd(launcher: str, nproc: int) -> list:
     if launcher == "torchrun":
         return [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", port, "train.py"]
     return [sys.executable, "train.py"]
+
+
+# Loss and gradient-norm tolerances of runs compared with the one-process reference; measured and
+# justified in the docstrings of test_train_distributed.py and test_train_elastic.py.
+LOSS_ATOL = 2e-5
+NORM_RTOL = 1e-4
+
+
+def reference_curve(corpus: Path, out: Path) -> dict:
+    """The uninterrupted one-process run (micro 4 x accumulation 2, 10 steps) the others must follow."""
+    from training.config import load_config
+    from training.trainer import run
+
+    with torch_threads(1):
+        run(load_config(None, [*TINY, f"data.dir={corpus}", f"train.out_dir={out}"]))
+    return curve(out)
+
+
+def curve(out) -> dict:
+    """Per logged step: step, loss, grad norm, lr of both groups, tokens seen; and the eval losses."""
+    from training.metrics import read_metrics
+
+    recs = read_metrics(os.path.join(out, "metrics.jsonl"))
+    got = {k: [r[k] for r in recs] for k in ("step", "loss", "grad_norm", "lr", "rtf_lr", "tokens")}
+    got["val"] = [r["val_loss"] for r in read_metrics(os.path.join(out, "metrics.jsonl"), "eval")]
+    return got
+
+
+def assert_close(got: dict, ref: dict) -> None:
+    """`got` follows the reference: same steps, schedule and token count exactly (pure functions of
+    the step), losses within LOSS_ATOL, gradient norms within NORM_RTOL."""
+    import pytest
+
+    assert got["step"] == ref["step"] == list(range(1, 11))
+    gaps = [abs(a - b) for a, b in zip(got["loss"], ref["loss"])]
+    assert max(gaps) < LOSS_ATOL, f"loss gaps {gaps}"
+    for a, b in zip(got["grad_norm"], ref["grad_norm"]):
+        assert a == pytest.approx(b, rel=NORM_RTOL)
+    assert got["val"] == pytest.approx(ref["val"], abs=LOSS_ATOL)
+    assert (got["lr"], got["rtf_lr"], got["tokens"]) == (ref["lr"], ref["rtf_lr"], ref["tokens"])
+    assert ref["loss"][-1] < ref["loss"][0] - 0.3  # the curve being matched actually moves
+
+
+def assert_resized(p: subprocess.CompletedProcess, step: int, saved_on: int, resumed_on: int) -> None:
+    """The run `p` resumed at `step` on resumed_on processes a checkpoint saved by saved_on, and said so."""
+    assert f"| {resumed_on} process(es)" in p.stdout
+    expected = f"at step {step} with a different world size: saved by {saved_on} process(es), resumed on {resumed_on}"
+    assert expected in p.stdout, p.stdout[-2000:]
+
+
+def launch(launcher: str, corpus: Path, out: Path, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """A TINY run of train.py under `launcher` (deepspeed, torchrun: nproc processes; python: one)."""
+    import pytest
+
+    if launcher != "python" and not (BIN / launcher).exists():
+        pytest.fail(f"{BIN / launcher} not found: the dev install provides it")
+    return run_cmd([*launcher_cmd(launcher, nproc), *TINY, f"data.dir={corpus}", f"train.out_dir={out}", *extra],
+                   threads=1)
+
+
+def in_process_deepspeed(monkeypatch, precision: str = "fp32", zero_stage: int = 1, seed: int = 0):
+    """A one-rank DeepSpeedEngine in this process around the tiny model (vocabulary 512, no
+    launcher), its AdamW groups as train.py builds them. The rendezvous variables go through
+    monkeypatch, so no later subprocess inherits them; close() the last engine to leave the group."""
+    import torch
+
+    from models.configuration_hyena_rtf import HyenaRTFConfig
+    from models.modeling_hyena_rtf import HyenaRTFForCausalLM
+    from training.config import load_config, resolve_batch
+    from training.engine import DeepSpeedEngine, deepspeed_config, detect_env
+    from training.optim import make_optimizer, param_groups
+
+    rendezvous = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                  "MASTER_PORT": str(free_port())}
+    for k, v in rendezvous.items():
+        monkeypatch.setenv(k, v)
+    plan = resolve_batch(load_config(None, [*TINY, f"train.precision={precision}"]).train, 1)
+    torch.manual_seed(seed)
+    model = HyenaRTFForCausalLM(HyenaRTFConfig(vocab_size=512, d_model=32, n_layer=2, l_max=64, state_size=4))
+    opt = make_optimizer(param_groups(model, 1e-3, 1e-3, 0.1), betas=(0.9, 0.95), eps=1e-8)
+    return DeepSpeedEngine(model, opt, plan, torch.device("cpu"), precision, detect_env(),
+                           deepspeed_config(plan, zero_stage, precision, 1.0, {}))

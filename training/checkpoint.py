@@ -5,6 +5,8 @@ Layout (one folder per checkpoint, under OUT_DIR/checkpoints/):
     step_00000300/
         model.pt, optimizer.pt          single/DDP engine: full fp32 weights and AdamW state
         deepspeed/, latest              DeepSpeed engine: its own files (ZeRO partitions per rank)
+        zero_full_state.pt              DeepSpeed engine: full fp32 weights and AdamW state, to resume
+                                        on another number of processes (training/zero_elastic.py)
         rng_rank{R}.pt                  RNG states of rank R, tensors only (training/rng.py)
         config.yaml                     the effective training config (everything resolved)
         tokenizer.json                  so a checkpoint exports on its own
@@ -26,10 +28,11 @@ added file would be loaded too), at the moment of the check. What it does not: t
 signed, so whoever can write the folder can also rewrite manifest.json to match crafted files; it
 tells a corrupt or partial checkpoint from a complete one, not a forged one from a genuine one.
 Against forgery: files this code loads itself go through torch's restricted unpickler
-(`weights_only=True`: model.pt, optimizer.pt, rng_rank*.pt), which cannot run code; DeepSpeed's
-own files (resume with the DeepSpeed engine, export of a ZeRO checkpoint) are loaded by DeepSpeed
-with full unpickling (it offers no weights_only option), so load only DeepSpeed checkpoints whose
-folder nobody else could write. A file changed after the check (a race) is not caught.
+(`weights_only=True`: model.pt, optimizer.pt, rng_rank*.pt, zero_full_state.pt), which cannot run
+code; DeepSpeed's own files (resume with the DeepSpeed engine, also on another world size, where
+it still reads its module file; export of a ZeRO checkpoint) are loaded by DeepSpeed with full
+unpickling (it offers no weights_only option), so load only DeepSpeed checkpoints whose folder
+nobody else could write. A file changed after the check (a race) is not caught.
 """
 
 from __future__ import annotations
@@ -248,16 +251,18 @@ def load_checkpoint(engine, ckpt_dir: str) -> Dict:
     """Collective: restores engine (model + optimizer) and this rank's RNG state; returns trainer_state.
 
     Call it on a checkpoint `verify_checkpoint` accepted. A rank without an RNG file (resuming with
-    more processes than saved) keeps its seeded state.
+    more processes than saved) keeps its seeded state; the engine re-partitions what it must
+    (`trainer_state["world_size"]` is the number of processes that saved).
     """
-    engine.load(ckpt_dir)
+    state = read_trainer_state(ckpt_dir)
+    engine.load(ckpt_dir, state.get("world_size", engine.world_size))
     rng_file = os.path.join(ckpt_dir, f"rng_rank{engine.rank}.pt")
     if os.path.isfile(rng_file):
         try:
             load_rng(rng_file)
         except RngFileError as e:
             raise CheckpointError(str(e)) from None
-    return read_trainer_state(ckpt_dir)
+    return state
 
 
 def load_fp32_state_dict(ckpt_dir: str) -> Dict[str, torch.Tensor]:

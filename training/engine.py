@@ -4,7 +4,7 @@ All engines expose the same small interface used by the trainer:
 
     result = engine.train_step(micro_batches)   # one optimizer step over grad_accum_steps micro-batches
     loss_sum, n_tokens = engine.eval_sums(batches)
-    engine.save(dir) / engine.load(dir)         # collective: every rank calls them
+    engine.save(dir) / engine.load(dir, saved_world_size)   # collective: every rank calls them
 
 `micro_batches` is this rank's list of LongTensor (micro_batch_size, seq_len + 1). The loss of a
 micro-batch is the mean token cross-entropy, computed in float32 from the logits:
@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from training.config import BatchPlan, ConfigError, check_deepspeed_extra
+from training.zero_elastic import ZeroFullState, group_param_names
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,7 +212,8 @@ class Engine:
     def save(self, ckpt_dir: str) -> None:
         raise NotImplementedError
 
-    def load(self, ckpt_dir: str) -> None:
+    def load(self, ckpt_dir: str, saved_world_size: int) -> None:
+        """Restore model and optimizer from ckpt_dir, saved by `saved_world_size` processes."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -282,7 +284,8 @@ class TorchEngine(Engine):
             torch.save(self.module.state_dict(), os.path.join(ckpt_dir, self.MODEL_FILE))
             torch.save(self.optimizer.state_dict(), os.path.join(ckpt_dir, self.OPTIM_FILE))
 
-    def load(self, ckpt_dir):
+    def load(self, ckpt_dir, saved_world_size):
+        # Full replicas: any number of processes reads the same two files.
         model_file = os.path.join(ckpt_dir, self.MODEL_FILE)
         if not os.path.isfile(model_file):
             raise RuntimeError(
@@ -342,7 +345,9 @@ def init_deepspeed_distributed(device: torch.device) -> None:
 
 
 class DeepSpeedEngine(Engine):
-    """DeepSpeed ZeRO stage 1/2 around a torch AdamW client optimizer."""
+    """DeepSpeed ZeRO stage 1/2 around a torch AdamW client optimizer. Checkpoints are DeepSpeed's
+    own files plus the full optimizer state (training/zero_elastic.py), so that they also resume
+    on another number of processes; on the saved number, DeepSpeed's own load runs unchanged."""
 
     kind = "deepspeed"
 
@@ -352,7 +357,9 @@ class DeepSpeedEngine(Engine):
 
         init_deepspeed_distributed(device)
         self.ds_config = ds_config
+        names = group_param_names(model, optimizer)  # before DeepSpeed swaps in its flat partitions
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.full_state = ZeroFullState(self.ds, names)
 
     @property
     def param_groups(self):
@@ -376,13 +383,17 @@ class DeepSpeedEngine(Engine):
 
     def save(self, ckpt_dir):
         self.ds.save_checkpoint(ckpt_dir, tag=DS_TAG)
+        self.full_state.save(ckpt_dir)  # what a resume on another world size needs (zero_elastic.py)
 
-    def load(self, ckpt_dir):
+    def load(self, ckpt_dir, saved_world_size):
         if not os.path.isdir(os.path.join(ckpt_dir, DS_TAG)):
             raise RuntimeError(
                 f"{ckpt_dir} has no {DS_TAG}/ folder: it was not written by the DeepSpeed engine "
                 f"(use train.engine=single or ddp to resume it)"
             )
+        if saved_world_size != self.world_size:
+            self.full_state.load_resized(ckpt_dir, DS_TAG)
+            return
         path, _ = self.ds.load_checkpoint(ckpt_dir, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt_dir}")

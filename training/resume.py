@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from training import checkpoint as ckpt
 from training.checkpoint import CheckpointError
+from training.zero_elastic import FULL_STATE_FILE, has_full_state
 
 
 def _candidates(cfg: DictConfig, ckpt_root: str) -> List[str]:
@@ -102,8 +103,10 @@ def check_same_data(ckpt_dir: str, state: Dict, now: Dict, data_dir: str) -> Non
             f"train.out_dir, or checkpoint.resume=none")
 
 
-def check_resume_compatible(cfg: DictConfig, ckpt_dir: str, state: Dict, global_batch: int, engine_kind: str) -> None:
-    """Refuse a checkpoint this run cannot continue (other engine family, model or sequence length).
+def check_resume_compatible(cfg: DictConfig, ckpt_dir: str, state: Dict, global_batch: int, engine_kind: str,
+                            world_size: int) -> None:
+    """Refuse a checkpoint this run cannot continue (other engine family, model or sequence length,
+    a DeepSpeed checkpoint without the full state that another world size needs).
 
     single and ddp checkpoints are the same files (full weights and optimizer state); DeepSpeed's
     are ZeRO partitions only DeepSpeed reads, so the two families cannot resume each other.
@@ -117,6 +120,12 @@ def check_resume_compatible(cfg: DictConfig, ckpt_dir: str, state: Dict, global_
         raise CheckpointError(
             f"cannot resume from {ckpt_dir}: it was written by the {state.get('engine')} engine, and this run uses "
             f"DeepSpeed; resume it with python train.py / torchrun, or set checkpoint.resume=none")
+    saved_world = state.get("world_size", world_size)
+    if now_ds and saved_world != world_size and not has_full_state(ckpt_dir):
+        raise CheckpointError(
+            f"cannot resume from {ckpt_dir} on {world_size} process(es): it was saved by {saved_world} and has no "
+            f"{FULL_STATE_FILE} (it predates elastic resume), so its ZeRO partitions cannot be re-split; "
+            f"resume it on {saved_world} process(es)")
     saved = OmegaConf.load(os.path.join(ckpt_dir, ckpt.CONFIG_FILE))
     for key in saved.model:
         if key != "preset" and saved.model[key] != cfg.model.get(key):

@@ -203,10 +203,14 @@ def _run(cfg: DictConfig, env, t_start: float) -> Dict:
     resume_from = find_resume(cfg, ckpt_root, engine)
     if resume_from is not None:
         saved_state = ckpt.read_trainer_state(resume_from)
-        check_resume_compatible(cfg, resume_from, saved_state, plan.global_batch_size, engine.kind)
+        check_resume_compatible(cfg, resume_from, saved_state, plan.global_batch_size, engine.kind, env.world_size)
         check_same_data(resume_from, saved_state, data_id, cfg.data.dir)
         state.update(ckpt.load_checkpoint(engine, resume_from))
-        say(f"resumed from {resume_from} at step {state['step']}")
+        saved_world = saved_state.get("world_size", env.world_size)
+        resized = "" if saved_world == env.world_size else (
+            f" with a different world size: saved by {saved_world} process(es), resumed on {env.world_size}"
+            + (" (ZeRO partitions re-split from zero_full_state.pt)" if engine.kind == "deepspeed" else ""))
+        say(f"resumed from {resume_from} at step {state['step']}{resized}")
     start_step = state["step"]
     run_nonfinite = 0  # counted per process lifetime: the limit guards this run, not the history
 
