@@ -112,3 +112,35 @@ def test_out_of_vocabulary_token_ids_are_a_data_error(corpus, tmp_path, capsys):
     assert train.main([*TINY, f"data.dir={data}", f"train.out_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert "the batch of step 1 of the 'train' split" in err and "token id 600, outside the tokenizer's vocabulary of 512" in err
+
+
+def test_an_unwritable_out_dir_is_a_one_line_error(corpus, capsys):
+    # /sys refuses new entries even to root, unlike a chmod'ed folder
+    assert train.main(args(corpus, "/sys/kernel/hyena_rtf_test_run")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("train.py: error: train.out_dir '/sys/kernel/hyena_rtf_test_run' cannot be created or written: "
+                   "Operation not permitted"), err
+
+
+def test_a_full_disk_during_a_checkpoint_save_keeps_the_previous_checkpoint(corpus, tmp_path, monkeypatch, capsys):
+    """The second save (step 8) hits ENOSPC while writing its RNG file: one line naming the
+    checkpoint, exit 2, the partial folder removed, step 4's checkpoint intact and resumable."""
+    import errno
+
+    real, saves = ckpt.save_rng, []
+
+    def save_rng(path):
+        saves.append(path)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        real(path)
+
+    monkeypatch.setattr(ckpt, "save_rng", save_rng)
+    assert train.main(args(corpus, tmp_path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"train.py: error: cannot write checkpoint {tmp_path / 'checkpoints' / 'step_00000008'}: "
+                          "No space left on device") and "\n" not in err, err
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000004"]
+    ckpt.verify_checkpoint(str(tmp_path / "checkpoints" / "step_00000004"))
+    monkeypatch.setattr(ckpt, "save_rng", real)
+    assert train.main(args(corpus, tmp_path)) == 0  # resumes from step 4 and finishes

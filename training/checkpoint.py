@@ -203,9 +203,22 @@ def save_checkpoint(
     tokenizer_file: Optional[str],
     keep_last: int,
 ) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint path."""
+    """Collective: every rank calls it. Returns the final checkpoint path.
+
+    A write that fails (full or read-only disk) raises CheckpointError naming the checkpoint and
+    the reason, after removing the partial folder; the previous checkpoints are untouched."""
     final = os.path.join(root, step_dir_name(step))
     tmp = os.path.join(root, ".tmp-" + step_dir_name(step))
+    try:
+        return _save_checkpoint(engine, root, step, trainer_state, config_yaml, tokenizer_file, keep_last, final, tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours, and it frees the space it took
+        where = f" ({e.filename})" if e.filename else ""
+        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}{where}; the previous "
+                              f"checkpoints in {root} are intact") from None
+
+
+def _save_checkpoint(engine, root, step, trainer_state, config_yaml, tokenizer_file, keep_last, final, tmp) -> str:
     if engine.is_main:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)

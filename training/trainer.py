@@ -143,9 +143,16 @@ def run(cfg: DictConfig) -> Dict:
     env = detect_env()
     if env.rank != 0:
         return _run(cfg, env, t_start)
-    os.makedirs(out_dir, exist_ok=True)
-    with RunLock(out_dir):
+    lock = RunLock(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock.acquire()
+    except OSError as e:  # read-only or full disk, no permission: say which folder, in one line
+        raise ConfigError(f"train.out_dir '{out_dir}' cannot be created or written: {e.strerror}") from None
+    try:
         return _run(cfg, env, t_start)
+    finally:
+        lock.release()
 
 
 def _run(cfg: DictConfig, env, t_start: float) -> Dict:
