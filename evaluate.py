@@ -87,16 +87,22 @@ def load_tokenizer(path, trust_remote_code=False):
         return PreTrainedTokenizerFast(tokenizer_file=str(Path(path) / "tokenizer.json"))
 
 
+def _load(auto_class, what, path, trust_remote_code, **kwargs):
+    """auto_class.from_pretrained(path) for the CLI: any failure (refused remote code, an invalid
+    config.json or hyper-parameter, truncated weights) becomes one EvalError line."""
+    check_model_folder(path)
+    try:
+        return from_pretrained(auto_class, path, trust_remote_code, **kwargs)
+    except RemoteCodeRefused as refused:
+        raise EvalError(str(refused)) from None
+    except Exception as error:  # noqa: BLE001 - whatever the loader raises, the user needs one line
+        raise EvalError(f"could not load the {what} from {path}: {' '.join(str(error).split())[:300]}") from None
+
+
 def load_config(path, trust_remote_code=False):
     from transformers import AutoConfig
 
-    check_model_folder(path)
-    try:
-        return from_pretrained(AutoConfig, path, trust_remote_code)
-    except RemoteCodeRefused as refused:
-        raise EvalError(str(refused)) from None
-    except Exception as error:  # noqa: BLE001 - e.g. an invalid config.json or hyper-parameter
-        raise EvalError(f"could not load the config of {path}: {' '.join(str(error).split())[:300]}") from None
+    return _load(AutoConfig, "config", path, trust_remote_code)
 
 
 def load_model(path, dtype="float32", device="cpu", trust_remote_code=False):
@@ -104,14 +110,7 @@ def load_model(path, dtype="float32", device="cpu", trust_remote_code=False):
     a folder's own code runs only with trust_remote_code."""
     from transformers import AutoModelForCausalLM
 
-    check_model_folder(path)
-    try:
-        model = from_pretrained(AutoModelForCausalLM, path, trust_remote_code, dtype=DTYPES[dtype])
-    except RemoteCodeRefused as refused:
-        raise EvalError(str(refused)) from None
-    except Exception as error:  # noqa: BLE001 - e.g. truncated weights: the user needs one line
-        raise EvalError(f"could not load the model from {path}: {' '.join(str(error).split())[:300]}") from None
-    return model.to(device).eval()
+    return _load(AutoModelForCausalLM, "model", path, trust_remote_code, dtype=DTYPES[dtype]).to(device).eval()
 
 
 def start_token_id(tokenizer, config):

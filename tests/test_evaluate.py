@@ -543,7 +543,7 @@ def test_unloadable_models_give_one_line_errors(model_dir, docs_jsonl, tmp_path,
         (broken / "config.json").write_text(json.dumps({**config, "filter": "wavelet"}))
         assert ev.main([str(broken), "--data", str(docs_jsonl), "--context-length", "8"]) == 2
         err = capsys.readouterr().err.strip()
-        assert "could not load the config" in err and "filter must be one of" in err and "\n" not in err, err
+        assert "could not load the config from" in err and "filter must be one of" in err and "\n" not in err, err
 
 
 def test_cli_missing_model_is_one_line_error(tmp_path):
