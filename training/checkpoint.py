@@ -19,6 +19,9 @@ either the complete new folder or none, next to the previous checkpoints; leftov
 are deleted at the next start. Old checkpoints are first renamed to `.trash-*` and then deleted,
 so a kill during pruning cannot leave a half-deleted `step_*` folder either. Multi-node runs need
 OUT_DIR on a filesystem all nodes share (DeepSpeed writes one optimizer partition per rank).
+This is the recipe of data_prep/atomic.py (stage beside, fsync, rename, fsync the folder), with
+one difference: the staging name is derived from the step, not random, because every rank must
+find the same folder to write its files into.
 
 Verification (`verify_checkpoint`), before anything in a checkpoint is loaded, on resume and on
 export: the files on disk must be exactly those of manifest.json, with its sizes and SHA-256
@@ -47,6 +50,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from data_prep.atomic import fsync_dir, write_text
 from training.rng import RngFileError, load_rng, save_rng
 
 CHECKPOINTS = "checkpoints"
@@ -179,19 +183,13 @@ def verify_checkpoint(ckpt_dir: str) -> None:
 
 
 def _fsync_tree(path: str) -> None:
+    """Flush every file below `path` and every folder's entries: the files the engines wrote
+    (DeepSpeed's on every rank) go through their own writers, so they are synced here at once."""
     for dirpath, _, files in os.walk(path):
         for f in files:
             with open(os.path.join(dirpath, f), "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(dirpath)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(dirpath)
 
 
 def save_checkpoint(
@@ -228,19 +226,17 @@ def _save_checkpoint(engine, root, step, trainer_state, config_yaml, tokenizer_f
     save_rng(os.path.join(tmp, f"rng_rank{engine.rank}.pt"))
     engine.barrier()  # every rank's files are in tmp
     if engine.is_main:
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            f.write(config_yaml)
+        write_text(os.path.join(tmp, CONFIG_FILE), config_yaml)
         if tokenizer_file:
             shutil.copyfile(tokenizer_file, os.path.join(tmp, TOKENIZER_FILE))
-        with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump(trainer_state, f, indent=2)
+        write_text(os.path.join(tmp, STATE_FILE), json.dumps(trainer_state, indent=2))
         write_manifest(tmp)
         _fsync_tree(tmp)
         trash = os.path.join(root, ".trash-" + step_dir_name(step))
         if os.path.exists(final):  # re-saving a step (a resumed run that stops where it resumed)
             os.replace(final, trash)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         shutil.rmtree(trash, ignore_errors=True)
         prune(root, keep_last)
     engine.barrier()

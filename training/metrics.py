@@ -21,6 +21,8 @@ from typing import Dict, Optional
 
 import torch
 
+from data_prep.atomic import write_text
+
 # Dense bf16 tensor-core peak per GPU (no sparsity), from the vendors' datasheets. MFU is always
 # reported against this peak, also for fp32 runs (which then show how much they leave unused).
 PEAK_BF16_FLOPS = {
@@ -90,10 +92,7 @@ class MetricsLogger:
                         continue
                     if rec.get("step", 0) <= step:
                         kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(kept))
 
     def log(self, record: Dict) -> None:
         if not self.enabled:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from data_prep.atomic import NotReplaceableError
+from data_prep.atomic import NotReplaceableError, write_text
 from training import checkpoint as ckpt
 from training.config import (
     ConfigError,
@@ -190,13 +190,11 @@ def _run(cfg: DictConfig, env, t_start: float) -> Dict:
     ckpt_root = os.path.join(out_dir, ckpt.CHECKPOINTS)
     if main:
         ckpt.cleanup_partial(ckpt_root)
-        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-            f.write(to_yaml(cfg))
+        write_text(os.path.join(out_dir, "config.yaml"), to_yaml(cfg))
         if kind == "deepspeed":
             import json
 
-            with open(os.path.join(out_dir, "ds_config.json"), "w") as f:
-                json.dump(engine.ds_config, f, indent=2)
+            write_text(os.path.join(out_dir, "ds_config.json"), json.dumps(engine.ds_config, indent=2))
     say(
         f"engine {engine.kind} | {env.world_size} process(es) on {device.type} | {cfg.train.precision} | "
         f"{n_params / 1e6:.2f}M parameters | global batch {plan.global_batch_size} = micro "
