@@ -425,10 +425,6 @@ def test_shard_max_tokens_cut_keeps_bytes_exact(model_dir, tmp_path, monkeypatch
 
 
 def test_shard_input_with_data_prep_reader(model_dir, reference, tmp_path):
-    try:
-        import data_prep.indexed  # noqa: F401
-    except ImportError:
-        pytest.skip("data_prep.indexed is not written yet (issue 4)")
     texts, documents = shard_case(model_dir, tmp_path)
     result = run_eval(model_dir, "--data", tmp_path, "--context-length", 512)
     check_shard_result(result, texts, documents, reference[0], result["settings"]["start_token_id"])
@@ -437,7 +433,7 @@ def test_shard_input_with_data_prep_reader(model_dir, reference, tmp_path):
 def test_shard_prepared_by_data_prep(model_dir, reference, tmp_path):
     """End to end with the real pipeline: data_prep.prepare writes the shard folder, evaluate.py
     scores its val split; tokens and bytes agree with data_prep's manifest."""
-    prepare = pytest.importorskip("data_prep.prepare", reason="data_prep (issue 4) not available").prepare
+    from data_prep.prepare import prepare
     from data_prep.indexed import MMapIndexedDataset
 
     source = tmp_path / "corpus.jsonl"

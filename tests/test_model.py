@@ -93,7 +93,8 @@ def test_lm_under_bf16_autocast():
 # 10. presets and parameter counts
 # ---------------------------------------------------------------------------------------------
 def expected_parameters(cfg: HyenaRTFConfig) -> int:
-    """Closed-form count written from the architecture description (DESIGN.md 2.2-2.3)."""
+    """Closed-form count written from the architecture (models/hyena.py and the block in
+    models/modeling_hyena_rtf.py), not by walking the module tree."""
     d, w, n, r = cfg.d_model, cfg.short_conv_width, cfg.state_size, cfg.mlp_ratio
     V = -(-cfg.vocab_size // cfg.pad_vocab_size_multiple) * cfg.pad_vocab_size_multiple
     filters = cfg.filter_heads or d

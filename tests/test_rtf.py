@@ -1,6 +1,6 @@
 """Mathematical tests of the RTF filter (models/rtf.py) against independent float64 references.
 
-Every reference here is written in numpy float64 from the definitions in DESIGN.md section 2.1;
+Every reference here is written in numpy float64 from the definitions below (and in models/rtf.py);
 nothing below calls the code under test to compute an expected value.
 
     H(z) = h0 + (b1 z^-1 + ... + bn z^-n) / (1 + a1 z^-1 + ... + an z^-n)

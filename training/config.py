@@ -54,7 +54,7 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     lr: float = 6e-4  # peak lr of the non-RTF parameters
-    rtf_lr: float = 1e-3  # peak lr of the RTF filter parameters (DESIGN 2.1; weight decay 0)
+    rtf_lr: float = 1e-3  # peak lr of the RTF filter parameters (their own group, weight decay 0)
     weight_decay: float = 0.1  # applied to matrices only (see training/optim.py)
     beta1: float = 0.9
     beta2: float = 0.95

@@ -101,7 +101,8 @@ def _free_port() -> int:
 
 
 def ensure_single_process_env() -> None:
-    """A launcher-less process needs the rendezvous variables or DeepSpeed looks for MPI (DESIGN 3.2)."""
+    """A launcher-less process needs the rendezvous variables (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT), or DeepSpeed goes looking for mpi4py to discover them."""
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

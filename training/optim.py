@@ -76,7 +76,8 @@ def param_groups(
 
 
 def check_rtf_fp32(model: nn.Module, rtf_types: Optional[tuple] = None) -> None:
-    """Raise if any RTF parameter is not float32 (DESIGN 2.1: they must stay float32)."""
+    """Raise if any RTF parameter is not float32: the FFT kernel has no bf16 path and B/A is badly
+    conditioned near the unit circle (README, "The mathematics in one screen")."""
     rtf_types = rtf_module_types() if rtf_types is None else rtf_types
     for name, module in model.named_modules():
         if rtf_types and isinstance(module, rtf_types):
@@ -87,7 +88,8 @@ def check_rtf_fp32(model: nn.Module, rtf_types: Optional[tuple] = None) -> None:
 
 def make_optimizer(groups: List[Dict], betas: tuple, eps: float) -> torch.optim.AdamW:
     """torch AdamW. DeepSpeed gets the same object as a client optimizer (ZeRO wraps it), which
-    avoids the JIT-compiled FusedAdam / CPUAdam ops (DESIGN 3.2) and keeps one update rule for all
+    avoids DeepSpeed's JIT-compiled FusedAdam / CPUAdam ops (minutes of compilation on first use, and
+    no CUDA toolkit on CPU machines) and keeps one update rule for all
     engines."""
     return torch.optim.AdamW(groups, betas=betas, eps=eps)
 
