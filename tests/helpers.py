@@ -3,9 +3,78 @@ under test)."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """A top-level script (generate.py, evaluate.py) as a module, loaded by path, once per process:
+    an installed package of the same name (PyPI's `evaluate`) could shadow a plain import."""
+    module_name = f"hyena_rtf_{name.removesuffix('.py')}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, REPO / name)
+        module = sys.modules[module_name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+def naive_greedy(model, ids: torch.Tensor, new: int, mask: torch.Tensor | None = None,
+                 penalty: float = 1.0) -> torch.Tensor:
+    """Greedy decoding by a full parallel forward over the whole sequence for every token: no cache,
+    no generation code. mask: (B, T) attention mask of `ids` (left padding), grown with the ids.
+    penalty: Hugging Face's repetition penalty (divide positive scores of seen tokens by it,
+    multiply negative ones), written out here so that it is checked, not reused."""
+    with torch.no_grad():
+        for _ in range(new):
+            logits = model(ids, attention_mask=mask, use_cache=False).logits[:, -1]
+            if penalty != 1.0:
+                seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids, True)
+                logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=-1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+    return ids
+
+
+# Every keyword a model may receive its cache under (transformers from 5.24, and before).
+CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+@dataclass
+class Call:
+    positions: int  # how many positions this forward was fed
+    seen: int | None  # positions the cache it was given had already seen (None: no cache)
+    flops: int
+
+
+def spy_on_forward(model) -> list[Call]:
+    """Replace model.forward by a recorder (generate() calls the module, which calls forward)."""
+    calls: list[Call] = []
+    forward = type(model).forward.__get__(model)  # the real one, even if a spy is already installed
+
+    @functools.wraps(forward)  # keeps the signature, which generate() inspects to decide what to pass
+    def recording_forward(*args, **kwargs):
+        fed = next(x for x in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds")) if x is not None)
+        cache = next((kwargs[name] for name in CACHE_KEYWORDS if kwargs.get(name) is not None), None)
+        seen = None if cache is None else cache.seen_tokens
+        with FlopCounterMode(display=False) as counter:
+            out = forward(*args, **kwargs)
+        calls.append(Call(fed.shape[1], seen, counter.get_total_flops()))
+        return out
+
+    model.forward = recording_forward
+    return calls
+
 
 
 def np_causal_conv(u: np.ndarray, k: np.ndarray) -> np.ndarray:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import train_tiny_tokenizer
+from helpers import REPO, load_script, train_tiny_tokenizer
 from models.export import save_hf_checkpoint
-from test_hf_contract import REPO, load_script, tiny_model
+from test_hf_contract import tiny_model
 
 pytestmark = pytest.mark.hf
 

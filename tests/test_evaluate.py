@@ -27,17 +27,15 @@ os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="hf_modules_")
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
+from helpers import load_script  # noqa: E402
+
 pytestmark = pytest.mark.hf  # CI runs these under every supported transformers release
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 EOT = "<|endoftext|>"
 
-# Loaded by path under its own name: `import evaluate` could pick up Hugging Face's `evaluate`
-# package (lm-eval depends on it).
-_spec = importlib.util.spec_from_file_location("hyena_rtf_evaluate", REPO / "evaluate.py")
-ev = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ev)
+ev = load_script("evaluate.py")  # by path: `import evaluate` could pick up PyPI's `evaluate` (lm-eval needs it)
 
 
 # ----------------------------------------------------------------------------- data and models

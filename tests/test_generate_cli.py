@@ -6,7 +6,6 @@ would copy code into the user's HF cache from this process).
 """
 
 import functools
-import importlib.util
 import io
 import os
 import re
@@ -19,6 +18,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
+from helpers import load_script
 from models import HyenaRTFConfig, HyenaRTFForCausalLM
 from models.export import load_tokenizer, save_hf_checkpoint
 
@@ -31,10 +31,7 @@ HEADER = re.compile(r"^==> prompt (\d+) sample (\d+) <==$", re.M)
 pytestmark = [pytest.mark.hf, pytest.mark.skipif(not TOKENIZER.is_file(),
                                 reason=f"real tokenizer not found at {TOKENIZER} (../shared/data beside the repo)")]
 
-# Loaded by path: a module named `generate` could be shadowed by an installed package.
-_spec = importlib.util.spec_from_file_location("hyena_rtf_generate", SCRIPT)
-gen = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gen)
+gen = load_script("generate.py")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ that greedy choices are not decided by float rounding.
 import pytest
 import torch
 
+from helpers import naive_greedy
 from models import HyenaRTFConfig, HyenaRTFForCausalLM
 from models.hf_compat import cache_kwargs, output_cache
 from models.hyena import HyenaState
@@ -48,20 +49,6 @@ def tiny_model(filter="rtf", attn_layers=None, seed=0) -> HyenaRTFForCausalLM:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Relative error per position: ||a - b|| / ||b|| over the vocabulary, (B, T)."""
     return (a - b).norm(dim=-1) / b.norm(dim=-1)
-
-
-def naive_greedy(model, ids: torch.Tensor, new: int, penalty: float = 1.0) -> torch.Tensor:
-    """Greedy decoding that re-runs the whole parallel forward for every token (no cache).
-    penalty: Hugging Face's repetition penalty (divide positive scores of seen tokens by it,
-    multiply negative ones), written out here so that it is checked, not reused."""
-    with torch.no_grad():
-        for _ in range(new):
-            logits = model(ids, use_cache=False).logits[:, -1]
-            if penalty != 1.0:
-                seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids, True)
-                logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
-            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=-1)
-    return ids
 
 
 MODELS = [("rtf", None), ("rtf", [1]), ("implicit", None), ("implicit", [1])]

@@ -11,39 +11,25 @@ cache and no generation code.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from helpers import train_tiny_tokenizer
+from helpers import REPO, load_script, naive_greedy, spy_on_forward, train_tiny_tokenizer
 from models import HyenaRTFCache, HyenaRTFConfig, HyenaRTFForCausalLM, HyenaRTFModel
 from models.export import load_tokenizer, save_hf_checkpoint
 from models.hf_compat import CACHE_NAMES, cache_kwargs, output_cache
 
 pytestmark = pytest.mark.hf
 
-REPO = Path(__file__).resolve().parents[1]
 VOCAB, PROMPT, NEW = 97, 9, 12
-
-
-def load_script(name: str):
-    """A top-level script as a module, loaded by path (an installed package could shadow its name)."""
-    spec = importlib.util.spec_from_file_location(f"hyena_rtf_{name.removesuffix('.py')}", REPO / name)
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_model(attn_layers=None, vocab=VOCAB, seed=0, **overrides) -> HyenaRTFForCausalLM:
@@ -59,43 +45,6 @@ def tiny_model(attn_layers=None, vocab=VOCAB, seed=0, **overrides) -> HyenaRTFFo
 
 def prompt_ids(batch=2, length=PROMPT, seed=1) -> torch.Tensor:
     return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def naive_greedy(model, ids: torch.Tensor, new: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Greedy decoding by a full parallel forward over the whole sequence for every token."""
-    with torch.no_grad():
-        for _ in range(new):
-            logits = model(ids, attention_mask=mask, use_cache=False).logits[:, -1]
-            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=-1)
-            if mask is not None:
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-    return ids
-
-
-@dataclass
-class Call:
-    positions: int  # how many positions this forward was fed
-    seen: int | None  # positions the cache it was given had already seen (None: no cache)
-    flops: int
-
-
-def spy_on_forward(model) -> list[Call]:
-    """Replace model.forward by a recorder (generate() calls the module, which calls forward)."""
-    calls: list[Call] = []
-    forward = type(model).forward.__get__(model)  # the real one, even if a spy is already installed
-
-    @functools.wraps(forward)  # keeps the signature, which generate() inspects to decide what to pass
-    def recording_forward(*args, **kwargs):
-        fed = next(x for x in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds")) if x is not None)
-        cache = next((kwargs[name] for name in CACHE_NAMES if kwargs.get(name) is not None), None)
-        seen = None if cache is None else cache.seen_tokens
-        with FlopCounterMode(display=False) as counter:
-            out = forward(*args, **kwargs)
-        calls.append(Call(fed.shape[1], seen, counter.get_total_flops()))
-        return out
-
-    model.forward = recording_forward
-    return calls
 
 
 # ---- generate() really decodes recurrently ---------------------------------------------------------

@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from helpers import train_tiny_tokenizer
+from helpers import load_script, naive_greedy, spy_on_forward, train_tiny_tokenizer
 from models import HyenaRTFConfig, HyenaRTFForCausalLM
 from models.export import load_tokenizer, save_hf_checkpoint
-from test_hf_contract import load_script, naive_greedy, spy_on_forward
 
 pytestmark = pytest.mark.hf
 
