@@ -51,11 +51,18 @@ def build_parser() -> Parser:
     p.add_argument("--num-samples", type=int, default=1, help="continuations per prompt")
     p.add_argument("--batch-size", type=int, default=8, help="sequences decoded together")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow a checkpoint folder's own Python code to run (needed only for architectures "
-                        "other than Hyena-RTF that ship custom code; off by default)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES,
-                   help="weights / activations; the RTF filters and their recurrent state stay float32")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow a checkpoint folder's own Python code to run (needed only for architectures "
+        "other than Hyena-RTF that ship custom code; off by default)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPES,
+        help="weights / activations; the RTF filters and their recurrent state stay float32",
+    )
     return p
 
 
@@ -125,12 +132,12 @@ def cast_model(model, dtype):
 def load(checkpoint: str, device: str, dtype_name: str, trust_remote_code: bool = False):
     """(model, tokenizer) from a checkpoint folder; one-line UsageError when it cannot be loaded.
     Hyena-RTF checkpoints load from this repository's code; the folder's own code runs only with
-    trust_remote_code (see models/loading.py)."""
+    trust_remote_code (see hf/loading.py)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from models.loading import RemoteCodeRefused, from_pretrained
+    from hyena_rtf.hf.loading import RemoteCodeRefused, from_pretrained
 
     hf_logging.disable_progress_bar()  # keep stderr for our own timings
     if device == "auto":
@@ -155,14 +162,21 @@ def load(checkpoint: str, device: str, dtype_name: str, trust_remote_code: bool 
     model = cast_model(model, getattr(torch, dtype_name)).to(device).eval()
     tokenizer.padding_side = "left"  # new tokens are appended on the right of every row
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.convert_ids_to_tokens(0)
+        tokenizer.pad_token = (
+            tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.convert_ids_to_tokens(0)
+        )
     return model, tokenizer
 
 
 def logits_processors(args):
     """The processors `generate()` would build for these settings, in its order."""
-    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                              TopKLogitsWarper, TopPLogitsWarper)
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     procs = LogitsProcessorList()
     if args.repetition_penalty != 1.0:
@@ -201,7 +215,7 @@ def decode_ids(model, tokenizer, ids, mask, args, on_token=None):
 
     import torch
 
-    from models.hf_compat import cache_kwargs, output_cache
+    from hyena_rtf.models.hf_compat import cache_kwargs, output_cache
 
     procs = logits_processors(args)
     stop = torch.tensor(eos_ids(model, tokenizer), dtype=torch.long, device=model.device)
@@ -219,8 +233,10 @@ def decode_ids(model, tokenizer, ids, mask, args, on_token=None):
             out = model(input_ids=inputs, attention_mask=mask, use_cache=True, **cache_kwargs(cache), **kwargs)
             cache = output_cache(out)
             if cache is None:  # decoding on would feed one token with no context: garbage, no error
-                raise UsageError(f"{type(model).__name__} returned no cache for use_cache=True, so it cannot be "
-                                 "decoded token by token")
+                raise UsageError(
+                    f"{type(model).__name__} returned no cache for use_cache=True, so it cannot be "
+                    "decoded token by token"
+                )
             scores = procs(ids, out.logits[:, -1].float())
             if args.temperature > 0:
                 tok = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
@@ -260,7 +276,7 @@ class Streamer:
         self.ids.append(token_id)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if not text.endswith("\ufffd") and len(text) > self.printed:
-            self.out.write(text[self.printed:])
+            self.out.write(text[self.printed :])
             self.out.flush()
             self.printed = len(text)
 
@@ -284,7 +300,7 @@ def run(args, prompts: list[str], out=sys.stdout, err=sys.stderr) -> list[str]:
     single = len(jobs) == 1
     texts, total_tokens, total_time, ttfts = [], 0, 0.0, []
     for first in range(0, len(jobs), args.batch_size):
-        batch = jobs[first:first + args.batch_size]
+        batch = jobs[first : first + args.batch_size]
         batch_prompts = [prompts[i] for i, _ in batch]
         streamer = None
         if len(batch) == 1:  # stream this row token by token
@@ -310,11 +326,15 @@ def run(args, prompts: list[str], out=sys.stdout, err=sys.stderr) -> list[str]:
         total_tokens += stats["rows"] * stats["steps"]
         total_time += stats["ttft"] + stats["decode_s"]
         rate = stats["rows"] * (stats["steps"] - 1) / stats["decode_s"] if stats["steps"] > 1 else float("nan")
-        err.write(f"[batch {first // args.batch_size + 1}: {stats['rows']} x {stats['steps']} tokens] "
-                  f"time to first token {stats['ttft'] * 1e3:.1f} ms, decode {rate:.1f} tokens/s\n")
-    err.write(f"total: {total_tokens} tokens in {total_time:.2f} s = {total_tokens / total_time:.1f} tokens/s, "
-              f"mean time to first token {1e3 * sum(ttfts) / len(ttfts):.1f} ms "
-              f"(device {model.device}, dtype {args.dtype})\n")
+        err.write(
+            f"[batch {first // args.batch_size + 1}: {stats['rows']} x {stats['steps']} tokens] "
+            f"time to first token {stats['ttft'] * 1e3:.1f} ms, decode {rate:.1f} tokens/s\n"
+        )
+    err.write(
+        f"total: {total_tokens} tokens in {total_time:.2f} s = {total_tokens / total_time:.1f} tokens/s, "
+        f"mean time to first token {1e3 * sum(ttfts) / len(ttfts):.1f} ms "
+        f"(device {model.device}, dtype {args.dtype})\n"
+    )
     return texts
 
 

@@ -39,7 +39,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from training.config import ConfigError
+from hyena_rtf.training.config import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 
@@ -63,10 +63,10 @@ def _split_launcher_args(argv: list[str]) -> list[str]:
 
 def _user_errors() -> tuple:
     """Exceptions that mean "fix the command, the config, the data or the checkpoint" (exit 2)."""
-    from data_prep.atomic import NotReplaceableError
-    from training.checkpoint import CheckpointError
-    from training.data import DataError
-    from training.runlock import RunLockedError
+    from hyena_rtf.training.checkpoint import CheckpointError
+    from hyena_rtf.training.data import DataError
+    from hyena_rtf.training.runlock import RunLockedError
+    from hyena_rtf.utils.atomic import NotReplaceableError
 
     return ConfigError, DataError, CheckpointError, RunLockedError, NotReplaceableError
 
@@ -83,18 +83,26 @@ def _export(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="train.py export", description="Export a checkpoint as an HF folder")
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
     p.add_argument("out_dir")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="dtype of the saved weights (RTF parameters always stay float32)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace OUT_DIR even if it is not an earlier export (never the run or checkpoint itself)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="dtype of the saved weights (RTF parameters always stay float32)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT_DIR even if it is not an earlier export (never the run or checkpoint itself)",
+    )
     args = p.parse_args(argv)
     import torch
 
-    from training.export import export_checkpoint
+    from hyena_rtf.training.export import export_checkpoint
 
     try:
-        out = export_checkpoint(args.checkpoint, args.out_dir, dtype=getattr(torch, args.dtype),
-                                overwrite=args.overwrite)
+        out = export_checkpoint(
+            args.checkpoint, args.out_dir, dtype=getattr(torch, args.dtype), overwrite=args.overwrite
+        )
     except _user_errors() as e:
         return _fail(e, 2)
     print(f"[export] wrote {out}")
@@ -106,21 +114,26 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "export":
         return _export(argv[1:])
 
-    p = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(DEFAULT_CONFIG),
-                   help="YAML preset (default: configs/default.yaml, the small CPU-friendly run)")
+    p = argparse.ArgumentParser(
+        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config",
+        default=str(DEFAULT_CONFIG),
+        help="YAML preset (default: configs/default.yaml, the small CPU-friendly run)",
+    )
     p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = p.parse_args(argv)
 
-    from training.config import load_config, to_yaml
+    from hyena_rtf.training.config import load_config, to_yaml
 
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print(to_yaml(cfg))
             return 0
-        from training.trainer import TrainingError, run
+        from hyena_rtf.training.trainer import TrainingError, run
 
         try:
             summary = run(cfg)

@@ -16,6 +16,7 @@ MB/s = UTF-8 bytes of the documents written / wall-clock seconds of the ``prepar
 Results go to benchmarks/results/data_prep_cpu.json with the machine description and the load
 average (the machine may be shared, which lowers the figures).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,9 +47,15 @@ def machine() -> dict:
         pass
     import numpy
     import tokenizers
-    return {"cpu": cpu, "cores_available": len(os.sched_getaffinity(0)), "platform": platform.platform(),
-            "python": platform.python_version(), "tokenizers": tokenizers.__version__,
-            "numpy": numpy.__version__}
+
+    return {
+        "cpu": cpu,
+        "cores_available": len(os.sched_getaffinity(0)),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "tokenizers": tokenizers.__version__,
+        "numpy": numpy.__version__,
+    }
 
 
 def _cpu():
@@ -60,31 +67,46 @@ def run_once(inputs, out, tokenizer, workers, **kw) -> dict:
     """One full prepare. Besides wall-clock figures it records CPU seconds of this process and
     of its (reaped) worker processes: on a shared machine the wall clock measures the contention,
     while CPU time measures the work (the load average is recorded beside the results)."""
-    from data_prep.prepare import prepare
+    from hyena_rtf.data_prep.prepare import prepare
+
     c0, t = _cpu(), time.perf_counter()
     m = prepare(inputs, out, tokenizer=tokenizer, workers=workers, force=True, verbose=False, **kw)
     dt = time.perf_counter() - t
     c1 = _cpu()
     main_cpu, child_cpu = c1[0] - c0[0], c1[1] - c0[1]
     mb = m["text_bytes"] / 1e6
-    return {"seconds": round(dt, 3), "text_mb": round(mb, 3),
-            "tokens": m["tokens"], "documents": m["documents"]["written"],
-            "mb_per_s": round(mb / dt, 3), "tokens_per_s": round(m["tokens"] / dt),
-            "cpu_seconds_main": round(main_cpu, 3), "cpu_seconds_workers": round(child_cpu, 3),
-            "mb_per_cpu_second": round(mb / (main_cpu + child_cpu), 3)}
+    return {
+        "seconds": round(dt, 3),
+        "text_mb": round(mb, 3),
+        "tokens": m["tokens"],
+        "documents": m["documents"]["written"],
+        "mb_per_s": round(mb / dt, 3),
+        "tokens_per_s": round(m["tokens"] / dt),
+        "cpu_seconds_main": round(main_cpu, 3),
+        "cpu_seconds_workers": round(child_cpu, 3),
+        "mb_per_cpu_second": round(mb / (main_cpu + child_cpu), 3),
+    }
 
 
 def scenario(name, inputs, tokenizer, workers, repeats, tmp, **kw) -> dict:
     runs = [run_once(inputs, Path(tmp) / name, tokenizer, workers, **kw) for _ in range(repeats)]
     best = max(runs, key=lambda r: r["mb_per_s"])
     med = statistics.median(r["mb_per_s"] for r in runs)
-    res = {"inputs": [str(i) for i in inputs] if inputs else "default corpus",
-           "tokenizer": str(tokenizer) if tokenizer else "trained BPE (8192)", "workers": workers,
-           "runs": runs, "median_mb_per_s": round(med, 3), "best_mb_per_s": best["mb_per_s"],
-           "median_tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in runs))}
-    print(f"{name:15s} {res['median_mb_per_s']:6.2f} MB/s median (best {res['best_mb_per_s']:.2f}), "
-          f"{res['median_tokens_per_s']:,} tokens/s, {runs[0]['text_mb']} MB, "
-          f"{[r['seconds'] for r in runs]} s", flush=True)
+    res = {
+        "inputs": [str(i) for i in inputs] if inputs else "default corpus",
+        "tokenizer": str(tokenizer) if tokenizer else "trained BPE (8192)",
+        "workers": workers,
+        "runs": runs,
+        "median_mb_per_s": round(med, 3),
+        "best_mb_per_s": best["mb_per_s"],
+        "median_tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in runs)),
+    }
+    print(
+        f"{name:15s} {res['median_mb_per_s']:6.2f} MB/s median (best {res['best_mb_per_s']:.2f}), "
+        f"{res['median_tokens_per_s']:,} tokens/s, {runs[0]['text_mb']} MB, "
+        f"{[r['seconds'] for r in runs]} s",
+        flush=True,
+    )
     return res
 
 
@@ -96,15 +118,22 @@ def main():
     ap.add_argument("--skip-default", action="store_true", help="skip the default-corpus scenario")
     a = ap.parse_args()
     if a.workers is None:
-        from data_prep.prepare import default_workers
+        from hyena_rtf.data_prep.prepare import default_workers
+
         a.workers = default_workers()
     tok = DATA / "20B_tokenizer.json"
     prose = [DATA / "pile_sample.jsonl.zst", DATA / "tinyshakespeare_input.txt"]
     if not tok.is_file() or not all(p.is_file() for p in prose):
         sys.exit(f"real data not found in {DATA.resolve()}: this benchmark needs ../shared/data")
-    from data_prep import default_corpus
-    result = {"benchmark": "data_prep", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-              "machine": machine(), "load_average_before": list(os.getloadavg()), "scenarios": {}}
+    from hyena_rtf.data_prep import default_corpus
+
+    result = {
+        "benchmark": "data_prep",
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "load_average_before": list(os.getloadavg()),
+        "scenarios": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         sc = result["scenarios"]
         sc["prose"] = scenario("prose", [str(p) for p in prose], tok, a.workers, a.repeats, tmp)

@@ -38,9 +38,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models import HyenaRTFConfig, config_from_preset  # noqa: E402
-from models.hf_compat import cache_kwargs, output_cache  # noqa: E402
-from models.modeling_hyena_rtf import HyenaRTFForCausalLM  # noqa: E402
+from hyena_rtf.models import HyenaRTFConfig, config_from_preset  # noqa: E402
+from hyena_rtf.models.hf_compat import cache_kwargs, output_cache  # noqa: E402
+from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM  # noqa: E402
 
 METHODS = ("hyena_rtf_recurrent", "hyena_rtf_no_cache", "gpt_neox_kv")
 
@@ -52,8 +52,12 @@ def ints(text: str) -> list[int]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                   help="default: bfloat16 on CUDA, float32 on CPU (RTF filters and state stay float32)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "bfloat16", "float16"),
+        help="default: bfloat16 on CUDA, float32 on CPU (RTF filters and state stay float32)",
+    )
     p.add_argument("--preset", default="small", help="model preset (models/configuration_hyena_rtf.py)")
     p.add_argument("--d-model", type=int, help="override the preset's width")
     p.add_argument("--n-layer", type=int, help="override the preset's depth")
@@ -62,8 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=ints, default=ints("1,8,64"))
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--repeats", type=int, default=1,
-                   help="rounds over the cached methods; each row keeps its fastest (for shared machines)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds over the cached methods; each row keeps its fastest (for shared machines)",
+    )
     p.add_argument("--budget-s", type=float, default=60.0, help="time allowed per configuration")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -86,9 +94,14 @@ def build_models(args, device, dtype):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     neox_config = GPTNeoXConfig(
-        vocab_size=args.vocab_size, hidden_size=config.d_model, num_hidden_layers=config.n_layer,
-        num_attention_heads=config.n_head, intermediate_size=4 * config.d_model,
-        max_position_embeddings=max(args.prompt_lengths) + args.new_tokens, attn_implementation="sdpa")
+        vocab_size=args.vocab_size,
+        hidden_size=config.d_model,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        intermediate_size=4 * config.d_model,
+        max_position_embeddings=max(args.prompt_lengths) + args.new_tokens,
+        attn_implementation="sdpa",
+    )
     neox = GPTNeoXForCausalLM(neox_config).to(dtype)
     return ours.to(device).eval(), neox.to(device).eval(), config
 
@@ -154,8 +167,13 @@ def run_config(method, model, batch, prompt, args, device, history) -> dict:
         predicted = p_prefill * scale + args.new_tokens * (p_step * scale if not use_cache else p_step)
         if predicted > 3 * args.budget_s:
             return {**row, "status": "skipped", "reason": f"predicted {predicted:.0f} s > budget {args.budget_s:.0f} s"}
-    ids = torch.randint(0, args.vocab_size, (batch, prompt), device=device,
-                        generator=torch.Generator(device=device).manual_seed(args.seed))
+    ids = torch.randint(
+        0,
+        args.vocab_size,
+        (batch, prompt),
+        device=device,
+        generator=torch.Generator(device=device).manual_seed(args.seed),
+    )
     try:
         with torch.inference_mode():
             warm_prefill, warm, _ = decode(model, ids, 2 if use_cache else 0, use_cache, device)
@@ -172,10 +190,17 @@ def run_config(method, model, batch, prompt, args, device, history) -> dict:
     # Median, not mean: one step preempted by another process should not move the figure.
     step = sorted(times)[len(times) // 2]
     history[(method, batch)] = (prompt, step, prefill)
-    row.update(status="ok", steps_timed=len(times), prefill_ms=1e3 * prefill, per_token_ms=1e3 * step,
-               per_token_ms_mean=1e3 * sum(times) / len(times), per_token_ms_min=1e3 * min(times), decode_tokens_per_s=batch / step,
-               end_to_end_tokens_per_s=batch * len(times) / (prefill + sum(times)),
-               cache_mb=cache_bytes(cache) / 2**20 if cache is not None else 0.0)
+    row.update(
+        status="ok",
+        steps_timed=len(times),
+        prefill_ms=1e3 * prefill,
+        per_token_ms=1e3 * step,
+        per_token_ms_mean=1e3 * sum(times) / len(times),
+        per_token_ms_min=1e3 * min(times),
+        decode_tokens_per_s=batch / step,
+        end_to_end_tokens_per_s=batch * len(times) / (prefill + sum(times)),
+        cache_mb=cache_bytes(cache) / 2**20 if cache is not None else 0.0,
+    )
     if device.type == "cuda":
         row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     if len(times) < args.new_tokens:
@@ -184,8 +209,13 @@ def run_config(method, model, batch, prompt, args, device, history) -> dict:
 
 
 def machine(device) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": platform.processor(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if hasattr(os, "getloadavg"):
         info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
     if device.type == "cuda":
@@ -207,30 +237,49 @@ def plot(result: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     for method in METHODS:
         for b in batches:
-            pts = sorted((r["prompt_len"], r["per_token_ms"]) for r in rows if r["method"] == method and r["batch"] == b)
+            pts = sorted(
+                (r["prompt_len"], r["per_token_ms"]) for r in rows if r["method"] == method and r["batch"] == b
+            )
             if pts:
-                left.plot(*zip(*pts), styles[b], marker="o", color=colors[method], label=f"{method}, batch {b}")
-    left.set(xscale="log", yscale="log", xlabel="prompt length (tokens)", ylabel="per-token latency (ms)",
-             title="latency of one new token")
+                label = f"{method}, batch {b}"
+                left.plot(*zip(*pts, strict=True), styles[b], marker="o", color=colors[method], label=label)
+    left.set(
+        xscale="log",
+        yscale="log",
+        xlabel="prompt length (tokens)",
+        ylabel="per-token latency (ms)",
+        title="latency of one new token",
+    )
     left.set_xticks(sorted({r["prompt_len"] for r in rows}), [str(p) for p in sorted({r["prompt_len"] for r in rows})])
     left.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     left.legend(fontsize=7)
     prompts = sorted({r["prompt_len"] for r in rows})
     ref = max([p for p in prompts if p <= 2048] or prompts)
     for method in METHODS:
-        pts = sorted((r["batch"], r["decode_tokens_per_s"]) for r in rows if r["method"] == method and r["prompt_len"] == ref)
+        pts = sorted(
+            (r["batch"], r["decode_tokens_per_s"]) for r in rows if r["method"] == method and r["prompt_len"] == ref
+        )
         if pts:
             right.plot(*zip(*pts), marker="o", color=colors[method], label=method)
-    right.set(xscale="log", yscale="log", xlabel="batch size", ylabel="decode tokens/s",
-              title=f"throughput at prompt length {ref}")
+    right.set(
+        xscale="log",
+        yscale="log",
+        xlabel="batch size",
+        ylabel="decode tokens/s",
+        title=f"throughput at prompt length {ref}",
+    )
     right.set_xticks(batches, [str(b) for b in batches])
     right.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     right.legend(fontsize=7)
     m, mach = result["model"], result["machine"]
-    where = mach.get("gpu") or (f"CPU, {mach['torch_threads']} thread(s), load average "
-                                f"{mach.get('load_average_at_start', ['?'])[0]} on {mach['cpu_count']} cores")
-    fig.suptitle(f"{where}, {result['dtype']}: d {m['d_model']}, {m['n_layer']} layers, state {m['state_size']}, "
-                 f"vocab {m['vocab_size']}; median step of the best of {result['args']['repeats']} rounds")
+    where = mach.get("gpu") or (
+        f"CPU, {mach['torch_threads']} thread(s), load average "
+        f"{mach.get('load_average_at_start', ['?'])[0]} on {mach['cpu_count']} cores"
+    )
+    fig.suptitle(
+        f"{where}, {result['dtype']}: d {m['d_model']}, {m['n_layer']} layers, state {m['state_size']}, "
+        f"vocab {m['vocab_size']}; median step of the best of {result['args']['repeats']} rounds"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -240,8 +289,11 @@ def main(argv=None) -> int:
     if args.plot_only:
         plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
         return 0
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -253,12 +305,22 @@ def main(argv=None) -> int:
 
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(device), "device": str(device), "dtype": dtype_name,
-        "torch": torch.__version__, "transformers": transformers.__version__, "args": vars(args),
-        "model": {"d_model": config.d_model, "n_layer": config.n_layer, "state_size": config.state_size,
-                  "l_max": config.l_max, "vocab_size": config.vocab_size, "n_head": config.n_head,
-                  "params_hyena_rtf": sum(p.numel() for p in ours.parameters()),
-                  "params_gpt_neox": sum(p.numel() for p in neox.parameters())},
+        "machine": machine(device),
+        "device": str(device),
+        "dtype": dtype_name,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "args": vars(args),
+        "model": {
+            "d_model": config.d_model,
+            "n_layer": config.n_layer,
+            "state_size": config.state_size,
+            "l_max": config.l_max,
+            "vocab_size": config.vocab_size,
+            "n_head": config.n_head,
+            "params_hyena_rtf": sum(p.numel() for p in ours.parameters()),
+            "params_gpt_neox": sum(p.numel() for p in neox.parameters()),
+        },
         "rows": [],
     }
     history: dict = {}
@@ -276,17 +338,25 @@ def main(argv=None) -> int:
                     row = run_config(method, models[method], batch, prompt, args, device, history)
                     if key not in best or (row["status"] == "ok" and row["per_token_ms"] < best[key]["per_token_ms"]):
                         best[key] = {**row, "repeats": args.repeats if method != "hyena_rtf_no_cache" else 1}
-                    print(f"round {rnd + 1}: {method} batch {batch} prompt {prompt}: "
-                          + (f"{row['per_token_ms']:.2f} ms/token" if row["status"] == "ok" else row["reason"]),
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"round {rnd + 1}: {method} batch {batch} prompt {prompt}: "
+                        + (f"{row['per_token_ms']:.2f} ms/token" if row["status"] == "ok" else row["reason"]),
+                        file=sys.stderr,
+                        flush=True,
+                    )
     result["rows"] = list(best.values())
-    print(f"{'method':22} {'batch':>5} {'prompt':>6} {'prefill ms':>10} {'ms/token':>9} {'min ms':>7} {'tokens/s':>9} {'cache MB':>8}")
+    print(
+        f"{'method':22} {'batch':>5} {'prompt':>6} {'prefill ms':>10} {'ms/token':>9} {'min ms':>7} "
+        f"{'tokens/s':>9} {'cache MB':>8}"
+    )
     for row in result["rows"]:
         head = f"{row['method']:22} {row['batch']:5d} {row['prompt_len']:6d}"
         if row["status"] == "ok":
-            print(f"{head} {row['prefill_ms']:10.1f} {row['per_token_ms']:9.2f} {row['per_token_ms_min']:7.2f} "
-                  f"{row['decode_tokens_per_s']:9.1f} "
-                  f"{row['cache_mb']:8.2f}" + (" *" if "note" in row else ""))
+            print(
+                f"{head} {row['prefill_ms']:10.1f} {row['per_token_ms']:9.2f} {row['per_token_ms_min']:7.2f} "
+                f"{row['decode_tokens_per_s']:9.1f} "
+                f"{row['cache_mb']:8.2f}" + (" *" if "note" in row else "")
+            )
         else:
             print(f"{head}  skipped: {row['reason']}")
     out = Path(args.out)

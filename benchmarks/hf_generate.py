@@ -39,8 +39,8 @@ import transformers
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models import config_from_preset  # noqa: E402
-from models.modeling_hyena_rtf import HyenaRTFForCausalLM  # noqa: E402
+from hyena_rtf.models import config_from_preset  # noqa: E402
+from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM  # noqa: E402
 
 METHODS = ("generate_cached", "generate_no_cache", "recurrent_loop")
 
@@ -90,14 +90,25 @@ def run_method(method: str, model, ids: torch.Tensor, new: int, gen) -> torch.Te
         args = SimpleNamespace(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=new)
         tokens, _ = gen.decode_ids(model, tokenizer, ids, torch.ones_like(ids), args)
         return tokens
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                         do_sample=False, use_cache=method == "generate_cached")
-    return out[:, ids.shape[1]:]
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        use_cache=method == "generate_cached",
+    )
+    return out[:, ids.shape[1] :]
 
 
 def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": platform.processor(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if hasattr(os, "getloadavg"):
         info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
     return info
@@ -110,21 +121,31 @@ def plot(out_dir: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = sorted((json.loads(p.read_text()) for p in out_dir.glob("hf_generate_cpu_transformers-*.json")),
-                     key=lambda r: [int(x) for x in r["versions"]["transformers"].split(".")[:3]])
+    results = sorted(
+        (json.loads(p.read_text()) for p in out_dir.glob("hf_generate_cpu_transformers-*.json")),
+        key=lambda r: [int(x) for x in r["versions"]["transformers"].split(".")[:3]],
+    )
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(METHODS)
     for i, method in enumerate(METHODS):
-        ax.bar([g + i * width for g in range(len(results))],
-               [r["methods"][method]["decode_tokens_per_s"] for r in results], width, label=method)
-    ax.set_xticks([g + width for g in range(len(results))],
-                  [f"transformers {r['versions']['transformers']}" for r in results])
+        ax.bar(
+            [g + i * width for g in range(len(results))],
+            [r["methods"][method]["decode_tokens_per_s"] for r in results],
+            width,
+            label=method,
+        )
+    ax.set_xticks(
+        [g + width for g in range(len(results))], [f"transformers {r['versions']['transformers']}" for r in results]
+    )
     ax.set_yscale("log")
     ax.set_ylabel("decode tokens / s after the first (log)")
     if results:
         a, m = results[-1]["arguments"], results[-1]["machine"]
-        ax.set_title(f"greedy decode, preset {a['preset']}, prompt {a['prompt_length']}, {a['new_tokens']} new tokens\n"
-                     f"{m['cpu_count']}-core CPU, {m['torch_threads']} torch thread(s)", fontsize=10)
+        ax.set_title(
+            f"greedy decode, preset {a['preset']}, prompt {a['prompt_length']}, {a['new_tokens']} new tokens\n"
+            f"{m['cpu_count']}-core CPU, {m['torch_threads']} torch thread(s)",
+            fontsize=10,
+        )
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(METHODS), frameon=False)
     fig.tight_layout()
     path = out_dir / "hf_generate_cpu.png"
@@ -155,20 +176,30 @@ def main(argv=None) -> int:
                 first.append(returned[0] - start)  # prefill (and recurrence build) + first token
                 decode.append(end - returned[0])  # the other new_tokens - 1 tokens
             i = seconds.index(min(seconds))
-            row = {"seconds": [round(x, 4) for x in seconds], "first_token_s": round(first[i], 4),
-                   "tokens_per_s": args.new_tokens / seconds[i],
-                   "decode_tokens_per_s": (args.new_tokens - 1) / decode[i], "fed_positions": fed}
+            row = {
+                "seconds": [round(x, 4) for x in seconds],
+                "first_token_s": round(first[i], 4),
+                "tokens_per_s": args.new_tokens / seconds[i],
+                "decode_tokens_per_s": (args.new_tokens - 1) / decode[i],
+                "fed_positions": fed,
+            }
             methods[method] = row
-            print(f"[{method}] fastest of {args.repeats}: {seconds[i]:.2f} s = {row['tokens_per_s']:.1f} new tokens/s "
-                  f"(first token {first[i]:.2f} s, then {row['decode_tokens_per_s']:.1f} tokens/s); "
-                  f"positions fed per call: {fed[:4]}{' ...' if len(fed) > 4 else ''}", flush=True)
+            print(
+                f"[{method}] fastest of {args.repeats}: {seconds[i]:.2f} s = {row['tokens_per_s']:.1f} new tokens/s "
+                f"(first token {first[i]:.2f} s, then {row['decode_tokens_per_s']:.1f} tokens/s); "
+                f"positions fed per call: {fed[:4]}{' ...' if len(fed) > 4 else ''}",
+                flush=True,
+            )
     same = all(torch.equal(outputs[m], outputs[METHODS[0]]) for m in METHODS)
     result = {
-        "benchmark": "hf_generate", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": machine(), "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "benchmark": "hf_generate",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "model": {"preset": args.preset, "parameters": model.num_parameters()},
-        "same_tokens": same, "methods": methods,
+        "same_tokens": same,
+        "methods": methods,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"hf_generate_cpu_transformers-{transformers.__version__}.json"

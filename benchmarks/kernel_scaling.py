@@ -47,8 +47,8 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.implicit import ImplicitFilter  # noqa: E402
-from models.rtf import RTF  # noqa: E402
+from hyena_rtf.models.implicit import ImplicitFilter  # noqa: E402
+from hyena_rtf.models.rtf import RTF  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,7 +63,7 @@ class S4DKernel(torch.nn.Module):
         self.log_dt = torch.nn.Parameter(torch.empty(d).uniform_(math.log(1e-3), math.log(1e-1)))
         self.log_neg_re = torch.nn.Parameter(torch.full((d, m), math.log(0.5)))
         self.im = torch.nn.Parameter(math.pi * torch.arange(m, dtype=torch.float32).repeat(d, 1))
-        self.c = torch.nn.Parameter(torch.randn(d, m, 2) * 0.5 ** 0.5)
+        self.c = torch.nn.Parameter(torch.randn(d, m, 2) * 0.5**0.5)
 
     def forward(self, L: int) -> torch.Tensor:
         dt = self.log_dt.exp()[:, None]  # (d, 1)
@@ -129,8 +129,7 @@ def _profiler_peak_cpu(fn) -> int:
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import MemoryProfileTimeline
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                 with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         fn().sum().backward()
     _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
     return int(max((sum(s) for s in sizes), default=0))
@@ -184,16 +183,21 @@ def cpu_memory_method() -> str:
 MEMORY_METHODS = {
     "cuda": "torch.cuda.max_memory_allocated over one forward+backward, minus the bytes allocated before it",
     "profiler": "torch.profiler(profile_memory=True) allocation/free timeline of one forward+backward on the "
-                "CPU device; peak of the running sum of live tensor bytes (torch.profiler._memory_profiler)",
+    "CPU device; peak of the running sum of live tensor bytes (torch.profiler._memory_profiler)",
     "rss": "psutil RSS growth over one forward+backward, sampled every 0.2 ms by a thread (coarse: allocator "
-           "caching and page reuse hide small allocations)",
+    "caching and page reuse hide small allocations)",
 }
 
 
 def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
@@ -208,21 +212,35 @@ def _ints(text: str) -> list[int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--d-model", type=int, default=64, help="channels (filters) per kernel")
     p.add_argument("--lengths", type=_ints, default=[1024, 4096], help="comma-separated kernel lengths L")
-    p.add_argument("--states", type=_ints, default=[2 ** k for k in range(2, 12)],
-                   help="comma-separated state sizes n (S4D: n/2 complex modes)")
+    p.add_argument(
+        "--states",
+        type=_ints,
+        default=[2**k for k in range(2, 12)],
+        help="comma-separated state sizes n (S4D: n/2 complex modes)",
+    )
     p.add_argument("--repeats", type=int, default=10, help="timed runs per configuration (median reported)")
-    p.add_argument("--time-budget", type=float, default=5.0,
-                   help="seconds of timed runs per configuration before stopping early (at least 3 runs)")
-    p.add_argument("--max-bytes", type=float, default=6e9,
-                   help="skip (and record as skipped) configurations whose estimated peak exceeds this")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=5.0,
+        help="seconds of timed runs per configuration before stopping early (at least 3 runs)",
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=float,
+        default=6e9,
+        help="skip (and record as skipped) configurations whose estimated peak exceeds this",
+    )
     p.add_argument("--methods", default="rtf,s4d,implicit")
-    p.add_argument("--out", default="benchmarks/results/kernel_scaling",
-                   help="output path prefix: writes <out>.json and <out>.png")
+    p.add_argument(
+        "--out", default="benchmarks/results/kernel_scaling", help="output path prefix: writes <out>.json and <out>.png"
+    )
     return p.parse_args(argv)
 
 
@@ -238,27 +256,48 @@ def run(args: argparse.Namespace) -> dict:
                 if n is not None and not 1 <= n < L:
                     continue
                 est = estimate_bytes(method, args.d_model, n or 0, L)
-                row = {"method": method, "length": L, "state_size": n, "d_model": args.d_model,
-                       "est_bytes": est, "skipped": False}
+                row = {
+                    "method": method,
+                    "length": L,
+                    "state_size": n,
+                    "d_model": args.d_model,
+                    "est_bytes": est,
+                    "skipped": False,
+                }
                 if est > args.max_bytes:
-                    row.update(skipped=True, reason=f"estimated peak {est / 1e9:.2f} GB > --max-bytes "
-                                                    f"{args.max_bytes / 1e9:.2f} GB (out of memory)")
+                    row.update(
+                        skipped=True,
+                        reason=f"estimated peak {est / 1e9:.2f} GB > --max-bytes "
+                        f"{args.max_bytes / 1e9:.2f} GB (out of memory)",
+                    )
                     rows.append(row)
                     print(f"{method:9s} L={L:6d} n={n!s:5s} skipped ({row['reason']})", flush=True)
                     continue
                 fn = build(method, args.d_model, n or 0, L, device)
                 times = time_fwd_bwd(fn, device, args.repeats, args.time_budget)
                 mem = peak_memory(fn, device, mem_method)
-                row.update(time_ms=1e3 * statistics.median(times), time_min_ms=1e3 * min(times),
-                           peak_bytes=mem, repeats=len(times))
+                row.update(
+                    time_ms=1e3 * statistics.median(times),
+                    time_min_ms=1e3 * min(times),
+                    peak_bytes=mem,
+                    repeats=len(times),
+                )
                 rows.append(row)
                 print(f"{method:9s} L={L:6d} n={n!s:5s} {row['time_ms']:9.3f} ms  {mem / 1e6:10.2f} MB", flush=True)
                 del fn
-    return {"benchmark": "kernel_scaling", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "device": str(device), "machine": machine(), "memory_method": MEMORY_METHODS[mem_method],
-            "time_method": (f"median of up to {args.repeats} forward+backward runs after one warm-up (at least 3; "
-                            f"fewer once {args.time_budget} s were spent on a configuration); time_min_ms: fastest run"),
-            "args": {k: v for k, v in vars(args).items()}, "rows": rows}
+    return {
+        "benchmark": "kernel_scaling",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "machine": machine(),
+        "memory_method": MEMORY_METHODS[mem_method],
+        "time_method": (
+            f"median of up to {args.repeats} forward+backward runs after one warm-up (at least 3; "
+            f"fewer once {args.time_budget} s were spent on a configuration); time_min_ms: fastest run"
+        ),
+        "args": {k: v for k, v in vars(args).items()},
+        "rows": rows,
+    }
 
 
 def plot(result: dict, path: Path) -> None:
@@ -273,8 +312,10 @@ def plot(result: dict, path: Path) -> None:
     styles = {"rtf": ("tab:blue", "o"), "s4d": ("tab:red", "s"), "implicit": ("tab:green", "^")}
     lengths = sorted({r["length"] for r in rows})
     dashes = ["-", "--", ":", "-."]
-    for ax, key, label, scale in ((axes[0], "time_ms", "forward + backward time (ms)", 1.0),
-                                  (axes[1], "peak_bytes", "peak memory (MB)", 1e-6)):
+    for ax, key, label, scale in (
+        (axes[0], "time_ms", "forward + backward time (ms)", 1.0),
+        (axes[1], "peak_bytes", "peak memory (MB)", 1e-6),
+    ):
         for method, (color, marker) in styles.items():
             for i, L in enumerate(lengths):
                 sel = [r for r in rows if r["method"] == method and r["length"] == L]
@@ -284,16 +325,33 @@ def plot(result: dict, path: Path) -> None:
                 done = [r for r in sel if not r["skipped"] and r.get(key, 0) > 0]
                 if method == "implicit":  # no state size: a flat reference line
                     if done and states:
-                        ax.plot([states[0], states[-1]], [done[0][key] * scale] * 2, color=color, ls=ls,
-                                label=f"implicit, L={L} (no state)")
+                        ax.plot(
+                            [states[0], states[-1]],
+                            [done[0][key] * scale] * 2,
+                            color=color,
+                            ls=ls,
+                            label=f"implicit, L={L} (no state)",
+                        )
                     continue
-                ax.plot([r["state_size"] for r in done], [r[key] * scale for r in done], color=color,
-                        marker=marker, ls=ls, label=f"{method}, L={L}")
+                ax.plot(
+                    [r["state_size"] for r in done],
+                    [r[key] * scale for r in done],
+                    color=color,
+                    marker=marker,
+                    ls=ls,
+                    label=f"{method}, L={L}",
+                )
                 skipped = [r["state_size"] for r in sel if r["skipped"]]
                 if skipped and done:
                     top = max(r[key] * scale for r in done)
-                    ax.scatter(skipped, [top * 2] * len(skipped), color=color, marker="x", s=60,
-                               label=f"{method}, L={L}: skipped (> memory cap)")
+                    ax.scatter(
+                        skipped,
+                        [top * 2] * len(skipped),
+                        color=color,
+                        marker="x",
+                        s=60,
+                        label=f"{method}, L={L}: skipped (> memory cap)",
+                    )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("state size n")
@@ -301,8 +359,11 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)
     m = result["machine"]
-    fig.suptitle(f"kernel forward+backward vs state size, d={result['args']['d_model']}, "
-                 f"{result['device']} ({m.get('gpu') or m['processor']}), torch {m['torch']}", fontsize=9)
+    fig.suptitle(
+        f"kernel forward+backward vs state size, d={result['args']['d_model']}, "
+        f"{result['device']} ({m.get('gpu') or m['processor']}), torch {m['torch']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -318,8 +379,14 @@ def table(result: dict) -> str:
         for n in sorted({r["state_size"] for r in rows if r["state_size"] is not None}):
             cells = []
             for m in methods:
-                r = next((r for r in rows if r["method"] == m and r["length"] == L
-                          and r["state_size"] == (None if m == "implicit" else n)), None)
+                r = next(
+                    (
+                        r
+                        for r in rows
+                        if r["method"] == m and r["length"] == L and r["state_size"] == (None if m == "implicit" else n)
+                    ),
+                    None,
+                )
                 if r is None:
                     cells += ["", ""]
                 elif r["skipped"]:

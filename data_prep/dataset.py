@@ -18,6 +18,7 @@ Pile at 2048 tokens) is ever built. Each epoch uses the first ``(num_samples // 
 positions of its own permutation, so a step never straddles two epochs and the samples of one
 step are all distinct: ranks never overlap. Resuming at step k is just calling it with step=k.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,8 +65,7 @@ def permute(positions: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def sample_indices(num_samples: int, seed: int, step: int, rank: int, world_size: int,
-                   batch_size: int) -> np.ndarray:
+def sample_indices(num_samples: int, seed: int, step: int, rank: int, world_size: int, batch_size: int) -> np.ndarray:
     """Indices of the per-rank batch for optimizer step `step` (pure function of its arguments;
     epochs reshuffle with a seed-derived permutation; ranks never overlap within a step; global
     batch = batch_size * world_size). Returns int64 array of shape (batch_size,)."""
@@ -76,8 +76,10 @@ def sample_indices(num_samples: int, seed: int, step: int, rank: int, world_size
     global_batch = batch_size * world_size
     steps_per_epoch = num_samples // global_batch
     if steps_per_epoch < 1:
-        raise ValueError(f"{num_samples} samples are fewer than one global batch of "
-                         f"{global_batch} (batch_size {batch_size} x world_size {world_size})")
+        raise ValueError(
+            f"{num_samples} samples are fewer than one global batch of "
+            f"{global_batch} (batch_size {batch_size} x world_size {world_size})"
+        )
     epoch, in_epoch = divmod(step, steps_per_epoch)
     start = in_epoch * global_batch + rank * batch_size
     return permute(np.arange(start, start + batch_size, dtype=np.int64), num_samples, seed, epoch)
@@ -98,18 +100,18 @@ class PackedDataset:
         self.seq_len = int(seq_len)
         if self.seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        hint = f"prepare it with: python -m data_prep.prepare --out {self.data_dir}"
+        hint = f"prepare it with: python -m hyena_rtf.data_prep.prepare --out {self.data_dir}"
         if not self.data_dir.is_dir():
             raise FileNotFoundError(f"prepared data directory {self.data_dir} does not exist; {hint}")
         mpath = self.data_dir / "manifest.json"
         if not mpath.is_file():
-            raise FileNotFoundError(f"{self.data_dir} has no manifest.json (not prepared, or its "
-                                    f"preparation did not finish); {hint}")
+            raise FileNotFoundError(
+                f"{self.data_dir} has no manifest.json (not prepared, or its preparation did not finish); {hint}"
+            )
         self.manifest = json.loads(mpath.read_text(encoding="utf-8"))
         splits = self.manifest.get("splits", {})
         if split not in splits:
-            raise KeyError(f"{self.data_dir}: no split {split!r} in manifest.json "
-                           f"(available: {sorted(splits)})")
+            raise KeyError(f"{self.data_dir}: no split {split!r} in manifest.json (available: {sorted(splits)})")
         prefix = Path(splits[split]["prefix"])
         self.prefix = prefix if prefix.is_absolute() else self.data_dir / prefix
         tok = self.manifest["tokenizer"]
@@ -123,9 +125,11 @@ class PackedDataset:
         self._ds = IndexedDataset(self.prefix, expected=splits[split], manifest=mpath)
         self.num_tokens = self._ds.num_tokens
         if self.num_tokens < self.seq_len + 1:
-            raise ValueError(f"{self.data_dir} split {split!r} has {self.num_tokens} tokens, fewer "
-                             f"than the seq_len + 1 = {self.seq_len + 1} of one sample (use more "
-                             f"data, a shorter seq_len, or a larger val_fraction for 'val')")
+            raise ValueError(
+                f"{self.data_dir} split {split!r} has {self.num_tokens} tokens, fewer "
+                f"than the seq_len + 1 = {self.seq_len + 1} of one sample (use more "
+                f"data, a shorter seq_len, or a larger val_fraction for 'val')"
+            )
         self.num_samples = (self.num_tokens - 1) // self.seq_len
 
     def __len__(self) -> int:
@@ -138,7 +142,7 @@ class PackedDataset:
         if self._ds is None:  # reopened after pickling: the pair was verified when first opened
             self._ds = IndexedDataset(self.prefix, expected={}, verify=False)
         start = i * self.seq_len
-        return self._ds.tokens[start:start + self.seq_len + 1].astype(np.int64)
+        return self._ds.tokens[start : start + self.seq_len + 1].astype(np.int64)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -146,8 +150,9 @@ class PackedDataset:
         return state
 
 
-def get_batch(dataset: PackedDataset, seed: int, step: int, rank: int, world_size: int,
-              batch_size: int) -> torch.Tensor:
+def get_batch(
+    dataset: PackedDataset, seed: int, step: int, rank: int, world_size: int, batch_size: int
+) -> torch.Tensor:
     """LongTensor (batch_size, seq_len + 1): the samples ``sample_indices`` picks for this rank."""
     idx = sample_indices(dataset.num_samples, seed, step, rank, world_size, batch_size)
     return torch.from_numpy(np.stack([dataset[int(i)] for i in idx]))

@@ -11,8 +11,9 @@ Files that are not valid UTF-8 (a few tests deliberately use other encodings) an
 The order is the sorted relative path, so the corpus is the same on every run of one Python.
 ``write_pile_shard`` exports it in The Pile's own format (``*.jsonl.zst``)::
 
-    python -m data_prep.default_corpus stdlib.jsonl.zst
+    python -m hyena_rtf.data_prep.default_corpus stdlib.jsonl.zst
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from . import atomic
+from hyena_rtf.utils import atomic
+
 from .readers import Source
 
 SET_NAME = "Github"
@@ -53,26 +55,32 @@ def default_sources() -> list[Source]:
 
 def describe() -> dict:
     """Identity of the corpus, recorded in the manifest."""
-    return {"name": "python-stdlib", "python": sys.version.split()[0],
-            "root": str(stdlib_root()), "pile_set_name": SET_NAME}
+    return {
+        "name": "python-stdlib",
+        "python": sys.version.split()[0],
+        "root": str(stdlib_root()),
+        "pile_set_name": SET_NAME,
+    }
 
 
 def write_pile_shard(path: str | os.PathLike) -> int:
     """Writes the corpus as Pile-format JSON lines, zstd-compressed; returns documents written
     (files that are not UTF-8 are left out)."""
     import zstandard
+
     root = stdlib_root()
     n = 0
     # The zstd writer must not close the file: AtomicFile flushes, fsyncs and renames it after.
-    with atomic.AtomicFile(path) as af, zstandard.ZstdCompressor(
-            level=3, write_checksum=True).stream_writer(af.file, closefd=False) as w:
+    with (
+        atomic.AtomicFile(path) as af,
+        zstandard.ZstdCompressor(level=3, write_checksum=True).stream_writer(af.file, closefd=False) as w,
+    ):
         for p in stdlib_files():
             try:
                 text = p.read_bytes().decode("utf-8")
             except UnicodeDecodeError:
                 continue
-            rec = {"text": text, "meta": {"pile_set_name": SET_NAME,
-                                          "path": p.relative_to(root).as_posix()}}
+            rec = {"text": text, "meta": {"pile_set_name": SET_NAME, "path": p.relative_to(root).as_posix()}}
             w.write(json.dumps(rec, ensure_ascii=False).encode("utf-8") + b"\n")
             n += 1
     return n

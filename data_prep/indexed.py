@@ -25,6 +25,7 @@ Dtype codes 1-8 are the ones Megatron and GPT-NeoX define. The layout has no uns
 code 9 = uint32 is this project's extension, used only for vocabularies above 65,536 tokens when
 ``uint32`` is asked for (``int32``, code 4, is the Megatron-readable choice for those).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic
+from hyena_rtf.utils import atomic
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -132,6 +133,7 @@ class IndexedWriter:
         idx_hash = hashlib.sha256()
         idx = atomic.AtomicFile(idx_path(self.prefix))
         try:
+
             def put(b: bytes):
                 idx.write(b)
                 idx_hash.update(b)
@@ -139,10 +141,10 @@ class IndexedWriter:
             put(_HEADER.pack(MAGIC, VERSION, self.code, n, n + 1))
             sizes = np.memmap(self._sizes_tmp, dtype="<i4", mode="r") if n else np.zeros(0, "<i4")
             for s in range(0, n, _BLOCK):  # blocks keep memory flat however many documents
-                put(np.asarray(sizes[s:s + _BLOCK]).tobytes())
+                put(np.asarray(sizes[s : s + _BLOCK]).tobytes())
             offset = 0
             for s in range(0, n, _BLOCK):
-                block = np.asarray(sizes[s:s + _BLOCK], dtype=np.int64) * self.dtype.itemsize
+                block = np.asarray(sizes[s : s + _BLOCK], dtype=np.int64) * self.dtype.itemsize
                 ptr = np.cumsum(block) - block + offset
                 offset += int(block.sum())
                 put(ptr.astype("<i8").tobytes())
@@ -184,8 +186,13 @@ class IndexedDataset:
     .bin as one flat array (valid because sequences are stored back to back, which is checked).
     """
 
-    def __init__(self, prefix: str | os.PathLike, expected: dict | None = None,
-                 manifest: str | os.PathLike | None = None, verify: bool = True):
+    def __init__(
+        self,
+        prefix: str | os.PathLike,
+        expected: dict | None = None,
+        manifest: str | os.PathLike | None = None,
+        verify: bool = True,
+    ):
         """Opens and checks the pair; a pair that does not fit together raises a one-line
         ``IndexFormatError`` naming both files, since training on the wrong tokens is silent.
 
@@ -219,12 +226,16 @@ class IndexedDataset:
         need = _HEADER.size + 4 * n_seq + 8 * n_seq + 8 * n_doc
         have = ip.stat().st_size
         if have != need:
-            raise IndexFormatError(f"{ip}: {have} bytes, expected {need} for {n_seq} sequences "
-                                   f"and {n_doc} doc_idx entries (truncated or corrupt)")
+            raise IndexFormatError(
+                f"{ip}: {have} bytes, expected {need} for {n_seq} sequences "
+                f"and {n_doc} doc_idx entries (truncated or corrupt)"
+            )
         off = _HEADER.size
         self.sizes = np.memmap(ip, dtype="<i4", mode="r", offset=off, shape=(n_seq,)) if n_seq else np.zeros(0, "<i4")
         off += 4 * n_seq
-        self.pointers = np.memmap(ip, dtype="<i8", mode="r", offset=off, shape=(n_seq,)) if n_seq else np.zeros(0, "<i8")
+        self.pointers = (
+            np.memmap(ip, dtype="<i8", mode="r", offset=off, shape=(n_seq,)) if n_seq else np.zeros(0, "<i8")
+        )
         off += 8 * n_seq
         self.doc_idx = np.memmap(ip, dtype="<i8", mode="r", offset=off, shape=(n_doc,)) if n_doc else np.zeros(0, "<i8")
         self.num_sequences = int(n_seq)
@@ -232,21 +243,22 @@ class IndexedDataset:
         # Sequences back to back (first at 0): Megatron and GPT-NeoX always write them this way,
         # and the flat token view depends on it.
         if n_seq and int(self.pointers[0]) != 0:
-            raise IndexFormatError(f"{ip}: the first sequence starts at byte {int(self.pointers[0])} "
-                                   f"of {bp}, not 0 (corrupt index)")
+            raise IndexFormatError(
+                f"{ip}: the first sequence starts at byte {int(self.pointers[0])} of {bp}, not 0 (corrupt index)"
+            )
         if verify:
             self.num_tokens = self._scan(ip, bp)
         else:
-            self.num_tokens = ((int(self.pointers[-1]) // self.dtype.itemsize + int(self.sizes[-1]))
-                               if n_seq else 0)
+            self.num_tokens = (int(self.pointers[-1]) // self.dtype.itemsize + int(self.sizes[-1])) if n_seq else 0
         nbytes = self.num_tokens * self.dtype.itemsize
         bin_bytes = bp.stat().st_size
         if bin_bytes != nbytes:
-            why = ("truncated .bin" if bin_bytes < nbytes else
-                   "the .bin holds more: an index of another dataset?")
-            raise IndexFormatError(f"{ip} and {bp} do not match: the index describes "
-                                   f"{self.num_tokens} {self.dtype} tokens = {nbytes} bytes, the "
-                                   f".bin has {bin_bytes} bytes ({why})")
+            why = "truncated .bin" if bin_bytes < nbytes else "the .bin holds more: an index of another dataset?"
+            raise IndexFormatError(
+                f"{ip} and {bp} do not match: the index describes "
+                f"{self.num_tokens} {self.dtype} tokens = {nbytes} bytes, the "
+                f".bin has {bin_bytes} bytes ({why})"
+            )
         if expected is None:
             expected, manifest = _manifest_entry(self.prefix)
         if expected is not None:
@@ -261,36 +273,45 @@ class IndexedDataset:
         item, n = self.dtype.itemsize, self.num_sequences
         offset = 0
         for s in range(0, n, _BLOCK):
-            nbytes = np.asarray(self.sizes[s:s + _BLOCK], dtype=np.int64) * item
+            nbytes = np.asarray(self.sizes[s : s + _BLOCK], dtype=np.int64) * item
             want = np.cumsum(nbytes) - nbytes + offset
-            got = np.asarray(self.pointers[s:s + _BLOCK])
+            got = np.asarray(self.pointers[s : s + _BLOCK])
             if nbytes.min() < 0 or not np.array_equal(got, want):
                 i = int(np.argmax((nbytes < 0) | (got != want)))
                 raise IndexFormatError(
                     f"{ip}: sequence {s + i} (size {int(nbytes[i]) // item}) starts at byte "
                     f"{int(got[i])} of {bp}, but the sizes before it end at {int(want[i])} "
-                    "(corrupt index: sizes and pointers disagree)")
+                    "(corrupt index: sizes and pointers disagree)"
+                )
             offset += int(nbytes.sum())
         prev = 0
         for s in range(0, len(self.doc_idx), _BLOCK):
-            d = np.asarray(self.doc_idx[s:s + _BLOCK])
+            d = np.asarray(self.doc_idx[s : s + _BLOCK])
             if d[0] < prev or (d.size > 1 and np.diff(d).min() < 0):
-                raise IndexFormatError(f"{ip}: doc_idx decreases near entry {s} (corrupt index "
-                                       f"for {bp})")
+                raise IndexFormatError(f"{ip}: doc_idx decreases near entry {s} (corrupt index for {bp})")
             prev = int(d[-1])
         if len(self.doc_idx) and (int(self.doc_idx[0]) != 0 or prev != n):
-            raise IndexFormatError(f"{ip}: doc_idx runs from {int(self.doc_idx[0])} to {prev}, "
-                                   f"not from 0 to the {n} sequences (corrupt index for {bp})")
+            raise IndexFormatError(
+                f"{ip}: doc_idx runs from {int(self.doc_idx[0])} to {prev}, "
+                f"not from 0 to the {n} sequences (corrupt index for {bp})"
+            )
         return offset // item
 
     def _check_expected(self, expected: dict, manifest, ip, bp, bin_bytes: int, idx_bytes: int):
-        have = {"tokens": self.num_tokens, "documents": self.num_documents,
-                "sequences": self.num_sequences, "bin_bytes": bin_bytes, "idx_bytes": idx_bytes}
-        diffs = [f"{k} {v} (manifest: {expected[k]})" for k, v in have.items()
-                 if isinstance(expected.get(k), int) and expected[k] != v]
+        have = {
+            "tokens": self.num_tokens,
+            "documents": self.num_documents,
+            "sequences": self.num_sequences,
+            "bin_bytes": bin_bytes,
+            "idx_bytes": idx_bytes,
+        }
+        diffs = [
+            f"{k} {v} (manifest: {expected[k]})"
+            for k, v in have.items()
+            if isinstance(expected.get(k), int) and expected[k] != v
+        ]
         if diffs:
-            raise IndexFormatError(f"{ip} and {bp} do not match {manifest or 'the manifest'}: "
-                                   f"{', '.join(diffs)}")
+            raise IndexFormatError(f"{ip} and {bp} do not match {manifest or 'the manifest'}: {', '.join(diffs)}")
 
     @property
     def tokens(self) -> np.ndarray:
@@ -299,8 +320,7 @@ class IndexedDataset:
             if self.num_tokens == 0:
                 self._tokens = np.zeros(0, self.dtype)
             else:
-                self._tokens = np.memmap(self._bin_file, dtype=self.dtype, mode="r",
-                                         shape=(self.num_tokens,))
+                self._tokens = np.memmap(self._bin_file, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
         return self._tokens
 
     def __len__(self) -> int:
@@ -311,7 +331,7 @@ class IndexedDataset:
             raise IndexError(f"sequence {i} out of range [0, {self.num_sequences})")
         i %= self.num_sequences
         start = int(self.pointers[i]) // self.dtype.itemsize
-        return np.asarray(self.tokens[start:start + int(self.sizes[i])])
+        return np.asarray(self.tokens[start : start + int(self.sizes[i])])
 
     def document(self, d: int) -> np.ndarray:
         """All tokens of document d (its sequences concatenated)."""
@@ -340,5 +360,5 @@ def _manifest_entry(prefix: Path) -> tuple[dict | None, Path | None]:
     return None, None
 
 
-# The name Megatron-LM and GPT-NeoX use for this reader (evaluate.py imports it by that name).
+# The name Megatron-LM and GPT-NeoX use for this reader (evaluate_lm.py imports it by that name).
 MMapIndexedDataset = IndexedDataset

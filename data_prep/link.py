@@ -4,9 +4,10 @@ pre-tokenized Pile) for training without re-tokenizing or copying them.
 ``link_indexed`` writes a prepared directory whose manifest points at the files by absolute path,
 plus the tokenizer.json, so that ``PackedDataset(DIR, split, seq_len)`` reads them. CLI::
 
-    python -m data_prep.prepare --indexed-train pile_train_text_document \
+    python -m hyena_rtf.data_prep.prepare --indexed-train pile_train_text_document \
         --indexed-val pile_val_text_document --tokenizer 20B_tokenizer.json --out DIR
 """
+
 from __future__ import annotations
 
 import os
@@ -14,15 +15,21 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic
+from hyena_rtf.utils import atomic
+
 from .indexed import IndexedDataset, bin_path, idx_path
 from .manifest import FORMAT, replacing
 from .tokenizer import TokenizerError, canonical_json, load_tokenizer
 
 
-def link_indexed(out: str | os.PathLike, train_prefix: str, tokenizer: str,
-                 val_prefix: str | None = None, eos_token: str | None = None,
-                 overwrite: bool = False) -> dict:
+def link_indexed(
+    out: str | os.PathLike,
+    train_prefix: str,
+    tokenizer: str,
+    val_prefix: str | None = None,
+    eos_token: str | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Makes ``out`` a prepared directory for existing pre-tokenized ``PREFIX.bin/.idx`` files
     (e.g. Megatron / GPT-NeoX Pile shards) without copying them: the manifest points at them by
     absolute path. Checks that they are readable and consistent and that the vocabulary fits
@@ -36,15 +43,25 @@ def link_indexed(out: str | os.PathLike, train_prefix: str, tokenizer: str,
             continue
         ds = IndexedDataset(prefix)
         if ds.dtype.kind not in "iu" or tok.vocab_size - 1 > np.iinfo(ds.dtype).max:
-            raise TokenizerError(f"{prefix}: token dtype {ds.dtype} cannot hold the "
-                                 f"{tok.vocab_size}-token vocabulary of {tok.source}")
+            raise TokenizerError(
+                f"{prefix}: token dtype {ds.dtype} cannot hold the {tok.vocab_size}-token vocabulary of {tok.source}"
+            )
         dt = ds.dtype
-        splits[name] = {"prefix": str(Path(prefix).resolve()), "documents": ds.num_documents,
-                        "sequences": ds.num_sequences, "tokens": ds.num_tokens,
-                        "bin_bytes": bin_path(prefix).stat().st_size,
-                        "idx_bytes": idx_path(prefix).stat().st_size}
-    manifest = {"format": FORMAT, "corpus": {"name": "linked indexed dataset"},
-                "tokenizer": tok.describe(), "dtype": dt.name, "splits": splits}
+        splits[name] = {
+            "prefix": str(Path(prefix).resolve()),
+            "documents": ds.num_documents,
+            "sequences": ds.num_sequences,
+            "tokens": ds.num_tokens,
+            "bin_bytes": bin_path(prefix).stat().st_size,
+            "idx_bytes": idx_path(prefix).stat().st_size,
+        }
+    manifest = {
+        "format": FORMAT,
+        "corpus": {"name": "linked indexed dataset"},
+        "tokenizer": tok.describe(),
+        "dtype": dt.name,
+        "splits": splits,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic.locked(out), replacing(out, overwrite) as stage:
         atomic.write_text(stage / "tokenizer.json", tok.json_text)

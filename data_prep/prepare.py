@@ -1,8 +1,8 @@
 """Prepare a training directory: read a corpus, tokenize it in parallel, write token shards.
 
-    python -m data_prep.prepare --input 'pile/train/*.jsonl.zst' --tokenizer 20B_tokenizer.json \\
+    python -m hyena_rtf.data_prep.prepare --input 'pile/train/*.jsonl.zst' --tokenizer 20B_tokenizer.json \\
         --out DIR --workers N
-    python -m data_prep.prepare --out DIR        # embedded default corpus + a BPE trained on it
+    python -m hyena_rtf.data_prep.prepare --out DIR        # embedded default corpus + a BPE trained on it
 
 Output layout (``DIR``)::
 
@@ -39,6 +39,7 @@ Command-line errors (bad input, tokenizer, settings, an output folder that is re
 not data_prep's) are one line on stderr and exit status 2; with ``HYENA_RTF_DEBUG=1`` they are
 raised with their traceback instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,12 +52,21 @@ import time
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from . import atomic, default_corpus
+from hyena_rtf.utils import atomic
+
+from . import default_corpus
 from .indexed import TOKEN_DTYPES, bin_path, idx_path
 from .manifest import FORMAT, describe, nothing_written, replacing, summary
 from .readers import DocumentError, SourceError, _Counter, expand_inputs, iter_records, validate_record
-from .tokenizer import (TokenizerError, canonical_json, check_vocab_size, choose_dtype,
-                        load_tokenizer, piece_spans, train_bpe)
+from .tokenizer import (
+    TokenizerError,
+    canonical_json,
+    check_vocab_size,
+    choose_dtype,
+    load_tokenizer,
+    piece_spans,
+    train_bpe,
+)
 from .writer import ShardBuilder, available_cores, doc_hash, is_val
 
 DEFAULT_PIECE = 1 << 16  # characters per tokenizer call when text_chunk_bytes is 0
@@ -110,7 +120,7 @@ def _up_to_date(out: Path, fingerprint: str) -> dict | None:
     tok = out / "tokenizer.json"
     if not tok.is_file() or hashlib.sha256(tok.read_bytes()).hexdigest() != manifest["tokenizer"]["sha256"]:
         return None
-    for name, sp in manifest["splits"].items():
+    for _name, sp in manifest["splits"].items():
         prefix = out / sp["prefix"]
         for p, key in ((bin_path(prefix), "bin_bytes"), (idx_path(prefix), "idx_bytes")):
             if not p.is_file() or p.stat().st_size != sp[key]:
@@ -118,8 +128,7 @@ def _up_to_date(out: Path, fingerprint: str) -> dict | None:
     return manifest
 
 
-def _records(sources, counter, *, max_docs, max_bytes, on_file_error, text_chunk_bytes, text_key,
-             verbose):
+def _records(sources, counter, *, max_docs, max_bytes, on_file_error, text_chunk_bytes, text_key, verbose):
     """All records of all sources in order, honouring the caps and the file-error policy."""
     n_docs = n_bytes = 0
     for si, src in enumerate(sources):
@@ -128,11 +137,10 @@ def _records(sources, counter, *, max_docs, max_bytes, on_file_error, text_chunk
         it = iter_records(si, src, counter, text_chunk_bytes, text_key)
         try:
             for rec in it:
-                if (max_docs is not None and n_docs >= max_docs) or \
-                   (max_bytes is not None and n_bytes >= max_bytes):
+                if (max_docs is not None and n_docs >= max_docs) or (max_bytes is not None and n_bytes >= max_bytes):
                     src.read = "partial (max_docs / max_bytes cap)"
                     it.close()
-                    for rest in sources[si + 1:]:
+                    for rest in sources[si + 1 :]:
                         rest.read, rest.bytes, rest.sha256, rest.records, rest.error = "no (cap)", 0, "", 0, None
                     return
                 n_docs += 1
@@ -149,8 +157,7 @@ def _records(sources, counter, *, max_docs, max_bytes, on_file_error, text_chunk
             src.sha256 = None
 
 
-def _train_texts(records, *, seed, val_fraction, pile_sets, on_error, text_key, limit, sources,
-                 piece):
+def _train_texts(records, *, seed, val_fraction, pile_sets, on_error, text_key, limit, sources, piece):
     """Documents for BPE training: the same validation as the writer, train split only, up to
     ``limit`` bytes of text in corpus order; in pieces, as the writer tokenizes them, so that one
     huge document does not need gigabytes (the trainer counts the same words either way)."""
@@ -176,8 +183,9 @@ def _train_texts(records, *, seed, val_fraction, pile_sets, on_error, text_key, 
             return
 
 
-def _check_settings(on_error, on_file_error, val_fraction, dtype, text_chunk_bytes, chunk_bytes,
-                    max_docs, max_bytes) -> None:
+def _check_settings(
+    on_error, on_file_error, val_fraction, dtype, text_chunk_bytes, chunk_bytes, max_docs, max_bytes
+) -> None:
     """Raises ValueError naming the first bad setting (before anything is read or written)."""
     if on_error not in ("skip", "fail") or on_file_error not in ("skip", "fail"):
         raise ValueError("on_error and on_file_error must be 'skip' or 'fail'")
@@ -185,8 +193,12 @@ def _check_settings(on_error, on_file_error, val_fraction, dtype, text_chunk_byt
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if dtype != "auto" and dtype not in TOKEN_DTYPES:
         raise ValueError(f"dtype must be auto or one of {', '.join(TOKEN_DTYPES)}, not {dtype!r}")
-    for name, v in (("text_chunk_bytes", text_chunk_bytes), ("chunk_bytes", chunk_bytes),
-                    ("max_docs", max_docs), ("max_bytes", max_bytes)):
+    for name, v in (
+        ("text_chunk_bytes", text_chunk_bytes),
+        ("chunk_bytes", chunk_bytes),
+        ("max_docs", max_docs),
+        ("max_bytes", max_bytes),
+    ):
         if v is not None and v < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
 
@@ -203,15 +215,30 @@ def _check_readable(sources) -> None:
                 raise SourceError(f, None, f"cannot read: {e.strerror}") from e
 
 
-def prepare(inputs: list[str] | None, out: str | os.PathLike, tokenizer: str | None = None,
-            vocab_size: int = 8192, workers: int | None = None, val_fraction: float = 0.01,
-            seed: int = 1234, on_error: str = "skip", on_file_error: str = "fail",
-            max_docs: int | None = None, max_bytes: int | None = None,
-            pile_sets: list[str] | None = None, dtype: str = "auto", eos_token: str | None = None,
-            text_key: str = "text", text_chunk_bytes: int = 1 << 16,
-            bpe_train_bytes: int | None = 100_000_000, chunk_bytes: int = 1 << 20,
-            force: bool = False, overwrite: bool = False, progress: bool = False,
-            verbose: bool = True) -> dict:
+def prepare(
+    inputs: list[str] | None,
+    out: str | os.PathLike,
+    tokenizer: str | None = None,
+    vocab_size: int = 8192,
+    workers: int | None = None,
+    val_fraction: float = 0.01,
+    seed: int = 1234,
+    on_error: str = "skip",
+    on_file_error: str = "fail",
+    max_docs: int | None = None,
+    max_bytes: int | None = None,
+    pile_sets: list[str] | None = None,
+    dtype: str = "auto",
+    eos_token: str | None = None,
+    text_key: str = "text",
+    text_chunk_bytes: int = 1 << 16,
+    bpe_train_bytes: int | None = 100_000_000,
+    chunk_bytes: int = 1 << 20,
+    force: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+    verbose: bool = True,
+) -> dict:
     """Builds (or finds up to date) the prepared directory ``out``; returns its manifest.
 
     ``inputs``: paths, globs or folders (see readers.py); None or [] = embedded default corpus.
@@ -224,8 +251,7 @@ def prepare(inputs: list[str] | None, out: str | os.PathLike, tokenizer: str | N
     replace an ``out`` that is not a data_prep output. ``workers``, ``progress`` and
     ``verbose`` do not change the output.
     """
-    _check_settings(on_error, on_file_error, val_fraction, dtype, text_chunk_bytes, chunk_bytes,
-                    max_docs, max_bytes)
+    _check_settings(on_error, on_file_error, val_fraction, dtype, text_chunk_bytes, chunk_bytes, max_docs, max_bytes)
     workers = default_workers() if workers is None else max(1, int(workers))
     out = Path(out)
     inputs = [os.fspath(i) for i in inputs] if inputs else None
@@ -237,12 +263,20 @@ def prepare(inputs: list[str] | None, out: str | os.PathLike, tokenizer: str | N
         text_chunk_bytes = 0  # one document per source file
     settings = {
         "inputs": "default" if default else inputs,
-        "tokenizer": tokenizer, "vocab_size": vocab_size if tokenizer is None else None,
+        "tokenizer": tokenizer,
+        "vocab_size": vocab_size if tokenizer is None else None,
         "bpe_train_bytes": bpe_train_bytes if tokenizer is None else None,
-        "val_fraction": val_fraction, "seed": seed, "on_error": on_error,
-        "on_file_error": on_file_error, "max_docs": max_docs, "max_bytes": max_bytes,
-        "pile_sets": sorted(pile_sets) if pile_sets else None, "dtype": dtype,
-        "eos_token": eos_token, "text_key": text_key, "text_chunk_bytes": text_chunk_bytes,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "on_error": on_error,
+        "on_file_error": on_file_error,
+        "max_docs": max_docs,
+        "max_bytes": max_bytes,
+        "pile_sets": sorted(pile_sets) if pile_sets else None,
+        "dtype": dtype,
+        "eos_token": eos_token,
+        "text_key": text_key,
+        "text_chunk_bytes": text_chunk_bytes,
         "chunk_bytes": chunk_bytes,
     }
     fingerprint = _fingerprint(settings, sources, tokenizer)
@@ -251,8 +285,10 @@ def prepare(inputs: list[str] | None, out: str | os.PathLike, tokenizer: str | N
         if not force:
             manifest = _up_to_date(out, fingerprint)
             if manifest is not None:
-                _log(verbose, f"{out} is up to date ({manifest['splits']['train']['tokens']:,} "
-                              "train tokens); nothing to do")
+                _log(
+                    verbose,
+                    f"{out} is up to date ({manifest['splits']['train']['tokens']:,} train tokens); nothing to do",
+                )
                 return manifest
         if tokenizer is None:  # trained in _build; only its size can be checked now
             tok = None
@@ -263,8 +299,17 @@ def prepare(inputs: list[str] | None, out: str | os.PathLike, tokenizer: str | N
         t0 = time.time()
         with replacing(out, overwrite) as stage:
             manifest, t_write = _build(
-                stage, sources, tok, settings, default, fingerprint, workers=workers,
-                progress=progress, verbose=verbose, piece=text_chunk_bytes or DEFAULT_PIECE)
+                stage,
+                sources,
+                tok,
+                settings,
+                default,
+                fingerprint,
+                workers=workers,
+                progress=progress,
+                verbose=verbose,
+                piece=text_chunk_bytes or DEFAULT_PIECE,
+            )
         _log(verbose, summary(out, manifest, time.time() - t0, t_write, workers))
         return manifest
 
@@ -277,21 +322,34 @@ def _token_dtype(tok, eos_token, dtype):
     return choose_dtype(tok.vocab_size, dtype)
 
 
-def _build(stage: Path, sources, tok, settings, default, fingerprint, *, workers, progress,
-           verbose, piece) -> tuple[dict, float]:
+def _build(
+    stage: Path, sources, tok, settings, default, fingerprint, *, workers, progress, verbose, piece
+) -> tuple[dict, float]:
     """Writes the whole prepared directory into ``stage``; returns the manifest and the seconds
     spent tokenizing and writing. Raises NoDocumentsError when no document would be written."""
     st = settings
-    rec_args = dict(max_docs=st["max_docs"], max_bytes=st["max_bytes"],
-                    on_file_error=st["on_file_error"], text_chunk_bytes=st["text_chunk_bytes"],
-                    text_key=st["text_key"], verbose=verbose)
+    rec_args = dict(
+        max_docs=st["max_docs"],
+        max_bytes=st["max_bytes"],
+        on_file_error=st["on_file_error"],
+        text_chunk_bytes=st["text_chunk_bytes"],
+        text_key=st["text_key"],
+        verbose=verbose,
+    )
     if tok is None:
         t0 = time.time()
         _log(verbose, f"training a byte-level BPE (vocab {st['vocab_size']}) on the corpus")
-        texts = _train_texts(_records(sources, _Counter(), **rec_args), seed=st["seed"],
-                             val_fraction=st["val_fraction"], pile_sets=st["pile_sets"],
-                             on_error=st["on_error"], text_key=st["text_key"],
-                             limit=st["bpe_train_bytes"], sources=sources, piece=piece)
+        texts = _train_texts(
+            _records(sources, _Counter(), **rec_args),
+            seed=st["seed"],
+            val_fraction=st["val_fraction"],
+            pile_sets=st["pile_sets"],
+            on_error=st["on_error"],
+            text_key=st["text_key"],
+            limit=st["bpe_train_bytes"],
+            sources=sources,
+            piece=piece,
+        )
         tok = train_bpe(texts, st["vocab_size"])
         _log(verbose, f"BPE trained in {time.time() - t0:.1f} s")
     token_dtype = _token_dtype(tok, st["eos_token"], st["dtype"])
@@ -300,13 +358,25 @@ def _build(stage: Path, sources, tok, settings, default, fingerprint, *, workers
     bar = None
     if progress:
         from tqdm import tqdm
+
         total = sum(os.path.getsize(f) for s in sources for f in (s.files or [s.path]))
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", file=sys.stderr)
-    builder = ShardBuilder(stage, token_dtype, tok, sources, workers=workers, seed=st["seed"],
-                           val_fraction=st["val_fraction"], pile_sets=st["pile_sets"],
-                           text_key=st["text_key"], on_error=st["on_error"],
-                           chunk_bytes=st["chunk_bytes"], piece_chars=piece, progress=bar,
-                           byte_counter=counter)
+    builder = ShardBuilder(
+        stage,
+        token_dtype,
+        tok,
+        sources,
+        workers=workers,
+        seed=st["seed"],
+        val_fraction=st["val_fraction"],
+        pile_sets=st["pile_sets"],
+        text_key=st["text_key"],
+        on_error=st["on_error"],
+        chunk_bytes=st["chunk_bytes"],
+        piece_chars=piece,
+        progress=bar,
+        byte_counter=counter,
+    )
     t1 = time.time()
     try:
         splits = builder.run(_records(sources, counter, **rec_args))
@@ -333,10 +403,18 @@ def _cli_error(e: BaseException) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_prep.prepare", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--input", nargs="+", action="extend", default=[],
-                    help="files, globs or folders; none = the embedded Python-stdlib corpus")
+    ap = argparse.ArgumentParser(
+        prog="python -m hyena_rtf.data_prep.prepare",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument(
+        "--input",
+        nargs="+",
+        action="extend",
+        default=[],
+        help="files, globs or folders; none = the embedded Python-stdlib corpus",
+    )
     ap.add_argument("--tokenizer", help="tokenizer.json, folder or hub name; none = train a BPE")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--workers", type=int, default=default_workers())
@@ -348,17 +426,24 @@ def main(argv=None) -> int:
     ap.add_argument("--on-file-error", choices=("skip", "fail"), default="fail", help="unreadable files")
     ap.add_argument("--max-docs", type=int)
     ap.add_argument("--max-bytes", type=int)
-    ap.add_argument("--pile-set", action="append", dest="pile_sets",
-                    help="keep only documents with this meta.pile_set_name (repeatable)")
+    ap.add_argument(
+        "--pile-set",
+        action="append",
+        dest="pile_sets",
+        help="keep only documents with this meta.pile_set_name (repeatable)",
+    )
     ap.add_argument("--dtype", default="auto", choices=("auto", "uint16", "uint32", "int32"))
     ap.add_argument("--eos-token")
     ap.add_argument("--text-key", default="text")
-    ap.add_argument("--text-chunk-bytes", type=int, default=1 << 16,
-                    help="plain text: document size; all text: characters per tokenizer call")
+    ap.add_argument(
+        "--text-chunk-bytes",
+        type=int,
+        default=1 << 16,
+        help="plain text: document size; all text: characters per tokenizer call",
+    )
     ap.add_argument("--chunk-bytes", type=int, default=1 << 20, help="work unit sent to a worker")
     ap.add_argument("--force", action="store_true", help="rebuild even if up to date")
-    ap.add_argument("--overwrite", action="store_true",
-                    help="replace an --out folder that is not a data_prep output")
+    ap.add_argument("--overwrite", action="store_true", help="replace an --out folder that is not a data_prep output")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--indexed-train", help="link existing PREFIX.bin/.idx instead of preparing")
     ap.add_argument("--indexed-val")
@@ -368,17 +453,33 @@ def main(argv=None) -> int:
     try:
         if a.indexed_train:
             from .link import link_indexed
-            link_indexed(a.out, a.indexed_train, a.tokenizer, a.indexed_val, a.eos_token,
-                         overwrite=a.overwrite)
+
+            link_indexed(a.out, a.indexed_train, a.tokenizer, a.indexed_val, a.eos_token, overwrite=a.overwrite)
             _log(True, f"linked {a.indexed_train} into {a.out}")
             return 0
-        prepare(a.input or None, a.out, a.tokenizer, vocab_size=a.vocab_size, workers=a.workers,
-                val_fraction=a.val_fraction, seed=a.seed, on_error=a.on_error,
-                on_file_error=a.on_file_error, max_docs=a.max_docs, max_bytes=a.max_bytes,
-                pile_sets=a.pile_sets, dtype=a.dtype, eos_token=a.eos_token, text_key=a.text_key,
-                text_chunk_bytes=a.text_chunk_bytes, bpe_train_bytes=a.bpe_train_bytes,
-                chunk_bytes=a.chunk_bytes, force=a.force, overwrite=a.overwrite,
-                progress=not a.no_progress)
+        prepare(
+            a.input or None,
+            a.out,
+            a.tokenizer,
+            vocab_size=a.vocab_size,
+            workers=a.workers,
+            val_fraction=a.val_fraction,
+            seed=a.seed,
+            on_error=a.on_error,
+            on_file_error=a.on_file_error,
+            max_docs=a.max_docs,
+            max_bytes=a.max_bytes,
+            pile_sets=a.pile_sets,
+            dtype=a.dtype,
+            eos_token=a.eos_token,
+            text_key=a.text_key,
+            text_chunk_bytes=a.text_chunk_bytes,
+            bpe_train_bytes=a.bpe_train_bytes,
+            chunk_bytes=a.chunk_bytes,
+            force=a.force,
+            overwrite=a.overwrite,
+            progress=not a.no_progress,
+        )
     except (SourceError, DocumentError, TokenizerError, ValueError, OSError, BrokenProcessPool) as e:
         # Bad input, tokenizer or settings, or an output folder that cannot be written (read-only,
         # full, not ours): the user's to fix, so one line and no traceback, unless debugging.
@@ -386,8 +487,10 @@ def main(argv=None) -> int:
         if os.environ.get("HYENA_RTF_DEBUG") == "1":
             raise
         if isinstance(e, BrokenProcessPool):
-            print(f"error: a tokenizer worker process died ({e}); {a.out} was not changed; rerun "
-                  "to rebuild", file=sys.stderr)
+            print(
+                f"error: a tokenizer worker process died ({e}); {a.out} was not changed; rerun to rebuild",
+                file=sys.stderr,
+            )
             return 1
         print(f"error: {_cli_error(e)}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ row number in a dataset. Readers only split and hash bytes; decoding and validat
 File-level problems (missing file, corrupt or truncated zstd stream, unreadable dataset) raise
 ``SourceError`` naming the file and, where known, the line.
 """
+
 from __future__ import annotations
 
 import glob
@@ -34,8 +35,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 READ_BLOCK = 1 << 20
-SKIP_REASONS = ("invalid_json", "not_an_object", "missing_text", "non_string_text",
-                "invalid_utf8", "empty_document", "blank_line")
+SKIP_REASONS = (
+    "invalid_json",
+    "not_an_object",
+    "missing_text",
+    "non_string_text",
+    "invalid_utf8",
+    "empty_document",
+    "blank_line",
+)
 
 
 class SourceError(RuntimeError):
@@ -55,6 +63,7 @@ class DocumentError(ValueError):
 class Source:
     """One input unit. ``kind``: zst | jsonl | text | hf_disk | hf_file. ``set_name`` tags plain
     text documents with a Pile set name (the embedded corpus uses "Github")."""
+
     path: str
     kind: str
     set_name: str | None = None
@@ -121,6 +130,7 @@ def expand_inputs(inputs: list[str]) -> list[Source]:
 
 class _Counter:
     """Bytes read from disk so far (the progress bar reads it)."""
+
     def __init__(self):
         self.bytes = 0
 
@@ -151,6 +161,7 @@ def _zst_blocks(src: Source, counter: _Counter, lines_so_far):
     frames are driven by hand: a frame still open at end of file is an error.
     """
     import zstandard
+
     dctx = zstandard.ZstdDecompressor()
     dobj, in_frame = dctx.decompressobj(), False
     for block in _hashed_blocks(src, counter):
@@ -167,8 +178,7 @@ def _zst_blocks(src: Source, counter: _Counter, lines_so_far):
             else:
                 block = b""
     if in_frame:
-        raise SourceError(src.path, lines_so_far() + 1,
-                          "truncated zstd stream (file ends inside a frame)")
+        raise SourceError(src.path, lines_so_far() + 1, "truncated zstd stream (file ends inside a frame)")
 
 
 def _lines(blocks):
@@ -193,8 +203,7 @@ def _lines(blocks):
 
 def _json_records(si: int, src: Source, counter: _Counter, zst: bool):
     state = {"line": 0}
-    blocks = (_zst_blocks(src, counter, lambda: state["line"]) if zst
-              else _hashed_blocks(src, counter))
+    blocks = _zst_blocks(src, counter, lambda: state["line"]) if zst else _hashed_blocks(src, counter)
     for line in _lines(blocks):
         state["line"] += 1
         yield (si, state["line"], "J", line, None)
@@ -234,6 +243,7 @@ def _hf_records(si: int, src: Source, counter: _Counter, text_key: str):
     """Rows of a Hugging Face dataset; ``meta.pile_set_name`` is honoured when present."""
     try:
         import datasets
+
         if src.kind == "hf_disk":
             h, total = hashlib.sha256(), 0
             for f in src.files:  # checksum of the folder = its files, in sorted order
@@ -243,14 +253,12 @@ def _hf_records(si: int, src: Source, counter: _Counter, text_key: str):
                         total += len(b)
             src.bytes, src.sha256 = total, h.hexdigest()
             ds = datasets.load_from_disk(src.path)
-            parts = ([ds[k] for k in sorted(ds.keys())] if isinstance(ds, datasets.DatasetDict)
-                     else [ds])
+            parts = [ds[k] for k in sorted(ds.keys())] if isinstance(ds, datasets.DatasetDict) else [ds]
         else:
             for _ in _hashed_blocks(src, counter):
                 pass
             builder = "parquet" if src.path.lower().endswith(".parquet") else "arrow"
-            parts = [datasets.load_dataset(builder, data_files=[src.path], split="train",
-                                           streaming=True)]
+            parts = [datasets.load_dataset(builder, data_files=[src.path], split="train", streaming=True)]
     except SourceError:
         raise
     except Exception as e:  # datasets raises many types for unreadable data
@@ -258,8 +266,7 @@ def _hf_records(si: int, src: Source, counter: _Counter, text_key: str):
     row = 0
     for part in parts:
         if text_key not in (part.column_names or []):
-            raise SourceError(src.path, None, f"dataset has no {text_key!r} column "
-                                              f"(columns: {part.column_names})")
+            raise SourceError(src.path, None, f"dataset has no {text_key!r} column (columns: {part.column_names})")
         try:
             for ex in part:
                 row += 1
@@ -270,8 +277,9 @@ def _hf_records(si: int, src: Source, counter: _Counter, text_key: str):
             raise SourceError(src.path, row + 1, f"cannot read row: {e}") from e
 
 
-def iter_records(si: int, src: Source, counter: _Counter | None = None, text_chunk_bytes: int = 0,
-                 text_key: str = "text"):
+def iter_records(
+    si: int, src: Source, counter: _Counter | None = None, text_chunk_bytes: int = 0, text_key: str = "text"
+):
     """All records of one source, in file order (see the module docstring for the tuple)."""
     counter = _Counter() if counter is None else counter
     if src.kind in ("zst", "jsonl"):

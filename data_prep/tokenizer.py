@@ -9,6 +9,7 @@ the one published for it (e.g. GPT-NeoX-20B).
 Token dtypes: uint16 holds ids 0..65535, so it is chosen when the vocabulary (added tokens
 included) has at most 65,536 entries, else uint32 (see ``indexed.py`` for the int32 option).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,16 +38,21 @@ class LoadedTokenizer:
         self.eos_token = eos_token
         eos_id = tok.token_to_id(eos_token)
         if eos_id is None:
-            raise TokenizerError(f"end-of-document token {eos_token!r} is not in the vocabulary "
-                                 f"of {source}")
+            raise TokenizerError(f"end-of-document token {eos_token!r} is not in the vocabulary of {source}")
         self.eos_id = int(eos_id)
         self.vocab_size = int(tok.get_vocab_size(with_added_tokens=True))
         self.sha256 = hashlib.sha256(json_text.encode("utf-8")).hexdigest()
 
     def describe(self) -> dict:
-        return {"source": self.source, "file": "tokenizer.json", "sha256": self.sha256,
-                "vocab_size": self.vocab_size, "eos_token": self.eos_token, "eos_id": self.eos_id,
-                "trained_here": self.trained}
+        return {
+            "source": self.source,
+            "file": "tokenizer.json",
+            "sha256": self.sha256,
+            "vocab_size": self.vocab_size,
+            "eos_token": self.eos_token,
+            "eos_id": self.eos_id,
+            "trained_here": self.trained,
+        }
 
 
 def _pick_eos(tok, requested: str | None, hinted: str | None, source: str) -> str:
@@ -57,14 +63,16 @@ def _pick_eos(tok, requested: str | None, hinted: str | None, source: str) -> st
     for cand in EOS_CANDIDATES:
         if tok.token_to_id(cand) is not None:
             return cand
-    raise TokenizerError(f"no end-of-document token found in {source} (tried "
-                         f"{', '.join(EOS_CANDIDATES)}); pass eos_token / --eos-token")
+    raise TokenizerError(
+        f"no end-of-document token found in {source} (tried {', '.join(EOS_CANDIDATES)}); pass eos_token / --eos-token"
+    )
 
 
 def load_tokenizer(spec: str, eos_token: str | None = None) -> LoadedTokenizer:
     """``spec``: a tokenizer.json file, a folder (with tokenizer.json, or anything
     ``AutoTokenizer`` loads), or a Hugging Face hub name (needs network unless cached)."""
     from tokenizers import Tokenizer
+
     p = Path(os.path.expanduser(spec))
     if p.is_dir() and (p / "tokenizer.json").is_file():
         p = p / "tokenizer.json"
@@ -72,8 +80,9 @@ def load_tokenizer(spec: str, eos_token: str | None = None) -> LoadedTokenizer:
         try:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise TokenizerError(f"{p}: not a tokenizers JSON file (binary, not UTF-8 text: "
-                                 f"{e.reason} at byte {e.start})") from e
+            raise TokenizerError(
+                f"{p}: not a tokenizers JSON file (binary, not UTF-8 text: {e.reason} at byte {e.start})"
+            ) from e
         except OSError as e:
             raise TokenizerError(f"{p}: cannot read the tokenizer file: {e.strerror}") from e
         try:
@@ -86,10 +95,12 @@ def load_tokenizer(spec: str, eos_token: str | None = None) -> LoadedTokenizer:
         raise TokenizerError(f"{spec}: no such tokenizer file or folder")
     try:
         from transformers import AutoTokenizer
+
         hf = AutoTokenizer.from_pretrained(spec)
     except Exception as e:
-        raise TokenizerError(f"cannot load tokenizer {spec!r} (not a file, a folder, or a "
-                             f"reachable hub name): {e}") from e
+        raise TokenizerError(
+            f"cannot load tokenizer {spec!r} (not a file, a folder, or a reachable hub name): {e}"
+        ) from e
     backend = getattr(hf, "backend_tokenizer", None)
     if backend is None:
         raise TokenizerError(f"{spec!r} has no fast (tokenizers) backend; convert it first")
@@ -101,8 +112,13 @@ def load_tokenizer(spec: str, eos_token: str | None = None) -> LoadedTokenizer:
 def _is_path(spec: str) -> bool:
     """Whether ``spec`` can only be a path, not a hub name (``name`` or ``org/name``, which
     never start with "/", "." or "~", have at most one "/" and do not end in ".json")."""
-    return (spec.startswith(("/", ".", "~")) or spec.endswith(".json") or spec.count("/") > 1
-            or os.sep != "/" and os.sep in spec)
+    return (
+        spec.startswith(("/", ".", "~"))
+        or spec.endswith(".json")
+        or spec.count("/") > 1
+        or os.sep != "/"
+        and os.sep in spec
+    )
 
 
 def piece_spans(text: str, size: int):
@@ -144,8 +160,9 @@ def check_vocab_size(vocab_size: int) -> None:
     check it before reading any corpus)."""
     min_vocab = 256 + len(TRAINED_SPECIALS)
     if vocab_size < min_vocab:
-        raise TokenizerError(f"vocab_size {vocab_size} is below the {min_vocab} needed for the "
-                             "256 bytes and the special tokens")
+        raise TokenizerError(
+            f"vocab_size {vocab_size} is below the {min_vocab} needed for the 256 bytes and the special tokens"
+        )
 
 
 def train_bpe(texts, vocab_size: int) -> LoadedTokenizer:
@@ -153,17 +170,26 @@ def train_bpe(texts, vocab_size: int) -> LoadedTokenizer:
     exact text) trained on the iterable ``texts``. Special tokens: ``<|endoftext|>`` = 0
     (end of document) and ``<|padding|>`` = 1. The result is deterministic for the same texts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     check_vocab_size(vocab_size)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(TRAINED_SPECIALS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(TRAINED_SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     text = tok.to_str()
-    return LoadedTokenizer(Tokenizer.from_str(text), text, f"byte-level BPE trained here "
-                           f"(vocab_size={vocab_size})", TRAINED_SPECIALS[0], True)
+    return LoadedTokenizer(
+        Tokenizer.from_str(text),
+        text,
+        f"byte-level BPE trained here (vocab_size={vocab_size})",
+        TRAINED_SPECIALS[0],
+        True,
+    )
 
 
 def choose_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
@@ -174,8 +200,9 @@ def choose_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
         raise TokenizerError(f"token dtype must be auto, uint16, uint32 or int32, not {requested!r}")
     dt = np.dtype(requested)
     if vocab_size - 1 > np.iinfo(dt).max:
-        raise TokenizerError(f"a vocabulary of {vocab_size} tokens does not fit {dt} "
-                             f"(largest id {np.iinfo(dt).max}); use a wider dtype")
+        raise TokenizerError(
+            f"a vocabulary of {vocab_size} tokens does not fit {dt} (largest id {np.iinfo(dt).max}); use a wider dtype"
+        )
     return dt
 
 

@@ -18,9 +18,11 @@ document), else to ``train``.
 
 Each process batch-encodes with ``tokenizers``' own Rayon threads (processes x threads = cores;
 with one worker everything runs in the main process). Workers are started with ``spawn`` (not
-``fork``: the parent may hold tokenizer threads) and run ``ProcessPoolExecutor``, so a worker that dies makes the run fail with ``BrokenProcessPool``
+``fork``: the parent may hold tokenizer threads) and run ``ProcessPoolExecutor``, so a worker that dies
+makes the run fail with ``BrokenProcessPool``
 instead of hanging.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -60,8 +62,17 @@ def is_val(h: int, val_fraction: float) -> bool:
     return h < val_fraction * float(1 << 64)
 
 
-def init_worker(tok_json: str, eos_id: int, dtype: str, seed: int, val_fraction: float,
-                pile_sets, text_key: str, piece_chars: int = 1 << 16, threads: int = 0) -> None:
+def init_worker(
+    tok_json: str,
+    eos_id: int,
+    dtype: str,
+    seed: int,
+    val_fraction: float,
+    pile_sets,
+    text_key: str,
+    piece_chars: int = 1 << 16,
+    threads: int = 0,
+) -> None:
     """piece_chars: documents are tokenized in pieces of at most this many characters
     (``tokenizer.piece_spans``); threads: Rayon threads for batch encoding in this process
     (0: the library's default)."""
@@ -69,13 +80,22 @@ def init_worker(tok_json: str, eos_id: int, dtype: str, seed: int, val_fraction:
     if threads > 0:
         os.environ["RAYON_NUM_THREADS"] = str(threads)  # read when the thread pool first starts
     from tokenizers import Tokenizer
+
     tok = Tokenizer.from_str(tok_json)
     # A document that contains the literal text "<|endoftext|>" must not get an end-of-document
     # id in the middle: only the id appended after each document marks a boundary.
     tok.encode_special_tokens = True
-    _W.update(tok=tok, encode=getattr(tok, "encode_batch_fast", tok.encode_batch), eos=eos_id,
-              dtype=np.dtype(dtype), seed=seed, frac=val_fraction,
-              sets=frozenset(pile_sets) if pile_sets else None, key=text_key, piece=piece_chars)
+    _W.update(
+        tok=tok,
+        encode=getattr(tok, "encode_batch_fast", tok.encode_batch),
+        eos=eos_id,
+        dtype=np.dtype(dtype),
+        seed=seed,
+        frac=val_fraction,
+        sets=frozenset(pile_sets) if pile_sets else None,
+        key=text_key,
+        piece=piece_chars,
+    )
 
 
 def _encode(texts: list) -> list:
@@ -153,9 +173,11 @@ def tokenize_chunk(items: list) -> dict:
     out = {"bad": bad, "filtered": filtered, "held": None}
     for name, want_val in (("train", False), ("val", True)):
         sel = [j for j in range(len(ids)) if val_flags[j] == want_val and j != held_i]
-        out[name] = (_with_eos([ids[j] for j in sel]),
-                     np.array([len(ids[j]) + 1 for j in sel], dtype=np.int64),
-                     sum(raw[j] for j in sel))
+        out[name] = (
+            _with_eos([ids[j] for j in sel]),
+            np.array([len(ids[j]) + 1 for j in sel], dtype=np.int64),
+            sum(raw[j] for j in sel),
+        )
     if held_i is not None:
         out["held"] = (hashes[held_i], _with_eos([ids[held_i]]), raw[held_i])
     return out
@@ -169,10 +191,24 @@ class ShardBuilder:
     the file and line of the first one. ``progress``: a tqdm bar or None.
     """
 
-    def __init__(self, out_dir, dtype, loaded_tok, sources, *, workers: int, seed: int,
-                 val_fraction: float, pile_sets, text_key: str, on_error: str,
-                 chunk_bytes: int = 1 << 20, piece_chars: int = 1 << 16, progress=None,
-                 byte_counter=None):
+    def __init__(
+        self,
+        out_dir,
+        dtype,
+        loaded_tok,
+        sources,
+        *,
+        workers: int,
+        seed: int,
+        val_fraction: float,
+        pile_sets,
+        text_key: str,
+        on_error: str,
+        chunk_bytes: int = 1 << 20,
+        piece_chars: int = 1 << 16,
+        progress=None,
+        byte_counter=None,
+    ):
         self.out_dir = Path(out_dir)
         self.dtype = np.dtype(dtype)
         self.sources = sources
@@ -181,9 +217,16 @@ class ShardBuilder:
         self.chunk_bytes = chunk_bytes
         self.progress = progress
         self.byte_counter = byte_counter
-        self.init_args = (loaded_tok.json_text, loaded_tok.eos_id, self.dtype.name, seed,
-                          val_fraction, sorted(pile_sets) if pile_sets else None, text_key,
-                          piece_chars)
+        self.init_args = (
+            loaded_tok.json_text,
+            loaded_tok.eos_id,
+            self.dtype.name,
+            seed,
+            val_fraction,
+            sorted(pile_sets) if pile_sets else None,
+            text_key,
+            piece_chars,
+        )
         self.skipped: dict[str, int] = {}
         self.filtered = 0
         self.records = 0
@@ -211,8 +254,10 @@ class ShardBuilder:
         for i, reason, msg in res["bad"]:
             si, line = where[i]
             if self.on_error == "fail":
-                raise DocumentError(f"{self.sources[si].path}:{line}: {msg} "
-                                    f"(reason {reason}; use on_error='skip' to skip such documents)")
+                raise DocumentError(
+                    f"{self.sources[si].path}:{line}: {msg} "
+                    f"(reason {reason}; use on_error='skip' to skip such documents)"
+                )
             self.skipped[reason] = self.skipped.get(reason, 0) + 1
             self.src_skipped[si] += 1
         for i in res["filtered"]:
@@ -248,8 +293,9 @@ class ShardBuilder:
         mb = (self.text_bytes["train"] + self.text_bytes["val"]) / 1e6
         if self.byte_counter is not None:
             self.progress.update(self.byte_counter.bytes - self.progress.n)
-        self.progress.set_postfix_str(f"{docs / dt:,.0f} docs/s, {mb / dt:.2f} MB/s, "
-                                      f"{toks / dt:,.0f} tok/s", refresh=False)
+        self.progress.set_postfix_str(
+            f"{docs / dt:,.0f} docs/s, {mb / dt:.2f} MB/s, {toks / dt:,.0f} tok/s", refresh=False
+        )
 
     # -- the run ------------------------------------------------------------------------------
     def run(self, records) -> dict:
@@ -264,8 +310,12 @@ class ShardBuilder:
                     self._consume(tokenize_chunk(items), where)
             else:
                 threads = max(1, available_cores() // self.workers)  # processes x threads = cores
-                pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                           initializer=init_worker, initargs=(*self.init_args, threads))
+                pool = ProcessPoolExecutor(
+                    self.workers,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=init_worker,
+                    initargs=(*self.init_args, threads),
+                )
                 pending: deque = deque()
                 for items, where in self._chunks(records):
                     pending.append((pool.submit(tokenize_chunk, items), where))
@@ -278,8 +328,7 @@ class ShardBuilder:
             if self.held is not None:
                 rest = self.writers["train"].num_docs
                 self._write_held("val" if self.writers["val"].num_docs == 0 and rest > 0 else "train")
-            return {s: w.finalize() | {"text_bytes": self.text_bytes[s]}
-                    for s, w in self.writers.items()}
+            return {s: w.finalize() | {"text_bytes": self.text_bytes[s]} for s, w in self.writers.items()}
         except BaseException:
             for w in self.writers.values():
                 if not w.closed:

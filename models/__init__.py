@@ -18,5 +18,13 @@ AutoConfig.register(HyenaRTFConfig.model_type, HyenaRTFConfig, exist_ok=True)
 AutoModel.register(HyenaRTFConfig, HyenaRTFModel, exist_ok=True)
 AutoModelForCausalLM.register(HyenaRTFConfig, HyenaRTFForCausalLM, exist_ok=True)
 
-__all__ = ["PRESETS", "HyenaRTFConfig", "config_from_preset", "count_parameters", "HyenaRTFCache",
-           "HyenaRTFForCausalLM", "HyenaRTFModel", "RTF"]
+__all__ = [
+    "PRESETS",
+    "HyenaRTFConfig",
+    "config_from_preset",
+    "count_parameters",
+    "HyenaRTFCache",
+    "HyenaRTFForCausalLM",
+    "HyenaRTFModel",
+    "RTF",
+]

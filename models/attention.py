@@ -27,15 +27,21 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.proj.is_residual_proj = True
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def forward(
+        self, x: torch.Tensor, key_mask: torch.Tensor | None = None, kv: tuple[torch.Tensor, torch.Tensor] | None = None
+    ):
         """x: (B, T, d). key_mask: (B, P + T) with 1 for real tokens, or None (no padding).
         kv: cached (k, v), each (B, h, P, hd), or None. Returns (B, T, d) and the new (k, v)."""
         B, T, d = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # (B, T, h, hd)
         past = 0 if kv is None else kv[0].shape[2]
-        use_flash = (flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-                     and key_mask is None and past == 0)
+        use_flash = (
+            flash_attn_func is not None
+            and x.is_cuda
+            and x.dtype in (torch.float16, torch.bfloat16)
+            and key_mask is None
+            and past == 0
+        )
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, hd)
         if kv is not None:
             k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)

@@ -49,8 +49,12 @@ class HyenaRTFConfig(PreTrainedConfig):
     # The names Hugging Face tools look for. max_position_embeddings is the trained length: lm-eval,
     # the perplexity recipes and pipelines size their windows from it (the model runs longer
     # inputs too, see models/rtf.py, but was not trained on them).
-    attribute_map = {"hidden_size": "d_model", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
-                     "max_position_embeddings": "l_max"}
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_hidden_layers": "n_layer",
+        "num_attention_heads": "n_head",
+        "max_position_embeddings": "l_max",
+    }
 
     def __init__(
         self,

@@ -43,17 +43,25 @@ class HyenaState:
     filt: torch.Tensor
     rec: RTFRecurrence | None = None
 
-    def index_select(self, idx: torch.Tensor) -> "HyenaState":
+    def index_select(self, idx: torch.Tensor) -> HyenaState:
         return HyenaState(self.conv.index_select(0, idx), self.filt.index_select(0, idx), self.rec)
 
 
 def make_filter(config: HyenaRTFConfig) -> nn.Module:
     d = config.d_model
     if config.filter == "rtf":
-        return RTF(d, config.state_size, config.l_max, num_filters=config.filter_heads, num_a=config.num_a,
-                   init=config.rtf_init, constraint=config.rtf_constraint)
-    return ImplicitFilter(d, config.l_max, num_filters=config.filter_heads, order=config.implicit_order,
-                          bands=config.implicit_bands)
+        return RTF(
+            d,
+            config.state_size,
+            config.l_max,
+            num_filters=config.filter_heads,
+            num_a=config.num_a,
+            init=config.rtf_init,
+            constraint=config.rtf_constraint,
+        )
+    return ImplicitFilter(
+        d, config.l_max, num_filters=config.filter_heads, order=config.implicit_order, bands=config.implicit_bands
+    )
 
 
 class HyenaOperator(nn.Module):
@@ -80,8 +88,9 @@ class HyenaOperator(nn.Module):
             z = z * mask[:, None, :].to(z.dtype)
         return p, x0, z
 
-    def forward(self, u: torch.Tensor, mask: torch.Tensor | None = None, return_state: bool = False,
-                pole_check: str = "error"):
+    def forward(
+        self, u: torch.Tensor, mask: torch.Tensor | None = None, return_state: bool = False, pole_check: str = "error"
+    ):
         """u: (B, T, d), mask: (B, T) of 0/1 or None -> (B, T, d) [and the HyenaState after u].
         pole_check: what building the RTF recurrence does with an unstable filter (RTF.recurrence)."""
         T = u.shape[1]

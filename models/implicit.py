@@ -36,9 +36,18 @@ class ImplicitFilter(nn.Module):
     these fractions of l_max).
     """
 
-    def __init__(self, channels: int, l_max: int, num_filters: int | None = None, order: int = 64,
-                 bands: int = 8, w: float = 1.0, fast_decay: float = 0.3, slow_decay: float = 1.5,
-                 target: float = 1e-2):
+    def __init__(
+        self,
+        channels: int,
+        l_max: int,
+        num_filters: int | None = None,
+        order: int = 64,
+        bands: int = 8,
+        w: float = 1.0,
+        fast_decay: float = 0.3,
+        slow_decay: float = 1.5,
+        target: float = 1e-2,
+    ):
         super().__init__()
         num_filters = num_filters or channels
         if channels % num_filters:
@@ -46,8 +55,10 @@ class ImplicitFilter(nn.Module):
         self.channels, self.num_filters, self.l_max, self.bands = channels, num_filters, l_max, bands
         emb = 1 + 2 * bands
         self.mlp = nn.Sequential(
-            nn.Linear(emb, order), Sine(order, w),
-            nn.Linear(order, order), Sine(order, w),
+            nn.Linear(emb, order),
+            Sine(order, w),
+            nn.Linear(order, order),
+            Sine(order, w),
             nn.Linear(order, num_filters, bias=False),
         )
         # exp(-delta * s) = target at s = decay fraction of l_max.

@@ -49,14 +49,14 @@ class Block(nn.Module):
         super().__init__()
         self.is_attention = layer_idx in config.attn_layers
         self.norm1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.mixer = (CausalSelfAttention(config.d_model, config.n_head) if self.is_attention
-                      else HyenaOperator(config))
+        self.mixer = CausalSelfAttention(config.d_model, config.n_head) if self.is_attention else HyenaOperator(config)
         self.norm2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None, cache: HyenaRTFCache | None = None,
-                layer_idx: int = 0) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, mask: torch.Tensor | None = None, cache: HyenaRTFCache | None = None, layer_idx: int = 0
+    ) -> torch.Tensor:
         """h: (B, T, d). mask: (B, past + T) 0/1 or None. With a cache: prefill when this layer has
         no state yet, else step token by token (T is usually 1)."""
         x = self.norm1(h)
@@ -123,11 +123,18 @@ class HyenaRTFModel(HyenaRTFPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed = value
 
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                cache: HyenaRTFCache | None = None, past_key_values: HyenaRTFCache | None = None,
-                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
-                output_hidden_states: bool | None = None, output_attentions: bool | None = None,
-                return_dict: bool | None = None) -> BaseModelOutputWithPast | tuple:
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: HyenaRTFCache | None = None,
+        past_key_values: HyenaRTFCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPast | tuple:
         """input_ids (B, T) or inputs_embeds (B, T, d): the tokens the cache has not seen yet.
         attention_mask: (B, past + T), 1 for real tokens, 0 for (left) padding; or None.
 
@@ -139,8 +146,10 @@ class HyenaRTFModel(HyenaRTFPreTrainedModel):
         then each block's output, the last one after the final norm) when asked; the cache.
         """
         if output_attentions:
-            raise ValueError("Hyena-RTF returns no attention weights (its mixers are long convolutions); "
-                             "call it with output_attentions=False")
+            raise ValueError(
+                "Hyena-RTF returns no attention weights (its mixers are long convolutions); "
+                "call it with output_attentions=False"
+            )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         cache = pick_cache(cache, past_key_values)
@@ -151,8 +160,9 @@ class HyenaRTFModel(HyenaRTFPreTrainedModel):
             # A cache nobody asked for must not make scoring fail: an unstable filter's recurrence
             # is then built with a warning, and refused only when the caller asked for a cache.
             cache = HyenaRTFCache([block.is_attention for block in self.layers], "error" if asked else "warn")
-        output_hidden_states = (self.config.output_hidden_states if output_hidden_states is None
-                                else output_hidden_states)
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
         return_dict = self.config.return_dict if return_dict is None else return_dict
 
         h = self.drop(self.embed(input_ids) if inputs_embeds is None else inputs_embeds)
@@ -172,13 +182,15 @@ class HyenaRTFModel(HyenaRTFPreTrainedModel):
             hidden.append(h)
         if cache is not None:
             cache.seen_tokens += h.shape[1]
-        out = BaseModelOutputWithPast(last_hidden_state=h, hidden_states=None if hidden is None else tuple(hidden),
-                                      **cache_kwargs(cache))
+        out = BaseModelOutputWithPast(
+            last_hidden_state=h, hidden_states=None if hidden is None else tuple(hidden), **cache_kwargs(cache)
+        )
         return out if return_dict else out.to_tuple()
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
-                   num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+) -> torch.Tensor:
     """Next-token cross-entropy: logits (B, T, V) at position t predict labels[:, t + 1]; -100 ignored.
 
     Mean over the predicted tokens of this batch, or, when `num_items_in_batch` is given (the
@@ -186,8 +198,12 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
     labels[:, 1:]), the sum divided by it, so that accumulated micro-batches add up to the mean
     over the step however their token counts differ.
     """
-    nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
-                          reduction="sum" if num_items_in_batch is not None else "mean")
+    nll = F.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1),
+        labels[:, 1:].flatten(),
+        ignore_index=-100,
+        reduction="sum" if num_items_in_batch is not None else "mean",
+    )
     if num_items_in_batch is None:
         return nll
     return nll / torch.as_tensor(num_items_in_batch, device=nll.device, dtype=nll.dtype)
@@ -219,8 +235,9 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
-    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
-                                mean_resizing: bool = True) -> nn.Embedding:
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
         """Resize to `new_num_tokens` real tokens. The embedding keeps `config.vocab_size` (the
         logits' size) and the padded row count apart, as the constructor does, so the saved config
         rebuilds exactly the resized shapes on reload."""
@@ -235,13 +252,21 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # our cache is recurrent; forward creates it
 
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                cache: HyenaRTFCache | None = None, past_key_values: HyenaRTFCache | None = None,
-                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
-                use_cache: bool | None = None, output_hidden_states: bool | None = None,
-                output_attentions: bool | None = None, return_dict: bool | None = None,
-                logits_to_keep: int = 0,
-                num_items_in_batch: torch.Tensor | int | None = None) -> CausalLMOutputWithPast | tuple:
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: HyenaRTFCache | None = None,
+        past_key_values: HyenaRTFCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> CausalLMOutputWithPast | tuple:
         """input_ids: (B, T) new tokens (or inputs_embeds (B, T, d)). attention_mask: (B, past + T).
         labels: (B, T), shifted inside, -100 ignored. logits_to_keep: only the last k positions'
         logits (0: all). The cache (under either name) and `use_cache` work as in `HyenaRTFModel`:
@@ -250,24 +275,37 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if labels is not None and logits_to_keep:
             raise ValueError("labels need the logits of every position: do not combine them with logits_to_keep")
-        out = self.model(input_ids, attention_mask, cache=pick_cache(cache, past_key_values),
-                         inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                         return_dict=True)
+        out = self.model(
+            input_ids,
+            attention_mask,
+            cache=pick_cache(cache, past_key_values),
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
         h = out.last_hidden_state
         h = h[:, -logits_to_keep:] if logits_to_keep else h
         logits = self.lm_head(h)[..., : self.config.vocab_size]
         loss = None if labels is None else causal_lm_loss(logits, labels, num_items_in_batch)
-        result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
-                                        **cache_kwargs(output_cache(out)))
+        result = CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, **cache_kwargs(output_cache(out))
+        )
         return result if return_dict else result.to_tuple()
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, cache: HyenaRTFCache | None = None,
-                                      past_key_values: HyenaRTFCache | None = None,
-                                      attention_mask: torch.Tensor | None = None,
-                                      inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
-                                      next_sequence_length: int | None = None,
-                                      is_first_iteration: bool | None = None, **kwargs) -> dict:
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        cache: HyenaRTFCache | None = None,
+        past_key_values: HyenaRTFCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        next_sequence_length: int | None = None,
+        is_first_iteration: bool | None = None,
+        **kwargs,
+    ) -> dict:
         """What `generate()` feeds the model at each step: only the positions the cache has not seen.
 
         The first call gets the whole prompt (its ids, or `inputs_embeds`); every later one a single
@@ -284,12 +322,16 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
             inputs["inputs_embeds"] = inputs_embeds[:, seen:]  # the prompt, given as vectors
             return inputs
         if inputs_embeds is not None and cache is None:
-            raise ValueError("generate(inputs_embeds=...) needs the recurrent cache: the prompt exists only as "
-                             "vectors, so it cannot be re-run from ids; do not pass use_cache=False")
+            raise ValueError(
+                "generate(inputs_embeds=...) needs the recurrent cache: the prompt exists only as "
+                "vectors, so it cannot be re-run from ids; do not pass use_cache=False"
+            )
         total = attention_mask.shape[1] if attention_mask is not None else input_ids.shape[1]
         new = next_sequence_length if next_sequence_length is not None else total - seen
         if cache is not None and not 0 < new <= input_ids.shape[1]:
-            raise ValueError(f"the cache has seen {seen} positions but the input has {input_ids.shape[1]} ids and "
-                             f"a mask of {total}: pass the whole sequence so far to continue from a cache")
+            raise ValueError(
+                f"the cache has seen {seen} positions but the input has {input_ids.shape[1]} ids and "
+                f"a mask of {total}: pass the whole sequence so far to continue from a cache"
+            )
         inputs["input_ids"] = input_ids[:, -new:].contiguous() if cache is not None else input_ids.contiguous()
         return inputs

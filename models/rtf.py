@@ -103,7 +103,7 @@ class RTFRecurrence:
     def state_size(self) -> int:
         return self.a.shape[-1]
 
-    def to(self, dtype: torch.dtype) -> "RTFRecurrence":
+    def to(self, dtype: torch.dtype) -> RTFRecurrence:
         return RTFRecurrence(self.a.to(dtype), self.c.to(dtype), self.h0.to(dtype), self.m.to(dtype), self.fft_len)
 
     def step(self, u: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +129,7 @@ class RTFRecurrence:
         den_f = rfft(torch.cat([torch.ones_like(self.a[:, :1]), self.a], -1), n=N)  # (C, N/2+1)
         x = x0.to(self.a.dtype) if x0 is not None else None
         for start in range(0, T, N):
-            chunk = u[..., start:start + N]
+            chunk = u[..., start : start + N]
             Tc = chunk.shape[-1]
             if x is not None:
                 # Initial state (v_{-1}, ..., v_{-n}) acts on v_t, t < n, as the extra input
@@ -165,9 +165,17 @@ class RTF(nn.Module):
             which keeps sum|a| < 1 and hence every pole inside the unit disk.
     """
 
-    def __init__(self, channels: int, state_size: int, l_max: int, num_filters: int | None = None,
-                 num_a: int | None = None, init: str = "xavier", constraint: str = "l1_montel",
-                 eps: float = 1e-4):
+    def __init__(
+        self,
+        channels: int,
+        state_size: int,
+        l_max: int,
+        num_filters: int | None = None,
+        num_a: int | None = None,
+        init: str = "xavier",
+        constraint: str = "l1_montel",
+        eps: float = 1e-4,
+    ):
         super().__init__()
         num_filters = num_filters or channels
         num_a = num_a or num_filters
@@ -176,8 +184,9 @@ class RTF(nn.Module):
         if constraint not in CONSTRAINTS:
             raise ValueError(f"rtf constraint must be one of {CONSTRAINTS}, got {constraint!r}")
         if channels % num_filters or num_filters % num_a:
-            raise ValueError(f"need channels ({channels}) % num_filters ({num_filters}) == 0 and "
-                             f"num_filters % num_a ({num_a}) == 0")
+            raise ValueError(
+                f"need channels ({channels}) % num_filters ({num_filters}) == 0 and num_filters % num_a ({num_a}) == 0"
+            )
         if not 1 <= state_size < l_max:
             raise ValueError(f"state_size must be in [1, l_max), got {state_size} with l_max {l_max}")
         self.channels, self.num_filters, self.num_a = channels, num_filters, num_a
@@ -279,20 +288,26 @@ class RTF(nn.Module):
         # write through `.data`, which changes neither the version counter nor the address.
         params = [p.detach() for p in self.parameters()]
         memo = self._recurrence_cache
-        if (memo is not None and memo[0] == (dtype, check) and len(memo[1]) == len(params)
-                and all(m.device == p.device and torch.equal(m, p) for m, p in zip(memo[1], params))):
+        if (
+            memo is not None
+            and memo[0] == (dtype, check)
+            and len(memo[1]) == len(params)
+            and all(m.device == p.device and torch.equal(m, p) for m, p in zip(memo[1], params))
+        ):
             return memo[2]
         if check != "none":
             radius = self.pole_radius()
             if (radius >= 1.0).any():
                 bad = torch.nonzero(radius >= 1.0).flatten().tolist()
-                msg = (f"RTF filters {bad[:8]}{'...' if len(bad) > 8 else ''} have poles on or outside the "
-                       f"unit circle (max |pole| = {radius.max().item():.4f}): their recurrent form diverges. "
-                       "Train with rtf_constraint='l1_montel' (keeps every pole inside the unit disk), or "
-                       "decode with the parallel forward (use_cache=False).")
+                msg = (
+                    f"RTF filters {bad[:8]}{'...' if len(bad) > 8 else ''} have poles on or outside the "
+                    f"unit circle (max |pole| = {radius.max().item():.4f}): their recurrent form diverges. "
+                    "Train with rtf_constraint='l1_montel' (keeps every pole inside the unit disk), or "
+                    "decode with the parallel forward (use_cache=False)."
+                )
                 if check == "error":
                     raise ValueError(msg)
-                warnings.warn(msg)
+                warnings.warn(msg, stacklevel=2)
         a, c, h0, m = self._corrected_system()
         rec = RTFRecurrence(self._expand(a), self._expand(c), self._expand(h0), self._expand(m), self.fft_len)
         rec = rec.to(dtype)
@@ -300,5 +315,7 @@ class RTF(nn.Module):
         return rec
 
     def extra_repr(self) -> str:
-        return (f"channels={self.channels}, filters={self.num_filters}, num_a={self.num_a}, "
-                f"state_size={self.state_size}, l_max={self.l_max}, constraint={self.constraint}")
+        return (
+            f"channels={self.channels}, filters={self.num_filters}, num_a={self.num_a}, "
+            f"state_size={self.state_size}, l_max={self.l_max}, constraint={self.constraint}"
+        )

@@ -22,7 +22,7 @@ HF=$RUN/hf
 stamp "setup done"
 
 # 1. The embedded default corpus (Python standard-library sources) and a BPE trained on it.
-$PY -m data_prep.prepare --out "$DATA" --no-progress
+$PY -m hyena_rtf.data_prep.prepare --out "$DATA" --no-progress
 stamp "data ready in $DATA"
 
 # 2. Train. Prints the unigram-baseline perplexity of the validation tokens and the model's; at
@@ -34,7 +34,7 @@ $PY train.py --config configs/default.yaml data.dir="$DATA" train.out_dir="$RUN"
 stamp "trained; HF checkpoint in $HF"
 
 # 3. Evaluate the exported checkpoint on the validation split (perplexity, bits per byte).
-$PY evaluate.py "$HF" --data "$DATA" --output "$RUN/eval.json"
+$PY evaluate_lm.py "$HF" --data "$DATA" --output "$RUN/eval.json"
 stamp "evaluated ($RUN/eval.json)"
 
 # 4. The same export on demand, from the run's latest checkpoint (works for any engine, ZeRO too).

@@ -40,7 +40,7 @@ TINY = [
 def make_corpus(data_dir: Path) -> Path:
     """A small prepared directory made by the real data_prep.prepare: ~400 KB of stdlib sources cut
     into 8 KB documents, a 512-token BPE, 10% of the documents held out for 'val'."""
-    from data_prep.prepare import prepare
+    from hyena_rtf.data_prep.prepare import prepare
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = [str(stdlib / n) for n in ("argparse.py", "typing.py", "inspect.py", "dataclasses.py")]
@@ -85,16 +85,27 @@ def child_env(threads: int | None = None) -> dict:
 def run_cmd(cmd: list, timeout: int = 240, threads: int | None = None) -> subprocess.CompletedProcess:
     """Run and return; on failure the assertion shows the tail of the output."""
     # A session of its own, so that a timeout kills the launcher *and* its rank processes.
-    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(threads), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=child_env(threads),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        raise AssertionError(f"{' '.join(map(str, cmd))} timed out after {timeout} s:\n{out[-3000:]}\n{err[-5000:]}")
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} timed out after {timeout} s:\n{out[-3000:]}\n{err[-5000:]}"
+        ) from None
     p = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-    assert p.returncode == 0, f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    assert p.returncode == 0, (
+        f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    )
     return p
 
 
@@ -115,8 +126,8 @@ NORM_RTOL = 1e-4
 
 def reference_curve(corpus: Path, out: Path) -> dict:
     """The uninterrupted one-process run (micro 4 x accumulation 2, 10 steps) the others must follow."""
-    from training.config import load_config
-    from training.trainer import run
+    from hyena_rtf.training.config import load_config
+    from hyena_rtf.training.trainer import run
 
     with torch_threads(1):
         run(load_config(None, [*TINY, f"data.dir={corpus}", f"train.out_dir={out}"]))
@@ -125,7 +136,7 @@ def reference_curve(corpus: Path, out: Path) -> dict:
 
 def curve(out) -> dict:
     """Per logged step: step, loss, grad norm, lr of both groups, tokens seen; and the eval losses."""
-    from training.metrics import read_metrics
+    from hyena_rtf.training.metrics import read_metrics
 
     recs = read_metrics(os.path.join(out, "metrics.jsonl"))
     got = {k: [r[k] for r in recs] for k in ("step", "loss", "grad_norm", "lr", "rtf_lr", "tokens")}
@@ -161,8 +172,9 @@ def launch(launcher: str, corpus: Path, out: Path, *extra: str, nproc: int = 2) 
 
     if launcher != "python" and not (BIN / launcher).exists():
         pytest.fail(f"{BIN / launcher} not found: the dev install provides it")
-    return run_cmd([*launcher_cmd(launcher, nproc), *TINY, f"data.dir={corpus}", f"train.out_dir={out}", *extra],
-                   threads=1)
+    return run_cmd(
+        [*launcher_cmd(launcher, nproc), *TINY, f"data.dir={corpus}", f"train.out_dir={out}", *extra], threads=1
+    )
 
 
 def in_process_deepspeed(monkeypatch, precision: str = "fp32", zero_stage: int = 1, seed: int = 0):
@@ -171,19 +183,31 @@ def in_process_deepspeed(monkeypatch, precision: str = "fp32", zero_stage: int =
     monkeypatch, so no later subprocess inherits them; close() the last engine to leave the group."""
     import torch
 
-    from models.configuration_hyena_rtf import HyenaRTFConfig
-    from models.modeling_hyena_rtf import HyenaRTFForCausalLM
-    from training.config import load_config, resolve_batch
-    from training.engine import DeepSpeedEngine, deepspeed_config, detect_env
-    from training.optim import make_optimizer, param_groups
+    from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
+    from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
+    from hyena_rtf.training.config import load_config, resolve_batch
+    from hyena_rtf.training.engine import DeepSpeedEngine, deepspeed_config, detect_env
+    from hyena_rtf.training.optim import make_optimizer, param_groups
 
-    rendezvous = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                  "MASTER_PORT": str(free_port())}
+    rendezvous = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
     for k, v in rendezvous.items():
         monkeypatch.setenv(k, v)
     plan = resolve_batch(load_config(None, [*TINY, f"train.precision={precision}"]).train, 1)
     torch.manual_seed(seed)
     model = HyenaRTFForCausalLM(HyenaRTFConfig(vocab_size=512, d_model=32, n_layer=2, l_max=64, state_size=4))
     opt = make_optimizer(param_groups(model, 1e-3, 1e-3, 0.1), betas=(0.9, 0.95), eps=1e-8)
-    return DeepSpeedEngine(model, opt, plan, torch.device("cpu"), precision, detect_env(),
-                           deepspeed_config(plan, zero_stage, precision, 1.0, {}))
+    return DeepSpeedEngine(
+        model,
+        opt,
+        plan,
+        torch.device("cpu"),
+        precision,
+        detect_env(),
+        deepspeed_config(plan, zero_stage, precision, 1.0, {}),
+    )

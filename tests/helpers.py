@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_script(name: str):
-    """A top-level script (generate.py, evaluate.py) as a module, loaded by path, once per process:
+    """A top-level script (generate.py, evaluate_lm.py) as a module, loaded by path, once per process:
     an installed package of the same name (PyPI's `evaluate`) could shadow a plain import."""
     module_name = f"hyena_rtf_{name.removesuffix('.py')}"
     if module_name not in sys.modules:
@@ -28,8 +28,9 @@ def load_script(name: str):
     return sys.modules[module_name]
 
 
-def naive_greedy(model, ids: torch.Tensor, new: int, mask: torch.Tensor | None = None,
-                 penalty: float = 1.0) -> torch.Tensor:
+def naive_greedy(
+    model, ids: torch.Tensor, new: int, mask: torch.Tensor | None = None, penalty: float = 1.0
+) -> torch.Tensor:
     """Greedy decoding by a full parallel forward over the whole sequence for every token: no cache,
     no generation code. mask: (B, T) attention mask of `ids` (left padding), grown with the ids.
     penalty: Hugging Face's repetition penalty (divide positive scores of seen tokens by it,
@@ -76,7 +77,6 @@ def spy_on_forward(model) -> list[Call]:
     return calls
 
 
-
 def np_causal_conv(u: np.ndarray, k: np.ndarray) -> np.ndarray:
     """Naive O(T^2) causal convolution, u (B, C, T), k (C, T): y_t = sum_{s<=t} k_s u_{t-s}."""
     T = u.shape[-1]
@@ -112,15 +112,21 @@ def train_tiny_tokenizer(path) -> str:
     a tiny model's embedding costs nothing."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    words = ("the cat dog sat on a mat and ran to house tree big small red blue quick lazy fox jumps over "
-             "def return class import for in if else while print self value list").split()
+    words = (
+        "the cat dog sat on a mat and ran to house tree big small red blue quick lazy fox jumps over "
+        "def return class import for in if else while print self value list"
+    ).split()
     rng = np.random.default_rng(0)
     lines = [" ".join(rng.choice(words, size=12)) + "." for _ in range(400)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(lines, trainer)
     tok.save(str(path))
     return str(path)

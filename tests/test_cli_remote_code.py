@@ -1,4 +1,4 @@
-"""generate.py and evaluate.py run no code from a checkpoint folder unless the user says so.
+"""generate.py and evaluate_lm.py run no code from a checkpoint folder unless the user says so.
 
 A downloaded checkpoint folder is untrusted input. Every Python file of an exported Hyena-RTF folder
 gets a payload that would create a marker file. The CLIs load Hyena-RTF from this repository's
@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, load_script, train_tiny_tokenizer
-from models.export import save_hf_checkpoint
 from test_hf_contract import tiny_model
+
+from hyena_rtf.hf.export import save_hf_checkpoint
 
 pytestmark = pytest.mark.hf
 
@@ -40,23 +40,41 @@ def booby_trapped(tmp_path_factory):
 
 def cli(script: str, *args, home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
-                          timeout=240, env=env, cwd=home)
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=home,
+    )
 
 
 def test_a_checkpoint_folders_code_never_runs_from_the_clis(booby_trapped, tmp_path):
     ckpt, marker, text = booby_trapped
-    runs = [("generate.py", ckpt, "--prompt", "the cat", "--max-new-tokens", 3, "--temperature", 0),
-            ("generate.py", ckpt, "--prompt", "the cat", "--max-new-tokens", 3, "--trust-remote-code"),
-            ("evaluate.py", ckpt, "--data", text, "--context-length", 16)]
+    runs = [
+        ("generate.py", ckpt, "--prompt", "the cat", "--max-new-tokens", 3, "--temperature", 0),
+        ("generate.py", ckpt, "--prompt", "the cat", "--max-new-tokens", 3, "--trust-remote-code"),
+        ("evaluate_lm.py", ckpt, "--data", text, "--context-length", 16),
+    ]
     for script, *args in runs:
         proc = cli(script, *args, home=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert not marker.exists(), f"the checkpoint's own code ran: {script} {args}"
-    live = subprocess.run([sys.executable, "-c", "import sys; from transformers import AutoConfig; "
-                           "AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)", str(ckpt)],
-                          env={**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    live = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from transformers import AutoConfig; "
+            "AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)",
+            str(ckpt),
+        ],
+        env={**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert live.returncode == 0, live.stderr[-2000:]
     assert marker.exists()  # the payload is live: the CLIs really did not execute it
     marker.unlink()
@@ -66,10 +84,16 @@ def test_another_custom_architecture_is_refused_naming_the_flag(booby_trapped, t
     _, marker, _ = booby_trapped
     other = tmp_path / "other"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({"model_type": "someone_elses", "auto_map": {
-        "AutoConfig": "conf.OtherConfig", "AutoModelForCausalLM": "modeling.OtherLM"}}))
+    (other / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "someone_elses",
+                "auto_map": {"AutoConfig": "conf.OtherConfig", "AutoModelForCausalLM": "modeling.OtherLM"},
+            }
+        )
+    )
     (other / "conf.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
-    gen, evaluate = load_script("generate.py"), load_script("evaluate.py")
+    gen, evaluate = load_script("generate.py"), load_script("evaluate_lm.py")
     hint = "if you trust that code, add --trust-remote-code"
     with pytest.raises(gen.UsageError, match=hint):
         gen.load(str(other), "cpu", "float32")

@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from models import HyenaRTFConfig, HyenaRTFForCausalLM
+from hyena_rtf.models import HyenaRTFConfig, HyenaRTFForCausalLM
 
 VOCAB, DELAY, LENGTH = 16, 32, 128
 
@@ -37,14 +37,22 @@ def batch(size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
 def train_copy_task(seed: int, steps: int = 300, batch_size: int = 32) -> tuple[float, float]:
     """Train from scratch; returns (held-out token accuracy, training seconds)."""
     torch.manual_seed(seed)
-    cfg = HyenaRTFConfig(vocab_size=VOCAB, pad_vocab_size_multiple=16, d_model=32, n_layer=2,
-                         l_max=LENGTH, state_size=64, use_cache=False)
+    cfg = HyenaRTFConfig(
+        vocab_size=VOCAB,
+        pad_vocab_size_multiple=16,
+        d_model=32,
+        n_layer=2,
+        l_max=LENGTH,
+        state_size=64,
+        use_cache=False,
+    )
     model = HyenaRTFForCausalLM(cfg)
     rtf = [p for name, p in model.named_parameters() if ".filter." in name]
     rest = [p for name, p in model.named_parameters() if ".filter." not in name]
     assert rtf and len(rtf) == 4 * cfg.n_layer  # a, b, h0, slack per layer
-    opt = torch.optim.AdamW([{"params": rest, "lr": 3e-3, "weight_decay": 0.01},
-                             {"params": rtf, "lr": 1e-3, "weight_decay": 0.0}])
+    opt = torch.optim.AdamW(
+        [{"params": rest, "lr": 3e-3, "weight_decay": 0.01}, {"params": rtf, "lr": 1e-3, "weight_decay": 0.0}]
+    )
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[3e-3, 1e-3], total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed + 1)
     model.train()

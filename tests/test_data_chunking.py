@@ -1,5 +1,6 @@
 """Long documents are tokenized in bounded pieces: one huge JSON document needs little memory,
 and the tokens are those of the whole document, for JSON and plain text alike."""
+
 import json
 import random
 import subprocess
@@ -8,14 +9,33 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.indexed import IndexedDataset
-from data_prep.prepare import prepare
-from data_prep.tokenizer import piece_spans, train_bpe
+from hyena_rtf.data_prep.indexed import IndexedDataset
+from hyena_rtf.data_prep.prepare import prepare
+from hyena_rtf.data_prep.tokenizer import piece_spans, train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".." / "shared" / "data"
-WORDS = ["the", "Über", "naïve", "🙂", "x=1;", "\n", "  ", "\t", "42", "e\u0301", "東京", "don't",
-         "it's", "\n\n", "(a)", "—", "’s", "<|endoftext|>", "   \n "]
+WORDS = [
+    "the",
+    "Über",
+    "naïve",
+    "🙂",
+    "x=1;",
+    "\n",
+    "  ",
+    "\t",
+    "42",
+    "e\u0301",
+    "東京",
+    "don't",
+    "it's",
+    "\n\n",
+    "(a)",
+    "—",
+    "’s",
+    "<|endoftext|>",
+    "   \n ",
+]
 
 
 def _text(n_words, seed=0):
@@ -27,7 +47,7 @@ def _text(n_words, seed=0):
 # mark of this (forking) test process; VmHWM starts afresh at exec.
 _MEASURE = """
 import json, sys, tokenizers
-from data_prep.prepare import prepare
+from hyena_rtf.data_prep.prepare import prepare
 def hwm():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 d = sys.argv[1]
@@ -41,18 +61,21 @@ print(json.dumps([base, hwm()]))
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
 def test_one_huge_json_document_needs_little_memory(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
+
     vocab = [f"w{i}" for i in range(5000)]
     block = " ".join(random.Random(0).choices(vocab, k=200_000))  # ~1 MB, repeated
     text = " ".join([block] * 24)
     (tmp_path / "big.jsonl").write_text(json.dumps({"text": text}) + "\n")
     # A word-level tokenizer keeps the test fast; the memory at stake is the same per token.
-    tok = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(vocab)}},
-                                     unk_token="[UNK]"))
+    tok = Tokenizer(
+        models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(vocab)}}, unk_token="[UNK]")
+    )
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(tmp_path / "tok.json"))
     doc_mb = len(text) / 2**20
-    r = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp_path)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     base, peak = (kb / 1024 for kb in json.loads(r.stdout))
     # The JSON line, its decoded text and the token ids are each at most the document's size,
@@ -66,6 +89,7 @@ def test_one_huge_json_document_needs_little_memory(tmp_path):
 def _tokenizers():
     """Tokenizers of the usual families (byte-level BPE, Metaspace, whitespace, BERT)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
     sample = [_text(20_000, seed=1)]
 
     def trained(model, pre, trainer, norm=None):
@@ -79,15 +103,21 @@ def _tokenizers():
     out = {"trained byte-level BPE": train_bpe(sample, 400).tok}
     for scheme in ("always", "first"):
         out[f"Metaspace BPE ({scheme})"] = trained(
-            models.BPE(unk_token="[UNK]"), pre_tokenizers.Metaspace(prepend_scheme=scheme),
-            trainers.BpeTrainer(vocab_size=400, special_tokens=["[UNK]"], show_progress=False))
+            models.BPE(unk_token="[UNK]"),
+            pre_tokenizers.Metaspace(prepend_scheme=scheme),
+            trainers.BpeTrainer(vocab_size=400, special_tokens=["[UNK]"], show_progress=False),
+        )
     out["WordLevel on whitespace"] = trained(
-        models.WordLevel(unk_token="[UNK]"), pre_tokenizers.WhitespaceSplit(),
-        trainers.WordLevelTrainer(special_tokens=["[UNK]"], show_progress=False))
+        models.WordLevel(unk_token="[UNK]"),
+        pre_tokenizers.WhitespaceSplit(),
+        trainers.WordLevelTrainer(special_tokens=["[UNK]"], show_progress=False),
+    )
     out["BERT WordPiece"] = trained(
-        models.WordPiece(unk_token="[UNK]"), pre_tokenizers.BertPreTokenizer(),
+        models.WordPiece(unk_token="[UNK]"),
+        pre_tokenizers.BertPreTokenizer(),
         trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[UNK]"], show_progress=False),
-        normalizers.BertNormalizer())
+        normalizers.BertNormalizer(),
+    )
     for name in ("20B_tokenizer.json", "gpt2_tokenizer.json"):
         if (DATA / name).is_file():
             out[name] = Tokenizer.from_file(str(DATA / name))
@@ -100,6 +130,7 @@ def test_piece_spans_cut_before_single_spaces_or_at_the_size():
         spans = list(piece_spans(text, size))
         assert "".join(text[a:b] for a, b in spans) == text and spans[0][0] == 0
         assert all(b - a <= size and b == c for (a, b), (c, _) in zip(spans, spans[1:]))
+
         def cuttable(i):  # just before " " between two non-blanks
             return text[i] == " " and not text[i - 1].isspace() and not text[i + 1].isspace()
 
@@ -116,8 +147,7 @@ def test_pieces_give_the_tokens_of_the_whole_text_for_common_tokenizers():
     for name, tok in _tokenizers().items():
         whole = tok.encode(text, add_special_tokens=False).ids
         for size in (257, 4096):
-            cut = [i for a, b in piece_spans(text, size)
-                   for i in tok.encode(text[a:b], add_special_tokens=False).ids]
+            cut = [i for a, b in piece_spans(text, size) for i in tok.encode(text[a:b], add_special_tokens=False).ids]
             assert cut == whole, (name, size)
 
 
@@ -130,7 +160,14 @@ def test_json_and_plain_text_documents_tokenized_in_pieces_match_whole_tokenizat
     tok.tok.encode_special_tokens = True  # as the writer does: "<|endoftext|>" is plain text
     expect = tok.tok.encode(text, add_special_tokens=False).ids + [tok.eos_id]
     for inp, chunk in (("doc.jsonl", 1000), ("doc.txt", 0)):  # 0: the whole file is one document
-        m = prepare([str(tmp_path / inp)], tmp_path / inp.replace(".", "_"), tokenizer=str(tmp_path / "tok.json"),
-                    workers=1, val_fraction=0.0, text_chunk_bytes=chunk, verbose=False)
+        m = prepare(
+            [str(tmp_path / inp)],
+            tmp_path / inp.replace(".", "_"),
+            tokenizer=str(tmp_path / "tok.json"),
+            workers=1,
+            val_fraction=0.0,
+            text_chunk_bytes=chunk,
+            verbose=False,
+        )
         assert m["documents"]["written"] == 1
         assert IndexedDataset(tmp_path / inp.replace(".", "_") / "train")[0].tolist() == expect, inp

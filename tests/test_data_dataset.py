@@ -1,4 +1,5 @@
 """Training reader: PackedDataset, sample_indices (no overlap, exact resume, reshuffle), get_batch."""
+
 import json
 import pickle
 
@@ -6,19 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.dataset import PackedDataset, get_batch, permute, sample_indices
-from data_prep.indexed import IndexedDataset
-from data_prep.prepare import prepare
+from hyena_rtf.data_prep.dataset import PackedDataset, get_batch, permute, sample_indices
+from hyena_rtf.data_prep.indexed import IndexedDataset
+from hyena_rtf.data_prep.prepare import prepare
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     d = tmp_path_factory.mktemp("packed")
-    lines = [json.dumps({"text": f"doc {i}: " + "lorem ipsum dolor sit amet " * (i % 9 + 1)})
-             for i in range(400)]
+    lines = [json.dumps({"text": f"doc {i}: " + "lorem ipsum dolor sit amet " * (i % 9 + 1)}) for i in range(400)]
     (d / "in.jsonl").write_text("\n".join(lines) + "\n")
-    prepare([str(d / "in.jsonl")], d / "out", vocab_size=300, workers=1, val_fraction=0.05,
-            verbose=False)
+    prepare([str(d / "in.jsonl")], d / "out", vocab_size=300, workers=1, val_fraction=0.05, verbose=False)
     return d / "out"
 
 
@@ -31,7 +30,7 @@ def test_packed_samples(prepared):
     for i in (0, 1, ds.num_samples - 1):
         x = ds[i]
         assert x.dtype == np.int64 and x.shape == (33,)
-        np.testing.assert_array_equal(x, flat[i * 32: i * 32 + 33])
+        np.testing.assert_array_equal(x, flat[i * 32 : i * 32 + 33])
     np.testing.assert_array_equal(ds[0][-1:], ds[1][:1])  # one token of overlap
     with pytest.raises(IndexError):
         ds[ds.num_samples]

@@ -1,5 +1,6 @@
 """The CLI's errors: one line on stderr naming the file, exit status 2, no traceback unless
 HYENA_RTF_DEBUG=1; a run that would write no document is one of them."""
+
 import json
 import random
 import re
@@ -9,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import zstandard
-
-from data_prep.prepare import main
-from data_prep.tokenizer import TokenizerError
 from test_data_outputs import _beside, _snapshot, built  # noqa: F401  (built is a fixture)
 from test_data_prepare import BAD, _jsonl
+
+from hyena_rtf.data_prep.prepare import main
+from hyena_rtf.data_prep.tokenizer import TokenizerError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,8 +26,7 @@ def _one_error_line(capsys) -> str:
 
 
 def _args(inp, out, tok):
-    return ["--input", str(inp), "--tokenizer", str(tok), "--out", str(out), "--workers", "1",
-            "--no-progress"]
+    return ["--input", str(inp), "--tokenizer", str(tok), "--out", str(out), "--workers", "1", "--no-progress"]
 
 
 @pytest.mark.parametrize("case", ["zstd wrapping garbage", "every record bad", "all filtered out"])
@@ -40,8 +40,10 @@ def test_no_document_written_is_an_error(built, case, capsys):
         expect = r"\d+ records read, \d+ invalid_(utf8|json)"
     elif case == "every record bad":
         inp = _jsonl(tmp / "bad.jsonl", list(BAD.values()))
-        expect = ("6 records read, 1 empty_document; 1 invalid_json; 1 invalid_utf8; 1 missing_text; "
-                  "1 non_string_text; 1 not_an_object")
+        expect = (
+            "6 records read, 1 empty_document; 1 invalid_json; 1 invalid_utf8; 1 missing_text; "
+            "1 non_string_text; 1 not_an_object"
+        )
     else:
         inp, extra = tmp / "a.jsonl", ["--pile-set", "Nope"]
         expect = r"150 records read, 150 not in --pile-set \['Nope'\]"
@@ -57,7 +59,8 @@ def test_no_document_written_is_an_error(built, case, capsys):
 def test_a_truncated_zstd_stream_is_an_error(built, cut, capsys):
     tmp = built[0].parent
     blob = zstandard.ZstdCompressor(write_checksum=True).compress(
-        b"".join(json.dumps({"text": f"doc {i} " * 20}).encode() + b"\n" for i in range(2000)))
+        b"".join(json.dumps({"text": f"doc {i} " * 20}).encode() + b"\n" for i in range(2000))
+    )
     keep = {"inside the header": 3, "inside a block": len(blob) // 2, "the last byte": len(blob) - 1}[cut]
     (tmp / "t.jsonl.zst").write_bytes(blob[:keep])
     capsys.readouterr()
@@ -69,9 +72,14 @@ def test_a_truncated_zstd_stream_is_an_error(built, cut, capsys):
 def test_a_binary_tokenizer_file_is_a_one_line_error(tmp_path):
     (tmp_path / "tok.bin").write_bytes(bytes(range(256)) * 16)
     (tmp_path / "a.txt").write_text("some text")
-    r = subprocess.run([sys.executable, "-m", "data_prep.prepare"] +
-                       _args(tmp_path / "a.txt", tmp_path / "out", tmp_path / "tok.bin"),
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "hyena_rtf.data_prep.prepare"]
+        + _args(tmp_path / "a.txt", tmp_path / "out", tmp_path / "tok.bin"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stderr
     assert r.stderr.splitlines() == [r.stderr.strip()] and "Traceback" not in r.stderr, r.stderr
     assert f"{tmp_path / 'tok.bin'}: not a tokenizers JSON file (binary" in r.stderr

@@ -1,13 +1,14 @@
 """The Megatron / GPT-NeoX .bin/.idx layout: writer, reader, and files written by hand to the spec."""
+
 import struct
 
 import numpy as np
 import pytest
 
-from data_prep.dataset import PackedDataset
-from data_prep.indexed import IndexedDataset, IndexedWriter, IndexFormatError, MMapIndexedDataset
-from data_prep.link import link_indexed
-from data_prep.tokenizer import TokenizerError, train_bpe
+from hyena_rtf.data_prep.dataset import PackedDataset
+from hyena_rtf.data_prep.indexed import IndexedDataset, IndexedWriter, IndexFormatError, MMapIndexedDataset
+from hyena_rtf.data_prep.link import link_indexed
+from hyena_rtf.data_prep.tokenizer import TokenizerError, train_bpe
 
 
 def _write_megatron_by_hand(prefix, seqs, doc_starts, dtype=np.int32, code=4):
@@ -43,8 +44,8 @@ def test_writer_layout_and_reader_round_trip(tmp_path):
     raw = (tmp_path / "x.idx").read_bytes()
     magic, version, code, n_seq, n_doc = struct.unpack("<9sQBQQ", raw[:34])
     assert (magic, version, code, n_seq, n_doc) == (b"MMIDIDX\x00\x00", 1, 8, 4, 5)
-    sizes = np.frombuffer(raw[34:34 + 16], "<i4")
-    pointers = np.frombuffer(raw[50:50 + 32], "<i8")
+    sizes = np.frombuffer(raw[34 : 34 + 16], "<i4")
+    pointers = np.frombuffer(raw[50 : 50 + 32], "<i8")
     doc_idx = np.frombuffer(raw[82:], "<i8")
     assert sizes.tolist() == [5, 1, 17, 3]
     assert pointers.tolist() == [0, 10, 12, 46]
@@ -67,7 +68,7 @@ def test_reads_hand_written_megatron_files_with_multi_sequence_documents(tmp_pat
     assert ds.document(0).tolist() == [1, 2, 3, 4, 5]
     assert ds.document(2).tolist() == [7, 8, 9, 10, 70000, 11]
     assert ds.tokens.tolist() == sum(seqs, [])
-    assert MMapIndexedDataset is IndexedDataset  # the Megatron name, used by evaluate.py
+    assert MMapIndexedDataset is IndexedDataset  # the Megatron name, used by evaluate_lm.py
 
 
 def test_link_existing_indexed_files_for_training(tmp_path):
@@ -129,19 +130,20 @@ def test_an_index_of_another_dataset_is_rejected(tmp_path):
     assert "describes 5 uint16 tokens = 10 bytes, the .bin has 8000 bytes" in msg
 
 
-@pytest.mark.parametrize("damage", ["pointers out of order", "negative size", "doc_idx decreasing",
-                                    "doc_idx not ending at S"])
+@pytest.mark.parametrize(
+    "damage", ["pointers out of order", "negative size", "doc_idx decreasing", "doc_idx not ending at S"]
+)
 def test_inconsistent_offsets_sizes_or_doc_idx_are_rejected(tmp_path, damage):
     """Totals still add up (the .bin size matches), so only the full scan can see these."""
     _pair(tmp_path / "a", [[1, 2], [3, 4, 5], [6], [7, 8]])
     raw = bytearray((tmp_path / "a.idx").read_bytes())
     sizes, ptrs, docs = 34, 34 + 16, 34 + 16 + 32
     if damage == "pointers out of order":  # sequences 1 and 2 swapped in the pointers
-        raw[ptrs + 8:ptrs + 24] = raw[ptrs + 16:ptrs + 24] + raw[ptrs + 8:ptrs + 16]
+        raw[ptrs + 8 : ptrs + 24] = raw[ptrs + 16 : ptrs + 24] + raw[ptrs + 8 : ptrs + 16]
     elif damage == "negative size":  # sizes 3, 1 -> 5, -1: same total, same last pointer
-        raw[sizes + 4:sizes + 12] = struct.pack("<ii", 5, -1)
+        raw[sizes + 4 : sizes + 12] = struct.pack("<ii", 5, -1)
     elif damage == "doc_idx decreasing":
-        raw[docs + 8:docs + 24] = struct.pack("<qq", 2, 1)
+        raw[docs + 8 : docs + 24] = struct.pack("<qq", 2, 1)
     else:
         raw[-8:] = struct.pack("<q", 3)
     (tmp_path / "a.idx").write_bytes(bytes(raw))
@@ -153,16 +155,25 @@ def test_inconsistent_offsets_sizes_or_doc_idx_are_rejected(tmp_path, damage):
 def test_a_pair_that_disagrees_with_its_manifest_is_rejected(tmp_path):
     """Consistent files that are not the ones the manifest describes (another dataset's pair
     copied in): the token count and file sizes must match the manifest's."""
-    from data_prep.prepare import prepare
+    from hyena_rtf.data_prep.prepare import prepare
+
     (tmp_path / "a.jsonl").write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(30)))
     (tmp_path / "b.jsonl").write_text("".join(f'{{"text": "other {i} words here"}}\n' for i in range(60)))
     for name in "ab":
-        prepare([str(tmp_path / f"{name}.jsonl")], tmp_path / name, vocab_size=300, workers=1,
-                val_fraction=0.0, verbose=False)
+        prepare(
+            [str(tmp_path / f"{name}.jsonl")],
+            tmp_path / name,
+            vocab_size=300,
+            workers=1,
+            val_fraction=0.0,
+            verbose=False,
+        )
     for ext in ("bin", "idx"):
         (tmp_path / "a" / f"train.{ext}").write_bytes((tmp_path / "b" / f"train.{ext}").read_bytes())
-    for opened in (lambda: IndexedDataset(tmp_path / "a" / "train"),
-                   lambda: PackedDataset(tmp_path / "a", "train", seq_len=8)):
+    for opened in (
+        lambda: IndexedDataset(tmp_path / "a" / "train"),
+        lambda: PackedDataset(tmp_path / "a", "train", seq_len=8),
+    ):
         with pytest.raises(IndexFormatError, match=r"do not match .*manifest\.json: tokens \d+ \(manifest: \d+\)"):
             opened()
     assert IndexedDataset(tmp_path / "b" / "train").num_documents == 60

@@ -1,6 +1,7 @@
 """Interrupted runs of the CLI: killing the whole job, or one worker of its pool, mid-way leaves no
 complete-looking output (the run builds in a staging folder beside it), and the rerun succeeds
 with the same result as an uninterrupted run."""
+
 import json
 import os
 import random
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.tokenizer import train_bpe
+from hyena_rtf.data_prep.tokenizer import train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 FINAL = ["manifest.json", "train.bin", "train.idx", "val.bin", "val.idx"]
@@ -32,14 +33,28 @@ def job(tmp_path_factory):
 
 
 def _cmd(d, out):
-    return [sys.executable, "-m", "data_prep.prepare", "--input", str(d / "big.jsonl"),
-            "--tokenizer", str(d / "tok.json"), "--out", str(out), "--workers", "2",
-            "--chunk-bytes", "65536", "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "hyena_rtf.data_prep.prepare",
+        "--input",
+        str(d / "big.jsonl"),
+        "--tokenizer",
+        str(d / "tok.json"),
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+        "--chunk-bytes",
+        "65536",
+        "--no-progress",
+    ]
 
 
 def _start(d, out):
-    return subprocess.Popen(_cmd(d, out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    return subprocess.Popen(
+        _cmd(d, out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
 
 
 def _staging(out):
@@ -105,8 +120,7 @@ def test_killing_a_pool_worker_mid_way(job, reference):
     out = job / "worker_killed"
     proc = _start(job, out)
     _wait_for_partial_output(out, proc)
-    workers = [c for c in _children(proc.pid)
-               if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    workers = [c for c in _children(proc.pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
     assert workers, "no worker process found"
     os.kill(workers[0], signal.SIGKILL)
     _, err = proc.communicate(timeout=60)

@@ -1,21 +1,25 @@
 """A rerun never costs the existing dataset: checks first, build beside the target, swap at the
 end, and no folder replaced that data_prep did not write; the atomic-output module itself."""
+
 import os
 import stat
 
 import pytest
 import zstandard
-
-from data_prep import atomic
-from data_prep.prepare import main
-from data_prep.tokenizer import train_bpe
 from test_data_prepare import _corpus, _jsonl
+
+from hyena_rtf.data_prep.prepare import main
+from hyena_rtf.data_prep.tokenizer import train_bpe
+from hyena_rtf.utils import atomic
 
 
 def _snapshot(folder):
     """Every file under ``folder`` with its bytes (the lock file aside: it only serializes)."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def _beside(out):
@@ -28,8 +32,17 @@ def built(tmp_path):
     """A complete prepared directory made by the CLI, and the arguments that made it."""
     inp = _jsonl(tmp_path / "a.jsonl", _corpus(150))
     (tmp_path / "tok.json").write_text(train_bpe([" ".join(d["text"] for d in _corpus(50))], 300).json_text)
-    args = ["--input", inp, "--tokenizer", str(tmp_path / "tok.json"), "--out", str(tmp_path / "out"),
-            "--workers", "1", "--no-progress"]
+    args = [
+        "--input",
+        inp,
+        "--tokenizer",
+        str(tmp_path / "tok.json"),
+        "--out",
+        str(tmp_path / "out"),
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
     assert main(args) == 0
     return tmp_path / "out", args, _snapshot(tmp_path / "out")
 
@@ -40,8 +53,10 @@ def _corrupt_shard(path):
     return str(path)
 
 
-@pytest.mark.parametrize("case", ["mistyped tokenizer", "binary tokenizer", "corrupt extra shard",
-                                  "missing extra input", "unknown eos token"])
+@pytest.mark.parametrize(
+    "case",
+    ["mistyped tokenizer", "binary tokenizer", "corrupt extra shard", "missing extra input", "unknown eos token"],
+)
 def test_a_failed_rerun_keeps_the_existing_dataset(built, case, capsys):
     out, args, before = built
     args = list(args)
@@ -108,6 +123,7 @@ def test_a_folder_left_by_an_old_interrupted_run_is_rebuilt(built):
 
 
 # ------------------------------------------------------------------------------ atomic module
+
 
 def test_atomic_file_commits_whole_or_not_at_all(tmp_path):
     target = tmp_path / "f.txt"

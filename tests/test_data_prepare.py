@@ -1,4 +1,5 @@
 """prepare(): round trip, bad input policy, dtype choice, determinism, up-to-date detection."""
+
 import json
 import random
 
@@ -6,28 +7,56 @@ import numpy as np
 import pytest
 import zstandard
 
-from data_prep.indexed import IndexedDataset
-from data_prep.prepare import prepare
-from data_prep.readers import DocumentError, SourceError
-from data_prep.tokenizer import TokenizerError
+from hyena_rtf.data_prep.indexed import IndexedDataset
+from hyena_rtf.data_prep.prepare import prepare
+from hyena_rtf.data_prep.readers import DocumentError, SourceError
+from hyena_rtf.data_prep.tokenizer import TokenizerError
 
-GOOD = ["Hello world.\nA second line.", "Ünïcödé: café, naïve, 東京, emoji 🙂, tabs\tand  spaces",
-        "literal <|endoftext|> inside a document", "   leading spaces and trailing newline\n",
-        "x" * 3000, "def f(x):\n    return x + 1\n"]
+GOOD = [
+    "Hello world.\nA second line.",
+    "Ünïcödé: café, naïve, 東京, emoji 🙂, tabs\tand  spaces",
+    "literal <|endoftext|> inside a document",
+    "   leading spaces and trailing newline\n",
+    "x" * 3000,
+    "def f(x):\n    return x + 1\n",
+]
 
 
 def _jsonl(path, lines, zst=False):
-    data = b"".join(l if isinstance(l, bytes) else json.dumps(l).encode() + b"\n" for l in lines)
+    data = b"".join(x if isinstance(x, bytes) else json.dumps(x).encode() + b"\n" for x in lines)
     path.write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(data) if zst else data)
     return str(path)
 
 
 def _corpus(n, seed=0):
     rng = random.Random(seed)
-    words = ["the", "data", "model", "token", "shard", "über", "naïve", "🙂", "pile", "hyena",
-             "\n", "  ", "filter", "rational", "transfer", "function", "42", "x=1;"]
-    return [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(5, 120))),
-             "meta": {"pile_set_name": rng.choice(["Pile-CC", "Github", "ArXiv"])}} for _ in range(n)]
+    words = [
+        "the",
+        "data",
+        "model",
+        "token",
+        "shard",
+        "über",
+        "naïve",
+        "🙂",
+        "pile",
+        "hyena",
+        "\n",
+        "  ",
+        "filter",
+        "rational",
+        "transfer",
+        "function",
+        "42",
+        "x=1;",
+    ]
+    return [
+        {
+            "text": " ".join(rng.choice(words) for _ in range(rng.randint(5, 120))),
+            "meta": {"pile_set_name": rng.choice(["Pile-CC", "Github", "ArXiv"])},
+        }
+        for _ in range(n)
+    ]
 
 
 def _all_docs(out):
@@ -41,6 +70,7 @@ def _all_docs(out):
 
 def test_round_trip_with_trained_bpe(tmp_path):
     from tokenizers import Tokenizer
+
     docs = [{"text": t} for t in GOOD] + _corpus(60)
     inp = _jsonl(tmp_path / "c.jsonl.zst", docs, zst=True)
     m = prepare([inp], tmp_path / "out", vocab_size=400, workers=1, val_fraction=0.2, verbose=False)
@@ -70,8 +100,9 @@ BAD = {
 
 
 def test_bad_documents_are_skipped_and_counted(tmp_path):
-    lines = [{"text": "good one"}] + list(BAD.values()) + [b'{"text": "lone \\ud800 surrogate"}\n',
-                                                           {"text": "good two"}]
+    lines = (
+        [{"text": "good one"}] + list(BAD.values()) + [b'{"text": "lone \\ud800 surrogate"}\n', {"text": "good two"}]
+    )
     inp = _jsonl(tmp_path / "bad.jsonl", lines)
     m = prepare([inp], tmp_path / "out", vocab_size=300, workers=1, val_fraction=0.0, verbose=False)
     expect = {k: 1 for k in BAD}
@@ -84,23 +115,28 @@ def test_bad_documents_are_skipped_and_counted(tmp_path):
 def test_bad_document_fails_with_file_and_line(tmp_path, reason):
     inp = _jsonl(tmp_path / "bad.jsonl", [{"text": "good"}, BAD[reason], {"text": "good"}])
     with pytest.raises(DocumentError, match=rf"bad\.jsonl:2: .*reason {reason}"):
-        prepare([inp], tmp_path / "out", tokenizer=None, vocab_size=300, workers=1,
-                on_error="fail", verbose=False)
+        prepare([inp], tmp_path / "out", tokenizer=None, vocab_size=300, workers=1, on_error="fail", verbose=False)
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_unreadable_files_fail_by_default_or_are_recorded(tmp_path):
-    good = _jsonl(tmp_path / "a.jsonl.zst", _corpus(20), zst=True)
+    _jsonl(tmp_path / "a.jsonl.zst", _corpus(20), zst=True)
     blob = zstandard.ZstdCompressor(write_checksum=True).compress(
-        b"".join(json.dumps(d).encode() + b"\n" for d in _corpus(2000, seed=1)))
+        b"".join(json.dumps(d).encode() + b"\n" for d in _corpus(2000, seed=1))
+    )
     (tmp_path / "b.jsonl.zst").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(SourceError, match="b.jsonl.zst:.*truncated zstd"):
-        prepare([str(tmp_path / "*.jsonl.zst")], tmp_path / "out", vocab_size=300, workers=1,
-                verbose=False)
+        prepare([str(tmp_path / "*.jsonl.zst")], tmp_path / "out", vocab_size=300, workers=1, verbose=False)
     assert not (tmp_path / "out" / "manifest.json").exists()
     assert not list((tmp_path / "out").glob("*.partial"))
-    m = prepare([str(tmp_path / "*.jsonl.zst")], tmp_path / "out", vocab_size=300, workers=1,
-                on_file_error="skip", verbose=False)
+    m = prepare(
+        [str(tmp_path / "*.jsonl.zst")],
+        tmp_path / "out",
+        vocab_size=300,
+        workers=1,
+        on_file_error="skip",
+        verbose=False,
+    )
     a, b = m["sources"]
     assert a["path"] == str((tmp_path / "a.jsonl.zst").resolve()) and a["error"] is None
     assert "truncated zstd" in b["error"] and b["read"] == "partial (unreadable)"
@@ -110,6 +146,7 @@ def test_unreadable_files_fail_by_default_or_are_recorded(tmp_path):
 
 def _wordlevel_tokenizer(path, n):
     from tokenizers import Tokenizer, models, pre_tokenizers
+
     vocab = {"<|endoftext|>": 0, "[UNK]": 1}
     vocab.update({f"w{i}": i + 2 for i in range(n - 2)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
@@ -130,8 +167,7 @@ def test_vocabulary_must_fit_the_token_dtype(tmp_path):
 
 
 def test_determinism_across_runs_and_worker_counts(tmp_path):
-    inp = [_jsonl(tmp_path / "a.jsonl.zst", _corpus(300), zst=True),
-           _jsonl(tmp_path / "b.jsonl", _corpus(200, seed=2))]
+    inp = [_jsonl(tmp_path / "a.jsonl.zst", _corpus(300), zst=True), _jsonl(tmp_path / "b.jsonl", _corpus(200, seed=2))]
     kw = dict(vocab_size=500, val_fraction=0.1, verbose=False, chunk_bytes=4096)
     prepare(inp, tmp_path / "w1", workers=1, **kw)
     prepare(inp, tmp_path / "w2", workers=2, **kw)
@@ -142,8 +178,10 @@ def test_determinism_across_runs_and_worker_counts(tmp_path):
     for n in names:
         assert (tmp_path / "w1" / n).read_bytes() == (tmp_path / "w2" / n).read_bytes(), n
     other = prepare(inp, tmp_path / "s2", workers=1, seed=99, **kw)  # the seed moves the split
-    assert other["splits"]["val"]["bin_sha256"] != json.loads(
-        (tmp_path / "w1" / "manifest.json").read_text())["splits"]["val"]["bin_sha256"]
+    assert (
+        other["splits"]["val"]["bin_sha256"]
+        != json.loads((tmp_path / "w1" / "manifest.json").read_text())["splits"]["val"]["bin_sha256"]
+    )
 
 
 def test_up_to_date_detection_and_rebuild(tmp_path, capsys):
@@ -176,8 +214,15 @@ def test_pile_set_filter_caps_and_text_inputs(tmp_path):
     m = prepare([inp], tmp_path / "c", vocab_size=300, workers=1, max_docs=50, verbose=False)
     assert m["documents"]["records"] == 50 and m["sources"][0]["read"].startswith("partial")
     (tmp_path / "t.txt").write_text("\n\n".join(f"paragraph {i} " * 40 for i in range(60)))
-    m = prepare([str(tmp_path / "t.txt")], tmp_path / "t", vocab_size=300, workers=1,
-                text_chunk_bytes=1000, val_fraction=0.01, verbose=False)
+    m = prepare(
+        [str(tmp_path / "t.txt")],
+        tmp_path / "t",
+        vocab_size=300,
+        workers=1,
+        text_chunk_bytes=1000,
+        val_fraction=0.01,
+        verbose=False,
+    )
     # a single small text file still gets a validation document
     assert m["splits"]["val"]["documents"] >= 1 and m["splits"]["train"]["documents"] > 10
 

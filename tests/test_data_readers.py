@@ -1,17 +1,25 @@
 """Corpus readers: Pile .jsonl.zst, .jsonl, plain text, folders, HF datasets; record validation."""
+
 import json
 
 import pytest
 import zstandard
 
-from data_prep import default_corpus
-from data_prep.readers import SourceError, _Counter, expand_inputs, iter_records, validate_record
+from hyena_rtf.data_prep import default_corpus
+from hyena_rtf.data_prep.readers import SourceError, _Counter, expand_inputs, iter_records, validate_record
 
 
 def _pile_lines(n, start=0):
-    return [json.dumps({"text": f"document {i} " + "words " * (i % 7 + 1),
-                        "meta": {"pile_set_name": "Pile-CC" if i % 2 else "Github"}}).encode() + b"\n"
-            for i in range(start, start + n)]
+    return [
+        json.dumps(
+            {
+                "text": f"document {i} " + "words " * (i % 7 + 1),
+                "meta": {"pile_set_name": "Pile-CC" if i % 2 else "Github"},
+            }
+        ).encode()
+        + b"\n"
+        for i in range(start, start + n)
+    ]
 
 
 def _records(path, **kw):
@@ -43,7 +51,7 @@ def test_truncated_and_corrupt_zst_are_file_errors(tmp_path):
     with pytest.raises(SourceError, match=r"trunc\.jsonl\.zst:\d+: truncated zstd stream"):
         _records(trunc)
     bad = bytearray(blob)
-    bad[len(bad) // 2: len(bad) // 2 + 64] = bytes(64)
+    bad[len(bad) // 2 : len(bad) // 2 + 64] = bytes(64)
     corrupt = tmp_path / "corrupt.jsonl.zst"
     corrupt.write_bytes(bytes(bad))
     with pytest.raises(SourceError, match=r"corrupt\.jsonl\.zst:\d+: corrupt zstd stream"):
@@ -55,7 +63,7 @@ def test_truncated_and_corrupt_zst_are_file_errors(tmp_path):
 
 
 def test_plain_text_chunks_concatenate_to_the_file(tmp_path):
-    paras = [("line %d of paragraph %d\n" % (j, i)) * 30 for i in range(40) for j in [0]]
+    paras = [f"line {j} of paragraph {i}\n" * 30 for i in range(40) for j in [0]]
     text = "\n".join(paras)  # blank lines between paragraphs
     p = tmp_path / "book.txt"
     p.write_text(text)
@@ -84,15 +92,20 @@ def test_folder_glob_order_and_missing_inputs(tmp_path):
 
 def test_hf_datasets_load_from_disk_and_parquet(tmp_path):
     datasets = pytest.importorskip("datasets")
-    ds = datasets.Dataset.from_dict({"text": ["first doc", "second doc", None],
-                                     "meta": [{"pile_set_name": "A"}, {"pile_set_name": "B"},
-                                              {"pile_set_name": "A"}]})
+    ds = datasets.Dataset.from_dict(
+        {
+            "text": ["first doc", "second doc", None],
+            "meta": [{"pile_set_name": "A"}, {"pile_set_name": "B"}, {"pile_set_name": "A"}],
+        }
+    )
     ds.save_to_disk(str(tmp_path / "saved"))
     srcs, recs = _records(tmp_path / "saved")
     assert srcs[0].kind == "hf_disk" and len(srcs[0].sha256) == 64
-    assert [(r[1], r[2], r[3], r[4]) for r in recs] == [(1, "S", "first doc", "A"),
-                                                        (2, "S", "second doc", "B"),
-                                                        (3, "S", None, "A")]
+    assert [(r[1], r[2], r[3], r[4]) for r in recs] == [
+        (1, "S", "first doc", "A"),
+        (2, "S", "second doc", "B"),
+        (3, "S", None, "A"),
+    ]
     ds.to_parquet(str(tmp_path / "x.parquet"))
     srcs, recs = _records(tmp_path / "x.parquet")
     assert srcs[0].kind == "hf_file" and [r[3] for r in recs] == ["first doc", "second doc", None]
@@ -101,20 +114,23 @@ def test_hf_datasets_load_from_disk_and_parquet(tmp_path):
         _records(tmp_path / "nocol")
 
 
-@pytest.mark.parametrize("kind,payload,reason", [
-    ("J", b'{"text": "ok", "meta": {"pile_set_name": "X"}}', None),
-    ("J", b'{"text": "cut', "invalid_json"),
-    ("J", b"[1, 2]", "not_an_object"),
-    ("J", b'{"meta": {}}', "missing_text"),
-    ("J", b'{"text": 5}', "non_string_text"),
-    ("J", b'{"text": "\xff\xfe"}', "invalid_utf8"),
-    ("J", b'{"text": "  \\n "}', "empty_document"),
-    ("J", b"   ", "blank_line"),
-    ("T", b"caf\xe9", "invalid_utf8"),
-    ("T", b"", "empty_document"),
-    ("S", None, "missing_text"),
-    ("S", ["a"], "non_string_text"),
-])
+@pytest.mark.parametrize(
+    "kind,payload,reason",
+    [
+        ("J", b'{"text": "ok", "meta": {"pile_set_name": "X"}}', None),
+        ("J", b'{"text": "cut', "invalid_json"),
+        ("J", b"[1, 2]", "not_an_object"),
+        ("J", b'{"meta": {}}', "missing_text"),
+        ("J", b'{"text": 5}', "non_string_text"),
+        ("J", b'{"text": "\xff\xfe"}', "invalid_utf8"),
+        ("J", b'{"text": "  \\n "}', "empty_document"),
+        ("J", b"   ", "blank_line"),
+        ("T", b"caf\xe9", "invalid_utf8"),
+        ("T", b"", "empty_document"),
+        ("S", None, "missing_text"),
+        ("S", ["a"], "non_string_text"),
+    ],
+)
 def test_validate_record(kind, payload, reason):
     text, set_name, err = validate_record(kind, payload, None)
     if reason is None:

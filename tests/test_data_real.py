@@ -1,5 +1,6 @@
 """Real data: The Pile's own format (pile_sample.jsonl.zst) with the GPT-NeoX-20B tokenizer, and
 the Tiny Shakespeare plain-text file. Reads ../shared/data (relative to the repository root)."""
+
 import io
 import json
 import unicodedata
@@ -9,15 +10,17 @@ import numpy as np
 import pytest
 import zstandard
 
-from data_prep.dataset import PackedDataset, get_batch
-from data_prep.indexed import IndexedDataset
-from data_prep.prepare import prepare
+from hyena_rtf.data_prep.dataset import PackedDataset, get_batch
+from hyena_rtf.data_prep.indexed import IndexedDataset
+from hyena_rtf.data_prep.prepare import prepare
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 PILE, TOK, SHAKES = DATA / "pile_sample.jsonl.zst", DATA / "20B_tokenizer.json", DATA / "tinyshakespeare_input.txt"
-pytestmark = pytest.mark.skipif(not (PILE.is_file() and TOK.is_file() and SHAKES.is_file()),
-                                reason=f"real data files not found in {DATA.resolve()} "
-                                       "(pile_sample.jsonl.zst, 20B_tokenizer.json, tinyshakespeare_input.txt)")
+pytestmark = pytest.mark.skipif(
+    not (PILE.is_file() and TOK.is_file() and SHAKES.is_file()),
+    reason=f"real data files not found in {DATA.resolve()} "
+    "(pile_sample.jsonl.zst, 20B_tokenizer.json, tinyshakespeare_input.txt)",
+)
 
 
 def _pile_docs():
@@ -28,8 +31,8 @@ def _pile_docs():
 
 def test_pile_sample_with_20b_tokenizer(tmp_path):
     from tokenizers import Tokenizer
-    m = prepare([str(PILE)], tmp_path / "pile", tokenizer=str(TOK), workers=2, val_fraction=0.05,
-                verbose=False)
+
+    m = prepare([str(PILE)], tmp_path / "pile", tokenizer=str(TOK), workers=2, val_fraction=0.05, verbose=False)
     docs = _pile_docs()
     assert len(docs) == 321
     t = m["tokenizer"]
@@ -53,8 +56,9 @@ def test_pile_sample_with_20b_tokenizer(tmp_path):
     # Pile-set filter on the real metadata
     sets = {d["meta"]["pile_set_name"] for d in docs}
     assert sets == {"Wikipedia (en)", "Gutenberg (PG-19)"}
-    w = prepare([str(PILE)], tmp_path / "wiki", tokenizer=str(TOK), workers=1,
-                pile_sets=["Wikipedia (en)"], verbose=False)
+    w = prepare(
+        [str(PILE)], tmp_path / "wiki", tokenizer=str(TOK), workers=1, pile_sets=["Wikipedia (en)"], verbose=False
+    )
     assert w["documents"]["written"] == 60 and w["documents"]["filtered_by_pile_set"] == 261
     # training reader on top
     ds = PackedDataset(tmp_path / "pile", "train", seq_len=256)

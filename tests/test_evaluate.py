@@ -1,4 +1,4 @@
-"""Tests for evaluate.py: numbers against naive references, window semantics, recurrent mode, LAMBADA,
+"""Tests for evaluate_lm.py: numbers against naive references, window semantics, recurrent mode, LAMBADA,
 token shards, CLI, lm-evaluation-harness agreement.
 
 Every model-dependent test takes the `model_dir` fixture, parametrized over MODEL_BUILDERS (a tiny
@@ -24,10 +24,9 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="hf_modules_"))
 
+from helpers import load_script  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast  # noqa: E402
-
-from helpers import load_script  # noqa: E402
 
 pytestmark = pytest.mark.hf  # CI runs these under every supported transformers release
 
@@ -35,13 +34,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 EOT = "<|endoftext|>"
 
-ev = load_script("evaluate.py")  # by path: `import evaluate` could pick up PyPI's `evaluate` (lm-eval needs it)
+ev = load_script("evaluate_lm.py")  # by path: `import evaluate` could pick up PyPI's `evaluate` (lm-eval needs it)
 
 
 # ----------------------------------------------------------------------------- data and models
 
-WORDS = ("the model reads long text and scores every token once café naïve über 日本語 😀 "
-         "rational transfer function hyena filter state decode prefill window stride byte").split()
+WORDS = (
+    "the model reads long text and scores every token once café naïve über 日本語 😀 "
+    "rational transfer function hyena filter state decode prefill window stride byte"
+).split()
 
 
 def make_documents(seed=0, lengths=(10, 30, 50)):
@@ -55,8 +56,9 @@ def tiny_tokenizer():
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=[EOT],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tokenizer.train_from_iterator(make_documents(seed=1, lengths=(300,) * 20), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOT, eos_token=EOT)
 
@@ -64,10 +66,20 @@ def tiny_tokenizer():
 def save_gpt_neox(path, tokenizer, seed=0, **sizes):
     """Random GPT-NeoX; a large init (std 0.3) makes predictions depend strongly on the context,
     so a token scored with the wrong history or skipped changes the numbers visibly."""
-    config = GPTNeoXConfig(**{"vocab_size": len(tokenizer), "hidden_size": 32, "num_hidden_layers": 2,
-                              "num_attention_heads": 4, "intermediate_size": 64, "max_position_embeddings": 512,
-                              "initializer_range": 0.3, "bos_token_id": tokenizer.bos_token_id,
-                              "eos_token_id": tokenizer.eos_token_id, **sizes})
+    config = GPTNeoXConfig(
+        **{
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 64,
+            "max_position_embeddings": 512,
+            "initializer_range": 0.3,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            **sizes,
+        }
+    )
     torch.manual_seed(seed)
     GPTNeoXForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -80,15 +92,16 @@ def build_tiny_gpt_neox(path):
 def build_tiny_hyena_rtf(path):
     """Our model, exported the way train.py exports it; l_max 64 < the longest document, so
     scoring also runs past the trained length (the recurrence must still match the FFT form)."""
-    from models.configuration_hyena_rtf import HyenaRTFConfig
-    from models.export import save_hf_checkpoint
-    from models.modeling_hyena_rtf import HyenaRTFForCausalLM
+    from hyena_rtf.hf.export import save_hf_checkpoint
+    from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
+    from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
 
     tokenizer_file = path / "source_tokenizer.json"
     tiny_tokenizer().backend_tokenizer.save(str(tokenizer_file))
     torch.manual_seed(0)
-    config = HyenaRTFConfig(vocab_size=320, d_model=32, n_layer=3, l_max=64, state_size=4, n_head=4,
-                            attn_layers=[1], initializer_range=0.2)
+    config = HyenaRTFConfig(
+        vocab_size=320, d_model=32, n_layer=3, l_max=64, state_size=4, n_head=4, attn_layers=[1], initializer_range=0.2
+    )
     save_hf_checkpoint(HyenaRTFForCausalLM(config).eval(), tokenizer_file, path / "ckpt")
     for item in (path / "ckpt").iterdir():  # the fixture's folder is the checkpoint itself
         item.rename(path / item.name)
@@ -126,7 +139,7 @@ def docs_jsonl(tmp_path_factory):
 
 
 def run_eval(model_dir, *flags):
-    """evaluate.py in process, through its argument parser."""
+    """evaluate_lm.py in process, through its argument parser."""
     return ev.evaluate(ev.build_parser().parse_args([str(model_dir), *map(str, flags)]))
 
 
@@ -146,7 +159,7 @@ def naive_nll(model, tokenizer, texts, context_length, stride):
             k = 0 if p < context_length else (p - context_length) // stride + 1
             by_start.setdefault(k * stride, []).append(p)
         for begin, predictions in by_start.items():
-            log_probs = torch.log_softmax(model(torch.tensor([sequence[begin: predictions[-1] + 1]])).logits[0], -1)
+            log_probs = torch.log_softmax(model(torch.tensor([sequence[begin : predictions[-1] + 1]])).logits[0], -1)
             for p in predictions:
                 total += -log_probs[p - begin, sequence[p + 1]].item()
                 count += 1
@@ -154,6 +167,7 @@ def naive_nll(model, tokenizer, texts, context_length, stride):
 
 
 # ----------------------------------------------------------------------------- window semantics
+
 
 def test_window_plan_example():
     # 10 predictions, C 4, S 2: windows start every 2; each scores what the previous did not reach.
@@ -185,11 +199,25 @@ def test_window_plan_rejects_bad_stride():
 
 # ----------------------------------------------------------------------------- perplexity, bits per byte
 
-@pytest.mark.parametrize("context_length, stride, n_docs", [(512, 512, 3), (16, 16, 3), (16, 5, 3), (16, 1, 2), (7, 3, 3)])
+
+@pytest.mark.parametrize(
+    "context_length, stride, n_docs", [(512, 512, 3), (16, 16, 3), (16, 5, 3), (16, 1, 2), (7, 3, 3)]
+)
 def test_perplexity_and_bpb_match_naive_reference(model_dir, reference, docs_jsonl, context_length, stride, n_docs):
     texts = make_documents()[:n_docs]  # stride 1 is the slow case: fewer documents
-    result = run_eval(model_dir, "--data", docs_jsonl, "--context-length", context_length,
-                      "--stride", stride, "--batch-size", 4, "--max-documents", n_docs)
+    result = run_eval(
+        model_dir,
+        "--data",
+        docs_jsonl,
+        "--context-length",
+        context_length,
+        "--stride",
+        stride,
+        "--batch-size",
+        4,
+        "--max-documents",
+        n_docs,
+    )
     (data,) = result["data"]
     nll, count = naive_nll(*reference, texts, context_length, stride)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
@@ -218,7 +246,9 @@ def test_readers_raw_text_and_zst(model_dir, docs_jsonl, tmp_path):
     result = run_eval(model_dir, "--data", raw, zst, docs_jsonl, "--context-length", 32)
     raw_result, zst_result, jsonl_result = result["data"]
     assert raw_result["documents"] == 1 and raw_result["bytes"] == raw.stat().st_size
-    assert {k: v for k, v in zst_result.items() if k != "path"} == {k: v for k, v in jsonl_result.items() if k != "path"}
+    assert {k: v for k, v in zst_result.items() if k != "path"} == {
+        k: v for k, v in jsonl_result.items() if k != "path"
+    }
     assert result["total"]["tokens"] == sum(d["tokens"] for d in result["data"])
     assert result["total"]["nll_nats"] == pytest.approx(sum(d["nll_nats"] for d in result["data"]), rel=1e-12)
 
@@ -263,6 +293,7 @@ def test_recurrent_equals_parallel(model_dir, docs_jsonl, context_length, stride
 
 # ----------------------------------------------------------------------------- LAMBADA
 
+
 @torch.inference_mode()
 def naive_lambada(model, tokenizer, texts):
     nlls, hits, n_targets = [], [], 0
@@ -270,13 +301,17 @@ def naive_lambada(model, tokenizer, texts):
         context, word = text.rsplit(" ", 1)
         target = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
         ids = tokenizer(context, add_special_tokens=False)["input_ids"] + target
-        logits = model(torch.tensor([ids[:-1]])).logits[0, -len(target):]
+        logits = model(torch.tensor([ids[:-1]])).logits[0, -len(target) :]
         log_probs = torch.log_softmax(logits, -1)
         nlls.append(-sum(log_probs[i, t].item() for i, t in enumerate(target)))
         hits.append(logits.argmax(-1).tolist() == target)
         n_targets += len(target)
-    return {"accuracy": float(np.mean(hits)), "perplexity": math.exp(np.mean(nlls)),
-            "token_perplexity": math.exp(sum(nlls) / n_targets), "target_tokens": n_targets}
+    return {
+        "accuracy": float(np.mean(hits)),
+        "perplexity": math.exp(np.mean(nlls)),
+        "token_perplexity": math.exp(sum(nlls) / n_targets),
+        "target_tokens": n_targets,
+    }
 
 
 def save_successor_model(path):
@@ -334,6 +369,7 @@ def test_lambada_real_file_matches_naive(tmp_path):
 
 # ----------------------------------------------------------------------------- token shards
 
+
 def write_megatron_shard(folder, documents, tokenizer_json):
     """val.bin / val.idx in the Megatron MMapIndexedDataset layout (uint16, one sequence per
     document), with manifest.json and tokenizer.json beside them, as data_prep writes them."""
@@ -354,7 +390,9 @@ def shard_case(model_dir, tmp_path):
     numbers: the EOD token is scored, and counts 0 bytes."""
     tokenizer = ev.load_tokenizer(model_dir)
     texts = make_documents(seed=3)
-    documents = [np.array(tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]) for t in texts]
+    documents = [
+        np.array(tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]) for t in texts
+    ]
     write_megatron_shard(tmp_path, documents, tokenizer.backend_tokenizer.to_str())
     return texts, documents
 
@@ -369,12 +407,14 @@ def check_shard_result(result, texts, documents, model, start):
     with torch.inference_mode():
         for d in documents:
             sequence = torch.tensor([[start, *d]])
-            nll += torch.nn.functional.cross_entropy(model(sequence[:, :-1]).logits[0], sequence[0, 1:], reduction="sum").item()
+            nll += torch.nn.functional.cross_entropy(
+                model(sequence[:, :-1]).logits[0], sequence[0, 1:], reduction="sum"
+            ).item()
     assert data["nll_nats"] == pytest.approx(nll, rel=1e-6)
 
 
 def install_stand_in_reader(monkeypatch, sequences, doc_idx=None):
-    """Stands in for data_prep.indexed.MMapIndexedDataset with exactly the interface evaluate.py
+    """Stands in for data_prep.indexed.MMapIndexedDataset with exactly the interface evaluate_lm.py
     uses; returns the list of path prefixes it was opened with."""
     opened = []
 
@@ -394,10 +434,10 @@ def install_stand_in_reader(monkeypatch, sequences, doc_idx=None):
 
 
 def test_shard_input_through_reader_contract(model_dir, reference, tmp_path, monkeypatch):
-    """evaluate.py's side of the data_prep contract; each document is served as two sequences
+    """evaluate_lm.py's side of the data_prep contract; each document is served as two sequences
     (exercises the doc_idx grouping)."""
     texts, documents = shard_case(model_dir, tmp_path)
-    sequences = [part for d in documents for part in (d[: len(d) // 2], d[len(d) // 2:])]
+    sequences = [part for d in documents for part in (d[: len(d) // 2], d[len(d) // 2 :])]
     opened = install_stand_in_reader(monkeypatch, sequences, doc_idx=np.arange(0, len(sequences) + 1, 2))
     result = run_eval(model_dir, "--data", tmp_path, "--context-length", 512)
     assert opened == [str(tmp_path / "val")]
@@ -429,15 +469,21 @@ def test_shard_input_with_data_prep_reader(model_dir, reference, tmp_path):
 
 
 def test_shard_prepared_by_data_prep(model_dir, reference, tmp_path):
-    """End to end with the real pipeline: data_prep.prepare writes the shard folder, evaluate.py
+    """End to end with the real pipeline: data_prep.prepare writes the shard folder, evaluate_lm.py
     scores its val split; tokens and bytes agree with data_prep's manifest."""
-    from data_prep.prepare import prepare
-    from data_prep.indexed import MMapIndexedDataset
+    from hyena_rtf.data_prep.indexed import MMapIndexedDataset
+    from hyena_rtf.data_prep.prepare import prepare
 
     source = tmp_path / "corpus.jsonl"
     source.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_documents(seed=7, lengths=(8, 15, 25) * 6)))
-    manifest = prepare([str(source)], tmp_path / "prepared", tokenizer=str(model_dir / "tokenizer.json"),
-                       workers=1, val_fraction=0.3, verbose=False)
+    manifest = prepare(
+        [str(source)],
+        tmp_path / "prepared",
+        tokenizer=str(model_dir / "tokenizer.json"),
+        workers=1,
+        val_fraction=0.3,
+        verbose=False,
+    )
     val = manifest["splits"]["val"]
     assert val["documents"] > 0
     result = run_eval(model_dir, "--data", tmp_path / "prepared", "--context-length", 512)
@@ -455,12 +501,26 @@ def test_shard_prepared_by_data_prep(model_dir, reference, tmp_path):
 
 # ----------------------------------------------------------------------------- command line
 
+
 def test_cli_end_to_end_writes_json(model_dir, docs_jsonl, tmp_path):
     lambada = tmp_path / "lambada.jsonl"
     lambada.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_documents(seed=5)))
     out = tmp_path / "results" / "eval.json"
-    command = [sys.executable, str(REPO / "evaluate.py"), str(model_dir), "--data", str(docs_jsonl),
-               "--lambada", str(lambada), "--context-length", "16", "--stride", "8", "--output", str(out)]
+    command = [
+        sys.executable,
+        str(REPO / "evaluate_lm.py"),
+        str(model_dir),
+        "--data",
+        str(docs_jsonl),
+        "--lambada",
+        str(lambada),
+        "--context-length",
+        "16",
+        "--stride",
+        "8",
+        "--output",
+        str(out),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=ONE_THREAD_ENV)
     assert done.returncode == 0, done.stderr
     for unwanted in ("deprecated", "[y/N]"):  # no cache-name deprecation, no custom-code prompt
@@ -474,15 +534,18 @@ def test_cli_end_to_end_writes_json(model_dir, docs_jsonl, tmp_path):
     assert saved["lambada"]["accuracy"] == in_process["lambada"]["accuracy"]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--data", "MISSING.txt"], "MISSING.txt not found"),
-    (["--context-length", "8", "--stride", "9", "--data", "DOCS"], "larger than --context-length"),
-    (["--batch-size", "0", "--data", "DOCS"], "must be positive"),
-    (["--context-length", "-3", "--data", "DOCS"], "must be positive"),
-    (["--max-tokens", "x", "--data", "DOCS"], "not an integer"),
-    (["--mode", "sideways", "--data", "DOCS"], "invalid choice"),
-    ([], "nothing to evaluate"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--data", "MISSING.txt"], "MISSING.txt not found"),
+        (["--context-length", "8", "--stride", "9", "--data", "DOCS"], "larger than --context-length"),
+        (["--batch-size", "0", "--data", "DOCS"], "must be positive"),
+        (["--context-length", "-3", "--data", "DOCS"], "must be positive"),
+        (["--max-tokens", "x", "--data", "DOCS"], "not an integer"),
+        (["--mode", "sideways", "--data", "DOCS"], "invalid choice"),
+        ([], "nothing to evaluate"),
+    ],
+)
 def test_bad_arguments_give_one_line_errors(model_dir, docs_jsonl, capsys, flags, message):
     flags = [str(docs_jsonl) if f == "DOCS" else f for f in flags]
     try:
@@ -496,20 +559,25 @@ def test_bad_arguments_give_one_line_errors(model_dir, docs_jsonl, capsys, flags
 def two_zstd_frames_cut_in_the_second() -> bytes:
     import zstandard
 
-    frames = [zstandard.ZstdCompressor().compress((json.dumps({"text": t}) + "\n").encode() * 20)
-              for t in ("first frame", "second frame")]
+    frames = [
+        zstandard.ZstdCompressor().compress((json.dumps({"text": t}) + "\n").encode() * 20)
+        for t in ("first frame", "second frame")
+    ]
     return frames[0] + frames[1][: len(frames[1]) // 2]
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("bad.jsonl", b'{"text": "fine"}\n{"text": broken\n', "bad.jsonl:2: invalid JSON"),
-    ("bad.jsonl", b'{"text": "fine"}\n\n{"meta": 1}\n', "bad.jsonl:3: no 'text' field"),
-    ("bad.txt", b"caf\xe9 latin-1", "bad.txt: invalid UTF-8"),
-    ("cut.jsonl.zst", two_zstd_frames_cut_in_the_second(), "truncated zstd stream"),
-    ("empty.txt", b"", "empty.txt: no document with a token to score"),
-    ("blank.jsonl", b"\n\n", "blank.jsonl: no document with a token to score"),
-    ("folder", None, "not a text or JSONL file, nor a data_prep folder"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("bad.jsonl", b'{"text": "fine"}\n{"text": broken\n', "bad.jsonl:2: invalid JSON"),
+        ("bad.jsonl", b'{"text": "fine"}\n\n{"meta": 1}\n', "bad.jsonl:3: no 'text' field"),
+        ("bad.txt", b"caf\xe9 latin-1", "bad.txt: invalid UTF-8"),
+        ("cut.jsonl.zst", two_zstd_frames_cut_in_the_second(), "truncated zstd stream"),
+        ("empty.txt", b"", "empty.txt: no document with a token to score"),
+        ("blank.jsonl", b"\n\n", "blank.jsonl: no document with a token to score"),
+        ("folder", None, "not a text or JSONL file, nor a data_prep folder"),
+    ],
+)
 def test_bad_data_files_give_one_line_errors(model_dir, tmp_path, capsys, name, content, message):
     if content is None:
         (tmp_path / name).mkdir()
@@ -531,7 +599,7 @@ def test_unloadable_models_give_one_line_errors(model_dir, docs_jsonl, tmp_path,
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     assert ev.main([str(broken), "--data", str(docs_jsonl), "--context-length", "8"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"evaluate.py: error: could not load the model from {broken}") and "\n" not in err, err
+    assert err.startswith(f"evaluate_lm.py: error: could not load the model from {broken}") and "\n" not in err, err
     config = json.loads((model_dir / "config.json").read_text())
     if config["model_type"] == "hyena_rtf":
         (broken / "config.json").write_text(json.dumps({**config, "filter": "wavelet"}))
@@ -541,10 +609,18 @@ def test_unloadable_models_give_one_line_errors(model_dir, docs_jsonl, tmp_path,
 
 
 def test_cli_missing_model_is_one_line_error(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "evaluate.py"), str(tmp_path / "nope"), "--data", __file__],
-                          capture_output=True, text=True, timeout=60, env=ONE_THREAD_ENV)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "evaluate_lm.py"), str(tmp_path / "nope"), "--data", __file__],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=ONE_THREAD_ENV,
+    )
     assert done.returncode == 2
-    assert done.stderr.strip() == f"evaluate.py: error: model folder {tmp_path / 'nope'} not found or has no config.json"
+    assert (
+        done.stderr.strip()
+        == f"evaluate_lm.py: error: model folder {tmp_path / 'nope'} not found or has no config.json"
+    )
 
 
 def test_shard_with_other_vocabulary_is_refused(model_dir, tmp_path, monkeypatch):
@@ -595,12 +671,33 @@ def test_lm_eval_harness_agrees(model_dir, docs_jsonl, tmp_path):
     for i, task in enumerate(LM_EVAL_TASKS.format(docs=docs_jsonl, lambada=lambada).split("---\n")):
         (tasks / f"task{i}.yaml").write_text(task)
     env = {**ONE_THREAD_ENV, "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    # cwd outside the repository: there `import evaluate` (lm-eval's dependency) would find our evaluate.py.
-    done = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-                           f"pretrained={model_dir},dtype=float32,max_length=512,trust_remote_code=True",
-                           "--tasks", "local_rolling,local_lambada", "--include_path", str(tasks), "--device", "cpu",
-                           "--batch_size", "4", "--output_path", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    # cwd outside the repository: there `import evaluate` (lm-eval's dependency) would find our evaluate_lm.py.
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={model_dir},dtype=float32,max_length=512,trust_remote_code=True",
+            "--tasks",
+            "local_rolling,local_lambada",
+            "--include_path",
+            str(tasks),
+            "--device",
+            "cpu",
+            "--batch_size",
+            "4",
+            "--output_path",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     (results_file,) = (tmp_path / "out").rglob("results_*.json")
     theirs = json.loads(results_file.read_text())["results"]

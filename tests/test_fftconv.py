@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import FFTSpy, np_causal_conv
 
-from models.fftconv import fft_causal_conv
-from helpers import np_causal_conv, FFTSpy
+from hyena_rtf.models.fftconv import fft_causal_conv
 
 
 def circular_conv_same_length(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

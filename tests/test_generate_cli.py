@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
-from helpers import load_script
-from models import HyenaRTFConfig, HyenaRTFForCausalLM
-from models.export import load_tokenizer, save_hf_checkpoint
+from hyena_rtf.hf.export import load_tokenizer, save_hf_checkpoint
+from hyena_rtf.models import HyenaRTFConfig, HyenaRTFForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "generate.py"
@@ -28,8 +28,12 @@ TOKENIZER = REPO.parent / "shared" / "data" / "20B_tokenizer.json"
 PROMPTS = ["The history of the city", "A", "In 1905, the physicist wrote three papers that"]
 HEADER = re.compile(r"^==> prompt (\d+) sample (\d+) <==$", re.M)
 
-pytestmark = [pytest.mark.hf, pytest.mark.skipif(not TOKENIZER.is_file(),
-                                reason=f"real tokenizer not found at {TOKENIZER} (../shared/data beside the repo)")]
+pytestmark = [
+    pytest.mark.hf,
+    pytest.mark.skipif(
+        not TOKENIZER.is_file(), reason=f"real tokenizer not found at {TOKENIZER} (../shared/data beside the repo)"
+    ),
+]
 
 gen = load_script("generate.py")
 
@@ -45,8 +49,16 @@ def tokenizer():
 def ours(tmp_path_factory):
     """(model, checkpoint dir): a random hybrid Hyena-RTF with l_max 32, so decoding runs past it."""
     torch.manual_seed(0)
-    cfg = HyenaRTFConfig(vocab_size=50277, d_model=32, n_layer=3, l_max=32, state_size=4, n_head=4,
-                         attn_layers=[1], initializer_range=0.2)
+    cfg = HyenaRTFConfig(
+        vocab_size=50277,
+        d_model=32,
+        n_layer=3,
+        l_max=32,
+        state_size=4,
+        n_head=4,
+        attn_layers=[1],
+        initializer_range=0.2,
+    )
     model = HyenaRTFForCausalLM(cfg).eval()
     return model, save_hf_checkpoint(model, TOKENIZER, tmp_path_factory.mktemp("cli") / "ckpt")
 
@@ -56,8 +68,16 @@ def other_model(kind: str):
     torch.manual_seed(0)
     common = dict(vocab_size=50277, initializer_range=0.2, eos_token_id=0, pad_token_id=0)
     if kind == "gpt_neox":
-        return GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                intermediate_size=128, max_position_embeddings=256, **common))
+        return GPTNeoXForCausalLM(
+            GPTNeoXConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+                max_position_embeddings=256,
+                **common,
+            )
+        )
     return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common))
 
 
@@ -80,8 +100,14 @@ def env(tmp_path_factory):
 
 
 def cli(env, *args, timeout=240):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def greedy_texts(model, tokenizer, prompts, new, batch=False) -> list[str]:
@@ -92,7 +118,7 @@ def greedy_texts(model, tokenizer, prompts, new, batch=False) -> list[str]:
         enc = tokenizer(group, return_tensors="pt", padding=True)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=new, do_sample=False, eos_token_id=0, pad_token_id=0)
-        texts += [tokenizer.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
+        texts += [tokenizer.decode(row[enc["input_ids"].shape[1] :], skip_special_tokens=True) for row in out]
     return texts
 
 
@@ -100,8 +126,10 @@ def blocks(stdout: str) -> list[tuple[int, int, str]]:
     """Parse the multi-output format into (prompt, sample, text) triples."""
     parts = HEADER.split(stdout)
     assert parts[0] == "", parts[0]
-    return [(int(parts[i]), int(parts[i + 1]), parts[i + 2].removeprefix("\n").removesuffix("\n"))
-            for i in range(1, len(parts), 3)]
+    return [
+        (int(parts[i]), int(parts[i + 1]), parts[i + 2].removeprefix("\n").removesuffix("\n"))
+        for i in range(1, len(parts), 3)
+    ]
 
 
 def assert_timings(stderr: str):
@@ -123,8 +151,20 @@ def test_single_prompt_greedy(ours, tokenizer, env):
 def test_prompt_file_batches_with_left_padding(ours, tokenizer, env, tmp_path):
     model, ckpt = ours
     (tmp_path / "prompts.txt").write_text("\n".join([PROMPTS[0], "", PROMPTS[1], "   ", PROMPTS[2]]) + "\n")
-    proc = cli(env, ckpt, "--prompt-file", tmp_path / "prompts.txt", "--num-samples", 2, "--batch-size", 4,
-               "--temperature", 0, "--max-new-tokens", 30)
+    proc = cli(
+        env,
+        ckpt,
+        "--prompt-file",
+        tmp_path / "prompts.txt",
+        "--num-samples",
+        2,
+        "--batch-size",
+        4,
+        "--temperature",
+        0,
+        "--max-new-tokens",
+        30,
+    )
     assert proc.returncode == 0, proc.stderr
     got = blocks(proc.stdout)
     assert [(i, j) for i, j, _ in got] == [(i, j) for i in (1, 2, 3) for j in (1, 2)]
@@ -156,6 +196,7 @@ def args_for(ours):
 
     def build(*extra):
         return gen.parse_args([str(ckpt), "--prompt", "x", *map(str, extra)])[0]
+
     return build
 
 
@@ -163,8 +204,9 @@ def test_sampling_matches_generate_with_the_same_seed(ours, tokenizer, args_for)
     """generate.py's loop applies the same processors in the same order and draws the same random
     numbers as GenerationMixin, so one seed gives one text whichever does the decoding."""
     model, _ = ours
-    args = args_for("--temperature", 0.8, "--top-k", 50, "--top-p", 0.9, "--repetition-penalty", 1.3,
-                    "--max-new-tokens", 25)
+    args = args_for(
+        "--temperature", 0.8, "--top-k", 50, "--top-p", 0.9, "--repetition-penalty", 1.3, "--max-new-tokens", 25
+    )
     prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[2], PROMPTS[2]]
     torch.manual_seed(7)
     ours_a, _ = gen.decode_batch(model, tokenizer, prompts, args)
@@ -173,11 +215,21 @@ def test_sampling_matches_generate_with_the_same_seed(ours, tokenizer, args_for)
     enc = tokenizer(PROMPTS[::2], return_tensors="pt", padding=True)
     torch.manual_seed(7)
     with torch.no_grad():
-        ref = model.generate(**enc, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.3,
-                             max_new_tokens=25, num_return_sequences=2, eos_token_id=0, pad_token_id=0)
-    ref = ref[:, enc["input_ids"].shape[1]:]
+        ref = model.generate(
+            **enc,
+            do_sample=True,
+            temperature=0.8,
+            top_k=50,
+            top_p=0.9,
+            repetition_penalty=1.3,
+            max_new_tokens=25,
+            num_return_sequences=2,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+    ref = ref[:, enc["input_ids"].shape[1] :]
     assert torch.equal(ours_a, ours_b)
-    assert torch.equal(ours_a, ref[:, :ours_a.shape[1]])
+    assert torch.equal(ours_a, ref[:, : ours_a.shape[1]])
     assert len({tuple(r.tolist()) for r in ours_a}) == 4  # all samples differ, even for the same prompt
 
 

@@ -12,11 +12,11 @@ that greedy choices are not decided by float rounding.
 
 import pytest
 import torch
-
 from helpers import naive_greedy
-from models import HyenaRTFConfig, HyenaRTFForCausalLM
-from models.hf_compat import cache_kwargs, output_cache
-from models.hyena import HyenaState
+
+from hyena_rtf.models import HyenaRTFConfig, HyenaRTFForCausalLM
+from hyena_rtf.models.hf_compat import cache_kwargs, output_cache
+from hyena_rtf.models.hyena import HyenaState
 
 pytestmark = pytest.mark.hf  # CI runs these under every supported transformers release
 
@@ -25,9 +25,21 @@ VOCAB, L_MAX = 97, 32
 
 def tiny_model(filter="rtf", attn_layers=None, seed=0) -> HyenaRTFForCausalLM:
     torch.manual_seed(seed)
-    cfg = HyenaRTFConfig(vocab_size=VOCAB, pad_vocab_size_multiple=8, d_model=32, n_layer=2, l_max=L_MAX,
-                         state_size=4, n_head=4, filter=filter, attn_layers=attn_layers, implicit_order=16,
-                         initializer_range=0.3, eos_token_id=None, pad_token_id=0)
+    cfg = HyenaRTFConfig(
+        vocab_size=VOCAB,
+        pad_vocab_size_multiple=8,
+        d_model=32,
+        n_layer=2,
+        l_max=L_MAX,
+        state_size=4,
+        n_head=4,
+        filter=filter,
+        attn_layers=attn_layers,
+        implicit_order=16,
+        initializer_range=0.3,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     model = HyenaRTFForCausalLM(cfg).eval()
     if filter == "rtf":
         for block in model.model.layers:
@@ -55,8 +67,9 @@ MODELS = [("rtf", None), ("rtf", [1]), ("implicit", None), ("implicit", [1])]
 
 
 @pytest.mark.parametrize("filter,attn", MODELS, ids=["rtf", "rtf+attn", "implicit", "implicit+attn"])
-@pytest.mark.parametrize("prompt,total", [(8, 24), (8, 80), (48, 80)],
-                         ids=["below_lmax", "across_lmax", "prefill_past_lmax"])
+@pytest.mark.parametrize(
+    "prompt,total", [(8, 24), (8, 80), (48, 80)], ids=["below_lmax", "across_lmax", "prefill_past_lmax"]
+)
 def test_prefill_then_steps_match_parallel_forward(filter, attn, prompt, total):
     model = tiny_model(filter, attn)
     ids = torch.randint(0, VOCAB, (2, total), generator=torch.Generator().manual_seed(1))
@@ -65,7 +78,7 @@ def test_prefill_then_steps_match_parallel_forward(filter, attn, prompt, total):
         out = model(ids[:, :prompt], use_cache=True)
         logits, cache = [out.logits], output_cache(out)
         for t in range(prompt, total):
-            out = model(ids[:, t:t + 1], use_cache=True, **cache_kwargs(cache))
+            out = model(ids[:, t : t + 1], use_cache=True, **cache_kwargs(cache))
             logits.append(out.logits)
     dec = torch.cat(logits, dim=1)
     assert dec.shape == ref.shape
@@ -152,8 +165,12 @@ def test_stop_token_ends_each_row_and_pads_it():
 
 
 def _cache_shapes(cache) -> list:
-    return [(tuple(s.conv.shape), tuple(s.filt.shape), s.filt.dtype) if isinstance(s, HyenaState)
-            else tuple(tuple(t.shape) for t in s) for s in cache.layers]
+    return [
+        (tuple(s.conv.shape), tuple(s.filt.shape), s.filt.dtype)
+        if isinstance(s, HyenaState)
+        else tuple(tuple(t.shape) for t in s)
+        for s in cache.layers
+    ]
 
 
 def test_cache_size_is_constant_for_hyena_layers():
@@ -171,7 +188,7 @@ def test_cache_size_is_constant_for_hyena_layers():
         cache = output_cache(model(ids, use_cache=True))
         nbytes = sum(s.conv.nbytes + s.filt.nbytes for s in cache.layers)
         for t in range(50):
-            cache = output_cache(model(ids[:, t % 10:t % 10 + 1], use_cache=True, **cache_kwargs(cache)))
+            cache = output_cache(model(ids[:, t % 10 : t % 10 + 1], use_cache=True, **cache_kwargs(cache)))
             assert _cache_shapes(cache) == shapes[0]
         assert sum(s.conv.nbytes + s.filt.nbytes for s in cache.layers) == nbytes
         # The attention layer of a hybrid model, by contrast, grows by one key per token.
@@ -193,5 +210,5 @@ def test_left_padded_batch_equals_each_prompt_alone(attn):
     with torch.no_grad():
         batched = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)[:, width:]
         for row, p in zip(batched, prompts):
-            alone = model.generate(p[None], max_new_tokens=new, do_sample=False)[0, len(p):]
+            alone = model.generate(p[None], max_new_tokens=new, do_sample=False)[0, len(p) :]
             assert torch.equal(row, alone)

@@ -20,12 +20,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import REPO, load_script, naive_greedy, spy_on_forward, train_tiny_tokenizer
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from helpers import REPO, load_script, naive_greedy, spy_on_forward, train_tiny_tokenizer
-from models import HyenaRTFCache, HyenaRTFConfig, HyenaRTFForCausalLM, HyenaRTFModel
-from models.export import load_tokenizer, save_hf_checkpoint
-from models.hf_compat import CACHE_NAMES, cache_kwargs, output_cache
+from hyena_rtf.hf.export import load_tokenizer, save_hf_checkpoint
+from hyena_rtf.models import HyenaRTFCache, HyenaRTFConfig, HyenaRTFForCausalLM, HyenaRTFModel
+from hyena_rtf.models.hf_compat import CACHE_NAMES, cache_kwargs, output_cache
 
 pytestmark = pytest.mark.hf
 
@@ -34,9 +34,23 @@ VOCAB, PROMPT, NEW = 97, 9, 12
 
 def tiny_model(attn_layers=None, vocab=VOCAB, seed=0, **overrides) -> HyenaRTFForCausalLM:
     torch.manual_seed(seed)
-    cfg = HyenaRTFConfig(**{**dict(vocab_size=vocab, pad_vocab_size_multiple=8, d_model=32, n_layer=2, l_max=32,
-                                   state_size=4, n_head=4, attn_layers=attn_layers, initializer_range=0.3,
-                                   pad_token_id=0), **overrides})
+    cfg = HyenaRTFConfig(
+        **{
+            **dict(
+                vocab_size=vocab,
+                pad_vocab_size_multiple=8,
+                d_model=32,
+                n_layer=2,
+                l_max=32,
+                state_size=4,
+                n_head=4,
+                attn_layers=attn_layers,
+                initializer_range=0.3,
+                pad_token_id=0,
+            ),
+            **overrides,
+        }
+    )
     model = HyenaRTFForCausalLM(cfg).eval()
     model.generation_config.eos_token_id = None  # every test decodes exactly the tokens it asks for
     model.generation_config.pad_token_id = 0
@@ -48,8 +62,11 @@ def prompt_ids(batch=2, length=PROMPT, seed=1) -> torch.Tensor:
 
 
 # ---- generate() really decodes recurrently ---------------------------------------------------------
-MODES = {"greedy": dict(do_sample=False), "sampling": dict(do_sample=True, top_k=20),
-         "beam_search": dict(num_beams=3, do_sample=False)}
+MODES = {
+    "greedy": dict(do_sample=False),
+    "sampling": dict(do_sample=True, top_k=20),
+    "beam_search": dict(num_beams=3, do_sample=False),
+}
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["batch", "left_padded_batch"])
@@ -129,8 +146,9 @@ def test_generate_from_inputs_embeds_equals_generate_from_ids():
     with torch.no_grad():
         from_ids = model.generate(ids, max_new_tokens=NEW, do_sample=False)
         calls = spy_on_forward(model)
-        from_embeds = model.generate(inputs_embeds=model.get_input_embeddings()(ids), max_new_tokens=NEW,
-                                     do_sample=False)
+        from_embeds = model.generate(
+            inputs_embeds=model.get_input_embeddings()(ids), max_new_tokens=NEW, do_sample=False
+        )
     assert [c.positions for c in calls] == [PROMPT] + [1] * (NEW - 1)
     assert torch.equal(from_embeds[:, -NEW:], from_ids[:, PROMPT:])
 
@@ -215,9 +233,11 @@ def test_config_exposes_the_trained_length_to_hf_tools(exported):
 def test_checkpoint_config_json_names_every_auto_class(exported):
     _, ckpt, _ = exported
     auto_map = json.loads((ckpt / "config.json").read_text())["auto_map"]
-    assert auto_map == {"AutoConfig": "configuration_hyena_rtf.HyenaRTFConfig",
-                        "AutoModel": "modeling_hyena_rtf.HyenaRTFModel",
-                        "AutoModelForCausalLM": "modeling_hyena_rtf.HyenaRTFForCausalLM"}
+    assert auto_map == {
+        "AutoConfig": "configuration_hyena_rtf.HyenaRTFConfig",
+        "AutoModel": "modeling_hyena_rtf.HyenaRTFModel",
+        "AutoModelForCausalLM": "modeling_hyena_rtf.HyenaRTFForCausalLM",
+    }
 
 
 # ---- from a fresh process, as a user would -----------------------------------------------------
@@ -225,7 +245,7 @@ README_CHILD = textwrap.dedent(r"""
     import builtins, sys
     from_repo = sys.argv[2] == "from_repo"
     if from_repo:
-        import models  # the repository's package: registers the Auto classes
+        import hyena_rtf.models as models  # the repository's package: registers the Auto classes
     else:
         sys.modules["models"] = None  # only the code saved in the checkpoint may be used
 
@@ -243,8 +263,8 @@ README_CHILD = textwrap.dedent(r"""
 
 def readme_snippet() -> str:
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## Using a checkpoint"):]
-    return section[section.index("```python\n") + len("```python\n"): section.index("```\n", 10)]
+    section = readme[readme.index("## Using a checkpoint") :]
+    return section[section.index("```python\n") + len("```python\n") : section.index("```\n", 10)]
 
 
 @pytest.mark.parametrize("where", ["remote_code", "from_repo"])
@@ -255,14 +275,20 @@ def test_readme_snippet_runs_without_prompts_or_deprecation_warnings(exported, t
     _, ckpt, _ = exported
     (tmp_path / "hf_home").mkdir()
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", README_CHILD, str(ckpt), where, readme_snippet()], env=env,
-                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", README_CHILD, str(ckpt), where, readme_snippet()],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for unwanted in ("deprecated", "[y/N]", "custom code", "Traceback"):
         assert unwanted not in proc.stderr, proc.stderr[-3000:]
     module = proc.stdout.split("module: ")[-1].strip()
     if where == "from_repo":
-        assert module == "models.modeling_hyena_rtf"
+        assert module == "hyena_rtf.models.modeling_hyena_rtf"
     else:
         assert module.startswith("transformers_modules.") and module.endswith(".modeling_hyena_rtf"), module
 
@@ -293,6 +319,6 @@ def test_generate_cli_refuses_a_model_that_returns_no_cache(exported):
 
 
 def test_evaluate_recurrent_mode_refuses_a_model_that_returns_no_cache():
-    evaluate = load_script("evaluate.py")
+    evaluate = load_script("evaluate_lm.py")
     with pytest.raises(evaluate.EvalError, match="returned no cache"):
         evaluate.forward_logits(without_cache(tiny_model()), prompt_ids(), "recurrent")

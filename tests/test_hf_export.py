@@ -18,16 +18,20 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from models import HyenaRTFConfig, HyenaRTFForCausalLM
-from models.export import load_tokenizer, save_hf_checkpoint
+from hyena_rtf.hf.export import load_tokenizer, save_hf_checkpoint
+from hyena_rtf.models import HyenaRTFConfig, HyenaRTFForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO.parent / "shared" / "data" / "20B_tokenizer.json"
 TEXT = "The quick brown fox jumps over the lazy dog. It was"
 NEW = 16
 
-pytestmark = [pytest.mark.hf, pytest.mark.skipif(not TOKENIZER.is_file(),
-                                reason=f"real tokenizer not found at {TOKENIZER} (../shared/data beside the repo)")]
+pytestmark = [
+    pytest.mark.hf,
+    pytest.mark.skipif(
+        not TOKENIZER.is_file(), reason=f"real tokenizer not found at {TOKENIZER} (../shared/data beside the repo)"
+    ),
+]
 
 CHILD = textwrap.dedent(r"""
     import json, os, sys
@@ -70,18 +74,37 @@ def exported(tmp_path_factory):
     """(model, checkpoint dir, result of the child process)."""
     tmp = tmp_path_factory.mktemp("hf_export")
     torch.manual_seed(0)
-    cfg = HyenaRTFConfig(vocab_size=50277, d_model=32, n_layer=3, l_max=64, state_size=4, n_head=4,
-                         attn_layers=[1], initializer_range=0.2)
+    cfg = HyenaRTFConfig(
+        vocab_size=50277,
+        d_model=32,
+        n_layer=3,
+        l_max=64,
+        state_size=4,
+        n_head=4,
+        attn_layers=[1],
+        initializer_range=0.2,
+    )
     model = HyenaRTFForCausalLM(cfg).eval()
     ckpt = save_hf_checkpoint(model, TOKENIZER, tmp / "ckpt")
     bf16 = save_hf_checkpoint(model, TOKENIZER, tmp / "ckpt_bf16", dtype=torch.bfloat16)
     hf_home = tmp / "hf_home"
     hf_home.mkdir()
-    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TRANSFORMERS_VERBOSITY": "error"}
+    env = {
+        **os.environ,
+        "HF_HOME": str(hf_home),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
     env.pop("HF_MODULES_CACHE", None)  # so the dynamic modules go under the empty HF_HOME
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(bf16), str(tmp), TEXT, str(NEW)],
-                          cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(ckpt), str(bf16), str(tmp), TEXT, str(NEW)],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp / "result.json").read_text())
     result["logits"] = torch.load(tmp / "logits.pt")
@@ -92,8 +115,17 @@ def exported(tmp_path_factory):
 def test_folder_is_self_contained(exported):
     _, ckpt, _ = exported
     names = {p.name for p in ckpt.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "configuration_hyena_rtf.py",
-            "modeling_hyena_rtf.py", "hyena.py", "rtf.py", "attention.py", "fftconv.py"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "configuration_hyena_rtf.py",
+        "modeling_hyena_rtf.py",
+        "hyena.py",
+        "rtf.py",
+        "attention.py",
+        "fftconv.py",
+    } <= names
     config = json.loads((ckpt / "config.json").read_text())
     assert config["model_type"] == "hyena_rtf"
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_hyena_rtf.HyenaRTFForCausalLM"

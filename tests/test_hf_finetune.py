@@ -15,11 +15,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import load_script, naive_greedy, spy_on_forward, train_tiny_tokenizer
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from helpers import load_script, naive_greedy, spy_on_forward, train_tiny_tokenizer
-from models import HyenaRTFConfig, HyenaRTFForCausalLM
-from models.export import load_tokenizer, save_hf_checkpoint
+from hyena_rtf.hf.export import load_tokenizer, save_hf_checkpoint
+from hyena_rtf.models import HyenaRTFConfig, HyenaRTFForCausalLM
 
 pytestmark = pytest.mark.hf
 
@@ -35,8 +35,17 @@ def start(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("finetune")
     tokenizer_file = train_tiny_tokenizer(tmp / "tokenizer.json")
     torch.manual_seed(0)
-    config = HyenaRTFConfig(vocab_size=320, pad_vocab_size_multiple=8, d_model=32, n_layer=3, l_max=32,
-                            state_size=4, n_head=4, attn_layers=[1], initializer_range=0.2)
+    config = HyenaRTFConfig(
+        vocab_size=320,
+        pad_vocab_size_multiple=8,
+        d_model=32,
+        n_layer=3,
+        l_max=32,
+        state_size=4,
+        n_head=4,
+        attn_layers=[1],
+        initializer_range=0.2,
+    )
     model = HyenaRTFForCausalLM(config).eval()
     return save_hf_checkpoint(model, tokenizer_file, tmp / "start"), load_tokenizer(tokenizer_file)
 
@@ -48,19 +57,33 @@ def lm_examples(tokenizer, n: int, ragged: bool = False) -> list[dict]:
     ids = tokenizer(text)["input_ids"]
     examples = []
     for i in range(n):
-        row = torch.tensor(ids[i: i + SEQ])
+        row = torch.tensor(ids[i : i + SEQ])
         labels = row.clone()
         if ragged:
-            labels[4 + 5 * i:] = -100
+            labels[4 + 5 * i :] = -100
         examples.append({"input_ids": row, "labels": labels})
     return examples
 
 
 def training_args(out: Path, **overrides) -> TrainingArguments:
-    return TrainingArguments(**{**dict(output_dir=str(out), per_device_train_batch_size=2, learning_rate=2e-3,
-                                       max_steps=3, logging_steps=1, save_strategy="no", report_to=[],
-                                       use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0),
-                                **overrides})
+    return TrainingArguments(
+        **{
+            **dict(
+                output_dir=str(out),
+                per_device_train_batch_size=2,
+                learning_rate=2e-3,
+                max_steps=3,
+                logging_steps=1,
+                save_strategy="no",
+                report_to=[],
+                use_cpu=True,
+                disable_tqdm=True,
+                dataloader_num_workers=0,
+                seed=0,
+            ),
+            **overrides,
+        }
+    )
 
 
 def cached_decoding_matches_the_naive_loop(model, tokenizer) -> None:
@@ -125,8 +148,13 @@ def test_trainer_loss_and_gradient_under_gradient_accumulation(start, tmp_path, 
     model = AutoModelForCausalLM.from_pretrained(ckpt)
     examples = lm_examples(tokenizer, 4, ragged=True)
     grabber = GradientGrabber()
-    args = training_args(tmp_path / "trainer", per_device_train_batch_size=4 // accumulation,
-                         gradient_accumulation_steps=accumulation, max_steps=1, max_grad_norm=0.0)
+    args = training_args(
+        tmp_path / "trainer",
+        per_device_train_batch_size=4 // accumulation,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        max_grad_norm=0.0,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=examples, callbacks=[grabber])
     reference_model = AutoModelForCausalLM.from_pretrained(ckpt).double()
     trainer.train()
@@ -135,8 +163,7 @@ def test_trainer_loss_and_gradient_under_gradient_accumulation(start, tmp_path, 
     ids = torch.stack([e["input_ids"] for e in examples])
     labels = torch.stack([e["labels"] for e in examples])
     logits = reference_model(ids, use_cache=False).logits
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
-                          reduction="sum")
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
     mean = nll / (labels[:, 1:] != -100).sum()
     assert logged == pytest.approx(mean.item(), rel=1e-5)
     mean.backward()
@@ -150,8 +177,12 @@ def test_peft_lora_train_merge_then_cached_decoding(start, tmp_path):
     peft = pytest.importorskip("peft")
     ckpt, tokenizer = start
     model = AutoModelForCausalLM.from_pretrained(ckpt)
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["in_proj", "out_proj", "qkv"],
-                                                      lora_dropout=0.0, init_lora_weights=False))
+    lora = peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["in_proj", "out_proj", "qkv"], lora_dropout=0.0, init_lora_weights=False
+        ),
+    )
     Trainer(model=lora, args=training_args(tmp_path / "trainer"), train_dataset=lm_examples(tokenizer, 6)).train()
     lora.eval()
     model.generation_config.eos_token_id = None
@@ -166,5 +197,4 @@ def test_peft_lora_train_merge_then_cached_decoding(start, tmp_path):
         assert torch.equal(wrapped, naive_greedy(merged, enc["input_ids"], NEW))
     merged.save_pretrained(tmp_path / "merged")
     tokenizer.save_pretrained(tmp_path / "merged")
-    cached_decoding_matches_the_naive_loop(AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval(),
-                                           tokenizer)
+    cached_decoding_matches_the_naive_loop(AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval(), tokenizer)

@@ -11,15 +11,14 @@ implicit kernels) in numpy float64 from the definitions; it never calls the modu
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
+from helpers import FFTSpy, np_causal_conv
 
-from models.configuration_hyena_rtf import HyenaRTFConfig
-from models.hyena import HyenaOperator
-from models.rtf import RTF
-from helpers import np_causal_conv, FFTSpy
+from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
+from hyena_rtf.models.hyena import HyenaOperator
+from hyena_rtf.models.rtf import RTF
 
 
 def P(t: torch.Tensor) -> np.ndarray:
@@ -28,8 +27,18 @@ def P(t: torch.Tensor) -> np.ndarray:
 
 def make_op(filt="rtf", d=8, n=6, l_max=40, seed=0, dtype=torch.float64, **kw) -> HyenaOperator:
     torch.manual_seed(seed)
-    cfg = HyenaRTFConfig(vocab_size=16, d_model=d, n_layer=1, l_max=l_max, state_size=n, filter=filt,
-                         implicit_order=16, implicit_bands=3, recurrent_dtype="float64", **kw)
+    cfg = HyenaRTFConfig(
+        vocab_size=16,
+        d_model=d,
+        n_layer=1,
+        l_max=l_max,
+        state_size=n,
+        filter=filt,
+        implicit_order=16,
+        implicit_bands=3,
+        recurrent_dtype="float64",
+        **kw,
+    )
     op = HyenaOperator(cfg).to(dtype)
     # Non-trivial biases and short-conv taps so that every term of the formula matters.
     with torch.no_grad():
@@ -92,8 +101,8 @@ def np_hyena(op: HyenaOperator, u: np.ndarray, kernel: np.ndarray) -> np.ndarray
     p = (u @ P(op.in_proj.weight).T + P(op.in_proj.bias)).transpose(0, 2, 1)  # (B, 3d, T)
     W = P(op.short_conv.weight)[:, 0, :]  # (3d, w); conv1d is a correlation
     pp = np.concatenate([np.zeros((B, 3 * d, w - 1)), p], -1)
-    q = sum(W[:, j, None] * pp[..., j:j + T] for j in range(w)) + P(op.short_conv.bias)[:, None]
-    x0, x1, v = q[:, :d], q[:, d:2 * d], q[:, 2 * d:]
+    q = sum(W[:, j, None] * pp[..., j : j + T] for j in range(w)) + P(op.short_conv.bias)[:, None]
+    x0, x1, v = q[:, :d], q[:, d : 2 * d], q[:, 2 * d :]
     y = x0 * np_causal_conv(x1 * v, kernel)
     return y.transpose(0, 2, 1) @ P(op.out_proj.weight).T + P(op.out_proj.bias)
 
@@ -176,6 +185,7 @@ def test_operator_is_causal(filt, t0):
 # ---------------------------------------------------------------------------------------------
 # 4. precision under bf16 autocast
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("filt", ["rtf", "implicit"])
 def test_bf16_autocast_forward_and_backward(filt):

@@ -9,16 +9,25 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-import models.attention as attention_module
-from models import HyenaRTFConfig, HyenaRTFForCausalLM, config_from_preset, count_parameters
 from helpers import FFTSpy
+
+import hyena_rtf.models.attention as attention_module
+from hyena_rtf.models import HyenaRTFConfig, HyenaRTFForCausalLM, config_from_preset, count_parameters
 
 
 def tiny_lm(seed=0, dtype=torch.float64, **kw) -> HyenaRTFForCausalLM:
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=37, pad_vocab_size_multiple=16, d_model=16, n_layer=3, l_max=32, state_size=4,
-               n_head=2, attn_layers=[1], use_cache=False)
+    cfg = dict(
+        vocab_size=37,
+        pad_vocab_size_multiple=16,
+        d_model=16,
+        n_layer=3,
+        l_max=32,
+        state_size=4,
+        n_head=2,
+        attn_layers=[1],
+        use_cache=False,
+    )
     cfg.update(kw)
     return HyenaRTFForCausalLM(HyenaRTFConfig(**cfg)).to(dtype).eval()
 
@@ -70,6 +79,7 @@ def test_causality_check_catches_a_non_causal_attention(monkeypatch):
 # 4. bf16 autocast
 # ---------------------------------------------------------------------------------------------
 
+
 def test_lm_under_bf16_autocast():
     """A float32 model under CPU bf16 autocast: finite logits and loss, every FFT input float32 /
     complex64, RTF parameters float32 before and after an optimizer step, finite gradients."""
@@ -109,8 +119,9 @@ def expected_parameters(cfg: HyenaRTFConfig) -> int:
     return V * d + layers + 2 * d + head
 
 
-@pytest.mark.parametrize("preset,low,high", [("tiny", 2e6, 5e6), ("125m", 110e6, 140e6),
-                                              ("355m", 320e6, 400e6), ("1.3b", 1.2e9, 1.45e9)])
+@pytest.mark.parametrize(
+    "preset,low,high", [("tiny", 2e6, 5e6), ("125m", 110e6, 140e6), ("355m", 320e6, 400e6), ("1.3b", 1.2e9, 1.45e9)]
+)
 def test_preset_parameter_counts(preset, low, high):
     """count_parameters (built on the meta device) equals the closed-form count exactly and lies
     in the expected ballpark with the GPT-NeoX vocabulary (50277, padded to 50304)."""
@@ -123,8 +134,18 @@ def test_preset_parameter_counts(preset, low, high):
 def test_parameter_count_untied_with_attention_and_sharing():
     """The closed form also matches with an untied head, attention layers, shared denominators
     and tied filter heads (so double-counting a tied weight, or not counting a new one, fails)."""
-    cfg = HyenaRTFConfig(vocab_size=1000, d_model=32, n_layer=3, l_max=64, state_size=8, n_head=4,
-                         attn_layers=[0, 2], tie_word_embeddings=False, num_a=2, filter_heads=4)
+    cfg = HyenaRTFConfig(
+        vocab_size=1000,
+        d_model=32,
+        n_layer=3,
+        l_max=64,
+        state_size=8,
+        n_head=4,
+        attn_layers=[0, 2],
+        tie_word_embeddings=False,
+        num_a=2,
+        filter_heads=4,
+    )
     assert count_parameters(cfg) == expected_parameters(cfg)
     tied = HyenaRTFConfig(**{**cfg.to_dict(), "tie_word_embeddings": True})
     assert count_parameters(cfg) - count_parameters(tied) == 1024 * 32  # padded vocab x d
@@ -172,12 +193,13 @@ def test_loss_is_shifted_cross_entropy_with_ignore_index():
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, 37), labels[:, 1:].reshape(-1), ignore_index=-100)
     # float32 logits, the reference accumulates in float64: 1e-6 relative
     assert out.loss.item() == pytest.approx(ce.item(), rel=1e-6)
-    assert out.loss.item() != pytest.approx(F.cross_entropy(logits.reshape(-1, 37), labels.reshape(-1),
-                                                            ignore_index=-100).item(), rel=1e-3)  # unshifted
+    assert out.loss.item() != pytest.approx(
+        F.cross_entropy(logits.reshape(-1, 37), labels.reshape(-1), ignore_index=-100).item(), rel=1e-3
+    )  # unshifted
 
 
 def test_plain_eval_forward_of_unstable_model_returns_logits():
-    """Scoring text (evaluate.py, lm-eval's HFLM call model(input_ids) in eval mode) needs only the
+    """Scoring text (evaluate_lm.py, lm-eval's HFLM call model(input_ids) in eval mode) needs only the
     parallel form, which is defined for any filter; it must not fail because config.use_cache
     makes a plain call build a cache whose recurrence would diverge. That cache is built with a
     warning; an explicit use_cache=True (what generate() passes) still refuses the model."""

@@ -30,10 +30,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import FFTSpy, np_causal_conv
 
-from models.fftconv import fft_causal_conv
-from models.rtf import RTF
-from helpers import np_causal_conv, FFTSpy
+from hyena_rtf.models.fftconv import fft_causal_conv
+from hyena_rtf.models.rtf import RTF
 
 EPS64 = np.finfo(np.float64).eps
 EPS32 = np.finfo(np.float32).eps
@@ -92,7 +92,7 @@ def np_impulse_response(a, c, h0, T) -> np.ndarray:
     y = np.zeros(T)
     for t in range(T):
         u = 1.0 if t == 0 else 0.0
-        past = v[t:t + n][::-1]  # v_{t-1}, ..., v_{t-n}
+        past = v[t : t + n][::-1]  # v_{t-1}, ..., v_{t-n}
         y[t] = c @ past + h0 * u
         v[t + n] = u - a @ past
     return y
@@ -369,6 +369,7 @@ def test_recurrence_cache_follows_parameter_updates_through_data():
 # 4. precision under bf16 autocast
 # ---------------------------------------------------------------------------------------------
 
+
 def test_bf16_autocast_keeps_parameters_and_fft_in_float32():
     """Under CPU bf16 autocast: the RTF parameters stay float32; every rfft input is float32 and
     every irfft input complex64 (float64/complex128 for the kernel past l_max, which is built from
@@ -429,6 +430,7 @@ def test_gradcheck_kernel_wrt_a_b_h0_slack(T):
         return torch.func.functional_call(wrapper, {f"rtf.{nm}": t for nm, t in zip(names, p)}, ())
 
     assert torch.autograd.gradcheck(kernel, params)
+
     # Not vacuous: gradcheck rejects a function whose backward is wrong (gradient scaled by 2).
     class Doubled(torch.autograd.Function):
         @staticmethod
@@ -558,13 +560,28 @@ def test_kernel_scaling_benchmark_runs_one_tiny_configuration(tmp_path):
     from benchmarks import kernel_scaling
 
     out = tmp_path / "ks"
-    kernel_scaling.main(["--device", "cpu", "--d-model", "4", "--lengths", "128", "--states", "4,64",
-                         "--repeats", "1", "--max-bytes", "300000", "--out", str(out)])
+    kernel_scaling.main(
+        [
+            "--device",
+            "cpu",
+            "--d-model",
+            "4",
+            "--lengths",
+            "128",
+            "--states",
+            "4,64",
+            "--repeats",
+            "1",
+            "--max-bytes",
+            "300000",
+            "--out",
+            str(out),
+        ]
+    )
     data = json.loads((tmp_path / "ks.json").read_text())
     assert (tmp_path / "ks.png").stat().st_size > 0
     rows = {(r["method"], r["length"], r["state_size"]): r for r in data["rows"]}
-    assert set(rows) == {("rtf", 128, 4), ("rtf", 128, 64), ("s4d", 128, 4), ("s4d", 128, 64),
-                         ("implicit", 128, None)}
+    assert set(rows) == {("rtf", 128, 4), ("rtf", 128, 64), ("s4d", 128, 4), ("s4d", 128, 64), ("implicit", 128, None)}
     for key in [("rtf", 128, 4), ("rtf", 128, 64), ("s4d", 128, 4), ("implicit", 128, None)]:
         assert not rows[key]["skipped"] and rows[key]["time_ms"] > 0 and rows[key]["peak_bytes"] >= 0
     # 4 * 8 bytes * d 4 * 32 modes * L 128 = 524 KB estimated > 300 KB cap

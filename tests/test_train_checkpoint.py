@@ -13,11 +13,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from _train_utils import TINY, make_corpus
 
 import train
-from training import checkpoint as ckpt
-
-from _train_utils import TINY, make_corpus
+from hyena_rtf.training import checkpoint as ckpt
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +77,7 @@ def one_error_line(capsys):
 
 
 def test_rng_states_round_trip_without_pickle(tmp_path):
-    from training.rng import load_rng, save_rng
+    from hyena_rtf.training.rng import load_rng, save_rng
 
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     np.random.standard_normal()  # leaves numpy with a cached gaussian
@@ -152,12 +151,19 @@ def test_resume_refuses_data_prepared_again_with_another_tokenizer_of_the_same_s
     import sysconfig
     from pathlib import Path
 
-    from data_prep.prepare import prepare
+    from hyena_rtf.data_prep.prepare import prepare
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     other = tmp_path / "other_data"  # other sources: another 512-token BPE, other shards
-    prepare([str(stdlib / n) for n in ("argparse.py", "typing.py", "inspect.py", "pathlib.py")], other,
-            vocab_size=512, val_fraction=0.1, text_chunk_bytes=8192, workers=1, verbose=False)
+    prepare(
+        [str(stdlib / n) for n in ("argparse.py", "typing.py", "inspect.py", "pathlib.py")],
+        other,
+        vocab_size=512,
+        val_fraction=0.1,
+        text_chunk_bytes=8192,
+        workers=1,
+        verbose=False,
+    )
     assert json.loads((other / "manifest.json").read_text())["tokenizer"]["vocab_size"] == 512
     assert train.main([*TINY, f"data.dir={other}", f"train.out_dir={run_copy}"]) == 2
     err = one_error_line(capsys)

@@ -9,16 +9,15 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from _train_utils import REPO
 
 import train
-from models.configuration_hyena_rtf import PRESETS, HyenaRTFConfig
-from models.modeling_hyena_rtf import HyenaRTFForCausalLM
-from models.rtf import RTF
-from training.config import ConfigError, load_config, resolve_batch, resolve_model_kwargs
-from training.engine import deepspeed_config
-from training.optim import lr_factor, param_groups
-
-from _train_utils import REPO
+from hyena_rtf.models.configuration_hyena_rtf import PRESETS, HyenaRTFConfig
+from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
+from hyena_rtf.models.rtf import RTF
+from hyena_rtf.training.config import ConfigError, load_config, resolve_batch, resolve_model_kwargs
+from hyena_rtf.training.engine import deepspeed_config
+from hyena_rtf.training.optim import lr_factor, param_groups
 
 PRESET_FILES = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*.yaml"))
 
@@ -27,7 +26,10 @@ PRESET_FILES = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob(
 def test_presets_load_and_have_a_consistent_batch(path):
     cfg = load_config(str(REPO / path))
     for world in (1, 8, 32):
-        if cfg.train.global_batch_size is None or cfg.train.global_batch_size % (cfg.train.micro_batch_size * world) == 0:
+        if (
+            cfg.train.global_batch_size is None
+            or cfg.train.global_batch_size % (cfg.train.micro_batch_size * world) == 0
+        ):
             plan = resolve_batch(cfg.train, world)
             assert plan.global_batch_size == plan.micro_batch_size * plan.grad_accum_steps * world
     if cfg.model.preset is not None:
@@ -35,13 +37,21 @@ def test_presets_load_and_have_a_consistent_batch(path):
 
 
 def test_all_four_presets_exist():
-    assert {"configs/default.yaml", "configs/pile_125m.yaml", "configs/pile_355m.yaml", "configs/pile_1.3b.yaml"} <= set(PRESET_FILES)
+    assert {
+        "configs/default.yaml",
+        "configs/pile_125m.yaml",
+        "configs/pile_355m.yaml",
+        "configs/pile_1.3b.yaml",
+    } <= set(PRESET_FILES)
 
 
 def test_model_section_is_derived_from_the_model_config_signature():
     cfg = load_config(None)
-    params = [n for n, p in inspect.signature(HyenaRTFConfig.__init__).parameters.items()
-              if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    params = [
+        n
+        for n, p in inspect.signature(HyenaRTFConfig.__init__).parameters.items()
+        if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    ]
     assert list(cfg.model.keys()) == ["preset", *params]
     assert all(cfg.model[k] is None for k in params)  # None = "not set here"
 
@@ -103,7 +113,7 @@ def test_cli_reports_config_and_data_errors(tmp_path, capsys):
 def test_a_missing_optional_package_is_a_config_error():
     import importlib.util
 
-    from training.config import check_optional_packages
+    from hyena_rtf.training.config import check_optional_packages
 
     cfg = load_config(None, ["logging.tensorboard=true"])
     if importlib.util.find_spec("tensorboard") is None:

@@ -19,11 +19,10 @@ import os
 
 import pytest
 import torch
-
-from training import checkpoint as ckpt
-from training.metrics import read_metrics
-
 from _train_utils import assert_close, assert_resized, curve, in_process_deepspeed, launch, make_corpus, reference_curve
+
+from hyena_rtf.training import checkpoint as ckpt
+from hyena_rtf.training.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -79,8 +78,8 @@ def test_deepspeed_zero2_interrupted_and_resumed_matches(corpus, reference, tmp_
 def test_deepspeed_engine_bf16_keeps_rtf_fp32_and_skips_nonfinite_steps(corpus, monkeypatch):
     """In this process (one rank, no launcher): bf16 through torch_autocast leaves every RTF
     parameter float32, and ZeRO drops a step whose gradients are non-finite."""
-    from models.rtf import RTF
-    from training import engine as engine_mod
+    from hyena_rtf.models.rtf import RTF
+    from hyena_rtf.training import engine as engine_mod
 
     eng = in_process_deepspeed(monkeypatch, "bf16")
     try:

@@ -28,12 +28,11 @@ import json
 
 import pytest
 import torch
-
-from training import checkpoint as ckpt
-from training.resume import check_resume_compatible
-from training.zero_elastic import FULL_STATE_FILE
-
 from _train_utils import assert_close, assert_resized, curve, launch, make_corpus, reference_curve
+
+from hyena_rtf.training import checkpoint as ckpt
+from hyena_rtf.training.resume import check_resume_compatible
+from hyena_rtf.training.zero_elastic import FULL_STATE_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -91,4 +90,3 @@ def test_deepspeed_checkpoint_without_full_state_refuses_another_world_size(tmp_
     state = {"engine": "deepspeed", "world_size": 2, "global_batch_size": 8, "seed": 1}
     with pytest.raises(ckpt.CheckpointError, match=r"saved by 2 and has no zero_full_state.pt.*resume it on 2 process"):
         check_resume_compatible(None, str(tmp_path), state, 8, "deepspeed", world_size=1)
-

@@ -9,12 +9,11 @@ import shutil
 import signal
 
 import pytest
+from _train_utils import TINY, make_corpus
 
 import train
-from training import checkpoint as ckpt
-from training import trainer as trainer_mod
-
-from _train_utils import TINY, make_corpus
+from hyena_rtf.training import checkpoint as ckpt
+from hyena_rtf.training import trainer as trainer_mod
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +56,7 @@ def test_a_planned_stop_exits_0(corpus, tmp_path):
 def test_a_second_run_in_the_same_out_dir_fails_at_once_naming_the_holder(corpus, tmp_path, capsys):
     import socket
 
-    from training.runlock import RunLock
+    from hyena_rtf.training.runlock import RunLock
 
     with RunLock(str(tmp_path)):  # a run in progress (this process, its own open file: a separate flock)
         assert train.main(args(corpus, tmp_path)) == 2
@@ -78,8 +77,10 @@ def test_a_second_run_in_the_same_out_dir_fails_at_once_naming_the_holder(corpus
         (["data.eval_samples=0"], "'data.eval_samples': 0 (must be >= 1)"),
         (["train.seed=-1"], "'train.seed': -1 (must be in [0, 2**32 - 1])"),
         (["train.max_nonfinite_steps=0"], "'train.max_nonfinite_steps': 0 (must be >= 1"),
-        (["train.engine=deepspeed", "train.deepspeed.zero_optimization.stage=3"],
-         "train.deepspeed.zero_optimization.stage=3 is not allowed"),
+        (
+            ["train.engine=deepspeed", "train.deepspeed.zero_optimization.stage=3"],
+            "train.deepspeed.zero_optimization.stage=3 is not allowed",
+        ),
         (["checkpoint.resume={tmp}/nowhere"], "checkpoint.resume={tmp}/nowhere: no such checkpoint"),
         (["train.out_dir={tmp}/a_file"], "train.out_dir '{tmp}/a_file' is an existing file"),
     ],
@@ -89,7 +90,7 @@ def test_usage_errors_are_one_line_naming_the_key_with_exit_2(corpus, tmp_path, 
     extra = [o.format(tmp=tmp_path) for o in overrides]
     assert train.main(args(corpus, tmp_path / "run", *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"train.py: error: {err[0][len('train.py: error: '):]}"] and expected.format(tmp=tmp_path) in err[0]
+    assert err == [f"train.py: error: {err[0][len('train.py: error: ') :]}"] and expected.format(tmp=tmp_path) in err[0]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -111,15 +112,20 @@ def test_out_of_vocabulary_token_ids_are_a_data_error(corpus, tmp_path, capsys):
     del train_bin
     assert train.main([*TINY, f"data.dir={data}", f"train.out_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "the batch of step 1 of the 'train' split" in err and "token id 600, outside the tokenizer's vocabulary of 512" in err
+    assert (
+        "the batch of step 1 of the 'train' split" in err
+        and "token id 600, outside the tokenizer's vocabulary of 512" in err
+    )
 
 
 def test_an_unwritable_out_dir_is_a_one_line_error(corpus, capsys):
     # /sys refuses new entries even to root, unlike a chmod'ed folder
     assert train.main(args(corpus, "/sys/kernel/hyena_rtf_test_run")) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("train.py: error: train.out_dir '/sys/kernel/hyena_rtf_test_run' cannot be created or written: "
-                   "Operation not permitted"), err
+    assert err == (
+        "train.py: error: train.out_dir '/sys/kernel/hyena_rtf_test_run' cannot be created or written: "
+        "Operation not permitted"
+    ), err
 
 
 def test_a_full_disk_during_a_checkpoint_save_keeps_the_previous_checkpoint(corpus, tmp_path, monkeypatch, capsys):
@@ -138,8 +144,13 @@ def test_a_full_disk_during_a_checkpoint_save_keeps_the_previous_checkpoint(corp
     monkeypatch.setattr(ckpt, "save_rng", save_rng)
     assert train.main(args(corpus, tmp_path)) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"train.py: error: cannot write checkpoint {tmp_path / 'checkpoints' / 'step_00000008'}: "
-                          "No space left on device") and "\n" not in err, err
+    assert (
+        err.startswith(
+            f"train.py: error: cannot write checkpoint {tmp_path / 'checkpoints' / 'step_00000008'}: "
+            "No space left on device"
+        )
+        and "\n" not in err
+    ), err
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000004"]
     ckpt.verify_checkpoint(str(tmp_path / "checkpoints" / "step_00000004"))
     monkeypatch.setattr(ckpt, "save_rng", real)

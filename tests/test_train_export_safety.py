@@ -12,12 +12,11 @@ import os
 from pathlib import Path
 
 import pytest
+from _train_utils import TINY, make_corpus, torch_threads
 
 import train
-from training.config import load_config
-from training.trainer import run
-
-from _train_utils import TINY, make_corpus, torch_threads
+from hyena_rtf.training.config import load_config
+from hyena_rtf.training.trainer import run
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -31,8 +30,11 @@ def trained_run(tmp_path_factory):
     corpus = make_corpus(tmp_path_factory.mktemp("corpus") / "data")
     out = tmp_path_factory.mktemp("run")
     with torch_threads(1):
-        run(load_config(None, [*TINY, f"data.dir={corpus}", f"train.out_dir={out}", "train.max_steps=4",
-                               "train.eval_every=4"]))
+        run(
+            load_config(
+                None, [*TINY, f"data.dir={corpus}", f"train.out_dir={out}", "train.max_steps=4", "train.eval_every=4"]
+            )
+        )
     return corpus, out
 
 
@@ -44,8 +46,11 @@ def export(capsys, *args) -> tuple[int, str]:
 @pytest.mark.parametrize("where", ["the run itself", "a folder holding the run", "inside its checkpoints"])
 def test_export_onto_the_run_is_refused_and_the_run_survives(trained_run, capsys, where):
     _, out = trained_run
-    target = {"the run itself": out, "a folder holding the run": out.parent,
-              "inside its checkpoints": out / "checkpoints" / "hf"}[where]
+    target = {
+        "the run itself": out,
+        "a folder holding the run": out.parent,
+        "inside its checkpoints": out / "checkpoints" / "hf",
+    }[where]
     before = snapshot(out)
     for extra in ((), ("--overwrite",)):  # --overwrite does not lift this refusal
         code, err = export(capsys, out, target, *extra)
@@ -99,8 +104,17 @@ def test_an_export_beside_the_checkpoints_is_fine(trained_run, capsys):
 def test_export_dir_equal_to_out_dir_fails_before_training(trained_run, tmp_path, capsys):
     corpus, _ = trained_run
     out = tmp_path / "run2"
-    code = train.main(["--config", str(train.DEFAULT_CONFIG), *TINY, f"data.dir={corpus}", f"train.out_dir={out}",
-                       "checkpoint.export_at_end=true", f"checkpoint.export_dir={out}"])
+    code = train.main(
+        [
+            "--config",
+            str(train.DEFAULT_CONFIG),
+            *TINY,
+            f"data.dir={corpus}",
+            f"train.out_dir={out}",
+            "checkpoint.export_at_end=true",
+            f"checkpoint.export_dir={out}",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and err.startswith("train.py: error: checkpoint.export_dir:"), err
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()

@@ -13,17 +13,16 @@ os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="hf_modules_")
 
 import pytest
 import torch
+from _train_utils import TINY, make_corpus, run_cmd, torch_threads
 
 import train
-from training import checkpoint as ckpt
-from training import engine as engine_mod
-from training.config import load_config, resolve_batch
-from training.engine import DistEnv, TorchEngine
-from training.metrics import read_metrics
-from training.optim import make_optimizer, param_groups
-from training.trainer import TrainingError, run
-
-from _train_utils import TINY, make_corpus, run_cmd, torch_threads
+from hyena_rtf.training import checkpoint as ckpt
+from hyena_rtf.training import engine as engine_mod
+from hyena_rtf.training.config import load_config, resolve_batch
+from hyena_rtf.training.engine import DistEnv, TorchEngine
+from hyena_rtf.training.metrics import read_metrics
+from hyena_rtf.training.optim import make_optimizer, param_groups
+from hyena_rtf.training.trainer import TrainingError, run
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +64,9 @@ def test_reference_run_logs_and_keeps_checkpoints(reference):
     final = out / "checkpoints" / "step_00000010"
     saved = load_config(str(final / "config.yaml"))  # the effective config, loadable as a preset
     assert saved.model.vocab_size == 512 and saved.model.d_model == 32 and saved.model.l_max == 64
-    assert {"model.pt", "optimizer.pt", "rng_rank0.pt", "tokenizer.json", "trainer_state.json"} <= set(os.listdir(final))
+    assert {"model.pt", "optimizer.pt", "rng_rank0.pt", "tokenizer.json", "trainer_state.json"} <= set(
+        os.listdir(final)
+    )
     assert ckpt.read_trainer_state(final)["step"] == 10
 
 
@@ -86,7 +87,7 @@ def test_interrupted_and_resumed_run_reproduces_losses_exactly(corpus, reference
 
 KILL_DURING_SAVE = """
 import os, signal, sys
-import training.engine as E
+import hyena_rtf.training.engine as E
 orig = E.TorchEngine.save
 def save(self, d):
     orig(self, d)
@@ -107,8 +108,14 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint_loadable(corpus
     from _train_utils import REPO, child_env
 
     args = [*TINY, f"data.dir={corpus}", f"train.out_dir={tmp_path}"]
-    p = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *args], cwd=REPO, env=child_env(threads=1),
-                       capture_output=True, text=True, timeout=240)
+    p = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_SAVE, *args],
+        cwd=REPO,
+        env=child_env(threads=1),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
     root = tmp_path / "checkpoints"
     assert ".tmp-step_00000008" in os.listdir(root)  # the interrupted save
@@ -119,8 +126,8 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint_loadable(corpus
 
 
 def _engine(corpus):
-    from models.configuration_hyena_rtf import HyenaRTFConfig
-    from models.modeling_hyena_rtf import HyenaRTFForCausalLM
+    from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
+    from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
 
     torch.manual_seed(0)
     cfg = tiny(corpus, "unused")
@@ -178,7 +185,7 @@ def test_data_errors_are_clear(corpus, tmp_path, capsys):
 def test_export_loads_with_automodel_and_generates(reference, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.export import model_from_checkpoint
+    from hyena_rtf.training.export import model_from_checkpoint
 
     ref_out, summary = reference
     # exported at the end of training, and again on demand from a checkpoint folder
@@ -192,4 +199,4 @@ def test_export_loads_with_automodel_and_generates(reference, tmp_path):
             assert torch.equal(model(ids).logits, src(input_ids=ids).logits)
         out = model.generate(ids, max_new_tokens=8, do_sample=False)
         assert out.shape == (1, ids.shape[1] + 8)
-        assert isinstance(tok.decode(out[0, ids.shape[1]:]), str)
+        assert isinstance(tok.decode(out[0, ids.shape[1] :]), str)

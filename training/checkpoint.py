@@ -19,7 +19,7 @@ either the complete new folder or none, next to the previous checkpoints; leftov
 are deleted at the next start. Old checkpoints are first renamed to `.trash-*` and then deleted,
 so a kill during pruning cannot leave a half-deleted `step_*` folder either. Multi-node runs need
 OUT_DIR on a filesystem all nodes share (DeepSpeed writes one optimizer partition per rank).
-This is the recipe of data_prep/atomic.py (stage beside, fsync, rename, fsync the folder), with
+This is the recipe of utils/atomic.py (stage beside, fsync, rename, fsync the folder), with
 one difference: the staging name is derived from the step, not random, because every rank must
 find the same folder to write its files into.
 
@@ -46,12 +46,11 @@ import os
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from data_prep.atomic import fsync_dir, write_text
-from training.rng import RngFileError, load_rng, save_rng
+from hyena_rtf.training.rng import RngFileError, load_rng, save_rng
+from hyena_rtf.utils.atomic import fsync_dir, write_text
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -70,7 +69,7 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def list_checkpoints(root: str) -> List[Tuple[int, str]]:
+def list_checkpoints(root: str) -> list[tuple[int, str]]:
     """Complete checkpoints under `root` as (step, path), oldest first."""
     if not os.path.isdir(root):
         return []
@@ -83,12 +82,12 @@ def list_checkpoints(root: str) -> List[Tuple[int, str]]:
     return sorted(found)
 
 
-def latest_checkpoint(root: str) -> Optional[str]:
+def latest_checkpoint(root: str) -> str | None:
     ckpts = list_checkpoints(root)
     return ckpts[-1][1] if ckpts else None
 
 
-def resolve_checkpoint(path: str, key: Optional[str] = None) -> str:
+def resolve_checkpoint(path: str, key: str | None = None) -> str:
     """A checkpoint folder, or a run folder (OUT_DIR) meaning its latest checkpoint. CheckpointError
     naming `path` (as `key=path` when it came from config key `key`) when there is none."""
     if os.path.isfile(os.path.join(path, STATE_FILE)):
@@ -117,7 +116,7 @@ def cleanup_partial(root: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _files(ckpt_dir: str) -> List[str]:
+def _files(ckpt_dir: str) -> list[str]:
     """Every file under ckpt_dir except the manifest, as sorted '/'-separated relative paths."""
     out = []
     for dirpath, _, names in os.walk(ckpt_dir):
@@ -133,7 +132,7 @@ def _sha256(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _digests(ckpt_dir: str, rels: List[str]) -> List[str]:
+def _digests(ckpt_dir: str, rels: list[str]) -> list[str]:
     # hashlib releases the GIL on large reads: threads hash the (per-rank) files in parallel.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         return list(pool.map(lambda r: _sha256(os.path.join(ckpt_dir, r)), rels))
@@ -142,8 +141,10 @@ def _digests(ckpt_dir: str, rels: List[str]) -> List[str]:
 def write_manifest(ckpt_dir: str) -> None:
     """manifest.json: size and SHA-256 of every file of the checkpoint (call after all are written)."""
     rels = _files(ckpt_dir)
-    files = {r: {"bytes": os.path.getsize(os.path.join(ckpt_dir, r)), "sha256": h}
-             for r, h in zip(rels, _digests(ckpt_dir, rels))}
+    files = {
+        r: {"bytes": os.path.getsize(os.path.join(ckpt_dir, r)), "sha256": h}
+        for r, h in zip(rels, _digests(ckpt_dir, rels))
+    }
     with open(os.path.join(ckpt_dir, MANIFEST_FILE), "w") as f:
         json.dump({"format": MANIFEST_FORMAT, "files": files}, f, indent=1)
 
@@ -158,23 +159,31 @@ def verify_checkpoint(ckpt_dir: str) -> None:
         listed = manifest["files"]
         assert manifest["format"] == MANIFEST_FORMAT and isinstance(listed, dict)
     except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete or predates verified checkpoints") from None
+        raise CheckpointError(
+            f"{path} is missing: the checkpoint is incomplete or predates verified checkpoints"
+        ) from None
     except (ValueError, KeyError, TypeError, AssertionError, OSError):
         raise CheckpointError(f"{path} is not a valid checkpoint manifest") from None
     on_disk = _files(ckpt_dir)
     for rel in on_disk:
         if rel not in listed:
-            raise CheckpointError(f"{os.path.join(ckpt_dir, rel)} is not part of the checkpoint (not in {MANIFEST_FILE})")
+            raise CheckpointError(
+                f"{os.path.join(ckpt_dir, rel)} is not part of the checkpoint (not in {MANIFEST_FILE})"
+            )
     for rel, rec in listed.items():
         f = os.path.join(ckpt_dir, rel)
         if rel not in on_disk:
             raise CheckpointError(f"{f} is missing (listed in {MANIFEST_FILE})")
         if os.path.getsize(f) != rec["bytes"]:
-            raise CheckpointError(f"{f} has {os.path.getsize(f)} bytes, {rec['bytes']} were written (truncated or altered)")
+            raise CheckpointError(
+                f"{f} has {os.path.getsize(f)} bytes, {rec['bytes']} were written (truncated or altered)"
+            )
     rels = sorted(listed)
     for rel, h in zip(rels, _digests(ckpt_dir, rels)):
         if h != listed[rel]["sha256"]:
-            raise CheckpointError(f"{os.path.join(ckpt_dir, rel)} does not match the SHA-256 recorded at save time (altered)")
+            raise CheckpointError(
+                f"{os.path.join(ckpt_dir, rel)} does not match the SHA-256 recorded at save time (altered)"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,9 +205,9 @@ def save_checkpoint(
     engine,
     root: str,
     step: int,
-    trainer_state: Dict,
+    trainer_state: dict,
     config_yaml: str,
-    tokenizer_file: Optional[str],
+    tokenizer_file: str | None,
     keep_last: int,
 ) -> str:
     """Collective: every rank calls it. Returns the final checkpoint path.
@@ -212,8 +221,9 @@ def save_checkpoint(
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)  # ours, and it frees the space it took
         where = f" ({e.filename})" if e.filename else ""
-        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}{where}; the previous "
-                              f"checkpoints in {root} are intact") from None
+        raise CheckpointError(
+            f"cannot write checkpoint {final}: {e.strerror or e}{where}; the previous checkpoints in {root} are intact"
+        ) from None
 
 
 def _save_checkpoint(engine, root, step, trainer_state, config_yaml, tokenizer_file, keep_last, final, tmp) -> str:
@@ -251,12 +261,12 @@ def prune(root: str, keep_last: int) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def read_trainer_state(ckpt_dir: str) -> Dict:
+def read_trainer_state(ckpt_dir: str) -> dict:
     with open(os.path.join(ckpt_dir, STATE_FILE)) as f:
         return json.load(f)
 
 
-def load_checkpoint(engine, ckpt_dir: str) -> Dict:
+def load_checkpoint(engine, ckpt_dir: str) -> dict:
     """Collective: restores engine (model + optimizer) and this rank's RNG state; returns trainer_state.
 
     Call it on a checkpoint `verify_checkpoint` accepted. A rank without an RNG file (resuming with
@@ -274,9 +284,9 @@ def load_checkpoint(engine, ckpt_dir: str) -> Dict:
     return state
 
 
-def load_fp32_state_dict(ckpt_dir: str) -> Dict[str, torch.Tensor]:
+def load_fp32_state_dict(ckpt_dir: str) -> dict[str, torch.Tensor]:
     """Full float32 model weights of a checkpoint from any engine (DeepSpeed: ZeRO reconstruction)."""
-    from training.engine import DS_TAG, TorchEngine
+    from hyena_rtf.training.engine import DS_TAG, TorchEngine
 
     model_file = os.path.join(ckpt_dir, TorchEngine.MODEL_FILE)
     if os.path.isfile(model_file):

@@ -27,12 +27,12 @@ import dataclasses
 import functools
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from training.model_schema import model_defaults, model_schema  # noqa: F401 (model_defaults: re-exported)
+from hyena_rtf.training.model_schema import model_defaults, model_schema  # noqa: F401 (model_defaults: re-exported)
 
 
 class ConfigError(ValueError):
@@ -48,7 +48,7 @@ class ConfigError(ValueError):
 class DataConfig:
     dir: str = "data/default"  # output folder of data_prep (token shards + tokenizer + manifest)
     seq_len: int = 256  # tokens per training sample (each sample holds seq_len + 1 tokens)
-    eval_samples: Optional[int] = None  # validation samples per evaluation (>= 1); None = whole split
+    eval_samples: int | None = None  # validation samples per evaluation (>= 1); None = whole split
 
 
 @dataclass
@@ -65,7 +65,7 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     warmup_steps: int = 100  # linear warmup from lr/warmup_steps to lr
-    decay_steps: Optional[int] = None  # end of the cosine; None = train.max_steps
+    decay_steps: int | None = None  # end of the cosine; None = train.max_steps
     min_lr_ratio: float = 0.1  # lr at the end of the cosine, as a fraction of the peak
 
 
@@ -74,8 +74,8 @@ class TrainConfig:
     out_dir: str = "runs/default"  # checkpoints/, metrics.jsonl, hf/ (export) live here
     max_steps: int = 1000  # optimizer steps
     micro_batch_size: int = 8  # sequences per process per forward/backward
-    grad_accum_steps: Optional[int] = None  # None: derived from global_batch_size (or 1)
-    global_batch_size: Optional[int] = None  # sequences per optimizer step, all processes
+    grad_accum_steps: int | None = None  # None: derived from global_batch_size (or 1)
+    global_batch_size: int | None = None  # sequences per optimizer step, all processes
     seed: int = 1234  # model init and data order; 0 .. 2**32 - 1 (numpy's seed range)
     engine: str = "auto"  # auto | single | ddp | deepspeed
     zero_stage: int = 1  # DeepSpeed ZeRO stage: 1 or 2
@@ -85,8 +85,8 @@ class TrainConfig:
     # Stop after this many skipped non-finite steps in one run; >= 1. A non-finite step can never be
     # applied, so 1 already means "stop at the first"; 0 is refused rather than read as "no limit".
     max_nonfinite_steps: int = 20
-    stop_after_steps: Optional[int] = None  # save a checkpoint and exit after this step (a planned interruption)
-    deepspeed: Dict[str, Any] = field(default_factory=dict)  # extra keys merged into the generated DeepSpeed JSON
+    stop_after_steps: int | None = None  # save a checkpoint and exit after this step (a planned interruption)
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # extra keys merged into the generated DeepSpeed JSON
 
 
 @dataclass
@@ -95,7 +95,7 @@ class LoggingConfig:
     progress_bar: bool = True
     tensorboard: bool = False  # needs the `tensorboard` package
     unigram_baseline: bool = True  # print the add-one unigram perplexity of the validation tokens
-    unigram_max_train_samples: Optional[int] = 200_000  # train samples counted for it (None: all)
+    unigram_max_train_samples: int | None = 200_000  # train samples counted for it (None: all)
 
 
 @dataclass
@@ -104,7 +104,7 @@ class CheckpointConfig:
     keep_last: int = 3  # periodic checkpoints kept (older ones are deleted)
     resume: str = "auto"  # auto (latest in out_dir, if any) | none | PATH to a checkpoint dir
     export_at_end: bool = True  # write an HF checkpoint to export_dir after the final step
-    export_dir: Optional[str] = None  # None: OUT_DIR/hf
+    export_dir: str | None = None  # None: OUT_DIR/hf
 
 
 ENGINES = ("auto", "single", "ddp", "deepspeed")
@@ -118,19 +118,19 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def _hyena_config_cls():
-    from models.configuration_hyena_rtf import HyenaRTFConfig
+    from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
 
     return HyenaRTFConfig
 
 
-def _hyena_presets() -> Dict[str, Dict[str, Any]]:
-    from models.configuration_hyena_rtf import PRESETS
+def _hyena_presets() -> dict[str, dict[str, Any]]:
+    from hyena_rtf.models.configuration_hyena_rtf import PRESETS
 
     return PRESETS
 
 
-@functools.lru_cache(maxsize=None)
-def build_schema(config_cls: Optional[type] = None) -> type:
+@functools.cache
+def build_schema(config_cls: type | None = None) -> type:
     """The full training-config dataclass; `config_cls` defaults to HyenaRTFConfig."""
     model_cls = model_schema(config_cls or _hyena_config_cls())
     sections = [
@@ -178,7 +178,7 @@ def _merge(base: DictConfig, other: DictConfig, source: str, schema: DictConfig)
 
 
 def load_config(
-    config_file: Optional[str] = None, overrides: Optional[List[str]] = None, config_cls: Optional[type] = None
+    config_file: str | None = None, overrides: list[str] | None = None, config_cls: type | None = None
 ) -> DictConfig:
     """Schema <- YAML file <- dot-list overrides, typed and checked. Raises ConfigError.
 
@@ -234,8 +234,10 @@ def check_values(cfg: DictConfig) -> None:
     if cfg.data.eval_samples is not None:
         positive["data.eval_samples"] = cfg.data.eval_samples
     if t.max_nonfinite_steps < 1:
-        raise ConfigError(f"invalid value for 'train.max_nonfinite_steps': {t.max_nonfinite_steps} (must be >= 1; "
-                          f"1 stops at the first non-finite step, there is no 'unlimited')")
+        raise ConfigError(
+            f"invalid value for 'train.max_nonfinite_steps': {t.max_nonfinite_steps} (must be >= 1; "
+            f"1 stops at the first non-finite step, there is no 'unlimited')"
+        )
     for key, v in positive.items():
         if v < 1:
             raise ConfigError(f"invalid value for '{key}': {v} (must be >= 1)")
@@ -263,18 +265,24 @@ def check_deepspeed_extra(extra: dict, zero_stage: int) -> None:
     cast the RTF parameters) and the ZeRO stage (only 1 and 2 are supported: `train.zero_stage`)."""
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if key in extra:
-            raise ConfigError(f"train.deepspeed.{key} is not allowed: batch sizes come from train.micro_batch_size, "
-                              f"train.grad_accum_steps / train.global_batch_size and the number of processes")
+            raise ConfigError(
+                f"train.deepspeed.{key} is not allowed: batch sizes come from train.micro_batch_size, "
+                f"train.grad_accum_steps / train.global_batch_size and the number of processes"
+            )
     for key in ("bf16", "fp16"):
         if isinstance(extra.get(key), dict) and extra[key].get("enabled"):
-            raise ConfigError(f"train.deepspeed.{key} is not allowed: it would cast the RTF parameters; "
-                              f"use train.precision=bf16 (autocast)")
+            raise ConfigError(
+                f"train.deepspeed.{key} is not allowed: it would cast the RTF parameters; "
+                f"use train.precision=bf16 (autocast)"
+            )
     zero = extra.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise ConfigError("train.deepspeed.zero_optimization must be a mapping of ZeRO options")
     if "stage" in zero and str(zero["stage"]) != str(zero_stage):
-        raise ConfigError(f"train.deepspeed.zero_optimization.stage={zero['stage']} is not allowed: set the stage "
-                          f"with train.zero_stage (supported: 1, 2)")
+        raise ConfigError(
+            f"train.deepspeed.zero_optimization.stage={zero['stage']} is not allowed: set the stage "
+            f"with train.zero_stage (supported: 1, 2)"
+        )
 
 
 def check_optional_packages(cfg: DictConfig) -> None:
@@ -323,8 +331,8 @@ def resolve_model_kwargs(
     model_cfg: DictConfig,
     vocab_size: int,
     seq_len: int,
-    presets: Optional[Dict[str, Dict[str, Any]]] = None,
-) -> Dict[str, Any]:
+    presets: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Keyword arguments for HyenaRTFConfig: preset values, then explicitly set fields, then data facts.
 
     vocab_size: the tokenizer's; an explicit model.vocab_size that disagrees is an error.
@@ -333,7 +341,7 @@ def resolve_model_kwargs(
     presets = _hyena_presets() if presets is None else presets
     raw = OmegaConf.to_container(model_cfg, resolve=True)
     preset = raw.pop("preset")
-    kwargs: Dict[str, Any] = {}
+    kwargs: dict[str, Any] = {}
     if preset is not None:
         if preset not in presets:
             raise ConfigError(f"unknown model.preset {preset!r} (choose one of {', '.join(presets)})")

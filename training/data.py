@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import math
 import os
-from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from training.config import BatchPlan
+from hyena_rtf.training.config import BatchPlan
 
 
 class DataError(RuntimeError):
@@ -29,12 +28,12 @@ class DataError(RuntimeError):
 
 
 def prepare_hint(data_dir: str) -> str:
-    return f"prepare it first, e.g. `python -m data_prep.prepare --out {data_dir}` (see scripts/main.sh)"
+    return f"prepare it first, e.g. `python -m hyena_rtf.data_prep.prepare --out {data_dir}` (see scripts/main.sh)"
 
 
 def open_split(data_dir: str, split: str, seq_len: int):
     """PackedDataset for one split, turning a missing/incomplete folder into a DataError."""
-    from data_prep.dataset import PackedDataset
+    from hyena_rtf.data_prep.dataset import PackedDataset
 
     if not os.path.isdir(data_dir):
         raise DataError(f"data directory '{data_dir}' does not exist (data.dir); {prepare_hint(data_dir)}")
@@ -57,7 +56,7 @@ def check_sizes(train_ds, val_ds, plan: BatchPlan, seq_len: int) -> None:
         raise DataError(f"too few tokens for one batch: the val split holds no full sequence of {seq_len + 1} tokens")
 
 
-def check_token_ids(batches: List[torch.Tensor], ds, what: str) -> None:
+def check_token_ids(batches: list[torch.Tensor], ds, what: str) -> None:
     """DataError if a token id is outside the tokenizer's vocabulary (shards from another tokenizer,
     or corrupt). Checked on the batches actually used: a max over them is cheap next to a forward
     pass, where such an id would index past the embedding or silently train a padding row."""
@@ -65,28 +64,27 @@ def check_token_ids(batches: List[torch.Tensor], ds, what: str) -> None:
     if top >= ds.vocab_size:
         raise DataError(
             f"{what} of the '{ds.split}' split of {ds.data_dir} hold token id {top}, outside the tokenizer's "
-            f"vocabulary of {ds.vocab_size} (data.dir): the token shards do not match tokenizer.json; prepare the data again"
+            f"vocabulary of {ds.vocab_size} (data.dir): the token shards do not match tokenizer.json; "
+            "prepare the data again"
         )
 
 
-def step_micro_batches(ds, seed: int, step: int, plan: BatchPlan, rank: int) -> List[torch.Tensor]:
+def step_micro_batches(ds, seed: int, step: int, plan: BatchPlan, rank: int) -> list[torch.Tensor]:
     """This rank's grad_accum_steps micro-batches of `step`, each LongTensor (micro, seq_len + 1)."""
-    from data_prep.dataset import get_batch
+    from hyena_rtf.data_prep.dataset import get_batch
 
     slots = plan.world_size * plan.grad_accum_steps
     first = rank * plan.grad_accum_steps
-    return [
-        get_batch(ds, seed, step, first + m, slots, plan.micro_batch_size) for m in range(plan.grad_accum_steps)
-    ]
+    return [get_batch(ds, seed, step, first + m, slots, plan.micro_batch_size) for m in range(plan.grad_accum_steps)]
 
 
-def eval_indices(ds, eval_samples: Optional[int]) -> np.ndarray:
+def eval_indices(ds, eval_samples: int | None) -> np.ndarray:
     """The fixed validation sequences: the first `eval_samples` (all when None)."""
     n = ds.num_samples if eval_samples is None else min(eval_samples, ds.num_samples)
     return np.arange(n)
 
 
-def eval_batches(ds, eval_samples: Optional[int], batch_size: int, rank: int, world_size: int) -> List[torch.Tensor]:
+def eval_batches(ds, eval_samples: int | None, batch_size: int, rank: int, world_size: int) -> list[torch.Tensor]:
     """This rank's share (every world_size-th sequence) of the validation set, in batches."""
     idx = eval_indices(ds, eval_samples)[rank::world_size]
     out = []
@@ -96,7 +94,7 @@ def eval_batches(ds, eval_samples: Optional[int], batch_size: int, rank: int, wo
     return out
 
 
-def unigram_perplexity(train_ds, val_ds, eval_samples: Optional[int], max_train_samples: Optional[int]) -> Tuple[float, int]:
+def unigram_perplexity(train_ds, val_ds, eval_samples: int | None, max_train_samples: int | None) -> tuple[float, int]:
     """Perplexity of an add-one-smoothed unigram model on the validation targets.
 
         p(w) = (c(w) + 1) / (N + V),    ppl = exp(-(1/M) sum_{val targets y} log p(y))

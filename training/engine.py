@@ -26,17 +26,16 @@ import contextlib
 import math
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.config import BatchPlan, ConfigError, check_deepspeed_extra
-from training.zero_elastic import ZeroFullState, group_param_names
-
+from hyena_rtf.training.config import BatchPlan, ConfigError, check_deepspeed_extra
+from hyena_rtf.training.zero_elastic import ZeroFullState, group_param_names
 
 # --------------------------------------------------------------------------------------------
 # Environment: launcher, ranks, device
@@ -115,7 +114,7 @@ def ensure_single_process_env() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def lm_loss_terms(model: nn.Module, batch: torch.Tensor) -> Tuple[torch.Tensor, int]:
+def lm_loss_terms(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(sum of token cross-entropies in float32, number of tokens) for batch (B, T + 1)."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
     out = model(input_ids=inputs, use_cache=False)  # scoring: no recurrent prefill, in eval mode too
@@ -134,7 +133,7 @@ def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 @dataclass
 class StepResult:
     loss: float  # mean over the global batch (nan/inf if non-finite on any rank)
-    grad_norm: Optional[float]  # global L2 norm before clipping
+    grad_norm: float | None  # global L2 norm before clipping
     applied: bool  # False when the step was skipped (non-finite)
 
 
@@ -173,7 +172,7 @@ class Engine:
     def distributed(self) -> bool:
         return dist.is_available() and dist.is_initialized() and self.world_size > 1
 
-    def all_reduce_sum(self, values: Sequence[float]) -> List[float]:
+    def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
         """Sum a few floats over ranks (float64, so token counts stay exact)."""
         t = torch.tensor(list(values), dtype=torch.float64, device=self._comm_device())
         if self.distributed():
@@ -189,7 +188,7 @@ class Engine:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     @torch.no_grad()
-    def eval_sums(self, batches: List[torch.Tensor]) -> Tuple[float, float]:
+    def eval_sums(self, batches: list[torch.Tensor]) -> tuple[float, float]:
         """(sum of token losses, number of tokens) over this rank's batches, summed over ranks."""
         was_training = self.module.training
         self.module.eval()
@@ -204,10 +203,10 @@ class Engine:
         return total, count
 
     @property
-    def param_groups(self) -> List[dict]:
+    def param_groups(self) -> list[dict]:
         raise NotImplementedError
 
-    def train_step(self, micro_batches: List[torch.Tensor]) -> StepResult:
+    def train_step(self, micro_batches: list[torch.Tensor]) -> StepResult:
         raise NotImplementedError
 
     def save(self, ckpt_dir: str) -> None:
@@ -271,7 +270,7 @@ class TorchEngine(Engine):
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         # Gradients are identical on every rank after DDP's all-reduce, so is this norm.
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        loss_sum, = self.all_reduce_sum([float(loss_total) / accum])
+        (loss_sum,) = self.all_reduce_sum([float(loss_total) / accum])
         loss = loss_sum / self.world_size
         applied = math.isfinite(loss) and math.isfinite(grad_norm)
         if applied:
@@ -376,7 +375,7 @@ class DeepSpeedEngine(Engine):
             self.ds.backward(loss)  # scales by 1/accum itself
             self.ds.step()  # applies the update only at the accumulation boundary
             loss_total += float(loss.detach())
-        loss_sum, = self.all_reduce_sum([loss_total / len(micro_batches)])
+        (loss_sum,) = self.all_reduce_sum([loss_total / len(micro_batches)])
         norm = self.ds.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else None
         applied = bool(self.ds.was_step_applied())
@@ -395,6 +394,8 @@ class DeepSpeedEngine(Engine):
         if saved_world_size != self.world_size:
             self.full_state.load_resized(ckpt_dir, DS_TAG)
             return
-        path, _ = self.ds.load_checkpoint(ckpt_dir, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+        path, _ = self.ds.load_checkpoint(
+            ckpt_dir, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt_dir}")

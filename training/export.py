@@ -4,7 +4,7 @@
 
 The model is rebuilt from the checkpoint's effective config.yaml, filled with the full float32
 weights (`load_fp32_state_dict`: DeepSpeed ZeRO checkpoints are reconstructed from their
-per-rank partitions) and written by `models.export.save_hf_checkpoint` together with the
+per-rank partitions) and written by `hyena_rtf.hf.export.save_hf_checkpoint` together with the
 checkpoint's tokenizer.json. The result loads with
 `AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`.
 """
@@ -13,25 +13,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
 
-from training import checkpoint as ckpt
+from hyena_rtf.training import checkpoint as ckpt
 
 
 def model_from_checkpoint(ckpt_dir: str):
     """(HyenaRTFForCausalLM with the checkpoint's fp32 weights, its config)."""
-    from models.configuration_hyena_rtf import HyenaRTFConfig
-    from models.modeling_hyena_rtf import HyenaRTFForCausalLM
+    from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
+    from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
 
     cfg = OmegaConf.load(os.path.join(ckpt_dir, ckpt.CONFIG_FILE))
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "preset" and v is not None}
+    kwargs = {
+        k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "preset" and v is not None
+    }
     config = HyenaRTFConfig(**kwargs)
     model = HyenaRTFForCausalLM(config)
     state = ckpt.load_fp32_state_dict(ckpt_dir)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state)
     # A tied LM head may be stored under one of its two names only; anything else is a real mismatch.
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     missing = [k for k in missing if k not in tied]
@@ -46,27 +47,30 @@ def check_export_destination(out_dir: str, source: str, overwrite: bool = False)
     """Raise NotReplaceableError (one line) unless `out_dir` may receive an export from `source`
     (a run folder or one of its checkpoints). Whatever `overwrite` says, never: `source` itself, a
     folder that contains it, or anything in the run's checkpoints folder. A folder beside the
-    checkpoints (OUT_DIR/hf) is fine. Otherwise as models.export.check_export_target."""
-    from data_prep.atomic import NotReplaceableError
-    from models.export import check_export_target
+    checkpoints (OUT_DIR/hf) is fine. Otherwise as hyena_rtf.hf.export.check_export_target."""
+    from hyena_rtf.hf.export import check_export_target
+    from hyena_rtf.utils.atomic import NotReplaceableError
 
     out, src = Path(os.path.realpath(out_dir)), Path(os.path.realpath(source))
     ckpt_root = src.parent if src.parent.name == ckpt.CHECKPOINTS else src / ckpt.CHECKPOINTS
     if out == src or out in src.parents or out == ckpt_root or ckpt_root in out.parents:
-        raise NotReplaceableError(f"export folder {out_dir} would replace or be written into {source} or its "
-                                  "checkpoints; choose an output path outside them")
+        raise NotReplaceableError(
+            f"export folder {out_dir} would replace or be written into {source} or its "
+            "checkpoints; choose an output path outside them"
+        )
     check_export_target(out, overwrite)
 
 
-def export_checkpoint(path: str, out_dir: str, dtype: Optional[torch.dtype] = None, verify: bool = True,
-                      overwrite: bool = False) -> Path:
+def export_checkpoint(
+    path: str, out_dir: str, dtype: torch.dtype | None = None, verify: bool = True, overwrite: bool = False
+) -> Path:
     """Write the HF folder of checkpoint `path` (or of the latest checkpoint of run folder `path`).
 
     The destination is checked first (`check_export_destination`), then the checkpoint against
     its manifest (CheckpointError naming the bad file); `verify=False` only for a checkpoint this
     process has just written or verified itself. overwrite: replace a non-export folder.
     """
-    from models.export import save_hf_checkpoint
+    from hyena_rtf.hf.export import save_hf_checkpoint
 
     check_export_destination(out_dir, path, overwrite)
     ckpt_dir = ckpt.resolve_checkpoint(path)

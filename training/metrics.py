@@ -17,11 +17,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, Optional
 
 import torch
 
-from data_prep.atomic import write_text
+from hyena_rtf.utils.atomic import write_text
 
 # Dense bf16 tensor-core peak per GPU (no sparsity), from the vendors' datasheets. MFU is always
 # reported against this peak, also for fp32 runs (which then show how much they leave unused).
@@ -36,7 +35,7 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def peak_flops(device: torch.device) -> Optional[float]:
+def peak_flops(device: torch.device) -> float | None:
     """bf16 dense peak of a CUDA device, or None (CPU, unknown GPU)."""
     if device.type != "cuda":
         return None
@@ -62,7 +61,7 @@ def train_flops_per_token(n_params: int, n_attn_layers: int, d_model: int, seq_l
 class MetricsLogger:
     """Writes metrics.jsonl (and TensorBoard events when asked) on the main rank only."""
 
-    def __init__(self, path: str, enabled: bool, tensorboard_dir: Optional[str] = None):
+    def __init__(self, path: str, enabled: bool, tensorboard_dir: str | None = None):
         self.path = path
         self.enabled = enabled
         self.tb = None
@@ -94,7 +93,7 @@ class MetricsLogger:
                         kept.append(line if line.endswith("\n") else line + "\n")
         write_text(self.path, "".join(kept))
 
-    def log(self, record: Dict) -> None:
+    def log(self, record: dict) -> None:
         if not self.enabled:
             return
         # Non-finite floats are not valid JSON: write them as the strings "nan" / "inf".

@@ -9,7 +9,7 @@ import inspect
 import types
 import typing
 from dataclasses import field
-from typing import Any, Dict, List, Optional
+from typing import Any, Optional
 
 _SCALARS = (int, float, bool, str)
 
@@ -29,8 +29,8 @@ def _omegaconf_type(annotation: Any) -> Any:
     if origin in (list, tuple, collections.abc.Sequence):
         elems = [a for a in args if a is not Ellipsis]
         if len(set(elems)) == 1 and elems[0] in _SCALARS:
-            return Optional[List[elems[0]]]
-        return Optional[List[Any]]
+            return Optional[list[elems[0]]]
+        return Optional[list[Any]]
     if origin is typing.Literal:
         kinds = {type(a) for a in args}
         return Optional[kinds.pop()] if len(kinds) == 1 and next(iter(kinds), None) in _SCALARS else Any
@@ -54,7 +54,7 @@ def model_schema(config_cls: type) -> type:
     return dataclasses.make_dataclass("ModelConfig", fields)
 
 
-def model_defaults(config_cls: type) -> Dict[str, Any]:
+def model_defaults(config_cls: type) -> dict[str, Any]:
     """Signature defaults of `config_cls.__init__` (the values used when neither preset nor YAML sets one)."""
     out = {}
     for name, p in inspect.signature(config_cls.__init__).parameters.items():

@@ -23,7 +23,7 @@ with r = min_lr_ratio and D = decay_steps (default max_steps). Group lr at step 
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Optional
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
@@ -32,7 +32,7 @@ import torch.nn as nn
 def rtf_module_types() -> tuple:
     """The RTF filter module class(es); empty if the model package is unavailable."""
     try:
-        from models.rtf import RTF
+        from hyena_rtf.models.rtf import RTF
     except ImportError:
         return ()
     return (RTF,)
@@ -43,8 +43,8 @@ def param_groups(
     lr: float,
     rtf_lr: float,
     weight_decay: float,
-    rtf_types: Optional[tuple] = None,
-) -> List[Dict]:
+    rtf_types: tuple | None = None,
+) -> list[dict]:
     """AdamW groups as described in the module docstring.
 
     Each group dict carries `name` and `peak_lr` in addition to torch's keys; `peak_lr` is what
@@ -57,7 +57,7 @@ def param_groups(
             rtf_ids.update(id(p) for p in module.parameters())
     embed_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
-    groups: Dict[str, List[nn.Parameter]] = {"decay": [], "no_decay": [], "rtf": []}
+    groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "rtf": []}
     for p in model.parameters():  # de-duplicated, so a tied head/embedding appears once
         if not p.requires_grad:
             continue
@@ -69,13 +69,19 @@ def param_groups(
             groups["decay"].append(p)
     settings = {"decay": (lr, weight_decay), "no_decay": (lr, 0.0), "rtf": (rtf_lr, 0.0)}
     return [
-        {"params": ps, "name": name, "peak_lr": settings[name][0], "lr": settings[name][0], "weight_decay": settings[name][1]}
+        {
+            "params": ps,
+            "name": name,
+            "peak_lr": settings[name][0],
+            "lr": settings[name][0],
+            "weight_decay": settings[name][1],
+        }
         for name, ps in groups.items()
         if ps
     ]
 
 
-def check_rtf_fp32(model: nn.Module, rtf_types: Optional[tuple] = None) -> None:
+def check_rtf_fp32(model: nn.Module, rtf_types: tuple | None = None) -> None:
     """Raise if any RTF parameter is not float32: the FFT kernel has no bf16 path and B/A is badly
     conditioned near the unit circle (README, "The mathematics in one screen")."""
     rtf_types = rtf_module_types() if rtf_types is None else rtf_types
@@ -86,7 +92,7 @@ def check_rtf_fp32(model: nn.Module, rtf_types: Optional[tuple] = None) -> None:
                     raise RuntimeError(f"RTF parameter {name}.{pname} is {p.dtype}; it must stay float32")
 
 
-def make_optimizer(groups: List[Dict], betas: tuple, eps: float) -> torch.optim.AdamW:
+def make_optimizer(groups: list[dict], betas: tuple, eps: float) -> torch.optim.AdamW:
     """torch AdamW. DeepSpeed gets the same object as a client optimizer (ZeRO wraps it), which
     avoids DeepSpeed's JIT-compiled FusedAdam / CPUAdam ops (minutes of compilation on first use, and
     no CUDA toolkit on CPU machines) and keeps one update rule for all
@@ -103,7 +109,7 @@ def lr_factor(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: floa
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def set_lr(param_groups_: Iterable[Dict], factor: float) -> None:
+def set_lr(param_groups_: Iterable[dict], factor: float) -> None:
     """lr = peak_lr * factor for every group (works on DeepSpeed's wrapped optimizer groups too)."""
     for g in param_groups_:
         g["lr"] = g["peak_lr"] * factor

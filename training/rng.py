@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pickle
 import random
-from typing import Dict
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ class RngFileError(ValueError):
     """The file is not an RNG state this module wrote (or was altered); the message says why."""
 
 
-def rng_state() -> Dict:
+def rng_state() -> dict:
     version, words, gauss_next = random.getstate()
     name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
@@ -45,10 +44,17 @@ def rng_state() -> Dict:
     return state
 
 
-def set_rng_state(state: Dict) -> None:
+def set_rng_state(state: dict) -> None:
     random.setstate((state["python_version"], tuple(state["python_words"].tolist()), state["python_gauss_next"]))
-    np.random.set_state((state["numpy_name"], state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
-                         state["numpy_has_gauss"], state["numpy_cached_gaussian"]))
+    np.random.set_state(
+        (
+            state["numpy_name"],
+            state["numpy_keys"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            state["numpy_has_gauss"],
+            state["numpy_cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

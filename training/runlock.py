@@ -27,7 +27,6 @@ import os
 import socket
 import sys
 import time
-from typing import Optional
 
 LOCK_FILE = ".run.lock"
 
@@ -42,7 +41,7 @@ class RunLock:
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
         self.path = os.path.join(out_dir, LOCK_FILE)
-        self._fd: Optional[int] = None
+        self._fd: int | None = None
 
     def acquire(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -59,8 +58,11 @@ class RunLock:
             os.close(fd)
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
                 raise
-            print(f"[train] warning: cannot lock {self.path} ({e.strerror}): this filesystem does not support flock, "
-                  f"so a second run in this train.out_dir would not be refused", file=sys.stderr)
+            print(
+                f"[train] warning: cannot lock {self.path} ({e.strerror}): this filesystem does not support flock, "
+                f"so a second run in this train.out_dir would not be refused",
+                file=sys.stderr,
+            )
             return
         # Written only once the lock is ours, so whoever fails to get it reads the holder.
         record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -78,7 +80,7 @@ class RunLock:
         os.close(self._fd)
         self._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.acquire()
         return self
 

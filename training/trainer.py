@@ -19,15 +19,13 @@ import os
 import random
 import signal
 import time
-from typing import Dict, Optional
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from data_prep.atomic import NotReplaceableError, write_text
-from training import checkpoint as ckpt
-from training.config import (
+from hyena_rtf.training import checkpoint as ckpt
+from hyena_rtf.training.config import (
     ConfigError,
     check_optional_packages,
     fill_model_section,
@@ -35,8 +33,15 @@ from training.config import (
     resolve_model_kwargs,
     to_yaml,
 )
-from training.data import check_sizes, check_token_ids, eval_batches, open_split, step_micro_batches, unigram_perplexity
-from training.engine import (
+from hyena_rtf.training.data import (
+    check_sizes,
+    check_token_ids,
+    eval_batches,
+    open_split,
+    step_micro_batches,
+    unigram_perplexity,
+)
+from hyena_rtf.training.engine import (
     DeepSpeedEngine,
     Engine,
     TorchEngine,
@@ -46,10 +51,11 @@ from training.engine import (
     detect_env,
     ensure_single_process_env,
 )
-from training.resume import check_resume_compatible, check_same_data, data_fingerprint, find_resume
-from training.runlock import RunLock
-from training.metrics import MetricsLogger, peak_flops, train_flops_per_token
-from training.optim import check_rtf_fp32, lr_factor, make_optimizer, param_groups, set_lr
+from hyena_rtf.training.metrics import MetricsLogger, peak_flops, train_flops_per_token
+from hyena_rtf.training.optim import check_rtf_fp32, lr_factor, make_optimizer, param_groups, set_lr
+from hyena_rtf.training.resume import check_resume_compatible, check_same_data, data_fingerprint, find_resume
+from hyena_rtf.training.runlock import RunLock
+from hyena_rtf.utils.atomic import NotReplaceableError, write_text
 
 
 class TrainingError(RuntimeError):
@@ -63,8 +69,8 @@ def seed_everything(seed: int) -> None:
 
 
 def _model_classes():
-    from models.configuration_hyena_rtf import HyenaRTFConfig, count_parameters
-    from models.modeling_hyena_rtf import HyenaRTFForCausalLM
+    from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig, count_parameters
+    from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
 
     return HyenaRTFConfig, HyenaRTFForCausalLM, count_parameters
 
@@ -79,7 +85,7 @@ class _Stop:
 
     def __init__(self):
         self.requested = False
-        self.signum: Optional[int] = None
+        self.signum: int | None = None
         self._old = {}
 
     def install(self) -> None:
@@ -118,12 +124,12 @@ def export_dir_of(cfg: DictConfig) -> str:
 def check_export_target_of_run(cfg: DictConfig) -> None:
     """The end-of-run export may replace an earlier export, never the run folder, its
     checkpoints, or a folder that contains the run (NotReplaceableError)."""
-    from training.export import check_export_destination
+    from hyena_rtf.training.export import check_export_destination
 
     check_export_destination(export_dir_of(cfg), cfg.train.out_dir)
 
 
-def run(cfg: DictConfig) -> Dict:
+def run(cfg: DictConfig) -> dict:
     """Train as configured; returns a summary dict (also on the non-main ranks).
 
     summary["signal"] is the number of the signal that stopped the run after its checkpoint was
@@ -155,7 +161,7 @@ def run(cfg: DictConfig) -> Dict:
         lock.release()
 
 
-def _run(cfg: DictConfig, env, t_start: float) -> Dict:
+def _run(cfg: DictConfig, env, t_start: float) -> dict:
     kind = choose_engine(cfg.train.engine, env)
     if kind == "deepspeed" and env.launcher == "none":
         ensure_single_process_env()
@@ -178,7 +184,9 @@ def _run(cfg: DictConfig, env, t_start: float) -> Dict:
     if cfg.data.seq_len <= model_config.state_size:
         # The RTF kernel zero-pads its state_size + 1 denominator coefficients to the training
         # length; a shorter length would silently cut them off.
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be greater than model.state_size={model_config.state_size}")
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} must be greater than model.state_size={model_config.state_size}"
+        )
     fill_model_section(cfg, model_config)
     seed_everything(cfg.train.seed)
     model = HyenaRTFForCausalLM(model_config).to(device)  # float32 parameters in every mode
@@ -212,9 +220,14 @@ def _run(cfg: DictConfig, env, t_start: float) -> Dict:
         check_same_data(resume_from, saved_state, data_id, cfg.data.dir)
         state.update(ckpt.load_checkpoint(engine, resume_from))
         saved_world = saved_state.get("world_size", env.world_size)
-        resized = "" if saved_world == env.world_size else (
-            f" with a different world size: saved by {saved_world} process(es), resumed on {env.world_size}"
-            + (" (ZeRO partitions re-split from zero_full_state.pt)" if engine.kind == "deepspeed" else ""))
+        resized = (
+            ""
+            if saved_world == env.world_size
+            else (
+                f" with a different world size: saved by {saved_world} process(es), resumed on {env.world_size}"
+                + (" (ZeRO partitions re-split from zero_full_state.pt)" if engine.kind == "deepspeed" else "")
+            )
+        )
         say(f"resumed from {resume_from} at step {state['step']}{resized}")
     start_step = state["step"]
     run_nonfinite = 0  # counted per process lifetime: the limit guards this run, not the history
@@ -227,7 +240,9 @@ def _run(cfg: DictConfig, env, t_start: float) -> Dict:
     check_token_ids(val_batches, val_ds, "validation batches")
     unigram_ppl = None
     if main and cfg.logging.unigram_baseline:
-        unigram_ppl, n_counted = unigram_perplexity(train_ds, val_ds, cfg.data.eval_samples, cfg.logging.unigram_max_train_samples)
+        unigram_ppl, n_counted = unigram_perplexity(
+            train_ds, val_ds, cfg.data.eval_samples, cfg.logging.unigram_max_train_samples
+        )
         say(f"unigram baseline (add-one, {n_counted} train tokens): val perplexity {unigram_ppl:.2f}")
 
     def evaluate(step: int) -> float:
@@ -268,7 +283,9 @@ def _run(cfg: DictConfig, env, t_start: float) -> Dict:
     if main and cfg.logging.progress_bar:
         from tqdm import tqdm
 
-        progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0)
+        progress = tqdm(
+            total=cfg.train.max_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0
+        )
     write = progress.write if progress is not None else print
     window = {"loss": 0.0, "n": 0, "t": time.time(), "steps": 0}
     last_ckpt, val_loss, step, stop_signal = None, None, start_step, None
@@ -290,8 +307,10 @@ def _run(cfg: DictConfig, env, t_start: float) -> Dict:
                 state["nonfinite_steps"] += 1
                 run_nonfinite += 1
                 if main:
-                    write(f"[train] step {step}: non-finite loss/gradient (loss {result.loss}, grad norm "
-                          f"{result.grad_norm}); step skipped ({run_nonfinite}/{cfg.train.max_nonfinite_steps})")
+                    write(
+                        f"[train] step {step}: non-finite loss/gradient (loss {result.loss}, grad norm "
+                        f"{result.grad_norm}); step skipped ({run_nonfinite}/{cfg.train.max_nonfinite_steps})"
+                    )
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{result.loss:.3f}", refresh=False)
@@ -318,9 +337,11 @@ def _run(cfg: DictConfig, env, t_start: float) -> Dict:
                     rec["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
                 metrics.log(rec)
                 if main and progress is None:
-                    write(f"[train] step {step} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-                          f"grad norm {result.grad_norm if result.grad_norm is None else round(result.grad_norm, 3)} | "
-                          f"{tps:,.0f} tok/s")
+                    write(
+                        f"[train] step {step} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+                        f"grad norm {result.grad_norm if result.grad_norm is None else round(result.grad_norm, 3)} | "
+                        f"{tps:,.0f} tok/s"
+                    )
                 window = {"loss": 0.0, "n": 0, "t": time.time(), "steps": 0}
 
             if too_many:
@@ -337,7 +358,8 @@ def _run(cfg: DictConfig, env, t_start: float) -> Dict:
             # Every rank stops at the same step, also those the signal did not reach; SIGTERM wins
             # when ranks got different signals (a scheduler's pre-emption is the one to report).
             got_term, got_int = engine.all_reduce_sum(
-                [float(stopper.signum == signal.SIGTERM), float(stopper.signum == signal.SIGINT)])
+                [float(stopper.signum == signal.SIGTERM), float(stopper.signum == signal.SIGINT)]
+            )
             stop_now = got_term > 0 or got_int > 0
             if periodic or stop_now or step == stop_at:
                 last_ckpt = save(step)
@@ -350,8 +372,13 @@ def _run(cfg: DictConfig, env, t_start: float) -> Dict:
         if progress is not None:
             progress.close()
 
-    summary = {"step": step, "checkpoint": last_ckpt, "nonfinite_steps": state["nonfinite_steps"],
-               "unigram_ppl": unigram_ppl, "signal": int(stop_signal) if stop_signal else None}
+    summary = {
+        "step": step,
+        "checkpoint": last_ckpt,
+        "nonfinite_steps": state["nonfinite_steps"],
+        "unigram_ppl": unigram_ppl,
+        "signal": int(stop_signal) if stop_signal else None,
+    }
     if step >= cfg.train.max_steps:
         val_loss = evaluate(step)
         summary["val_loss"], summary["val_ppl"] = val_loss, math.exp(min(val_loss, 700.0))
@@ -361,7 +388,7 @@ def _run(cfg: DictConfig, env, t_start: float) -> Dict:
         if cfg.checkpoint.export_at_end:
             export_dir = export_dir_of(cfg)
             if main:
-                from training.export import export_checkpoint
+                from hyena_rtf.training.export import export_checkpoint
 
                 export_checkpoint(last_ckpt, export_dir, verify=False)  # saved or verified by this run
                 say(f"exported HF checkpoint to {export_dir}")

@@ -47,7 +47,6 @@ written before this file existed resumes on its own world size only (resume.py s
 from __future__ import annotations
 
 import os
-from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -60,7 +59,7 @@ def has_full_state(ckpt_dir: str) -> bool:
     return os.path.isfile(os.path.join(ckpt_dir, FULL_STATE_FILE))
 
 
-def group_param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> List[List[str]]:
+def group_param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
     """Parameter names of each optimizer group, taken before DeepSpeed replaces the groups' params
     with its flat partitions; the names key zero_full_state.pt."""
     names = {id(p): n for n, p in model.named_parameters()}
@@ -70,7 +69,7 @@ def group_param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
 class ZeroFullState:
     """Gathers and re-partitions the ZeRO 1/2 optimizer state of one DeepSpeed engine."""
 
-    def __init__(self, ds_engine, group_names: List[List[str]]):
+    def __init__(self, ds_engine, group_names: list[list[str]]):
         self.ds = ds_engine
         self.group_names = group_names
         self.params = dict(ds_engine.module.named_parameters())
@@ -92,7 +91,7 @@ class ZeroFullState:
             if mapping is not None:
                 yield name, mapping
 
-    def _gather(self, gi: int, partition: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def _gather(self, gi: int, partition: torch.Tensor) -> dict[str, torch.Tensor]:
         """Full tensors, by name, of a partition-shaped tensor of group gi; valid on rank 0 only."""
         names = self.group_names[gi]
         sizes = [self.params[n].numel() for n in names]
@@ -103,9 +102,11 @@ class ZeroFullState:
             full.narrow(0, starts[name] + lp.start, lp.numel).copy_(partition.detach().narrow(0, hp.start, hp.numel))
         dist.reduce(full, dst=0, op=dist.ReduceOp.SUM)
         full = full.cpu()
-        return {n: full.narrow(0, starts[n], s).view_as(self.params[n]).clone() for n, s in zip(names, sizes)}
+        return {
+            n: full.narrow(0, starts[n], s).view_as(self.params[n]).clone() for n, s in zip(names, sizes, strict=True)
+        }
 
-    def _scatter(self, gi: int, full: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def _scatter(self, gi: int, full: dict[str, torch.Tensor]) -> torch.Tensor:
         """This rank's partition of group gi cut out of full tensors by name (padding stays 0)."""
         flat = self._flat(gi)
         part = torch.zeros_like(flat, dtype=torch.float32)
@@ -114,10 +115,10 @@ class ZeroFullState:
             part.narrow(0, hp.start, hp.numel).copy_(full[name].reshape(-1).narrow(0, lp.start, lp.numel))
         return part
 
-    def state_dict(self) -> Dict:
+    def state_dict(self) -> dict:
         """Collective. The full state (see the module docstring); complete on rank 0 only."""
-        fp32: Dict[str, torch.Tensor] = {}
-        moments: Dict[str, Dict[str, torch.Tensor]] = {}
+        fp32: dict[str, torch.Tensor] = {}
+        moments: dict[str, dict[str, torch.Tensor]] = {}
         scalars = []
         for gi in range(len(self.group_names)):
             flat = self._flat(gi)
@@ -128,10 +129,21 @@ class ZeroFullState:
             for key, value in sorted(state.items()):
                 if torch.is_tensor(value) and value.shape == flat.shape:
                     moments.setdefault(key, {}).update(self._gather(gi, value))
-            scalars.append({k: v.detach().cpu().clone() if torch.is_tensor(v) else v
-                            for k, v in state.items() if not (torch.is_tensor(v) and v.shape == flat.shape)})
-        return {"format": FULL_STATE_FORMAT, "world_size": dist.get_world_size(), "groups": self.group_names,
-                "fp32": fp32, "state": moments, "scalars": scalars}
+            scalars.append(
+                {
+                    k: v.detach().cpu().clone() if torch.is_tensor(v) else v
+                    for k, v in state.items()
+                    if not (torch.is_tensor(v) and v.shape == flat.shape)
+                }
+            )
+        return {
+            "format": FULL_STATE_FORMAT,
+            "world_size": dist.get_world_size(),
+            "groups": self.group_names,
+            "fp32": fp32,
+            "state": moments,
+            "scalars": scalars,
+        }
 
     def save(self, ckpt_dir: str) -> None:
         """Collective; rank 0 writes ckpt_dir/zero_full_state.pt."""
@@ -147,8 +159,9 @@ class ZeroFullState:
             raise RuntimeError(f"{path} is not a ZeRO full-state file of this version ({FULL_STATE_FORMAT})")
         if sd["groups"] != self.group_names:
             raise RuntimeError(f"{path} holds other parameters or groups than this model's optimizer")
-        loaded, _ = self.ds.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=False,
-                                            load_lr_scheduler_states=False)
+        loaded, _ = self.ds.load_checkpoint(
+            ckpt_dir, tag=tag, load_optimizer_states=False, load_lr_scheduler_states=False
+        )
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the module weights in {ckpt_dir}")
         with torch.no_grad():

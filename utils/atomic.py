@@ -19,6 +19,7 @@ Every temporary name is ``.<target name>.<pid>-<random hex>.partial``: hidden, u
 and recognisable, so that leftovers of killed runs can be told apart from anything else. The
 module knows nothing about data preparation; checkpoints and exports can use it as it is.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -27,9 +28,9 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 SUFFIX = ".partial"
 
@@ -201,10 +202,15 @@ def replace_dir(target: str | os.PathLike):
         raise
 
 
-def check_replaceable(target: str | os.PathLike, *, marker: str, kind: str,
-                      is_kind: Callable[[Path], bool] = Path.is_file,
-                      owned: Callable[[str], bool] = lambda name: True,
-                      overwrite: bool = False) -> None:
+def check_replaceable(
+    target: str | os.PathLike,
+    *,
+    marker: str,
+    kind: str,
+    is_kind: Callable[[Path], bool] = Path.is_file,
+    owned: Callable[[str], bool] = lambda name: True,
+    overwrite: bool = False,
+) -> None:
     """Raises ``NotReplaceableError`` unless ``target`` may be replaced by a new output of
     ``kind``: it does not exist; or it is a folder whose entries are all temporaries or lock
     files (``*.partial``, ``.lock``: what an interrupted run leaves); or it holds the file
@@ -224,12 +230,12 @@ def check_replaceable(target: str | os.PathLike, *, marker: str, kind: str,
     hint = "pass --overwrite to replace it with everything in it, or choose another output path"
     if not is_kind(target / marker):
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        raise NotReplaceableError(f"{target} is not empty ({shown}) and is not a {kind} (no valid "
-                                  f"{marker}); {hint}")
+        raise NotReplaceableError(f"{target} is not empty ({shown}) and is not a {kind} (no valid {marker}); {hint}")
     foreign = [n for n in names if not owned(n)]
     if foreign:
-        raise NotReplaceableError(f"{target} is a {kind} but also holds files it did not write "
-                                  f"({', '.join(foreign[:5])}); {hint}")
+        raise NotReplaceableError(
+            f"{target} is a {kind} but also holds files it did not write ({', '.join(foreign[:5])}); {hint}"
+        )
 
 
 def lock_path(target: str | os.PathLike) -> Path:

@@ -3,7 +3,7 @@
 
 The folder holds config.json (with auto_map), the model code (modeling_hyena_rtf.py and every file
 it imports relatively), model.safetensors, generation_config.json and the tokenizer files. It is
-built in a staging folder beside the target and swapped in at the end (data_prep/atomic.py), so a
+built in a staging folder beside the target and swapped in at the end (utils/atomic.py), so a
 crash never leaves a folder that looks complete and never loses the previous export.
 
 Nothing the export did not write is ever deleted: an existing target is replaced only if it is a
@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from data_prep.atomic import check_replaceable, locked, remove_stale, replace_dir
-
-from .configuration_hyena_rtf import HyenaRTFConfig
-from .modeling_hyena_rtf import HyenaRTFForCausalLM, HyenaRTFModel
+from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
+from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM, HyenaRTFModel
+from hyena_rtf.utils.atomic import check_replaceable, locked, remove_stale, replace_dir
 
 
 def load_tokenizer(tokenizer_file: str | os.PathLike, eos_token: str | None = None) -> PreTrainedTokenizerFast:
@@ -44,9 +43,11 @@ def load_tokenizer(tokenizer_file: str | os.PathLike, eos_token: str | None = No
 
 EXPORT_KIND = "Hyena-RTF Hugging Face export"
 # Every name save_hf_checkpoint writes: the model code, configs, weights (sharded or not), tokenizer.
-_EXPORT_FILES = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\.py|(config|generation_config|tokenizer|tokenizer_config|"
-                           r"special_tokens_map|model\.safetensors\.index)\.json|model(-\d+-of-\d+)?\.safetensors|"
-                           r"chat_template\.jinja")
+_EXPORT_FILES = re.compile(
+    r"[A-Za-z_][A-Za-z0-9_]*\.py|(config|generation_config|tokenizer|tokenizer_config|"
+    r"special_tokens_map|model\.safetensors\.index)\.json|model(-\d+-of-\d+)?\.safetensors|"
+    r"chat_template\.jinja"
+)
 
 
 def is_export(config_json: Path) -> bool:
@@ -61,13 +62,23 @@ def check_export_target(out_dir: str | os.PathLike, overwrite: bool = False) -> 
     """Raise NotReplaceableError (one line) unless `out_dir` may receive an export: it does not
     exist, is empty, or is an earlier Hyena-RTF export with only an export's files in it (or any
     folder with overwrite=True). Call it before any long work, so a bad target fails at once."""
-    check_replaceable(out_dir, marker="config.json", kind=EXPORT_KIND, is_kind=is_export,
-                      owned=lambda name: _EXPORT_FILES.fullmatch(name) is not None, overwrite=overwrite)
+    check_replaceable(
+        out_dir,
+        marker="config.json",
+        kind=EXPORT_KIND,
+        is_kind=is_export,
+        owned=lambda name: _EXPORT_FILES.fullmatch(name) is not None,
+        overwrite=overwrite,
+    )
 
 
-def save_hf_checkpoint(model: HyenaRTFForCausalLM, tokenizer_file: str | os.PathLike | None,
-                       out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
-                       overwrite: bool = False) -> Path:
+def save_hf_checkpoint(
+    model: HyenaRTFForCausalLM,
+    tokenizer_file: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Save `model` (+ tokenizer) as a self-contained HF folder at `out_dir`; returns the path.
 
     dtype: optional dtype for the saved weights (the RTF parameters are always kept in float32).
@@ -81,8 +92,9 @@ def save_hf_checkpoint(model: HyenaRTFForCausalLM, tokenizer_file: str | os.Path
     if tokenizer_file is not None:
         tok = load_tokenizer(tokenizer_file)
         if len(tok) > config.vocab_size:
-            raise ValueError(f"tokenizer {tokenizer_file} has {len(tok)} tokens but the model's vocab_size "
-                             f"is {config.vocab_size}")
+            raise ValueError(
+                f"tokenizer {tokenizer_file} has {len(tok)} tokens but the model's vocab_size is {config.vocab_size}"
+            )
         if tok.eos_token_id is not None:
             config.eos_token_id = tok.eos_token_id
             config.pad_token_id = tok.pad_token_id
@@ -91,8 +103,10 @@ def save_hf_checkpoint(model: HyenaRTFForCausalLM, tokenizer_file: str | os.Path
     # auto_map: AutoConfig, AutoModel (the decoder without its head) and AutoModelForCausalLM.
     type(config).register_for_auto_class()
     type(model).register_for_auto_class("AutoModelForCausalLM")
-    config.auto_map = {**(getattr(config, "auto_map", None) or {}),
-                       "AutoModel": f"{HyenaRTFModel.__module__.rsplit('.', 1)[-1]}.{HyenaRTFModel.__name__}"}
+    config.auto_map = {
+        **(getattr(config, "auto_map", None) or {}),
+        "AutoModel": f"{HyenaRTFModel.__module__.rsplit('.', 1)[-1]}.{HyenaRTFModel.__name__}",
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     with locked(out):
         remove_stale(out)

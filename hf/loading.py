@@ -1,4 +1,4 @@
-"""Loading Hugging Face folders for the CLIs (generate.py, evaluate.py) without running code the
+"""Loading Hugging Face folders for the CLIs (generate.py, evaluate_lm.py) without running code the
 user did not ask to run.
 
 Importing the `models` package registers Hyena-RTF with transformers' Auto classes, so this
@@ -10,7 +10,7 @@ names the flag. (Not part of the exported model code.)
 
 from __future__ import annotations
 
-import models  # noqa: F401  (registers the Auto classes; see above)
+import hyena_rtf.models  # noqa: F401  (registers the Auto classes; see above)
 
 
 class RemoteCodeRefused(ValueError):
@@ -25,5 +25,7 @@ def from_pretrained(auto_class, path, trust_remote_code: bool = False, **kwargs)
     except ValueError as e:
         if trust_remote_code or "trust_remote_code" not in str(e):
             raise
-        raise RemoteCodeRefused(f"{path} needs the Python code stored in it ({auto_class.__name__}); "
-                                "if you trust that code, add --trust-remote-code") from None
+        raise RemoteCodeRefused(
+            f"{path} needs the Python code stored in it ({auto_class.__name__}); "
+            "if you trust that code, add --trust-remote-code"
+        ) from None

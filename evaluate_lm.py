@@ -1,7 +1,7 @@
 """Perplexity, bits per byte and LAMBADA for any local Hugging Face causal LM (ours included).
 
-    python evaluate.py CKPT --data ../shared/data/wikitext2_raw_test.raw --context-length 1024
-    python evaluate.py CKPT --data DATA_PREP_DIR more.jsonl.zst --lambada lambada_test.jsonl --output r.json
+    python evaluate_lm.py CKPT --data ../shared/data/wikitext2_raw_test.raw --context-length 1024
+    python evaluate_lm.py CKPT --data DATA_PREP_DIR more.jsonl.zst --lambada lambada_test.jsonl --output r.json
 
 Definitions (all sums in float64):
 
@@ -51,14 +51,21 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from models.hf_compat import cache_kwargs, output_cache
-from data_prep.atomic import write_text
-from data_prep.indexed import MMapIndexedDataset
-from data_prep.readers import Source, SourceError, classify, iter_records, validate_record
-from models.loading import RemoteCodeRefused, from_pretrained
+from hyena_rtf.data_prep.indexed import MMapIndexedDataset
+from hyena_rtf.data_prep.readers import Source, SourceError, classify, iter_records, validate_record
+from hyena_rtf.hf.loading import RemoteCodeRefused, from_pretrained
+from hyena_rtf.models.hf_compat import cache_kwargs, output_cache
+from hyena_rtf.utils.atomic import write_text
 
 # Where configs keep their trained length (l_max: Hyena-RTF); the default --context-length.
-CONTEXT_CONFIG_KEYS = ("max_position_embeddings", "n_positions", "l_max", "max_seq_len", "seq_len", "max_sequence_length")
+CONTEXT_CONFIG_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "l_max",
+    "max_seq_len",
+    "seq_len",
+    "max_sequence_length",
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -67,6 +74,7 @@ class EvalError(Exception):
 
 
 # ----------------------------------------------------------------------------- model and tokenizer
+
 
 def check_model_folder(path):
     if not (Path(path) / "config.json").is_file():
@@ -106,7 +114,7 @@ def load_config(path, trust_remote_code=False):
 
 
 def load_model(path, dtype="float32", device="cpu", trust_remote_code=False):
-    """Any local causal-LM folder. Hyena-RTF comes from this repository's code (models/loading.py);
+    """Any local causal-LM folder. Hyena-RTF comes from this repository's code (hf/loading.py);
     a folder's own code runs only with trust_remote_code."""
     from transformers import AutoModelForCausalLM
 
@@ -134,10 +142,11 @@ def default_context_length(config):
 
 # ----------------------------------------------------------------------------- documents
 
+
 @dataclass
 class Document:
     tokens: np.ndarray  # int64 token ids, without the start token
-    n_bytes: int        # UTF-8 bytes of the text these tokens encode
+    n_bytes: int  # UTF-8 bytes of the text these tokens encode
 
 
 def read_texts(path):
@@ -239,6 +248,7 @@ def is_shard(path):
 
 # ----------------------------------------------------------------------------- windows and scoring
 
+
 def window_plan(n_predictions, context_length, stride):
     """Sliding windows over predictions 0..m-1 (see module docstring).
 
@@ -259,14 +269,14 @@ def window_plan(n_predictions, context_length, stride):
 @dataclass
 class Window:
     tokens: np.ndarray  # inputs are tokens[:-1], targets tokens[1:]
-    n_score: int        # only the last n_score targets count
+    n_score: int  # only the last n_score targets count
 
 
 def document_windows(document, start_id, context_length, stride):
     """Windows of one document: seq = [start] + tokens, so every document token is a target."""
     sequence = np.concatenate([[start_id], document.tokens]).astype(np.int64)
     n_predictions = len(sequence) - 1
-    return [Window(sequence[b:e + 1], n) for b, e, n in window_plan(n_predictions, context_length, stride)]
+    return [Window(sequence[b : e + 1], n) for b, e, n in window_plan(n_predictions, context_length, stride)]
 
 
 def forward_logits(model, input_ids, mode):
@@ -275,7 +285,7 @@ def forward_logits(model, input_ids, mode):
         return model(input_ids=input_ids, use_cache=False).logits
     cache, steps = None, []
     for t in range(input_ids.shape[1]):
-        out = model(input_ids=input_ids[:, t:t + 1], use_cache=True, **cache_kwargs(cache))
+        out = model(input_ids=input_ids[:, t : t + 1], use_cache=True, **cache_kwargs(cache))
         cache = output_cache(out)
         if cache is None:  # every later token would be scored with no context, silently
             raise EvalError(f"--mode recurrent: {type(model).__name__} returned no cache for use_cache=True")
@@ -295,22 +305,23 @@ def score_windows(model, windows, batch_size, mode="parallel", description="scor
     results = [None] * len(windows)
     batches = range(0, len(order), batch_size)
     for start in tqdm(batches, desc=description, unit="batch", disable=None, file=sys.stderr):
-        rows = [windows[i] for i in order[start:start + batch_size]]
+        rows = [windows[i] for i in order[start : start + batch_size]]
         width = max(len(w.tokens) for w in rows) - 1
         input_ids = torch.zeros(len(rows), width, dtype=torch.long)
         for r, w in enumerate(rows):
             input_ids[r, : len(w.tokens) - 1] = torch.from_numpy(w.tokens[:-1])
         logits = forward_logits(model, input_ids.to(device), mode)
-        for r, (i, w) in enumerate(zip(order[start:start + batch_size], rows)):
+        for r, (i, w) in enumerate(zip(order[start : start + batch_size], rows)):
             n_inputs = len(w.tokens) - 1
-            scored = logits[r, n_inputs - w.n_score: n_inputs].float()  # log-softmax in >= fp32
-            targets = torch.from_numpy(w.tokens[-w.n_score:]).to(device)
+            scored = logits[r, n_inputs - w.n_score : n_inputs].float()  # log-softmax in >= fp32
+            targets = torch.from_numpy(w.tokens[-w.n_score :]).to(device)
             nll = F.cross_entropy(scored, targets, reduction="none")
             results[i] = (nll.double().cpu().numpy(), (scored.argmax(-1) == targets).cpu().numpy())
     return results
 
 
 # ----------------------------------------------------------------------------- metrics
+
 
 def perplexity_metrics(documents, model, start_id, context_length, stride, batch_size, mode, description):
     """Token perplexity and bits per byte of a list of Documents (formulas in the module docstring)."""
@@ -324,7 +335,9 @@ def perplexity_metrics(documents, model, start_id, context_length, stride, batch
 
 def summarize(nll, n_tokens, n_bytes):
     return {
-        "tokens": n_tokens, "bytes": n_bytes, "nll_nats": nll,
+        "tokens": n_tokens,
+        "bytes": n_bytes,
+        "nll_nats": nll,
         "perplexity": math.exp(nll / n_tokens) if n_tokens else float("nan"),
         "bits_per_byte": nll / math.log(2) / n_bytes if n_bytes else float("nan"),
     }
@@ -343,7 +356,7 @@ def lambada_windows(path, tokenizer, context_length, max_documents=None):
         if len(target_ids) > context_length:
             raise EvalError(f"{path}: example {line_number}: target longer than the context length")
         # Keep the most recent context that fits: context_length inputs -> context_length + 1 tokens.
-        tokens = np.asarray(context_ids + target_ids, dtype=np.int64)[-(context_length + 1):]
+        tokens = np.asarray(context_ids + target_ids, dtype=np.int64)[-(context_length + 1) :]
         windows.append(Window(tokens, len(target_ids)))
     if not windows:
         raise EvalError(f"{path}: no examples")
@@ -355,7 +368,8 @@ def lambada_metrics(windows, model, batch_size, mode):
     example_nll = np.array([s.sum() for s, _ in scores], dtype=np.float64)
     n_target_tokens = sum(len(s) for s, _ in scores)
     return {
-        "examples": len(scores), "target_tokens": n_target_tokens,
+        "examples": len(scores),
+        "target_tokens": n_target_tokens,
         "accuracy": float(np.mean([bool(hit.all()) for _, hit in scores])),
         "perplexity": math.exp(example_nll.mean()),
         "token_perplexity": math.exp(example_nll.sum() / n_target_tokens),
@@ -364,9 +378,10 @@ def lambada_metrics(windows, model, batch_size, mode):
 
 # ----------------------------------------------------------------------------- command line
 
+
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
-        self.exit(2, f"evaluate.py: error: {message}\n")
+        self.exit(2, f"evaluate_lm.py: error: {message}\n")
 
 
 def positive_int(text):
@@ -382,19 +397,35 @@ def positive_int(text):
 def build_parser():
     p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("model", help="local Hugging Face causal-LM folder (config.json, weights, tokenizer)")
-    p.add_argument("--data", nargs="+", default=[], type=Path,
-                   help="text files (.txt/.raw: one document each), .jsonl/.jsonl.zst with 'text', data_prep shard folders")
-    p.add_argument("--lambada", type=Path, help="LAMBADA jsonl, one {\"text\": ...} per line")
-    p.add_argument("--context-length", type=positive_int, help="max input tokens per window (default: model's max length)")
-    p.add_argument("--stride", type=positive_int, help="tokens between window starts, <= context length (default: = context length)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        default=[],
+        type=Path,
+        help="text files (.txt/.raw: one document each), .jsonl/.jsonl.zst with 'text', data_prep shard folders",
+    )
+    p.add_argument("--lambada", type=Path, help='LAMBADA jsonl, one {"text": ...} per line')
+    p.add_argument(
+        "--context-length", type=positive_int, help="max input tokens per window (default: model's max length)"
+    )
+    p.add_argument(
+        "--stride",
+        type=positive_int,
+        help="tokens between window starts, <= context length (default: = context length)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--mode", choices=("parallel", "recurrent"), default="parallel")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the model folder's own Python code to run (needed only for architectures other than "
-                        "Hyena-RTF that ship custom code; off by default)")
-    p.add_argument("--max-documents", type=positive_int, help="score at most this many documents per input (LAMBADA: examples)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow the model folder's own Python code to run (needed only for architectures other than "
+        "Hyena-RTF that ship custom code; off by default)",
+    )
+    p.add_argument(
+        "--max-documents", type=positive_int, help="score at most this many documents per input (LAMBADA: examples)"
+    )
     p.add_argument("--max-tokens", type=positive_int, help="score at most about this many tokens per --data input")
     p.add_argument("--output", type=Path, help="write the results as JSON here (default: print only)")
     return p
@@ -430,8 +461,15 @@ def evaluate(args):
     if stride > context_length:
         raise EvalError(f"--stride {stride} is larger than the context length {context_length}")
     start_id = start_token_id(tokenizer, config)
-    inputs = [(path, shard_documents(path, args.max_documents, args.max_tokens) if is_shard(path)
-               else text_documents(path, tokenizer, args.max_documents, args.max_tokens)) for path in args.data]
+    inputs = [
+        (
+            path,
+            shard_documents(path, args.max_documents, args.max_tokens)
+            if is_shard(path)
+            else text_documents(path, tokenizer, args.max_documents, args.max_tokens),
+        )
+        for path in args.data
+    ]
     for path, documents in inputs:  # a perplexity over nothing is NaN, not a result
         if not any(len(d.tokens) for d in documents):
             raise EvalError(f"{path}: no document with a token to score")
@@ -441,25 +479,36 @@ def evaluate(args):
     head = model.get_output_embeddings()
     vocab = head.weight.shape[0] if head is not None else config.vocab_size
     results = {
-        "model": str(args.model), "model_type": getattr(config, "model_type", None),
+        "model": str(args.model),
+        "model_type": getattr(config, "model_type", None),
         "parameters": sum(p.numel() for p in model.parameters()),
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
-        "settings": {"mode": args.mode, "dtype": args.dtype, "device": args.device,
-                     "context_length": context_length, "stride": stride, "batch_size": args.batch_size,
-                     "max_documents": args.max_documents, "max_tokens": args.max_tokens,
-                     "start_token_id": start_id},
+        "settings": {
+            "mode": args.mode,
+            "dtype": args.dtype,
+            "device": args.device,
+            "context_length": context_length,
+            "stride": stride,
+            "batch_size": args.batch_size,
+            "max_documents": args.max_documents,
+            "max_tokens": args.max_tokens,
+            "start_token_id": start_id,
+        },
         "data": [],
     }
     for path, documents in inputs:
         if any(len(d.tokens) and d.tokens.max() >= vocab for d in documents):
             raise EvalError(f"{path}: token ids beyond the model's vocabulary ({vocab}): different tokenizer?")
-        metrics = perplexity_metrics(documents, model, start_id, context_length, stride,
-                                     args.batch_size, args.mode, path.name)
+        metrics = perplexity_metrics(
+            documents, model, start_id, context_length, stride, args.batch_size, args.mode, path.name
+        )
         results["data"].append({"path": str(path), **metrics})
     if len(results["data"]) > 1:
-        results["total"] = summarize(math.fsum(d["nll_nats"] for d in results["data"]),
-                                     sum(d["tokens"] for d in results["data"]),
-                                     sum(d["bytes"] for d in results["data"]))
+        results["total"] = summarize(
+            math.fsum(d["nll_nats"] for d in results["data"]),
+            sum(d["tokens"] for d in results["data"]),
+            sum(d["bytes"] for d in results["data"]),
+        )
     if lambada is not None:
         results["lambada"] = {"path": str(args.lambada), **lambada_metrics(lambada, model, args.batch_size, args.mode)}
     results["seconds"] = round(time.time() - started, 3)
@@ -468,15 +517,21 @@ def evaluate(args):
 
 def format_table(results):
     lines = [f"model {results['model']}  " + "  ".join(f"{k}={v}" for k, v in results["settings"].items())]
-    rows = [(Path(d["path"]).name, d) for d in results["data"]] + ([("total", results["total"])] if "total" in results else [])
+    rows = [(Path(d["path"]).name, d) for d in results["data"]] + (
+        [("total", results["total"])] if "total" in results else []
+    )
     if rows:
         lines.append(f"{'data':<32} {'tokens':>10} {'bytes':>11} {'perplexity':>12} {'bits/byte':>10}")
-        lines += [f"{name:<32} {d['tokens']:>10} {d['bytes']:>11} {d['perplexity']:>12.4f} {d['bits_per_byte']:>10.5f}"
-                  for name, d in rows]
+        lines += [
+            f"{name:<32} {d['tokens']:>10} {d['bytes']:>11} {d['perplexity']:>12.4f} {d['bits_per_byte']:>10.5f}"
+            for name, d in rows
+        ]
     if "lambada" in results:
         lam = results["lambada"]
-        lines.append(f"LAMBADA {lam['examples']} examples: accuracy {lam['accuracy']:.4f}  "
-                     f"perplexity {lam['perplexity']:.4f}  token perplexity {lam['token_perplexity']:.4f}")
+        lines.append(
+            f"LAMBADA {lam['examples']} examples: accuracy {lam['accuracy']:.4f}  "
+            f"perplexity {lam['perplexity']:.4f}  token perplexity {lam['token_perplexity']:.4f}"
+        )
     return "\n".join(lines)
 
 
@@ -485,7 +540,7 @@ def main(argv=None):
     try:
         results = evaluate(args)
     except EvalError as error:
-        print(f"evaluate.py: error: {error}", file=sys.stderr)
+        print(f"evaluate_lm.py: error: {error}", file=sys.stderr)
         return 2
     print(format_table(results))
     if args.output is not None:  # complete or not at all, never a half-written file

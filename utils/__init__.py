@@ -1,0 +1,1 @@
+"""Small mechanisms every part of the project shares: atomic file and folder writes, CLI logging."""
