@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn as nn
 
+from .precision import Float32Parameters
+
 
 class Sine(nn.Module):
     """sin(w * x) with a learnable frequency per feature."""
@@ -27,7 +29,7 @@ class Sine(nn.Module):
         return torch.sin(self.freq * x)
 
 
-class ImplicitFilter(nn.Module):
+class ImplicitFilter(Float32Parameters):
     """Implicitly parametrised filters, expanded to `channels` channels like `RTF`.
 
     Args: channels; l_max (positions are normalised by it; longer kernels extrapolate the MLP);

@@ -28,6 +28,7 @@ from .cache import HyenaRTFCache
 from .configuration_hyena_rtf import HyenaRTFConfig
 from .hf_compat import cache_kwargs, output_cache, pick_cache
 from .hyena import HyenaOperator
+from .precision import FILTER_MODULE
 
 
 class MLP(nn.Module):
@@ -84,9 +85,8 @@ class HyenaRTFPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
-    # Long-filter parameters stay float32 whatever dtype the model is loaded in: the FFT has no
-    # bf16 path, and B/A is badly conditioned when poles approach the unit circle.
-    _keep_in_fp32_modules_strict = ["filter"]
+    # The long filters stay float32 whatever dtype the model is loaded in (precision.py says why).
+    _keep_in_fp32_modules_strict = [FILTER_MODULE]
 
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2 init: N(0, 0.02) weights, zero biases, residual projections / sqrt(2 n_layer).

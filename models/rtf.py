@@ -52,6 +52,8 @@ import torch
 import torch.nn as nn
 from torch.fft import irfft, rfft
 
+from .precision import Float32Parameters
+
 INITS = ("zeros", "xavier", "montel")
 CONSTRAINTS = ("none", "l1_montel")
 
@@ -149,7 +151,7 @@ class RTFRecurrence:
         return x if x is not None else u.new_zeros(B, C, n)
 
 
-class RTF(nn.Module):
+class RTF(Float32Parameters):
     """A bank of RTF filters expanded to `channels` channels (filter i serves channels
     [i * channels/num_filters, (i+1) * channels/num_filters)).
 
@@ -208,15 +210,6 @@ class RTF(nn.Module):
             with torch.no_grad():
                 self.a.mul_(0.5 / self.a.abs().sum(-1, keepdim=True).clamp_min(1e-12))
         self._recurrence_cache: tuple | None = None
-
-    def _apply(self, fn, recurse=True):
-        """Keep a, b, h0, slack in float32 through `.to(bfloat16)`, `.half()` and mixed-precision
-        engines that cast whole models: poles near the unit circle do not survive 8 mantissa bits."""
-        super()._apply(fn, recurse)
-        for p in self.parameters(recurse=False):
-            if p.dtype in (torch.float16, torch.bfloat16):
-                p.data = p.data.float()
-        return self
 
     # ---- parameters as the filters see them ---------------------------------------------------
     def denominator(self) -> torch.Tensor:
