@@ -1,7 +1,7 @@
 """Data-prep throughput: MB/s of raw text and tokens/s of a full ``prepare`` (reading, worker
 start-up, tokenizing, writing shards and manifest), with the GPT-NeoX-20B tokenizer.
 
-    .venv/bin/python benchmarks/data_prep.py [--workers N] [--repeats 3] [--out FILE]
+    .venv/bin/python -m benchmarks.data_prep [--workers N] [--repeats 3] [--out FILE]
 
 Scenarios (real data from ../shared/data, never copied into the repository):
 
@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -31,31 +29,16 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-DATA = ROOT / ".." / "shared" / "data"
+import numpy
+import tokenizers
 
+from benchmarks.common import REPO, RESULTS, machine, write_json
+from hyena_rtf.data_prep import default_corpus
+from hyena_rtf.data_prep.prepare import default_workers, prepare
+from hyena_rtf.utils.logs import get_logger, setup_logging
 
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import numpy
-    import tokenizers
-
-    return {
-        "cpu": cpu,
-        "cores_available": len(os.sched_getaffinity(0)),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "tokenizers": tokenizers.__version__,
-        "numpy": numpy.__version__,
-    }
+DATA = REPO / ".." / "shared" / "data"
+log = get_logger("bench")
 
 
 def _cpu():
@@ -67,8 +50,6 @@ def run_once(inputs, out, tokenizer, workers, **kw) -> dict:
     """One full prepare. Besides wall-clock figures it records CPU seconds of this process and
     of its (reaped) worker processes: on a shared machine the wall clock measures the contention,
     while CPU time measures the work (the load average is recorded beside the results)."""
-    from hyena_rtf.data_prep.prepare import prepare
-
     c0, t = _cpu(), time.perf_counter()
     m = prepare(inputs, out, tokenizer=tokenizer, workers=workers, force=True, verbose=False, **kw)
     dt = time.perf_counter() - t
@@ -101,36 +82,32 @@ def scenario(name, inputs, tokenizer, workers, repeats, tmp, **kw) -> dict:
         "best_mb_per_s": best["mb_per_s"],
         "median_tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in runs)),
     }
-    print(
+    log.info(
         f"{name:15s} {res['median_mb_per_s']:6.2f} MB/s median (best {res['best_mb_per_s']:.2f}), "
         f"{res['median_tokens_per_s']:,} tokens/s, {runs[0]['text_mb']} MB, "
-        f"{[r['seconds'] for r in runs]} s",
-        flush=True,
+        f"{[r['seconds'] for r in runs]} s"
     )
     return res
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, default=None, help="default: data_prep's own choice")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_prep_cpu.json"))
+    ap.add_argument("--out", default=str(RESULTS / "data_prep_cpu.json"))
     ap.add_argument("--skip-default", action="store_true", help="skip the default-corpus scenario")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    setup_logging()
     if a.workers is None:
-        from hyena_rtf.data_prep.prepare import default_workers
-
         a.workers = default_workers()
     tok = DATA / "20B_tokenizer.json"
     prose = [DATA / "pile_sample.jsonl.zst", DATA / "tinyshakespeare_input.txt"]
     if not tok.is_file() or not all(p.is_file() for p in prose):
         sys.exit(f"real data not found in {DATA.resolve()}: this benchmark needs ../shared/data")
-    from hyena_rtf.data_prep import default_corpus
-
     result = {
         "benchmark": "data_prep",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": {**machine(), "tokenizers": tokenizers.__version__, "numpy": numpy.__version__},
         "load_average_before": list(os.getloadavg()),
         "scenarios": {},
     }
@@ -144,9 +121,7 @@ def main():
             sc["default_corpus"] = scenario("default_corpus", None, None, a.workers, 1, tmp)
     result["load_average_after"] = list(os.getloadavg())
     result["goal_mb_per_s"] = 5.0
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {a.out}")
+    log.info(f"wrote {write_json(a.out, result)}")
 
 
 if __name__ == "__main__":

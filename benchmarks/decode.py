@@ -8,7 +8,7 @@ All three decode greedily with the same hand-written loop (argmax of the last po
 only that position's logits computed), so the numbers compare the models, not generate()'s
 bookkeeping. Weights are random: speed does not depend on them.
 
-    python benchmarks/decode.py --device cpu --preset small --prompt-lengths 128,512,2048 \\
+    python -m benchmarks.decode --device cpu --preset small --prompt-lengths 128,512,2048 \\
         --batch-sizes 1,8 --new-tokens 32 --repeats 3 --threads 1 \\
         --budget-s 20 --out benchmarks/results/decode_cpu.json
 
@@ -27,26 +27,25 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
+import matplotlib.ticker
 import torch
+import transformers
+from matplotlib.figure import Figure
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from hyena_rtf.models import HyenaRTFConfig, config_from_preset  # noqa: E402
-from hyena_rtf.models.hf_compat import cache_kwargs, output_cache  # noqa: E402
-from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM  # noqa: E402
+from benchmarks.common import ints, machine, save_png, sync, write_json
+from hyena_rtf.models import HyenaRTFConfig, config_from_preset
+from hyena_rtf.models.hf_compat import cache_kwargs, output_cache
+from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
+from hyena_rtf.models.precision import DTYPES, dtype_from_name, is_filter_param
+from hyena_rtf.utils.logs import get_logger, setup_logging
 
 METHODS = ("hyena_rtf_recurrent", "hyena_rtf_no_cache", "gpt_neox_kv")
-
-
-def ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+log = get_logger("bench")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--dtype",
         default=None,
-        choices=("float32", "bfloat16", "float16"),
+        choices=tuple(DTYPES),
         help="default: bfloat16 on CUDA, float32 on CPU (RTF filters and state stay float32)",
     )
     p.add_argument("--preset", default="small", help="model preset (models/configuration_hyena_rtf.py)")
@@ -87,12 +86,10 @@ def build_models(args, device, dtype):
     if config.d_model % config.n_head:
         config.n_head = 1
     ours = HyenaRTFForCausalLM(config)
-    keep = {id(p) for name, p in ours.named_parameters() if ".filter." in name}  # RTF stays float32
+    keep = {id(p) for name, p in ours.named_parameters() if is_filter_param(name)}  # RTF stays float32
     for p in ours.parameters():
         if id(p) not in keep:
             p.data = p.data.to(dtype)
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
     neox_config = GPTNeoXConfig(
         vocab_size=args.vocab_size,
         hidden_size=config.d_model,
@@ -104,11 +101,6 @@ def build_models(args, device, dtype):
     )
     neox = GPTNeoXForCausalLM(neox_config).to(dtype)
     return ours.to(device).eval(), neox.to(device).eval(), config
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def cache_bytes(cache) -> int:
@@ -208,33 +200,13 @@ def run_config(method, model, batch, prompt, args, device, history) -> dict:
     return row
 
 
-def machine(device) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    if hasattr(os, "getloadavg"):
-        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in result["rows"] if r["status"] == "ok"]
     colors = dict(zip(METHODS, ("tab:blue", "tab:red", "tab:green")))
     batches = sorted({r["batch"] for r in rows})
     styles = dict(zip(batches, ("-", "--", ":", "-.") * 4))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig = Figure(figsize=(12, 4.8))
+    left, right = fig.subplots(1, 2)
     for method in METHODS:
         for b in batches:
             pts = sorted(
@@ -281,11 +253,12 @@ def plot(result: dict, path: Path) -> None:
         f"vocab {m['vocab_size']}; median step of the best of {result['args']['repeats']} rounds"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    setup_logging()
     if args.plot_only:
         plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
         return 0
@@ -298,11 +271,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    ours, neox, config = build_models(args, device, getattr(torch, dtype_name))
+    ours, neox, config = build_models(args, device, dtype_from_name(dtype_name))
     models = {"hyena_rtf_recurrent": ours, "hyena_rtf_no_cache": ours, "gpt_neox_kv": neox}
     methods = [m for m in args.methods.split(",") if m]
-    import transformers
-
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(device),
@@ -338,11 +309,9 @@ def main(argv=None) -> int:
                     row = run_config(method, models[method], batch, prompt, args, device, history)
                     if key not in best or (row["status"] == "ok" and row["per_token_ms"] < best[key]["per_token_ms"]):
                         best[key] = {**row, "repeats": args.repeats if method != "hyena_rtf_no_cache" else 1}
-                    print(
+                    log.info(
                         f"round {rnd + 1}: {method} batch {batch} prompt {prompt}: "
-                        + (f"{row['per_token_ms']:.2f} ms/token" if row["status"] == "ok" else row["reason"]),
-                        file=sys.stderr,
-                        flush=True,
+                        + (f"{row['per_token_ms']:.2f} ms/token" if row["status"] == "ok" else row["reason"])
                     )
     result["rows"] = list(best.values())
     print(
@@ -359,11 +328,9 @@ def main(argv=None) -> int:
             )
         else:
             print(f"{head}  skipped: {row['reason']}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = write_json(args.out, result)
     plot(result, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    log.info(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
 

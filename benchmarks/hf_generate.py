@@ -10,7 +10,7 @@ every forward call was fed: a cached generate() that feeds [prompt, 1, 1, ...] i
 that feeds [prompt, prompt + 1, ...] is silently re-running the sequence. The three outputs must
 be the same tokens (the JSON says whether they were).
 
-    python benchmarks/hf_generate.py --prompt-length 2048 --new-tokens 32 --repeats 3
+    python -m benchmarks.hf_generate --prompt-length 2048 --new-tokens 32 --repeats 3
 
 Writes benchmarks/results/hf_generate_<device>_transformers-<version>.json (machine, date,
 versions, arguments, per method: seconds per run and, for the fastest run, the time to the first
@@ -26,8 +26,6 @@ import datetime
 import functools
 import importlib.util
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,14 +33,15 @@ from types import SimpleNamespace
 
 import torch
 import transformers
+from matplotlib.figure import Figure
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from hyena_rtf.models import config_from_preset  # noqa: E402
-from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM  # noqa: E402
+from benchmarks.common import REPO, RESULTS, machine, save_png, write_json
+from hyena_rtf.models import config_from_preset
+from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
+from hyena_rtf.utils.logs import get_logger, setup_logging
 
 METHODS = ("generate_cached", "generate_no_cache", "recurrent_loop")
+log = get_logger("bench")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,15 +52,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method; the fastest is reported")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
     return p.parse_args(argv)
 
 
 def load_generate_script():
+    """generate.py, the top-level script (not part of the installed package), loaded by path."""
     spec = importlib.util.spec_from_file_location("hyena_rtf_generate", REPO / "generate.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+generate_script = load_generate_script()
 
 
 def record_calls(model) -> tuple[list[int], list[float]]:
@@ -83,12 +86,12 @@ def record_calls(model) -> tuple[list[int], list[float]]:
     return fed, returned
 
 
-def run_method(method: str, model, ids: torch.Tensor, new: int, gen) -> torch.Tensor:
+def run_method(method: str, model, ids: torch.Tensor, new: int) -> torch.Tensor:
     """The new tokens (B, new) that `method` decodes greedily after `ids`."""
     if method == "recurrent_loop":
         tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=None)  # ids in, ids out: no text needed
         args = SimpleNamespace(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=new)
-        tokens, _ = gen.decode_ids(model, tokenizer, ids, torch.ones_like(ids), args)
+        tokens, _ = generate_script.decode_ids(model, tokenizer, ids, torch.ones_like(ids), args)
         return tokens
     out = model.generate(
         ids,
@@ -101,31 +104,14 @@ def run_method(method: str, model, ids: torch.Tensor, new: int, gen) -> torch.Te
     return out[:, ids.shape[1] :]
 
 
-def machine() -> dict:
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    if hasattr(os, "getloadavg"):
-        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    return info
-
-
 def plot(out_dir: Path) -> Path:
     """One bar group per transformers release found in out_dir: tokens/s of each method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     results = sorted(
         (json.loads(p.read_text()) for p in out_dir.glob("hf_generate_cpu_transformers-*.json")),
         key=lambda r: [int(x) for x in r["versions"]["transformers"].split(".")[:3]],
     )
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     width = 0.8 / len(METHODS)
     for i, method in enumerate(METHODS):
         ax.bar(
@@ -148,13 +134,12 @@ def plot(out_dir: Path) -> Path:
         )
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(METHODS), frameon=False)
     fig.tight_layout()
-    path = out_dir / "hf_generate_cpu.png"
-    fig.savefig(path, dpi=120)
-    return path
+    return save_png(fig, out_dir / "hf_generate_cpu.png", dpi=120)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -162,7 +147,6 @@ def main(argv=None) -> int:
     model = HyenaRTFForCausalLM(config).eval()
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
     ids = torch.randint(1, args.vocab_size, (1, args.prompt_length), generator=torch.Generator().manual_seed(1))
-    gen = load_generate_script()
     methods, outputs = {}, {}
     with torch.inference_mode():
         for method in METHODS:
@@ -170,7 +154,7 @@ def main(argv=None) -> int:
             for _ in range(args.repeats):
                 fed, returned = record_calls(model)
                 start = time.perf_counter()
-                outputs[method] = run_method(method, model, ids, args.new_tokens, gen)
+                outputs[method] = run_method(method, model, ids, args.new_tokens)
                 end = time.perf_counter()
                 seconds.append(end - start)
                 first.append(returned[0] - start)  # prefill (and recurrence build) + first token
@@ -184,27 +168,24 @@ def main(argv=None) -> int:
                 "fed_positions": fed,
             }
             methods[method] = row
-            print(
-                f"[{method}] fastest of {args.repeats}: {seconds[i]:.2f} s = {row['tokens_per_s']:.1f} new tokens/s "
+            log.info(
+                f"{method}: fastest of {args.repeats}: {seconds[i]:.2f} s = {row['tokens_per_s']:.1f} new tokens/s "
                 f"(first token {first[i]:.2f} s, then {row['decode_tokens_per_s']:.1f} tokens/s); "
-                f"positions fed per call: {fed[:4]}{' ...' if len(fed) > 4 else ''}",
-                flush=True,
+                f"positions fed per call: {fed[:4]}{' ...' if len(fed) > 4 else ''}"
             )
     same = all(torch.equal(outputs[m], outputs[METHODS[0]]) for m in METHODS)
     result = {
         "benchmark": "hf_generate",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": machine(torch.device("cpu")),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "model": {"preset": args.preset, "parameters": model.num_parameters()},
         "same_tokens": same,
         "methods": methods,
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / f"hf_generate_cpu_transformers-{transformers.__version__}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"same tokens from all methods: {same}; wrote {path} and {plot(args.out_dir)}")
+    path = write_json(args.out_dir / f"hf_generate_cpu_transformers-{transformers.__version__}.json", result, indent=2)
+    log.info(f"same tokens from all methods: {same}; wrote {path} and {plot(args.out_dir)}")
     return 0 if same else 1
 
 

@@ -1,7 +1,7 @@
 """Time and peak memory of long-convolution kernel generation (forward + backward) against the
 state size n: the RTF kernel, an S4D Vandermonde kernel, and Hyena's implicit filter.
 
-    python benchmarks/kernel_scaling.py --device cpu --d-model 64 --lengths 1024,4096 \
+    python -m benchmarks.kernel_scaling --device cpu --d-model 64 --lengths 1024,4096 \
         --states 4,8,16,32,64,128,256,512,1024,2048 --repeats 10 --out benchmarks/results/kernel_scaling_cpu
 
 writes <out>.json (machine, date, every row) and <out>.png (time and memory against n, log-log).
@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -43,12 +41,14 @@ import time
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import ints, machine, save_png, sync, write_json
+from hyena_rtf.models.implicit import ImplicitFilter
+from hyena_rtf.models.rtf import RTF
+from hyena_rtf.utils.logs import get_logger, setup_logging
 
-from hyena_rtf.models.implicit import ImplicitFilter  # noqa: E402
-from hyena_rtf.models.rtf import RTF  # noqa: E402
+log = get_logger("bench")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,21 +106,16 @@ def build(method: str, d: int, n: int, L: int, device: torch.device):
 # ---------------------------------------------------------------------------------------------
 # measurement
 # ---------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_fwd_bwd(fn, device: torch.device, repeats: int, budget_s: float = float("inf")) -> list[float]:
     """Wall times (s) of forward + backward, after one warm-up run: `repeats` runs, or fewer (but
     at least 3) once `budget_s` seconds have been spent on this configuration."""
     fn().sum().backward()
     times = []
     while len(times) < repeats and (len(times) < 3 or sum(times) < budget_s):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn().sum().backward()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -161,11 +156,11 @@ def _rss_peak_cpu(fn) -> int:
 def peak_memory(fn, device: torch.device, cpu_method: str) -> int:
     """Peak bytes of one forward + backward (see module docstring for the method)."""
     if device.type == "cuda":
-        _sync(device)
+        sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         fn().sum().backward()
-        _sync(device)
+        sync(device)
         return int(torch.cuda.max_memory_allocated(device) - base)
     return _profiler_peak_cpu(fn) if cpu_method == "profiler" else _rss_peak_cpu(fn)
 
@@ -189,38 +184,19 @@ MEMORY_METHODS = {
 }
 
 
-def machine() -> dict:
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
-    return info
-
-
 # ---------------------------------------------------------------------------------------------
 # driver
 # ---------------------------------------------------------------------------------------------
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.replace(" ", "").split(",") if x]
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--d-model", type=int, default=64, help="channels (filters) per kernel")
-    p.add_argument("--lengths", type=_ints, default=[1024, 4096], help="comma-separated kernel lengths L")
+    p.add_argument("--lengths", type=ints, default=[1024, 4096], help="comma-separated kernel lengths L")
     p.add_argument(
         "--states",
-        type=_ints,
+        type=ints,
         default=[2**k for k in range(2, 12)],
         help="comma-separated state sizes n (S4D: n/2 complex modes)",
     )
@@ -271,7 +247,7 @@ def run(args: argparse.Namespace) -> dict:
                         f"{args.max_bytes / 1e9:.2f} GB (out of memory)",
                     )
                     rows.append(row)
-                    print(f"{method:9s} L={L:6d} n={n!s:5s} skipped ({row['reason']})", flush=True)
+                    log.info(f"{method:9s} L={L:6d} n={n!s:5s} skipped ({row['reason']})")
                     continue
                 fn = build(method, args.d_model, n or 0, L, device)
                 times = time_fwd_bwd(fn, device, args.repeats, args.time_budget)
@@ -283,13 +259,13 @@ def run(args: argparse.Namespace) -> dict:
                     repeats=len(times),
                 )
                 rows.append(row)
-                print(f"{method:9s} L={L:6d} n={n!s:5s} {row['time_ms']:9.3f} ms  {mem / 1e6:10.2f} MB", flush=True)
+                log.info(f"{method:9s} L={L:6d} n={n!s:5s} {row['time_ms']:9.3f} ms  {mem / 1e6:10.2f} MB")
                 del fn
     return {
         "benchmark": "kernel_scaling",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
-        "machine": machine(),
+        "machine": machine(device),
         "memory_method": MEMORY_METHODS[mem_method],
         "time_method": (
             f"median of up to {args.repeats} forward+backward runs after one warm-up (at least 3; "
@@ -301,14 +277,10 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = result["rows"]
     states = sorted({r["state_size"] for r in rows if r["state_size"] is not None})
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig = Figure(figsize=(12, 4.6))
+    axes = fig.subplots(1, 2)
     styles = {"rtf": ("tab:blue", "o"), "s4d": ("tab:red", "s"), "implicit": ("tab:green", "^")}
     lengths = sorted({r["length"] for r in rows})
     dashes = ["-", "--", ":", "-."]
@@ -361,12 +333,11 @@ def plot(result: dict, path: Path) -> None:
     m = result["machine"]
     fig.suptitle(
         f"kernel forward+backward vs state size, d={result['args']['d_model']}, "
-        f"{result['device']} ({m.get('gpu') or m['processor']}), torch {m['torch']}",
+        f"{result['device']} ({m.get('gpu') or m['cpu']}), torch {m['torch']}",
         fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 def table(result: dict) -> str:
@@ -399,17 +370,18 @@ def table(result: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    setup_logging()
     out = Path(args.out)
     if out.suffix in (".json", ".png"):
         out = out.with_suffix("")
     out.parent.mkdir(parents=True, exist_ok=True)
     result = run(args)
     argv = sys.argv[1:] if argv is None else list(argv)
-    result["command"] = "python benchmarks/kernel_scaling.py " + " ".join(argv)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    result["command"] = "python -m benchmarks.kernel_scaling " + " ".join(argv)
+    write_json(out.with_suffix(".json"), result)
     plot(result, out.with_suffix(".png"))
     print(table(result))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    log.info(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
     return result
 
 
