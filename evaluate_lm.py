@@ -49,13 +49,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
+from tokenizers import Tokenizer
 from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from hyena_rtf.data_prep.indexed import MMapIndexedDataset
 from hyena_rtf.data_prep.readers import Source, SourceError, classify, iter_records, validate_record
-from hyena_rtf.hf.loading import RemoteCodeRefused, from_pretrained
+from hyena_rtf.hf.loading import LoadError, check_model_folder, load_pretrained, load_tokenizer
 from hyena_rtf.models.hf_compat import cache_kwargs, output_cache
+from hyena_rtf.models.precision import DTYPES, dtype_from_name
 from hyena_rtf.utils.atomic import write_text
+from hyena_rtf.utils.logs import error_exit
 
 # Where configs keep their trained length (l_max: Hyena-RTF); the default --context-length.
 CONTEXT_CONFIG_KEYS = (
@@ -66,7 +71,6 @@ CONTEXT_CONFIG_KEYS = (
     "seq_len",
     "max_sequence_length",
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
 class EvalError(Exception):
@@ -76,49 +80,16 @@ class EvalError(Exception):
 # ----------------------------------------------------------------------------- model and tokenizer
 
 
-def check_model_folder(path):
-    if not (Path(path) / "config.json").is_file():
-        raise EvalError(f"model folder {path} not found or has no config.json")
-
-
-def load_tokenizer(path, trust_remote_code=False):
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    check_model_folder(path)
-    try:
-        return from_pretrained(AutoTokenizer, path, trust_remote_code)
-    except RemoteCodeRefused as refused:
-        raise EvalError(str(refused)) from None
-    except Exception as auto_error:  # e.g. only tokenizer.json saved, model_type unknown to AutoTokenizer
-        if not (Path(path) / "tokenizer.json").is_file():
-            raise EvalError(f"no usable tokenizer in {path}: {auto_error}") from auto_error
-        return PreTrainedTokenizerFast(tokenizer_file=str(Path(path) / "tokenizer.json"))
-
-
-def _load(auto_class, what, path, trust_remote_code, **kwargs):
-    """auto_class.from_pretrained(path) for the CLI: any failure (refused remote code, an invalid
-    config.json or hyper-parameter, truncated weights) becomes one EvalError line."""
-    check_model_folder(path)
-    try:
-        return from_pretrained(auto_class, path, trust_remote_code, **kwargs)
-    except RemoteCodeRefused as refused:
-        raise EvalError(str(refused)) from None
-    except Exception as error:  # noqa: BLE001 - whatever the loader raises, the user needs one line
-        raise EvalError(f"could not load the {what} from {path}: {' '.join(str(error).split())[:300]}") from None
-
-
 def load_config(path, trust_remote_code=False):
-    from transformers import AutoConfig
-
-    return _load(AutoConfig, "config", path, trust_remote_code)
+    return load_pretrained(AutoConfig, "config", path, trust_remote_code)
 
 
 def load_model(path, dtype="float32", device="cpu", trust_remote_code=False):
-    """Any local causal-LM folder. Hyena-RTF comes from this repository's code (hf/loading.py);
-    a folder's own code runs only with trust_remote_code."""
-    from transformers import AutoModelForCausalLM
-
-    return _load(AutoModelForCausalLM, "model", path, trust_remote_code, dtype=DTYPES[dtype]).to(device).eval()
+    """Any local causal-LM folder, in `dtype` ("auto": as saved). Hyena-RTF comes from the installed
+    code (hf/loading.py) and keeps its filters float32 in any dtype (models/precision.py); a
+    folder's own code runs only with trust_remote_code."""
+    torch_dtype = "auto" if dtype == "auto" else dtype_from_name(dtype)
+    return load_pretrained(AutoModelForCausalLM, "model", path, trust_remote_code, dtype=torch_dtype).to(device).eval()
 
 
 def start_token_id(tokenizer, config):
@@ -204,8 +175,6 @@ def shard_documents(path, max_documents=None, max_tokens=None):
     Reads through data_prep.indexed.MMapIndexedDataset(prefix) (Megatron layout): len(ds)
     sequences, ds[i] -> array of ids, ds.doc_idx -> document starts in sequence units (one
     sequence per document when absent). Bytes come from the shard's own tokenizer.json."""
-    from tokenizers import Tokenizer
-
     prefix = path / "val" if path.is_dir() else path.with_suffix("")
     if not prefix.with_suffix(".bin").is_file() or not prefix.with_suffix(".idx").is_file():
         raise EvalError(f"no {prefix}.bin / {prefix}.idx token shard")
@@ -415,7 +384,7 @@ def build_parser():
     )
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--mode", choices=("parallel", "recurrent"), default="parallel")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=(*DTYPES, "auto"), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--trust-remote-code",
@@ -482,7 +451,7 @@ def evaluate(args):
         "model": str(args.model),
         "model_type": getattr(config, "model_type", None),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "settings": {
             "mode": args.mode,
             "dtype": args.dtype,
@@ -539,9 +508,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         results = evaluate(args)
-    except EvalError as error:
-        print(f"evaluate_lm.py: error: {error}", file=sys.stderr)
-        return 2
+    except (EvalError, LoadError) as error:
+        return error_exit("evaluate_lm.py", error)
     print(format_table(results))
     if args.output is not None:  # complete or not at all, never a half-written file
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -11,20 +11,36 @@ order `generate()` applies them, so with the same seed both give the same tokens
 
 Output: with a single prompt and a single sample the text streams to stdout as it is produced;
 otherwise each output gets a `==> prompt I sample J <==` header (streamed when --batch-size is 1,
-printed per batch otherwise). Time to first token and tokens/s go to stderr. Bad arguments give a
-one-line error and exit code 2; they are checked before torch is imported, so that is fast.
+printed per batch otherwise). Time to first token and tokens/s are logged to stderr. Bad arguments
+and folders that cannot be loaded give a one-line error and exit code 2, before any model loads.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import inspect
 import math
 import sys
 import time
 from pathlib import Path
 
-DTYPES = ("float32", "bfloat16", "float16")
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.utils import logging as hf_logging
+
+from hyena_rtf.hf.loading import LoadError, check_model_folder, load_pretrained, load_tokenizer
+from hyena_rtf.models.hf_compat import cache_kwargs, output_cache
+from hyena_rtf.models.precision import DTYPES, cast_keeping_filters, dtype_from_name
+from hyena_rtf.utils.logs import error_exit, get_logger, setup_logging
+
+log = get_logger("generate")
 
 
 class UsageError(Exception):
@@ -60,7 +76,7 @@ def build_parser() -> Parser:
     p.add_argument(
         "--dtype",
         default="float32",
-        choices=DTYPES,
+        choices=tuple(DTYPES),
         help="weights / activations; the RTF filters and their recurrent state stay float32",
     )
     return p
@@ -83,7 +99,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.repetition_penalty <= 0:
         raise UsageError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
-    check_checkpoint(Path(args.checkpoint))
+    try:
+        check_model_folder(args.checkpoint)
+    except LoadError as e:
+        raise UsageError(str(e)) from None
     if args.prompt is not None:
         prompts = [args.prompt]
         if not args.prompt.strip():
@@ -101,65 +120,21 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return args, prompts
 
 
-def check_checkpoint(path: Path) -> None:
-    if not path.is_dir():
-        raise UsageError(f"checkpoint folder not found: {path}")
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        raise UsageError(f"{path} is not a Hugging Face checkpoint folder (no config.json)")
-    try:
-        json.loads(cfg.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UsageError(f"invalid {cfg}: {e}") from None
-
-
-def cast_model(model, dtype):
-    """Cast weights to `dtype` but leave RTF filters (found by class name, since remote code is
-    loaded under a generated module name) in float32: their poles are ill-conditioned in half
-    precision, and the kernel and recurrence are computed in float32 from them anyway."""
-    import torch
-
-    keep = {id(p) for m in model.modules() if type(m).__name__ == "RTF" for p in m.parameters()}
-    for p in model.parameters():
-        if id(p) not in keep and p.is_floating_point():
-            p.data = p.data.to(dtype)
-    for b in model.buffers():
-        if b.is_floating_point() and b.dtype != torch.float64:
-            b.data = b.data.to(dtype)
-    return model
-
-
 def load(checkpoint: str, device: str, dtype_name: str, trust_remote_code: bool = False):
     """(model, tokenizer) from a checkpoint folder; one-line UsageError when it cannot be loaded.
-    Hyena-RTF checkpoints load from this repository's code; the folder's own code runs only with
-    trust_remote_code (see hf/loading.py)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from hyena_rtf.hf.loading import RemoteCodeRefused, from_pretrained
-
-    hf_logging.disable_progress_bar()  # keep stderr for our own timings
+    Hyena-RTF checkpoints load from the installed code; the folder's own code runs only with
+    trust_remote_code (hf/loading.py). The model is loaded in float32 and then cast with
+    `cast_keeping_filters`, so the long filters stay float32 even under a folder's own code."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a failed load should read as our one line, not a page of warnings
     try:
-        what = "model"
-        # Loaded in float32 and cast below, so the RTF parameters never pass through half precision.
-        model = from_pretrained(AutoModelForCausalLM, checkpoint, trust_remote_code, dtype=torch.float32)
-        what = "tokenizer"
-        tokenizer = from_pretrained(AutoTokenizer, checkpoint, trust_remote_code)
-    except RemoteCodeRefused as e:
+        model = load_pretrained(AutoModelForCausalLM, "model", checkpoint, trust_remote_code, dtype=torch.float32)
+        tokenizer = load_tokenizer(checkpoint, trust_remote_code)
+    except LoadError as e:
         raise UsageError(str(e)) from None
-    except Exception as e:  # noqa: BLE001 - whatever the loader raises, the user needs one line
-        message = " ".join(str(e).split()) or type(e).__name__
-        raise UsageError(f"could not load the {what} from {checkpoint}: {message[:300]}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    model = cast_model(model, getattr(torch, dtype_name)).to(device).eval()
+    model = cast_keeping_filters(model, dtype_from_name(dtype_name)).to(device).eval()
     tokenizer.padding_side = "left"  # new tokens are appended on the right of every row
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = (
@@ -170,14 +145,6 @@ def load(checkpoint: str, device: str, dtype_name: str, trust_remote_code: bool 
 
 def logits_processors(args):
     """The processors `generate()` would build for these settings, in its order."""
-    from transformers import (
-        LogitsProcessorList,
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
     procs = LogitsProcessorList()
     if args.repetition_penalty != 1.0:
         procs.append(RepetitionPenaltyLogitsProcessor(args.repetition_penalty))
@@ -211,12 +178,6 @@ def decode_ids(model, tokenizer, ids, mask, args, on_token=None):
     on_token(step, tokens) is called with each new column of tokens as soon as it is chosen.
     Rows that produced an end-of-sequence token are padded afterwards, as `generate()` does.
     """
-    import inspect
-
-    import torch
-
-    from hyena_rtf.models.hf_compat import cache_kwargs, output_cache
-
     procs = logits_processors(args)
     stop = torch.tensor(eos_ids(model, tokenizer), dtype=torch.long, device=model.device)
     # Rotary / learned-position models need positions that skip the left padding; ours ignores them.
@@ -288,10 +249,8 @@ def continuation_text(tokenizer, row, stop: list[int]) -> str:
     return tokenizer.decode(row[:cut], skip_special_tokens=True)
 
 
-def run(args, prompts: list[str], out=sys.stdout, err=sys.stderr) -> list[str]:
-    """Generate for every prompt x sample; write texts to `out`, timings to `err`; return the texts."""
-    import torch
-
+def run(args, prompts: list[str], out=sys.stdout) -> list[str]:
+    """Generate for every prompt x sample; write texts to `out`, log the timings; return the texts."""
     model, tokenizer = load(args.checkpoint, args.device, args.dtype, args.trust_remote_code)
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -326,25 +285,26 @@ def run(args, prompts: list[str], out=sys.stdout, err=sys.stderr) -> list[str]:
         total_tokens += stats["rows"] * stats["steps"]
         total_time += stats["ttft"] + stats["decode_s"]
         rate = stats["rows"] * (stats["steps"] - 1) / stats["decode_s"] if stats["steps"] > 1 else float("nan")
-        err.write(
-            f"[batch {first // args.batch_size + 1}: {stats['rows']} x {stats['steps']} tokens] "
-            f"time to first token {stats['ttft'] * 1e3:.1f} ms, decode {rate:.1f} tokens/s\n"
+        log.info(
+            f"batch {first // args.batch_size + 1}: {stats['rows']} x {stats['steps']} tokens, "
+            f"time to first token {stats['ttft'] * 1e3:.1f} ms, decode {rate:.1f} tokens/s"
         )
-    err.write(
+    log.info(
         f"total: {total_tokens} tokens in {total_time:.2f} s = {total_tokens / total_time:.1f} tokens/s, "
         f"mean time to first token {1e3 * sum(ttfts) / len(ttfts):.1f} ms "
-        f"(device {model.device}, dtype {args.dtype})\n"
+        f"(device {model.device}, dtype {args.dtype})"
     )
     return texts
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    hf_logging.disable_progress_bar()  # keep stderr for the timings
     try:
         args, prompts = parse_args(argv)
         run(args, prompts)
     except UsageError as e:
-        print(f"generate.py: error: {e}", file=sys.stderr)
-        return 2
+        return error_exit("generate.py", e)
     except KeyboardInterrupt:
         return 130
     return 0

@@ -8,8 +8,7 @@ crash never leaves a folder that looks complete and never loses the previous exp
 
 Nothing the export did not write is ever deleted: an existing target is replaced only if it is a
 Hyena-RTF export holding nothing but an export's own files (`check_export_target`), unless the
-caller passes overwrite=True; a target that is a file is always refused. This module is not part
-of the exported code.
+caller passes overwrite=True; a target that is a file is always refused.
 """
 
 from __future__ import annotations
@@ -20,26 +19,12 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerFast
 
+from hyena_rtf.data_prep.tokenizer import hf_tokenizer
 from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
 from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM, HyenaRTFModel
+from hyena_rtf.models.precision import is_filter_param
 from hyena_rtf.utils.atomic import check_replaceable, locked, remove_stale, replace_dir
-
-
-def load_tokenizer(tokenizer_file: str | os.PathLike, eos_token: str | None = None) -> PreTrainedTokenizerFast:
-    """A fast tokenizer from a `tokenizers` JSON file, with EOS / pad set from the file when it
-    names an end-of-text token (GPT-2 / GPT-NeoX `<|endoftext|>`) or from `eos_token`."""
-    # No token_type_ids: the model takes ids and a mask only, so `model(**tokenizer(text))` works.
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), model_input_names=["input_ids", "attention_mask"])
-    vocab = tok.get_vocab()
-    eos = eos_token or next((t for t in ("<|endoftext|>", "</s>", "<eos>") if t in vocab), None)
-    if eos is not None:
-        tok.eos_token = eos
-        if tok.pad_token is None:
-            tok.pad_token = eos
-    return tok
-
 
 EXPORT_KIND = "Hyena-RTF Hugging Face export"
 # Every name save_hf_checkpoint writes: the model code, configs, weights (sharded or not), tokenizer.
@@ -81,7 +66,7 @@ def save_hf_checkpoint(
 ) -> Path:
     """Save `model` (+ tokenizer) as a self-contained HF folder at `out_dir`; returns the path.
 
-    dtype: optional dtype for the saved weights (the RTF parameters are always kept in float32).
+    dtype: optional dtype for the saved weights (the long filters are always kept in float32, models/precision.py).
     An existing `out_dir` is replaced only once the new folder is complete, and only as
     `check_export_target` allows.
     """
@@ -90,7 +75,7 @@ def save_hf_checkpoint(
     config: HyenaRTFConfig = model.config
     tok = None
     if tokenizer_file is not None:
-        tok = load_tokenizer(tokenizer_file)
+        tok = hf_tokenizer(tokenizer_file)
         if len(tok) > config.vocab_size:
             raise ValueError(
                 f"tokenizer {tokenizer_file} has {len(tok)} tokens but the model's vocab_size is {config.vocab_size}"
@@ -113,7 +98,7 @@ def save_hf_checkpoint(
         check_export_target(out, overwrite)  # again: another export may have finished meanwhile
         with replace_dir(out) as staging:
             if dtype is not None and dtype != torch.float32:
-                state = {k: (v if _is_rtf_param(k) else v.to(dtype)) for k, v in model.state_dict().items()}
+                state = {k: (v if is_filter_param(k) else v.to(dtype)) for k, v in model.state_dict().items()}
                 config.dtype = str(dtype).removeprefix("torch.")
                 model.save_pretrained(staging, state_dict=state)
             else:
@@ -122,6 +107,3 @@ def save_hf_checkpoint(
                 tok.save_pretrained(staging)
     return out
 
-
-def _is_rtf_param(name: str) -> bool:
-    return ".filter." in name and name.rsplit(".", 1)[-1] in ("a", "b", "h0", "slack")

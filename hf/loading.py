@@ -1,20 +1,46 @@
-"""Loading Hugging Face folders for the CLIs (generate.py, evaluate_lm.py) without running code the
-user did not ask to run.
+"""Loading Hugging Face checkpoint folders for the command lines (generate.py, evaluate_lm.py)
+without running code the user did not ask to run, and with one-line errors.
 
-Importing the `models` package registers Hyena-RTF with transformers' Auto classes, so this
-project's own checkpoints load from the repository's code, whatever Python files their folder
-holds. Any other custom architecture needs `trust_remote_code=True`, which the CLIs pass only
-when the user gives `--trust-remote-code`; without it, transformers' refusal becomes one line that
-names the flag. (Not part of the exported model code.)
+Importing `hyena_rtf.models` registers Hyena-RTF with transformers' Auto classes, so this project's
+own checkpoints load from the installed code, whatever Python files their folder holds. Any other
+custom architecture needs `trust_remote_code=True`, which the CLIs pass only when the user gives
+`--trust-remote-code`; without it, transformers' refusal becomes one line that names the flag.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
 import hyena_rtf.models  # noqa: F401  (registers the Auto classes; see above)
+from hyena_rtf.data_prep.tokenizer import hf_tokenizer
 
 
-class RemoteCodeRefused(ValueError):
+class LoadError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message is one line naming the folder."""
+
+
+class RemoteCodeRefused(LoadError):
     """The folder needs its own Python code and the user did not pass --trust-remote-code."""
+
+
+def check_model_folder(path: str | Path) -> Path:
+    """The folder as a Path, or LoadError: missing, not a folder, no config.json or an invalid one.
+    Cheap (no model code runs), so the CLIs call it before any long work."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LoadError(f"checkpoint folder not found: {path}")
+    config = path / "config.json"
+    if not config.is_file():
+        raise LoadError(f"{path} is not a Hugging Face checkpoint folder (no config.json)")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LoadError(f"invalid {config}: {e}") from None
+    return path
 
 
 def from_pretrained(auto_class, path, trust_remote_code: bool = False, **kwargs):
@@ -29,3 +55,36 @@ def from_pretrained(auto_class, path, trust_remote_code: bool = False, **kwargs)
             f"{path} needs the Python code stored in it ({auto_class.__name__}); "
             "if you trust that code, add --trust-remote-code"
         ) from None
+
+
+def load_pretrained(auto_class, what: str, path, trust_remote_code: bool = False, **kwargs):
+    """`from_pretrained` for a CLI: the folder is checked first, transformers' warnings are held back
+    while it loads, and any failure (refused remote code, invalid hyper-parameters, truncated
+    weights) becomes one LoadError line, "could not load the {what} from {path}: ..."."""
+    check_model_folder(path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a failed load should read as one line, not a page of warnings
+    try:
+        return from_pretrained(auto_class, path, trust_remote_code, **kwargs)
+    except RemoteCodeRefused:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the loader raises, the user needs one line
+        message = " ".join(str(e).split()) or type(e).__name__
+        raise LoadError(f"could not load the {what} from {path}: {message[:300]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def load_tokenizer(path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The folder's tokenizer through AutoTokenizer; a folder that holds only a tokenizer.json
+    (no tokenizer_config.json, or a model type AutoTokenizer does not know) gets the fast tokenizer
+    built from that file, with the project's end-of-text choice."""
+    try:
+        return load_pretrained(AutoTokenizer, "tokenizer", path, trust_remote_code)
+    except RemoteCodeRefused:
+        raise
+    except LoadError:
+        tokenizer_json = Path(path) / "tokenizer.json"
+        if not tokenizer_json.is_file():
+            raise
+        return hf_tokenizer(tokenizer_json)

@@ -10,7 +10,7 @@ that has the project on its path loads exported checkpoints with `AutoConfig`, `
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .cache import HyenaRTFCache
-from .configuration_hyena_rtf import PRESETS, HyenaRTFConfig, config_from_preset, count_parameters
+from .configuration_hyena_rtf import PRESETS, HyenaRTFConfig, config_from_preset
 from .modeling_hyena_rtf import HyenaRTFForCausalLM, HyenaRTFModel
 from .rtf import RTF
 
@@ -22,7 +22,6 @@ __all__ = [
     "PRESETS",
     "HyenaRTFConfig",
     "config_from_preset",
-    "count_parameters",
     "HyenaRTFCache",
     "HyenaRTFForCausalLM",
     "HyenaRTFModel",

@@ -142,15 +142,3 @@ def config_from_preset(name: str, **overrides) -> HyenaRTFConfig:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return HyenaRTFConfig(**{**PRESETS[name], **overrides})
 
-
-def count_parameters(config: HyenaRTFConfig) -> int:
-    """Trainable parameters of the model built from `config` (tied weights counted once),
-    measured on the meta device so even the 1.3b preset costs no memory."""
-    import torch
-
-    from .modeling_hyena_rtf import HyenaRTFForCausalLM
-
-    with torch.device("meta"):
-        model = HyenaRTFForCausalLM(config)
-    unique = {id(p): p.numel() for p in model.parameters()}
-    return sum(unique.values())

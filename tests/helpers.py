@@ -1,5 +1,5 @@
-"""Independent references and instruments shared by the model tests (numpy float64, no code
-under test)."""
+"""Independent references and instruments shared by the tests (numpy float64, no code under test),
+and the tiny models and tokenizer they run on."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
+
+from hyena_rtf.models import HyenaRTFConfig, HyenaRTFForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,3 +132,30 @@ def train_tiny_tokenizer(path) -> str:
     tok.train_from_iterator(lines, trainer)
     tok.save(str(path))
     return str(path)
+
+
+def tiny_model(attn_layers=None, vocab=97, seed=0, **overrides) -> HyenaRTFForCausalLM:
+    """A random 2-layer Hyena-RTF (d_model 32, l_max 32) that decodes exactly the tokens asked for
+    (no EOS), pad id 0; `overrides` replace any config field."""
+    torch.manual_seed(seed)
+    cfg = HyenaRTFConfig(
+        **{
+            **dict(
+                vocab_size=vocab,
+                pad_vocab_size_multiple=8,
+                d_model=32,
+                n_layer=2,
+                l_max=32,
+                state_size=4,
+                n_head=4,
+                attn_layers=attn_layers,
+                initializer_range=0.3,
+                pad_token_id=0,
+            ),
+            **overrides,
+        }
+    )
+    model = HyenaRTFForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None  # every test decodes exactly the tokens it asks for
+    model.generation_config.pad_token_id = 0
+    return model

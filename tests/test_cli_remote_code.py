@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, load_script, train_tiny_tokenizer
-from test_hf_contract import tiny_model
+from helpers import REPO, load_script, tiny_model, train_tiny_tokenizer
 
 from hyena_rtf.hf.export import save_hf_checkpoint
+from hyena_rtf.hf.loading import RemoteCodeRefused
 
 pytestmark = pytest.mark.hf
 
@@ -97,6 +97,6 @@ def test_another_custom_architecture_is_refused_naming_the_flag(booby_trapped, t
     hint = "if you trust that code, add --trust-remote-code"
     with pytest.raises(gen.UsageError, match=hint):
         gen.load(str(other), "cpu", "float32")
-    with pytest.raises(evaluate.EvalError, match=hint):
+    with pytest.raises(RemoteCodeRefused, match=hint):
         evaluate.load_config(other)
     assert not marker.exists()

@@ -49,7 +49,8 @@ def train_copy_task(seed: int, steps: int = 300, batch_size: int = 32) -> tuple[
     model = HyenaRTFForCausalLM(cfg)
     rtf = [p for name, p in model.named_parameters() if ".filter." in name]
     rest = [p for name, p in model.named_parameters() if ".filter." not in name]
-    assert rtf and len(rtf) == 4 * cfg.n_layer  # a, b, h0, slack per layer
+    assert rtf
+    assert len(rtf) == 4 * cfg.n_layer  # a, b, h0, slack per layer
     opt = torch.optim.AdamW(
         [{"params": rest, "lr": 3e-3, "weight_decay": 0.01}, {"params": rtf, "lr": 1e-3, "weight_decay": 0.0}]
     )

@@ -41,7 +41,8 @@ def test_matches_naive_convolution_float64(T):
     k = rng.standard_normal((3, T)) * np.exp(-0.05 * np.arange(T))
     ref = np_causal_conv(u, k)
     y = fft_causal_conv(torch.from_numpy(u), torch.from_numpy(k))
-    assert y.dtype == torch.float64 and y.shape == (2, 3, T)
+    assert y.dtype == torch.float64
+    assert y.shape == (2, 3, T)
     scale = np.abs(ref).max()
     assert np.abs(y.numpy() - ref).max() / scale < 1e-12
     if T > 2:
@@ -102,7 +103,8 @@ def test_fft_runs_in_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16), FFTSpy() as spy:
         y = fft_causal_conv(u, k)
     assert spy.dtypes == [torch.float32, torch.float32, torch.complex64]
-    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+    assert y.dtype == torch.bfloat16
+    assert torch.isfinite(y.float()).all()
 
 
 def test_kernel_length_mismatch_is_refused():

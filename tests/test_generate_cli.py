@@ -16,41 +16,43 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_script
+from helpers import load_script, train_tiny_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
-from hyena_rtf.hf.export import load_tokenizer, save_hf_checkpoint
-from hyena_rtf.models import HyenaRTFConfig, HyenaRTFForCausalLM
+from hyena_rtf.data_prep.tokenizer import hf_tokenizer
+from hyena_rtf.hf.export import save_hf_checkpoint
+from hyena_rtf.models import RTF, HyenaRTFConfig, HyenaRTFForCausalLM
+from hyena_rtf.models.precision import cast_keeping_filters
+from hyena_rtf.utils.logs import setup_logging
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "generate.py"
-TOKENIZER = REPO.parent / "shared" / "data" / "20B_tokenizer.json"
 PROMPTS = ["The history of the city", "A", "In 1905, the physicist wrote three papers that"]
 HEADER = re.compile(r"^==> prompt (\d+) sample (\d+) <==$", re.M)
 
-pytestmark = [
-    pytest.mark.hf,
-    pytest.mark.skipif(
-        not TOKENIZER.is_file(), reason=f"real tokenizer not found at {TOKENIZER} (../shared/data beside the repo)"
-    ),
-]
+pytestmark = pytest.mark.hf
 
 gen = load_script("generate.py")
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    tok = load_tokenizer(TOKENIZER)
+def tokenizer_file(tmp_path_factory) -> str:
+    return train_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.json")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_file):
+    tok = hf_tokenizer(tokenizer_file)
     tok.padding_side = "left"
     return tok
 
 
 @pytest.fixture(scope="module")
-def ours(tmp_path_factory):
+def ours(tmp_path_factory, tokenizer_file, tokenizer):
     """(model, checkpoint dir): a random hybrid Hyena-RTF with l_max 32, so decoding runs past it."""
     torch.manual_seed(0)
     cfg = HyenaRTFConfig(
-        vocab_size=50277,
+        vocab_size=len(tokenizer),
         d_model=32,
         n_layer=3,
         l_max=32,
@@ -60,13 +62,13 @@ def ours(tmp_path_factory):
         initializer_range=0.2,
     )
     model = HyenaRTFForCausalLM(cfg).eval()
-    return model, save_hf_checkpoint(model, TOKENIZER, tmp_path_factory.mktemp("cli") / "ckpt")
+    return model, save_hf_checkpoint(model, tokenizer_file, tmp_path_factory.mktemp("cli") / "ckpt")
 
 
-def other_model(kind: str):
+def other_model(kind: str, vocab_size: int):
     """A random GPT-NeoX (rotary positions) or GPT-2 (learned absolute positions)."""
     torch.manual_seed(0)
-    common = dict(vocab_size=50277, initializer_range=0.2, eos_token_id=0, pad_token_id=0)
+    common = dict(vocab_size=vocab_size, initializer_range=0.2, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     if kind == "gpt_neox":
         return GPTNeoXForCausalLM(
             GPTNeoXConfig(
@@ -84,7 +86,7 @@ def other_model(kind: str):
 @pytest.fixture(scope="module", params=["gpt_neox", "gpt2"])
 def other(request, tmp_path_factory, tokenizer):
     """(model, checkpoint dir) of a non-Hyena HF causal LM saved with the same tokenizer."""
-    model = other_model(request.param).eval()
+    model = other_model(request.param, len(tokenizer)).eval()
     out = tmp_path_factory.mktemp(request.param) / "ckpt"
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -100,14 +102,13 @@ def env(tmp_path_factory):
 
 
 def cli(env, *args, timeout=240):
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
+    """Run generate.py; stdout and stderr decoded as UTF-8 without newline translation (a random
+    model may well generate a lone carriage return)."""
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)], env=env, capture_output=True, timeout=timeout, cwd=REPO
     )
+    proc.stdout, proc.stderr = proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
+    return proc
 
 
 def greedy_texts(model, tokenizer, prompts, new, batch=False) -> list[str]:
@@ -173,7 +174,7 @@ def test_prompt_file_batches_with_left_padding(ours, tokenizer, env, tmp_path):
     alone = greedy_texts(model, tokenizer, PROMPTS, 30)
     for i, _, text in got:
         assert text == PROMPTS[i - 1] + alone[i - 1]
-    assert proc.stderr.count("[batch ") == 2
+    assert len(re.findall(r"^\[generate\] batch \d+: ", proc.stderr, re.M)) == 2
     assert_timings(proc.stderr)
 
 
@@ -238,10 +239,12 @@ def test_greedy_loop_matches_generate_on_padded_batch(ours, tokenizer, args_for)
     tokens, stats = gen.decode_batch(model, tokenizer, PROMPTS, args_for("--temperature", 0, "--max-new-tokens", 40))
     texts = [gen.continuation_text(tokenizer, row, [0]) for row in tokens]
     assert texts == greedy_texts(model, tokenizer, PROMPTS, 40, batch=True)
-    assert stats["rows"] == 3 and stats["steps"] == tokens.shape[1] and stats["ttft"] > 0
+    assert stats["rows"] == 3
+    assert stats["steps"] == tokens.shape[1]
+    assert stats["ttft"] > 0
 
 
-def test_output_streams_token_by_token(ours, tokenizer, args_for, monkeypatch):
+def test_output_streams_token_by_token(ours, tokenizer, args_for, monkeypatch, capsys):
     """Each piece of text is written before the next forward call, not at the end."""
     model, _ = ours
     calls = []
@@ -262,16 +265,17 @@ def test_output_streams_token_by_token(ours, tokenizer, args_for, monkeypatch):
             self.writes.append((len(calls), s))
             return super().write(s)
 
-    out, err = Recorder(), io.StringIO()
+    out = Recorder()
     args = args_for("--temperature", 0, "--max-new-tokens", 30)
-    texts = gen.run(args, [PROMPTS[0]], out=out, err=err)
+    setup_logging()  # timings go to the log on stderr, as in the CLI
+    texts = gen.run(args, [PROMPTS[0]], out=out)
     assert out.getvalue() == PROMPTS[0] + texts[0] + "\n"
     pieces = [(n, s) for n, s in out.writes[1:] if s != "\n"]  # after the prompt, before the newline
     assert len(pieces) >= 10
     assert pieces[0][0] == 1  # the first token was written right after the prefill
     assert [n for n, _ in pieces] == sorted({n for n, _ in pieces})  # one write per forward call, in order
     assert "".join(s for _, s in pieces) == texts[0]
-    assert "tokens/s" in err.getvalue()
+    assert re.search(r"^\[generate\] total: \d+ tokens in [\d.]+ s = [\d.]+ tokens/s", capsys.readouterr().err, re.M)
 
 
 def test_seeded_sampling_is_reproducible_and_outputs_are_labelled(ours, tokenizer, args_for, monkeypatch):
@@ -281,7 +285,7 @@ def test_seeded_sampling_is_reproducible_and_outputs_are_labelled(ours, tokenize
     outs = []
     for _ in range(2):
         out = io.StringIO()
-        texts = gen.run(args, PROMPTS[:2], out=out, err=io.StringIO())
+        texts = gen.run(args, PROMPTS[:2], out=out)
         outs.append(out.getvalue())
     assert outs[0] == outs[1]
     got = blocks(outs[0])
@@ -294,13 +298,15 @@ def test_half_precision_keeps_rtf_float32(ours, tokenizer, args_for):
     model, _ = ours
     half = HyenaRTFForCausalLM(model.config).eval()
     half.load_state_dict(model.state_dict())
-    gen.cast_model(half, torch.bfloat16)
+    cast_keeping_filters(half, torch.bfloat16)
+    rtf_params = {id(p) for m in half.modules() if isinstance(m, RTF) for p in m.parameters()}
+    assert rtf_params
     for name, p in half.named_parameters():
-        is_rtf = ".filter." in name
-        assert p.dtype == (torch.float32 if is_rtf else torch.bfloat16), name
+        assert p.dtype == (torch.float32 if id(p) in rtf_params else torch.bfloat16), name
     assert torch.equal(half.model.layers[0].mixer.filter.a, model.model.layers[0].mixer.filter.a)
     tokens, _ = gen.decode_batch(half, tokenizer, PROMPTS[:2], args_for("--temperature", 0, "--max-new-tokens", 8))
-    assert tokens.shape[0] == 2 and tokens.shape[1] >= 1
+    assert tokens.shape[0] == 2
+    assert tokens.shape[1] >= 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error given when CUDA is missing")
@@ -341,14 +347,24 @@ def bad_cases(ckpt: Path, tmp: Path):
     ]
 
 
-def test_bad_arguments_give_one_line_and_exit_2(ours, env, tmp_path):
+def test_bad_arguments_give_one_line_and_exit_2(ours, tmp_path, capsys, monkeypatch):
+    """Every case through main() in this process (a subprocess each would cost an import of torch
+    and transformers), and one through the real command line for the exit status."""
+    monkeypatch.setattr(gen, "load", lambda *a: pytest.fail("a bad argument must fail before loading"))
     for argv, message in bad_cases(ours[1], tmp_path):
-        proc = cli(env, *argv, timeout=60)
-        err = proc.stderr.strip()
-        assert proc.returncode == 2, (argv, proc.stderr)
-        assert "\n" not in err and err.startswith("generate.py: error: "), (argv, err)
+        assert gen.main([str(a) for a in argv]) == 2, argv
+        out, err = capsys.readouterr()
+        assert err.startswith("generate.py: error: "), (argv, err)
+        assert err.count("\n") == 1, (argv, err)
         assert message in err, (argv, err)
-        assert proc.stdout == ""
+        assert out == ""
+
+
+def test_bad_argument_exit_status_from_the_command_line(ours, env):
+    proc = cli(env, ours[1], "--prompt", "hi", "--top-p", "0", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "generate.py: error: --top-p must be in (0, 1], got 0.0\n"
+    assert proc.stdout == ""
 
 
 def test_unloadable_checkpoint_gives_one_line_and_exit_2(ours, env, tmp_path):
@@ -359,6 +375,7 @@ def test_unloadable_checkpoint_gives_one_line_and_exit_2(ours, env, tmp_path):
     proc = cli(env, broken, "--prompt", "hi")
     err = proc.stderr.strip()
     assert proc.returncode == 2, proc.stderr
-    assert "\n" not in err and err.startswith(f"generate.py: error: could not load the model from {broken}"), err
+    assert "\n" not in err, err
+    assert err.startswith(f"generate.py: error: could not load the model from {broken}"), err
     assert "model.safetensors" in err  # says what is missing
     assert proc.stdout == ""

@@ -161,7 +161,8 @@ def test_stop_token_ends_each_row_and_pads_it():
         n = min(ends[r], out.shape[1])
         assert torch.equal(out[r, :n], free[r, :n])
         assert (out[r, n:] == pad).all()
-    assert out[0, k] == eos and ends[0] == k + 1
+    assert out[0, k] == eos
+    assert ends[0] == k + 1
 
 
 def _cache_shapes(cache) -> list:

@@ -20,41 +20,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import REPO, load_script, naive_greedy, spy_on_forward, train_tiny_tokenizer
+from helpers import REPO, load_script, naive_greedy, spy_on_forward, tiny_model, train_tiny_tokenizer
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from hyena_rtf.hf.export import load_tokenizer, save_hf_checkpoint
+from hyena_rtf.data_prep.tokenizer import hf_tokenizer
+from hyena_rtf.hf.export import save_hf_checkpoint
 from hyena_rtf.models import HyenaRTFCache, HyenaRTFConfig, HyenaRTFForCausalLM, HyenaRTFModel
 from hyena_rtf.models.hf_compat import CACHE_NAMES, cache_kwargs, output_cache
 
 pytestmark = pytest.mark.hf
 
 VOCAB, PROMPT, NEW = 97, 9, 12
-
-
-def tiny_model(attn_layers=None, vocab=VOCAB, seed=0, **overrides) -> HyenaRTFForCausalLM:
-    torch.manual_seed(seed)
-    cfg = HyenaRTFConfig(
-        **{
-            **dict(
-                vocab_size=vocab,
-                pad_vocab_size_multiple=8,
-                d_model=32,
-                n_layer=2,
-                l_max=32,
-                state_size=4,
-                n_head=4,
-                attn_layers=attn_layers,
-                initializer_range=0.3,
-                pad_token_id=0,
-            ),
-            **overrides,
-        }
-    )
-    model = HyenaRTFForCausalLM(cfg).eval()
-    model.generation_config.eos_token_id = None  # every test decodes exactly the tokens it asks for
-    model.generation_config.pad_token_id = 0
-    return model
 
 
 def prompt_ids(batch=2, length=PROMPT, seed=1) -> torch.Tensor:
@@ -109,7 +85,8 @@ def test_decode_step_cost_does_not_grow_with_the_prompt():
         state = output_cache(out).layers
         sizes.append([t.numel() for s in state for t in (s.conv, s.filt)])
     assert prefill[1] > 10 * prefill[0]
-    assert steps[0] > 0 and len(set(steps)) == 1, steps
+    assert steps[0] > 0, steps
+    assert len(set(steps)) == 1, steps
     assert sizes[0] == sizes[1]
 
 
@@ -176,7 +153,8 @@ def test_auto_classes_load_the_export_without_remote_code(exported):
     assert type(AutoConfig.from_pretrained(ckpt)) is HyenaRTFConfig  # registered by `import models`
     base = AutoModel.from_pretrained(ckpt).eval()
     lm = AutoModelForCausalLM.from_pretrained(ckpt).eval()
-    assert type(base) is HyenaRTFModel and type(lm) is HyenaRTFForCausalLM
+    assert type(base) is HyenaRTFModel
+    assert type(lm) is HyenaRTFForCausalLM
     tok = AutoTokenizer.from_pretrained(ckpt)
     enc = tok(["the cat sat on the mat"], return_tensors="pt")
     assert set(enc) == {"input_ids", "attention_mask"}
@@ -198,7 +176,8 @@ def test_hidden_states_return_dict_and_unknown_keywords():
     assert torch.equal(out.hidden_states[0], model.model.embed(ids))
     assert torch.equal(out.hidden_states[-1], base.last_hidden_state)
     assert torch.allclose(out.logits, model.lm_head(base.last_hidden_state)[..., :VOCAB], rtol=0, atol=1e-5)
-    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.logits)
+    assert isinstance(as_tuple, tuple)
+    assert torch.equal(as_tuple[0], out.logits)
     assert model(ids).hidden_states is None
     with pytest.raises(TypeError, match="use_cahce"):
         model(ids, use_cahce=True)
@@ -226,7 +205,7 @@ def test_config_exposes_the_trained_length_to_hf_tools(exported):
     model, _, tokenizer_file = exported
     assert model.config.max_position_embeddings == model.config.l_max == 64
     assert "max_position_embeddings" not in model.config.to_dict()  # one source of truth: l_max
-    hflm = lm_eval.HFLM(pretrained=model, tokenizer=load_tokenizer(tokenizer_file), batch_size=1)
+    hflm = lm_eval.HFLM(pretrained=model, tokenizer=hf_tokenizer(tokenizer_file), batch_size=1)
     assert hflm.max_length == 64
 
 
@@ -290,7 +269,8 @@ def test_readme_snippet_runs_without_prompts_or_deprecation_warnings(exported, t
     if where == "from_repo":
         assert module == "hyena_rtf.models.modeling_hyena_rtf"
     else:
-        assert module.startswith("transformers_modules.") and module.endswith(".modeling_hyena_rtf"), module
+        assert module.startswith("transformers_modules."), module
+        assert module.endswith(".modeling_hyena_rtf"), module
 
 
 # ---- the CLIs refuse a model that hands back no cache ------------------------------------------
@@ -313,7 +293,7 @@ def test_generate_cli_refuses_a_model_that_returns_no_cache(exported):
     tokenizer_file = exported[2]
     gen = load_script("generate.py")
     args = SimpleNamespace(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=4)
-    tokenizer = load_tokenizer(tokenizer_file)
+    tokenizer = hf_tokenizer(tokenizer_file)
     with pytest.raises(gen.UsageError, match="returned no cache"):
         gen.decode_batch(without_cache(tiny_model(vocab=320)), tokenizer, ["the cat"], args)
 

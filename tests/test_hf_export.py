@@ -1,6 +1,6 @@
 """Export -> load in a fresh process, offline, with an empty Hugging Face cache.
 
-The child process blocks `import models` (the repo package is installed in editable mode, so it
+The child process blocks `import hyena_rtf` (the project is installed in editable mode, so it
 would otherwise be importable from anywhere): what it loads must come from the exported folder
 alone, through trust_remote_code. It writes its results to JSON / .pt files that the test compares
 with the in-memory model: logits, greedy text, tokenizer ids, pipeline output.
@@ -16,26 +16,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import train_tiny_tokenizer
 from tokenizers import Tokenizer
 
-from hyena_rtf.hf.export import load_tokenizer, save_hf_checkpoint
+from hyena_rtf.data_prep.tokenizer import hf_tokenizer
+from hyena_rtf.hf.export import save_hf_checkpoint
 from hyena_rtf.models import HyenaRTFConfig, HyenaRTFForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER = REPO.parent / "shared" / "data" / "20B_tokenizer.json"
 TEXT = "The quick brown fox jumps over the lazy dog. It was"
 NEW = 16
 
-pytestmark = [
-    pytest.mark.hf,
-    pytest.mark.skipif(
-        not TOKENIZER.is_file(), reason=f"real tokenizer not found at {TOKENIZER} (../shared/data beside the repo)"
-    ),
-]
+pytestmark = pytest.mark.hf
 
 CHILD = textwrap.dedent(r"""
     import json, os, sys
-    sys.modules["models"] = None  # importing the repo package now fails: only exported code may be used
+    sys.modules["hyena_rtf"] = None  # importing the project now fails: only exported code may be used
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
     torch.set_num_threads(1)
@@ -52,7 +48,7 @@ CHILD = textwrap.dedent(r"""
     piped = pipe(text, max_new_tokens=new, do_sample=False)[0]["generated_text"]
     half = AutoModelForCausalLM.from_pretrained(bf16_ckpt, trust_remote_code=True, dtype=torch.bfloat16).eval()
     with torch.no_grad():
-        half_gen = half.generate(**enc, max_new_tokens=4, do_sample=False)
+        half_gen = half.generate(**enc, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     json.dump({
         "ids": enc["input_ids"][0].tolist(),
         "eos": tok.eos_token, "pad": tok.pad_token,
@@ -62,7 +58,7 @@ CHILD = textwrap.dedent(r"""
         "module": type(model).__module__,
         "module_file": sys.modules[type(model).__module__].__file__,
         "modules_before": modules_before,
-        "repo_models_imported": sys.modules.get("models") is not None,
+        "project_imported": sys.modules.get("hyena_rtf") is not None,
         "bf16_dtypes": {n: str(p.dtype) for n, p in half.named_parameters()},
         "bf16_generated": half_gen.shape[1] - enc["input_ids"].shape[1],
     }, open(os.path.join(out, "result.json"), "w"))
@@ -71,11 +67,12 @@ CHILD = textwrap.dedent(r"""
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """(model, checkpoint dir, result of the child process)."""
+    """(model, checkpoint dir, result of the child process, tokenizer file)."""
     tmp = tmp_path_factory.mktemp("hf_export")
+    tokenizer_file = train_tiny_tokenizer(tmp / "tokenizer.json")
     torch.manual_seed(0)
     cfg = HyenaRTFConfig(
-        vocab_size=50277,
+        vocab_size=len(Tokenizer.from_file(tokenizer_file).get_vocab()),
         d_model=32,
         n_layer=3,
         l_max=64,
@@ -85,8 +82,8 @@ def exported(tmp_path_factory):
         initializer_range=0.2,
     )
     model = HyenaRTFForCausalLM(cfg).eval()
-    ckpt = save_hf_checkpoint(model, TOKENIZER, tmp / "ckpt")
-    bf16 = save_hf_checkpoint(model, TOKENIZER, tmp / "ckpt_bf16", dtype=torch.bfloat16)
+    ckpt = save_hf_checkpoint(model, tokenizer_file, tmp / "ckpt")
+    bf16 = save_hf_checkpoint(model, tokenizer_file, tmp / "ckpt_bf16", dtype=torch.bfloat16)
     hf_home = tmp / "hf_home"
     hf_home.mkdir()
     env = {
@@ -109,6 +106,7 @@ def exported(tmp_path_factory):
     result = json.loads((tmp / "result.json").read_text())
     result["logits"] = torch.load(tmp / "logits.pt")
     result["hf_home"] = str(hf_home)
+    result["tokenizer_file"] = tokenizer_file
     return model, ckpt, result
 
 
@@ -125,6 +123,7 @@ def test_folder_is_self_contained(exported):
         "rtf.py",
         "attention.py",
         "fftconv.py",
+        "precision.py",
     } <= names
     config = json.loads((ckpt / "config.json").read_text())
     assert config["model_type"] == "hyena_rtf"
@@ -147,7 +146,7 @@ def test_loaded_offline_from_exported_code_only(exported):
     assert res["modules_before"] == []  # the HF cache really started empty
     assert res["module"].startswith("transformers_modules.")
     assert Path(res["module_file"]).is_relative_to(res["hf_home"])
-    assert not res["repo_models_imported"]
+    assert not res["project_imported"]
 
 
 def test_same_logits_and_greedy_text(exported):
@@ -156,24 +155,26 @@ def test_same_logits_and_greedy_text(exported):
     with torch.no_grad():
         ref = model(ids).logits
         gen = model.generate(ids, max_new_tokens=NEW, do_sample=False)
-    assert res["logits"].shape == ref.shape == (1, ids.shape[1], 50277)
+    assert res["logits"].shape == ref.shape == (1, ids.shape[1], model.config.vocab_size)
     assert torch.equal(res["logits"], ref)
     assert res["greedy_ids"] == gen[0].tolist()
-    tok = load_tokenizer(TOKENIZER)
+    tok = hf_tokenizer(res["tokenizer_file"])
     assert res["greedy_text"] == tok.decode(gen[0], skip_special_tokens=True)
     assert res["pipeline_text"] == res["greedy_text"]
 
 
 def test_tokenizer_round_trip(exported):
     _, _, res = exported
-    assert res["ids"] == Tokenizer.from_file(str(TOKENIZER)).encode(TEXT).ids
-    assert res["eos"] == "<|endoftext|>" and res["pad"] == "<|endoftext|>"
+    assert res["ids"] == Tokenizer.from_file(res["tokenizer_file"]).encode(TEXT).ids
+    assert res["eos"] == "<|endoftext|>"
+    assert res["pad"] == "<|endoftext|>"
 
 
 def test_bf16_export_keeps_rtf_parameters_float32(exported):
     _, _, res = exported
     dtypes = res["bf16_dtypes"]
     rtf = {n: d for n, d in dtypes.items() if ".filter." in n}
-    assert rtf and set(rtf.values()) == {"torch.float32"}, rtf
+    assert rtf, rtf
+    assert set(rtf.values()) == {"torch.float32"}, rtf
     assert dtypes["model.layers.0.mixer.in_proj.weight"] == "torch.bfloat16"
     assert res["bf16_generated"] == 4

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from helpers import load_script, naive_greedy, spy_on_forward, train_tiny_tokenizer
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from hyena_rtf.hf.export import load_tokenizer, save_hf_checkpoint
+from hyena_rtf.data_prep.tokenizer import hf_tokenizer
+from hyena_rtf.hf.export import save_hf_checkpoint
 from hyena_rtf.models import HyenaRTFConfig, HyenaRTFForCausalLM
 
 pytestmark = pytest.mark.hf
@@ -47,7 +48,7 @@ def start(tmp_path_factory):
         initializer_range=0.2,
     )
     model = HyenaRTFForCausalLM(config).eval()
-    return save_hf_checkpoint(model, tokenizer_file, tmp / "start"), load_tokenizer(tokenizer_file)
+    return save_hf_checkpoint(model, tokenizer_file, tmp / "start"), hf_tokenizer(tokenizer_file)
 
 
 def lm_examples(tokenizer, n: int, ragged: bool = False) -> list[dict]:

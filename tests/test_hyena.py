@@ -153,9 +153,12 @@ def test_operator_with_tied_filter_heads():
     """filter_heads=2 with d=8: the RTF has 2 filters, each tied across 4 consecutive channels,
     and the operator still matches the reference built from the expanded kernel."""
     op = make_op("rtf", 8, 4, 24, seed=5, filter_heads=2, num_a=1)
-    assert op.filter.b.shape == (2, 4) and op.filter.a.shape == (1, 4)
+    assert op.filter.b.shape == (2, 4)
+    assert op.filter.a.shape == (1, 4)
     k = np_rtf_kernel(op.filter, 24)
-    assert np.array_equal(k[0], k[3]) and np.array_equal(k[4], k[7]) and not np.allclose(k[3], k[4])
+    assert np.array_equal(k[0], k[3])
+    assert np.array_equal(k[4], k[7])
+    assert not np.allclose(k[3], k[4])
     u = np.random.default_rng(5).standard_normal((1, 24, 8))
     ref = np_hyena(op, u, k)
     assert np.abs(P(op(torch.from_numpy(u))) - ref).max() / np.abs(ref).max() < 1e-10
@@ -201,12 +204,15 @@ def test_bf16_autocast_forward_and_backward(filt):
         out = op(u)
         out.float().pow(2).mean().backward()
     assert out.dtype == torch.bfloat16
-    assert set(spy.dtypes) <= {torch.float32, torch.complex64} and len(spy.dtypes) >= 3, spy.dtypes
+    assert set(spy.dtypes) <= {torch.float32, torch.complex64}, spy.dtypes
+    assert len(spy.dtypes) >= 3, spy.dtypes
     assert torch.isfinite(out.float()).all()
     assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < 5e-2
     for name, p in op.filter.named_parameters():
         assert p.dtype == torch.float32, name
-        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+        assert p.grad is not None, name
+        assert p.grad.dtype == torch.float32, name
+        assert torch.isfinite(p.grad).all(), name
 
 
 # ---------------------------------------------------------------------------------------------

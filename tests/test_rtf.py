@@ -385,13 +385,17 @@ def test_bf16_autocast_keeps_parameters_and_fft_in_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16), FFTSpy() as spy_long:
         k_long = rtf.kernel(100)  # past l_max: built in float64 from the corrected system
     assert all(p.dtype == torch.float32 for p in rtf.parameters())
-    assert k.dtype == torch.float32 and k_long.dtype == torch.float32
+    assert k.dtype == torch.float32
+    assert k_long.dtype == torch.float32
     assert torch.isfinite(k_long).all()
-    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+    assert y.dtype == torch.bfloat16
+    assert torch.isfinite(y.float()).all()
     rffts = [d for name, d in spy.calls if "rfft" in name and "irfft" not in name]
     irffts = [d for name, d in spy.calls if "irfft" in name]
-    assert len(rffts) == 4 and len(irffts) == 2, spy.calls  # 2 for the kernel, 2 for the conv
-    assert set(rffts) == {torch.float32} and set(irffts) == {torch.complex64}, spy.calls
+    assert len(rffts) == 4, spy.calls  # 2 for the kernel, 2 for the conv
+    assert len(irffts) == 2, spy.calls
+    assert set(rffts) == {torch.float32}, spy.calls
+    assert set(irffts) == {torch.complex64}, spy.calls
     assert {d for _, d in spy_long.calls} <= {torch.float64, torch.complex128}, spy_long.calls
     # Not vacuous: the spy does see a bf16 FFT when one happens.
     with FFTSpy() as spy2:
@@ -454,7 +458,9 @@ def test_gradients_reach_every_rtf_parameter():
         fft_causal_conv(u, rtf.kernel(T)).pow(2).sum().backward()
         for name in ("a", "b", "h0", "slack"):
             g = getattr(rtf, name).grad
-            assert g is not None and torch.isfinite(g).all() and (g != 0).all(), (T, name)
+            assert g is not None, (T, name)
+            assert torch.isfinite(g).all(), (T, name)
+            assert (g != 0).all(), (T, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,7 +518,10 @@ def test_recurrence_refuses_a_pole_outside_the_unit_circle():
     with pytest.raises(ValueError) as info:
         rtf.recurrence(torch.float64)
     msg = str(info.value)
-    assert "unit circle" in msg and "l1_montel" in msg and "[1]" in msg and "1.05" in msg
+    assert "unit circle" in msg
+    assert "l1_montel" in msg
+    assert "[1]" in msg
+    assert "1.05" in msg
     with pytest.warns(UserWarning, match="unit circle"):
         rtf.recurrence(torch.float64, check="warn")
 
@@ -528,11 +537,14 @@ def test_num_a_and_filter_tying_shapes_and_kernels():
     order, e.g. repeat instead of repeat_interleave, is caught)."""
     torch.manual_seed(0)
     rtf = RTF(12, 5, 40, num_filters=6, num_a=3).double()
-    assert rtf.a.shape == (3, 5) and rtf.slack.shape == (3,)
-    assert rtf.b.shape == (6, 5) and rtf.h0.shape == (6,)
+    assert rtf.a.shape == (3, 5)
+    assert rtf.slack.shape == (3,)
+    assert rtf.b.shape == (6, 5)
+    assert rtf.h0.shape == (6,)
     den = stored(rtf.denominator())
     assert den.shape == (6, 5)
-    assert np.array_equal(den[0], den[1]) and np.array_equal(den[4], den[5])
+    assert np.array_equal(den[0], den[1])
+    assert np.array_equal(den[4], den[5])
     assert not np.allclose(den[1], den[2])
     k = stored(rtf.kernel(40))
     assert k.shape == (12, 40)
@@ -583,7 +595,11 @@ def test_kernel_scaling_benchmark_runs_one_tiny_configuration(tmp_path):
     rows = {(r["method"], r["length"], r["state_size"]): r for r in data["rows"]}
     assert set(rows) == {("rtf", 128, 4), ("rtf", 128, 64), ("s4d", 128, 4), ("s4d", 128, 64), ("implicit", 128, None)}
     for key in [("rtf", 128, 4), ("rtf", 128, 64), ("s4d", 128, 4), ("implicit", 128, None)]:
-        assert not rows[key]["skipped"] and rows[key]["time_ms"] > 0 and rows[key]["peak_bytes"] >= 0
+        assert not rows[key]["skipped"]
+        assert rows[key]["time_ms"] > 0
+        assert rows[key]["peak_bytes"] >= 0
     # 4 * 8 bytes * d 4 * 32 modes * L 128 = 524 KB estimated > 300 KB cap
-    assert rows[("s4d", 128, 64)]["skipped"] and "time_ms" not in rows[("s4d", 128, 64)]
-    assert data["memory_method"] and data["machine"]["torch"] == torch.__version__
+    assert rows[("s4d", 128, 64)]["skipped"]
+    assert "time_ms" not in rows[("s4d", 128, 64)]
+    assert data["memory_method"]
+    assert data["machine"]["torch"] == torch.__version__

@@ -25,6 +25,18 @@ class _ComponentFormatter(logging.Formatter):
         return super().format(record)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of each record (tests and tools replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):  # StreamHandler.__init__ assigns one; the property ignores it
+        pass
+
+
 def get_logger(component: str) -> logging.Logger:
     """The project's logger for `component` (e.g. "train", "data_prep", "export")."""
     return logging.getLogger(f"{ROOT}.{component}")
@@ -36,14 +48,10 @@ def setup_logging(quiet: bool = False) -> None:
     root = logging.getLogger(ROOT)
     root.setLevel(logging.WARNING if quiet else logging.INFO)
     root.propagate = False
-    if not any(getattr(h, "_hyena_rtf", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):  # a second call adds nothing
+        handler = _StderrHandler()
         handler.setFormatter(_ComponentFormatter("[%(component)s] %(message)s"))
-        handler._hyena_rtf = True  # so a second call does not add a second handler
         root.addHandler(handler)
-    for h in root.handlers:
-        if getattr(h, "_hyena_rtf", False):
-            h.setStream(sys.stderr)  # the current stderr: pytest's capsys replaces it per test
 
 
 def error_exit(prog: str, error: BaseException | str, code: int = USAGE_ERROR) -> int:
