@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs everything on a fresh machine (scripts/setup.sh), then runs the whole test suite on the CPU
+# Installs everything on a fresh machine (scripts/setup.sh), checks lint and formatting (ruff), then
+# runs the whole test suite on the CPU
 # with the newest transformers pip resolves, and the Hugging Face-facing tests (marker `hf`) again
 # under the oldest release pyproject.toml admits, in .venv-transformers-X.Y: a copy of .venv in
 # which pip then installs that transformers (and whatever it needs instead), so the two runs differ
@@ -18,6 +19,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 if [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest -q "$@"
 fi
+echo "[test] ruff: lint and formatting (config in pyproject.toml)"
+.venv/bin/ruff check --quiet .
+.venv/bin/ruff format --check --quiet .
 PARALLEL=(-n "${TEST_WORKERS:-auto}" --dist loadfile)
 .venv/bin/python -m pytest -q "${PARALLEL[@]}"
 oldest=$(sed -n 's/^ *"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)

@@ -1,8 +1,17 @@
 """Shared pytest set-up. Tests use tiny shapes, which run fastest on one thread (and far faster
 than two spinning threads when other processes share the 2 cores); subprocesses set their own."""
 
-import pytest
-import torch
+import os
+import tempfile
+
+# The whole suite runs offline, and the code that trust_remote_code loads goes to a throwaway folder,
+# never the user's cache. Set here, before any test module imports transformers (huggingface_hub
+# reads both at import); subprocesses inherit them.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="hyena_rtf_hf_modules_"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_script(name: str):
-    """A top-level script (generate.py, evaluate_lm.py) as a module, loaded by path, once per process:
-    an installed package of the same name (PyPI's `evaluate`) could shadow a plain import."""
+    """A top-level script (generate.py, evaluate_lm.py) as a module, loaded by path once per process:
+    the scripts are not part of the installed package, and this works whatever the current folder."""
     module_name = f"hyena_rtf_{name.removesuffix('.py')}"
     if module_name not in sys.modules:
         spec = importlib.util.spec_from_file_location(module_name, REPO / name)

@@ -6,27 +6,19 @@ random Hugging Face GPT-NeoX and our exported Hyena-RTF); another model is one m
 function that saves a tiny model + tokenizer into the folder it is given.
 """
 
-import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-# Nothing from the hub; dynamic (trust_remote_code) modules go to a throwaway folder. Set before
-# transformers is imported, since it reads these at import time.
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="hf_modules_"))
-
-from helpers import load_script  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from helpers import load_script
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 pytestmark = pytest.mark.hf  # CI runs these under every supported transformers release
 
@@ -34,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 EOT = "<|endoftext|>"
 
-ev = load_script("evaluate_lm.py")  # by path: `import evaluate` could pick up PyPI's `evaluate` (lm-eval needs it)
+ev = load_script("evaluate_lm.py")
 
 
 # ----------------------------------------------------------------------------- data and models
@@ -678,8 +670,6 @@ def test_lm_eval_harness_agrees(model_dir, docs_jsonl, tmp_path):
     numbers equal ours: bits per byte of documents shorter than the context (a single window, so
     both define the same history; for longer documents lm-eval's last window reaches back a full
     context, ours starts at the next stride), LAMBADA accuracy and perplexity (same convention)."""
-    if importlib.util.find_spec("lm_eval") is None or importlib.util.find_spec("accelerate") is None:
-        pytest.skip("lm-evaluation-harness not installed (pip install 'lm-eval[hf]')")
     lambada = tmp_path / "lambada.jsonl"
     lambada.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_documents(seed=5)))
     tasks = tmp_path / "tasks"
@@ -687,7 +677,8 @@ def test_lm_eval_harness_agrees(model_dir, docs_jsonl, tmp_path):
     for i, task in enumerate(LM_EVAL_TASKS.format(docs=docs_jsonl, lambada=lambada).split("---\n")):
         (tasks / f"task{i}.yaml").write_text(task)
     env = {**ONE_THREAD_ENV, "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    # cwd outside the repository: there `import evaluate` (lm-eval's dependency) would find our evaluate_lm.py.
+    # Run from the repository root, which `python -m` puts first on sys.path: no file or folder of
+    # the project may shadow a package lm-eval imports (PyPI's `evaluate` among them).
     done = subprocess.run(
         [
             sys.executable,
@@ -711,7 +702,7 @@ def test_lm_eval_harness_agrees(model_dir, docs_jsonl, tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=tmp_path,
+        cwd=REPO,
         env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
