@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything on a fresh machine (scripts/setup.sh), checks lint and formatting (ruff), then
-# runs the whole test suite on the CPU
-# with the newest transformers pip resolves, and the Hugging Face-facing tests (marker `hf`) again
+# runs the whole test suite on the CPU with the newest transformers pip resolves, and the Hugging Face-facing tests (marker `hf`) again
 # under the oldest release pyproject.toml admits, in .venv-transformers-X.Y: a copy of .venv in
 # which pip then installs that transformers (and whatever it needs instead), so the two runs differ
 # only there. Copying takes seconds where a second full install took minutes.
