@@ -9,6 +9,8 @@ crash never leaves a folder that looks complete and never loses the previous exp
 Nothing the export did not write is ever deleted: an existing target is replaced only if it is a
 Hyena-RTF export holding nothing but an export's own files (`check_export_target`), unless the
 caller passes overwrite=True; a target that is a file is always refused.
+
+Folder layout and the custom-code rules: docs/transformers.md.
 """
 
 from __future__ import annotations
@@ -106,4 +108,3 @@ def save_hf_checkpoint(
             if tok is not None:
                 tok.save_pretrained(staging)
     return out
-

@@ -5,6 +5,8 @@ Importing `hyena_rtf.models` registers Hyena-RTF with transformers' Auto classes
 own checkpoints load from the installed code, whatever Python files their folder holds. Any other
 custom architecture needs `trust_remote_code=True`, which the CLIs pass only when the user gives
 `--trust-remote-code`; without it, transformers' refusal becomes one line that names the flag.
+
+The trust_remote_code policy in full: docs/transformers.md.
 """
 
 from __future__ import annotations

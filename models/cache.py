@@ -3,6 +3,8 @@
 It is not a transformers `Cache` subclass (those are built around growing key/value tensors), but it
 has the members `generate()` reads on any cache object: `get_seq_length()`, `reorder_cache()` for
 beam search, and the capability flags below.
+
+How transformers drives it: docs/transformers.md of the Hyena-RTF repository.
 """
 
 from __future__ import annotations

@@ -141,4 +141,3 @@ def config_from_preset(name: str, **overrides) -> HyenaRTFConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return HyenaRTFConfig(**{**PRESETS[name], **overrides})
-

@@ -10,6 +10,8 @@ The release is recognised by a feature, not by its version string: whether the l
 `CausalLMOutputWithPast` has a `cache` field. Everything else in the project (the model, the CLIs,
 the tests) goes through the three helpers below, so supporting a new release means editing this
 file only.
+
+The release history behind it: docs/transformers.md of the Hyena-RTF repository.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ and the filter state: nothing grows with the sequence for RTF.
 Left padding: positions where `mask` is 0 are zeroed in p and in z. A causal, time-invariant
 operator then sees exactly the zeros it would see before the start of an unpadded sequence, so
 real positions get the same outputs as the prompt alone.
+
+Derivations: docs/mathematics.md of the Hyena-RTF repository (section 2).
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ spread over channels so that some filters are short and some long. A learned fee
 added to tap 0, so the kernel carries the whole filter and the Hyena operator never adds D again.
 This is the baseline the RTF paper compares against; it has no finite-state recurrence, so its
 decoding keeps the history of its input (see `ImplicitFilter.step`).
+
+Background: docs/mathematics.md of the Hyena-RTF repository (section 3).
 """
 
 import math

@@ -13,6 +13,9 @@ float32 (`Float32Parameters`), transformers' `from_pretrained(dtype=...)` does t
 `_keep_in_fp32_modules_strict = [FILTER_MODULE]`, a half-precision export keeps them
 (`is_filter_param`), the generation CLI casts with `cast_keeping_filters`, and the trainer checks
 with `check_filters_float32`. float64 parameters (the reference tests) stay float64.
+
+The full table of what stays float32 / float64 and why: docs/precision.md of the Hyena-RTF
+repository.
 """
 
 from __future__ import annotations

@@ -40,6 +40,8 @@ carrying the state by turning it into an equivalent input on the first n steps o
 Precision.  The kernel and spectra are computed in float32 (complex64) or in the parameters' dtype
 if that is wider; the corrected system is built in float64; the recurrent state is float32 or
 wider, whatever dtype the activations use.
+
+Derivations: docs/mathematics.md of the Hyena-RTF repository (section 1).
 """
 
 from __future__ import annotations
