@@ -39,9 +39,19 @@ import sys
 import traceback
 from pathlib import Path
 
-from hyena_rtf.training.config import ConfigError
+from hyena_rtf.models.precision import DTYPES, dtype_from_name
+from hyena_rtf.training.checkpoint import CheckpointError
+from hyena_rtf.training.config import ConfigError, load_config, to_yaml
+from hyena_rtf.training.data import DataError
+from hyena_rtf.training.export import export_checkpoint
+from hyena_rtf.training.runlock import RunLockedError
+from hyena_rtf.training.trainer import TrainingError, run
+from hyena_rtf.utils.atomic import NotReplaceableError
+from hyena_rtf.utils.logs import error_exit, get_logger, setup_logging
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+# Exceptions that mean "fix the command, the config, the data or the checkpoint" (exit 2).
+USER_ERRORS = (ConfigError, DataError, CheckpointError, RunLockedError, NotReplaceableError)
 
 
 def _split_launcher_args(argv: list[str]) -> list[str]:
@@ -61,22 +71,11 @@ def _split_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
-def _user_errors() -> tuple:
-    """Exceptions that mean "fix the command, the config, the data or the checkpoint" (exit 2)."""
-    from hyena_rtf.training.checkpoint import CheckpointError
-    from hyena_rtf.training.data import DataError
-    from hyena_rtf.training.runlock import RunLockedError
-    from hyena_rtf.utils.atomic import NotReplaceableError
-
-    return ConfigError, DataError, CheckpointError, RunLockedError, NotReplaceableError
-
-
 def _fail(e: BaseException, code: int) -> int:
     """`train.py: error: <message>` on one line of stderr; the traceback too with HYENA_RTF_DEBUG=1."""
     if os.environ.get("HYENA_RTF_DEBUG") == "1":
         traceback.print_exception(e)
-    print(f"train.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-    return code
+    return error_exit("train.py", e, code)
 
 
 def _export(argv: list[str]) -> int:
@@ -85,9 +84,9 @@ def _export(argv: list[str]) -> int:
     p.add_argument("out_dir")
     p.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "float16"],
+        choices=list(DTYPES),
         default="float32",
-        help="dtype of the saved weights (RTF parameters always stay float32)",
+        help="dtype of the saved weights (the long filters always stay float32)",
     )
     p.add_argument(
         "--overwrite",
@@ -95,17 +94,14 @@ def _export(argv: list[str]) -> int:
         help="replace OUT_DIR even if it is not an earlier export (never the run or checkpoint itself)",
     )
     args = p.parse_args(argv)
-    import torch
-
-    from hyena_rtf.training.export import export_checkpoint
-
+    setup_logging()
     try:
         out = export_checkpoint(
-            args.checkpoint, args.out_dir, dtype=getattr(torch, args.dtype), overwrite=args.overwrite
+            args.checkpoint, args.out_dir, dtype=dtype_from_name(args.dtype), overwrite=args.overwrite
         )
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         return _fail(e, 2)
-    print(f"[export] wrote {out}")
+    get_logger("export").info(f"wrote {out}")
     return 0
 
 
@@ -125,21 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = p.parse_args(argv)
-
-    from hyena_rtf.training.config import load_config, to_yaml
-
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
-            print(to_yaml(cfg))
+            print(to_yaml(cfg))  # the product of this command: stdout, not the log
             return 0
-        from hyena_rtf.training.trainer import TrainingError, run
-
-        try:
-            summary = run(cfg)
-        except TrainingError as e:
-            return _fail(e, 1)
-    except _user_errors() as e:
+        summary = run(cfg)  # sets up the log itself: quiet on all but the main rank
+    except TrainingError as e:
+        return _fail(e, 1)
+    except USER_ERRORS as e:
         return _fail(e, 2)
     # 128 + signal number, the shell's code for a process ended by that signal: 143 / 130
     return 128 + summary["signal"] if summary["signal"] else 0

@@ -49,6 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from hyena_rtf.training.engine import DS_TAG, Engine, TorchEngine
 from hyena_rtf.training.rng import RngFileError, load_rng, save_rng
 from hyena_rtf.utils.atomic import fsync_dir, write_text
 
@@ -202,7 +203,7 @@ def _fsync_tree(path: str) -> None:
 
 
 def save_checkpoint(
-    engine,
+    engine: Engine,
     root: str,
     step: int,
     trainer_state: dict,
@@ -266,7 +267,7 @@ def read_trainer_state(ckpt_dir: str) -> dict:
         return json.load(f)
 
 
-def load_checkpoint(engine, ckpt_dir: str) -> dict:
+def load_checkpoint(engine: Engine, ckpt_dir: str) -> dict:
     """Collective: restores engine (model + optimizer) and this rank's RNG state; returns trainer_state.
 
     Call it on a checkpoint `verify_checkpoint` accepted. A rank without an RNG file (resuming with
@@ -286,12 +287,11 @@ def load_checkpoint(engine, ckpt_dir: str) -> dict:
 
 def load_fp32_state_dict(ckpt_dir: str) -> dict[str, torch.Tensor]:
     """Full float32 model weights of a checkpoint from any engine (DeepSpeed: ZeRO reconstruction)."""
-    from hyena_rtf.training.engine import DS_TAG, TorchEngine
-
     model_file = os.path.join(ckpt_dir, TorchEngine.MODEL_FILE)
     if os.path.isfile(model_file):
         state = torch.load(model_file, map_location="cpu", weights_only=True)
     elif os.path.isdir(os.path.join(ckpt_dir, DS_TAG)):
+        # Only a ZeRO checkpoint needs deepspeed, an optional package that is slow to import.
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=DS_TAG)

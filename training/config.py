@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from hyena_rtf.training.model_schema import model_defaults, model_schema  # noqa: F401 (model_defaults: re-exported)
+from hyena_rtf.models.configuration_hyena_rtf import PRESETS, HyenaRTFConfig
+from hyena_rtf.training.model_schema import model_schema
 
 
 class ConfigError(ValueError):
@@ -117,22 +119,10 @@ DEVICES = ("auto", "cpu", "cuda")
 # --------------------------------------------------------------------------------------------
 
 
-def _hyena_config_cls():
-    from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
-
-    return HyenaRTFConfig
-
-
-def _hyena_presets() -> dict[str, dict[str, Any]]:
-    from hyena_rtf.models.configuration_hyena_rtf import PRESETS
-
-    return PRESETS
-
-
 @functools.cache
 def build_schema(config_cls: type | None = None) -> type:
     """The full training-config dataclass; `config_cls` defaults to HyenaRTFConfig."""
-    model_cls = model_schema(config_cls or _hyena_config_cls())
+    model_cls = model_schema(config_cls or HyenaRTFConfig)
     sections = [
         ("model", model_cls, field(default_factory=model_cls)),
         ("data", DataConfig, field(default_factory=DataConfig)),
@@ -287,8 +277,6 @@ def check_deepspeed_extra(extra: dict, zero_stage: int) -> None:
 
 def check_optional_packages(cfg: DictConfig) -> None:
     """Fail on every rank, before any work, when an enabled option needs a missing package."""
-    import importlib.util
-
     if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard")
     if cfg.train.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
@@ -338,7 +326,7 @@ def resolve_model_kwargs(
     vocab_size: the tokenizer's; an explicit model.vocab_size that disagrees is an error.
     seq_len: the training length; l_max defaults to it and may not be smaller.
     """
-    presets = _hyena_presets() if presets is None else presets
+    presets = PRESETS if presets is None else presets
     raw = OmegaConf.to_container(model_cfg, resolve=True)
     preset = raw.pop("preset")
     kwargs: dict[str, Any] = {}

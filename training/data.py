@@ -20,6 +20,7 @@ import os
 import numpy as np
 import torch
 
+from hyena_rtf.data_prep.dataset import PackedDataset, get_batch
 from hyena_rtf.training.config import BatchPlan
 
 
@@ -33,8 +34,6 @@ def prepare_hint(data_dir: str) -> str:
 
 def open_split(data_dir: str, split: str, seq_len: int):
     """PackedDataset for one split, turning a missing/incomplete folder into a DataError."""
-    from hyena_rtf.data_prep.dataset import PackedDataset
-
     if not os.path.isdir(data_dir):
         raise DataError(f"data directory '{data_dir}' does not exist (data.dir); {prepare_hint(data_dir)}")
     try:
@@ -71,8 +70,6 @@ def check_token_ids(batches: list[torch.Tensor], ds, what: str) -> None:
 
 def step_micro_batches(ds, seed: int, step: int, plan: BatchPlan, rank: int) -> list[torch.Tensor]:
     """This rank's grad_accum_steps micro-batches of `step`, each LongTensor (micro, seq_len + 1)."""
-    from hyena_rtf.data_prep.dataset import get_batch
-
     slots = plan.world_size * plan.grad_accum_steps
     first = rank * plan.grad_accum_steps
     return [get_batch(ds, seed, step, first + m, slots, plan.micro_batch_size) for m in range(plan.grad_accum_steps)]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,80 +33,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hyena_rtf.training.config import BatchPlan, ConfigError, check_deepspeed_extra
+from hyena_rtf.training.config import BatchPlan, check_deepspeed_extra
+from hyena_rtf.training.dist_env import DistEnv
 from hyena_rtf.training.zero_elastic import ZeroFullState, group_param_names
-
-# --------------------------------------------------------------------------------------------
-# Environment: launcher, ranks, device
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int
-    local_rank: int
-    world_size: int
-    launcher: str  # "deepspeed" | "torchrun" | "none"
-
-
-def detect_env() -> DistEnv:
-    """Ranks from the launcher's environment variables.
-
-    torchrun sets TORCHELASTIC_RUN_ID; DeepSpeed's launcher sets CROSS_RANK/LOCAL_SIZE next to
-    RANK/WORLD_SIZE; a plain `python train.py` sets none of them (one process).
-    """
-    env = os.environ
-    world = int(env.get("WORLD_SIZE", "1"))
-    rank = int(env.get("RANK", "0"))
-    local_rank = int(env.get("LOCAL_RANK", "0"))
-    if "TORCHELASTIC_RUN_ID" in env:
-        launcher = "torchrun"
-    elif "CROSS_RANK" in env or "LOCAL_SIZE" in env:
-        launcher = "deepspeed"
-    else:
-        launcher = "none" if world == 1 else "unknown"
-    return DistEnv(rank, local_rank, world, launcher)
-
-
-def choose_engine(requested: str, env: DistEnv) -> str:
-    """auto: DeepSpeed under its launcher, DDP under torchrun, otherwise a single process."""
-    if requested == "auto":
-        if env.launcher == "deepspeed":
-            return "deepspeed"
-        if env.world_size > 1:
-            return "ddp"
-        return "single"
-    if requested == "single" and env.world_size > 1:
-        raise ConfigError(
-            f"train.engine=single but the launcher started {env.world_size} processes; use ddp or deepspeed"
-        )
-    return requested
-
-
-def choose_device(requested: str, local_rank: int) -> torch.device:
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ensure_single_process_env() -> None:
-    """A launcher-less process needs the rendezvous variables (RANK, WORLD_SIZE, LOCAL_RANK,
-    MASTER_ADDR, MASTER_PORT), or DeepSpeed goes looking for mpi4py to discover them."""
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-
 
 # --------------------------------------------------------------------------------------------
 # Shared pieces
@@ -138,9 +66,10 @@ class StepResult:
 
 
 class Engine:
-    """Common state and collectives. Subclasses implement train_step/save/load."""
+    """Common state and collectives. Subclasses set `optimizer` and implement train_step/save/load."""
 
     kind = "base"
+    optimizer: torch.optim.Optimizer  # the torch AdamW, or DeepSpeed's ZeRO optimizer around it
 
     def __init__(self, model: nn.Module, plan: BatchPlan, device: torch.device, precision: str, env: DistEnv):
         self.module = model
@@ -204,7 +133,9 @@ class Engine:
 
     @property
     def param_groups(self) -> list[dict]:
-        raise NotImplementedError
+        """The optimizer's groups, where `set_lr` writes each step's lr. Under DeepSpeed these are
+        its ZeRO optimizer's groups, which keep the keys of ours (`name`, `peak_lr`)."""
+        return self.optimizer.param_groups
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> StepResult:
         raise NotImplementedError
@@ -248,10 +179,6 @@ class TorchEngine(Engine):
             self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         else:
             self.wrapped = model
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
 
     def train_step(self, micro_batches):
         self.module.train()
@@ -335,6 +262,8 @@ def deepspeed_config(plan: BatchPlan, zero_stage: int, precision: str, grad_clip
 
 
 def init_deepspeed_distributed(device: torch.device) -> None:
+    # deepspeed is imported only where the DeepSpeed engine runs: it is an optional package, and
+    # importing it costs seconds (it probes its ops and accelerators) that other engines never need.
     import deepspeed
 
     if device.type == "cpu":
@@ -353,17 +282,13 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, model, optimizer, plan, device, precision, env, ds_config: dict):
         super().__init__(model, plan, device, precision, env)
-        import deepspeed
+        import deepspeed  # optional and slow to import: see init_deepspeed_distributed
 
         init_deepspeed_distributed(device)
         self.ds_config = ds_config
         names = group_param_names(model, optimizer)  # before DeepSpeed swaps in its flat partitions
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.full_state = ZeroFullState(self.ds, names)
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
 
     def train_step(self, micro_batches):
         if len(micro_batches) != self.ds.gradient_accumulation_steps():

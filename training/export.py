@@ -15,16 +15,17 @@ import os
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from hyena_rtf.hf.export import check_export_target, save_hf_checkpoint
+from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
+from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
 from hyena_rtf.training import checkpoint as ckpt
+from hyena_rtf.utils.atomic import NotReplaceableError
 
 
 def model_from_checkpoint(ckpt_dir: str):
     """(HyenaRTFForCausalLM with the checkpoint's fp32 weights, its config)."""
-    from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
-    from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
-
     cfg = OmegaConf.load(os.path.join(ckpt_dir, ckpt.CONFIG_FILE))
     kwargs = {
         k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "preset" and v is not None
@@ -48,9 +49,6 @@ def check_export_destination(out_dir: str, source: str, overwrite: bool = False)
     (a run folder or one of its checkpoints). Whatever `overwrite` says, never: `source` itself, a
     folder that contains it, or anything in the run's checkpoints folder. A folder beside the
     checkpoints (OUT_DIR/hf) is fine. Otherwise as hyena_rtf.hf.export.check_export_target."""
-    from hyena_rtf.hf.export import check_export_target
-    from hyena_rtf.utils.atomic import NotReplaceableError
-
     out, src = Path(os.path.realpath(out_dir)), Path(os.path.realpath(source))
     ckpt_root = src.parent if src.parent.name == ckpt.CHECKPOINTS else src / ckpt.CHECKPOINTS
     if out == src or out in src.parents or out == ckpt_root or ckpt_root in out.parents:
@@ -59,6 +57,17 @@ def check_export_destination(out_dir: str, source: str, overwrite: bool = False)
             "checkpoints; choose an output path outside them"
         )
     check_export_target(out, overwrite)
+
+
+def run_export_dir(cfg: DictConfig) -> str:
+    """Where a run exports at its end: checkpoint.export_dir, by default OUT_DIR/hf."""
+    return cfg.checkpoint.export_dir or os.path.join(cfg.train.out_dir, "hf")
+
+
+def check_run_export_dir(cfg: DictConfig) -> None:
+    """The end-of-run export may replace an earlier export, never the run folder, its
+    checkpoints, or a folder that contains the run (NotReplaceableError)."""
+    check_export_destination(run_export_dir(cfg), cfg.train.out_dir)
 
 
 def export_checkpoint(
@@ -70,8 +79,6 @@ def export_checkpoint(
     its manifest (CheckpointError naming the bad file); `verify=False` only for a checkpoint this
     process has just written or verified itself. overwrite: replace a non-export folder.
     """
-    from hyena_rtf.hf.export import save_hf_checkpoint
-
     check_export_destination(out_dir, path, overwrite)
     ckpt_dir = ckpt.resolve_checkpoint(path)
     if verify:

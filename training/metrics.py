@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -58,6 +60,29 @@ def train_flops_per_token(n_params: int, n_attn_layers: int, d_model: int, seq_l
     return 6.0 * n_params + 6.0 * n_attn_layers * d_model * seq_len
 
 
+@dataclass
+class LogWindow:
+    """The steps since the last train record; a record's `loss` is `mean_loss()`."""
+
+    loss_sum: float = 0.0  # over the applied (finite) steps
+    applied: int = 0
+    steps: int = 0
+    started: float = field(default_factory=time.time)
+
+    def add(self, loss: float, applied: bool) -> None:
+        self.steps += 1
+        if applied:
+            self.loss_sum += loss
+            self.applied += 1
+
+    def mean_loss(self) -> float:
+        """nan when every step of the window was skipped."""
+        return self.loss_sum / self.applied if self.applied else float("nan")
+
+    def tokens_per_s(self, tokens_per_step: int) -> float:
+        return tokens_per_step * self.steps / max(time.time() - self.started, 1e-9)
+
+
 class MetricsLogger:
     """Writes metrics.jsonl (and TensorBoard events when asked) on the main rank only."""
 
@@ -69,7 +94,7 @@ class MetricsLogger:
             return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if tensorboard_dir:
-            try:
+            try:  # here, not at the top: tensorboard is an optional package, needed only when asked for
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise RuntimeError(

@@ -5,7 +5,8 @@ Groups (each parameter in exactly one):
 - `rtf`: every parameter of an RTF filter module (a, b, h0, slack). Own peak lr (`optim.rtf_lr`,
   1e-3 in the paper), weight decay 0: decaying the denominator pulls the poles towards the origin
   and the numerator towards a zero filter, which is a prior on the filter shape, not
-  regularisation. These parameters are float32 whatever the training precision.
+  regularisation. These parameters are float32 whatever the training precision (the rule of
+  models/precision.py, which the trainer checks after building the engine).
 - `no_decay`: tensors with fewer than 2 dimensions (biases, norm gains, scalars) and the token
   embedding (tied to the LM head). Decaying norm gains or biases only shrinks scale/offset
   parameters the next layer can re-learn; decaying the embedding shrinks rare tokens' rows much
@@ -28,33 +29,16 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-
-def rtf_module_types() -> tuple:
-    """The RTF filter module class(es); empty if the model package is unavailable."""
-    try:
-        from hyena_rtf.models.rtf import RTF
-    except ImportError:
-        return ()
-    return (RTF,)
+from hyena_rtf.models.rtf import RTF
 
 
-def param_groups(
-    model: nn.Module,
-    lr: float,
-    rtf_lr: float,
-    weight_decay: float,
-    rtf_types: tuple | None = None,
-) -> list[dict]:
+def param_groups(model: nn.Module, lr: float, rtf_lr: float, weight_decay: float) -> list[dict]:
     """AdamW groups as described in the module docstring.
 
     Each group dict carries `name` and `peak_lr` in addition to torch's keys; `peak_lr` is what
     `set_lr` multiplies by the schedule factor. Empty groups are dropped.
     """
-    rtf_types = rtf_module_types() if rtf_types is None else rtf_types
-    rtf_ids = set()
-    for module in model.modules():
-        if rtf_types and isinstance(module, rtf_types):
-            rtf_ids.update(id(p) for p in module.parameters())
+    rtf_ids = {id(p) for module in model.modules() if isinstance(module, RTF) for p in module.parameters()}
     embed_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
     groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "rtf": []}
@@ -81,22 +65,10 @@ def param_groups(
     ]
 
 
-def check_rtf_fp32(model: nn.Module, rtf_types: tuple | None = None) -> None:
-    """Raise if any RTF parameter is not float32: the FFT kernel has no bf16 path and B/A is badly
-    conditioned near the unit circle (README, "The mathematics in one screen")."""
-    rtf_types = rtf_module_types() if rtf_types is None else rtf_types
-    for name, module in model.named_modules():
-        if rtf_types and isinstance(module, rtf_types):
-            for pname, p in module.named_parameters():
-                if p.dtype != torch.float32:
-                    raise RuntimeError(f"RTF parameter {name}.{pname} is {p.dtype}; it must stay float32")
-
-
 def make_optimizer(groups: list[dict], betas: tuple, eps: float) -> torch.optim.AdamW:
     """torch AdamW. DeepSpeed gets the same object as a client optimizer (ZeRO wraps it), which
-    avoids DeepSpeed's JIT-compiled FusedAdam / CPUAdam ops (minutes of compilation on first use, and
-    no CUDA toolkit on CPU machines) and keeps one update rule for all
-    engines."""
+    avoids DeepSpeed's JIT-compiled FusedAdam / CPUAdam ops (minutes of compilation on first use,
+    and no CUDA toolkit on CPU machines) and keeps one update rule for all engines."""
     return torch.optim.AdamW(groups, betas=betas, eps=eps)
 
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 
 from omegaconf import DictConfig, OmegaConf
 
 from hyena_rtf.training import checkpoint as ckpt
 from hyena_rtf.training.checkpoint import CheckpointError
 from hyena_rtf.training.zero_elastic import FULL_STATE_FILE, has_full_state
+from hyena_rtf.utils.logs import get_logger
+
+log = get_logger("train")
 
 
 def _candidates(cfg: DictConfig, ckpt_root: str) -> list[str]:
@@ -58,7 +60,7 @@ def _first_intact(candidates: list[str], fallback: bool, ckpt_root: str):
         except CheckpointError as e:
             if not fallback:
                 return -1, e
-            print(f"[train] warning: skipping checkpoint {path}: {e}", file=sys.stderr)
+            log.warning(f"warning: skipping checkpoint {path}: {e}")
     return -1, CheckpointError(
         f"no intact checkpoint in {ckpt_root} (each one is listed above with what is wrong); "
         f"move them away or set checkpoint.resume=none to start over"
@@ -85,10 +87,7 @@ def check_same_data(ckpt_dir: str, state: dict, now: dict, data_dir: str) -> Non
     """Refuse to resume on data other than the checkpoint's: the batches of step s would differ."""
     saved = state.get("data")
     if saved is None:
-        print(
-            f"[train] warning: {ckpt_dir} records no data fingerprint; cannot check that data.dir is unchanged",
-            file=sys.stderr,
-        )
+        log.warning(f"warning: {ckpt_dir} records no data fingerprint; cannot check that data.dir is unchanged")
         return
     changes = []
     if saved["tokenizer_sha256"] != now["tokenizer_sha256"]:
@@ -153,8 +152,7 @@ def check_resume_compatible(
             f"cannot resume from {ckpt_dir}: data.seq_len was {saved.data.seq_len}, now {cfg.data.seq_len}"
         )
     if state["global_batch_size"] != global_batch or state["seed"] != cfg.train.seed:
-        print(
-            f"[train] warning: resuming with global batch {global_batch} / seed {cfg.train.seed} (checkpoint: "
-            f"{state['global_batch_size']} / {state['seed']}); the data order differs from the original run",
-            file=sys.stderr,
+        log.warning(
+            f"warning: resuming with global batch {global_batch} / seed {cfg.train.seed} (checkpoint: "
+            f"{state['global_batch_size']} / {state['seed']}); the data order differs from the original run"
         )

@@ -1,4 +1,5 @@
-"""RNG states of one process (python, numpy, torch, cuda) as a file that loads without unpickling.
+"""RNG states of one process (python, numpy, torch, cuda): seeded at the start of a run, and saved
+in every checkpoint as a file that loads without unpickling.
 
 The file is `torch.save` of a flat dict holding only tensors, ints, floats, strings and None, read
 back with `torch.load(weights_only=True)`: torch's restricted unpickler, which builds tensors and
@@ -22,6 +23,13 @@ FORMAT = "hyena-rtf-rng/1"
 
 class RngFileError(ValueError):
     """The file is not an RNG state this module wrote (or was altered); the message says why."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global generators (model init; data order has its own)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict:

@@ -25,9 +25,11 @@ import fcntl
 import json
 import os
 import socket
-import sys
 import time
 
+from hyena_rtf.utils.logs import get_logger
+
+log = get_logger("train")
 LOCK_FILE = ".run.lock"
 
 
@@ -58,10 +60,9 @@ class RunLock:
             os.close(fd)
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
                 raise
-            print(
-                f"[train] warning: cannot lock {self.path} ({e.strerror}): this filesystem does not support flock, "
-                f"so a second run in this train.out_dir would not be refused",
-                file=sys.stderr,
+            log.warning(
+                f"warning: cannot lock {self.path} ({e.strerror}): this filesystem does not support flock, "
+                f"so a second run in this train.out_dir would not be refused"
             )
             return
         # Written only once the lock is ours, so whoever fails to get it reads the holder.
