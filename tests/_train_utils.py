@@ -12,6 +12,19 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+import torch
+
+from hyena_rtf.data_prep.prepare import prepare
+from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
+from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
+from hyena_rtf.training.config import load_config, resolve_batch
+from hyena_rtf.training.dist_env import detect_env
+from hyena_rtf.training.engine import DeepSpeedEngine, deepspeed_config
+from hyena_rtf.training.metrics import read_metrics
+from hyena_rtf.training.optim import make_optimizer, param_groups
+from hyena_rtf.training.trainer import run
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -40,8 +53,6 @@ TINY = [
 def make_corpus(data_dir: Path) -> Path:
     """A small prepared directory made by the real data_prep.prepare: ~400 KB of stdlib sources cut
     into 8 KB documents, a 512-token BPE, 10% of the documents held out for 'val'."""
-    from hyena_rtf.data_prep.prepare import prepare
-
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = [str(stdlib / n) for n in ("argparse.py", "typing.py", "inspect.py", "dataclasses.py")]
     prepare(files, data_dir, vocab_size=512, val_fraction=0.1, text_chunk_bytes=8192, workers=1, verbose=False)
@@ -53,8 +64,6 @@ def torch_threads(n: int = 1):
     """Run a block with n intra-op threads. The thread count changes the order of float reductions,
     so runs compared bit for bit must use the same count: module-scoped fixtures run before the
     per-test one-thread fixture of conftest.py, hence they pin it themselves."""
-    import torch
-
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -73,8 +82,6 @@ def child_env(threads: int | None = None) -> dict:
     """Environment of a child process. threads: its OpenMP threads; default: as many as this
     process uses, because the thread count changes the order of float reductions, and a child
     compared bit for bit with an in-process run must add up in the same order."""
-    import torch
-
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(threads or torch.get_num_threads())
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -126,9 +133,6 @@ NORM_RTOL = 1e-4
 
 def reference_curve(corpus: Path, out: Path) -> dict:
     """The uninterrupted one-process run (micro 4 x accumulation 2, 10 steps) the others must follow."""
-    from hyena_rtf.training.config import load_config
-    from hyena_rtf.training.trainer import run
-
     with torch_threads(1):
         run(load_config(None, [*TINY, f"data.dir={corpus}", f"train.out_dir={out}"]))
     return curve(out)
@@ -136,8 +140,6 @@ def reference_curve(corpus: Path, out: Path) -> dict:
 
 def curve(out) -> dict:
     """Per logged step: step, loss, grad norm, lr of both groups, tokens seen; and the eval losses."""
-    from hyena_rtf.training.metrics import read_metrics
-
     recs = read_metrics(os.path.join(out, "metrics.jsonl"))
     got = {k: [r[k] for r in recs] for k in ("step", "loss", "grad_norm", "lr", "rtf_lr", "tokens")}
     got["val"] = [r["val_loss"] for r in read_metrics(os.path.join(out, "metrics.jsonl"), "eval")]
@@ -147,8 +149,6 @@ def curve(out) -> dict:
 def assert_close(got: dict, ref: dict) -> None:
     """`got` follows the reference: same steps, schedule and token count exactly (pure functions of
     the step), losses within LOSS_ATOL, gradient norms within NORM_RTOL."""
-    import pytest
-
     assert got["step"] == ref["step"] == list(range(1, 11))
     gaps = [abs(a - b) for a, b in zip(got["loss"], ref["loss"])]
     assert max(gaps) < LOSS_ATOL, f"loss gaps {gaps}"
@@ -160,16 +160,25 @@ def assert_close(got: dict, ref: dict) -> None:
 
 
 def assert_resized(p: subprocess.CompletedProcess, step: int, saved_on: int, resumed_on: int) -> None:
-    """The run `p` resumed at `step` on resumed_on processes a checkpoint saved by saved_on, and said so."""
-    assert f"| {resumed_on} process(es)" in p.stdout
+    """The run `p` resumed at `step` on resumed_on processes a checkpoint saved by saved_on, and
+    said so in its log (stderr)."""
+    assert f"| {resumed_on} process(es)" in p.stderr
     expected = f"at step {step} with a different world size: saved by {saved_on} process(es), resumed on {resumed_on}"
-    assert expected in p.stdout, p.stdout[-2000:]
+    assert expected in p.stderr, p.stderr[-2000:]
+
+
+def error_line(stderr: str) -> str:
+    """The error of a failed train.py: its last line of stderr, the only one that starts with
+    `train.py: error: `; every line before it is a log line (`[component] ...`), so no traceback."""
+    lines = stderr.strip().splitlines()
+    assert lines, "nothing on stderr"
+    assert lines[-1].startswith("train.py: error: "), lines
+    assert all(line.startswith("[") for line in lines[:-1]), lines
+    return lines[-1]
 
 
 def launch(launcher: str, corpus: Path, out: Path, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:
     """A TINY run of train.py under `launcher` (deepspeed, torchrun: nproc processes; python: one)."""
-    import pytest
-
     if launcher != "python" and not (BIN / launcher).exists():
         pytest.fail(f"{BIN / launcher} not found: the dev install provides it")
     return run_cmd(
@@ -181,14 +190,6 @@ def in_process_deepspeed(monkeypatch, precision: str = "fp32", zero_stage: int =
     """A one-rank DeepSpeedEngine in this process around the tiny model (vocabulary 512, no
     launcher), its AdamW groups as train.py builds them. The rendezvous variables go through
     monkeypatch, so no later subprocess inherits them; close() the last engine to leave the group."""
-    import torch
-
-    from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
-    from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
-    from hyena_rtf.training.config import load_config, resolve_batch
-    from hyena_rtf.training.engine import DeepSpeedEngine, deepspeed_config, detect_env
-    from hyena_rtf.training.optim import make_optimizer, param_groups
-
     rendezvous = {
         "RANK": "0",
         "LOCAL_RANK": "0",

@@ -9,14 +9,18 @@ import json
 import os
 import random
 import shutil
+import sysconfig
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _train_utils import TINY, make_corpus
+from _train_utils import TINY, error_line, make_corpus
 
 import train
+from hyena_rtf.data_prep.prepare import prepare
 from hyena_rtf.training import checkpoint as ckpt
+from hyena_rtf.training.rng import load_rng, save_rng
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +75,10 @@ def forge_manifest(ckpt_dir):
 
 
 def one_error_line(capsys):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("train.py: error: "), err
-    return err[0]
+    return error_line(capsys.readouterr().err)
 
 
 def test_rng_states_round_trip_without_pickle(tmp_path):
-    from hyena_rtf.training.rng import load_rng, save_rng
-
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     np.random.standard_normal()  # leaves numpy with a cached gaussian
     save_rng(str(tmp_path / "rng.pt"))
@@ -119,9 +119,10 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(corpus, ru
     bad = step_dir(run_copy, 4) / "optimizer.pt"
     truncate(bad)
     assert train.main(args(corpus, run_copy, "train.stop_after_steps=5")) == 0
-    out, err = capsys.readouterr()
-    assert f"skipping checkpoint {step_dir(run_copy, 4)}: {bad} has" in err and "truncated" in err
-    assert f"resumed from {step_dir(run_copy, 2)} at step 2" in out
+    err = capsys.readouterr().err  # the log
+    assert f"[train] warning: skipping checkpoint {step_dir(run_copy, 4)}: {bad} has" in err
+    assert "truncated" in err
+    assert f"[train] resumed from {step_dir(run_copy, 2)} at step 2" in err
     assert ckpt.latest_checkpoint(run_copy / "checkpoints").endswith("step_00000005")
 
 
@@ -148,11 +149,6 @@ def test_plain_python_refuses_a_deepspeed_checkpoint_naming_the_launcher(corpus,
 
 
 def test_resume_refuses_data_prepared_again_with_another_tokenizer_of_the_same_size(corpus, run_copy, tmp_path, capsys):
-    import sysconfig
-    from pathlib import Path
-
-    from hyena_rtf.data_prep.prepare import prepare
-
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     other = tmp_path / "other_data"  # other sources: another 512-token BPE, other shards
     prepare(
@@ -168,5 +164,6 @@ def test_resume_refuses_data_prepared_again_with_another_tokenizer_of_the_same_s
     assert train.main([*TINY, f"data.dir={other}", f"train.out_dir={run_copy}"]) == 2
     err = one_error_line(capsys)
     assert f"cannot resume from {step_dir(run_copy, 4)}: the data in data.dir={other}" in err
-    assert "the tokenizer file differs" in err and "train split tokens" in err
+    assert "the tokenizer file differs" in err
+    assert "train split tokens" in err
     assert train.main(args(corpus, run_copy, "train.stop_after_steps=5")) == 0  # the original data still resumes

@@ -3,8 +3,10 @@ the generated DeepSpeed JSON, optimizer groups and the schedule. In-process, no 
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import math
+import re
 
 import pytest
 import torch
@@ -15,34 +17,73 @@ import train
 from hyena_rtf.models.configuration_hyena_rtf import PRESETS, HyenaRTFConfig
 from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
 from hyena_rtf.models.rtf import RTF
-from hyena_rtf.training.config import ConfigError, load_config, resolve_batch, resolve_model_kwargs
+from hyena_rtf.training.config import (
+    ConfigError,
+    check_optional_packages,
+    load_config,
+    resolve_batch,
+    resolve_model_kwargs,
+)
 from hyena_rtf.training.engine import deepspeed_config
 from hyena_rtf.training.optim import lr_factor, param_groups
 
 PRESET_FILES = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*.yaml"))
 
+# The model preset each preset file names (None: the model section alone).
+PRESET_MODELS = {
+    "configs/default.yaml": None,
+    "configs/pile_125m.yaml": "125m",
+    "configs/pile_355m.yaml": "355m",
+    "configs/pile_1.3b.yaml": "1.3b",
+}
 
-@pytest.mark.parametrize("path", PRESET_FILES)
-def test_presets_load_and_have_a_consistent_batch(path):
-    cfg = load_config(str(REPO / path))
-    for world in (1, 8, 32):
-        if (
-            cfg.train.global_batch_size is None
-            or cfg.train.global_batch_size % (cfg.train.micro_batch_size * world) == 0
-        ):
-            plan = resolve_batch(cfg.train, world)
-            assert plan.global_batch_size == plan.micro_batch_size * plan.grad_accum_steps * world
-    if cfg.model.preset is not None:
-        assert cfg.model.preset in PRESETS
+# (preset file, processes, micro batch, accumulation steps, global batch), worked out by hand from
+# the YAML's micro and global batch: accumulation = global / (micro * processes).
+PRESET_SPLITS = [
+    ("configs/default.yaml", 1, 8, 1, 8),
+    ("configs/pile_125m.yaml", 1, 8, 32, 256),
+    ("configs/pile_125m.yaml", 8, 8, 4, 256),
+    ("configs/pile_125m.yaml", 32, 8, 1, 256),
+    ("configs/pile_355m.yaml", 1, 8, 32, 256),
+    ("configs/pile_355m.yaml", 8, 8, 4, 256),
+    ("configs/pile_355m.yaml", 32, 8, 1, 256),
+    ("configs/pile_1.3b.yaml", 1, 4, 128, 512),
+    ("configs/pile_1.3b.yaml", 8, 4, 16, 512),
+    ("configs/pile_1.3b.yaml", 32, 4, 4, 512),
+]
+
+# (preset file, processes, the refusal): a global batch that micro * processes does not divide.
+PRESET_REFUSALS = [
+    ("configs/default.yaml", 8, "global_batch_size=8 is not a multiple of micro_batch_size * world_size = 8 * 8 = 64"),
+    ("configs/default.yaml", 32, "global_batch_size=8 is not a multiple of micro_batch_size * world_size = 8 * 32"),
+]
 
 
-def test_all_four_presets_exist():
-    assert {
-        "configs/default.yaml",
-        "configs/pile_125m.yaml",
-        "configs/pile_355m.yaml",
-        "configs/pile_1.3b.yaml",
-    } <= set(PRESET_FILES)
+def test_every_preset_file_is_in_the_tables():
+    assert sorted(PRESET_MODELS) == PRESET_FILES
+    assert {path for path, *_ in PRESET_SPLITS} == set(PRESET_FILES)
+
+
+@pytest.mark.parametrize("path, preset", PRESET_MODELS.items())
+def test_preset_files_name_their_model_preset(path, preset):
+    assert load_config(str(REPO / path)).model.preset == preset
+
+
+def test_the_model_presets_named_exist():
+    assert {"125m", "355m", "1.3b"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("path, world, micro, accum, global_batch", PRESET_SPLITS)
+def test_preset_batch_split(path, world, micro, accum, global_batch):
+    plan = resolve_batch(load_config(str(REPO / path)).train, world)
+    assert (plan.micro_batch_size, plan.grad_accum_steps, plan.world_size) == (micro, accum, world)
+    assert plan.global_batch_size == global_batch
+
+
+@pytest.mark.parametrize("path, world, message", PRESET_REFUSALS)
+def test_preset_batch_refused_where_it_does_not_divide(path, world, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_batch(load_config(str(REPO / path)).train, world)
 
 
 def test_model_section_is_derived_from_the_model_config_signature():
@@ -60,11 +101,16 @@ def test_overrides_are_typed_and_merged_in_order(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("optim:\n  lr: 1.0e-3\ntrain:\n  max_steps: 7\nmodel:\n  preset: tiny\n  attn_layers: [1]\n")
     cfg = load_config(str(y), ["optim.lr=3e-4", "model.d_model=48"])
-    assert cfg.optim.lr == 3e-4 and cfg.train.max_steps == 7 and cfg.model.d_model == 48
+    assert cfg.optim.lr == 3e-4
+    assert cfg.train.max_steps == 7
+    assert cfg.model.d_model == 48
     kw = resolve_model_kwargs(cfg.model, vocab_size=300, seq_len=64)
     # preset values fill what is unset; explicit values win; vocab from the data; l_max from the preset
-    assert kw["n_layer"] == PRESETS["tiny"]["n_layer"] and kw["d_model"] == 48 and kw["attn_layers"] == [1]
-    assert kw["vocab_size"] == 300 and kw["l_max"] == PRESETS["tiny"]["l_max"]
+    assert kw["n_layer"] == PRESETS["tiny"]["n_layer"]
+    assert kw["d_model"] == 48
+    assert kw["attn_layers"] == [1]
+    assert kw["vocab_size"] == 300
+    assert kw["l_max"] == PRESETS["tiny"]["l_max"]
     assert resolve_model_kwargs(load_config(None).model, 300, 64)["l_max"] == 64
 
 
@@ -107,21 +153,29 @@ def test_cli_reports_config_and_data_errors(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     assert train.main([f"data.dir={missing}", f"train.out_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
-    assert str(missing) in err and "does not exist" in err and "data_prep.prepare" in err
+    assert str(missing) in err
+    assert "does not exist" in err
+    assert "data_prep.prepare" in err
 
 
-def test_a_missing_optional_package_is_a_config_error():
-    import importlib.util
+@pytest.mark.parametrize(
+    "overrides, package",
+    [(["logging.tensorboard=true"], "tensorboard"), (["train.engine=deepspeed"], "deepspeed")],
+)
+def test_a_missing_optional_package_is_a_config_error(monkeypatch, overrides, package):
+    """Whether `package` is installed here or not: find_spec is made to find it, then not."""
+    cfg = load_config(None, overrides)
+    real = importlib.util.find_spec
 
-    from hyena_rtf.training.config import check_optional_packages
+    def find_spec(found):
+        return lambda name: (object() if found else None) if name == package else real(name)
 
-    cfg = load_config(None, ["logging.tensorboard=true"])
-    if importlib.util.find_spec("tensorboard") is None:
-        with pytest.raises(ConfigError, match="logging.tensorboard=true needs the tensorboard package"):
-            check_optional_packages(cfg)
-    else:
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec(True))
+    check_optional_packages(cfg)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec(False))
+    with pytest.raises(ConfigError, match=f"{overrides[0]} needs the {package} package: pip install {package}"):
         check_optional_packages(cfg)
-    check_optional_packages(load_config(None))
+    check_optional_packages(load_config(None))  # nothing optional asked for: nothing needed
 
 
 def test_vocab_mismatch_and_short_l_max_are_errors():
@@ -151,11 +205,14 @@ def test_deepspeed_json_is_derived_from_the_config():
     cfg = load_config(None, ["train.micro_batch_size=2", "train.global_batch_size=16", "optim.grad_clip=0.5"])
     plan = resolve_batch(cfg.train, world_size=4)
     ds = deepspeed_config(plan, 2, "bf16", 0.5, {"zero_optimization": {"overlap_comm": True}})
-    assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 2
-    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
+    assert ds["train_batch_size"] == 16
+    assert ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
     # bf16 through autocast: parameters (RTF ones included) stay float32; no "bf16" section
-    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in ds
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert "bf16" not in ds
     assert "torch_autocast" not in deepspeed_config(plan, 1, "fp32", 1.0, {})
     with pytest.raises(ConfigError, match="batch sizes come from"):
         deepspeed_config(plan, 1, "fp32", 1.0, {"train_batch_size": 8})
@@ -164,7 +221,8 @@ def test_deepspeed_json_is_derived_from_the_config():
     # the key names match what this DeepSpeed version reads
     from deepspeed.runtime.config import get_torch_autocast_dtype, get_torch_autocast_enabled
 
-    assert get_torch_autocast_enabled(ds) and get_torch_autocast_dtype(ds) == torch.bfloat16
+    assert get_torch_autocast_enabled(ds)
+    assert get_torch_autocast_dtype(ds) == torch.bfloat16
 
 
 def test_param_groups_rtf_own_lr_and_no_decay_on_norms_biases_embeddings():
@@ -173,17 +231,22 @@ def test_param_groups_rtf_own_lr_and_no_decay_on_norms_biases_embeddings():
     groups = {g["name"]: g for g in param_groups(model, lr=6e-4, rtf_lr=1e-3, weight_decay=0.1)}
     ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
     rtf_params = {id(p) for m in model.modules() if isinstance(m, RTF) for p in m.parameters()}
-    assert rtf_params and ids["rtf"] == rtf_params
-    assert groups["rtf"]["lr"] == 1e-3 and groups["rtf"]["weight_decay"] == 0.0
-    assert groups["decay"]["weight_decay"] == 0.1 and groups["no_decay"]["weight_decay"] == 0.0
+    assert rtf_params
+    assert ids["rtf"] == rtf_params
+    assert groups["rtf"]["lr"] == 1e-3
+    assert groups["rtf"]["weight_decay"] == 0.0
+    assert groups["decay"]["weight_decay"] == 0.1
+    assert groups["no_decay"]["weight_decay"] == 0.0
     assert groups["decay"]["peak_lr"] == groups["no_decay"]["peak_lr"] == 6e-4
     embed = model.get_input_embeddings().weight
     assert id(embed) in ids["no_decay"]
     norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight is not embed]
-    assert norms and linears
+    assert norms
+    assert linears
     for m in norms:
-        assert id(m.weight) in ids["no_decay"] and id(m.bias) in ids["no_decay"]
+        assert id(m.weight) in ids["no_decay"]
+        assert id(m.bias) in ids["no_decay"]
     for m in linears:
         assert id(m.weight) in ids["decay"]
         assert m.bias is None or id(m.bias) in ids["no_decay"]
@@ -194,9 +257,13 @@ def test_param_groups_rtf_own_lr_and_no_decay_on_norms_biases_embeddings():
 
 def test_warmup_cosine_schedule():
     f = lambda s: lr_factor(s, warmup_steps=10, decay_steps=110, min_lr_ratio=0.1)  # noqa: E731
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
+    assert f(0) == pytest.approx(0.1)
+    assert f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
-    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    assert f(110) == pytest.approx(0.1)
+    assert f(500) == pytest.approx(0.1)
     vals = [f(s) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(vals, vals[1:]))
-    assert lr_factor(0, 0, 100, 0.0) == pytest.approx(1.0) and not math.isnan(lr_factor(5, 0, 0, 0.0))
+    assert lr_factor(0, 0, 100, 0.0) == pytest.approx(1.0)
+    assert not math.isnan(lr_factor(5, 0, 0, 0.0))

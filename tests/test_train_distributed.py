@@ -20,8 +20,11 @@ import os
 import pytest
 import torch
 from _train_utils import assert_close, assert_resized, curve, in_process_deepspeed, launch, make_corpus, reference_curve
+from safetensors.torch import load_file
 
+from hyena_rtf.models.rtf import RTF
 from hyena_rtf.training import checkpoint as ckpt
+from hyena_rtf.training import engine as engine_mod
 from hyena_rtf.training.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -39,23 +42,23 @@ def reference(corpus, tmp_path_factory):
 
 def test_torchrun_ddp_matches_single_process(corpus, reference, tmp_path):
     p = launch("torchrun", corpus, tmp_path)
-    assert "engine ddp | 2 process(es)" in p.stdout and "micro 4 x accum 1 x world 2" in p.stdout
+    assert "engine ddp | 2 process(es)" in p.stderr  # the log
+    assert "micro 4 x accum 1 x world 2" in p.stderr
     assert_close(curve(tmp_path), reference)
 
 
 def test_deepspeed_zero1_matches_single_process_exports_fp32_and_resumes_on_one_process(corpus, reference, tmp_path):
     p = launch("deepspeed", corpus, tmp_path, "checkpoint.export_at_end=true")
-    assert "engine deepspeed | 2 process(es)" in p.stdout
+    assert "engine deepspeed | 2 process(es)" in p.stderr
     assert_close(curve(tmp_path), reference)
     final = tmp_path / "checkpoints" / "step_00000010"
     # one ZeRO optimizer partition per rank, reassembled into full fp32 weights for the export
     files = os.listdir(final / "deepspeed")
     assert sum("optim_states" in f for f in files) == 2
-    from safetensors.torch import load_file
-
     exported = load_file(tmp_path / "hf" / "model.safetensors")
     full = ckpt.load_fp32_state_dict(str(final))
-    assert exported and all(v.dtype == torch.float32 for v in exported.values())
+    assert exported
+    assert all(v.dtype == torch.float32 for v in exported.values())
     for k, v in exported.items():
         assert torch.equal(v, full[k]), k
     # Elastic resume under ZeRO 1 (ZeRO 2, both ways, in test_train_elastic.py): steps 9 and 10
@@ -71,23 +74,23 @@ def test_deepspeed_zero2_interrupted_and_resumed_matches(corpus, reference, tmp_
     assert ckpt.latest_checkpoint(tmp_path / "checkpoints").endswith("step_00000006")
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, 7))
     p = launch("deepspeed", corpus, tmp_path, "train.zero_stage=2")
-    assert "resumed from" in p.stdout and "at step 6" in p.stdout
+    assert "resumed from" in p.stderr
+    assert "at step 6" in p.stderr
     assert_close(curve(tmp_path), reference)
 
 
 def test_deepspeed_engine_bf16_keeps_rtf_fp32_and_skips_nonfinite_steps(corpus, monkeypatch):
     """In this process (one rank, no launcher): bf16 through torch_autocast leaves every RTF
     parameter float32, and ZeRO drops a step whose gradients are non-finite."""
-    from hyena_rtf.models.rtf import RTF
-    from hyena_rtf.training import engine as engine_mod
-
     eng = in_process_deepspeed(monkeypatch, "bf16")
     try:
         batches = [torch.randint(0, 512, (4, 65)) for _ in range(2)]
         rtf = [p for m in eng.module.modules() if isinstance(m, RTF) for p in m.parameters()]
-        assert rtf and all(p.dtype == torch.float32 for p in eng.module.parameters())
+        assert rtf
+        assert all(p.dtype == torch.float32 for p in eng.module.parameters())
         res = eng.train_step(batches)
-        assert res.applied and all(p.dtype == torch.float32 for p in rtf)
+        assert res.applied
+        assert all(p.dtype == torch.float32 for p in rtf)
         before = {k: v.clone() for k, v in eng.module.state_dict().items()}
         real = engine_mod.lm_loss
         monkeypatch.setattr(engine_mod, "lm_loss", lambda m, b: real(m, b) * float("nan"))

@@ -59,7 +59,8 @@ def check_saved(out, step, world_size):
     """The checkpoint of `step` was saved by `world_size` processes and its manifest covers the
     full-state file (verified before anything is loaded)."""
     path = ckpt.latest_checkpoint(out / "checkpoints")
-    assert path.endswith(f"step_{step:08d}") and ckpt.read_trainer_state(path)["world_size"] == world_size
+    assert path.endswith(f"step_{step:08d}")
+    assert ckpt.read_trainer_state(path)["world_size"] == world_size
     with open(f"{path}/{ckpt.MANIFEST_FILE}") as f:
         assert FULL_STATE_FILE in json.load(f)["files"]
 

@@ -4,16 +4,20 @@ In-process through train.main, so each case costs a tiny run, not an interpreter
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
+import socket
 
+import numpy as np
 import pytest
-from _train_utils import TINY, make_corpus
+from _train_utils import TINY, error_line, make_corpus
 
 import train
 from hyena_rtf.training import checkpoint as ckpt
 from hyena_rtf.training import trainer as trainer_mod
+from hyena_rtf.training.runlock import RunLock
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,7 @@ def test_a_signal_saves_a_checkpoint_then_exits_128_plus_signum(corpus, tmp_path
     assert train.main(args(corpus, tmp_path)) == code
     # the step in progress finished and was saved, nothing after it ran
     assert ckpt.latest_checkpoint(tmp_path / "checkpoints").endswith("step_00000003")
-    assert f"stopped by {signal.Signals(signum).name}" in capsys.readouterr().out
+    assert f"[train] stopped by {signal.Signals(signum).name}" in capsys.readouterr().err  # the log
     assert not (tmp_path / "hf").exists()
 
 
@@ -54,16 +58,14 @@ def test_a_planned_stop_exits_0(corpus, tmp_path):
 
 
 def test_a_second_run_in_the_same_out_dir_fails_at_once_naming_the_holder(corpus, tmp_path, capsys):
-    import socket
-
-    from hyena_rtf.training.runlock import RunLock
-
     with RunLock(str(tmp_path)):  # a run in progress (this process, its own open file: a separate flock)
         assert train.main(args(corpus, tmp_path)) == 2
         err = capsys.readouterr().err.strip()
-        assert err.startswith("train.py: error: train.out_dir") and len(err.splitlines()) == 1
+        assert err == error_line(err)  # before any log line
+        assert err.startswith("train.py: error: train.out_dir")
         assert f"PID {os.getpid()} on host {socket.gethostname()}" in err
-        assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
+        assert not (tmp_path / "metrics.jsonl").exists()
+        assert not (tmp_path / "checkpoints").exists()
     # released at the end of the holder's run, finished or failed: the next run gets it
     assert train.main(args(corpus, tmp_path, "train.stop_after_steps=1")) == 0
     with RunLock(str(tmp_path)):
@@ -89,8 +91,7 @@ def test_usage_errors_are_one_line_naming_the_key_with_exit_2(corpus, tmp_path, 
     (tmp_path / "a_file").write_text("")
     extra = [o.format(tmp=tmp_path) for o in overrides]
     assert train.main(args(corpus, tmp_path / "run", *extra)) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"train.py: error: {err[0][len('train.py: error: ') :]}"] and expected.format(tmp=tmp_path) in err[0]
+    assert expected.format(tmp=tmp_path) in error_line(capsys.readouterr().err)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -98,12 +99,11 @@ def test_hyena_rtf_debug_adds_the_traceback(corpus, tmp_path, capsys, monkeypatc
     monkeypatch.setenv("HYENA_RTF_DEBUG", "1")
     assert train.main(args(corpus, tmp_path, "train.seed=-1")) == 2
     err = capsys.readouterr().err
-    assert "Traceback (most recent call last)" in err and err.strip().endswith("(must be in [0, 2**32 - 1])")
+    assert "Traceback (most recent call last)" in err
+    assert err.strip().endswith("(must be in [0, 2**32 - 1])")
 
 
 def test_out_of_vocabulary_token_ids_are_a_data_error(corpus, tmp_path, capsys):
-    import numpy as np
-
     data = tmp_path / "data"
     shutil.copytree(corpus, data)
     train_bin = np.memmap(data / "train.bin", dtype=np.uint16, mode="r+")
@@ -111,11 +111,9 @@ def test_out_of_vocabulary_token_ids_are_a_data_error(corpus, tmp_path, capsys):
     train_bin.flush()
     del train_bin
     assert train.main([*TINY, f"data.dir={data}", f"train.out_dir={tmp_path / 'run'}"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert (
-        "the batch of step 1 of the 'train' split" in err
-        and "token id 600, outside the tokenizer's vocabulary of 512" in err
-    )
+    err = error_line(capsys.readouterr().err)
+    assert "the batch of step 1 of the 'train' split" in err
+    assert "token id 600, outside the tokenizer's vocabulary of 512" in err
 
 
 def test_an_unwritable_out_dir_is_a_one_line_error(corpus, capsys):
@@ -131,8 +129,6 @@ def test_an_unwritable_out_dir_is_a_one_line_error(corpus, capsys):
 def test_a_full_disk_during_a_checkpoint_save_keeps_the_previous_checkpoint(corpus, tmp_path, monkeypatch, capsys):
     """The second save (step 8) hits ENOSPC while writing its RNG file: one line naming the
     checkpoint, exit 2, the partial folder removed, step 4's checkpoint intact and resumable."""
-    import errno
-
     real, saves = ckpt.save_rng, []
 
     def save_rng(path):
@@ -143,14 +139,9 @@ def test_a_full_disk_during_a_checkpoint_save_keeps_the_previous_checkpoint(corp
 
     monkeypatch.setattr(ckpt, "save_rng", save_rng)
     assert train.main(args(corpus, tmp_path)) == 2
-    err = capsys.readouterr().err.strip()
-    assert (
-        err.startswith(
-            f"train.py: error: cannot write checkpoint {tmp_path / 'checkpoints' / 'step_00000008'}: "
-            "No space left on device"
-        )
-        and "\n" not in err
-    ), err
+    step8 = tmp_path / "checkpoints" / "step_00000008"
+    err = error_line(capsys.readouterr().err)
+    assert err.startswith(f"train.py: error: cannot write checkpoint {step8}: No space left on device"), err
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000004"]
     ckpt.verify_checkpoint(str(tmp_path / "checkpoints" / "step_00000004"))
     monkeypatch.setattr(ckpt, "save_rng", real)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
-from _train_utils import TINY, make_corpus, torch_threads
+from _train_utils import TINY, error_line, make_corpus, torch_threads
 
 import train
 from hyena_rtf.training.config import load_config
@@ -54,7 +54,9 @@ def test_export_onto_the_run_is_refused_and_the_run_survives(trained_run, capsys
     before = snapshot(out)
     for extra in ((), ("--overwrite",)):  # --overwrite does not lift this refusal
         code, err = export(capsys, out, target, *extra)
-        assert code == 2 and err.startswith("train.py: error: export folder") and "\n" not in err, err
+        assert code == 2
+        assert err == error_line(err)  # the one line on stderr
+        assert err.startswith("train.py: error: export folder"), err
     assert snapshot(out) == before
 
 
@@ -66,7 +68,9 @@ def test_export_into_a_folder_with_other_files_keeps_them(trained_run, tmp_path,
     (home / "notes.txt").write_text("mine")
     before = snapshot(home)
     code, err = export(capsys, out, home)
-    assert code == 2 and "is not empty" in err and "--overwrite" in err, err
+    assert code == 2
+    assert "is not empty" in err, err
+    assert "--overwrite" in err, err
     assert snapshot(home) == before
 
 
@@ -75,7 +79,8 @@ def test_export_onto_a_file_keeps_the_file(trained_run, tmp_path, capsys):
     target = tmp_path / "model.safetensors"
     target.write_bytes(b"precious")
     code, err = export(capsys, out, target)
-    assert code == 2 and "is not a folder" in err, err
+    assert code == 2
+    assert "is not a folder" in err, err
     assert target.read_bytes() == b"precious"
 
 
@@ -88,10 +93,13 @@ def test_an_earlier_export_is_replaced_but_not_one_holding_foreign_files(trained
     assert snapshot(hf).keys() == first.keys()
     (hf / "my_eval_results.txt").write_text("keep me")
     code, err = export(capsys, out, hf)
-    assert code == 2 and "did not write" in err and "my_eval_results.txt" in err, err
+    assert code == 2
+    assert "did not write" in err, err
+    assert "my_eval_results.txt" in err, err
     assert (hf / "my_eval_results.txt").read_text() == "keep me"
     assert export(capsys, out, hf, "--overwrite")[0] == 0  # asked for: replaced whole
-    assert not (hf / "my_eval_results.txt").exists() and (hf / "config.json").is_file()
+    assert not (hf / "my_eval_results.txt").exists()
+    assert (hf / "config.json").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
 
 
@@ -115,7 +123,8 @@ def test_export_dir_equal_to_out_dir_fails_before_training(trained_run, tmp_path
             f"checkpoint.export_dir={out}",
         ]
     )
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert code == 2 and err.startswith("train.py: error: checkpoint.export_dir:"), err
-    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+    assert code == 2
+    assert error_line(capsys.readouterr().err).startswith("train.py: error: checkpoint.export_dir:")
+    assert not (out / "metrics.jsonl").exists()
+    assert not (out / "checkpoints").exists()
     assert not os.path.exists(out) or set(os.listdir(out)) <= {".run.lock"}

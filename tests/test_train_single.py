@@ -3,23 +3,28 @@ clear data errors, metrics, and the HF export loading with AutoModelForCausalLM.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
+import subprocess
 import sys
-import tempfile
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="hf_modules_"))
 
 import pytest
 import torch
-from _train_utils import TINY, make_corpus, run_cmd, torch_threads
+from _train_utils import REPO, TINY, child_env, make_corpus, run_cmd, torch_threads
+from helpers import naive_greedy
+from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train
+from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
+from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
 from hyena_rtf.training import checkpoint as ckpt
 from hyena_rtf.training import engine as engine_mod
 from hyena_rtf.training.config import load_config, resolve_batch
-from hyena_rtf.training.engine import DistEnv, TorchEngine
+from hyena_rtf.training.dist_env import DistEnv
+from hyena_rtf.training.engine import TorchEngine
+from hyena_rtf.training.export import model_from_checkpoint
 from hyena_rtf.training.metrics import read_metrics
 from hyena_rtf.training.optim import make_optimizer, param_groups
 from hyena_rtf.training.trainer import TrainingError, run
@@ -54,16 +59,22 @@ def test_reference_run_logs_and_keeps_checkpoints(reference):
     assert steps == list(range(1, 11))
     assert losses[-1] < losses[0] - 0.3  # it learns
     rec = read_metrics(out / "metrics.jsonl")[-1]
-    assert rec["tokens"] == 10 * 8 * 64 and rec["tokens_per_s"] > 0 and rec["lr"] > 0 and rec["rtf_lr"] > 0
+    assert rec["tokens"] == 10 * 8 * 64
+    assert rec["tokens_per_s"] > 0
+    assert rec["lr"] > 0
+    assert rec["rtf_lr"] > 0
     evals = read_metrics(out / "metrics.jsonl", "eval")
-    assert [e["step"] for e in evals] == [5, 10] and evals[-1]["val_ppl"] == pytest.approx(summary["val_ppl"])
+    assert [e["step"] for e in evals] == [5, 10]
+    assert evals[-1]["val_ppl"] == pytest.approx(summary["val_ppl"])
     assert summary["unigram_ppl"] > 1.0
     # keep_last=2: periodic step 4 pruned, 8 and the final 10 kept; no partial folders left
     assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [8, 10]
     assert sorted(os.listdir(out / "checkpoints")) == ["step_00000008", "step_00000010"]
     final = out / "checkpoints" / "step_00000010"
     saved = load_config(str(final / "config.yaml"))  # the effective config, loadable as a preset
-    assert saved.model.vocab_size == 512 and saved.model.d_model == 32 and saved.model.l_max == 64
+    assert saved.model.vocab_size == 512
+    assert saved.model.d_model == 32
+    assert saved.model.l_max == 64
     assert {"model.pt", "optimizer.pt", "rng_rank0.pt", "tokenizer.json", "trainer_state.json"} <= set(
         os.listdir(final)
     )
@@ -74,7 +85,8 @@ def test_interrupted_and_resumed_run_reproduces_losses_exactly(corpus, reference
     ref_out, _ = reference
     with torch_threads(1):  # as the reference
         first = run(tiny(corpus, tmp_path, "train.stop_after_steps=3"))
-        assert first["step"] == 3 and "val_loss" not in first
+        assert first["step"] == 3
+        assert "val_loss" not in first
         assert ckpt.latest_checkpoint(tmp_path / "checkpoints").endswith("step_00000003")
         second = run(tiny(corpus, tmp_path))  # checkpoint.resume=auto picks step 3 up
     assert second["step"] == 10
@@ -103,10 +115,6 @@ sys.exit(train.main(sys.argv[1:]))
 
 
 def test_kill_during_checkpoint_write_leaves_previous_checkpoint_loadable(corpus, reference, tmp_path):
-    import subprocess
-
-    from _train_utils import REPO, child_env
-
     args = [*TINY, f"data.dir={corpus}", f"train.out_dir={tmp_path}"]
     p = subprocess.run(
         [sys.executable, "-c", KILL_DURING_SAVE, *args],
@@ -126,9 +134,6 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint_loadable(corpus
 
 
 def _engine(corpus):
-    from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
-    from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
-
     torch.manual_seed(0)
     cfg = tiny(corpus, "unused")
     model = HyenaRTFForCausalLM(HyenaRTFConfig(vocab_size=512, d_model=32, n_layer=2, l_max=64, state_size=4))
@@ -144,13 +149,16 @@ def test_nonfinite_step_is_skipped_without_touching_weights_or_optimizer(corpus,
     monkeypatch.setattr(engine_mod, "lm_loss", lambda m, b: real(m, b) * float("nan"))
     before = {k: v.clone() for k, v in eng.module.state_dict().items()}
     res = eng.train_step(batches)
-    assert not res.applied and res.loss != res.loss
+    assert not res.applied
+    assert math.isnan(res.loss)
     assert all(torch.equal(before[k], v) for k, v in eng.module.state_dict().items())
     assert eng.optimizer.state_dict()["state"] == {}  # no Adam moment was touched
     assert all(p.grad is None for p in eng.module.parameters())  # the poisoned gradients are gone
     monkeypatch.setattr(engine_mod, "lm_loss", real)
     res = eng.train_step(batches)
-    assert res.applied and res.loss == res.loss and res.grad_norm > 0
+    assert res.applied
+    assert math.isfinite(res.loss)
+    assert res.grad_norm > 0
     assert any(not torch.equal(before[k], v) for k, v in eng.module.state_dict().items())
 
 
@@ -174,7 +182,8 @@ def test_data_errors_are_clear(corpus, tmp_path, capsys):
     base = [*TINY, f"data.dir={corpus}", f"train.out_dir={tmp_path}"]
     assert train.main([*base, "train.micro_batch_size=4", "train.global_batch_size=4096"]) == 2
     err = capsys.readouterr().err
-    assert "too few tokens for one batch" in err and "global_batch_size = 4096" in err
+    assert "too few tokens for one batch" in err
+    assert "global_batch_size = 4096" in err
     assert train.main([*base, "model.vocab_size=1000"]) == 2
     assert "model.vocab_size=1000 disagrees with the data's tokenizer, which has 512 tokens" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
@@ -183,20 +192,25 @@ def test_data_errors_are_clear(corpus, tmp_path, capsys):
 
 
 def test_export_loads_with_automodel_and_generates(reference, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hyena_rtf.training.export import model_from_checkpoint
-
-    ref_out, summary = reference
-    # exported at the end of training, and again on demand from a checkpoint folder
+    """Exported at the end of training, and again on demand from a checkpoint folder: each loads
+    with the Auto classes (from the folder alone: local_files_only), computes the checkpoint's
+    logits, tokenizes and decodes as the checkpoint's tokenizer.json, and decodes greedily as
+    a full forward per token does."""
+    ref_out, _ = reference
     assert train.main(["export", str(ref_out / "checkpoints" / "step_00000008"), str(tmp_path / "hf8")]) == 0
+    prompt = "def main(argv=None):\n    return"
     for folder, step in ((ref_out / "hf", 10), (tmp_path / "hf8", 8)):
-        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-        tok = AutoTokenizer.from_pretrained(folder)
-        src, _ = model_from_checkpoint(str(ref_out / "checkpoints" / f"step_{step:08d}"))
-        ids = tok("def main(argv=None):\n    return", return_tensors="pt").input_ids
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, local_files_only=True).eval()
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        ckpt_dir = ref_out / "checkpoints" / f"step_{step:08d}"
+        src, _ = model_from_checkpoint(str(ckpt_dir))
+        own = Tokenizer.from_file(str(ckpt_dir / "tokenizer.json"))
+        ids = tok(prompt, return_tensors="pt").input_ids
+        assert ids[0].tolist() == own.encode(prompt).ids
+        assert tok.decode(ids[0]) == prompt  # the exact text back, spaces and newline included
         with torch.no_grad():
             assert torch.equal(model(ids).logits, src(input_ids=ids).logits)
         out = model.generate(ids, max_new_tokens=8, do_sample=False)
-        assert out.shape == (1, ids.shape[1] + 8)
-        assert isinstance(tok.decode(out[0, ids.shape[1] :]), str)
+        assert torch.equal(out, naive_greedy(src, ids, 8))
+        new_ids = out[0, ids.shape[1] :]
+        assert tok.decode(new_ids) == own.decode(new_ids.tolist())
