@@ -188,6 +188,14 @@ class HyenaRTFModel(HyenaRTFPreTrainedModel):
         return out if return_dict else out.to_tuple()
 
 
+def next_token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """sum_{b,t} -log softmax(logits[b, t])[targets[b, t]] in float32, positions with target -100
+    skipped. logits (B, T, V) and targets (B, T) are already aligned (targets[:, t] is what
+    logits[:, t] predicts). The one loss of the project: `causal_lm_loss` below and the trainer
+    (training/engine.py) both use it."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+
+
 def causal_lm_loss(
     logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
 ) -> torch.Tensor:
@@ -198,15 +206,10 @@ def causal_lm_loss(
     labels[:, 1:]), the sum divided by it, so that accumulated micro-batches add up to the mean
     over the step however their token counts differ.
     """
-    nll = F.cross_entropy(
-        logits[:, :-1].float().flatten(0, 1),
-        labels[:, 1:].flatten(),
-        ignore_index=-100,
-        reduction="sum" if num_items_in_batch is not None else "mean",
-    )
-    if num_items_in_batch is None:
-        return nll
-    return nll / torch.as_tensor(num_items_in_batch, device=nll.device, dtype=nll.dtype)
+    targets = labels[:, 1:]
+    nll = next_token_nll(logits[:, :-1], targets)
+    count = (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch
+    return nll / torch.as_tensor(count, device=nll.device, dtype=nll.dtype)
 
 
 class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):

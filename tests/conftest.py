@@ -12,6 +12,7 @@ os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="hyena_rtf_hf_
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from _train_utils import make_corpus, reference_curve  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -20,3 +21,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """The tiny prepared corpus of the training tests, built once per test process (no test writes
+    into it)."""
+    return make_corpus(tmp_path_factory.mktemp("corpus") / "data")
+
+
+@pytest.fixture(scope="session")
+def reference(corpus, tmp_path_factory):
+    """The uninterrupted one-process training curve on `corpus`, which the distributed runs match."""
+    return reference_curve(corpus, tmp_path_factory.mktemp("single"))

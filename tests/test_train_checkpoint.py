@@ -15,17 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _train_utils import TINY, error_line, make_corpus
+from _train_utils import TINY, error_line
 
 import train
 from hyena_rtf.data_prep.prepare import prepare
 from hyena_rtf.training import checkpoint as ckpt
 from hyena_rtf.training.rng import load_rng, save_rng
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus") / "data")
 
 
 def args(corpus, out_dir, *extra):

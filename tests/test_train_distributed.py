@@ -19,7 +19,7 @@ import os
 
 import pytest
 import torch
-from _train_utils import assert_close, assert_resized, curve, in_process_deepspeed, launch, make_corpus, reference_curve
+from _train_utils import assert_close, assert_resized, curve, in_process_deepspeed, launch
 from safetensors.torch import load_file
 
 from hyena_rtf.models.rtf import RTF
@@ -28,16 +28,6 @@ from hyena_rtf.training import engine as engine_mod
 from hyena_rtf.training.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus") / "data")
-
-
-@pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory):
-    return reference_curve(corpus, tmp_path_factory.mktemp("single"))
 
 
 def test_torchrun_ddp_matches_single_process(corpus, reference, tmp_path):

@@ -28,7 +28,7 @@ import json
 
 import pytest
 import torch
-from _train_utils import assert_close, assert_resized, curve, launch, make_corpus, reference_curve
+from _train_utils import assert_close, assert_resized, curve, launch
 
 from hyena_rtf.training import checkpoint as ckpt
 from hyena_rtf.training.resume import check_resume_compatible
@@ -37,13 +37,6 @@ from hyena_rtf.training.zero_elastic import FULL_STATE_FILE
 pytestmark = pytest.mark.slow
 
 TOKENS_PER_STEP = 8 * 64
-
-
-@pytest.fixture(scope="module")
-def corpus_and_reference(tmp_path_factory):
-    """The prepared tiny corpus, and the uninterrupted one-process run's curve on it."""
-    corpus = make_corpus(tmp_path_factory.mktemp("corpus") / "data")
-    return corpus, reference_curve(corpus, tmp_path_factory.mktemp("single"))
 
 
 def zero2_run(nproc, corpus, out, *extra):
@@ -65,8 +58,7 @@ def check_saved(out, step, world_size):
         assert FULL_STATE_FILE in json.load(f)["files"]
 
 
-def test_zero2_checkpoints_resume_on_fewer_and_more_processes(corpus_and_reference, tmp_path):
-    corpus, reference = corpus_and_reference
+def test_zero2_checkpoints_resume_on_fewer_and_more_processes(corpus, reference, tmp_path):
     zero2_run(2, corpus, tmp_path, "train.stop_after_steps=4")
     check_saved(tmp_path, step=4, world_size=2)
     assert_resized(zero2_run(1, corpus, tmp_path, "train.stop_after_steps=7"), step=4, saved_on=2, resumed_on=1)

@@ -12,17 +12,12 @@ import socket
 
 import numpy as np
 import pytest
-from _train_utils import TINY, error_line, make_corpus
+from _train_utils import TINY, error_line
 
 import train
 from hyena_rtf.training import checkpoint as ckpt
 from hyena_rtf.training import trainer as trainer_mod
 from hyena_rtf.training.runlock import RunLock
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus") / "data")
 
 
 def args(corpus, out_dir, *extra):

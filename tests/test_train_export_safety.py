@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
-from _train_utils import TINY, error_line, make_corpus, torch_threads
+from _train_utils import TINY, error_line, torch_threads
 
 import train
 from hyena_rtf.training.config import load_config
@@ -25,9 +25,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def trained_run(corpus, tmp_path_factory):
     """A 4-step run folder with one checkpoint and metrics, no export."""
-    corpus = make_corpus(tmp_path_factory.mktemp("corpus") / "data")
     out = tmp_path_factory.mktemp("run")
     with torch_threads(1):
         run(

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from _train_utils import REPO, TINY, child_env, make_corpus, run_cmd, torch_threads
+from _train_utils import REPO, TINY, child_env, run_cmd, torch_threads
 from helpers import naive_greedy
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -28,11 +28,6 @@ from hyena_rtf.training.export import model_from_checkpoint
 from hyena_rtf.training.metrics import read_metrics
 from hyena_rtf.training.optim import make_optimizer, param_groups
 from hyena_rtf.training.trainer import TrainingError, run
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus") / "data")
 
 
 def tiny(corpus, out_dir, *extra):

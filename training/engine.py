@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
+from hyena_rtf.models.modeling_hyena_rtf import next_token_nll
 from hyena_rtf.training.config import BatchPlan, check_deepspeed_extra
 from hyena_rtf.training.dist_env import DistEnv
 from hyena_rtf.training.zero_elastic import ZeroFullState, group_param_names
@@ -49,8 +49,7 @@ def lm_loss_terms(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, 
     logits = out.logits if hasattr(out, "logits") else out
     # Logits beyond the tokenizer's vocabulary are padding; targets never index them, so a plain
     # cross-entropy over the padded width is the right loss (they only add to the normaliser).
-    loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-    return loss_sum, targets.numel()
+    return next_token_nll(logits, targets), targets.numel()
 
 
 def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
