@@ -1,10 +1,10 @@
 """Training-side reader: packed samples from a prepared directory, and the batch sampler.
 
-A prepared directory (``data_prep.prepare``) holds ``manifest.json``, ``tokenizer.json`` and one
-``PREFIX.bin/.idx`` pair per split (``indexed.py``). A split's tokens, read as one flat stream
-(documents back to back, each ending in the end-of-document id), are cut into samples of
-``seq_len + 1`` tokens that overlap by one token, so that inputs ``x[:-1]`` and targets ``x[1:]``
-together cover every token::
+A prepared directory (``data_prep.prepare``; its files: ``layout.py``) holds ``manifest.json``,
+``tokenizer.json`` and one ``PREFIX.bin/.idx`` pair per split (``indexed.py``). A split's tokens,
+read as one flat stream (documents back to back, each ending in the end-of-document id), are cut
+into samples of ``seq_len + 1`` tokens that overlap by one token, so that inputs ``x[:-1]`` and
+targets ``x[1:]`` together cover every token::
 
     sample i = tokens[i * seq_len : i * seq_len + seq_len + 1]    num_samples = (T - 1) // seq_len
 
@@ -21,7 +21,6 @@ step are all distinct: ranks never overlap. Resuming at step k is just calling i
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -29,6 +28,8 @@ import numpy as np
 import torch
 
 from .indexed import IndexedDataset
+from .layout import MANIFEST
+from .manifest import Manifest
 
 _MASK64 = (1 << 64) - 1
 
@@ -90,7 +91,7 @@ class PackedDataset:
 
     Attributes: ``seq_len``, ``num_samples``, ``vocab_size`` (tokenizer vocabulary including
     added tokens), ``eos_id``, ``tokenizer_file`` (path of DIR/tokenizer.json), ``manifest``
-    (dict), ``num_tokens``. ``self[i]`` is an int64 array of shape (seq_len + 1,). Picklable
+    (``Manifest``), ``num_tokens``. ``self[i]`` is an int64 array of shape (seq_len + 1,). Picklable
     without copying data (DataLoader workers reopen the memory map).
     """
 
@@ -103,26 +104,27 @@ class PackedDataset:
         hint = f"prepare it with: python -m hyena_rtf.data_prep.prepare --out {self.data_dir}"
         if not self.data_dir.is_dir():
             raise FileNotFoundError(f"prepared data directory {self.data_dir} does not exist; {hint}")
-        mpath = self.data_dir / "manifest.json"
+        mpath = self.data_dir / MANIFEST
         if not mpath.is_file():
             raise FileNotFoundError(
-                f"{self.data_dir} has no manifest.json (not prepared, or its preparation did not finish); {hint}"
+                f"{self.data_dir} has no {MANIFEST} (not prepared, or its preparation did not finish); {hint}"
             )
-        self.manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        splits = self.manifest.get("splits", {})
+        self.manifest = Manifest.read(mpath)
+        splits = self.manifest.splits
         if split not in splits:
-            raise KeyError(f"{self.data_dir}: no split {split!r} in manifest.json (available: {sorted(splits)})")
-        prefix = Path(splits[split]["prefix"])
+            raise KeyError(f"{self.data_dir}: no split {split!r} in {MANIFEST} (available: {sorted(splits)})")
+        self._split = splits[split]
+        prefix = Path(self._split.prefix)
         self.prefix = prefix if prefix.is_absolute() else self.data_dir / prefix
-        tok = self.manifest["tokenizer"]
-        self.vocab_size = int(tok["vocab_size"])
-        self.eos_id = int(tok["eos_id"])
-        self.tokenizer_file = str(self.data_dir / tok.get("file", "tokenizer.json"))
+        tok = self.manifest.tokenizer
+        self.vocab_size = tok.vocab_size
+        self.eos_id = tok.eos_id
+        self.tokenizer_file = str(self.data_dir / tok.file)
         if not Path(self.tokenizer_file).is_file():
             raise FileNotFoundError(f"{self.data_dir}: tokenizer file {self.tokenizer_file} is missing")
         # The pair must be the one the manifest describes (token count, file sizes): an index
         # copied from another dataset would otherwise train on the wrong tokens in silence.
-        self._ds = IndexedDataset(self.prefix, expected=splits[split], manifest=mpath)
+        self._ds = IndexedDataset(self.prefix, expected=self._split, manifest=mpath)
         self.num_tokens = self._ds.num_tokens
         if self.num_tokens < self.seq_len + 1:
             raise ValueError(
@@ -140,7 +142,7 @@ class PackedDataset:
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range [0, {self.num_samples})")
         if self._ds is None:  # reopened after pickling: the pair was verified when first opened
-            self._ds = IndexedDataset(self.prefix, expected={}, verify=False)
+            self._ds = IndexedDataset(self.prefix, check_manifest=False, verify=False)
         start = i * self.seq_len
         return self._ds.tokens[start : start + self.seq_len + 1].astype(np.int64)
 

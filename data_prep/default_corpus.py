@@ -23,9 +23,14 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import zstandard
+
 from hyena_rtf.utils import atomic
+from hyena_rtf.utils.logs import get_logger, setup_logging
 
 from .readers import Source
+
+log = get_logger("data_prep")
 
 SET_NAME = "Github"
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -66,8 +71,6 @@ def describe() -> dict:
 def write_pile_shard(path: str | os.PathLike) -> int:
     """Writes the corpus as Pile-format JSON lines, zstd-compressed; returns documents written
     (files that are not UTF-8 are left out)."""
-    import zstandard
-
     root = stdlib_root()
     n = 0
     # The zstd writer must not close the file: AtomicFile flushes, fsyncs and renames it after.
@@ -90,7 +93,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Export the embedded default corpus as a Pile shard.")
     ap.add_argument("out", help="output .jsonl.zst path")
     a = ap.parse_args(argv)
-    print(f"wrote {write_pile_shard(a.out)} documents to {a.out}")
+    setup_logging()
+    log.info(f"wrote {write_pile_shard(a.out)} documents to {a.out}")
 
 
 if __name__ == "__main__":

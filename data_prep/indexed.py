@@ -29,7 +29,6 @@ code 9 = uint32 is this project's extension, used only for vocabularies above 65
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import struct
 from pathlib import Path
@@ -37,6 +36,9 @@ from pathlib import Path
 import numpy as np
 
 from hyena_rtf.utils import atomic
+
+from .layout import MANIFEST
+from .manifest import Manifest, ManifestError, SplitInfo
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -189,9 +191,10 @@ class IndexedDataset:
     def __init__(
         self,
         prefix: str | os.PathLike,
-        expected: dict | None = None,
+        expected: SplitInfo | None = None,
         manifest: str | os.PathLike | None = None,
         verify: bool = True,
+        check_manifest: bool = True,
     ):
         """Opens and checks the pair; a pair that does not fit together raises a one-line
         ``IndexFormatError`` naming both files, since training on the wrong tokens is silent.
@@ -200,11 +203,12 @@ class IndexedDataset:
         the dtype size (an index of another dataset, or a cut .bin, fails here); and, in one pass
         over the index unless ``verify=False``, sizes >= 0, each sequence starting where the
         previous one ends, and doc_idx non-decreasing from 0 to S. ``expected``: a manifest's
-        entry for this split (its ``tokens``, ``documents``, ``sequences``, ``bin_bytes`` and
-        ``idx_bytes``, those present, must match), read from the file ``manifest``; when not
-        given, a ``manifest.json`` beside the files whose splits name this prefix is used, if
-        there is one. ``verify=False`` is for reopening a pair already verified (DataLoader
-        workers): the token count then comes from the last pointer instead of a scan.
+        ``SplitInfo`` for this pair (its ``tokens``, ``documents``, ``sequences``, ``bin_bytes``
+        and ``idx_bytes``, those it records, must match), read from the file ``manifest``; when
+        not given, a ``manifest.json`` beside the files whose splits name this prefix is used, if
+        there is one (``check_manifest=False``: none is looked for). ``verify=False`` is for
+        reopening a pair already verified (DataLoader workers): the token count then comes from
+        the last pointer instead of a scan.
         """
         self.prefix = Path(prefix)
         ip, bp = idx_path(self.prefix), bin_path(self.prefix)
@@ -259,7 +263,7 @@ class IndexedDataset:
                 f"{self.num_tokens} {self.dtype} tokens = {nbytes} bytes, the "
                 f".bin has {bin_bytes} bytes ({why})"
             )
-        if expected is None:
+        if expected is None and check_manifest:
             expected, manifest = _manifest_entry(self.prefix)
         if expected is not None:
             self._check_expected(expected, manifest, ip, bp, bin_bytes, have)
@@ -297,7 +301,7 @@ class IndexedDataset:
             )
         return offset // item
 
-    def _check_expected(self, expected: dict, manifest, ip, bp, bin_bytes: int, idx_bytes: int):
+    def _check_expected(self, expected: SplitInfo, manifest, ip, bp, bin_bytes: int, idx_bytes: int):
         have = {
             "tokens": self.num_tokens,
             "documents": self.num_documents,
@@ -305,11 +309,8 @@ class IndexedDataset:
             "bin_bytes": bin_bytes,
             "idx_bytes": idx_bytes,
         }
-        diffs = [
-            f"{k} {v} (manifest: {expected[k]})"
-            for k, v in have.items()
-            if isinstance(expected.get(k), int) and expected[k] != v
-        ]
+        want = {k: getattr(expected, k) for k in have}
+        diffs = [f"{k} {v} (manifest: {want[k]})" for k, v in have.items() if want[k] is not None and want[k] != v]
         if diffs:
             raise IndexFormatError(f"{ip} and {bp} do not match {manifest or 'the manifest'}: {', '.join(diffs)}")
 
@@ -343,20 +344,20 @@ class IndexedDataset:
         return np.asarray(self.tokens[start:end])
 
 
-def _manifest_entry(prefix: Path) -> tuple[dict | None, Path | None]:
-    """The split entry of a ``manifest.json`` beside ``prefix`` that names it, and that file;
-    (None, None) where there is none. A manifest that is unreadable or of another layout (no
-    ``splits``) is not data_prep's and is ignored here: whoever reads it reports on it."""
-    path = prefix.parent / "manifest.json"
+def _manifest_entry(prefix: Path) -> tuple[SplitInfo | None, Path | None]:
+    """The split of a ``manifest.json`` beside ``prefix`` that names it, and that file; (None,
+    None) where there is none. A manifest that is unreadable or invalid (``Manifest.read``) is
+    ignored here: this pair may be read without it, and whoever reads the manifest reports on it."""
+    path = prefix.parent / MANIFEST
     try:
-        splits = json.loads(path.read_text(encoding="utf-8"))["splits"]
-        me = prefix.resolve()
-        for entry in splits.values():
-            where = Path(entry["prefix"])
-            if (where if where.is_absolute() else path.parent / where).resolve() == me:
-                return entry, path
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
+        splits = Manifest.read(path).splits
+    except (OSError, ManifestError):
+        return None, None
+    me = prefix.resolve()
+    for entry in splits.values():
+        where = Path(entry.prefix)
+        if (where if where.is_absolute() else path.parent / where).resolve() == me:
+            return entry, path
     return None, None
 
 

@@ -18,8 +18,9 @@ import numpy as np
 from hyena_rtf.utils import atomic
 
 from .indexed import IndexedDataset, bin_path, idx_path
-from .manifest import FORMAT, replacing
-from .tokenizer import TokenizerError, canonical_json, load_tokenizer
+from .layout import FORMAT, TOKENIZER, TRAIN, VAL, replacing
+from .manifest import Manifest, SplitInfo
+from .tokenizer import TokenizerError, load_tokenizer
 
 
 def link_indexed(
@@ -34,11 +35,12 @@ def link_indexed(
     (e.g. Megatron / GPT-NeoX Pile shards) without copying them: the manifest points at them by
     absolute path. Checks that they are readable and consistent and that the vocabulary fits
     their dtype, all before ``out`` is touched; ``out`` is then replaced as a whole, under the
-    same rules as ``prepare`` (``manifest.replacing``; ``overwrite`` for a foreign folder)."""
+    same rules as ``prepare`` (``layout.replacing``; ``overwrite`` for a foreign folder).
+    Returns the manifest written, as its JSON object (``Manifest.to_dict``), as ``prepare`` does."""
     out = Path(out)
     tok = load_tokenizer(tokenizer, eos_token)
     splits, dt = {}, None
-    for name, prefix in (("train", train_prefix), ("val", val_prefix)):
+    for name, prefix in ((TRAIN, train_prefix), (VAL, val_prefix)):
         if prefix is None:
             continue
         ds = IndexedDataset(prefix)
@@ -47,23 +49,23 @@ def link_indexed(
                 f"{prefix}: token dtype {ds.dtype} cannot hold the {tok.vocab_size}-token vocabulary of {tok.source}"
             )
         dt = ds.dtype
-        splits[name] = {
-            "prefix": str(Path(prefix).resolve()),
-            "documents": ds.num_documents,
-            "sequences": ds.num_sequences,
-            "tokens": ds.num_tokens,
-            "bin_bytes": bin_path(prefix).stat().st_size,
-            "idx_bytes": idx_path(prefix).stat().st_size,
-        }
-    manifest = {
-        "format": FORMAT,
-        "corpus": {"name": "linked indexed dataset"},
-        "tokenizer": tok.describe(),
-        "dtype": dt.name,
-        "splits": splits,
-    }
+        splits[name] = SplitInfo(
+            prefix=str(Path(prefix).resolve()),
+            documents=ds.num_documents,
+            sequences=ds.num_sequences,
+            tokens=ds.num_tokens,
+            bin_bytes=bin_path(prefix).stat().st_size,
+            idx_bytes=idx_path(prefix).stat().st_size,
+        )
+    manifest = Manifest(
+        format=FORMAT,
+        corpus={"name": "linked indexed dataset"},
+        tokenizer=tok.describe(),
+        dtype=dt.name,
+        splits=splits,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic.locked(out), replacing(out, overwrite) as stage:
-        atomic.write_text(stage / "tokenizer.json", tok.json_text)
-        atomic.write_text(stage / "manifest.json", canonical_json(manifest))
-    return manifest
+        atomic.write_text(stage / TOKENIZER, tok.json_text)
+        manifest.write(stage)
+    return manifest.to_dict()

@@ -1,136 +1,233 @@
-"""What makes a folder a prepared directory: the manifest's format id and the names data_prep
-writes, and the rule for replacing one.
+"""The manifest of a prepared directory (``DIR/manifest.json``) as typed dataclasses.
 
-Both ways of making a prepared directory (``prepare.py``: tokenize a corpus; ``link.py``: point
-at existing token shards) write this layout and replace an existing folder only when it is one
-of theirs; this module is what they share, so that neither has to import the other.
+Both writers build a ``Manifest`` and write it with ``Manifest.write`` (``prepare.py`` for a
+tokenized corpus, ``link.py`` for linked existing shards); every reader gets one from
+``Manifest.read``, which checks every key and type and raises a one-line ``ManifestError`` naming
+the file and the key, instead of a ``KeyError`` deep inside training.
+
+On disk (keys sorted, ``layout.canonical_json``)::
+
+    format      "hyena-rtf-data-prep/1"
+    corpus      what was read ({"name": ...} and, for the default corpus, its identity)
+    tokenizer   TokenizerInfo: source, file, sha256, vocab_size, eos_token, eos_id, trained_here
+    dtype       token dtype of the shards ("uint16", "uint32", "int32")
+    splits      {name: SplitInfo}: prefix (relative to DIR, or absolute for linked shards),
+                documents, tokens, bin_bytes, idx_bytes, and those its writer knows: sequences
+                (link), text_bytes, bin_sha256, idx_sha256 (prepare)
+    settings, documents (DocumentCounts), tokens, text_bytes, files_with_errors,
+    sources (SourceInfo per input)          prepare only; a linked folder has none of them
+
+An optional field (default None) that is None is left out of the JSON, so the two writers' files
+are byte for byte what they wrote before this module existed, and folders prepared before load.
+A required field that is null (``SourceInfo.sha256`` of a file not read to its end) stays null.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
-from contextlib import contextmanager
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hyena_rtf.utils import atomic
 
-from . import default_corpus
-
-FORMAT = "hyena-rtf-data-prep/1"
-SPLITS = ("train", "val")
-MANIFEST = "manifest.json"
-# Everything a prepared directory can hold; ".lock" and "*.partial" only in folders left by
-# versions that built inside the target (the lock and the temporaries now live beside it).
-NAMES = frozenset(
-    {MANIFEST, "stamp.json", "tokenizer.json", ".lock"} | {f"{s}.{ext}" for s in SPLITS for ext in ("bin", "idx")}
-)
+from .layout import FORMAT, MANIFEST, TOKENIZER, canonical_json
 
 
-def is_manifest(path: Path) -> bool:
-    """Whether ``path`` is a manifest written by some version of data_prep."""
-    try:
-        fmt = json.loads(path.read_text(encoding="utf-8")).get("format", "")
-    except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(fmt, str) and fmt.startswith(FORMAT.split("/")[0] + "/")
+class ManifestError(ValueError):
+    """A manifest.json that is not valid: names the file and the missing or mistyped key."""
 
 
-def _owned(name: str) -> bool:
-    return name in NAMES or name.endswith(atomic.SUFFIX)
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """The tokenizer of the shards. ``file``: its name in DIR; ``eos_id``: the id that ends
+    every document; ``vocab_size`` counts added tokens."""
+
+    source: str
+    sha256: str
+    vocab_size: int
+    eos_token: str
+    eos_id: int
+    trained_here: bool
+    file: str = TOKENIZER
 
 
-@contextmanager
-def replacing(out: str | os.PathLike, overwrite: bool = False):
-    """Yields a staging folder that replaces ``out`` when the block succeeds (``atomic``) and is
-    removed when it fails, ``out`` being untouched until then. Refuses first, unless
-    ``overwrite``, an ``out`` that is neither empty nor a prepared directory, or that holds files
-    data_prep does not write (they would go with it). Call it holding ``atomic.locked(out)``."""
-    atomic.check_replaceable(
-        out, marker=MANIFEST, kind="data_prep output", is_kind=is_manifest, owned=_owned, overwrite=overwrite
-    )
-    atomic.remove_stale(out)
-    with atomic.replace_dir(out) as stage:
-        yield stage
+@dataclass(frozen=True)
+class SplitInfo:
+    """One split's ``.bin``/``.idx`` pair and what it must contain (``indexed.py`` checks the
+    counts and sizes against the files)."""
+
+    prefix: str
+    documents: int
+    tokens: int
+    bin_bytes: int
+    idx_bytes: int
+    sequences: int | None = None  # link: Megatron pairs may hold several sequences per document
+    text_bytes: int | None = None  # prepare: UTF-8 bytes of the documents' text
+    bin_sha256: str | None = None
+    idx_sha256: str | None = None
 
 
-def describe(settings, default, tok, token_dtype, splits, builder, sources) -> dict:
-    """The manifest of a finished build (``writer.ShardBuilder`` counts, ``readers.Source``s).
-    No timestamps: the same inputs and settings give the same bytes."""
-    src_list = []
-    for i, s in enumerate(sources):
-        skipped, filtered = builder.src_skipped[i], builder.src_filtered[i]
-        src_list.append(
-            {
-                "path": s.path,
-                "kind": s.kind,
-                "bytes": s.bytes,
-                "sha256": s.sha256 or None,
-                "records": s.records,
-                "skipped": skipped,
-                "filtered": filtered,
-                "documents": s.records - skipped - filtered,
-                "read": s.read,
-                "error": s.error,
-            }
-        )
-    written = sum(sp["documents"] for sp in splits.values())
-    return {
-        "format": FORMAT,
-        "corpus": default_corpus.describe() if default else {"name": "inputs"},
-        "settings": settings,
-        "tokenizer": tok.describe(),
-        "dtype": token_dtype.name,
-        "splits": {name: {"prefix": name, **sp} for name, sp in splits.items()},
-        "documents": {
-            "records": builder.records,
-            "written": written,
-            "skipped": dict(sorted(builder.skipped.items())),
-            "skipped_total": sum(builder.skipped.values()),
-            "filtered_by_pile_set": builder.filtered,
-        },
-        "tokens": sum(sp["tokens"] for sp in splits.values()),
-        "text_bytes": sum(sp["text_bytes"] for sp in splits.values()),
-        "files_with_errors": sum(1 for s in sources if s.error),
-        "sources": src_list,
-    }
+@dataclass(frozen=True)
+class DocumentCounts:
+    """What happened to the records read: written, skipped (by reason) or filtered out."""
+
+    records: int
+    written: int
+    skipped: dict[str, int]
+    skipped_total: int
+    filtered_by_pile_set: int
 
 
-def summary(out, m: dict, elapsed: float, t_write: float, workers: int) -> str:
-    """The lines printed after a build: counts per split, what was skipped, the tokenizer."""
-    mb = m["text_bytes"] / 1e6
-    d = m["documents"]
-    lines = [
-        f"prepared {out} in {elapsed:.1f} s ({workers} workers; tokenize+write {t_write:.1f} s "
-        f"= {mb / max(t_write, 1e-9):.2f} MB/s, {m['tokens'] / max(t_write, 1e-9):,.0f} tokens/s)"
-    ]
-    for name, sp in m["splits"].items():
-        lines.append(
-            f"  {name:5s}: {sp['documents']:,} documents, {sp['tokens']:,} tokens "
-            f"({sp['text_bytes'] / 1e6:.2f} MB text), {out / name}.bin/.idx"
-        )
-    lines.append(
-        f"  records {d['records']:,}, written {d['written']:,}, skipped "
-        f"{d['skipped_total']:,} {d['skipped'] or ''}, filtered {d['filtered_by_pile_set']:,}"
-    )
-    lines.append(
-        f"  tokenizer: {m['tokenizer']['source']} (vocab {m['tokenizer']['vocab_size']:,}, "
-        f"eos {m['tokenizer']['eos_token']!r} = {m['tokenizer']['eos_id']}), dtype {m['dtype']}"
-    )
-    if m["files_with_errors"]:
-        lines.append(f"  {m['files_with_errors']} unreadable file(s) skipped: see manifest.json")
-    return "\n".join(lines)
+@dataclass(frozen=True)
+class SourceInfo:
+    """One input file as it was read. ``sha256`` is null for a file not read to its end;
+    ``read``: "full", "partial (...)" or "no (cap)"."""
+
+    path: str
+    kind: str
+    bytes: int
+    sha256: str | None
+    records: int
+    skipped: int
+    filtered: int
+    documents: int
+    read: str
+    error: str | None
 
 
-def nothing_written(m: dict, sources) -> str:
-    """One line: which inputs gave no document, and why (counts by reason)."""
-    names = [s.path for s in sources]
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    d = m["documents"]
-    why = [f"{n:,} {reason}" for reason, n in d["skipped"].items()]
-    if d["filtered_by_pile_set"]:
-        why.append(f"{d['filtered_by_pile_set']:,} not in --pile-set {m['settings']['pile_sets']}")
-    why += [f"unreadable {s['path']} ({s['error']})" for s in m["sources"] if s["error"]]
-    return (
-        f"no documents written from {shown}: {d['records']:,} records read, {'; '.join(why) if why else 'none usable'}"
-    )
+@dataclass(frozen=True)
+class Manifest:
+    """The whole manifest.json (see the module docstring for the fields)."""
+
+    format: str
+    corpus: dict[str, Any]
+    tokenizer: TokenizerInfo
+    dtype: str
+    splits: dict[str, SplitInfo]
+    settings: dict[str, Any] | None = None
+    documents: DocumentCounts | None = None
+    tokens: int | None = None
+    text_bytes: int | None = None
+    files_with_errors: int | None = None
+    sources: list[SourceInfo] | None = None
+
+    def to_dict(self) -> dict:
+        """The JSON object, optional fields that are None left out."""
+        return _to_json_value(self)
+
+    def to_json(self) -> str:
+        """The file's text: canonical JSON (same manifest, same bytes)."""
+        return canonical_json(self.to_dict())
+
+    def write(self, folder: str | os.PathLike) -> Path:
+        """Writes ``folder/manifest.json`` atomically (never seen half-written); returns its path."""
+        path = Path(folder) / MANIFEST
+        atomic.write_text(path, self.to_json())
+        return path
+
+    @classmethod
+    def from_dict(cls, obj, source: str | os.PathLike = MANIFEST) -> Manifest:
+        """Checks and converts a parsed manifest; ManifestError names ``source`` and the key."""
+        try:
+            m = _from_json_value(cls, obj, "")
+        except _BadKey as e:
+            raise ManifestError(f"{source}: {e}") from None
+        if m.format != FORMAT:
+            raise ManifestError(f"{source}: format {m.format!r} is not {FORMAT!r} (not a manifest of this data_prep)")
+        return m
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> Manifest:
+        """The manifest in the file ``path`` (FileNotFoundError if there is none; ManifestError,
+        one line naming the file, if it is not JSON or a key is missing or of the wrong type)."""
+        try:
+            obj = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ManifestError(f"{path}: not a JSON file ({e})") from None
+        return cls.from_dict(obj, path)
+
+
+class _BadKey(Exception):
+    """Raised inside the converter with the key path; ``Manifest.from_dict`` adds the file."""
+
+
+_JSON_NAMES = {str: "a string", int: "an integer", bool: "true or false", float: "a number", dict: "an object"}
+
+
+def _json_kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, list):
+        return "an array"
+    return _JSON_NAMES.get(type(value), type(value).__name__)
+
+
+# One call per dataclass type, not per object (a manifest lists every source file: 1,790 of them
+# for the default corpus).
+_hints = functools.cache(typing.get_type_hints)
+
+
+def _key(where: str, name) -> str:
+    return f"{where}.{name}" if where else str(name)
+
+
+def _from_json_value(tp, value, where: str):
+    """``value`` (parsed JSON) checked against the annotation ``tp`` and converted (dataclasses
+    built from objects). ``where`` is the dotted key path used in the error."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):  # X | None
+        if value is None:
+            return None
+        (tp,) = (a for a in args if a is not type(None))
+        return _from_json_value(tp, value, where)
+    if tp is Any:
+        return value
+    want = origin or tp
+    if dataclasses.is_dataclass(tp):
+        want = dict
+    if want is list:
+        ok = isinstance(value, list)
+    else:  # bool is an int subclass in Python, but true is not a count in JSON
+        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+    if not ok:
+        expected = "an array" if want is list else _JSON_NAMES[want]
+        what = f"key {where!r}" if where else "the manifest"
+        raise _BadKey(f"{what} is {_json_kind(value)}, expected {expected}")
+    if dataclasses.is_dataclass(tp):
+        hints = _hints(tp)
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            if f.name in value:
+                kwargs[f.name] = _from_json_value(hints[f.name], value[f.name], _key(where, f.name))
+            elif f.default is dataclasses.MISSING:
+                raise _BadKey(f"key {_key(where, f.name)!r} is missing")
+        return tp(**kwargs)
+    if want is dict and args:
+        return {k: _from_json_value(args[1], v, _key(where, k)) for k, v in value.items()}
+    if want is list and args:
+        return [_from_json_value(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _to_json_value(value):
+    """Dataclasses to JSON objects, recursively; optional fields (default None) that are None
+    are left out, required ones are kept (as null)."""
+    if dataclasses.is_dataclass(value):
+        return {
+            f.name: _to_json_value(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if not (f.default is None and getattr(value, f.name) is None)
+        }
+    if isinstance(value, dict):
+        return {k: _to_json_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_json_value(v) for v in value]
+    return value

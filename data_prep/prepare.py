@@ -4,18 +4,13 @@
         --out DIR --workers N
     python -m hyena_rtf.data_prep.prepare --out DIR        # embedded default corpus + a BPE trained on it
 
-Output layout (``DIR``)::
-
-    manifest.json       written last, atomically: the marker of a complete directory
-    stamp.json          fingerprint of inputs + settings, for the up-to-date check
-    tokenizer.json      the tokenizer used (given one copied byte for byte, or trained here)
-    train.bin/.idx      Megatron / GPT-NeoX indexed dataset (see indexed.py)
-    val.bin/.idx
-
-The manifest holds token and document counts per split, skipped documents by reason, documents
-dropped by the Pile-set filter, the tokenizer (source, sha256, vocabulary size, end-of-document
-id), the token dtype, the settings, and every source file with its size and sha256. It contains
-no timestamps, so the same inputs and settings give byte-identical shards and manifest.
+Output layout (``DIR``): ``layout.py``. The tokenizer is a given one copied byte for byte, or one
+trained here; ``stamp.json`` is the fingerprint of inputs + settings, for the up-to-date check
+(``stamp.py``). The manifest (``manifest.py``) holds token and document counts per split, skipped
+documents by reason, documents dropped by the Pile-set filter, the tokenizer (source, sha256,
+vocabulary size, end-of-document id), the token dtype, the settings, and every source file with
+its size and sha256. It contains no timestamps, so the same inputs and settings give
+byte-identical shards and manifest.
 
 Rerunning with the same settings on a complete DIR returns the manifest at once (input files are
 compared by path, size and mtime); anything else is rebuilt from scratch. A rebuild never puts
@@ -36,40 +31,62 @@ it broke (``"skip"``). A run that would write no document at all (every record b
 filtered out) is an error naming the inputs and what was skipped, by reason.
 
 Command-line errors (bad input, tokenizer, settings, an output folder that is read-only, full or
-not data_prep's) are one line on stderr and exit status 2; with ``HYENA_RTF_DEBUG=1`` they are
-raised with their traceback instead.
+not data_prep's) are one line on stderr (``python -m hyena_rtf.data_prep.prepare: error: ...``,
+``utils.logs``) and exit status 2; with ``HYENA_RTF_DEBUG=1`` they are raised with their traceback
+instead. Progress goes to stderr as ``[data_prep] ...``.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
-import re
 import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+from tqdm import tqdm
+
 from hyena_rtf.utils import atomic
+from hyena_rtf.utils.logs import error_exit, get_logger, setup_logging
 
 from . import default_corpus
-from .indexed import TOKEN_DTYPES, bin_path, idx_path
-from .manifest import FORMAT, describe, nothing_written, replacing, summary
-from .readers import DocumentError, SourceError, _Counter, expand_inputs, iter_records, validate_record
-from .tokenizer import (
-    TokenizerError,
-    canonical_json,
-    check_vocab_size,
-    choose_dtype,
-    load_tokenizer,
-    piece_spans,
-    train_bpe,
-)
-from .writer import ShardBuilder, available_cores, doc_hash, is_val
+from .indexed import TOKEN_DTYPES
+from .layout import TOKENIZER, TRAIN, replacing
+from .link import link_indexed
+from .manifest import Manifest
+from .readers import DocumentError, SourceError, _Counter, expand_inputs
+from .report import build_manifest, nothing_written, summary
+from .stamp import fingerprint, up_to_date, write_stamp
+from .stream import check_readable, records, train_texts
+from .tokenizer import TokenizerError, check_vocab_size, choose_dtype, load_tokenizer, train_bpe
+from .writer import ShardBuilder, available_cores
 
+PROG = "python -m hyena_rtf.data_prep.prepare"
 DEFAULT_PIECE = 1 << 16  # characters per tokenizer call when text_chunk_bytes is 0
+# Settings that the corpus pass for BPE training and the shard writer both take as they are.
+_SPLIT_SETTINGS = ("seed", "val_fraction", "pile_sets", "text_key", "on_error")
+# prepare() keywords given by the CLI flag of the same name, as they are.
+_CLI_OPTIONS = (
+    "vocab_size",
+    "workers",
+    "val_fraction",
+    "seed",
+    "on_error",
+    "on_file_error",
+    "max_docs",
+    "max_bytes",
+    "pile_sets",
+    "dtype",
+    "eos_token",
+    "text_key",
+    "text_chunk_bytes",
+    "bpe_train_bytes",
+    "chunk_bytes",
+    "force",
+    "overwrite",
+)
+log = get_logger("data_prep")
 
 
 class NoDocumentsError(ValueError):
@@ -83,104 +100,6 @@ def default_workers() -> int:
     2.95 MB/s (pickling and worker start-up cost more than they save). More processes keep the
     Python side (validation, hashing, flattening ids) from becoming the bottleneck on big machines."""
     return max(1, available_cores() // 8)
-
-
-def _log(verbose: bool, msg: str) -> None:
-    if verbose:
-        print(f"[data_prep] {msg}", file=sys.stderr, flush=True)
-
-
-def _file_stat(path: str) -> list:
-    st = os.stat(path)
-    return [path, st.st_size, st.st_mtime_ns]
-
-
-def _fingerprint(settings: dict, sources, tok_spec: str | None) -> str:
-    files = []
-    for s in sources:
-        files.extend(_file_stat(f) for f in (s.files or [s.path]))
-    tok_id = None
-    if tok_spec is not None:
-        p = Path(os.path.expanduser(tok_spec))
-        p = p / "tokenizer.json" if (p / "tokenizer.json").is_file() else p
-        tok_id = _file_stat(str(p.resolve())) if p.is_file() else tok_spec
-    blob = canonical_json({"format": FORMAT, "settings": settings, "files": files, "tok": tok_id})
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _up_to_date(out: Path, fingerprint: str) -> dict | None:
-    """The manifest if DIR is complete and was built from exactly these inputs and settings."""
-    try:
-        stamp = json.loads((out / "stamp.json").read_text())
-        manifest = json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if stamp.get("fingerprint") != fingerprint or manifest.get("format") != FORMAT:
-        return None
-    tok = out / "tokenizer.json"
-    if not tok.is_file() or hashlib.sha256(tok.read_bytes()).hexdigest() != manifest["tokenizer"]["sha256"]:
-        return None
-    for _name, sp in manifest["splits"].items():
-        prefix = out / sp["prefix"]
-        for p, key in ((bin_path(prefix), "bin_bytes"), (idx_path(prefix), "idx_bytes")):
-            if not p.is_file() or p.stat().st_size != sp[key]:
-                return None
-    return manifest
-
-
-def _records(sources, counter, *, max_docs, max_bytes, on_file_error, text_chunk_bytes, text_key, verbose):
-    """All records of all sources in order, honouring the caps and the file-error policy."""
-    n_docs = n_bytes = 0
-    for si, src in enumerate(sources):
-        src.bytes, src.sha256, src.records, src.error = 0, "", 0, None
-        src.read = "full"
-        it = iter_records(si, src, counter, text_chunk_bytes, text_key)
-        try:
-            for rec in it:
-                if (max_docs is not None and n_docs >= max_docs) or (max_bytes is not None and n_bytes >= max_bytes):
-                    src.read = "partial (max_docs / max_bytes cap)"
-                    it.close()
-                    for rest in sources[si + 1 :]:
-                        rest.read, rest.bytes, rest.sha256, rest.records, rest.error = "no (cap)", 0, "", 0, None
-                    return
-                n_docs += 1
-                src.records += 1
-                n_bytes += len(rec[3]) if isinstance(rec[3], (bytes, str)) else 0
-                yield rec
-        except SourceError as e:
-            if on_file_error == "fail":
-                raise
-            src.error, src.read = str(e), "partial (unreadable)"
-            _log(verbose, f"skipping the rest of an unreadable file: {e}")
-        if not src.sha256:  # not read to the end: size from the file system, no checksum
-            src.bytes = os.path.getsize(src.path) if os.path.exists(src.path) else 0
-            src.sha256 = None
-
-
-def _train_texts(records, *, seed, val_fraction, pile_sets, on_error, text_key, limit, sources, piece):
-    """Documents for BPE training: the same validation as the writer, train split only, up to
-    ``limit`` bytes of text in corpus order; in pieces, as the writer tokenizes them, so that one
-    huge document does not need gigabytes (the trainer counts the same words either way)."""
-    used = 0
-    for si, line, kind, payload, set_name in records:
-        text, set_name, err = validate_record(kind, payload, set_name, text_key)
-        if err is not None:
-            if on_error == "fail":
-                raise DocumentError(f"{sources[si].path}:{line}: {err[1]} (reason {err[0]})")
-            continue
-        if pile_sets and set_name not in pile_sets:
-            continue
-        try:
-            b = text.encode("utf-8")
-        except UnicodeEncodeError:
-            continue
-        if val_fraction > 0 and is_val(doc_hash(b, seed), val_fraction):
-            continue
-        for a, z in piece_spans(text, piece):
-            yield text[a:z]
-        used += len(b)
-        if limit and used >= limit:
-            return
 
 
 def _check_settings(
@@ -201,18 +120,6 @@ def _check_settings(
     ):
         if v is not None and v < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
-
-
-def _check_readable(sources) -> None:
-    """Every input file can be opened for reading (a file that breaks later, e.g. a corrupt
-    zstd stream, fails the build instead, which leaves the output untouched as well)."""
-    for s in sources:
-        for f in s.files or [s.path]:
-            try:
-                with open(f, "rb"):
-                    pass
-            except OSError as e:
-                raise SourceError(f, None, f"cannot read: {e.strerror}") from e
 
 
 def prepare(
@@ -249,8 +156,14 @@ def prepare(
     document is tokenized in pieces of at most this many characters (``DEFAULT_PIECE`` when 0;
     see ``tokenizer.piece_spans``). ``force``: rebuild even if up to date; ``overwrite``:
     replace an ``out`` that is not a data_prep output. ``workers``, ``progress`` and
-    ``verbose`` do not change the output.
+    ``verbose`` do not change the output; ``verbose`` logs progress and the summary to stderr
+    (``utils.logs``, set up here as the CLI does, so that library callers see them too).
+
+    Returns the manifest as its JSON object (``Manifest.to_dict``; ``Manifest.from_dict`` gives
+    the typed one), the same whether DIR was built or found up to date.
     """
+    if verbose:
+        setup_logging()
     _check_settings(on_error, on_file_error, val_fraction, dtype, text_chunk_bytes, chunk_bytes, max_docs, max_bytes)
     workers = default_workers() if workers is None else max(1, int(workers))
     out = Path(out)
@@ -258,7 +171,7 @@ def prepare(
     tokenizer = os.fspath(tokenizer) if tokenizer is not None else None
     default = not inputs
     sources = default_corpus.default_sources() if default else expand_inputs(list(inputs))
-    _check_readable(sources)
+    check_readable(sources)
     if default:
         text_chunk_bytes = 0  # one document per source file
     settings = {
@@ -279,17 +192,15 @@ def prepare(
         "text_chunk_bytes": text_chunk_bytes,
         "chunk_bytes": chunk_bytes,
     }
-    fingerprint = _fingerprint(settings, sources, tokenizer)
+    fp = fingerprint(settings, sources, tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic.locked(out):
         if not force:
-            manifest = _up_to_date(out, fingerprint)
+            manifest = up_to_date(out, fp)
             if manifest is not None:
-                _log(
-                    verbose,
-                    f"{out} is up to date ({manifest['splits']['train']['tokens']:,} train tokens); nothing to do",
-                )
-                return manifest
+                if verbose:
+                    log.info(f"{out} is up to date ({manifest.splits[TRAIN].tokens:,} train tokens); nothing to do")
+                return manifest.to_dict()
         if tokenizer is None:  # trained in _build; only its size can be checked now
             tok = None
             check_vocab_size(vocab_size)
@@ -304,14 +215,15 @@ def prepare(
                 tok,
                 settings,
                 default,
-                fingerprint,
+                fp,
                 workers=workers,
                 progress=progress,
                 verbose=verbose,
                 piece=text_chunk_bytes or DEFAULT_PIECE,
             )
-        _log(verbose, summary(out, manifest, time.time() - t0, t_write, workers))
-        return manifest
+        if verbose:
+            log.info(summary(out, manifest, time.time() - t0, t_write, workers))
+        return manifest.to_dict()
 
 
 def _token_dtype(tok, eos_token, dtype):
@@ -323,8 +235,8 @@ def _token_dtype(tok, eos_token, dtype):
 
 
 def _build(
-    stage: Path, sources, tok, settings, default, fingerprint, *, workers, progress, verbose, piece
-) -> tuple[dict, float]:
+    stage: Path, sources, tok, settings, default, fp, *, workers, progress, verbose, piece
+) -> tuple[Manifest, float]:
     """Writes the whole prepared directory into ``stage``; returns the manifest and the seconds
     spent tokenizing and writing. Raises NoDocumentsError when no document would be written."""
     st = settings
@@ -338,27 +250,23 @@ def _build(
     )
     if tok is None:
         t0 = time.time()
-        _log(verbose, f"training a byte-level BPE (vocab {st['vocab_size']}) on the corpus")
-        texts = _train_texts(
-            _records(sources, _Counter(), **rec_args),
-            seed=st["seed"],
-            val_fraction=st["val_fraction"],
-            pile_sets=st["pile_sets"],
-            on_error=st["on_error"],
-            text_key=st["text_key"],
+        if verbose:
+            log.info(f"training a byte-level BPE (vocab {st['vocab_size']}) on the corpus")
+        texts = train_texts(
+            records(sources, _Counter(), **rec_args),
+            **{k: st[k] for k in _SPLIT_SETTINGS},
             limit=st["bpe_train_bytes"],
             sources=sources,
             piece=piece,
         )
         tok = train_bpe(texts, st["vocab_size"])
-        _log(verbose, f"BPE trained in {time.time() - t0:.1f} s")
+        if verbose:
+            log.info(f"BPE trained in {time.time() - t0:.1f} s")
     token_dtype = _token_dtype(tok, st["eos_token"], st["dtype"])
-    atomic.write_text(stage / "tokenizer.json", tok.json_text)
+    atomic.write_text(stage / TOKENIZER, tok.json_text)
     counter = _Counter()
     bar = None
     if progress:
-        from tqdm import tqdm
-
         total = sum(os.path.getsize(f) for s in sources for f in (s.files or [s.path]))
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", file=sys.stderr)
     builder = ShardBuilder(
@@ -367,11 +275,7 @@ def _build(
         tok,
         sources,
         workers=workers,
-        seed=st["seed"],
-        val_fraction=st["val_fraction"],
-        pile_sets=st["pile_sets"],
-        text_key=st["text_key"],
-        on_error=st["on_error"],
+        **{k: st[k] for k in _SPLIT_SETTINGS},
         chunk_bytes=st["chunk_bytes"],
         piece_chars=piece,
         progress=bar,
@@ -379,32 +283,31 @@ def _build(
     )
     t1 = time.time()
     try:
-        splits = builder.run(_records(sources, counter, **rec_args))
+        splits = builder.run(records(sources, counter, **rec_args))
     finally:
         if bar is not None:
             bar.close()
     t_write = time.time() - t1
-    manifest = describe(settings, default, tok, token_dtype, splits, builder, sources)
-    if manifest["documents"]["written"] == 0:
+    corpus = default_corpus.describe() if default else {"name": "inputs"}
+    manifest = build_manifest(settings, corpus, tok, token_dtype, splits, builder, sources)
+    if manifest.documents.written == 0:
         raise NoDocumentsError(nothing_written(manifest, sources))
-    atomic.write_text(stage / "manifest.json", canonical_json(manifest))
-    atomic.write_text(stage / "stamp.json", canonical_json({"fingerprint": fingerprint}))
+    manifest.write(stage)
+    write_stamp(stage, fp)
     return manifest, t_write
 
 
 def _cli_error(e: BaseException) -> str:
-    """The one line that reports ``e``: an OSError as "file: reason", anything else as its
-    message, newlines folded (tokenizers' messages can have some)."""
+    """What reports ``e``: an OSError as "file: reason", anything else as its message
+    (``error_exit`` folds it to one line: tokenizers' messages can have newlines)."""
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
-        msg = f"{e.filename}: {e.strerror}"
-    else:
-        msg = str(e)
-    return re.sub(r"\s*\n\s*", " ", msg).strip()
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m hyena_rtf.data_prep.prepare",
+        prog=PROG,
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -450,36 +353,14 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.indexed_train and not a.tokenizer:
         ap.error("--indexed-train needs --tokenizer")
+    setup_logging()
     try:
         if a.indexed_train:
-            from .link import link_indexed
-
             link_indexed(a.out, a.indexed_train, a.tokenizer, a.indexed_val, a.eos_token, overwrite=a.overwrite)
-            _log(True, f"linked {a.indexed_train} into {a.out}")
+            log.info(f"linked {a.indexed_train} into {a.out}")
             return 0
-        prepare(
-            a.input or None,
-            a.out,
-            a.tokenizer,
-            vocab_size=a.vocab_size,
-            workers=a.workers,
-            val_fraction=a.val_fraction,
-            seed=a.seed,
-            on_error=a.on_error,
-            on_file_error=a.on_file_error,
-            max_docs=a.max_docs,
-            max_bytes=a.max_bytes,
-            pile_sets=a.pile_sets,
-            dtype=a.dtype,
-            eos_token=a.eos_token,
-            text_key=a.text_key,
-            text_chunk_bytes=a.text_chunk_bytes,
-            bpe_train_bytes=a.bpe_train_bytes,
-            chunk_bytes=a.chunk_bytes,
-            force=a.force,
-            overwrite=a.overwrite,
-            progress=not a.no_progress,
-        )
+        options = {k: getattr(a, k) for k in _CLI_OPTIONS}
+        prepare(a.input or None, a.out, a.tokenizer, progress=not a.no_progress, **options)
     except (SourceError, DocumentError, TokenizerError, ValueError, OSError, BrokenProcessPool) as e:
         # Bad input, tokenizer or settings, or an output folder that cannot be written (read-only,
         # full, not ours): the user's to fix, so one line and no traceback, unless debugging.
@@ -487,13 +368,9 @@ def main(argv=None) -> int:
         if os.environ.get("HYENA_RTF_DEBUG") == "1":
             raise
         if isinstance(e, BrokenProcessPool):
-            print(
-                f"error: a tokenizer worker process died ({e}); {a.out} was not changed; rerun to rebuild",
-                file=sys.stderr,
-            )
-            return 1
-        print(f"error: {_cli_error(e)}", file=sys.stderr)
-        return 2
+            why = f"a tokenizer worker process died ({e}); {a.out} was not changed; rerun to rebuild"
+            return error_exit(PROG, why, code=1)
+        return error_exit(PROG, _cli_error(e))
     return 0
 
 

@@ -11,11 +11,13 @@ Supported inputs (``expand_inputs``):
 * anything else is plain UTF-8 text; folders are walked recursively in sorted order (hidden
   entries skipped) and each file is classified by its extension. Globs are expanded and sorted.
 
-A record is the tuple ``(source_index, line, kind, payload, set_name)``:
+A ``Record`` is ``(source, line, kind, payload, set_name)``: the index of its ``Source``, where it
+is in that source, what its payload holds (``Kind``), the payload, and the Pile set name where the
+source gives one outside the payload:
 
-* kind ``"J"``: payload is the raw bytes of one JSON line (parsed later, in a worker);
-* kind ``"T"``: payload is raw UTF-8 bytes of plain text (a whole file, or one chunk of it);
-* kind ``"S"``: payload is the ``text`` value of a datasets row (any Python object).
+* ``Kind.JSON_LINE``: payload is the raw bytes of one JSON line (parsed later, in a worker);
+* ``Kind.TEXT``: payload is raw UTF-8 bytes of plain text (a whole file, or one chunk of it);
+* ``Kind.DATASET_VALUE``: payload is the ``text`` value of a datasets row (any Python object).
 
 ``line`` is 1-based: the line number in a JSON-lines file, the chunk number in a text file, the
 row number in a dataset. Readers only split and hash bytes; decoding and validation happen in
@@ -32,7 +34,11 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
+from typing import Any, NamedTuple
+
+import zstandard
 
 READ_BLOCK = 1 << 20
 SKIP_REASONS = (
@@ -44,6 +50,41 @@ SKIP_REASONS = (
     "empty_document",
     "blank_line",
 )
+
+
+class Kind(str, Enum):
+    """What a record's payload holds. A ``str`` enum whose members equal their one-letter values
+    (``Kind.TEXT == "T"``), so that callers written against the letters keep working."""
+
+    JSON_LINE = "J"
+    TEXT = "T"
+    DATASET_VALUE = "S"
+
+
+class Record(NamedTuple):
+    """One raw document as read, before decoding (see the module docstring)."""
+
+    source: int  # index of its Source in the list being read
+    line: int  # 1-based line, text chunk or dataset row
+    kind: Kind
+    payload: Any  # bytes for JSON_LINE and TEXT, any object for DATASET_VALUE
+    set_name: str | None  # Pile set name given beside the payload (text and datasets sources)
+
+
+class Skip(NamedTuple):
+    """Why a record is not a usable document: a reason from ``SKIP_REASONS`` and a message."""
+
+    reason: str
+    message: str
+
+
+class Validated(NamedTuple):
+    """What ``validate_record`` makes of a record: ``text`` and ``set_name`` of a usable
+    document (``skip`` None), or ``skip`` (text and set_name None)."""
+
+    text: str | None
+    set_name: str | None
+    skip: Skip | None
 
 
 class SourceError(RuntimeError):
@@ -160,8 +201,6 @@ def _zst_blocks(src: Source, counter: _Counter, lines_so_far):
     ``ZstdDecompressor.stream_reader`` returns short data silently at a truncated frame, so the
     frames are driven by hand: a frame still open at end of file is an error.
     """
-    import zstandard
-
     dctx = zstandard.ZstdDecompressor()
     dobj, in_frame = dctx.decompressobj(), False
     for block in _hashed_blocks(src, counter):
@@ -206,7 +245,7 @@ def _json_records(si: int, src: Source, counter: _Counter, zst: bool):
     blocks = _zst_blocks(src, counter, lambda: state["line"]) if zst else _hashed_blocks(src, counter)
     for line in _lines(blocks):
         state["line"] += 1
-        yield (si, state["line"], "J", line, None)
+        yield Record(si, state["line"], Kind.JSON_LINE, line, None)
 
 
 def _text_records(si: int, src: Source, counter: _Counter, chunk_bytes: int):
@@ -216,7 +255,7 @@ def _text_records(si: int, src: Source, counter: _Counter, chunk_bytes: int):
     one split. The chunks of a file concatenate back to the exact file."""
     if chunk_bytes <= 0:
         data = b"".join(_hashed_blocks(src, counter))
-        yield (si, 1, "T", data, src.set_name)
+        yield Record(si, 1, Kind.TEXT, data, src.set_name)
         return
     h, total, buf, size, n = hashlib.sha256(), 0, [], 0, 0
     try:
@@ -229,19 +268,21 @@ def _text_records(si: int, src: Source, counter: _Counter, chunk_bytes: int):
                 size += len(line)
                 if size >= chunk_bytes and (not line.strip() or size >= 4 * chunk_bytes):
                     n += 1
-                    yield (si, n, "T", b"".join(buf), src.set_name)
+                    yield Record(si, n, Kind.TEXT, b"".join(buf), src.set_name)
                     buf, size = [], 0
     except OSError as e:
         raise SourceError(src.path, None, f"cannot read: {e}") from e
     if buf:
         n += 1
-        yield (si, n, "T", b"".join(buf), src.set_name)
+        yield Record(si, n, Kind.TEXT, b"".join(buf), src.set_name)
     src.bytes, src.sha256 = total, h.hexdigest()
 
 
 def _hf_records(si: int, src: Source, counter: _Counter, text_key: str):
     """Rows of a Hugging Face dataset; ``meta.pile_set_name`` is honoured when present."""
     try:
+        # Imported here: datasets (pyarrow, pandas) takes seconds to import and only these
+        # sources need it.
         import datasets
 
         if src.kind == "hf_disk":
@@ -272,7 +313,7 @@ def _hf_records(si: int, src: Source, counter: _Counter, text_key: str):
                 row += 1
                 meta = ex.get("meta")
                 set_name = meta.get("pile_set_name") if isinstance(meta, dict) else None
-                yield (si, row, "S", ex.get(text_key), set_name)
+                yield Record(si, row, Kind.DATASET_VALUE, ex.get(text_key), set_name)
         except Exception as e:
             raise SourceError(src.path, row + 1, f"cannot read row: {e}") from e
 
@@ -280,7 +321,7 @@ def _hf_records(si: int, src: Source, counter: _Counter, text_key: str):
 def iter_records(
     si: int, src: Source, counter: _Counter | None = None, text_chunk_bytes: int = 0, text_key: str = "text"
 ):
-    """All records of one source, in file order (see the module docstring for the tuple)."""
+    """All ``Record``s of one source, in file order."""
     counter = _Counter() if counter is None else counter
     if src.kind in ("zst", "jsonl"):
         yield from _json_records(si, src, counter, zst=src.kind == "zst")
@@ -292,38 +333,42 @@ def iter_records(
         raise SourceError(src.path, None, f"unknown source kind {src.kind}")
 
 
-def validate_record(kind: str, payload, set_name, text_key: str = "text"):
-    """Decode and check one record. Returns ``(text, set_name, None)`` for a usable document or
-    ``(None, None, (reason, message))`` with a reason from ``SKIP_REASONS``."""
-    if kind == "J":
+def validate_record(kind: Kind, payload, set_name, text_key: str = "text") -> Validated:
+    """Decode and check one record's payload (``Record.kind``, ``.payload``, ``.set_name``): a
+    ``Validated`` with the text of a usable document, or with the ``Skip`` that says why not."""
+    if kind == Kind.JSON_LINE:
         if not payload.strip():
-            return None, None, ("blank_line", "blank line")
+            return _skip("blank_line", "blank line")
         try:
             s = payload.decode("utf-8")
         except UnicodeDecodeError as e:
-            return None, None, ("invalid_utf8", f"invalid UTF-8: {e}")
+            return _skip("invalid_utf8", f"invalid UTF-8: {e}")
         try:
             obj = json.loads(s)
         except ValueError as e:
-            return None, None, ("invalid_json", f"invalid JSON: {e}")
+            return _skip("invalid_json", f"invalid JSON: {e}")
         if not isinstance(obj, dict):
-            return None, None, ("not_an_object", f"JSON value is a {type(obj).__name__}, not an object")
+            return _skip("not_an_object", f"JSON value is a {type(obj).__name__}, not an object")
         if text_key not in obj:
-            return None, None, ("missing_text", f"no {text_key!r} field")
+            return _skip("missing_text", f"no {text_key!r} field")
         text = obj[text_key]
         meta = obj.get("meta")
         set_name = meta.get("pile_set_name") if isinstance(meta, dict) else None
-    elif kind == "T":
+    elif kind == Kind.TEXT:
         try:
             text = payload.decode("utf-8")
         except UnicodeDecodeError as e:
-            return None, None, ("invalid_utf8", f"invalid UTF-8: {e}")
+            return _skip("invalid_utf8", f"invalid UTF-8: {e}")
     else:
         text = payload
         if text is None:
-            return None, None, ("missing_text", f"{text_key!r} is null")
+            return _skip("missing_text", f"{text_key!r} is null")
     if not isinstance(text, str):
-        return None, None, ("non_string_text", f"{text_key!r} is a {type(text).__name__}, not a string")
+        return _skip("non_string_text", f"{text_key!r} is a {type(text).__name__}, not a string")
     if not text.strip():
-        return None, None, ("empty_document", "empty document")
-    return text, set_name, None
+        return _skip("empty_document", "empty document")
+    return Validated(text, set_name, None)
+
+
+def _skip(reason: str, message: str) -> Validated:
+    return Validated(None, None, Skip(reason, message))

@@ -13,11 +13,18 @@ included) has at most 65,536 entries, else uint32 (see ``indexed.py`` for the in
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .layout import TOKENIZER
+from .manifest import TokenizerInfo
+
+if TYPE_CHECKING:  # the annotation of hf_tokenizer only; see there why the import is not at the top
+    import transformers
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
 TRAINED_SPECIALS = ("<|endoftext|>", "<|padding|>")  # ids 0 and 1, as in GPT-NeoX-20B
@@ -43,16 +50,17 @@ class LoadedTokenizer:
         self.vocab_size = int(tok.get_vocab_size(with_added_tokens=True))
         self.sha256 = hashlib.sha256(json_text.encode("utf-8")).hexdigest()
 
-    def describe(self) -> dict:
-        return {
-            "source": self.source,
-            "file": "tokenizer.json",
-            "sha256": self.sha256,
-            "vocab_size": self.vocab_size,
-            "eos_token": self.eos_token,
-            "eos_id": self.eos_id,
-            "trained_here": self.trained,
-        }
+    def describe(self) -> TokenizerInfo:
+        """The manifest's record of this tokenizer (saved in DIR as ``layout.TOKENIZER``)."""
+        return TokenizerInfo(
+            source=self.source,
+            file=TOKENIZER,
+            sha256=self.sha256,
+            vocab_size=self.vocab_size,
+            eos_token=self.eos_token,
+            eos_id=self.eos_id,
+            trained_here=self.trained,
+        )
 
 
 def _pick_eos(tok, requested: str | None, hinted: str | None, source: str) -> str:
@@ -68,32 +76,38 @@ def _pick_eos(tok, requested: str | None, hinted: str | None, source: str) -> st
     )
 
 
+def _read_file(p: Path) -> tuple[Tokenizer, str]:
+    """The tokenizer in the tokenizers JSON file ``p`` and the file's exact text; TokenizerError
+    (one line naming the file) for an unreadable, binary or malformed file."""
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(
+            f"{p}: not a tokenizers JSON file (binary, not UTF-8 text: {e.reason} at byte {e.start})"
+        ) from e
+    except OSError as e:
+        raise TokenizerError(f"{p}: cannot read the tokenizer file: {e.strerror}") from e
+    try:
+        return Tokenizer.from_str(text), text
+    except Exception as e:
+        raise TokenizerError(f"{p}: not a tokenizers JSON file: {e}") from e
+
+
 def load_tokenizer(spec: str, eos_token: str | None = None) -> LoadedTokenizer:
     """``spec``: a tokenizer.json file, a folder (with tokenizer.json, or anything
     ``AutoTokenizer`` loads), or a Hugging Face hub name (needs network unless cached)."""
-    from tokenizers import Tokenizer
-
     p = Path(os.path.expanduser(spec))
-    if p.is_dir() and (p / "tokenizer.json").is_file():
-        p = p / "tokenizer.json"
+    if p.is_dir() and (p / TOKENIZER).is_file():
+        p = p / TOKENIZER
     if p.is_file():
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise TokenizerError(
-                f"{p}: not a tokenizers JSON file (binary, not UTF-8 text: {e.reason} at byte {e.start})"
-            ) from e
-        except OSError as e:
-            raise TokenizerError(f"{p}: cannot read the tokenizer file: {e.strerror}") from e
-        try:
-            tok = Tokenizer.from_str(text)
-        except Exception as e:
-            raise TokenizerError(f"{p}: not a tokenizers JSON file: {e}") from e
+        tok, text = _read_file(p)
         source = str(p.resolve())
         return LoadedTokenizer(tok, text, source, _pick_eos(tok, eos_token, None, source), False)
     if not p.exists() and _is_path(spec):  # a mistyped path: say so, without a hub lookup
         raise TokenizerError(f"{spec}: no such tokenizer file or folder")
     try:
+        # Imported here: transformers takes seconds to import, and only hub names need it (every
+        # spawned tokenizer worker imports this module).
         from transformers import AutoTokenizer
 
         hf = AutoTokenizer.from_pretrained(spec)
@@ -107,6 +121,30 @@ def load_tokenizer(spec: str, eos_token: str | None = None) -> LoadedTokenizer:
     text = backend.to_str()
     tok = Tokenizer.from_str(text)
     return LoadedTokenizer(tok, text, spec, _pick_eos(tok, eos_token, hf.eos_token, spec), False)
+
+
+def hf_tokenizer(
+    tokenizer_file: str | os.PathLike, eos_token: str | None = None
+) -> transformers.PreTrainedTokenizerFast:
+    """The ``transformers.PreTrainedTokenizerFast`` of a tokenizers JSON file, as a model trained
+    on data_prep's shards expects it: the end-of-text token chosen exactly as ``load_tokenizer``
+    chooses it for the shards (``eos_token``, else the first of ``EOS_CANDIDATES`` in the
+    vocabulary; TokenizerError if none is), ``pad_token`` = that token when the file defines no
+    padding token (batched generation needs one), and model inputs ``input_ids`` and
+    ``attention_mask`` only (no ``token_type_ids``: the model takes none)."""
+    # Imported here: transformers takes seconds to import and data preparation never needs it.
+    from transformers import PreTrainedTokenizerFast
+
+    p = Path(tokenizer_file)
+    tok, _ = _read_file(p)
+    eos = _pick_eos(tok, eos_token, None, str(p))
+    if tok.token_to_id(eos) is None:
+        raise TokenizerError(f"end-of-document token {eos!r} is not in the vocabulary of {p}")
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, model_input_names=["input_ids", "attention_mask"])
+    hf.eos_token = eos
+    if hf.pad_token is None:
+        hf.pad_token = eos
+    return hf
 
 
 def _is_path(spec: str) -> bool:
@@ -169,8 +207,6 @@ def train_bpe(texts, vocab_size: int) -> LoadedTokenizer:
     """Byte-level BPE (GPT-2 style pre-tokenization, no normalizer, so decoding gives back the
     exact text) trained on the iterable ``texts``. Special tokens: ``<|endoftext|>`` = 0
     (end of document) and ``<|padding|>`` = 1. The result is deterministic for the same texts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     check_vocab_size(vocab_size)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -204,8 +240,3 @@ def choose_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
             f"a vocabulary of {vocab_size} tokens does not fit {dt} (largest id {np.iinfo(dt).max}); use a wider dtype"
         )
     return dt
-
-
-def canonical_json(obj) -> str:
-    """Stable JSON text (sorted keys, fixed separators) for manifests and fingerprints."""
-    return json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n"

@@ -78,7 +78,8 @@ def data_fingerprint(ds) -> dict:
     with open(ds.tokenizer_file, "rb") as f:
         tokenizer_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     splits = {
-        name: {k: sp[k] for k in _SPLIT_KEYS if k in sp} for name, sp in sorted(ds.manifest.get("splits", {}).items())
+        name: {k: getattr(sp, k) for k in _SPLIT_KEYS if getattr(sp, k) is not None}
+        for name, sp in sorted(ds.manifest.splits.items())
     }
     return {"tokenizer_sha256": tokenizer_sha256, "vocab_size": ds.vocab_size, "splits": splits}
 
