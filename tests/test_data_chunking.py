@@ -83,7 +83,8 @@ def test_one_huge_json_document_needs_little_memory(tmp_path):
     # ~70 bytes per byte here (1.9 GB; ~150 and 7.7 GB for 50 MB with the GPT-NeoX tokenizer).
     assert peak - base < 6 * doc_mb + 100, f"{doc_mb:.0f} MB document: peak {peak:.0f} MB, base {base:.0f} MB"
     ds = IndexedDataset(tmp_path / "out" / "train")
-    assert ds.num_documents == 1 and ds.num_tokens == 24 * 200_000 + 1
+    assert ds.num_documents == 1
+    assert ds.num_tokens == 24 * 200_000 + 1
 
 
 def _tokenizers():
@@ -128,8 +129,10 @@ def test_piece_spans_cut_before_single_spaces_or_at_the_size():
     text = _text(30_000)
     for size in (50, 257, 4096):
         spans = list(piece_spans(text, size))
-        assert "".join(text[a:b] for a, b in spans) == text and spans[0][0] == 0
-        assert all(b - a <= size and b == c for (a, b), (c, _) in zip(spans, spans[1:]))
+        assert "".join(text[a:b] for a, b in spans) == text
+        assert spans[0][0] == 0
+        assert all(b - a <= size for a, b in spans)
+        assert all(b == c for (_, b), (c, _) in zip(spans, spans[1:]))  # each piece starts where the last ended
 
         def cuttable(i):  # just before " " between two non-blanks
             return text[i] == " " and not text[i - 1].isspace() and not text[i + 1].isspace()

@@ -25,17 +25,20 @@ def test_packed_samples(prepared):
     ds = PackedDataset(prepared, "train", seq_len=32)
     flat = IndexedDataset(prepared / "train").tokens
     assert ds.num_samples == (len(flat) - 1) // 32 == len(ds)
-    assert ds.vocab_size == ds.manifest["tokenizer"]["vocab_size"] and ds.eos_id == 0
+    assert ds.vocab_size == ds.manifest.tokenizer.vocab_size
+    assert ds.eos_id == 0
     assert ds.tokenizer_file.endswith("tokenizer.json")
     for i in (0, 1, ds.num_samples - 1):
         x = ds[i]
-        assert x.dtype == np.int64 and x.shape == (33,)
+        assert x.dtype == np.int64
+        assert x.shape == (33,)
         np.testing.assert_array_equal(x, flat[i * 32 : i * 32 + 33])
     np.testing.assert_array_equal(ds[0][-1:], ds[1][:1])  # one token of overlap
     with pytest.raises(IndexError):
         ds[ds.num_samples]
     clone = pickle.loads(pickle.dumps(ds))
-    assert len(pickle.dumps(ds)) < 100_000 and np.array_equal(clone[5], ds[5])
+    assert len(pickle.dumps(ds)) < 100_000
+    assert np.array_equal(clone[5], ds[5])
     val = PackedDataset(prepared, "val", seq_len=8)
     assert val.num_samples > 0
 
@@ -58,7 +61,8 @@ def test_permutation_is_a_bijection():
         assert sorted(p.tolist()) == list(range(n))
     a, b = permute(np.arange(1000), 1000, 5, 0), permute(np.arange(1000), 1000, 5, 1)
     c = permute(np.arange(1000), 1000, 6, 0)
-    assert not np.array_equal(a, b) and not np.array_equal(a, c)
+    assert not np.array_equal(a, b)
+    assert not np.array_equal(a, c)
 
 
 def test_ranks_never_overlap_and_each_epoch_is_a_permutation():
@@ -97,7 +101,8 @@ def test_resume_reproduces_the_uninterrupted_run():
 def test_get_batch(prepared):
     ds = PackedDataset(prepared, "train", seq_len=16)
     b = get_batch(ds, seed=3, step=4, rank=1, world_size=2, batch_size=5)
-    assert b.dtype == torch.long and b.shape == (5, 17)
+    assert b.dtype == torch.long
+    assert b.shape == (5, 17)
     idx = sample_indices(ds.num_samples, 3, 4, 1, 2, 5)
     np.testing.assert_array_equal(b.numpy(), np.stack([ds[i] for i in idx]))
     assert torch.equal(b, get_batch(ds, 3, 4, 1, 2, 5))

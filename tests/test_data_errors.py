@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from test_data_outputs import _beside, _snapshot, built  # noqa: F401  (built is a fixture)
-from test_data_prepare import BAD, _jsonl
+from data_fixtures import BAD, ERROR, beside, build_prepared, cli_args, jsonl, one_error_line, snapshot
 
 from hyena_rtf.data_prep.prepare import main
 from hyena_rtf.data_prep.tokenizer import TokenizerError
@@ -19,14 +18,10 @@ from hyena_rtf.data_prep.tokenizer import TokenizerError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
-    return err[0]
-
-
-def _args(inp, out, tok):
-    return ["--input", str(inp), "--tokenizer", str(tok), "--out", str(out), "--workers", "1", "--no-progress"]
+@pytest.fixture
+def built(tmp_path):
+    """A complete prepared directory made by the CLI, the arguments that made it, its files."""
+    return build_prepared(tmp_path)
 
 
 @pytest.mark.parametrize("case", ["zstd wrapping garbage", "every record bad", "all filtered out"])
@@ -39,7 +34,7 @@ def test_no_document_written_is_an_error(built, case, capsys):
         inp.write_bytes(zstandard.ZstdCompressor().compress(bytes(rng.randrange(256) for _ in range(20000))))
         expect = r"\d+ records read, \d+ invalid_(utf8|json)"
     elif case == "every record bad":
-        inp = _jsonl(tmp / "bad.jsonl", list(BAD.values()))
+        inp = jsonl(tmp / "bad.jsonl", list(BAD.values()))
         expect = (
             "6 records read, 1 empty_document; 1 invalid_json; 1 invalid_utf8; 1 missing_text; "
             "1 non_string_text; 1 not_an_object"
@@ -48,11 +43,12 @@ def test_no_document_written_is_an_error(built, case, capsys):
         inp, extra = tmp / "a.jsonl", ["--pile-set", "Nope"]
         expect = r"150 records read, 150 not in --pile-set \['Nope'\]"
     capsys.readouterr()
-    assert main(_args(inp, tmp / "empty", tok) + extra) == 2
-    line = _one_error_line(capsys)
+    assert main(cli_args(inp, tmp / "empty", tok) + extra) == 2
+    line = one_error_line(capsys)
     assert f"no documents written from {Path(inp).resolve()}" in line
     assert re.search(expect, line), line
-    assert not (tmp / "empty").exists() and not any(n.endswith(".partial") for n in _beside(built[0]))
+    assert not (tmp / "empty").exists()
+    assert not any(n.endswith(".partial") for n in beside(built[0]))
 
 
 @pytest.mark.parametrize("cut", ["inside the header", "inside a block", "the last byte"])
@@ -64,8 +60,8 @@ def test_a_truncated_zstd_stream_is_an_error(built, cut, capsys):
     keep = {"inside the header": 3, "inside a block": len(blob) // 2, "the last byte": len(blob) - 1}[cut]
     (tmp / "t.jsonl.zst").write_bytes(blob[:keep])
     capsys.readouterr()
-    assert main(_args(tmp / "t.jsonl.zst", tmp / "t", tmp / "tok.json")) == 2
-    assert "t.jsonl.zst:" in _one_error_line(capsys)
+    assert main(cli_args(tmp / "t.jsonl.zst", tmp / "t", tmp / "tok.json")) == 2
+    assert "t.jsonl.zst:" in one_error_line(capsys)
     assert not (tmp / "t").exists()
 
 
@@ -74,14 +70,15 @@ def test_a_binary_tokenizer_file_is_a_one_line_error(tmp_path):
     (tmp_path / "a.txt").write_text("some text")
     r = subprocess.run(
         [sys.executable, "-m", "hyena_rtf.data_prep.prepare"]
-        + _args(tmp_path / "a.txt", tmp_path / "out", tmp_path / "tok.bin"),
+        + cli_args(tmp_path / "a.txt", tmp_path / "out", tmp_path / "tok.bin"),
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert r.returncode == 2, r.stderr
-    assert r.stderr.splitlines() == [r.stderr.strip()] and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.splitlines() == [r.stderr.strip()], r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
     assert f"{tmp_path / 'tok.bin'}: not a tokenizers JSON file (binary" in r.stderr
 
 
@@ -90,16 +87,17 @@ def test_debug_environment_variable_reraises(tmp_path, monkeypatch):
     (tmp_path / "a.txt").write_text("some text")
     monkeypatch.setenv("HYENA_RTF_DEBUG", "1")
     with pytest.raises(TokenizerError, match="not a tokenizers JSON file"):
-        main(_args(tmp_path / "a.txt", tmp_path / "out", tmp_path / "tok.bin"))
+        main(cli_args(tmp_path / "a.txt", tmp_path / "out", tmp_path / "tok.bin"))
 
 
 @pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux sysfs (not writable, even by root)")
 @pytest.mark.parametrize("out", ["/sys/hyena_rtf_test/out", "/sys/kernel/hyena_rtf_test"])
 def test_a_read_only_output_disk_is_a_one_line_error(built, out, capsys):
     capsys.readouterr()
-    assert main(_args(built[0].parent / "a.jsonl", out, built[0].parent / "tok.json")) == 2
-    line = _one_error_line(capsys)
-    assert line.startswith("error: /sys/") and ("not permitted" in line or "denied" in line), line
+    assert main(cli_args(built[0].parent / "a.jsonl", out, built[0].parent / "tok.json")) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"{ERROR}/sys/"), line
+    assert "not permitted" in line or "denied" in line, line
 
 
 def test_a_full_output_disk_is_a_one_line_error_and_keeps_the_dataset(built, monkeypatch, capsys):
@@ -118,7 +116,9 @@ def test_a_full_output_disk_is_a_one_line_error_and_keeps_the_dataset(built, mon
         rc = main(args + ["--force"])
     finally:
         monkeypatch.undo()
-        assert _snapshot(out) == before and not any(n.endswith(".partial") for n in _beside(out))
+        assert snapshot(out) == before
+        assert not any(n.endswith(".partial") for n in beside(out))
     assert rc == 2
-    line = _one_error_line(capsys)
-    assert "train.bin" in line and line.endswith("No space left on device"), line
+    line = one_error_line(capsys)
+    assert "train.bin" in line, line
+    assert line.endswith("No space left on device"), line

@@ -38,9 +38,11 @@ def test_writer_layout_and_reader_round_trip(tmp_path):
     w.add(np.concatenate(docs[:2]), [5, 1])
     w.add(np.concatenate(docs[2:]), [17, 3])
     # nothing under a final name before finalize
-    assert not (tmp_path / "x.bin").exists() and not (tmp_path / "x.idx").exists()
+    assert not (tmp_path / "x.bin").exists()
+    assert not (tmp_path / "x.idx").exists()
     info = w.finalize()
-    assert info["documents"] == 4 and info["tokens"] == 26
+    assert info["documents"] == 4
+    assert info["tokens"] == 26
     raw = (tmp_path / "x.idx").read_bytes()
     magic, version, code, n_seq, n_doc = struct.unpack("<9sQBQQ", raw[:34])
     assert (magic, version, code, n_seq, n_doc) == (b"MMIDIDX\x00\x00", 1, 8, 4, 5)
@@ -52,7 +54,9 @@ def test_writer_layout_and_reader_round_trip(tmp_path):
     assert doc_idx.tolist() == [0, 1, 2, 3, 4]
     assert (tmp_path / "x.bin").stat().st_size == 26 * 2
     ds = IndexedDataset(tmp_path / "x")
-    assert ds.dtype == np.uint16 and len(ds) == 4 and ds.num_tokens == 26
+    assert ds.dtype == np.uint16
+    assert len(ds) == 4
+    assert ds.num_tokens == 26
     for i, d in enumerate(docs):
         np.testing.assert_array_equal(ds[i], d)
         np.testing.assert_array_equal(ds.document(i), d)
@@ -63,12 +67,15 @@ def test_reads_hand_written_megatron_files_with_multi_sequence_documents(tmp_pat
     seqs = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [70000, 11]]
     _write_megatron_by_hand(tmp_path / "meg", seqs, [0, 2, 3])  # docs: seqs 0-1, 2, 3-4
     ds = IndexedDataset(tmp_path / "meg")
-    assert ds.dtype == np.int32 and ds.num_sequences == 5 and ds.num_documents == 3
+    assert ds.dtype == np.int32
+    assert ds.num_sequences == 5
+    assert ds.num_documents == 3
     assert ds[4].tolist() == [70000, 11]
     assert ds.document(0).tolist() == [1, 2, 3, 4, 5]
     assert ds.document(2).tolist() == [7, 8, 9, 10, 70000, 11]
     assert ds.tokens.tolist() == sum(seqs, [])
-    assert MMapIndexedDataset is IndexedDataset  # the Megatron name, used by evaluate_lm.py
+    # the Megatron name, which evaluate_lm.py uses, reads the same files
+    assert MMapIndexedDataset(tmp_path / "meg").document(2).tolist() == [7, 8, 9, 10, 70000, 11]
 
 
 def test_link_existing_indexed_files_for_training(tmp_path):
@@ -81,7 +88,9 @@ def test_link_existing_indexed_files_for_training(tmp_path):
     m = link_indexed(tmp_path / "linked", str(tmp_path / "pile_train"), str(tok_dir))
     assert m["splits"]["train"]["tokens"] == 250
     ds = PackedDataset(tmp_path / "linked", "train", seq_len=16)
-    assert ds.num_samples == (250 - 1) // 16 and ds.vocab_size == tok.vocab_size and ds.eos_id == 0
+    assert ds.num_samples == (250 - 1) // 16
+    assert ds.vocab_size == tok.vocab_size
+    assert ds.eos_id == 0
     np.testing.assert_array_equal(ds[2], np.arange(32, 49))
     with pytest.raises(KeyError, match="no split 'val'"):
         PackedDataset(tmp_path / "linked", "val", seq_len=16)
@@ -126,7 +135,9 @@ def test_an_index_of_another_dataset_is_rejected(tmp_path):
     with pytest.raises(IndexFormatError) as e:
         IndexedDataset(tmp_path / "big")
     msg = str(e.value)
-    assert "\n" not in msg and str(tmp_path / "big.idx") in msg and str(tmp_path / "big.bin") in msg
+    assert "\n" not in msg
+    assert str(tmp_path / "big.idx") in msg
+    assert str(tmp_path / "big.bin") in msg
     assert "describes 5 uint16 tokens = 10 bytes, the .bin has 8000 bytes" in msg
 
 
@@ -149,7 +160,8 @@ def test_inconsistent_offsets_sizes_or_doc_idx_are_rejected(tmp_path, damage):
     (tmp_path / "a.idx").write_bytes(bytes(raw))
     with pytest.raises(IndexFormatError, match=r"corrupt index") as e:
         IndexedDataset(tmp_path / "a")
-    assert str(tmp_path / "a.idx") in str(e.value) and str(tmp_path / "a.bin") in str(e.value)
+    assert str(tmp_path / "a.idx") in str(e.value)
+    assert str(tmp_path / "a.bin") in str(e.value)
 
 
 def test_a_pair_that_disagrees_with_its_manifest_is_rejected(tmp_path):

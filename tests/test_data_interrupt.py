@@ -15,6 +15,10 @@ import pytest
 
 from hyena_rtf.data_prep.tokenizer import train_bpe
 
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc"),
+]
 ROOT = Path(__file__).resolve().parents[1]
 FINAL = ["manifest.json", "train.bin", "train.idx", "val.bin", "val.idx"]
 
@@ -51,10 +55,14 @@ def _cmd(d, out):
     ]
 
 
-def _start(d, out):
-    return subprocess.Popen(
+def _start_and_wait_mid_way(d, out):
+    """The CLI building ``out``, once it is writing the train shard (in a session of its own,
+    so that the whole job can be killed at once)."""
+    proc = subprocess.Popen(
         _cmd(d, out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )
+    _wait_for_partial_output(out, proc)
+    return proc
 
 
 def _staging(out):
@@ -89,7 +97,8 @@ def _assert_nothing_complete(out):
 def _rerun_matches_reference(d, out, ref):
     r = subprocess.run(_cmd(d, out), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert not list(out.glob("*.partial")) and not _staging(out)  # the killed run's leftovers too
+    assert not list(out.glob("*.partial"))
+    assert not _staging(out)  # the killed run's leftovers too
     for n in FINAL:
         assert (out / n).read_bytes() == (ref / n).read_bytes(), n
 
@@ -101,12 +110,9 @@ def reference(job):
     return job / "ref"
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_killing_the_job_mid_way(job, reference):
     out = job / "killed"
-    proc = _start(job, out)
-    _wait_for_partial_output(out, proc)
+    proc = _start_and_wait_mid_way(job, out)
     os.killpg(proc.pid, signal.SIGKILL)  # main process and its worker pool at once
     proc.wait(timeout=30)
     _assert_nothing_complete(out)
@@ -114,17 +120,15 @@ def test_killing_the_job_mid_way(job, reference):
     _rerun_matches_reference(job, out, reference)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_killing_a_pool_worker_mid_way(job, reference):
     out = job / "worker_killed"
-    proc = _start(job, out)
-    _wait_for_partial_output(out, proc)
+    proc = _start_and_wait_mid_way(job, out)
     workers = [c for c in _children(proc.pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
     assert workers, "no worker process found"
     os.kill(workers[0], signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and b"worker process died" in err
+    assert proc.returncode == 1
+    assert b"worker process died" in err
     _assert_nothing_complete(out)
     assert not _staging(out)  # the main process cleaned up after itself
     _rerun_matches_reference(job, out, reference)

@@ -6,45 +6,16 @@ import stat
 
 import pytest
 import zstandard
-from test_data_prepare import _corpus, _jsonl
+from data_fixtures import ERROR, beside, build_prepared, snapshot
 
 from hyena_rtf.data_prep.prepare import main
-from hyena_rtf.data_prep.tokenizer import train_bpe
 from hyena_rtf.utils import atomic
-
-
-def _snapshot(folder):
-    """Every file under ``folder`` with its bytes (the lock file aside: it only serializes)."""
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != ".lock"
-    }
-
-
-def _beside(out):
-    """What is next to ``out`` in its folder, besides the inputs these tests make."""
-    return sorted(p.name for p in out.parent.iterdir() if p.name not in ("a.jsonl", "tok.json"))
 
 
 @pytest.fixture
 def built(tmp_path):
-    """A complete prepared directory made by the CLI, and the arguments that made it."""
-    inp = _jsonl(tmp_path / "a.jsonl", _corpus(150))
-    (tmp_path / "tok.json").write_text(train_bpe([" ".join(d["text"] for d in _corpus(50))], 300).json_text)
-    args = [
-        "--input",
-        inp,
-        "--tokenizer",
-        str(tmp_path / "tok.json"),
-        "--out",
-        str(tmp_path / "out"),
-        "--workers",
-        "1",
-        "--no-progress",
-    ]
-    assert main(args) == 0
-    return tmp_path / "out", args, _snapshot(tmp_path / "out")
+    """A complete prepared directory made by the CLI, the arguments that made it, its files."""
+    return build_prepared(tmp_path)
 
 
 def _corrupt_shard(path):
@@ -73,22 +44,25 @@ def test_a_failed_rerun_keeps_the_existing_dataset(built, case, capsys):
         args += ["--eos-token", "<nope>"]
     capsys.readouterr()
     rc = main(args)
-    assert _snapshot(out) == before  # every file still there, byte for byte
-    assert not any(n.endswith(".partial") for n in _beside(out))  # and nothing left beside it
+    assert snapshot(out) == before  # every file still there, byte for byte
+    assert not any(n.endswith(".partial") for n in beside(out))  # and nothing left beside it
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert rc == 2, err
+    assert len(err) == 1, err
+    assert err[0].startswith(ERROR), err
 
 
 def test_a_rebuild_swaps_the_new_dataset_in_and_leaves_nothing_behind(built, capsys):
     out, args, before = built
     assert main(args + ["--val-fraction", "0.2"]) == 0
-    after = _snapshot(out)
-    assert sorted(after) == sorted(before) and after["train.bin"] != before["train.bin"]
-    assert _beside(out) == [".out.lock", "out"]
+    after = snapshot(out)
+    assert sorted(after) == sorted(before)
+    assert after["train.bin"] != before["train.bin"]
+    assert beside(out) == [".out.lock", "out"]
 
 
 def test_refuses_a_folder_that_is_not_a_data_prep_output(built, capsys):
-    _, args, _ = built
+    _, args, before = built
     mine = built[0].parent / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("my notes")
@@ -96,11 +70,14 @@ def test_refuses_a_folder_that_is_not_a_data_prep_output(built, capsys):
     args = [a if a != str(built[0]) else str(mine) for a in args]
     capsys.readouterr()
     rc = main(args)
-    assert _snapshot(mine) == {"notes.txt": b"my notes", "tokenizer.json": b"{}"}
+    assert snapshot(mine) == {"notes.txt": b"my notes", "tokenizer.json": b"{}"}
     err = capsys.readouterr().err
-    assert rc == 2 and "is not a data_prep output" in err and "--overwrite" in err and str(mine) in err
+    assert rc == 2
+    assert "is not a data_prep output" in err
+    assert "--overwrite" in err
+    assert str(mine) in err
     assert main(args + ["--overwrite"]) == 0
-    assert (mine / "manifest.json").is_file() and not (mine / "notes.txt").exists()
+    assert snapshot(mine) == before  # the same files as a build into a fresh folder; notes.txt gone
 
 
 def test_refuses_a_data_prep_output_holding_other_files(built, capsys):
@@ -108,8 +85,9 @@ def test_refuses_a_data_prep_output_holding_other_files(built, capsys):
     (out / "notes.txt").write_text("mine")
     capsys.readouterr()
     rc = main(args + ["--force"])
-    assert _snapshot(out) == {**before, "notes.txt": b"mine"}
-    assert rc == 2 and "also holds files it did not write (notes.txt)" in capsys.readouterr().err
+    assert snapshot(out) == {**before, "notes.txt": b"mine"}
+    assert rc == 2
+    assert "also holds files it did not write (notes.txt)" in capsys.readouterr().err
 
 
 def test_a_folder_left_by_an_old_interrupted_run_is_rebuilt(built):
@@ -119,7 +97,7 @@ def test_a_folder_left_by_an_old_interrupted_run_is_rebuilt(built):
     (leftover / ".lock").write_text("")
     (leftover / "train.bin.partial").write_bytes(b"x" * 10)
     assert main([a if a != str(out) else str(leftover) for a in args]) == 0
-    assert _snapshot(leftover) == before
+    assert snapshot(leftover) == before
 
 
 # ------------------------------------------------------------------------------ atomic module
@@ -132,9 +110,11 @@ def test_atomic_file_commits_whole_or_not_at_all(tmp_path):
         with atomic.AtomicFile(target, "w", encoding="utf-8") as af:
             af.write("half of the new")
             raise RuntimeError("killed")
-    assert target.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["f.txt"]
+    assert target.read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["f.txt"]
     atomic.write_text(target, "new")
-    assert target.read_text() == "new" and sorted(os.listdir(tmp_path)) == ["f.txt"]
+    assert target.read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["f.txt"]
     umask = os.umask(0o022)
     os.umask(umask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
@@ -165,11 +145,14 @@ def test_replace_dir_swaps_or_keeps_the_old_folder(tmp_path, monkeypatch, exchan
         with atomic.replace_dir(target) as stage:
             (stage / "new").write_text("2")
             raise KeyError("build failed")
-    assert os.listdir(tmp_path) == ["d"] and os.listdir(target) == ["old"]
+    assert os.listdir(tmp_path) == ["d"]
+    assert os.listdir(target) == ["old"]
     with atomic.replace_dir(target) as stage:
-        assert stage.parent == tmp_path and stage.name.startswith(".d.")
+        assert stage.parent == tmp_path
+        assert stage.name.startswith(".d.")
         (stage / "new").write_text("2")
-    assert os.listdir(tmp_path) == ["d"] and os.listdir(target) == ["new"]
+    assert os.listdir(tmp_path) == ["d"]
+    assert os.listdir(target) == ["new"]
     with atomic.replace_dir(tmp_path / "fresh") as stage:
         (stage / "x").write_text("3")
     assert sorted(os.listdir(tmp_path)) == ["d", "fresh"]

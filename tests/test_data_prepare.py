@@ -1,11 +1,12 @@
 """prepare(): round trip, bad input policy, dtype choice, determinism, up-to-date detection."""
 
 import json
-import random
 
 import numpy as np
 import pytest
 import zstandard
+from data_fixtures import BAD, corpus, jsonl
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from hyena_rtf.data_prep.indexed import IndexedDataset
 from hyena_rtf.data_prep.prepare import prepare
@@ -22,43 +23,6 @@ GOOD = [
 ]
 
 
-def _jsonl(path, lines, zst=False):
-    data = b"".join(x if isinstance(x, bytes) else json.dumps(x).encode() + b"\n" for x in lines)
-    path.write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(data) if zst else data)
-    return str(path)
-
-
-def _corpus(n, seed=0):
-    rng = random.Random(seed)
-    words = [
-        "the",
-        "data",
-        "model",
-        "token",
-        "shard",
-        "über",
-        "naïve",
-        "🙂",
-        "pile",
-        "hyena",
-        "\n",
-        "  ",
-        "filter",
-        "rational",
-        "transfer",
-        "function",
-        "42",
-        "x=1;",
-    ]
-    return [
-        {
-            "text": " ".join(rng.choice(words) for _ in range(rng.randint(5, 120))),
-            "meta": {"pile_set_name": rng.choice(["Pile-CC", "Github", "ArXiv"])},
-        }
-        for _ in range(n)
-    ]
-
-
 def _all_docs(out):
     """Every written document as a token list, over both splits."""
     docs = []
@@ -69,60 +33,54 @@ def _all_docs(out):
 
 
 def test_round_trip_with_trained_bpe(tmp_path):
-    from tokenizers import Tokenizer
-
-    docs = [{"text": t} for t in GOOD] + _corpus(60)
-    inp = _jsonl(tmp_path / "c.jsonl.zst", docs, zst=True)
+    docs = [{"text": t} for t in GOOD] + corpus(60)
+    inp = jsonl(tmp_path / "c.jsonl.zst", docs, zst=True)
     m = prepare([inp], tmp_path / "out", vocab_size=400, workers=1, val_fraction=0.2, verbose=False)
     tok = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
     eos = m["tokenizer"]["eos_id"]
-    assert m["tokenizer"]["eos_token"] == "<|endoftext|>" and eos == 0
-    assert m["dtype"] == "uint16" and m["documents"]["written"] == len(docs)
-    assert m["splits"]["val"]["documents"] > 0 and m["splits"]["train"]["documents"] > 0
+    assert m["tokenizer"]["eos_token"] == "<|endoftext|>"
+    assert eos == 0
+    assert m["dtype"] == "uint16"
+    assert m["documents"]["written"] == len(docs)
+    assert m["splits"]["val"]["documents"] > 0
+    assert m["splits"]["train"]["documents"] > 0
     decoded = []
     for ids in _all_docs(tmp_path / "out"):
-        assert ids[-1] == eos and eos not in ids[:-1]  # the literal "<|endoftext|>" is plain text
+        assert ids[-1] == eos
+        assert eos not in ids[:-1]  # the literal "<|endoftext|>" is plain text
         decoded.append(tok.decode(ids[:-1], skip_special_tokens=False))
     assert sorted(decoded) == sorted(d["text"] for d in docs)
     total = sum(len(x) for x in _all_docs(tmp_path / "out"))
     assert m["tokens"] == total == m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"]
-    assert m["sources"][0]["sha256"] and m["sources"][0]["documents"] == len(docs)
-
-
-BAD = {
-    "invalid_json": b'{"text": "truncated line\n',
-    "not_an_object": b'"just a string"\n',
-    "missing_text": b'{"meta": {"pile_set_name": "Github"}}\n',
-    "non_string_text": b'{"text": ["a", "list"]}\n',
-    "invalid_utf8": b'{"text": "bad \xc3\x28 bytes"}\n',
-    "empty_document": b'{"text": ""}\n',
-}
+    assert len(m["sources"][0]["sha256"]) == 64
+    assert m["sources"][0]["documents"] == len(docs)
 
 
 def test_bad_documents_are_skipped_and_counted(tmp_path):
     lines = (
         [{"text": "good one"}] + list(BAD.values()) + [b'{"text": "lone \\ud800 surrogate"}\n', {"text": "good two"}]
     )
-    inp = _jsonl(tmp_path / "bad.jsonl", lines)
+    inp = jsonl(tmp_path / "bad.jsonl", lines)
     m = prepare([inp], tmp_path / "out", vocab_size=300, workers=1, val_fraction=0.0, verbose=False)
     expect = {k: 1 for k in BAD}
     expect["invalid_utf8"] = 2
     assert m["documents"]["skipped"] == expect
-    assert m["documents"]["written"] == 2 and m["sources"][0]["skipped"] == 7
+    assert m["documents"]["written"] == 2
+    assert m["sources"][0]["skipped"] == 7
 
 
 @pytest.mark.parametrize("reason", sorted(BAD))
 def test_bad_document_fails_with_file_and_line(tmp_path, reason):
-    inp = _jsonl(tmp_path / "bad.jsonl", [{"text": "good"}, BAD[reason], {"text": "good"}])
+    inp = jsonl(tmp_path / "bad.jsonl", [{"text": "good"}, BAD[reason], {"text": "good"}])
     with pytest.raises(DocumentError, match=rf"bad\.jsonl:2: .*reason {reason}"):
         prepare([inp], tmp_path / "out", tokenizer=None, vocab_size=300, workers=1, on_error="fail", verbose=False)
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_unreadable_files_fail_by_default_or_are_recorded(tmp_path):
-    _jsonl(tmp_path / "a.jsonl.zst", _corpus(20), zst=True)
+    jsonl(tmp_path / "a.jsonl.zst", corpus(20), zst=True)
     blob = zstandard.ZstdCompressor(write_checksum=True).compress(
-        b"".join(json.dumps(d).encode() + b"\n" for d in _corpus(2000, seed=1))
+        b"".join(json.dumps(d).encode() + b"\n" for d in corpus(2000, seed=1))
     )
     (tmp_path / "b.jsonl.zst").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(SourceError, match="b.jsonl.zst:.*truncated zstd"):
@@ -138,15 +96,16 @@ def test_unreadable_files_fail_by_default_or_are_recorded(tmp_path):
         verbose=False,
     )
     a, b = m["sources"]
-    assert a["path"] == str((tmp_path / "a.jsonl.zst").resolve()) and a["error"] is None
-    assert "truncated zstd" in b["error"] and b["read"] == "partial (unreadable)"
-    assert m["files_with_errors"] == 1 and 0 < b["documents"] < 2000  # lines before the cut kept
+    assert a["path"] == str((tmp_path / "a.jsonl.zst").resolve())
+    assert a["error"] is None
+    assert "truncated zstd" in b["error"]
+    assert b["read"] == "partial (unreadable)"
+    assert m["files_with_errors"] == 1
+    assert 0 < b["documents"] < 2000  # lines before the cut kept
     assert m["documents"]["written"] == 20 + b["documents"]
 
 
 def _wordlevel_tokenizer(path, n):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     vocab = {"<|endoftext|>": 0, "[UNK]": 1}
     vocab.update({f"w{i}": i + 2 for i in range(n - 2)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
@@ -157,17 +116,18 @@ def _wordlevel_tokenizer(path, n):
 
 def test_vocabulary_must_fit_the_token_dtype(tmp_path):
     tok = _wordlevel_tokenizer(tmp_path / "big.json", 70000)
-    inp = _jsonl(tmp_path / "c.jsonl", [{"text": "w1 w69997 w65536 nope"}, {"text": "w3"}])
+    inp = jsonl(tmp_path / "c.jsonl", [{"text": "w1 w69997 w65536 nope"}, {"text": "w3"}])
     with pytest.raises(TokenizerError, match="70000 tokens does not fit uint16"):
         prepare([inp], tmp_path / "o16", tokenizer=tok, dtype="uint16", workers=1, verbose=False)
     m = prepare([inp], tmp_path / "o32", tokenizer=tok, workers=1, val_fraction=0.0, verbose=False)
     assert m["dtype"] == "uint32"
     ds = IndexedDataset(tmp_path / "o32" / "train")
-    assert ds.dtype == np.uint32 and ds[0].tolist() == [3, 69999, 65538, 1, 0]
+    assert ds.dtype == np.uint32
+    assert ds[0].tolist() == [3, 69999, 65538, 1, 0]
 
 
 def test_determinism_across_runs_and_worker_counts(tmp_path):
-    inp = [_jsonl(tmp_path / "a.jsonl.zst", _corpus(300), zst=True), _jsonl(tmp_path / "b.jsonl", _corpus(200, seed=2))]
+    inp = [jsonl(tmp_path / "a.jsonl.zst", corpus(300), zst=True), jsonl(tmp_path / "b.jsonl", corpus(200, seed=2))]
     kw = dict(vocab_size=500, val_fraction=0.1, verbose=False, chunk_bytes=4096)
     prepare(inp, tmp_path / "w1", workers=1, **kw)
     prepare(inp, tmp_path / "w2", workers=2, **kw)
@@ -185,7 +145,7 @@ def test_determinism_across_runs_and_worker_counts(tmp_path):
 
 
 def test_up_to_date_detection_and_rebuild(tmp_path, capsys):
-    inp = _jsonl(tmp_path / "a.jsonl", _corpus(100))
+    inp = jsonl(tmp_path / "a.jsonl", corpus(100))
     kw = dict(vocab_size=400, workers=1, verbose=True)
     m1 = prepare([inp], tmp_path / "out", **kw)
     capsys.readouterr()
@@ -195,24 +155,27 @@ def test_up_to_date_detection_and_rebuild(tmp_path, capsys):
     assert (tmp_path / "out" / "train.bin").stat().st_mtime_ns == mtime
     # other settings: rebuilt
     m2 = prepare([inp], tmp_path / "out", **{**kw, "vocab_size": 350})
-    assert m2["tokenizer"]["vocab_size"] <= 350 and "up to date" not in capsys.readouterr().err
+    assert m2["tokenizer"]["vocab_size"] <= 350
+    assert "up to date" not in capsys.readouterr().err
     # an incomplete directory (shard missing) is rebuilt, and comes back identical
     (tmp_path / "out" / "val.idx").unlink()
     assert prepare([inp], tmp_path / "out", **{**kw, "vocab_size": 350}) == m2
     # a changed input is noticed
-    _jsonl(tmp_path / "a.jsonl", _corpus(101))
+    jsonl(tmp_path / "a.jsonl", corpus(101))
     m3 = prepare([inp], tmp_path / "out", **{**kw, "vocab_size": 350})
     assert m3["documents"]["records"] == 101
 
 
 def test_pile_set_filter_caps_and_text_inputs(tmp_path):
-    docs = _corpus(200)
-    inp = _jsonl(tmp_path / "a.jsonl", docs)
+    docs = corpus(200)
+    inp = jsonl(tmp_path / "a.jsonl", docs)
     m = prepare([inp], tmp_path / "f", vocab_size=300, workers=1, pile_sets=["Github"], verbose=False)
     n_gh = sum(d["meta"]["pile_set_name"] == "Github" for d in docs)
-    assert m["documents"]["written"] == n_gh and m["documents"]["filtered_by_pile_set"] == 200 - n_gh
+    assert m["documents"]["written"] == n_gh
+    assert m["documents"]["filtered_by_pile_set"] == 200 - n_gh
     m = prepare([inp], tmp_path / "c", vocab_size=300, workers=1, max_docs=50, verbose=False)
-    assert m["documents"]["records"] == 50 and m["sources"][0]["read"].startswith("partial")
+    assert m["documents"]["records"] == 50
+    assert m["sources"][0]["read"].startswith("partial")
     (tmp_path / "t.txt").write_text("\n\n".join(f"paragraph {i} " * 40 for i in range(60)))
     m = prepare(
         [str(tmp_path / "t.txt")],
@@ -224,11 +187,14 @@ def test_pile_set_filter_caps_and_text_inputs(tmp_path):
         verbose=False,
     )
     # a single small text file still gets a validation document
-    assert m["splits"]["val"]["documents"] >= 1 and m["splits"]["train"]["documents"] > 10
+    assert m["splits"]["val"]["documents"] >= 1
+    assert m["splits"]["train"]["documents"] > 10
 
 
 def test_default_corpus_prepare_small(tmp_path):
     m = prepare(None, tmp_path / "d", vocab_size=512, workers=2, max_bytes=400_000, verbose=False)
-    assert m["corpus"]["name"] == "python-stdlib" and m["settings"]["inputs"] == "default"
+    assert m["corpus"]["name"] == "python-stdlib"
+    assert m["settings"]["inputs"] == "default"
     assert m["splits"]["train"]["tokens"] > 50_000
-    assert m["sources"][0]["read"] == "full" and m["sources"][-1]["read"] == "no (cap)"
+    assert m["sources"][0]["read"] == "full"
+    assert m["sources"][-1]["read"] == "no (cap)"

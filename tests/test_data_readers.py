@@ -6,7 +6,7 @@ import pytest
 import zstandard
 
 from hyena_rtf.data_prep import default_corpus
-from hyena_rtf.data_prep.readers import SourceError, _Counter, expand_inputs, iter_records, validate_record
+from hyena_rtf.data_prep.readers import Kind, SourceError, _Counter, expand_inputs, iter_records, validate_record
 
 
 def _pile_lines(n, start=0):
@@ -39,9 +39,11 @@ def test_pile_zst_multi_frame_and_checksum(tmp_path):
     p.write_bytes(c.compress(blob[:1001]) + c.compress(blob[1001:]))
     srcs, recs = _records(p)
     assert srcs[0].kind == "zst"
-    assert [r[3] + b"\n" for r in recs] == lines
-    assert [r[1] for r in recs] == list(range(1, 51))
-    assert srcs[0].bytes == p.stat().st_size and len(srcs[0].sha256) == 64
+    assert [r.payload + b"\n" for r in recs] == lines
+    assert [r.line for r in recs] == list(range(1, 51))
+    assert {(r.source, r.kind, r.set_name) for r in recs} == {(0, Kind.JSON_LINE, None)}
+    assert srcs[0].bytes == p.stat().st_size
+    assert len(srcs[0].sha256) == 64
 
 
 def test_truncated_and_corrupt_zst_are_file_errors(tmp_path):
@@ -68,12 +70,16 @@ def test_plain_text_chunks_concatenate_to_the_file(tmp_path):
     p = tmp_path / "book.txt"
     p.write_text(text)
     _, whole = _records(p, text_chunk_bytes=0)
-    assert len(whole) == 1 and whole[0][3] == text.encode()
+    assert len(whole) == 1
+    assert whole[0].payload == text.encode()
     _, recs = _records(p, text_chunk_bytes=2000)
     assert len(recs) > 5
-    assert b"".join(r[3] for r in recs) == text.encode()
+    assert b"".join(r.payload for r in recs) == text.encode()
+    assert [r.line for r in recs] == list(range(1, len(recs) + 1))  # chunk numbers
+    assert {r.kind for r in recs} == {Kind.TEXT}
     for r in recs[:-1]:  # cut after a blank line: every chunk but the last ends a paragraph
-        assert r[3].endswith(b"\n\n") and len(r[3]) >= 2000
+        assert r.payload.endswith(b"\n\n")
+        assert len(r.payload) >= 2000
 
 
 def test_folder_glob_order_and_missing_inputs(tmp_path):
@@ -100,15 +106,17 @@ def test_hf_datasets_load_from_disk_and_parquet(tmp_path):
     )
     ds.save_to_disk(str(tmp_path / "saved"))
     srcs, recs = _records(tmp_path / "saved")
-    assert srcs[0].kind == "hf_disk" and len(srcs[0].sha256) == 64
-    assert [(r[1], r[2], r[3], r[4]) for r in recs] == [
-        (1, "S", "first doc", "A"),
-        (2, "S", "second doc", "B"),
-        (3, "S", None, "A"),
+    assert srcs[0].kind == "hf_disk"
+    assert len(srcs[0].sha256) == 64
+    assert [(r.line, r.kind, r.payload, r.set_name) for r in recs] == [
+        (1, Kind.DATASET_VALUE, "first doc", "A"),
+        (2, Kind.DATASET_VALUE, "second doc", "B"),
+        (3, Kind.DATASET_VALUE, None, "A"),
     ]
     ds.to_parquet(str(tmp_path / "x.parquet"))
     srcs, recs = _records(tmp_path / "x.parquet")
-    assert srcs[0].kind == "hf_file" and [r[3] for r in recs] == ["first doc", "second doc", None]
+    assert srcs[0].kind == "hf_file"
+    assert [r.payload for r in recs] == ["first doc", "second doc", None]
     datasets.Dataset.from_dict({"body": ["x"]}).save_to_disk(str(tmp_path / "nocol"))
     with pytest.raises(SourceError, match="no 'text' column"):
         _records(tmp_path / "nocol")
@@ -117,36 +125,47 @@ def test_hf_datasets_load_from_disk_and_parquet(tmp_path):
 @pytest.mark.parametrize(
     "kind,payload,reason",
     [
-        ("J", b'{"text": "ok", "meta": {"pile_set_name": "X"}}', None),
-        ("J", b'{"text": "cut', "invalid_json"),
-        ("J", b"[1, 2]", "not_an_object"),
-        ("J", b'{"meta": {}}', "missing_text"),
-        ("J", b'{"text": 5}', "non_string_text"),
-        ("J", b'{"text": "\xff\xfe"}', "invalid_utf8"),
-        ("J", b'{"text": "  \\n "}', "empty_document"),
-        ("J", b"   ", "blank_line"),
-        ("T", b"caf\xe9", "invalid_utf8"),
-        ("T", b"", "empty_document"),
-        ("S", None, "missing_text"),
-        ("S", ["a"], "non_string_text"),
+        (Kind.JSON_LINE, b'{"text": "ok", "meta": {"pile_set_name": "X"}}', None),
+        (Kind.JSON_LINE, b'{"text": "cut', "invalid_json"),
+        (Kind.JSON_LINE, b"[1, 2]", "not_an_object"),
+        (Kind.JSON_LINE, b'{"meta": {}}', "missing_text"),
+        (Kind.JSON_LINE, b'{"text": 5}', "non_string_text"),
+        (Kind.JSON_LINE, b'{"text": "\xff\xfe"}', "invalid_utf8"),
+        (Kind.JSON_LINE, b'{"text": "  \\n "}', "empty_document"),
+        (Kind.JSON_LINE, b"   ", "blank_line"),
+        (Kind.TEXT, b"caf\xe9", "invalid_utf8"),
+        (Kind.TEXT, b"", "empty_document"),
+        (Kind.DATASET_VALUE, None, "missing_text"),
+        (Kind.DATASET_VALUE, ["a"], "non_string_text"),
     ],
 )
 def test_validate_record(kind, payload, reason):
-    text, set_name, err = validate_record(kind, payload, None)
+    result = validate_record(kind, payload, None)
     if reason is None:
-        assert (text, set_name, err) == ("ok", "X", None)
+        assert result == ("ok", "X", None)
     else:
-        assert text is None and err[0] == reason
+        assert result.text is None
+        assert result.skip.reason == reason
+
+
+def test_the_one_letter_kinds_still_work():
+    """Callers outside data_prep (evaluate_lm.py) compare a record's kind with its letter."""
+    line = b'{"text": "ok", "meta": {"pile_set_name": "X"}}'
+    assert validate_record("J", line, None) == validate_record(Kind.JSON_LINE, line, None)
+    assert [k.value for k in Kind] == ["J", "T", "S"]
 
 
 def test_default_corpus_is_the_stdlib_sources():
     files = default_corpus.stdlib_files()
     rel = [p.relative_to(default_corpus.stdlib_root()).as_posix() for p in files]
-    assert len(files) > 500 and rel == sorted(rel)
-    assert "json/decoder.py" in rel and all(r.endswith(".py") for r in rel)
+    assert len(files) > 500
+    assert rel == sorted(rel)
+    assert "json/decoder.py" in rel
+    assert all(r.endswith(".py") for r in rel)
     assert not any("site-packages" in r or "__pycache__" in r for r in rel)
     srcs = default_corpus.default_sources()
-    assert {s.set_name for s in srcs} == {"Github"} and {s.kind for s in srcs} == {"text"}
+    assert {s.set_name for s in srcs} == {"Github"}
+    assert {s.kind for s in srcs} == {"text"}
 
 
 def test_default_corpus_exports_as_pile_shard(tmp_path, monkeypatch):
@@ -155,5 +174,6 @@ def test_default_corpus_exports_as_pile_shard(tmp_path, monkeypatch):
     n = default_corpus.write_pile_shard(tmp_path / "stdlib.jsonl.zst")
     _, recs = _records(tmp_path / "stdlib.jsonl.zst")
     assert n == len(recs) == 5
-    first = json.loads(recs[0][3])
-    assert first["meta"]["pile_set_name"] == "Github" and first["text"] == few[0].read_text()
+    first = json.loads(recs[0].payload)
+    assert first["meta"]["pile_set_name"] == "Github"
+    assert first["text"] == few[0].read_text()

@@ -36,12 +36,17 @@ def test_pile_sample_with_20b_tokenizer(tmp_path):
     docs = _pile_docs()
     assert len(docs) == 321
     t = m["tokenizer"]
-    assert t["vocab_size"] == 50277 and t["eos_id"] == 0 and t["eos_token"] == "<|endoftext|>"
-    assert t["sha256"].startswith("56ac4821") and m["dtype"] == "uint16"
+    assert t["vocab_size"] == 50277
+    assert t["eos_id"] == 0
+    assert t["eos_token"] == "<|endoftext|>"
+    assert t["sha256"].startswith("56ac4821")
+    assert m["dtype"] == "uint16"
     assert (tmp_path / "pile" / "tokenizer.json").read_bytes() == TOK.read_bytes()
-    assert m["documents"]["written"] == 321 and m["documents"]["skipped_total"] == 0
+    assert m["documents"]["written"] == 321
+    assert m["documents"]["skipped_total"] == 0
     src = m["sources"][0]
-    assert src["bytes"] == PILE.stat().st_size and src["records"] == 321
+    assert src["bytes"] == PILE.stat().st_size
+    assert src["records"] == 321
     # read back: every document decodes to its (NFC-normalized, as the tokenizer does) text
     tok = Tokenizer.from_file(str(TOK))
     texts = []
@@ -59,11 +64,13 @@ def test_pile_sample_with_20b_tokenizer(tmp_path):
     w = prepare(
         [str(PILE)], tmp_path / "wiki", tokenizer=str(TOK), workers=1, pile_sets=["Wikipedia (en)"], verbose=False
     )
-    assert w["documents"]["written"] == 60 and w["documents"]["filtered_by_pile_set"] == 261
+    assert w["documents"]["written"] == 60
+    assert w["documents"]["filtered_by_pile_set"] == 261
     # training reader on top
     ds = PackedDataset(tmp_path / "pile", "train", seq_len=256)
     b = get_batch(ds, seed=0, step=3, rank=0, world_size=2, batch_size=4)
-    assert b.shape == (4, 257) and int(b.max()) < ds.vocab_size
+    assert b.shape == (4, 257)
+    assert int(b.max()) < ds.vocab_size
 
 
 def test_tinyshakespeare_plain_text(tmp_path):
