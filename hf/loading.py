@@ -89,4 +89,7 @@ def load_tokenizer(path, trust_remote_code: bool = False) -> PreTrainedTokenizer
         tokenizer_json = Path(path) / "tokenizer.json"
         if not tokenizer_json.is_file():
             raise
-        return hf_tokenizer(tokenizer_json)
+        try:
+            return hf_tokenizer(tokenizer_json)
+        except (OSError, ValueError) as e:  # TokenizerError is a ValueError
+            raise LoadError(f"could not load the tokenizer from {path}: {' '.join(str(e).split())[:300]}") from None

@@ -134,28 +134,18 @@ def train_tiny_tokenizer(path) -> str:
     return str(path)
 
 
+def tiny_config(**fields) -> HyenaRTFConfig:
+    """A tiny HyenaRTFConfig: d_model 32, 2 layers, l_max 32, state size 4, 4 heads, and whatever
+    `fields` set (or override)."""
+    return HyenaRTFConfig(**{"d_model": 32, "n_layer": 2, "l_max": 32, "state_size": 4, "n_head": 4, **fields})
+
+
 def tiny_model(attn_layers=None, vocab=97, seed=0, **overrides) -> HyenaRTFForCausalLM:
-    """A random 2-layer Hyena-RTF (d_model 32, l_max 32) that decodes exactly the tokens asked for
-    (no EOS), pad id 0; `overrides` replace any config field."""
+    """A random tiny Hyena-RTF (`tiny_config`) that decodes exactly the tokens asked for (no EOS),
+    pad id 0; `overrides` replace any config field."""
     torch.manual_seed(seed)
-    cfg = HyenaRTFConfig(
-        **{
-            **dict(
-                vocab_size=vocab,
-                pad_vocab_size_multiple=8,
-                d_model=32,
-                n_layer=2,
-                l_max=32,
-                state_size=4,
-                n_head=4,
-                attn_layers=attn_layers,
-                initializer_range=0.3,
-                pad_token_id=0,
-            ),
-            **overrides,
-        }
-    )
-    model = HyenaRTFForCausalLM(cfg).eval()
+    fields = dict(vocab_size=vocab, pad_vocab_size_multiple=8, attn_layers=attn_layers, initializer_range=0.3)
+    model = HyenaRTFForCausalLM(tiny_config(**{**fields, "pad_token_id": 0, **overrides})).eval()
     model.generation_config.eos_token_id = None  # every test decodes exactly the tokens it asks for
     model.generation_config.pad_token_id = 0
     return model

@@ -22,8 +22,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from helpers import tiny_config
 
-from hyena_rtf.models import HyenaRTFConfig, HyenaRTFForCausalLM
+from hyena_rtf.models import HyenaRTFForCausalLM
 
 VOCAB, DELAY, LENGTH = 16, 32, 128
 
@@ -37,15 +38,7 @@ def batch(size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
 def train_copy_task(seed: int, steps: int = 300, batch_size: int = 32) -> tuple[float, float]:
     """Train from scratch; returns (held-out token accuracy, training seconds)."""
     torch.manual_seed(seed)
-    cfg = HyenaRTFConfig(
-        vocab_size=VOCAB,
-        pad_vocab_size_multiple=16,
-        d_model=32,
-        n_layer=2,
-        l_max=LENGTH,
-        state_size=64,
-        use_cache=False,
-    )
+    cfg = tiny_config(vocab_size=VOCAB, pad_vocab_size_multiple=16, l_max=LENGTH, state_size=64, use_cache=False)
     model = HyenaRTFForCausalLM(cfg)
     rtf = [p for name, p in model.named_parameters() if ".filter." in name]
     rest = [p for name, p in model.named_parameters() if ".filter." not in name]

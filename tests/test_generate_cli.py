@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_script, train_tiny_tokenizer
+from helpers import load_script, tiny_config, train_tiny_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from hyena_rtf.data_prep.tokenizer import hf_tokenizer
 from hyena_rtf.hf.export import save_hf_checkpoint
-from hyena_rtf.models import RTF, HyenaRTFConfig, HyenaRTFForCausalLM
+from hyena_rtf.models import RTF, HyenaRTFForCausalLM
 from hyena_rtf.models.precision import cast_keeping_filters
 from hyena_rtf.utils.logs import setup_logging
 
@@ -51,16 +51,7 @@ def tokenizer(tokenizer_file):
 def ours(tmp_path_factory, tokenizer_file, tokenizer):
     """(model, checkpoint dir): a random hybrid Hyena-RTF with l_max 32, so decoding runs past it."""
     torch.manual_seed(0)
-    cfg = HyenaRTFConfig(
-        vocab_size=len(tokenizer),
-        d_model=32,
-        n_layer=3,
-        l_max=32,
-        state_size=4,
-        n_head=4,
-        attn_layers=[1],
-        initializer_range=0.2,
-    )
+    cfg = tiny_config(vocab_size=len(tokenizer), n_layer=3, attn_layers=[1], initializer_range=0.2)
     model = HyenaRTFForCausalLM(cfg).eval()
     return model, save_hf_checkpoint(model, tokenizer_file, tmp_path_factory.mktemp("cli") / "ckpt")
 

@@ -12,9 +12,9 @@ that greedy choices are not decided by float rounding.
 
 import pytest
 import torch
-from helpers import naive_greedy
+from helpers import naive_greedy, tiny_config
 
-from hyena_rtf.models import HyenaRTFConfig, HyenaRTFForCausalLM
+from hyena_rtf.models import HyenaRTFForCausalLM
 from hyena_rtf.models.hf_compat import cache_kwargs, output_cache
 from hyena_rtf.models.hyena import HyenaState
 
@@ -25,21 +25,8 @@ VOCAB, L_MAX = 97, 32
 
 def tiny_model(filter="rtf", attn_layers=None, seed=0) -> HyenaRTFForCausalLM:
     torch.manual_seed(seed)
-    cfg = HyenaRTFConfig(
-        vocab_size=VOCAB,
-        pad_vocab_size_multiple=8,
-        d_model=32,
-        n_layer=2,
-        l_max=L_MAX,
-        state_size=4,
-        n_head=4,
-        filter=filter,
-        attn_layers=attn_layers,
-        implicit_order=16,
-        initializer_range=0.3,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
+    fields = dict(filter=filter, attn_layers=attn_layers, implicit_order=16, initializer_range=0.3, pad_token_id=0)
+    cfg = tiny_config(vocab_size=VOCAB, pad_vocab_size_multiple=8, l_max=L_MAX, **fields)
     model = HyenaRTFForCausalLM(cfg).eval()
     if filter == "rtf":
         for block in model.model.layers:

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import train_tiny_tokenizer
+from helpers import tiny_config, train_tiny_tokenizer
 from tokenizers import Tokenizer
 
 from hyena_rtf.data_prep.tokenizer import hf_tokenizer
 from hyena_rtf.hf.export import save_hf_checkpoint
-from hyena_rtf.models import HyenaRTFConfig, HyenaRTFForCausalLM
+from hyena_rtf.models import HyenaRTFForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = "The quick brown fox jumps over the lazy dog. It was"
@@ -71,16 +71,8 @@ def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hf_export")
     tokenizer_file = train_tiny_tokenizer(tmp / "tokenizer.json")
     torch.manual_seed(0)
-    cfg = HyenaRTFConfig(
-        vocab_size=len(Tokenizer.from_file(tokenizer_file).get_vocab()),
-        d_model=32,
-        n_layer=3,
-        l_max=64,
-        state_size=4,
-        n_head=4,
-        attn_layers=[1],
-        initializer_range=0.2,
-    )
+    vocab = len(Tokenizer.from_file(tokenizer_file).get_vocab())
+    cfg = tiny_config(vocab_size=vocab, n_layer=3, l_max=64, attn_layers=[1], initializer_range=0.2)
     model = HyenaRTFForCausalLM(cfg).eval()
     ckpt = save_hf_checkpoint(model, tokenizer_file, tmp / "ckpt")
     bf16 = save_hf_checkpoint(model, tokenizer_file, tmp / "ckpt_bf16", dtype=torch.bfloat16)

@@ -15,12 +15,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import load_script, naive_greedy, spy_on_forward, train_tiny_tokenizer
+from helpers import load_script, naive_greedy, spy_on_forward, tiny_config, train_tiny_tokenizer
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from hyena_rtf.data_prep.tokenizer import hf_tokenizer
 from hyena_rtf.hf.export import save_hf_checkpoint
-from hyena_rtf.models import HyenaRTFConfig, HyenaRTFForCausalLM
+from hyena_rtf.models import HyenaRTFForCausalLM
 
 pytestmark = pytest.mark.hf
 
@@ -36,17 +36,7 @@ def start(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("finetune")
     tokenizer_file = train_tiny_tokenizer(tmp / "tokenizer.json")
     torch.manual_seed(0)
-    config = HyenaRTFConfig(
-        vocab_size=320,
-        pad_vocab_size_multiple=8,
-        d_model=32,
-        n_layer=3,
-        l_max=32,
-        state_size=4,
-        n_head=4,
-        attn_layers=[1],
-        initializer_range=0.2,
-    )
+    config = tiny_config(vocab_size=320, pad_vocab_size_multiple=8, n_layer=3, attn_layers=[1], initializer_range=0.2)
     model = HyenaRTFForCausalLM(config).eval()
     return save_hf_checkpoint(model, tokenizer_file, tmp / "start"), hf_tokenizer(tokenizer_file)
 

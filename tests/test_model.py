@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FFTSpy
+from helpers import FFTSpy, tiny_config
 
 import hyena_rtf.models.attention as attention_module
 from hyena_rtf.models import HyenaRTFConfig, HyenaRTFForCausalLM, config_from_preset
@@ -17,19 +17,8 @@ from hyena_rtf.models import HyenaRTFConfig, HyenaRTFForCausalLM, config_from_pr
 
 def tiny_lm(seed=0, dtype=torch.float64, **kw) -> HyenaRTFForCausalLM:
     torch.manual_seed(seed)
-    cfg = dict(
-        vocab_size=37,
-        pad_vocab_size_multiple=16,
-        d_model=16,
-        n_layer=3,
-        l_max=32,
-        state_size=4,
-        n_head=2,
-        attn_layers=[1],
-        use_cache=False,
-    )
-    cfg.update(kw)
-    return HyenaRTFForCausalLM(HyenaRTFConfig(**cfg)).to(dtype).eval()
+    fields = dict(vocab_size=37, pad_vocab_size_multiple=16, d_model=16, n_layer=3, n_head=2, attn_layers=[1])
+    return HyenaRTFForCausalLM(tiny_config(**{**fields, "use_cache": False, **kw})).to(dtype).eval()
 
 
 def logit_change(model, ids, t0, seed=1):
@@ -142,18 +131,8 @@ def test_preset_parameter_counts(preset, low, high):
 def test_parameter_count_untied_with_attention_and_sharing():
     """The closed form also matches with an untied head, attention layers, shared denominators
     and tied filter heads (so double-counting a tied weight, or not counting a new one, fails)."""
-    cfg = HyenaRTFConfig(
-        vocab_size=1000,
-        d_model=32,
-        n_layer=3,
-        l_max=64,
-        state_size=8,
-        n_head=4,
-        attn_layers=[0, 2],
-        tie_word_embeddings=False,
-        num_a=2,
-        filter_heads=4,
-    )
+    sharing = dict(tie_word_embeddings=False, num_a=2, filter_heads=4)
+    cfg = tiny_config(vocab_size=1000, n_layer=3, l_max=64, state_size=8, attn_layers=[0, 2], **sharing)
     assert meta_parameter_count(cfg) == expected_parameters(cfg)
     tied = HyenaRTFConfig(**{**cfg.to_dict(), "tie_word_embeddings": True})
     assert meta_parameter_count(cfg) - meta_parameter_count(tied) == 1024 * 32  # padded vocab x d
