@@ -32,8 +32,14 @@ class HyenaRTFConfig(PreTrainedConfig):
         l_max: training length; the RTF kernel FFT size. Longer inputs still work (see models/rtf.py).
         filter: long filter of the Hyena mixers, "rtf" or "implicit".
         state_size: RTF order n. num_a: distinct RTF denominators (None: one per filter).
+        state_sizes: RTF order per layer, one entry per layer (attention layers' entries unused);
+            None: state_size everywhere. Distillation (distill.py) writes the orders it fitted.
         filter_heads: distinct long filters, tied across d_model / filter_heads channels each
-            (None: one per channel; the multi-head tying of MultiHyena when smaller).
+            (None: one per channel). This only shares filters between channels of the order-2
+            Hyena operator; it is not the MultiHyena operator (see multi_hyena_heads).
+        multi_hyena_heads: None for the order-2 Hyena operator; M for MultiHyena (Laughing Hyena):
+            q, k, v split into M heads of d_model / M channels, the outer product k v^T of each
+            head filtered by one long filter per head and contracted with q (models/multihyena.py).
         rtf_init: "zeros" | "xavier" | "montel". rtf_constraint: "none" | "l1_montel".
         recurrent_dtype: dtype of the decoding state and coefficients, "float32" or "float64".
         short_conv_width: causal depthwise conv width before the gating.
@@ -66,7 +72,9 @@ class HyenaRTFConfig(PreTrainedConfig):
         filter: str = "rtf",
         state_size: int = 64,
         num_a: int | None = None,
+        state_sizes: list[int] | None = None,
         filter_heads: int | None = None,
+        multi_hyena_heads: int | None = None,
         rtf_init: str = "xavier",
         rtf_constraint: str = "l1_montel",
         recurrent_dtype: str = "float32",
@@ -94,7 +102,9 @@ class HyenaRTFConfig(PreTrainedConfig):
         self.filter = filter
         self.state_size = state_size
         self.num_a = num_a
+        self.state_sizes = None if state_sizes is None else [int(n) for n in state_sizes]
         self.filter_heads = filter_heads
+        self.multi_hyena_heads = multi_hyena_heads
         self.rtf_init = rtf_init
         self.rtf_constraint = rtf_constraint
         self.recurrent_dtype = recurrent_dtype
@@ -118,6 +128,10 @@ class HyenaRTFConfig(PreTrainedConfig):
         m = self.pad_vocab_size_multiple
         return -(-self.vocab_size // m) * m
 
+    def state_size_of(self, layer_idx: int) -> int:
+        """The RTF order of layer `layer_idx`."""
+        return self.state_size if self.state_sizes is None else self.state_sizes[layer_idx]
+
     def check(self) -> None:
         """Raise ValueError naming the first inconsistent hyper-parameter."""
         if self.filter not in FILTERS:
@@ -131,6 +145,15 @@ class HyenaRTFConfig(PreTrainedConfig):
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if self.filter_heads and self.d_model % self.filter_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by filter_heads ({self.filter_heads})")
+        if self.state_sizes is not None and len(self.state_sizes) != self.n_layer:
+            raise ValueError(f"state_sizes has {len(self.state_sizes)} entries for n_layer={self.n_layer}")
+        for n in [self.state_size] + (self.state_sizes or []) if self.filter == "rtf" else []:
+            if not 1 <= n < self.l_max:
+                raise ValueError(f"every RTF order must be in [1, l_max={self.l_max}), got {n}")
+        if self.multi_hyena_heads is not None and (self.multi_hyena_heads < 1 or self.d_model % self.multi_hyena_heads):
+            raise ValueError(
+                f"multi_hyena_heads ({self.multi_hyena_heads}) must be >= 1 and divide d_model ({self.d_model})"
+            )
         for name in ("vocab_size", "d_model", "n_layer", "l_max", "state_size", "short_conv_width"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

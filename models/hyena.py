@@ -49,32 +49,33 @@ class HyenaState:
         return HyenaState(self.conv.index_select(0, idx), self.filt.index_select(0, idx), self.rec)
 
 
-def make_filter(config: HyenaRTFConfig) -> nn.Module:
-    d = config.d_model
+def make_filter(config: HyenaRTFConfig, layer_idx: int, channels: int, num_filters: int | None) -> nn.Module:
+    """The long filter of layer `layer_idx`: `channels` convolved channels served by `num_filters`
+    distinct filters (None: one per channel)."""
     if config.filter == "rtf":
         return RTF(
-            d,
-            config.state_size,
+            channels,
+            config.state_size_of(layer_idx),
             config.l_max,
-            num_filters=config.filter_heads,
+            num_filters=num_filters,
             num_a=config.num_a,
             init=config.rtf_init,
             constraint=config.rtf_constraint,
         )
     return ImplicitFilter(
-        d, config.l_max, num_filters=config.filter_heads, order=config.implicit_order, bands=config.implicit_bands
+        channels, config.l_max, num_filters=num_filters, order=config.implicit_order, bands=config.implicit_bands
     )
 
 
 class HyenaOperator(nn.Module):
-    def __init__(self, config: HyenaRTFConfig):
+    def __init__(self, config: HyenaRTFConfig, layer_idx: int):
         super().__init__()
         d, w = config.d_model, config.short_conv_width
         self.d_model, self.width = d, w
         self.rec_dtype = torch.float64 if config.recurrent_dtype == "float64" else torch.float32
         self.in_proj = nn.Linear(d, 3 * d)
         self.short_conv = nn.Conv1d(3 * d, 3 * d, kernel_size=w, groups=3 * d, padding=w - 1)
-        self.filter = make_filter(config)
+        self.filter = make_filter(config, layer_idx, d, config.filter_heads)
         self.out_proj = nn.Linear(d, d)
         self.out_proj.is_residual_proj = True
 

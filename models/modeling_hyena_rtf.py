@@ -50,7 +50,11 @@ class Block(nn.Module):
         super().__init__()
         self.is_attention = layer_idx in config.attn_layers
         self.norm1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.mixer = CausalSelfAttention(config.d_model, config.n_head) if self.is_attention else HyenaOperator(config)
+        self.mixer = (
+            CausalSelfAttention(config.d_model, config.n_head)
+            if self.is_attention
+            else HyenaOperator(config, layer_idx)
+        )
         self.norm2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)

@@ -39,7 +39,7 @@ def make_op(filt="rtf", d=8, n=6, l_max=40, seed=0, dtype=torch.float64, **kw) -
         recurrent_dtype="float64",
         **kw,
     )
-    op = HyenaOperator(cfg).to(dtype)
+    op = HyenaOperator(cfg, 0).to(dtype)
     # Non-trivial biases and short-conv taps so that every term of the formula matters.
     with torch.no_grad():
         for p in op.parameters():
