@@ -28,6 +28,7 @@ from .cache import HyenaRTFCache
 from .configuration_hyena_rtf import HyenaRTFConfig
 from .hf_compat import cache_kwargs, output_cache, pick_cache
 from .hyena import HyenaOperator
+from .multihyena import MultiHyenaOperator
 from .precision import FILTER_MODULE
 
 
@@ -53,7 +54,7 @@ class Block(nn.Module):
         self.mixer = (
             CausalSelfAttention(config.d_model, config.n_head)
             if self.is_attention
-            else HyenaOperator(config, layer_idx)
+            else (MultiHyenaOperator if config.multi_hyena_heads else HyenaOperator)(config, layer_idx)
         )
         self.norm2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.mlp = MLP(config)

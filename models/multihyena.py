@@ -1,0 +1,103 @@
+"""The MultiHyena operator (Laughing Hyena): M heads, each an outer-product state filtered by one long filter.
+
+    p          = in_proj(u)                       (B, T, d) -> (B, 3d, T)
+    q, k, v    = split(short_conv(p))             the short causal depthwise conv of Hyena, 3 x (B, d, T)
+    q, k, v    -> M heads of e = d / M channels   q_t^m, k_t^m, v_t^m in R^e
+    z_t^m      = k_t^m (v_t^m)^T                  (e, e) per head and time: (B, M, e, e, T)
+    Z_t^m      = sum_{s=0}^{t} h_m[s] z_{t-s}^m   ONE long filter h_m per head, shared by its e^2 entries
+    y_t^m      = (q_t^m)^T Z_t^m                  (e,) per head: y_t^m[j] = sum_i q_t^m[i] Z_t^m[i, j]
+    out        = out_proj(concat_m y^m)           (B, T, d)
+
+It is linear attention whose decay is a long filter: y_t^m = sum_s h_m[s] (q_t . k_{t-s}) v_{t-s}.
+The filter is `make_filter(config, layer_idx, channels=M e^2, num_filters=M)`: channel
+m e^2 + i e + j carries Z^m[i, j], and the e^2 channels of a head are contiguous, which is how RTF and
+ImplicitFilter expand their M distinct filters. So the RTF kernel (any T, l_max and beyond), its
+recurrence and its prefill serve the M e^2 channels unchanged, tap 0 carrying the feed-through.
+
+Cost.  Parallel: one causal FFT convolution over B x M e^2 = B d e channels, O(B d e T log T), plus
+the outer products and contractions, O(B d e T); the kernel is computed and transformed once per head
+and broadcast over its e^2 channels. Decoding: the state of a head is e x e x n (its M e^2 channels'
+companion states, HyenaState.filt of shape (B, M e^2, n)), each token costs O(M e^2 n) = O(d e n),
+whatever the position. (The implicit filter has no finite state: it keeps its input history,
+(B, M e^2, t), and costs O(d e t) per token.)
+
+Relation to Hyena.  With M = d (e = 1) the outer product is the product x1 * v and the contraction
+the gate x0 * (.): MultiHyena is then exactly the order-2 HyenaOperator with one filter per channel,
+with the same parameters. For e > 1 a head mixes its channels: y^m[j] reads every k^m[i] v^m[j]
+product, where Hyena's y[c] only ever sees channel c. `filter_heads` is a different thing: it ties
+the filters of groups of Hyena channels but keeps the channel-by-channel (diagonal) operator.
+
+Left padding: as in HyenaOperator, positions where `mask` is 0 are zeroed in p and in z, so they
+contribute nothing and real positions get the outputs of the unpadded sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .configuration_hyena_rtf import HyenaRTFConfig
+from .fftconv import fft_causal_conv
+from .hyena import HyenaState, make_filter
+from .rtf import RTF
+
+
+class MultiHyenaOperator(nn.Module):
+    """MultiHyena mixer of layer `layer_idx` with config.multi_hyena_heads heads. Same interface as
+    HyenaOperator (forward with mask / return_state / pole_check, step) and the same HyenaState."""
+
+    def __init__(self, config: HyenaRTFConfig, layer_idx: int):
+        super().__init__()
+        d, w, M = config.d_model, config.short_conv_width, config.multi_hyena_heads
+        if not M or d % M:
+            raise ValueError(f"multi_hyena_heads ({M}) must be >= 1 and divide d_model ({d})")
+        self.d_model, self.width, self.heads, self.head_dim = d, w, M, d // M
+        self.rec_dtype = torch.float64 if config.recurrent_dtype == "float64" else torch.float32
+        self.in_proj = nn.Linear(d, 3 * d)
+        self.short_conv = nn.Conv1d(3 * d, 3 * d, kernel_size=w, groups=3 * d, padding=w - 1)
+        self.filter = make_filter(config, layer_idx, M * self.head_dim**2, M)
+        self.out_proj = nn.Linear(d, d)
+        self.out_proj.is_residual_proj = True
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, d, ...) -> (B, M, e, ...)."""
+        return x.unflatten(1, (self.heads, self.head_dim))
+
+    def forward(
+        self, u: torch.Tensor, mask: torch.Tensor | None = None, return_state: bool = False, pole_check: str = "error"
+    ):
+        """u: (B, T, d), mask: (B, T) of 0/1 or None -> (B, T, d) [and the HyenaState after u].
+        pole_check: what building the RTF recurrence does with an unstable filter (RTF.recurrence)."""
+        B, T, _ = u.shape
+        keep = None if mask is None else mask[:, None, :]
+        p = self.in_proj(u).transpose(1, 2)  # (B, 3d, T)
+        if keep is not None:
+            p = p * keep.to(p.dtype)
+        q, k, v = map(self._heads, self.short_conv(p)[..., :T].chunk(3, dim=1))  # (B, M, e, T) each
+        z = k.unsqueeze(3) * v.unsqueeze(2)  # (B, M, e, e, T): z[b, m, i, j, t] = k_t[i] v_t[j]
+        if keep is not None:
+            z = z * keep[..., None, None, :].to(z.dtype)
+        z = z.flatten(2, 3)  # (B, M, e^2, T): channel m e^2 + i e + j of the filter
+        h = self.filter.kernel(T)[:: self.head_dim**2, None]  # (M, 1, T): one filter per head
+        Z = fft_causal_conv(z, h).unflatten(2, (self.head_dim, self.head_dim))  # (B, M, e, e, T)
+        y = torch.einsum("bmit,bmijt->bmjt", q, Z).flatten(1, 2)  # (B, d, T)
+        out = self.out_proj(y.transpose(1, 2))
+        if not return_state:
+            return out
+        conv_tail = F.pad(p, (self.width - 1, 0))[..., T:]  # last w - 1 inputs of the short conv
+        rec = self.filter.recurrence(self.rec_dtype, pole_check) if isinstance(self.filter, RTF) else None
+        filt = (rec if rec is not None else self.filter).prefill(z.flatten(1, 2))
+        return out, HyenaState(conv_tail, filt, rec)
+
+    def step(self, u: torch.Tensor, state: HyenaState) -> tuple[torch.Tensor, HyenaState]:
+        """One token. u: (B, d) -> (B, d). RTF: O(d (d + w) + M e^2 n) = O(d (d + w + e n)) per
+        token, independent of the position."""
+        window = torch.cat([state.conv, self.in_proj(u).unsqueeze(-1)], dim=-1)  # (B, 3d, w)
+        conv = F.conv1d(window, self.short_conv.weight, self.short_conv.bias, groups=3 * self.d_model)
+        q, k, v = map(self._heads, conv[..., 0].chunk(3, dim=-1))  # (B, M, e) each
+        z = (k.unsqueeze(-1) * v.unsqueeze(-2)).flatten(1)  # (B, M e^2)
+        Z, filt = (state.rec if state.rec is not None else self.filter).step(z, state.filt)
+        Z = Z.to(q.dtype).unflatten(1, (self.heads, self.head_dim, self.head_dim))  # (B, M, e, e)
+        y = torch.einsum("bmi,bmij->bmj", q, Z).flatten(1)  # (B, d)
+        return self.out_proj(y), HyenaState(window[..., 1:], filt, state.rec)
