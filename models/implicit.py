@@ -65,10 +65,15 @@ class ImplicitFilter(Float32Parameters):
             Sine(order, w),
             nn.Linear(order, num_filters, bias=False),
         )
-        # exp(-delta * s) = target at s = decay fraction of l_max.
-        deltas = torch.linspace(math.log(1 / target) / slow_decay, math.log(1 / target) / fast_decay, num_filters)
-        self.register_buffer("deltas", deltas, persistent=False)
+        # exp(-delta * s) = target at s = decay fraction of l_max: the rates span these two ends.
+        self.decay_range = (math.log(1 / target) / slow_decay, math.log(1 / target) / fast_decay)
         self.d = nn.Parameter(torch.randn(num_filters))
+
+    def decay_rates(self, device, dtype) -> torch.Tensor:
+        """delta_c, (num_filters,): computed from the hyper-parameters rather than kept in a buffer,
+        because a non-persistent buffer is not restored by `from_pretrained` (which builds the
+        model on the meta device and loads only the saved tensors)."""
+        return torch.linspace(*self.decay_range, self.num_filters, device=device, dtype=dtype)
 
     def features(self, T: int, device, dtype=torch.float32) -> torch.Tensor:
         """Positional features (T, 1 + 2 bands) and normalised positions s = t / l_max (T,)."""
@@ -84,7 +89,7 @@ class ImplicitFilter(Float32Parameters):
             z, s = self.features(T, self.d.device, dtype)
             mlp_dtype = self.mlp[0].weight.dtype
             h = self.mlp(z.to(mlp_dtype)).to(dtype).transpose(0, 1)  # (filters, T)
-            h = h * torch.exp(-self.deltas.to(dtype)[:, None] * s.to(dtype)[None, :])
+            h = h * torch.exp(-self.decay_rates(self.d.device, dtype)[:, None] * s.to(dtype)[None, :])
             h = torch.cat([h[:, :1] + self.d.to(dtype)[:, None], h[:, 1:]], dim=-1)
         return h.repeat_interleave(self.channels // self.num_filters, dim=0)
 

@@ -7,9 +7,10 @@
 
 Generation is recurrent: the first call prefills every layer's state in parallel (FFT), then each
 new token costs O(n_layer * d * (d + n)) whatever the length of the context (MultiHyena layers:
-O(n_layer * d * (d + e n)) with head width e; attention layers, if any, keep a growing KV cache). The cache is `HyenaRTFCache` (models/cache.py), created by `forward`
-whenever `use_cache` is on; `hf_compat` passes it under the name the running transformers release
-uses (`cache` from 5.24 on, `past_key_values` before).
+O(n_layer * d * (d + e n)) with head width e; attention layers, if any, keep a growing KV cache).
+The cache is `HyenaRTFCache` (models/cache.py), created by `forward` whenever `use_cache` is on;
+`hf_compat` passes it under the name the running transformers release uses (`cache` from 5.24 on,
+`past_key_values` before).
 """
 
 from __future__ import annotations

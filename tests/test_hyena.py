@@ -81,7 +81,9 @@ def np_rtf_kernel(rtf: RTF, T: int) -> np.ndarray:
 
 def np_implicit_kernel(filt, T: int) -> np.ndarray:
     """Hyena's implicit filter from its definition: features [t/L, cos(2 pi f t/L), sin(...)],
-    MLP Linear -> sin(w x) -> Linear -> sin(w x) -> Linear, times exp(-delta t/L), plus D at tap 0."""
+    MLP Linear -> sin(w x) -> Linear -> sin(w x) -> Linear, times exp(-delta t/L), plus D at tap 0.
+    The decay rates use ImplicitFilter's defaults: exp(-delta s) reaches 1e-2 at s = 1.5 (slowest
+    filter) and s = 0.3 (fastest), rates evenly spaced between."""
     s = np.arange(T) / filt.l_max
     f = np.arange(1, filt.bands + 1)
     z = np.concatenate([s[:, None], np.cos(2 * np.pi * s[:, None] * f), np.sin(2 * np.pi * s[:, None] * f)], 1)
@@ -89,7 +91,8 @@ def np_implicit_kernel(filt, T: int) -> np.ndarray:
     h = np.sin(P(sin1.freq) * (z @ P(lin1.weight).T + P(lin1.bias)))
     h = np.sin(P(sin2.freq) * (h @ P(lin2.weight).T + P(lin2.bias)))
     h = (h @ P(lin3.weight).T).T  # (filters, T)
-    h = h * np.exp(-P(filt.deltas)[:, None] * s[None, :])
+    deltas = np.linspace(np.log(100) / 1.5, np.log(100) / 0.3, filt.num_filters)
+    h = h * np.exp(-deltas[:, None] * s[None, :])
     h[:, 0] += P(filt.d)
     return np.repeat(h, filt.channels // filt.num_filters, axis=0)
 

@@ -115,3 +115,16 @@ def test_dtype_names():
     assert dtype_from_name("bfloat16") is torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype 'int8'; choose from float32, bfloat16, float16"):
         dtype_from_name("int8")
+
+
+@pytest.mark.parametrize("kind", ["rtf", "implicit"])
+def test_a_saved_model_reloads_with_the_same_logits(kind, tmp_path):
+    """Everything the forward depends on survives save_pretrained / from_pretrained, including what
+    is derived rather than stored (an implicit filter's decay rates came back as garbage while they
+    were a non-persistent buffer)."""
+    model = tiny(kind)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    ids = torch.arange(1, 13)[None]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
