@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers.utils import logging as hf_logging
 
-from hyena_rtf.hf.export import _EXPORT_FILES, EXPORT_KIND, is_export, save_hf_checkpoint
+from hyena_rtf.hf.export import check_export_target, save_hf_checkpoint
 from hyena_rtf.hf.loading import check_model_folder, load_tokenizer
 from hyena_rtf.hf.scoring import (
     check_device,
@@ -77,8 +77,8 @@ from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
 from hyena_rtf.models.distill import R_MAX, FilterFit, distill_filters, filter_bank_taps, load_fit
 from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
 from hyena_rtf.models.precision import FILTER_MODULE, is_filter_param
-from hyena_rtf.models.rtf import RTF
-from hyena_rtf.utils.atomic import check_replaceable, write_bytes, write_text
+from hyena_rtf.models.rtf import RTF, fft_length
+from hyena_rtf.utils.atomic import write_bytes, write_text
 from hyena_rtf.utils.logs import ROOT, get_logger
 
 log = get_logger("distill")
@@ -193,15 +193,7 @@ def check_target(opts: Options) -> None:
     checkpoint being read. An explicit --report file that exists must be an earlier report."""
     if opts.out.resolve() == opts.checkpoint.resolve():
         raise DistillError(f"{opts.out} is the checkpoint being distilled; choose another output folder")
-    reports = earlier_report_files(opts.out)
-    check_replaceable(
-        opts.out,
-        marker="config.json",
-        kind=EXPORT_KIND,
-        is_kind=is_export,
-        owned=lambda name: _EXPORT_FILES.fullmatch(name) is not None or name in reports,
-        overwrite=opts.overwrite,
-    )
+    check_export_target(opts.out, opts.overwrite, also_owned=earlier_report_files(opts.out))
     if opts.report is None or opts.overwrite:
         return
     for path in (opts.report_path, opts.plot_path):
@@ -271,25 +263,14 @@ def check_finite(checkpoint: Path, name: str, module: torch.nn.Module, taps: tor
         if not torch.isfinite(p).all():
             raise DistillError(f"{checkpoint}: filter weight {name}.{param_name} is not finite (NaN or inf)")
     if not torch.isfinite(taps).all():
-        unsaved = [
-            f"{name}.{prefix}{'.' if prefix else ''}{buffer}"
-            for prefix, sub in module.named_modules()
-            for buffer in sorted(sub._non_persistent_buffers_set)
-        ]
-        hint = f"; not in the checkpoint, hence as the model code rebuilt them: {', '.join(unsaved)}" if unsaved else ""
-        raise DistillError(f"{checkpoint}: the taps of filter {name} are not finite though its weights are{hint}")
-
-
-def rtf_fft_len(l_max: int) -> int:
-    """The FFT size of an RTF trained at l_max, as models/rtf.py defines it."""
-    return RTF(1, 1, l_max, init="zeros", constraint="none").fft_len
+        raise DistillError(f"{checkpoint}: the taps of filter {name} are not finite though its weights are")
 
 
 def fit_layers(checkpoint: Path, model: HyenaRTFForCausalLM, opts: Options) -> list[LayerFit]:
     """Fit every long filter of `model` (distinct filters only) at opts.order, or at opts.tolerance
     up to opts.max_order (at most l_max - 1), and at every opts.sweep order."""
     l_max = model.config.l_max
-    fft_len, max_order = rtf_fft_len(l_max), min(opts.max_order, l_max - 1)
+    fft_len, max_order = fft_length(l_max), min(opts.max_order, l_max - 1)
     found = long_filters(model)
     targets = []
     for _, name, module in found:  # every check before the first (slow) fit
@@ -614,12 +595,13 @@ def distill_checkpoint(opts: Options) -> dict:
 
 def write_outputs(opts: Options, distilled: HyenaRTFForCausalLM, report: dict) -> None:
     """The checkpoint (save_hf_checkpoint's safe replace), then the report and the plot."""
-    for name in earlier_report_files(opts.out):  # an earlier run's, in a folder about to be replaced
-        old = opts.out / name
-        if old.is_file() and not old.is_symlink():
-            old.unlink()
     save_hf_checkpoint(
-        distilled.cpu(), opts.checkpoint / "tokenizer.json", opts.out, saved_dtype(opts.checkpoint), opts.overwrite
+        distilled.cpu(),
+        opts.checkpoint / "tokenizer.json",
+        opts.out,
+        saved_dtype(opts.checkpoint),
+        opts.overwrite,
+        also_owned=earlier_report_files(opts.out),  # an earlier run's report goes with its folder
     )
     opts.report_path.parent.mkdir(parents=True, exist_ok=True)
     write_text(opts.report_path, json.dumps(report, indent=2) + "\n")

@@ -45,16 +45,17 @@ def is_export(config_json: Path) -> bool:
         return False
 
 
-def check_export_target(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
+def check_export_target(out_dir: str | os.PathLike, overwrite: bool = False, also_owned: tuple[str, ...] = ()) -> None:
     """Raise NotReplaceableError (one line) unless `out_dir` may receive an export: it does not
-    exist, is empty, or is an earlier Hyena-RTF export with only an export's files in it (or any
-    folder with overwrite=True). Call it before any long work, so a bad target fails at once."""
+    exist, is empty, or is an earlier Hyena-RTF export with only an export's files in it, plus the
+    names in `also_owned` (files a caller writes beside an export), or any folder with
+    overwrite=True. Call it before any long work, so a bad target fails at once."""
     check_replaceable(
         out_dir,
         marker="config.json",
         kind=EXPORT_KIND,
         is_kind=is_export,
-        owned=lambda name: _EXPORT_FILES.fullmatch(name) is not None,
+        owned=lambda name: _EXPORT_FILES.fullmatch(name) is not None or name in also_owned,
         overwrite=overwrite,
     )
 
@@ -65,15 +66,17 @@ def save_hf_checkpoint(
     out_dir: str | os.PathLike,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    also_owned: tuple[str, ...] = (),
 ) -> Path:
     """Save `model` (+ tokenizer) as a self-contained HF folder at `out_dir`; returns the path.
 
-    dtype: optional dtype for the saved weights (the long filters are always kept in float32, models/precision.py).
-    An existing `out_dir` is replaced only once the new folder is complete, and only as
-    `check_export_target` allows.
+    dtype: optional dtype for the saved weights (the long filters always stay float32,
+    models/precision.py). An existing `out_dir` is replaced only once the new folder is complete,
+    and only as `check_export_target` allows (with `also_owned`: names of the caller's own files
+    that an earlier run left beside the export; they go with the old folder).
     """
     out = Path(out_dir)
-    check_export_target(out, overwrite)
+    check_export_target(out, overwrite, also_owned)
     config: HyenaRTFConfig = model.config
     tok = None
     if tokenizer_file is not None:
@@ -97,7 +100,7 @@ def save_hf_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     with locked(out):
         remove_stale(out)
-        check_export_target(out, overwrite)  # again: another export may have finished meanwhile
+        check_export_target(out, overwrite, also_owned)  # again: another export may have finished meanwhile
         with replace_dir(out) as staging:
             if dtype is not None and dtype != torch.float32:
                 state = {k: (v if is_filter_param(k) else v.to(dtype)) for k, v in model.state_dict().items()}

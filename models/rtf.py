@@ -57,6 +57,13 @@ from torch.fft import irfft, rfft
 from .precision import Float32Parameters
 
 INITS = ("zeros", "xavier", "montel")
+
+
+def fft_length(l_max: int) -> int:
+    """L', the kernel FFT size of a filter trained at length l_max: l_max rounded up to even."""
+    return l_max + (l_max % 2)
+
+
 CONSTRAINTS = ("none", "l1_montel")
 
 
@@ -195,7 +202,7 @@ class RTF(Float32Parameters):
             raise ValueError(f"state_size must be in [1, l_max), got {state_size} with l_max {l_max}")
         self.channels, self.num_filters, self.num_a = channels, num_filters, num_a
         self.state_size, self.l_max = state_size, l_max
-        self.fft_len = l_max + (l_max % 2)
+        self.fft_len = fft_length(l_max)
         self.constraint, self.eps = constraint, eps
         n = state_size
         self.a = nn.Parameter(torch.zeros(num_a, n))

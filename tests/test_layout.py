@@ -10,7 +10,7 @@ import pytest
 from helpers import REPO
 
 PACKAGES = {"models", "data_prep", "training", "hf", "utils"}  # folders installed as hyena_rtf.<name>
-SCRIPTS = ["train.py", "generate.py", "evaluate_lm.py"]
+SCRIPTS = ["train.py", "generate.py", "evaluate_lm.py", "distill.py"]
 
 
 def project_modules() -> dict[str, Path]:
