@@ -57,14 +57,12 @@ from torch.fft import irfft, rfft
 from .precision import Float32Parameters
 
 INITS = ("zeros", "xavier", "montel")
+CONSTRAINTS = ("none", "l1_montel")
 
 
 def fft_length(l_max: int) -> int:
     """L', the kernel FFT size of a filter trained at length l_max: l_max rounded up to even."""
     return l_max + (l_max % 2)
-
-
-CONSTRAINTS = ("none", "l1_montel")
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
