@@ -13,6 +13,7 @@ What it does, in order; nothing is written before every check has passed:
    the l_max taps the layer trains and scores with, `distill_filters` fits them, at `order` or at
    the smallest order whose Hankel singular-value tail is below `tolerance`).
 4. Builds the distilled model: the same config but filter="rtf", rtf_constraint="none",
+   rtf_kernel_dtype="float64", recurrent_dtype="float64",
    num_a=None and state_sizes = the fitted order per layer (attention layers get the largest
    order as a placeholder, and state_size is that largest order); filter_heads and
    multi_hyena_heads stay, so each new filter bank has as many distinct filters as the old one.
@@ -280,7 +281,11 @@ def fit_layers(checkpoint: Path, model: HyenaRTFForCausalLM, opts: Options) -> l
         targets.append(taps)
     fits = []
     fit = functools.partial(
-        distill_filters, fft_len=fft_len, steps=opts.steps, max_order=max_order, r_max=opts.max_pole_radius
+        distill_filters,
+        fft_len=fft_len,
+        steps=opts.steps,
+        max_order=max_order,
+        r_max=opts.max_pole_radius,
     )
     inner = sys.stderr.isatty()  # the fit's own bar (refinement steps) only on a terminal
     bar = tqdm(list(zip(found, targets)), desc="distilling", unit="layer", disable=None, file=sys.stderr)
@@ -324,6 +329,9 @@ def distilled_config(config: HyenaRTFConfig, orders: dict[int, int]) -> HyenaRTF
     top = max(orders.values())
     new = HyenaRTFConfig.from_dict(config.to_dict())
     new.filter, new.rtf_constraint, new.num_a = "rtf", "none", None
+    # Fitted poles reach the --max-pole-radius (0.9999): the kernel FFT and the decoding state both
+    # need float64 for the parallel and the recurrent forms to agree (models/rtf.py).
+    new.rtf_kernel_dtype, new.recurrent_dtype = "float64", "float64"
     new.state_size = top
     new.state_sizes = [orders.get(i, top) for i in range(config.n_layer)]
     new.check()

@@ -41,6 +41,8 @@ class HyenaRTFConfig(PreTrainedConfig):
             q, k, v split into M heads of d_model / M channels, the outer product k v^T of each
             head filtered by one long filter per head and contracted with q (models/multihyena.py).
         rtf_init: "zeros" | "xavier" | "montel". rtf_constraint: "none" | "l1_montel".
+        rtf_kernel_dtype: precision of the kernel FFT, "float32" or "float64" (distilled models;
+            see models/rtf.py).
         recurrent_dtype: dtype of the decoding state and coefficients, "float32" or "float64".
         short_conv_width: causal depthwise conv width before the gating.
         implicit_order, implicit_bands: width and positional bands of the implicit filter MLP.
@@ -77,6 +79,7 @@ class HyenaRTFConfig(PreTrainedConfig):
         multi_hyena_heads: int | None = None,
         rtf_init: str = "xavier",
         rtf_constraint: str = "l1_montel",
+        rtf_kernel_dtype: str = "float32",
         recurrent_dtype: str = "float32",
         short_conv_width: int = 3,
         implicit_order: int = 64,
@@ -107,6 +110,7 @@ class HyenaRTFConfig(PreTrainedConfig):
         self.multi_hyena_heads = multi_hyena_heads
         self.rtf_init = rtf_init
         self.rtf_constraint = rtf_constraint
+        self.rtf_kernel_dtype = rtf_kernel_dtype
         self.recurrent_dtype = recurrent_dtype
         self.short_conv_width = short_conv_width
         self.implicit_order = implicit_order

@@ -61,6 +61,7 @@ def make_filter(config: HyenaRTFConfig, layer_idx: int, channels: int, num_filte
             num_a=config.num_a,
             init=config.rtf_init,
             constraint=config.rtf_constraint,
+            kernel_dtype=config.rtf_kernel_dtype,
         )
     return ImplicitFilter(
         channels, config.l_max, num_filters=num_filters, order=config.implicit_order, bands=config.implicit_bands

@@ -172,6 +172,11 @@ class RTF(Float32Parameters):
             "montel" (xavier, then a rescaled to sum|a| = 1/2 so every pole starts inside |z| < 1).
         constraint: "none" or "l1_montel": a <- a / (sum|a| + |s| + eps) with a learnable slack s,
             which keeps sum|a| < 1 and hence every pole inside the unit disk.
+        kernel_dtype: "float32" or "float64", the precision of the FFT that turns (a, b, h0) into
+            the kernel (parameters stay float32 either way). Dividing by A(z) on the unit circle
+            loses about log10 of its condition digits; slow poles clustered near z = 1, which
+            distilled filters have, need float64 there for the parallel form to match the
+            recurrence (built in float64 regardless).
     """
 
     def __init__(
@@ -184,6 +189,7 @@ class RTF(Float32Parameters):
         init: str = "xavier",
         constraint: str = "l1_montel",
         eps: float = 1e-4,
+        kernel_dtype: str = "float32",
     ):
         super().__init__()
         num_filters = num_filters or channels
@@ -201,7 +207,9 @@ class RTF(Float32Parameters):
         self.channels, self.num_filters, self.num_a = channels, num_filters, num_a
         self.state_size, self.l_max = state_size, l_max
         self.fft_len = fft_length(l_max)
-        self.constraint, self.eps = constraint, eps
+        if kernel_dtype not in ("float32", "float64"):
+            raise ValueError(f"rtf kernel_dtype must be 'float32' or 'float64', got {kernel_dtype!r}")
+        self.constraint, self.eps, self.kernel_dtype = constraint, eps, kernel_dtype
         n = state_size
         self.a = nn.Parameter(torch.zeros(num_a, n))
         self.b = nn.Parameter(torch.zeros(num_filters, n))
@@ -241,7 +249,10 @@ class RTF(Float32Parameters):
         with torch.autocast(self.a.device.type, enabled=False):
             if T <= self.l_max:
                 a = self.denominator()
+                if self.kernel_dtype == "float64":
+                    a = a.to(torch.float64)
                 k = rational_kernel(self.b.to(a.dtype), a, self.h0.to(a.dtype), self.fft_len)[:, :T]
+                k = k.to(compute_dtype(self.a))
             else:
                 k = self._long_kernel(T).to(compute_dtype(self.a))
         return self._expand(k)
