@@ -16,14 +16,10 @@ import pytest
 import torch
 
 from hyena_rtf.models import distill
-from hyena_rtf.models.distill import (
-    distill_filters,
-    distill_modal,
-    filter_bank_taps,
-    load_fit,
-    rtf_from_companion,
-    rtf_from_response,
-)
+from hyena_rtf.models.distill import distill_filters, distill_modal, filter_bank_taps, load_fit
+from hyena_rtf.models.distill_init import hankel_shape, rtf_from_response
+from hyena_rtf.models.distill_lm import _rtf_system
+from hyena_rtf.models.distill_poles import rtf_from_companion
 from hyena_rtf.models.implicit import ImplicitFilter
 from hyena_rtf.models.rtf import RTF, rational_kernel
 
@@ -73,8 +69,8 @@ def random_rtf_targets(n: int, L: int, F: int, seed: int):
 
 
 def np_hankel(taps: np.ndarray, L: int) -> np.ndarray:
-    """The explicit Hankel sections H[f, i, j] = taps[f, 1 + s i + j] of distill.hankel_shape."""
-    r, s, c = distill.hankel_shape(L)
+    """The explicit Hankel sections H[f, i, j] = taps[f, 1 + s i + j] of hankel_shape."""
+    r, s, c = hankel_shape(L)
     i, j = np.arange(r)[:, None], np.arange(c)[None, :]
     return taps[:, 1 + s * i + j]
 
@@ -160,7 +156,7 @@ def test_gauss_newton_system_matches_autograd_jacobian(L, fft_len):
     a = np.stack([make_denominator(n, rng, edge=0.9) for _ in range(2)])
     theta = torch.tensor(np.concatenate([a, rng.standard_normal((2, n + 1))], -1))
     target = torch.tensor(rng.standard_normal((2, L)))
-    _, G, g = distill._rtf_system(theta, target, fft_len)
+    _, G, g = _rtf_system(theta, target, fft_len)
     for f in range(2):
 
         def kernel(th):
