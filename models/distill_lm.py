@@ -25,7 +25,7 @@ def _rtf_loss(theta: torch.Tensor, target: torch.Tensor, fft_len: int) -> torch.
 
 def _rtf_system(theta: torch.Tensor, target: torch.Tensor, fft_len: int):
     """(loss, J^T J, J^T r) per filter for theta = [a, b, h0], by the circular correlations of the
-    module docstring (section 4). Shapes (F,), (F, 2n+1, 2n+1), (F, 2n+1)."""
+    models/distill.py docstring (section 4). Shapes (F,), (F, 2n+1, 2n+1), (F, 2n+1)."""
     F, L = target.shape
     n = (theta.shape[-1] - 1) // 2
     a, b, h0 = theta[:, :n], theta[:, n : 2 * n], theta[:, 2 * n]
