@@ -153,7 +153,9 @@ def test_distilling_at_the_source_order_or_above_keeps_the_logits(exact, length,
         # the pole-radius bound (0.9999) with tiny residues instead of at zero; rounding those
         # coefficients to the float32 the checkpoint stores moves that near-cancellation by ~4e-4
         # of the taps (report: stored_rel_error), and the MultiHyena outer products pass it on.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="spare poles placed at r_max, see comment"))
+        # Where the spare poles land depends on the thread count (it passes with 2 threads and
+        # fails with 1 on the project machine), so the marker cannot be strict.
+        request.applymarker(pytest.mark.xfail(strict=False, reason="spare poles placed at r_max, see comment"))
     ids = prompt(length)
     # The distilled model computes its kernels in float64 (rtf_kernel_dtype); the source, compared in
     # the same precision, isolates the fit from the float32 kernel rounding of the source's own
