@@ -139,6 +139,8 @@ def test_the_distilled_folder_loads_with_rtf_filters_of_the_fitted_orders(exact)
     n_layer = json.loads((source / "config.json").read_text())["n_layer"]
     assert (config["filter"], config["rtf_constraint"], config["num_a"]) == ("rtf", "none", None)
     assert config["state_sizes"] == [6] * n_layer
+    # slow fitted poles: kernel FFT and decoding state in float64 (models/rtf.py, hf/distill_checkpoint.py)
+    assert (config["rtf_kernel_dtype"], config["recurrent_dtype"]) == ("float64", "float64")
     assert [entry["order"] for entry in report["layers"]] == [6] * len(report["layers"])
     for entry in report["layers"]:
         block = model.model.layers[entry["layer"]]
