@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.generation import GenerationMode
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .attention import CausalSelfAttention
@@ -222,9 +223,21 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed.weight"}
     # Trainer passes num_items_in_batch to forward (see causal_lm_loss) instead of averaging itself.
     accepts_loss_kwargs = True
-    # The cache is a recurrent state that cannot be rewound: generate() refuses assisted decoding
-    # and prompt lookup with its own message instead of failing inside them.
+    # The cache is a recurrent state that cannot be rewound, so assisted decoding and prompt lookup
+    # (which roll the cache back over rejected candidates) cannot work. Releases up to 5.24 refuse
+    # them for `_is_stateful` models; 5.25 dropped that check and fails inside assisted decoding
+    # instead. Listing the modes that work makes every release refuse the others up front, with
+    # transformers' own "only supports" message.
     _is_stateful = True
+    _supported_generation_modes = tuple(
+        mode.value  # plain strings (GenerationMode is a str enum): the refusal then lists readable names
+        for mode in (
+            GenerationMode.GREEDY_SEARCH,
+            GenerationMode.SAMPLE,
+            GenerationMode.BEAM_SEARCH,
+            GenerationMode.BEAM_SAMPLE,
+        )
+    )
 
     def __init__(self, config: HyenaRTFConfig):
         super().__init__(config)

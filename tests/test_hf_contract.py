@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers import REPO, load_script, naive_greedy, spy_on_forward, tiny_model, train_tiny_tokenizer
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from hyena_rtf.data_prep.tokenizer import hf_tokenizer
 from hyena_rtf.hf.export import save_hf_checkpoint
@@ -42,6 +42,7 @@ MODES = {
     "greedy": dict(do_sample=False),
     "sampling": dict(do_sample=True, top_k=20),
     "beam_search": dict(num_beams=3, do_sample=False),
+    "beam_sample": dict(num_beams=3, do_sample=True, top_k=20),
 }
 
 
@@ -130,12 +131,21 @@ def test_generate_from_inputs_embeds_equals_generate_from_ids():
     assert torch.equal(from_embeds[:, -NEW:], from_ids[:, PROMPT:])
 
 
+def test_the_declared_generation_modes_are_the_ones_tested_above():
+    declared = set(HyenaRTFForCausalLM._supported_generation_modes)
+    assert {GenerationConfig(**kw).get_generation_mode() for kw in MODES.values()} == declared
+
+
 @pytest.mark.parametrize("assist", ["prompt_lookup", "assistant_model"])
 def test_assisted_decoding_is_refused_by_transformers_with_its_own_message(assist):
     model = tiny_model()
     kwargs = {"prompt_lookup_num_tokens": 3} if assist == "prompt_lookup" else {"assistant_model": tiny_model(seed=1)}
-    with pytest.raises(ValueError, match="stateful"), torch.no_grad():
-        model.generate(prompt_ids(1), max_new_tokens=4, do_sample=False, **kwargs)
+    with pytest.raises(
+        ValueError,
+        match=r"only supports \('greedy_search', 'sample', 'beam_search', 'beam_sample'\), but got .*ASSISTED",
+    ):
+        with torch.no_grad():
+            model.generate(prompt_ids(1), max_new_tokens=4, do_sample=False, **kwargs)
 
 
 # ---- HF model conventions ----------------------------------------------------------------------
