@@ -6,9 +6,16 @@ it imports relatively), model.safetensors, generation_config.json and the tokeni
 built in a staging folder beside the target and swapped in at the end (utils/atomic.py), so a
 crash never leaves a folder that looks complete and never loses the previous export.
 
-Nothing the export did not write is ever deleted: an existing target is replaced only if it is a
-Hyena-RTF export holding nothing but an export's own files (`check_export_target`), unless the
-caller passes overwrite=True; a target that is a file is always refused.
+A model transformers has built in (the GPT-NeoX baseline train.py trains with model.arch=gpt_neox)
+is written as a plain folder: no code, no auto_map, loadable without trust_remote_code. Its
+config.json carries one extra key, EXPORT_MARKER = its model_type, which is how a later export
+knows the folder as its own: a folder of the same model_type that some other tool wrote (a
+downloaded Pythia, say) lacks it and is never replaced.
+
+Nothing the export did not write is ever deleted: an existing target is replaced only if it is an
+export of ours (a Hyena-RTF export, or a plain one with the marker) holding nothing but an
+export's own files (`check_export_target`; Python files only where the export writes code),
+unless the caller passes overwrite=True; a target that is a file is always refused.
 
 Folder layout and the custom-code rules: docs/transformers.md.
 """
@@ -21,6 +28,7 @@ import re
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
 from hyena_rtf.data_prep.tokenizer import hf_tokenizer
 from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
@@ -28,7 +36,7 @@ from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM, HyenaRTFMod
 from hyena_rtf.models.precision import is_filter_param
 from hyena_rtf.utils.atomic import check_replaceable, locked, remove_stale, replace_dir
 
-EXPORT_KIND = "Hyena-RTF Hugging Face export"
+EXPORT_KIND = "Hugging Face export of this project"  # Hyena-RTF, or a plain one (GPT-NeoX)
 # Every name save_hf_checkpoint writes: the model code, configs, weights (sharded or not), tokenizer.
 _EXPORT_FILES = re.compile(
     r"[A-Za-z_][A-Za-z0-9_]*\.py|(config|generation_config|tokenizer|tokenizer_config|"
@@ -37,31 +45,48 @@ _EXPORT_FILES = re.compile(
 )
 
 
-def is_export(config_json: Path) -> bool:
-    """True when `config_json` is the config.json of a Hyena-RTF export."""
+# The config.json key that marks a plain (code-free) export as ours; its value is the model_type.
+EXPORT_MARKER = "hyena_rtf_export"
+
+
+def export_kind(config_json: Path) -> str | None:
+    """ "custom" for the config.json of a Hyena-RTF export (model code in the folder), "plain" for
+    one of a plain export of ours (EXPORT_MARKER equal to its model_type), else None."""
     try:
-        return json.loads(config_json.read_text(encoding="utf-8")).get("model_type") == HyenaRTFConfig.model_type
+        config = json.loads(config_json.read_text(encoding="utf-8"))
+        model_type = config.get("model_type")
     except (OSError, ValueError, AttributeError):
-        return False
+        return None
+    if model_type == HyenaRTFConfig.model_type:
+        return "custom"
+    return "plain" if model_type is not None and config.get(EXPORT_MARKER) == model_type else None
+
+
+def is_export(config_json: Path) -> bool:
+    """True when `config_json` is the config.json of an export of ours (`export_kind`)."""
+    return export_kind(config_json) is not None
 
 
 def check_export_target(out_dir: str | os.PathLike, overwrite: bool = False, also_owned: tuple[str, ...] = ()) -> None:
     """Raise NotReplaceableError (one line) unless `out_dir` may receive an export: it does not
-    exist, is empty, or is an earlier Hyena-RTF export with only an export's files in it, plus the
-    names in `also_owned` (files a caller writes beside an export), or any folder with
-    overwrite=True. Call it before any long work, so a bad target fails at once."""
+    exist, is empty, or is an earlier export of ours with only an export's files in it (Python
+    files count as ours only in a Hyena-RTF export, which writes its code), plus the names in
+    `also_owned` (files a caller writes beside an export), or any folder with overwrite=True. Call
+    it before any long work, so a bad target fails at once."""
+    plain = export_kind(Path(out_dir) / "config.json") == "plain"
+
+    def owned(name: str) -> bool:
+        if name in also_owned:
+            return True
+        return _EXPORT_FILES.fullmatch(name) is not None and not (plain and name.endswith(".py"))
+
     check_replaceable(
-        out_dir,
-        marker="config.json",
-        kind=EXPORT_KIND,
-        is_kind=is_export,
-        owned=lambda name: _EXPORT_FILES.fullmatch(name) is not None or name in also_owned,
-        overwrite=overwrite,
+        out_dir, marker="config.json", kind=EXPORT_KIND, is_kind=is_export, owned=owned, overwrite=overwrite
     )
 
 
 def save_hf_checkpoint(
-    model: HyenaRTFForCausalLM,
+    model: PreTrainedModel,
     tokenizer_file: str | os.PathLike | None,
     out_dir: str | os.PathLike,
     dtype: torch.dtype | None = None,
@@ -69,6 +94,8 @@ def save_hf_checkpoint(
     also_owned: tuple[str, ...] = (),
 ) -> Path:
     """Save `model` (+ tokenizer) as a self-contained HF folder at `out_dir`; returns the path.
+    A HyenaRTFForCausalLM gets its code and auto_map, any other model a plain folder (the module
+    docstring).
 
     dtype: optional dtype for the saved weights (the long filters always stay float32,
     models/precision.py). An existing `out_dir` is replaced only once the new folder is complete,
@@ -77,7 +104,7 @@ def save_hf_checkpoint(
     """
     out = Path(out_dir)
     check_export_target(out, overwrite, also_owned)
-    config: HyenaRTFConfig = model.config
+    config = model.config
     tok = None
     if tokenizer_file is not None:
         tok = hf_tokenizer(tokenizer_file)
@@ -90,13 +117,16 @@ def save_hf_checkpoint(
             config.pad_token_id = tok.pad_token_id
             model.generation_config.eos_token_id = tok.eos_token_id
             model.generation_config.pad_token_id = tok.pad_token_id
-    # auto_map: AutoConfig, AutoModel (the decoder without its head) and AutoModelForCausalLM.
-    type(config).register_for_auto_class()
-    type(model).register_for_auto_class("AutoModelForCausalLM")
-    config.auto_map = {
-        **(getattr(config, "auto_map", None) or {}),
-        "AutoModel": f"{HyenaRTFModel.__module__.rsplit('.', 1)[-1]}.{HyenaRTFModel.__name__}",
-    }
+    if isinstance(model, HyenaRTFForCausalLM):
+        # auto_map: AutoConfig, AutoModel (the decoder without its head) and AutoModelForCausalLM.
+        type(config).register_for_auto_class()
+        type(model).register_for_auto_class("AutoModelForCausalLM")
+        config.auto_map = {
+            **(getattr(config, "auto_map", None) or {}),
+            "AutoModel": f"{HyenaRTFModel.__module__.rsplit('.', 1)[-1]}.{HyenaRTFModel.__name__}",
+        }
+    else:
+        setattr(config, EXPORT_MARKER, config.model_type)
     out.parent.mkdir(parents=True, exist_ok=True)
     with locked(out):
         remove_stale(out)

@@ -5,6 +5,7 @@ dist_env    launcher, rank and world size from the environment; engine and devic
 data        per-step micro-batches from data_prep, validation batches, unigram baseline
 optim       AdamW parameter groups (RTF group: own lr, no weight decay), warmup + cosine
 engine      single process / torch DDP / DeepSpeed ZeRO 1-2 behind one interface
+architectures model.arch: Hyena-RTF or the GPT-NeoX baseline, and the model-section mapping to each
 build       the run's model and engine from its config (filters checked float32)
 zero_elastic DeepSpeed checkpoints' full optimizer state, re-split to resume on another world size
 checkpoint  atomic checkpoints with a SHA-256 manifest, keep-last-K, load (model, optimizer, RNG, step)

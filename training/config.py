@@ -11,7 +11,9 @@ The `model` section is not written by hand: its dataclass is derived from the si
 `HyenaRTFConfig.__init__` (one source of truth for model hyper-parameters), every field made
 Optional with default None meaning "not set here". A set `model.preset` (a key of `PRESETS`) fills
 the unset fields; the rest fall back to HyenaRTFConfig's own defaults. `vocab_size` comes from the
-data's tokenizer (`resolve_model_kwargs`), and `l_max` defaults to `data.seq_len`.
+data's tokenizer (`resolve_model_kwargs`), and `l_max` defaults to `data.seq_len`. `model.arch`
+picks the architecture (training/architectures.py: Hyena-RTF, or GPT-NeoX, which uses only the
+keys the two share; `check_arch_keys` says what happens to the others).
 
 Batch arithmetic has one source of truth, `resolve_batch`:
 
@@ -34,7 +36,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from hyena_rtf.models.configuration_hyena_rtf import PRESETS, HyenaRTFConfig
-from hyena_rtf.training.model_schema import model_schema
+from hyena_rtf.training.architectures import ARCHS, HYENA_ONLY_KEYS
+from hyena_rtf.training.model_schema import DEFAULT_ARCH, model_schema
 
 
 class ConfigError(ValueError):
@@ -176,6 +179,7 @@ def load_config(
     """
     schema = OmegaConf.structured(build_schema(config_cls))
     cfg = schema
+    layers: list[tuple[int, str, DictConfig]] = []  # (0: the file, 1: the command line; source; what it set)
     if config_file is not None:
         if not os.path.isfile(config_file):
             raise ConfigError(f"config file not found: {config_file}")
@@ -186,6 +190,7 @@ def load_config(
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{config_file}: the top level must be a mapping of sections")
         cfg = _merge(cfg, loaded, config_file, schema)
+        layers.append((0, config_file, loaded))
     for item in overrides or []:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"command-line override '{item}' is not of the form section.key=value")
@@ -194,8 +199,42 @@ def load_config(
         except Exception as e:
             raise ConfigError(f"command-line override '{item}': {e}") from None
         cfg = _merge(cfg, dot, f"command-line override '{item}'", schema)
+        layers.append((1, f"command-line override '{item}'", dot))
     check_values(cfg)
+    check_arch_keys(cfg, layers)
     return cfg
+
+
+def _sets(layer: DictConfig, key: str) -> bool:
+    """True when the YAML file or override `layer` gives model.<key> a value (null is no value)."""
+    model = layer.get("model")
+    return isinstance(model, DictConfig) and model.get(key) is not None
+
+
+def check_arch_keys(cfg: DictConfig, layers: list[tuple[int, str, DictConfig]]) -> None:
+    """Another model.arch than Hyena-RTF has no use for the Hyena-only keys
+    (training/architectures.py: HYENA_ONLY_KEYS). `layers`: (0 for the YAML file, 1 for the command
+    line; its source; what it set), in merge order.
+
+    A Hyena-only key set where the architecture was chosen or later (the same YAML file, or the
+    command line) is a ConfigError naming it. One set in the YAML file when the command line
+    chose the architecture belongs to a config written for Hyena-RTF (configs/default.yaml sets
+    model.state_size), so `python train.py model.arch=gpt_neox` clears it (the effective config
+    then shows it unset) rather than make every Hyena key of the file be undone by hand."""
+    arch = cfg.model.arch
+    if arch == DEFAULT_ARCH:
+        return
+    chosen_in = max(group for group, _, layer in layers if _sets(layer, "arch"))
+    for key in HYENA_ONLY_KEYS:
+        setters = [(group, source) for group, source, layer in layers if _sets(layer, key)]
+        if not setters:
+            continue
+        group, source = setters[-1]
+        if group >= chosen_in:
+            raise ConfigError(
+                f"{source}: model.{key} is a Hyena-RTF setting, which model.arch={arch} does not use; remove it"
+            )
+        cfg.model[key] = None
 
 
 def _choice(value: str, allowed: tuple, key: str) -> None:
@@ -206,6 +245,7 @@ def _choice(value: str, allowed: tuple, key: str) -> None:
 def check_values(cfg: DictConfig) -> None:
     """Checks OmegaConf's types cannot express (choices, ranges)."""
     t = cfg.train
+    _choice(cfg.model.arch, ARCHS, "model.arch")
     _choice(t.engine, ENGINES, "train.engine")
     _choice(t.precision, PRECISIONS, "train.precision")
     _choice(t.device, DEVICES, "train.device")
@@ -328,6 +368,7 @@ def resolve_model_kwargs(
     """
     presets = PRESETS if presets is None else presets
     raw = OmegaConf.to_container(model_cfg, resolve=True)
+    raw.pop("arch", None)  # which class gets these arguments: training/architectures.py
     preset = raw.pop("preset")
     kwargs: dict[str, Any] = {}
     if preset is not None:
@@ -348,12 +389,11 @@ def resolve_model_kwargs(
     return kwargs
 
 
-def fill_model_section(cfg: DictConfig, model_config: Any) -> None:
-    """Write the resolved model hyper-parameters back into cfg.model (the effective config)."""
-    for key in cfg.model:
-        if key != "preset" and hasattr(model_config, key):
-            value = getattr(model_config, key)
-            cfg.model[key] = list(value) if isinstance(value, tuple) else value
+def fill_model_section(cfg: DictConfig, values: dict[str, Any]) -> None:
+    """Write the resolved model hyper-parameters back into cfg.model (the effective config);
+    `values`: model-section key -> value (training/architectures.py: section_values)."""
+    for key, value in values.items():
+        cfg.model[key] = list(value) if isinstance(value, tuple) else value
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -6,7 +6,8 @@ The model is rebuilt from the checkpoint's effective config.yaml, filled with th
 weights (`load_fp32_state_dict`: DeepSpeed ZeRO checkpoints are reconstructed from their
 per-rank partitions) and written by `hyena_rtf.hf.export.save_hf_checkpoint` together with the
 checkpoint's tokenizer.json. The result loads with
-`AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`.
+`AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`; a model.arch=gpt_neox run
+gives a plain transformers folder (no code in it, no trust_remote_code needed).
 """
 
 from __future__ import annotations
@@ -18,20 +19,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from hyena_rtf.hf.export import check_export_target, save_hf_checkpoint
-from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
-from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
+from hyena_rtf.training import architectures
 from hyena_rtf.training import checkpoint as ckpt
+from hyena_rtf.training.model_schema import DEFAULT_ARCH, RESERVED
 from hyena_rtf.utils.atomic import NotReplaceableError
 
 
 def model_from_checkpoint(ckpt_dir: str):
-    """(HyenaRTFForCausalLM with the checkpoint's fp32 weights, its config)."""
+    """(the model with the checkpoint's fp32 weights, its config): HyenaRTFForCausalLM, or
+    GPTNeoXForCausalLM for a model.arch=gpt_neox run (checkpoints older than `arch` are Hyena-RTF)."""
     cfg = OmegaConf.load(os.path.join(ckpt_dir, ckpt.CONFIG_FILE))
-    kwargs = {
-        k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "preset" and v is not None
-    }
-    config = HyenaRTFConfig(**kwargs)
-    model = HyenaRTFForCausalLM(config)
+    section = OmegaConf.to_container(cfg.model, resolve=True)
+    kwargs = {k: v for k, v in section.items() if k not in RESERVED and v is not None}
+    config = architectures.model_config(section.get("arch") or DEFAULT_ARCH, kwargs)
+    model = architectures.build(config)
     state = ckpt.load_fp32_state_dict(ckpt_dir)
     missing, unexpected = model.load_state_dict(state)
     # A tied LM head may be stored under one of its two names only; anything else is a real mismatch.

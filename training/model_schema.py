@@ -13,6 +13,11 @@ from typing import Any, Optional
 
 _SCALARS = (int, float, bool, str)
 
+# `model.arch` when the config does not set it; the choices are training/architectures.py's ARCHS.
+DEFAULT_ARCH = "hyena_rtf"
+# Fields the training config adds in front of the model config's parameters.
+RESERVED = ("arch", "preset")
+
 
 def _omegaconf_type(annotation: Any) -> Any:
     """Map a model-config annotation to a type OmegaConf validates, wrapped in Optional.
@@ -40,16 +45,16 @@ def _omegaconf_type(annotation: Any) -> Any:
 def model_schema(config_cls: type) -> type:
     """Dataclass with one Optional field (default None) per parameter of `config_cls.__init__`.
 
-    Parameters without a type annotation, *args/**kwargs and `self` are skipped. A `preset` field
-    is added in front.
+    Parameters without a type annotation, *args/**kwargs and `self` are skipped. Two fields are
+    added in front: `arch` (default DEFAULT_ARCH; training/architectures.py) and `preset`.
     """
     hints = typing.get_type_hints(config_cls.__init__)
-    fields: list[tuple] = [("preset", Optional[str], field(default=None))]
+    fields: list[tuple] = [("arch", str, field(default=DEFAULT_ARCH)), ("preset", Optional[str], field(default=None))]
     for name, p in inspect.signature(config_cls.__init__).parameters.items():
         if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or name not in hints:
             continue
-        if name == "preset":
-            raise TypeError(f"{config_cls.__name__} has a parameter named 'preset', which the training config reserves")
+        if name in RESERVED:
+            raise TypeError(f"{config_cls.__name__} has a parameter named {name!r}, which the training config reserves")
         fields.append((name, _omegaconf_type(hints[name]), field(default=None)))
     return dataclasses.make_dataclass("ModelConfig", fields)
 

@@ -33,6 +33,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from hyena_rtf.data_prep.dataset import PackedDataset
 from hyena_rtf.training import checkpoint as ckpt
+from hyena_rtf.training.architectures import attention_shape
 from hyena_rtf.training.build import build_engine, build_model
 from hyena_rtf.training.config import BatchPlan, ConfigError, check_optional_packages, resolve_batch, to_yaml
 from hyena_rtf.training.data import (
@@ -126,8 +127,8 @@ class Trainer:
         check_sizes(self.train_ds, self.val_ds, self.plan, cfg.data.seq_len)
         model = build_model(cfg, self.train_ds.vocab_size, self.device)
         self.n_params = model.num_parameters()  # tied head and embedding counted once
-        n_attn = len(model.config.attn_layers or [])
-        self.flops_per_token = train_flops_per_token(self.n_params, n_attn, model.config.d_model, cfg.data.seq_len)
+        n_attn, width = attention_shape(model.config)
+        self.flops_per_token = train_flops_per_token(self.n_params, n_attn, width, cfg.data.seq_len)
         self.peak_flops = peak_flops(self.device)
         self.tokens_per_step = self.plan.global_batch_size * cfg.data.seq_len
         self.engine = build_engine(cfg, model, self.plan, self.device, self.env, self.kind)
@@ -142,7 +143,8 @@ class Trainer:
         plan, cfg = self.plan, self.cfg
         return (
             f"engine {self.engine.kind} | {self.env.world_size} process(es) on {self.device.type} | "
-            f"{cfg.train.precision} | {self.n_params / 1e6:.2f}M parameters | global batch {plan.global_batch_size} "
+            f"{cfg.train.precision} | {cfg.model.arch} | {self.n_params / 1e6:.2f}M parameters | "
+            f"global batch {plan.global_batch_size} "
             f"= micro {plan.micro_batch_size} x accum {plan.grad_accum_steps} x world {plan.world_size} | seq_len "
             f"{cfg.data.seq_len} | {self.train_ds.num_samples} train / {self.val_ds.num_samples} val sequences"
         )

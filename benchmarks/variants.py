@@ -1,0 +1,107 @@
+"""The model variants the quality benchmarks compare, each defined once, as the train.py model-section
+overrides that make it. benchmarks/quality.py passes them to train.py; in-process users (the
+synthetic-task suite) get exactly the same model from `build_variant`.
+
+    rtf16       Hyena, RTF long filters of order 16 (the default model's operator)
+    rtf64       Hyena, RTF long filters of order 64 (the RTF paper's WikiText-103 order)
+    implicit    Hyena with Hyena's own implicit MLP filters: the baseline RTF claims to beat
+    multihyena  MultiHyena (Laughing Hyena) with RTF-16 filters and 16 heads
+    hybrid      Hyena-RTF-16 with softmax attention in one layer of every four (layers 2, 6, 10, ...)
+    gpt_neox    a Transformer: Hugging Face GPT-NeoX (rotary positions, SDPA), training/architectures.py
+
+Why 16 MultiHyena heads: each head filters the e^2 outer products of its e = d_model / M channels,
+so the filter bank grows as d_model^2 / M and the cost with it. At the CPU benchmarks' width 128,
+M = 16 gives heads of e = 8 channels and trains at about 1.5x the step time of rtf16 (d 128, 4
+layers, seq 256, batch 8, one thread, 2026-12-04: 1.9 s against 1.3 s a step on a loaded machine);
+M = 8 or 4 cost 2x and more, M = 32 (e = 4) is close to the plain operator. A wider model
+keeps e = 8 by raising M (benchmarks/quality.py's gpu-125m preset does: M = 96 at d 768).
+
+Why layers 2, 6, 10, ...: Hyena-RTF's attention layers have no positional embedding of their own
+(models/attention.py), so each one sits after two Hyena layers, which carry position.
+
+Every variant sets the mixer fully (filter, order, heads, attention layers), so a `base` that
+sets them too (say model.state_size=256) is overridden by the variant. For gpt_neox, base keys
+GPT-NeoX has no use for (training/architectures.py: HYENA_ONLY_KEYS) are dropped from the base,
+since train.py refuses them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
+from hyena_rtf.training.architectures import HYENA_ONLY_KEYS
+from hyena_rtf.training.build import build_model
+from hyena_rtf.training.config import load_config, resolve_model_kwargs
+from hyena_rtf.training.model_schema import model_defaults
+
+from .common import REPO
+
+DEFAULT_CONFIG = REPO / "configs" / "default.yaml"  # train.py's default --config
+HYBRID_EVERY = 4  # one attention layer in this many
+MULTI_HYENA_HEADS = 16
+
+# name -> model overrides. "{attn_layers}" is filled in by `variant_overrides` from n_layer.
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "rtf16": ("model.filter=rtf", "model.state_size=16"),
+    "rtf64": ("model.filter=rtf", "model.state_size=64"),
+    "implicit": ("model.filter=implicit",),
+    "multihyena": ("model.filter=rtf", "model.state_size=16", f"model.multi_hyena_heads={MULTI_HYENA_HEADS}"),
+    "hybrid": ("model.filter=rtf", "model.state_size=16", "model.attn_layers={attn_layers}"),
+    "gpt_neox": ("model.arch=gpt_neox",),
+}
+
+
+def hybrid_layers(n_layer: int) -> list[int]:
+    """The attention layers of the hybrid: 2, 6, 10, ... below n_layer. ValueError when there is
+    none (n_layer < 3): the variant would be rtf16 under another name."""
+    layers = list(range(2, n_layer, HYBRID_EVERY))
+    if not layers:
+        raise ValueError(f"the hybrid variant needs n_layer >= 3 (attention at layer 2), got n_layer={n_layer}")
+    return layers
+
+
+def variant_overrides(name: str, n_layer: int) -> list[str]:
+    """The train.py model overrides of variant `name` for a model of n_layer layers.
+    KeyError naming the choices for an unknown name."""
+    if name not in VARIANTS:
+        raise KeyError(f"unknown variant {name!r} (choose from {', '.join(VARIANTS)})")
+    fill = {"attn_layers": "[" + ",".join(map(str, hybrid_layers(n_layer))) + "]"} if name == "hybrid" else {}
+    return [o.format(**fill) for o in VARIANTS[name]]
+
+
+def _is_hyena_only(override: str) -> bool:
+    key, _, _ = override.partition("=")
+    return key.startswith("model.") and key.removeprefix("model.") in HYENA_ONLY_KEYS
+
+
+def run_overrides(name: str, base: Sequence[str], n_layer: int) -> list[str]:
+    """`base` then the variant's overrides: the command-line overrides of the variant's train.py
+    run (gpt_neox: the base without its Hyena-only model keys, see the module docstring)."""
+    kept = [o for o in base if not (name == "gpt_neox" and _is_hyena_only(o))]
+    return [*kept, *variant_overrides(name, n_layer)]
+
+
+def resolved_n_layer(base: Sequence[str]) -> int:
+    """The depth train.py gives a model configured by `base` on top of configs/default.yaml
+    (an explicit model.n_layer, else the model.preset's, else HyenaRTFConfig's default)."""
+    cfg = load_config(str(DEFAULT_CONFIG), list(base))
+    kwargs = resolve_model_kwargs(cfg.model, vocab_size=1, seq_len=cfg.data.seq_len)
+    return kwargs.get("n_layer") or model_defaults(HyenaRTFConfig)["n_layer"]
+
+
+def build_variant(name: str, vocab_size: int, seq_len: int, base: Sequence[str] = (), seed: int = 0) -> torch.nn.Module:
+    """Exactly the model `python train.py <run_overrides> data.seq_len=... train.seed=...` builds
+    (configs/default.yaml, then base, then the variant; training.build.build_model), initialised
+    from `seed`, on the CPU, in training mode. base: e.g. ["model.d_model=128", "model.n_layer=4"]."""
+    run = [*base, f"data.seq_len={seq_len}", f"train.seed={seed}"]
+    cfg = load_config(str(DEFAULT_CONFIG), run_overrides(name, run, resolved_n_layer(run)))
+    return build_model(cfg, vocab_size, torch.device("cpu"))
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Trainable parameters, a tied embedding and LM head counted once (what train.py reports):
+    the count the benchmarks compare ("equal parameters within 5%")."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
