@@ -93,7 +93,7 @@ def test_model_section_is_derived_from_the_model_config_signature():
         for n, p in inspect.signature(HyenaRTFConfig.__init__).parameters.items()
         if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
     ]
-    assert list(cfg.model.keys()) == ["preset", *params]
+    assert list(cfg.model.keys()) == ["arch", "preset", *params]
     assert all(cfg.model[k] is None for k in params)  # None = "not set here"
 
 
