@@ -92,12 +92,16 @@ def resolved_n_layer(base: Sequence[str]) -> int:
     return kwargs.get("n_layer") or model_defaults(HyenaRTFConfig)["n_layer"]
 
 
-def build_variant(name: str, vocab_size: int, seq_len: int, base: Sequence[str] = (), seed: int = 0) -> torch.nn.Module:
-    """Exactly the model `python train.py <run_overrides> data.seq_len=... train.seed=...` builds
-    (configs/default.yaml, then base, then the variant; training.build.build_model), initialised
-    from `seed`, on the CPU, in training mode. base: e.g. ["model.d_model=128", "model.n_layer=4"]."""
+def build_variant(
+    name: str, vocab_size: int, seq_len: int, base: Sequence[str] = (), seed: int = 0, after: Sequence[str] = ()
+) -> torch.nn.Module:
+    """Exactly the model `python train.py <run_overrides> <after> data.seq_len=... train.seed=...`
+    builds (configs/default.yaml, then base, then the variant, then `after`; training.build.build_model),
+    initialised from `seed`, on the CPU, in training mode. base: e.g. ["model.d_model=128",
+    "model.n_layer=4"]; after: overrides of the variant's own keys, for a sweep over one of them
+    (the synthetic suite's copying task: rtf64 with model.state_size=16 ... 256)."""
     run = [*base, f"data.seq_len={seq_len}", f"train.seed={seed}"]
-    cfg = load_config(str(DEFAULT_CONFIG), run_overrides(name, run, resolved_n_layer(run)))
+    cfg = load_config(str(DEFAULT_CONFIG), [*run_overrides(name, run, resolved_n_layer(run)), *after])
     return build_model(cfg, vocab_size, torch.device("cpu"))
 
 
