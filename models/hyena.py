@@ -33,20 +33,61 @@ from .rtf import RTF, RTFRecurrence
 
 @dataclass
 class HyenaState:
-    """Decoding state of one Hyena layer.
+    """Decoding state of one Hyena (or MultiHyena) layer, advanced IN PLACE by the operator's `step`.
 
     conv: (B, 3d, w - 1) last inputs of the short conv (activation dtype).
-    filt: RTF: (B, d, n) companion state (float32 or float64); implicit: (B, d, t) input history.
+    filt: RTF: (B, C, n) companion state (float32 or float64); implicit: (B, C, t) input history.
     rec:  the RTF recurrence built at prefill (None for the implicit filter). Keeping it here means
           a decode step does no parameter checks, and a new prompt always sees current weights.
+
+    For RTF neither tensor changes shape or address while decoding: a step writes into them (a
+    compiled step, or a CUDA graph, can capture that). The implicit filter's history grows, so its
+    `filt` is replaced at every step.
     """
 
     conv: torch.Tensor
     filt: torch.Tensor
     rec: RTFRecurrence | None = None
 
-    def index_select(self, idx: torch.Tensor) -> HyenaState:
-        return HyenaState(self.conv.index_select(0, idx), self.filt.index_select(0, idx), self.rec)
+    def __post_init__(self):
+        # The prefill hands over views into larger tensors (the padded projection); a state that is
+        # written in place owns its memory.
+        self.conv, self.filt = self.conv.contiguous(), self.filt.contiguous()
+
+    def reorder_(self, idx: torch.Tensor) -> None:
+        """Keep rows `idx` (beam search), in place: the tensors keep their shapes and addresses."""
+        self.conv.copy_(self.conv.index_select(0, idx))
+        self.filt.copy_(self.filt.index_select(0, idx))
+
+    def copy_(self, other: HyenaState) -> None:
+        """Take over `other`'s values (same shapes) without reallocating; the recurrence by reference."""
+        self.conv.copy_(other.conv)
+        self.filt.copy_(other.filt)
+        self.rec = other.rec
+
+    def step_filter_(self, u: torch.Tensor) -> torch.Tensor:
+        """One step of the RTF recurrence on this state, in place. u: (B, C) -> y: (B, C), float32+.
+
+            y = c . x + h0 u,      x <- [u - a . x, x[0], ..., x[n-2]]
+
+        (the corrected companion system of `RTFRecurrence`, whose channel-level a, c (C, n) and
+        h0 (C,) it reads). The shifted delay line goes through one temporary and is copied back,
+        because an overlapping in-place shift is not allowed."""
+        x, rec = self.filt, self.rec
+        u = u.to(x.dtype)
+        y = (x * rec.c).sum(-1) + rec.h0 * u
+        v = u - (x * rec.a).sum(-1)
+        x.copy_(torch.cat([v.unsqueeze(-1), x[..., :-1]], dim=-1))
+        return y
+
+
+def shift_in_(conv: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The short conv's input window at this step: conv (B, Ch, w - 1) holds the previous inputs,
+    p (B, Ch) is the new one. Returns the window [conv, p] (B, Ch, w) and slides it into `conv`
+    in place (oldest column dropped)."""
+    window = torch.cat([conv, p.unsqueeze(-1)], dim=-1)
+    conv.copy_(window[..., 1:])
+    return window
 
 
 def make_filter(config: HyenaRTFConfig, layer_idx: int, channels: int, num_filters: int | None) -> nn.Module:
@@ -110,15 +151,17 @@ class HyenaOperator(nn.Module):
         return out, HyenaState(tail, self.filter.prefill(z))
 
     def step(self, u: torch.Tensor, state: HyenaState) -> tuple[torch.Tensor, HyenaState]:
-        """One token. u: (B, d) -> (B, d). Cost O(d (d + w + n)), independent of the position."""
-        p = self.in_proj(u)  # (B, 3d)
-        window = torch.cat([state.conv, p.unsqueeze(-1)], dim=-1)  # (B, 3d, w)
+        """One token. u: (B, d) -> (B, d), and `state` (returned as well) advanced in place.
+        Cost O(d (d + w + n)), independent of the position. For RTF it allocates no state and
+        makes no host synchronisation, so the same code serves the eager cache and the static,
+        compiled decode step (models/static_decode.py)."""
+        window = shift_in_(state.conv, self.in_proj(u))  # (B, 3d, w)
         q = (window * self.short_conv.weight[:, 0, :]).sum(-1) + self.short_conv.bias
         x0, x1, v = q.chunk(3, dim=-1)
         z = x1 * v
         if state.rec is not None:
-            yf, filt = state.rec.step(z, state.filt)
-        else:
-            yf, filt = self.filter.step(z, state.filt)
+            yf = state.step_filter_(z)
+        else:  # the implicit filter has no finite state: its history grows
+            yf, state.filt = self.filter.step(z, state.filt)
         y = x0 * yf.to(x0.dtype)
-        return self.out_proj(y), HyenaState(window[..., 1:], filt, state.rec)
+        return self.out_proj(y), state

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .configuration_hyena_rtf import HyenaRTFConfig
 from .fftconv import fft_causal_conv
-from .hyena import HyenaState, make_filter
+from .hyena import HyenaState, make_filter, shift_in_
 from .rtf import RTF
 
 
@@ -91,13 +91,17 @@ class MultiHyenaOperator(nn.Module):
         return out, HyenaState(conv_tail, filt, rec)
 
     def step(self, u: torch.Tensor, state: HyenaState) -> tuple[torch.Tensor, HyenaState]:
-        """One token. u: (B, d) -> (B, d). RTF: O(d (d + w) + M e^2 n) = O(d (d + w + e n)) per
-        token, independent of the position."""
-        window = torch.cat([state.conv, self.in_proj(u).unsqueeze(-1)], dim=-1)  # (B, 3d, w)
+        """One token. u: (B, d) -> (B, d), and `state` (returned as well) advanced in place, as in
+        HyenaOperator.step. RTF: O(d (d + w) + M e^2 n) = O(d (d + w + e n)) per token,
+        independent of the position."""
+        window = shift_in_(state.conv, self.in_proj(u))  # (B, 3d, w)
         conv = F.conv1d(window, self.short_conv.weight, self.short_conv.bias, groups=3 * self.d_model)
         q, k, v = map(self._heads, conv[..., 0].chunk(3, dim=-1))  # (B, M, e) each
         z = (k.unsqueeze(-1) * v.unsqueeze(-2)).flatten(1)  # (B, M e^2)
-        Z, filt = (state.rec if state.rec is not None else self.filter).step(z, state.filt)
+        if state.rec is not None:
+            Z = state.step_filter_(z)
+        else:  # the implicit filter has no finite state: its history grows
+            Z, state.filt = self.filter.step(z, state.filt)
         Z = Z.to(q.dtype).unflatten(1, (self.heads, self.head_dim, self.head_dim))  # (B, M, e, e)
         y = torch.einsum("bmi,bmij->bmj", q, Z).flatten(1)  # (B, d)
-        return self.out_proj(y), HyenaState(window[..., 1:], filt, state.rec)
+        return self.out_proj(y), state
