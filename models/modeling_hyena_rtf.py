@@ -26,12 +26,13 @@ from transformers.generation import GenerationMode
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .attention import CausalSelfAttention
-from .cache import HyenaRTFCache
+from .cache import HyenaRTFCache, StaticHyenaRTFCache
 from .configuration_hyena_rtf import HyenaRTFConfig
-from .hf_compat import cache_kwargs, output_cache, pick_cache
+from .hf_compat import CACHE_NAME, cache_kwargs, output_cache, pick_cache
 from .hyena import HyenaOperator
 from .multihyena import MultiHyenaOperator
 from .precision import FILTER_MODULE
+from .static_decode import decode_steps
 
 
 class MLP(nn.Module):
@@ -77,12 +78,20 @@ class Block(nn.Module):
             y = self.mixer(x, mask)
         elif cache.layers[layer_idx] is None:
             y, cache.layers[layer_idx] = self.mixer(x, mask, return_state=True, pole_check=cache.pole_check)
-        else:
-            state, ys = cache.layers[layer_idx], []
-            for t in range(x.shape[1]):
-                y_t, state = self.mixer.step(x[:, t], state)
-                ys.append(y_t)
-            y, cache.layers[layer_idx] = torch.stack(ys, dim=1), state
+        else:  # the state is advanced in place, token by token
+            state = cache.layers[layer_idx]
+            y = torch.stack([self.mixer.step(x[:, t], state)[0] for t in range(x.shape[1])], dim=1)
+        return self._residual(h, y)
+
+    def step(self, h: torch.Tensor, state, pos: torch.Tensor) -> torch.Tensor:
+        """One token of the static decode path (models/static_decode.py): h (B, d) -> (B, d).
+        state: this layer's HyenaState, or StaticKV with the write position pos ((1,) on the device),
+        advanced in place by the same per-layer steps as the eager cache."""
+        x = self.norm1(h)
+        y = self.mixer.step(x, state, pos) if self.is_attention else self.mixer.step(x, state)[0]
+        return self._residual(h, y)
+
+    def _residual(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = h + self.drop(y)
         return h + self.mlp(self.norm2(h))
 
@@ -160,6 +169,11 @@ class HyenaRTFModel(HyenaRTFPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         cache = pick_cache(cache, past_key_values)
+        static = cache if isinstance(cache, StaticHyenaRTFCache) else None
+        if static is not None:
+            if static.is_loaded:
+                raise ValueError("a filled StaticHyenaRTFCache decodes through HyenaRTFForCausalLM only")
+            cache, use_cache = None, True  # the prefill fills an ordinary cache, then static takes it over
         asked = use_cache is not None
         if not asked:
             use_cache = self.config.use_cache and not self.training
@@ -189,6 +203,9 @@ class HyenaRTFModel(HyenaRTFPreTrainedModel):
             hidden.append(h)
         if cache is not None:
             cache.seen_tokens += h.shape[1]
+        if static is not None:
+            static.load_(cache, attention_mask)
+            cache = static
         out = BaseModelOutputWithPast(
             last_hidden_state=h, hidden_states=None if hidden is None else tuple(hidden), **cache_kwargs(cache)
         )
@@ -274,6 +291,22 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # our cache is recurrent; forward creates it
 
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
+    ) -> None:
+        """generate()'s cache set-up (same signature in transformers 5.17 to 5.25). With
+        `cache_implementation="static"` and no cache given, a StaticHyenaRTFCache for this call's
+        length: generate() then compiles the decode step where it compiles (CUDA, or a
+        `compile_config` allowing all devices). transformers' own StaticCache holds keys and values
+        only and cannot serve this model. Anything else goes to transformers."""
+        given = pick_cache(model_kwargs.get("cache"), model_kwargs.get("past_key_values"))
+        if generation_config.cache_implementation == "static" and given is None and generation_config.use_cache:
+            model_kwargs[CACHE_NAME] = StaticHyenaRTFCache(max_cache_length)
+            return
+        super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -297,10 +330,20 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if labels is not None and logits_to_keep:
             raise ValueError("labels need the logits of every position: do not combine them with logits_to_keep")
+        cache = pick_cache(cache, past_key_values)
+        if isinstance(cache, StaticHyenaRTFCache) and cache.is_loaded:
+            # Decoding from a filled static cache: the compilable step, one token at a time. The new
+            # positions are real tokens (what generate() feeds), so the mask is not read.
+            if input_ids is None or labels is not None or output_hidden_states:
+                raise ValueError("a filled StaticHyenaRTFCache decodes token ids into logits only")
+            logits = decode_steps(self, cache, input_ids)
+            logits = logits[:, -logits_to_keep:] if logits_to_keep else logits
+            result = CausalLMOutputWithPast(logits=logits, **cache_kwargs(cache))
+            return result if return_dict else result.to_tuple()
         out = self.model(
             input_ids,
             attention_mask,
-            cache=pick_cache(cache, past_key_values),
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -338,21 +381,26 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
         whole sequence, embedded prompt included) minus what the cache has seen.
         """
         cache = pick_cache(cache, past_key_values)
-        seen = 0 if cache is None else cache.seen_tokens
+        total = attention_mask.shape[1] if attention_mask is not None else input_ids.shape[1]
+        if isinstance(cache, StaticHyenaRTFCache):
+            cache.check_room(total)  # host integers: refused before a key is written out of bounds
+
+        def seen() -> int:  # a static cache counts on the device: read only when needed (a host sync)
+            return 0 if cache is None else cache.seen_tokens
+
         inputs = {"attention_mask": attention_mask, "use_cache": use_cache, **cache_kwargs(cache), **kwargs}
-        if inputs_embeds is not None and (is_first_iteration or (cache is not None and seen == 0)):
-            inputs["inputs_embeds"] = inputs_embeds[:, seen:]  # the prompt, given as vectors
+        if inputs_embeds is not None and (is_first_iteration or (cache is not None and seen() == 0)):
+            inputs["inputs_embeds"] = inputs_embeds[:, seen() :]  # the prompt, given as vectors
             return inputs
         if inputs_embeds is not None and cache is None:
             raise ValueError(
                 "generate(inputs_embeds=...) needs the recurrent cache: the prompt exists only as "
                 "vectors, so it cannot be re-run from ids; do not pass use_cache=False"
             )
-        total = attention_mask.shape[1] if attention_mask is not None else input_ids.shape[1]
-        new = next_sequence_length if next_sequence_length is not None else total - seen
+        new = next_sequence_length if next_sequence_length is not None else total - seen()
         if cache is not None and not 0 < new <= input_ids.shape[1]:
             raise ValueError(
-                f"the cache has seen {seen} positions but the input has {input_ids.shape[1]} ids and "
+                f"the cache has seen {seen()} positions but the input has {input_ids.shape[1]} ids and "
                 f"a mask of {total}: pass the whole sequence so far to continue from a cache"
             )
         inputs["input_ids"] = input_ids[:, -new:].contiguous() if cache is not None else input_ids.contiguous()
