@@ -25,28 +25,30 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import transformers
 
 from hyena_rtf.data_prep.indexed import MMapIndexedDataset
 from hyena_rtf.hf.loading import LoadError, check_model_folder, load_tokenizer
 
-# The scoring code lives in hf/scoring.py (shared with distill.py); the names marked F401 are not
+# The scoring code lives in hf/scoring.py (shared with distill.py and benchmarks/quality.py, LAMBADA
+# included); the names marked F401 are not
 # used here but stay reachable as evaluate_lm.<name>, as they were before the move.
 from hyena_rtf.hf.scoring import (
     EvalError,
-    Window,
+    Window,  # noqa: F401
     check_device,
     check_vocabulary,
     default_context_length,
     forward_logits,  # noqa: F401
+    lambada_metrics,
+    lambada_windows,
     load_config,
     load_documents,
     load_model,
     perplexity_metrics,
-    read_texts,
-    score_windows,
+    read_texts,  # noqa: F401
+    score_windows,  # noqa: F401
     shard_documents,  # noqa: F401
     start_token_id,
     summarize,
@@ -56,42 +58,6 @@ from hyena_rtf.hf.scoring import (
 from hyena_rtf.models.precision import DTYPES
 from hyena_rtf.utils.atomic import write_text
 from hyena_rtf.utils.logs import error_exit
-
-# ----------------------------------------------------------------------------- LAMBADA
-
-
-def lambada_windows(path, tokenizer, context_length, max_documents=None):
-    windows = []
-    for line_number, text in enumerate(read_texts(path), start=1):
-        if max_documents is not None and len(windows) >= max_documents:
-            break
-        context, _, word = text.rstrip().rpartition(" ")
-        if not context or not word:
-            raise EvalError(f"{path}: example {line_number} has no context and last word")
-        context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
-        target_ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
-        if len(target_ids) > context_length:
-            raise EvalError(f"{path}: example {line_number}: target longer than the context length")
-        # Keep the most recent context that fits: context_length inputs -> context_length + 1 tokens.
-        tokens = np.asarray(context_ids + target_ids, dtype=np.int64)[-(context_length + 1) :]
-        windows.append(Window(tokens, len(target_ids)))
-    if not windows:
-        raise EvalError(f"{path}: no examples")
-    return windows
-
-
-def lambada_metrics(windows, model, batch_size, mode):
-    scores = score_windows(model, windows, batch_size, mode, "lambada")
-    example_nll = np.array([s.sum() for s, _ in scores], dtype=np.float64)
-    n_target_tokens = sum(len(s) for s, _ in scores)
-    return {
-        "examples": len(scores),
-        "target_tokens": n_target_tokens,
-        "accuracy": float(np.mean([bool(hit.all()) for _, hit in scores])),
-        "perplexity": math.exp(example_nll.mean()),
-        "token_perplexity": math.exp(example_nll.sum() / n_target_tokens),
-    }
-
 
 # ----------------------------------------------------------------------------- command line
 

@@ -1,6 +1,7 @@
-"""Scoring a causal language model on documents, shared by evaluate_lm.py and distill.py: reading
-evaluation data (text, .jsonl, .jsonl.zst, data_prep token shards), sliding windows, per-token
-negative log-likelihoods, perplexity and bits per byte. Works for any local Hugging Face causal LM.
+"""Scoring a causal language model on documents, shared by evaluate_lm.py, distill.py and
+benchmarks/quality.py: reading evaluation data (text, .jsonl, .jsonl.zst, data_prep token shards),
+sliding windows, per-token negative log-likelihoods, perplexity and bits per byte, and LAMBADA
+(its conventions are in evaluate_lm.py's docstring). Works for any local Hugging Face causal LM.
 
 Definitions (all sums in float64):
 
@@ -337,4 +338,45 @@ def summarize(nll, n_tokens, n_bytes):
         "nll_nats": nll,
         "perplexity": math.exp(nll / n_tokens) if n_tokens else float("nan"),
         "bits_per_byte": nll / math.log(2) / n_bytes if n_bytes else float("nan"),
+    }
+
+
+# ----------------------------------------------------------------------------- LAMBADA
+
+
+def lambada_windows(path, tokenizer, context_length, max_documents=None):
+    """One Window per LAMBADA example (at most max_documents): context = text before the last
+    space, target = " " + last word, tokenized separately, no start token; the most recent context
+    that fits context_length inputs is kept and only the target tokens are scored."""
+    windows = []
+    for line_number, text in enumerate(read_texts(path), start=1):
+        if max_documents is not None and len(windows) >= max_documents:
+            break
+        context, _, word = text.rstrip().rpartition(" ")
+        if not context or not word:
+            raise EvalError(f"{path}: example {line_number} has no context and last word")
+        context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+        target_ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        if len(target_ids) > context_length:
+            raise EvalError(f"{path}: example {line_number}: target longer than the context length")
+        # Keep the most recent context that fits: context_length inputs -> context_length + 1 tokens.
+        tokens = np.asarray(context_ids + target_ids, dtype=np.int64)[-(context_length + 1) :]
+        windows.append(Window(tokens, len(target_ids)))
+    if not windows:
+        raise EvalError(f"{path}: no examples")
+    return windows
+
+
+def lambada_metrics(windows, model, batch_size, mode):
+    """accuracy (greedy reproduces every target token), perplexity = exp(mean per-example target
+    NLL) and token_perplexity = exp(target NLL / target tokens) of `lambada_windows`."""
+    scores = score_windows(model, windows, batch_size, mode, "lambada")
+    example_nll = np.array([s.sum() for s, _ in scores], dtype=np.float64)
+    n_target_tokens = sum(len(s) for s, _ in scores)
+    return {
+        "examples": len(scores),
+        "target_tokens": n_target_tokens,
+        "accuracy": float(np.mean([bool(hit.all()) for _, hit in scores])),
+        "perplexity": math.exp(example_nll.mean()),
+        "token_perplexity": math.exp(example_nll.sum() / n_target_tokens),
     }
