@@ -2,17 +2,22 @@
 
     python generate.py CKPT --prompt "Once upon a time" --max-new-tokens 64 --temperature 0.8 --top-p 0.95
     python generate.py CKPT --prompt-file prompts.txt --batch-size 8 --num-samples 2
+    python generate.py CKPT --prompt "def f(x):" --compile     # the static, compiled decode step
 
 The decode loop is written out here rather than hidden in `model.generate()`: the prompt is run
 once through the model (for Hyena-RTF: a parallel FFT prefill that fills the recurrent cache), then
 every new token is one `model(token, cache=cache)` call, which for Hyena-RTF costs the
-same whatever the length of the context. Sampling uses transformers' own logits processors in the
+same whatever the length of the context. With --compile (Hyena-RTF models with RTF filters) the
+tokens after the prefill go through the static decode step instead (models/static_decode.py): the
+state in fixed buffers, one torch.compile'd function per token, captured as a CUDA graph on CUDA;
+the tokens are the same. Sampling uses transformers' own logits processors in the
 order `generate()` applies them, so with the same seed both give the same tokens.
 
 Output: with a single prompt and a single sample the text streams to stdout as it is produced;
 otherwise each output gets a `==> prompt I sample J <==` header (streamed when --batch-size is 1,
 printed per batch otherwise). Time to first token and tokens/s are logged to stderr. Bad arguments
-and folders that cannot be loaded give a one-line error and exit code 2, before any model loads.
+and folders that cannot be loaded give a one-line error and exit code 2, before any model loads
+(--compile on a model without a static step: once it has loaded).
 """
 
 from __future__ import annotations
@@ -36,8 +41,10 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from hyena_rtf.hf.loading import LoadError, check_model_folder, load_pretrained, load_tokenizer
+from hyena_rtf.hf.streaming import Streamer
 from hyena_rtf.models.hf_compat import cache_kwargs, output_cache
 from hyena_rtf.models.precision import DTYPES, cast_keeping_filters, dtype_from_name
+from hyena_rtf.models.static_decode import StaticDecoder, StaticDecodeUnsupported
 from hyena_rtf.utils.logs import error_exit, get_logger, setup_logging
 
 log = get_logger("generate")
@@ -72,6 +79,12 @@ def build_parser() -> Parser:
         action="store_true",
         help="allow a checkpoint folder's own Python code to run (needed only for architectures "
         "other than Hyena-RTF that ship custom code; off by default)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode with the static step compiled by torch.compile (Hyena-RTF models with RTF filters; "
+        "a CUDA graph on CUDA): same tokens, less per-token overhead, a compilation first",
     )
     p.add_argument(
         "--dtype",
@@ -165,18 +178,29 @@ def eos_ids(model, tokenizer) -> list[int]:
     return [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
 
 
-def decode_batch(model, tokenizer, prompts: list[str], args, on_token=None):
+def decode_batch(model, tokenizer, prompts: list[str], args, on_token=None, decoder=None):
     """Generate for one batch of prompts (left-padded together); see `decode_ids`."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-    return decode_ids(model, tokenizer, enc["input_ids"], enc["attention_mask"], args, on_token)
+    return decode_ids(model, tokenizer, enc["input_ids"], enc["attention_mask"], args, on_token, decoder)
 
 
-def decode_ids(model, tokenizer, ids, mask, args, on_token=None):
+def static_decoder(model, tokenizer, prompts: list[str], args) -> StaticDecoder:
+    """The compiled static decoder for --compile, its buffers sized for the longest prompt plus
+    --max-new-tokens, so that every batch of the same size reuses one compiled step."""
+    longest = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
+    try:
+        return StaticDecoder(model, compile=True, max_length=longest + args.max_new_tokens)
+    except StaticDecodeUnsupported as e:
+        raise UsageError(f"--compile: {e}") from None
+
+
+def decode_ids(model, tokenizer, ids, mask, args, on_token=None, decoder=None):
     """Decode after token ids (B, T) with attention mask (B, T). Returns (new token ids
     (B, <= max_new_tokens), stats).
 
     on_token(step, tokens) is called with each new column of tokens as soon as it is chosen.
     Rows that produced an end-of-sequence token are padded afterwards, as `generate()` does.
+    decoder: a StaticDecoder (--compile), which then runs the prefill and the steps.
     """
     procs = logits_processors(args)
     stop = torch.tensor(eos_ids(model, tokenizer), dtype=torch.long, device=model.device)
@@ -191,14 +215,22 @@ def decode_ids(model, tokenizer, ids, mask, args, on_token=None):
     with torch.inference_mode():
         inputs = ids
         for step in range(args.max_new_tokens):
-            out = model(input_ids=inputs, attention_mask=mask, use_cache=True, **cache_kwargs(cache), **kwargs)
-            cache = output_cache(out)
-            if cache is None:  # decoding on would feed one token with no context: garbage, no error
-                raise UsageError(
-                    f"{type(model).__name__} returned no cache for use_cache=True, so it cannot be "
-                    "decoded token by token"
+            if decoder is not None:  # the parallel prefill, then the static step (state in fixed buffers)
+                last = (
+                    decoder.prefill(ids, mask, ids.shape[1] + args.max_new_tokens)
+                    if step == 0
+                    else decoder.step(inputs)
                 )
-            scores = procs(ids, out.logits[:, -1].float())
+            else:
+                out = model(input_ids=inputs, attention_mask=mask, use_cache=True, **cache_kwargs(cache), **kwargs)
+                cache = output_cache(out)
+                if cache is None:  # decoding on would feed one token with no context: garbage, no error
+                    raise UsageError(
+                        f"{type(model).__name__} returned no cache for use_cache=True, so it cannot be "
+                        "decoded token by token"
+                    )
+                last = out.logits[:, -1]
+            scores = procs(ids, last.float())
             if args.temperature > 0:
                 tok = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
             else:
@@ -225,23 +257,6 @@ def decode_ids(model, tokenizer, ids, mask, args, on_token=None):
     return tokens, {"ttft": t_first - start, "steps": len(new_tokens), "rows": len(tokens), "decode_s": end - t_first}
 
 
-class Streamer:
-    """Writes the text of one row as it grows. Decoding the whole continuation each time and
-    printing only the new suffix keeps multi-token characters and merged spaces right; a trailing
-    U+FFFD means an incomplete UTF-8 sequence, held back until the next token completes it."""
-
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], 0
-
-    def put(self, token_id: int) -> None:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd") and len(text) > self.printed:
-            self.out.write(text[self.printed :])
-            self.out.flush()
-            self.printed = len(text)
-
-
 def continuation_text(tokenizer, row, stop: list[int]) -> str:
     """Text of one row of new tokens, cut at (and without) the first stop token."""
     row = row.tolist()
@@ -255,6 +270,7 @@ def run(args, prompts: list[str], out=sys.stdout) -> list[str]:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     stop = eos_ids(model, tokenizer)
+    decoder = static_decoder(model, tokenizer, prompts, args) if args.compile else None
     jobs = [(i, j) for i in range(len(prompts)) for j in range(args.num_samples)]
     single = len(jobs) == 1
     texts, total_tokens, total_time, ttfts = [], 0, 0.0, []
@@ -272,13 +288,14 @@ def run(args, prompts: list[str], out=sys.stdout) -> list[str]:
             if streamer is not None and tok[0].item() not in stop:
                 streamer.put(tok[0].item())
 
-        tokens, stats = decode_batch(model, tokenizer, batch_prompts, args, on_token)
+        tokens, stats = decode_batch(model, tokenizer, batch_prompts, args, on_token, decoder)
         for row, (i, j) in zip(tokens, batch):
             text = continuation_text(tokenizer, row, stop)
             texts.append(text)
             if streamer is None:
                 out.write(f"==> prompt {i + 1} sample {j + 1} <==\n{prompts[i]}{text}\n")
             else:
+                streamer.end()  # what it held back for a character the next token might have completed
                 out.write("\n")
         out.flush()
         ttfts.append(stats["ttft"])
@@ -292,7 +309,7 @@ def run(args, prompts: list[str], out=sys.stdout) -> list[str]:
     log.info(
         f"total: {total_tokens} tokens in {total_time:.2f} s = {total_tokens / total_time:.1f} tokens/s, "
         f"mean time to first token {1e3 * sum(ttfts) / len(ttfts):.1f} ms "
-        f"(device {model.device}, dtype {args.dtype})"
+        f"(device {model.device}, dtype {args.dtype}{', compiled static step' if args.compile else ''})"
     )
     return texts
 
