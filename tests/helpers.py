@@ -149,3 +149,21 @@ def tiny_model(attn_layers=None, vocab=97, seed=0, **overrides) -> HyenaRTFForCa
     model.generation_config.eos_token_id = None  # every test decodes exactly the tokens it asks for
     model.generation_config.pad_token_id = 0
     return model
+
+
+def slow_poles(model) -> HyenaRTFForCausalLM:
+    """Give every other RTF filter of every Hyena layer a pole at radius ~0.995 and a larger
+    numerator, so that its impulse response is still large after l_max taps: decoding past l_max
+    then depends on the kernel's aliasing correction and on an exact prefill (as in
+    test_generation.py). Returns the model."""
+    for block in model.model.layers:
+        f = getattr(block.mixer, "filter", None)
+        if f is None or not hasattr(f, "slack"):
+            continue
+        with torch.no_grad():
+            f.a[::2] = 0.0
+            f.a[::2, 0] = -1.0
+            f.slack[::2] = 0.005
+            f.b.mul_(3.0)
+        assert 0.99 < f.pole_radius().max() < 1.0
+    return model
