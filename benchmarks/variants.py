@@ -28,6 +28,7 @@ since train.py refuses them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -84,10 +85,10 @@ def run_overrides(name: str, base: Sequence[str], n_layer: int) -> list[str]:
     return [*kept, *variant_overrides(name, n_layer)]
 
 
-def resolved_n_layer(base: Sequence[str]) -> int:
-    """The depth train.py gives a model configured by `base` on top of configs/default.yaml
+def resolved_n_layer(base: Sequence[str], config: str | Path = DEFAULT_CONFIG) -> int:
+    """The depth train.py gives a model configured by `base` on top of the YAML `config`
     (an explicit model.n_layer, else the model.preset's, else HyenaRTFConfig's default)."""
-    cfg = load_config(str(DEFAULT_CONFIG), list(base))
+    cfg = load_config(str(config), list(base))
     kwargs = resolve_model_kwargs(cfg.model, vocab_size=1, seq_len=cfg.data.seq_len)
     return kwargs.get("n_layer") or model_defaults(HyenaRTFConfig)["n_layer"]
 
