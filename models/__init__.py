@@ -9,7 +9,7 @@ that has the project on its path loads exported checkpoints with `AutoConfig`, `
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .cache import HyenaRTFCache
+from .cache import HyenaRTFCache, StaticHyenaRTFCache
 from .configuration_hyena_rtf import PRESETS, HyenaRTFConfig, config_from_preset
 from .modeling_hyena_rtf import HyenaRTFForCausalLM, HyenaRTFModel
 from .rtf import RTF
@@ -23,6 +23,7 @@ __all__ = [
     "HyenaRTFConfig",
     "config_from_preset",
     "HyenaRTFCache",
+    "StaticHyenaRTFCache",
     "HyenaRTFForCausalLM",
     "HyenaRTFModel",
     "RTF",
