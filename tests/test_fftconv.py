@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 from helpers import FFTSpy, np_causal_conv
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from hyena_rtf.models.fftconv import fft_causal_conv
+from hyena_rtf.models.fftconv import fast_fft_size, fft_causal_conv
 
 
 def circular_conv_same_length(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -110,3 +111,114 @@ def test_fft_runs_in_float32_under_bf16_autocast():
 def test_kernel_length_mismatch_is_refused():
     with pytest.raises(ValueError, match="kernel length"):
         fft_causal_conv(torch.randn(1, 2, 10), torch.randn(2, 9))
+
+
+class FFTDispatchSpy(TorchDispatchMode):
+    """Records (aten FFT op, transform length) and the input dtype of every FFT that actually runs,
+    forward and backward: what autograd's own derivative of rfft would run (a complex-to-complex
+    FFT) shows up here too, unlike in a torch-function spy."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []
+        self.dtypes: list[torch.dtype] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in ("_fft_r2c", "_fft_c2r", "_fft_c2c"):
+            # _fft_c2r's 4th argument is last_dim_size, the real length of the inverse transform
+            size = args[3] if name == "_fft_c2r" else args[0].shape[-1]
+            self.calls.append((name[5:], size))
+            self.dtypes.append(args[0].dtype)
+        return func(*args, **kwargs)
+
+
+def five_smooth_up_to(limit: int) -> list[int]:
+    """Every 2^a 3^b 5^c <= limit, by enumerating the exponents (not by factoring)."""
+    out = []
+    p2 = 1
+    while p2 <= limit:
+        p3 = p2
+        while p3 <= limit:
+            p5 = p3
+            while p5 <= limit:
+                out.append(p5)
+                p5 *= 5
+            p3 *= 3
+        p2 *= 2
+    return sorted(out)
+
+
+def test_fast_fft_size_is_the_next_five_smooth_number():
+    smooth = five_smooth_up_to(5000)
+    for m in range(0, 4097):
+        assert fast_fft_size(m) == next(s for s in smooth if s >= max(m, 1)), m
+
+
+@pytest.mark.parametrize(("T", "size"), [(64, 128), (129, 270), (1000, 2000), (2049, 4320)])
+def test_forward_and_backward_run_three_real_transforms_each_of_the_fast_size(T, size):
+    """The forward runs two real FFTs and one inverse real FFT, the backward one real FFT and two
+    inverse real FFTs (u and k both need gradients), all of length fast_fft_size(2T - 1) (the
+    expected sizes written out: 2T for T a power of two, 270 = 2 * 3^3 * 5 for 257, 4320 = 2^5 *
+    3^3 * 5 for 4097), and no complex-to-complex FFT, which autograd's own derivative of rfft
+    would run."""
+    u = torch.randn(2, 3, T, requires_grad=True)
+    k = torch.randn(3, T, requires_grad=True)
+    with FFTDispatchSpy() as fwd:
+        y = fft_causal_conv(u, k)
+    with FFTDispatchSpy() as bwd:
+        y.square().sum().backward()
+    assert sorted(fwd.calls) == [("c2r", size), ("r2c", size), ("r2c", size)]
+    assert sorted(bwd.calls) == [("c2r", size), ("c2r", size), ("r2c", size)]
+
+
+def test_gradients_with_a_broadcast_kernel_gradcheck():
+    """MultiHyena passes one filter per head, k (M, 1, T) against u (B, M, e, T): the kernel's
+    gradient sums over the batch and the broadcast channels. gradcheck in float64 (defaults:
+    eps 1e-6, atol 1e-5, rtol 1e-3), odd length 11, both arguments."""
+    torch.manual_seed(1)
+    u = torch.randn(2, 2, 3, 11, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 1, 11, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fft_causal_conv, (u, k))
+
+
+def test_gradients_match_the_naive_convolution_float64():
+    """The written-out backward against autograd through the naive O(T^2) sum in float64 (torch
+    ops on the definition, no FFT): 1e-12 relative to the largest gradient, FFT rounding being
+    ~1e-15 times log2(N) times an O(10) sum-to-max ratio."""
+    torch.manual_seed(2)
+    T = 37
+    u = torch.randn(3, 4, T, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(4, T, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 4, T, dtype=torch.float64)
+    gu, gk = torch.autograd.grad(fft_causal_conv(u, k), (u, k), g)
+    lag = torch.arange(T)[:, None] - torch.arange(T)[None, :]  # [t, s] -> t - s
+    toeplitz = torch.where(lag >= 0, k[:, lag.clamp_min(0)], 0.0)  # (C, T, T): k[c, t - s] for s <= t
+    naive = torch.einsum("cts,bcs->bct", toeplitz, u)
+    ru, rk = torch.autograd.grad(naive, (u, k), g)
+    assert (gu - ru).abs().max() / ru.abs().max() < 1e-12
+    assert (gk - rk).abs().max() / rk.abs().max() < 1e-12
+
+
+def test_second_derivative_is_refused_not_wrong():
+    """The backward uses spectra saved without a graph; asking for a second derivative must raise
+    rather than silently drop the dependence of those spectra on u and k."""
+    u = torch.randn(1, 2, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    (gu,) = torch.autograd.grad(fft_causal_conv(u, k).square().sum(), u, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gu.sum().backward()
+
+
+def test_backward_transforms_run_in_float32_under_bf16_autocast():
+    """The backward of a bf16 signal under CPU bf16 autocast also transforms in float32: the
+    gradient FFT's input is float32, the inverse transforms' inputs complex64."""
+    u = torch.randn(2, 8, 64).bfloat16().requires_grad_()
+    k = torch.randn(8, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fft_causal_conv(u, k)
+    with torch.autocast("cpu", dtype=torch.bfloat16), FFTDispatchSpy() as spy:
+        y.float().sum().backward()
+    assert spy.dtypes == [torch.float32, torch.complex64, torch.complex64]
+    assert u.grad.dtype == torch.bfloat16
