@@ -68,7 +68,7 @@ from .common import REPO, RESULTS, ints, machine, write_json
 from .quality_presets import PRESETS, RUN_OVERRIDES, Preset, PresetError
 from .quality_report import plot, summarize, table
 from .quality_stats import best_lr, parameter_check, reference_variant
-from .variants import VARIANTS, parameter_count, resolved_n_layer, run_overrides
+from .variants import VARIANTS, base_overrides, parameter_count, resolved_n_layer, variant_overrides
 
 log = get_logger("quality")
 
@@ -95,7 +95,7 @@ class Benchmark:
         self.preset, self.args = preset, args
         self.out: Path = args.out
         self.data = preset.data_dir(self.out, args.data)
-        self.base = [*preset.overrides, *RUN_OVERRIDES, *args.override, f"data.dir={self.data}"]
+        self.base = [*RUN_OVERRIDES, *preset.overrides, *args.override, f"data.dir={self.data}"]
         cfg = train_config.load_config(str(preset.config), self.base)
         self.seq_len = cfg.data.seq_len
         self.tokens_per_run = cfg.train.max_steps * (cfg.train.global_batch_size or cfg.train.micro_batch_size)
@@ -109,11 +109,18 @@ class Benchmark:
 
     # ---- the runs --------------------------------------------------------------------------
 
+    def variant_part(self, variant: str) -> list[str]:
+        """The variant's overrides (benchmarks/variants.py); a knob in the preset's
+        variant_overrides replaces the variant's own value of that key."""
+        extra = self.preset.variant_overrides.get(variant, ())
+        replaced = {o.partition("=")[0] for o in extra}
+        own = [o for o in variant_overrides(variant, self.n_layer) if o.partition("=")[0] not in replaced]
+        return [*own, *extra]
+
     def overrides(self, run: Run) -> list[str]:
         """train.py's overrides for `run`: the preset's, the run's, then the variant's."""
         own = [f"optim.lr={run.lr:g}", f"train.seed={run.seed}", f"train.out_dir={self.out / 'runs' / run.id}"]
-        extra = self.preset.variant_overrides.get(run.variant, ())
-        return [*run_overrides(run.variant, [*self.base, *own], self.n_layer), *extra]
+        return [*base_overrides(run.variant, [*self.base, *own]), *self.variant_part(run.variant)]
 
     def parameter_counts(self, variants: list[str]) -> dict[str, int]:
         """Each variant's parameter count, from the model train.py builds (on the meta device)."""
@@ -144,8 +151,12 @@ class Benchmark:
         self._progress(run, result, "")
         return result
 
+    def command(self, run: Run) -> list[str]:
+        """train.py and its arguments for `run` (run with this Python, from the repository root)."""
+        return [str(REPO / "train.py"), "--config", str(self.preset.config), *self.overrides(run)]
+
     def _train(self, run: Run) -> None:
-        cmd = [str(REPO / "train.py"), "--config", str(self.preset.config), *self.overrides(run)]
+        cmd = self.command(run)
         env = dict(os.environ)
         threads = self.args.threads or self.preset.threads
         if threads:
@@ -256,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--override", action="append", default=[], help="extra train.py override, repeatable")
     p.add_argument("--jobs", type=int, help="train.py runs at a time (default: the preset's)")
     p.add_argument("--threads", type=int, help="OMP threads per run (default: the preset's)")
+    p.add_argument("--plan", action="store_true", help="print the parameter counts and the sweep's commands, then stop")
     return p
 
 
@@ -287,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{max(counts.values()):,}): {', '.join(off)} are off by more than 5%; set the variant's knob "
                 "(e.g. its model.mlp_ratio) in the preset's variant_overrides"
             )
+        if args.plan:
+            for v, c in check.items():
+                print(f"{v}: {c['parameters']:,} parameters ({c['relative_to_reference']:+.2%})")
+            for run in [Run(v, lr, seeds[0]) for v in variants for lr in lrs]:
+                print(" ".join(["python", *bench.command(run)]))
+            return 0
         bench.total = len(variants) * (len(lrs) + len(seeds) - 1)
         primary = f"{bench.eval_sets[0][0]}_ppl"
         log.info(
@@ -324,9 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             "lambada_examples": preset.lambada_examples if preset.lambada() else None,
             "jobs": bench.jobs,
             "threads_per_run": args.threads or preset.threads,
-            "variant_overrides": {
-                v: run_overrides(v, [], bench.n_layer) + list(preset.variant_overrides.get(v, ())) for v in variants
-            },
+            "variant_overrides": {v: bench.variant_part(v) for v in variants},
         },
         "parameter_check": check,
         "summary": summary,

@@ -44,8 +44,9 @@ class PresetError(ValueError):
     """A preset that cannot run as asked (missing data, a missing --data); the message is one line."""
 
 
-# What every quality run sets, whatever the preset: evaluation is ours (hf/scoring.py) after the run,
-# so train.py evaluates only at the end; a checkpoint every 100 steps lets a killed run resume.
+# What every quality run sets (a preset's overrides come after, and may change them): evaluation is
+# ours (hf/scoring.py) after the run, so train.py evaluates only at the end; a checkpoint every 100
+# steps lets a killed run resume.
 RUN_OVERRIDES = (
     "train.eval_every=0",
     "checkpoint.every=100",
@@ -147,6 +148,7 @@ PRESETS: dict[str, Preset] = {
             "data.eval_samples=256",
             "train.precision=bf16",
             "train.device=cuda",
+            "checkpoint.every=500",  # 1.5 GB of weights and AdamW state each
         ),
         lrs=(3e-4, 6e-4, 1.2e-3),  # a factor 2 either side of GPT-3 125M's 6e-4
         variant_overrides={"multihyena": ("model.multi_hyena_heads=96",)},

@@ -71,9 +71,13 @@ def summarize(rows: list[dict], variants: list[str], seeds: list[int], primary: 
     }
 
 
+def _num(x: float, digits: int) -> str:
+    return f"{x:.{digits}f}" if abs(x) < 1e5 else f"{x:.3g}"  # LAMBADA perplexities of tiny models run to 1e9
+
+
 def _pm(metric: dict, digits: int) -> str:
-    std = "n/a" if metric["std"] is None else f"{metric['std']:.{digits}f}"
-    return f"{metric['mean']:.{digits}f} ± {std}"
+    std = "n/a" if metric["std"] is None else _num(metric["std"], digits)
+    return f"{_num(metric['mean'], digits)} ± {std}"
 
 
 def table(summary: dict) -> str:

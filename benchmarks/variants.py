@@ -78,11 +78,16 @@ def _is_hyena_only(override: str) -> bool:
     return key.startswith("model.") and key.removeprefix("model.") in HYENA_ONLY_KEYS
 
 
+def base_overrides(name: str, base: Sequence[str]) -> list[str]:
+    """`base` as variant `name` takes it: for gpt_neox without its Hyena-only model keys (see the
+    module docstring), else unchanged."""
+    return [o for o in base if not (name == "gpt_neox" and _is_hyena_only(o))]
+
+
 def run_overrides(name: str, base: Sequence[str], n_layer: int) -> list[str]:
     """`base` then the variant's overrides: the command-line overrides of the variant's train.py
-    run (gpt_neox: the base without its Hyena-only model keys, see the module docstring)."""
-    kept = [o for o in base if not (name == "gpt_neox" and _is_hyena_only(o))]
-    return [*kept, *variant_overrides(name, n_layer)]
+    run (`base_overrides`, then `variant_overrides`)."""
+    return [*base_overrides(name, base), *variant_overrides(name, n_layer)]
 
 
 def resolved_n_layer(base: Sequence[str], config: str | Path = DEFAULT_CONFIG) -> int:

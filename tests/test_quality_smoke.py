@@ -202,3 +202,21 @@ def test_summary_of_a_synthetic_table():
     assert "| gpt_neox | 100 | 3 (edge) | 45.00 ± 2.00 |" in text
     assert "+6.00 / 3.16: significant" in text
     assert "+1.50 / 2.00: not significant" in text
+
+
+def test_the_gpu_preset_plans_equal_sized_125m_variants(corpus, tmp_path, capsys):
+    """gpu-125m cannot train here; --plan builds every variant on the meta device (vocabulary 512 of
+    the tiny corpus) and prints the counts and the sweep's train.py commands."""
+    args = ["--preset", "gpu-125m", "--data", str(corpus), "--out", str(tmp_path), "--plan"]
+    assert quality.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    counts = {line.split(":")[0]: line for line in lines[:6]}
+    assert list(counts) == ["rtf16", "rtf64", "implicit", "multihyena", "hybrid", "gpt_neox"]
+    for line in counts.values():
+        relative = float(line.split("(")[1].rstrip("%)"))
+        assert abs(relative) <= 5.0, line
+    commands = lines[6:]
+    assert len(commands) == 6 * 3  # the sweep: every variant at every lr
+    assert all("configs/pile_125m.yaml" in c and "train.precision=bf16" in c for c in commands)
+    assert sum("model.multi_hyena_heads=96" in c for c in commands) == 3  # the preset's knob, instead of 16
+    assert not any("model.multi_hyena_heads=16" in c for c in commands)
