@@ -27,8 +27,6 @@ Entry points:
 
 from __future__ import annotations
 
-import types
-
 import torch
 
 from .cache import StaticHyenaRTFCache
@@ -100,7 +98,7 @@ class StaticDecoder:
         if compile:
             # torch.compile keeps its graphs, and its limit of 8 recompilations, per code object:
             # a private copy of the step's code keeps decoders of different models apart.
-            own = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__, "decode_step")
+            own = type(decode_step)(decode_step.__code__.replace(), decode_step.__globals__, "decode_step")
             self.fn = torch.compile(own, fullgraph=True, **(options or compile_options(model.device)))
         self.seen = 0  # host-side count of positions, for the max_length check: never read from the device
 
