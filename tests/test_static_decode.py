@@ -13,19 +13,11 @@ keeps greedy choices clear of float rounding.
 
 from __future__ import annotations
 
-import io
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from helpers import REPO, load_script, naive_greedy, slow_poles, tiny_model, train_tiny_tokenizer
-from transformers import CompileConfig, GPT2Config, GPT2LMHeadModel
+from helpers import counting_backend, naive_greedy, slow_poles, tiny_model
+from transformers import CompileConfig
 
-from hyena_rtf.data_prep.tokenizer import hf_tokenizer
-from hyena_rtf.hf.export import save_hf_checkpoint
-from hyena_rtf.models import static_decode
 from hyena_rtf.models.attention import StaticKV
 from hyena_rtf.models.cache import StaticHyenaRTFCache
 from hyena_rtf.models.hf_compat import cache_kwargs, output_cache
@@ -37,9 +29,6 @@ from hyena_rtf.models.static_decode import (
     decode_step,
     greedy_decode,
 )
-
-gen = load_script("generate.py")
-REAL_RUN = gen.run
 
 VOCAB, PROMPT, TOTAL = 97, 8, 48  # l_max is 32: the steps run past it
 KINDS = {
@@ -74,17 +63,6 @@ def static_logits(model, ids, mask, decoder=None) -> torch.Tensor:
         out = [decoder.prefill(ids[:, :PROMPT], mask[:, :PROMPT], ids.shape[1])]
         out += [decoder.step(ids[:, t]) for t in range(PROMPT, ids.shape[1])]
     return torch.stack(out, dim=1)
-
-
-def counting_backend(graphs: list):
-    """A torch.compile backend that records the example inputs of each graph it is handed and runs
-    the graph as it is."""
-
-    def backend(gm, example_inputs, **_):
-        graphs.append(example_inputs)
-        return gm.forward
-
-    return backend
 
 
 # ---- the step against independent references -----------------------------------------------------
@@ -339,87 +317,6 @@ def test_generate_with_a_static_cache_samples_and_beam_searches_as_the_eager_cac
         assert torch.equal(second, model.generate(more, max_new_tokens=6, do_sample=False))
         with pytest.raises(ValueError, match="max_length=12 positions, but 13 are asked for"):
             model.generate(ids, max_new_tokens=10, do_sample=False, **cache_kwargs(StaticHyenaRTFCache(12)))
-
-
-# ---- generate.py --compile -----------------------------------------------------------------------
-PROMPTS = ["the cat sat on a mat", "a", "def return class import for in if else while print self value"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory) -> str:
-    return train_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.json")
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, tokenizer_file):
-    """(model, tokenizer, checkpoint folder) of a random hybrid MultiHyena model, l_max 32."""
-    tokenizer = hf_tokenizer(tokenizer_file)
-    tokenizer.padding_side = "left"
-    model = slow_poles(tiny_model(attn_layers=[1], vocab=len(tokenizer), multi_hyena_heads=8, n_layer=3))
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model, tokenizer, save_hf_checkpoint(model, tokenizer_file, tmp_path_factory.mktemp("cli") / "ckpt")
-
-
-def run_generate(monkeypatch, model, tokenizer, ckpt, *argv) -> tuple[int, str, list[str]]:
-    """generate.py's main() on an in-memory model: (exit status, stdout, texts)."""
-    monkeypatch.setattr(gen, "load", lambda *a: (model, tokenizer))
-    texts, out = [], io.StringIO()
-    monkeypatch.setattr(gen, "run", lambda args, prompts: texts.extend(REAL_RUN(args, prompts, out=out)))
-    return gen.main([str(ckpt), *map(str, argv)]), out.getvalue(), texts
-
-
-@pytest.mark.hf
-@pytest.mark.parametrize("extra", [["--temperature", 0], ["--temperature", 0.9, "--top-k", 30, "--seed", 3]])
-def test_generate_cli_compile_gives_the_same_output(exported, tmp_path, monkeypatch, extra):
-    """generate.py --compile (the compiled static step; the eager backend here, inductor in the
-    subprocess test below) writes what it writes without the flag: greedy and seeded sampling, a
-    prompt file decoded in left-padded batches of 2 (the last one smaller), and one compiled graph
-    per batch size."""
-    model, tokenizer, ckpt = exported
-    (tmp_path / "p.txt").write_text("\n".join(PROMPTS))
-    argv = ["--prompt-file", tmp_path / "p.txt", "--batch-size", 2, "--max-new-tokens", 30, *extra]
-    graphs = []
-    monkeypatch.setattr(static_decode, "compile_options", lambda device: {"backend": counting_backend(graphs)})
-    plain = run_generate(monkeypatch, model, tokenizer, ckpt, *argv)
-    compiled = run_generate(monkeypatch, model, tokenizer, ckpt, *argv, "--compile")
-    assert plain[0] == compiled[0] == 0
-    assert compiled[1] == plain[1]
-    assert compiled[2] == plain[2] and len(plain[2]) == 3
-    assert len(graphs) == 2  # batch sizes 2 and 1
-
-
-@pytest.mark.hf
-def test_generate_cli_compile_refuses_other_models_in_one_line(exported, monkeypatch, capsys):
-    _, tokenizer, ckpt = exported
-    implicit = tiny_model(filter="implicit", implicit_order=16, vocab=len(tokenizer))
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=len(tokenizer)))
-    for model, message in [
-        (implicit, "--compile: layer 0 uses the implicit filter, whose decoding state grows with the context"),
-        (gpt2, "--compile: GPT2LMHeadModel has no static decode step (only Hyena-RTF causal LMs"),
-    ]:
-        status, out, _ = run_generate(monkeypatch, model.eval(), tokenizer, ckpt, "--prompt", "the", "--compile")
-        err = capsys.readouterr().err
-        assert status == 2
-        assert err.startswith(f"generate.py: error: {message}") and err.count("\n") == 1, err
-        assert out == ""
-
-
-@pytest.mark.slow
-def test_generate_cli_compile_with_inductor_in_a_fresh_process(exported, tmp_path):
-    """The real thing, once: generate.py --compile in its own process, torch.compile's default
-    inductor backend (C++ on the CPU; about a minute to compile here), the same stdout as without
-    --compile."""
-    _, _, ckpt = exported
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("HF_MODULES_CACHE", None)
-    argv = [sys.executable, str(REPO / "generate.py"), str(ckpt), "--prompt", PROMPTS[0], "--temperature", "0"]
-    argv += ["--max-new-tokens", "40"]
-    plain = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
-    compiled = subprocess.run([*argv, "--compile"], env=env, capture_output=True, text=True, timeout=600)
-    assert plain.returncode == 0, plain.stderr
-    assert compiled.returncode == 0, compiled.stderr
-    assert compiled.stdout == plain.stdout
-    assert "compiled static step" in compiled.stderr
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
