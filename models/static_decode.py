@@ -136,6 +136,8 @@ def greedy_decode(
     """Prefill with the parallel forward, then `new_tokens` greedy static steps (argmax, no stop
     token). ids, mask: (B, T) prompt and attention mask (left padding) or None. Returns the new
     tokens (B, new_tokens). Pass a `decoder` to reuse its (compiled) step across calls."""
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
     decoder = decoder or StaticDecoder(model, compile=compile)
     tok = decoder.prefill(ids, mask, ids.shape[1] + new_tokens).argmax(-1)
     out = [tok]
