@@ -79,6 +79,7 @@ def test_float64_steps_match_the_parallel_forward(kind):
     assert err < 1e-11, f"{kind}: {err:.2e}"
 
 
+@pytest.mark.hf  # generate() is the reference
 @pytest.mark.parametrize("kind", KINDS)
 def test_float32_logits_and_greedy_tokens_equal_the_eager_cache(kind):
     """float32: static steps vs the eager cached path (HyenaRTFCache, growing KV cache), fed the
@@ -205,6 +206,7 @@ def test_decode_step_takes_ids_of_shape_b_or_b1_and_returns_b_by_v():
 
 
 # ---- what it refuses -----------------------------------------------------------------------------
+@pytest.mark.hf  # through generate(cache_implementation="static")
 def test_implicit_filters_and_other_models_are_refused_in_one_line():
     implicit = tiny_model(filter="implicit", implicit_order=16)
     with pytest.raises(StaticDecodeUnsupported, match=r"^layer 0 uses the implicit filter, whose decoding state grows"):
