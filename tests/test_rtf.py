@@ -301,7 +301,7 @@ def test_recurrence_steps_match_fft_convolution_float64(T):
     assert np.abs(np_causal_conv(u.numpy(), stored(k)) - y_rec.numpy()).max() / scale < 1e-10
     # Not vacuous: the uncorrected system (C = b, h0) is measurably different.
     rec = rtf.recurrence(torch.float64)
-    wrong = type(rec)(rec.a, rtf.b.detach().double(), rtf.h0.detach().double(), rec.m, rec.fft_len)
+    wrong = type(rec)(rec.a, rtf.b.detach().double(), rtf.h0.detach().double(), rec.r, rec.fft_len)
     y_wrong, _ = step_through(wrong, u)
     assert (y_wrong - y_fft).abs().max().item() / scale > 1e-2
 
