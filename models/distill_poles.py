@@ -8,6 +8,7 @@ import math
 import torch
 from torch.fft import rfft
 
+from .polynomial import schur_stable
 from .rtf import companion
 
 CONTRACT_TRIES = 4  # contractions clamp_poles tries before it gives a denominator up
@@ -28,22 +29,6 @@ def poly_from_roots(roots: torch.Tensor) -> torch.Tensor:
 def poles(a: torch.Tensor) -> torch.Tensor:
     """Roots of z^n + a_1 z^(n-1) + ... + a_n, (F, n) complex128."""
     return torch.linalg.eigvals(companion(a.to(torch.float64)))
-
-
-def schur_stable(a: torch.Tensor, r_max: float) -> torch.Tensor:
-    """(F,) bool: every root of z^n + a_1 z^(n-1) + ... + a_n has modulus < r_max (Schur-Cohn:
-    the reflection coefficients of the step-down recursion of a_j / r_max^j are all inside (-1, 1)).
-    O(n^2) vector operations, no eigenvalues: the cheap test the refinement runs every step."""
-    n = a.shape[-1]
-    c = a / r_max ** torch.arange(1, n + 1, device=a.device, dtype=a.dtype)
-    ok = torch.isfinite(c).all(-1)
-    c = torch.where(ok[:, None], c, torch.zeros_like(c))
-    for m in range(n, 0, -1):
-        k = c[:, m - 1]
-        ok &= k.abs() < 1
-        k = torch.where(ok, k, torch.zeros_like(k))  # rows already out: any finite value will do
-        c = (c[:, : m - 1] - k[:, None] * c[:, : m - 1].flip(-1)) / (1 - k * k)[:, None]
-    return ok
 
 
 def clamp_poles(a: torch.Tensor, r_max: float) -> torch.Tensor:
