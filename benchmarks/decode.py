@@ -1,55 +1,88 @@
-"""Decode speed against prompt length and batch size, three ways side by side:
+"""Decode speed against prompt length and batch size, side by side:
 
-    hyena_rtf_recurrent   our model: parallel FFT prefill, then one O(1) recurrent step per token
-    hyena_rtf_no_cache    our model re-running the full parallel forward for every new token
+    hyena_rtf_recurrent   our model: parallel FFT prefill, then one O(1) recurrent step per token (eager)
+    hyena_rtf_compiled    the same recurrence through the static decode step (models/static_decode.py),
+                          torch.compile'd (CUDA graphs on GPU)
+    hyena_implicit        Hyena with implicit filters: no finite state, each step convolves the whole
+                          input history kept in its cache (O(t) per token)
     gpt_neox_kv           Hugging Face GPT-NeoX of the same width, depth and vocabulary, KV cache
+    hyena_rtf_no_cache    our model re-running the full parallel forward for every new token
+                          (not in the default --methods: hopeless beyond short prompts)
 
-All three decode greedily with the same hand-written loop (argmax of the last position's logits,
+All of them decode greedily with the same hand-written loop (argmax of the last position's logits,
 only that position's logits computed), so the numbers compare the models, not generate()'s
-bookkeeping. Weights are random: speed does not depend on them.
+bookkeeping. Weights and prompts are random: speed does not depend on them.
 
-    python -m benchmarks.decode --device cpu --preset small --prompt-lengths 128,512,2048 \\
-        --batch-sizes 1,8 --new-tokens 32 --repeats 3 --threads 1 \\
-        --budget-s 20 --out benchmarks/results/decode_cpu.json
+    python -m benchmarks.decode --device cpu --preset small --threads 2 --repeats 2 \\
+        --out benchmarks/results/decode_cpu.json
+    python -m benchmarks.decode --markdown --out benchmarks/results/decode_cpu.json   # README tables
 
-Per configuration: a warm-up (prefill + 2 steps, or one full forward), then a timed prefill and
---new-tokens timed steps, in --repeats rounds for the cached methods keeping the fastest
-(torch.cuda.synchronize around every timer on GPU). Per-token latency is the median step time
-(robust to a step preempted by another process; mean and min are in the JSON too); decode tokens/s
-is batch / latency. A configuration whose predicted time (from the same method's previous, shorter
-prompt, or its warm-up) is over --budget-s is skipped or timed on fewer steps, and its JSON row
-says so; so are out-of-memory errors. Writes the JSON (machine, date, versions, arguments, rows)
-and a PNG beside it (latency vs prompt length, tokens/s vs batch).
+Per configuration: a warm-up (prefill + 2 steps, or one full forward; it compiles the static step
+on its first use for a batch size, timed as compile_s), then a timed prefill and --new-tokens
+timed steps, in --repeats rounds for the cached methods keeping the fastest (torch.cuda.synchronize
+around every timer on GPU). Per-token latency is the median step time (robust to a step preempted
+by another process; mean and min are in the JSON too); decode tokens/s is batch / latency.
+First-token latency = recurrence build + prefill, both in the row: the build (the corrected RTF
+systems, in float64, normally memoised per model) is forced and timed for the RTF methods, so
+first_token_ms is what a freshly loaded model pays.
+
+Prefill runs in pieces so that large batches fit: Hyena models in groups of rows of at most
+--prefill-tokens tokens, their states concatenated; GPT-NeoX in chunks of positions through its
+KV cache (at most --prefill-tokens tokens, and attention scores of at most 1 GiB a chunk).
+
+Guards. A configuration whose estimated memory (cache, prefill piece, weights) is over
+--max-memory-gb is skipped; one whose predicted time (from the same method's previous, shorter
+prompt at this batch, or else its previous, smaller batch at this prompt, or its warm-up) is over
+--budget-s is skipped or timed on fewer steps. Skipped rows say why; so do out-of-memory errors.
+Memory: cache_mb (every tensor of the cache, recurrence coefficients included) and peak_memory_mb
+(GPU: max_memory_allocated over the timed run; CPU: weights plus the peak of the warm-up's
+allocations, benchmarks/common.peak_memory; not measured for the compiled step on CPU, whose
+warm-up compiles). Writes the JSON (machine, date, versions, arguments, rows, summary) and a PNG
+beside it (benchmarks/decode_report.py, which also prints the README tables).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import time
 from pathlib import Path
 
-import matplotlib.ticker
 import torch
 import transformers
-from matplotlib.figure import Figure
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from benchmarks.common import ints, machine, save_png, sync, write_json
+from benchmarks.common import (
+    MEMORY_METHODS,
+    cpu_memory_method,
+    ints,
+    machine,
+    memory_limit_bytes,
+    peak_memory,
+    sync,
+    write_json,
+)
+from benchmarks.decode_report import markdown, plot, print_rows, summary
 from hyena_rtf.models import HyenaRTFConfig, config_from_preset
 from hyena_rtf.models.hf_compat import cache_kwargs, output_cache
+from hyena_rtf.models.hyena import HyenaOperator, HyenaState
 from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
 from hyena_rtf.models.precision import DTYPES, dtype_from_name, is_filter_param
+from hyena_rtf.models.rtf import RTF
+from hyena_rtf.models.static_decode import StaticDecoder, compile_options
 from hyena_rtf.utils.logs import get_logger, setup_logging
 
-METHODS = ("hyena_rtf_recurrent", "hyena_rtf_no_cache", "gpt_neox_kv")
+METHODS = ("hyena_rtf_recurrent", "hyena_rtf_compiled", "hyena_implicit", "gpt_neox_kv", "hyena_rtf_no_cache")
+DEFAULT_METHODS = METHODS[:4]
+GROWING = ("hyena_rtf_no_cache", "hyena_implicit")  # per-token cost grows with the context
 log = get_logger("bench")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument(
         "--dtype",
@@ -60,11 +93,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="small", help="model preset (models/configuration_hyena_rtf.py)")
     p.add_argument("--d-model", type=int, help="override the preset's width")
     p.add_argument("--n-layer", type=int, help="override the preset's depth")
+    p.add_argument("--l-max", type=int, help="override the preset's training length")
     p.add_argument("--vocab-size", type=int, default=50277)
-    p.add_argument("--prompt-lengths", type=ints, default=ints("512,1024,2048,4096,8192"))
-    p.add_argument("--batch-sizes", type=ints, default=ints("1,8,64"))
+    p.add_argument("--prompt-lengths", type=ints, default=ints("512,2048,8192"))
+    p.add_argument("--batch-sizes", type=ints, default=ints("1,16,64,256"))
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"from {', '.join(METHODS)}")
     p.add_argument(
         "--repeats",
         type=int,
@@ -72,39 +106,65 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="rounds over the cached methods; each row keeps its fastest (for shared machines)",
     )
     p.add_argument("--budget-s", type=float, default=60.0, help="time allowed per configuration")
+    p.add_argument("--max-memory-gb", type=float, help="default: 80%% of the GPU or of the memory available now")
+    p.add_argument("--prefill-tokens", type=int, default=65536, help="tokens per prefill piece")
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend of the static step (eager: traces it without generating code, for checks)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/decode.json", help="JSON path; the PNG goes beside it")
     p.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
-    return p.parse_args(argv)
+    p.add_argument("--markdown", action="store_true", help="print the README tables of an existing --out JSON")
+    args = p.parse_args(argv)
+    bad = [m for m in args.methods.split(",") if m not in METHODS]
+    if bad or not args.methods:
+        p.error(f"argument --methods: unknown {bad}; choose from {', '.join(METHODS)}")
+    for name in ("new_tokens", "repeats", "prefill_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"argument --{name.replace('_', '-')}: must be >= 1")
+    return args
 
 
-def build_models(args, device, dtype):
-    """(ours, gpt_neox) of the same width, depth and vocabulary, random, in eval mode."""
-    overrides = {k: v for k, v in (("d_model", args.d_model), ("n_layer", args.n_layer)) if v}
+def build_models(args, device, dtype, methods) -> tuple[dict, HyenaRTFConfig]:
+    """{method: model} for `methods`, random, in eval mode: ours (RTF), ours with implicit filters,
+    and GPT-NeoX of the same width, depth and vocabulary; only the models a method needs."""
+    overrides = {k: v for k, v in (("d_model", args.d_model), ("n_layer", args.n_layer), ("l_max", args.l_max)) if v}
     config: HyenaRTFConfig = config_from_preset(args.preset, vocab_size=args.vocab_size, **overrides)
     if config.d_model % config.n_head:
         config.n_head = 1
-    ours = HyenaRTFForCausalLM(config)
-    keep = {id(p) for name, p in ours.named_parameters() if is_filter_param(name)}  # RTF stays float32
-    for p in ours.parameters():
-        if id(p) not in keep:
-            p.data = p.data.to(dtype)
-    neox_config = GPTNeoXConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=config.d_model,
-        num_hidden_layers=config.n_layer,
-        num_attention_heads=config.n_head,
-        intermediate_size=4 * config.d_model,
-        max_position_embeddings=max(args.prompt_lengths) + args.new_tokens,
-        attn_implementation="sdpa",
-    )
-    neox = GPTNeoXForCausalLM(neox_config).to(dtype)
-    return ours.to(device).eval(), neox.to(device).eval(), config
+
+    def ours(filt: str) -> HyenaRTFForCausalLM:
+        model = HyenaRTFForCausalLM(HyenaRTFConfig(**{**config.to_dict(), "filter": filt}))
+        for name, p in model.named_parameters():
+            if not is_filter_param(name):  # the long filters stay float32
+                p.data = p.data.to(dtype)
+        return model.to(device).eval()
+
+    models = {}
+    if any(m.startswith("hyena_rtf") for m in methods):
+        rtf = ours("rtf")
+        models.update({m: rtf for m in methods if m.startswith("hyena_rtf")})
+    if "hyena_implicit" in methods:
+        models["hyena_implicit"] = ours("implicit")
+    if "gpt_neox_kv" in methods:
+        neox_config = GPTNeoXConfig(
+            vocab_size=args.vocab_size,
+            hidden_size=config.d_model,
+            num_hidden_layers=config.n_layer,
+            num_attention_heads=config.n_head,
+            intermediate_size=config.mlp_ratio * config.d_model,
+            max_position_embeddings=max(args.prompt_lengths) + args.new_tokens,
+            attn_implementation="sdpa",
+        )
+        models["gpt_neox_kv"] = GPTNeoXForCausalLM(neox_config).to(dtype).to(device).eval()
+    return models, config
 
 
 def cache_bytes(cache) -> int:
-    """Bytes held by a HyenaRTFCache or a transformers KV cache."""
+    """Bytes held by a HyenaRTFCache, a StaticHyenaRTFCache or a transformers KV cache."""
     seen, total = set(), 0
 
     def visit(x):
@@ -124,164 +184,224 @@ def cache_bytes(cache) -> int:
     return total
 
 
-def decode(model, ids, steps: int, use_cache: bool, device) -> tuple[float, list[float], object]:
-    """Greedy decoding of `steps` tokens after `ids`. Returns (prefill s, step times s, cache)."""
+def estimate_bytes(method: str, model, batch: int, prompt: int, args) -> int:
+    """Rough peak of one configuration: weights, the cache at the end, one prefill piece (about 40
+    activation values per token and channel live at once, float32 inside the FFTs)."""
+    cfg = model.config
+    d, layers, elt = cfg.hidden_size, cfg.num_hidden_layers, next(model.parameters()).element_size()
+    total = batch * (prompt + args.new_tokens)
+    weights = sum(p.nbytes for p in model.parameters())
+    piece = min(batch * prompt, max(prompt, args.prefill_tokens)) * d * 4 * 40
+    if method == "gpt_neox_kv":  # keys and values, one layer's worth more while torch.cat grows it
+        return weights + piece + 2 * (layers + 1) * total * d * elt
+    if method == "hyena_implicit":  # the input history of every layer, float32, and its copy per step
+        return weights + piece + (layers + 1) * total * d * 4
+    if method == "hyena_rtf_no_cache":
+        return weights + total * d * 4 * 40
+    return weights + piece
+
+
+def build_recurrences(model, device) -> float:
+    """Forget every RTF's memoised recurrence and rebuild it as the prefill will ask for it (its
+    operator's recurrent dtype, poles checked); returns the seconds taken."""
+    ops = [m for m in model.modules() if isinstance(m, HyenaOperator) and isinstance(m.filter, RTF)]
     sync(device)
     t0 = time.perf_counter()
-    out = model(input_ids=ids, use_cache=use_cache, logits_to_keep=1)
-    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    for op in ops:
+        op.filter._recurrence_cache = None  # RTF.recurrence's memo: what a freshly loaded model lacks
+        op.filter.recurrence(op.rec_dtype, "error")
     sync(device)
-    prefill = time.perf_counter() - t0
-    cache, times = output_cache(out) if use_cache else None, []
+    return time.perf_counter() - t0
+
+
+def prefill(method, model, ids, args) -> tuple[torch.Tensor, object]:
+    """The prompt through the model in pieces (module docstring) -> (last logits (B, V), cache)."""
+    B, T = ids.shape
+    if method == "hyena_rtf_no_cache":
+        return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1], None
+    if method == "gpt_neox_kv":
+        heads = model.config.num_attention_heads
+        chunk = max(1, min(T, args.prefill_tokens // B, 2**30 // (4 * B * heads * T)))
+        cache = None
+        for s in range(0, T, chunk):
+            out = model(input_ids=ids[:, s : s + chunk], use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+            cache = output_cache(out)
+        return out.logits[:, -1], cache
+    parts = [
+        model(input_ids=rows, use_cache=True, logits_to_keep=1) for rows in ids.split(max(1, args.prefill_tokens // T))
+    ]
+    cache = output_cache(parts[0])
+    if len(parts) > 1:  # every layer's state is per row: concatenate the groups' states
+        caches = [output_cache(p) for p in parts]
+        cache.layers = [
+            HyenaState(
+                torch.cat([c.layers[i].conv for c in caches]), torch.cat([c.layers[i].filt for c in caches]), s.rec
+            )
+            for i, s in enumerate(cache.layers)
+        ]
+    return torch.cat([p.logits[:, -1] for p in parts]), cache
+
+
+def decode(method, model, ids, steps: int, device, args, decoder=None) -> dict:
+    """Greedy decoding of `steps` tokens after `ids`: build s, prefill s, step times s, cache."""
+    build = build_recurrences(model, device) if method in ("hyena_rtf_recurrent", "hyena_rtf_compiled") else 0.0
+    sync(device)
+    t0 = time.perf_counter()
+    logits, cache = prefill(method, model, ids, args)
+    if decoder is not None:  # the static cache takes the prefilled states over
+        decoder.cache.load_(cache)
+        decoder.seen, cache = ids.shape[1], decoder.cache
+    tok = logits.argmax(-1, keepdim=True)
+    sync(device)
+    prefill_s, times = time.perf_counter() - t0, []
     for _ in range(steps):
         t0 = time.perf_counter()
-        if use_cache:
+        if decoder is not None:
+            logits = decoder.step(tok)
+        elif cache is not None:
             out = model(input_ids=tok, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
-            cache = output_cache(out)
+            cache, logits = output_cache(out), out.logits[:, -1]
         else:  # the whole sequence again: what a model without a recurrent form must do
             ids = torch.cat([ids, tok], dim=1)
-            out = model(input_ids=ids, use_cache=False, logits_to_keep=1)
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            logits = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+        tok = logits.argmax(-1, keepdim=True)
         sync(device)
         times.append(time.perf_counter() - t0)
-    return prefill, times, cache
+    return {"build": build, "prefill": prefill_s, "times": times, "cache": cache}
 
 
-def run_config(method, model, batch, prompt, args, device, history) -> dict:
-    row = {"method": method, "batch": batch, "prompt_len": prompt, "new_tokens": args.new_tokens}
-    use_cache = method != "hyena_rtf_no_cache"
-    # Predict from the previous (shorter) prompt of this method and batch: cost ~ linear in length
-    # for full forwards, which is what could blow the budget.
-    prev = history.get((method, batch))
-    if prev is not None:
-        p_prompt, p_step, p_prefill = prev
+def predict(method, batch, prompt, args, history) -> float | None:
+    """Seconds for prefill + new tokens, from this method's previous prompt at this batch (cost
+    linear in the prompt for prefill and growing methods), else from its previous batch at this
+    prompt (linear in the batch: an upper bound for the steps)."""
+    grows = method in GROWING
+    if (method, batch) in history:
+        p_prompt, p_step, p_prefill = history[(method, batch)]
         scale = prompt / p_prompt
-        predicted = p_prefill * scale + args.new_tokens * (p_step * scale if not use_cache else p_step)
-        if predicted > 3 * args.budget_s:
-            return {**row, "status": "skipped", "reason": f"predicted {predicted:.0f} s > budget {args.budget_s:.0f} s"}
-    ids = torch.randint(
-        0,
-        args.vocab_size,
-        (batch, prompt),
-        device=device,
-        generator=torch.Generator(device=device).manual_seed(args.seed),
-    )
+        return p_prefill * scale + args.new_tokens * (p_step * scale if grows else p_step)
+    if (method, "prompt", prompt) in history:
+        p_batch, p_step, p_prefill = history[(method, "prompt", prompt)]
+        return (p_prefill + args.new_tokens * p_step) * batch / p_batch
+    return None
+
+
+def run_config(method, model, batch, prompt, args, device, history, decoders, mem_method) -> dict:
+    row = {"method": method, "batch": batch, "prompt_len": prompt, "new_tokens": args.new_tokens}
+    est = estimate_bytes(method, model, batch, prompt, args)
+    if est > args.max_memory_gb * 2**30:
+        return {**row, "status": "skipped", "reason": f"estimated {est / 2**30:.1f} GB > {args.max_memory_gb:.1f} GB"}
+    predicted = predict(method, batch, prompt, args, history)
+    if predicted is not None and predicted > 3 * args.budget_s:
+        return {**row, "status": "skipped", "reason": f"predicted {predicted:.0f} s > budget {args.budget_s:.0f} s"}
+    use_cache = method != "hyena_rtf_no_cache"
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    ids = torch.randint(0, args.vocab_size, (batch, prompt), device=device, generator=gen)
+    decoder, compile_s = None, None
     try:
         with torch.inference_mode():
-            warm_prefill, warm, _ = decode(model, ids, 2 if use_cache else 0, use_cache, device)
-            steps = args.new_tokens
-            if not use_cache:  # one full forward per token: fit the budget
-                steps = int(min(steps, max(2, args.budget_s / max(warm_prefill, 1e-9))))
+            if method == "hyena_rtf_compiled":
+                decoder = decoders.get(batch)
+                if decoder is None:  # one compiled step per batch size, room for the longest prompt
+                    options = {**compile_options(device), "dynamic": False}
+                    if args.compile_backend != "inductor":  # modes are inductor's
+                        options = {"backend": args.compile_backend, "dynamic": False}
+                    max_length = max(args.prompt_lengths) + args.new_tokens + 3
+                    decoder = decoders[batch] = StaticDecoder(model, compile=True, max_length=max_length, **options)
+                    t0 = time.perf_counter()
+                    decode(method, model, ids, 1, device, args, decoder)
+                    compile_s = time.perf_counter() - t0
+            weights = sum(p.nbytes for p in model.parameters())
+            warm: dict = {}
+
+            def warm_up():
+                warm.update(decode(method, model, ids, 2 if use_cache else 0, device, args, decoder))
+
+            if device.type == "cpu" and decoder is None:  # the warm-up, under the memory instrument
+                row["peak_memory_mb"] = (weights + peak_memory(warm_up, device, mem_method)) / 2**20
+            else:
+                warm_up()
+            # Fit the budget: one full forward per token without a cache, else the warm-up's slower step.
+            per_step = warm["prefill"] if not use_cache else max(warm["times"])
+            steps = int(min(args.new_tokens, max(2, (args.budget_s - warm["prefill"]) / max(per_step, 1e-9))))
+            warm.clear()  # its cache: the timed run builds its own
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            prefill, times, cache = decode(model, ids, steps, use_cache, device)
+            run = decode(method, model, ids, steps, device, args, decoder)
     except torch.OutOfMemoryError as e:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return {**row, "status": "skipped", "reason": f"out of memory: {str(e).splitlines()[0]}"}
+    times = run["times"]
     # Median, not mean: one step preempted by another process should not move the figure.
     step = sorted(times)[len(times) // 2]
-    history[(method, batch)] = (prompt, step, prefill)
+    history[(method, batch)] = (prompt, step, run["prefill"])
+    history[(method, "prompt", prompt)] = (batch, step, run["prefill"])
     row.update(
         status="ok",
         steps_timed=len(times),
-        prefill_ms=1e3 * prefill,
+        recurrence_build_ms=1e3 * run["build"],
+        prefill_ms=1e3 * run["prefill"],
+        first_token_ms=1e3 * (run["build"] + run["prefill"]),
         per_token_ms=1e3 * step,
         per_token_ms_mean=1e3 * sum(times) / len(times),
         per_token_ms_min=1e3 * min(times),
         decode_tokens_per_s=batch / step,
-        end_to_end_tokens_per_s=batch * len(times) / (prefill + sum(times)),
-        cache_mb=cache_bytes(cache) / 2**20 if cache is not None else 0.0,
+        end_to_end_tokens_per_s=batch * len(times) / (run["build"] + run["prefill"] + sum(times)),
+        cache_mb=cache_bytes(run["cache"]) / 2**20 if run["cache"] is not None else 0.0,
+        weights_mb=weights / 2**20,
+        estimated_mb=est / 2**20,
     )
+    if compile_s is not None:
+        row["compile_s"] = compile_s
     if device.type == "cuda":
-        row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        row["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    elif decoder is not None:
+        row["memory_note"] = "peak not measured on CPU: the warm-up compiles"
     if len(times) < args.new_tokens:
         row["note"] = f"timed {len(times)} of {args.new_tokens} steps to stay within the budget"
     return row
 
 
-def plot(result: dict, path: Path) -> None:
-    rows = [r for r in result["rows"] if r["status"] == "ok"]
-    colors = dict(zip(METHODS, ("tab:blue", "tab:red", "tab:green")))
-    batches = sorted({r["batch"] for r in rows})
-    styles = dict(zip(batches, ("-", "--", ":", "-.") * 4))
-    fig = Figure(figsize=(12, 4.8))
-    left, right = fig.subplots(1, 2)
-    for method in METHODS:
-        for b in batches:
-            pts = sorted(
-                (r["prompt_len"], r["per_token_ms"]) for r in rows if r["method"] == method and r["batch"] == b
-            )
-            if pts:
-                label = f"{method}, batch {b}"
-                left.plot(*zip(*pts, strict=True), styles[b], marker="o", color=colors[method], label=label)
-    left.set(
-        xscale="log",
-        yscale="log",
-        xlabel="prompt length (tokens)",
-        ylabel="per-token latency (ms)",
-        title="latency of one new token",
-    )
-    left.set_xticks(sorted({r["prompt_len"] for r in rows}), [str(p) for p in sorted({r["prompt_len"] for r in rows})])
-    left.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    left.legend(fontsize=7)
-    prompts = sorted({r["prompt_len"] for r in rows})
-    ref = max([p for p in prompts if p <= 2048] or prompts)
-    for method in METHODS:
-        pts = sorted(
-            (r["batch"], r["decode_tokens_per_s"]) for r in rows if r["method"] == method and r["prompt_len"] == ref
-        )
-        if pts:
-            right.plot(*zip(*pts), marker="o", color=colors[method], label=method)
-    right.set(
-        xscale="log",
-        yscale="log",
-        xlabel="batch size",
-        ylabel="decode tokens/s",
-        title=f"throughput at prompt length {ref}",
-    )
-    right.set_xticks(batches, [str(b) for b in batches])
-    right.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    right.legend(fontsize=7)
-    m, mach = result["model"], result["machine"]
-    where = mach.get("gpu") or (
-        f"CPU, {mach['torch_threads']} thread(s), load average "
-        f"{mach.get('load_average_at_start', ['?'])[0]} on {mach['cpu_count']} cores"
-    )
-    fig.suptitle(
-        f"{where}, {result['dtype']}: d {m['d_model']}, {m['n_layer']} layers, state {m['state_size']}, "
-        f"vocab {m['vocab_size']}; median step of the best of {result['args']['repeats']} rounds"
-    )
-    fig.tight_layout()
-    save_png(fig, path, dpi=110)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
-    if args.plot_only:
-        plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
+    if args.plot_only or args.markdown:
+        if not Path(args.out).is_file():
+            print(f"decode: error: --out {args.out}: no such JSON file", file=sys.stderr)
+            return 2
+        result = json.loads(Path(args.out).read_text())
+        if args.markdown:
+            print(markdown(result))
+        if args.plot_only:
+            plot(result, Path(args.out).with_suffix(".png"))
         return 0
     device = torch.device(
         "cuda"
         if args.device == "auto" and torch.cuda.is_available()
         else ("cpu" if args.device == "auto" else args.device)
     )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("decode: error: --device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.max_memory_gb = args.max_memory_gb or 0.8 * memory_limit_bytes(device) / 2**30
     torch.manual_seed(args.seed)
-    ours, neox, config = build_models(args, device, dtype_from_name(dtype_name))
-    models = {"hyena_rtf_recurrent": ours, "hyena_rtf_no_cache": ours, "gpt_neox_kv": neox}
-    methods = [m for m in args.methods.split(",") if m]
+    methods = args.methods.split(",")
+    models, config = build_models(args, device, dtype_from_name(dtype_name), methods)
+    mem_method = "cuda" if device.type == "cuda" else cpu_memory_method()
+    mach = machine(device)
     result = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(device),
+        "date": mach["date"],
+        "machine": mach,
         "device": str(device),
         "dtype": dtype_name,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "command": "python -m benchmarks.decode " + " ".join(sys.argv[1:] if argv is None else argv),
         "args": vars(args),
+        "memory_method": MEMORY_METHODS[mem_method] + ("" if device.type == "cuda" else "; plus the weights"),
         "model": {
             "d_model": config.d_model,
             "n_layer": config.n_layer,
@@ -289,13 +409,13 @@ def main(argv=None) -> int:
             "l_max": config.l_max,
             "vocab_size": config.vocab_size,
             "n_head": config.n_head,
-            "params_hyena_rtf": sum(p.numel() for p in ours.parameters()),
-            "params_gpt_neox": sum(p.numel() for p in neox.parameters()),
+            **{f"params_{m}": sum(p.numel() for p in models[m].parameters()) for m in methods},
         },
         "rows": [],
     }
     history: dict = {}
     best: dict = {}
+    decoders: dict = {}
     # Repeats are whole rounds over every configuration rather than back to back, so that a burst
     # of load from other processes hits one round, not every repeat of one configuration. The
     # no-cache baseline is slow and far from the others: it is timed in the first round only.
@@ -306,7 +426,7 @@ def main(argv=None) -> int:
                     key = (method, batch, prompt)
                     if rnd and (method == "hyena_rtf_no_cache" or best[key]["status"] != "ok"):
                         continue
-                    row = run_config(method, models[method], batch, prompt, args, device, history)
+                    row = run_config(method, models[method], batch, prompt, args, device, history, decoders, mem_method)
                     if key not in best or (row["status"] == "ok" and row["per_token_ms"] < best[key]["per_token_ms"]):
                         best[key] = {**row, "repeats": args.repeats if method != "hyena_rtf_no_cache" else 1}
                     log.info(
@@ -314,20 +434,8 @@ def main(argv=None) -> int:
                         + (f"{row['per_token_ms']:.2f} ms/token" if row["status"] == "ok" else row["reason"])
                     )
     result["rows"] = list(best.values())
-    print(
-        f"{'method':22} {'batch':>5} {'prompt':>6} {'prefill ms':>10} {'ms/token':>9} {'min ms':>7} "
-        f"{'tokens/s':>9} {'cache MB':>8}"
-    )
-    for row in result["rows"]:
-        head = f"{row['method']:22} {row['batch']:5d} {row['prompt_len']:6d}"
-        if row["status"] == "ok":
-            print(
-                f"{head} {row['prefill_ms']:10.1f} {row['per_token_ms']:9.2f} {row['per_token_ms_min']:7.2f} "
-                f"{row['decode_tokens_per_s']:9.1f} "
-                f"{row['cache_mb']:8.2f}" + (" *" if "note" in row else "")
-            )
-        else:
-            print(f"{head}  skipped: {row['reason']}")
+    result["summary"] = summary(result["rows"])
+    print_rows(result["rows"])
     out = write_json(args.out, result)
     plot(result, out.with_suffix(".png"))
     log.info(f"wrote {out} and {out.with_suffix('.png')}")

@@ -33,17 +33,15 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import math
-import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 
-from benchmarks.common import ints, machine, save_png, sync, write_json
+from benchmarks.common import MEMORY_METHODS, cpu_memory_method, ints, machine, peak_memory, save_png, sync, write_json
 from hyena_rtf.models.implicit import ImplicitFilter
 from hyena_rtf.models.rtf import RTF
 from hyena_rtf.utils.logs import get_logger, setup_logging
@@ -120,70 +118,6 @@ def time_fwd_bwd(fn, device: torch.device, repeats: int, budget_s: float = float
     return times
 
 
-def _profiler_peak_cpu(fn) -> int:
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import MemoryProfileTimeline
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        fn().sum().backward()
-    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
-    return int(max((sum(s) for s in sizes), default=0))
-
-
-def _rss_peak_cpu(fn) -> int:
-    import psutil
-
-    proc = psutil.Process(os.getpid())
-    base = proc.memory_info().rss
-    peak = [base]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(2e-4)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    try:
-        fn().sum().backward()
-    finally:
-        done.set()
-        th.join()
-    return max(peak[0] - base, 0)
-
-
-def peak_memory(fn, device: torch.device, cpu_method: str) -> int:
-    """Peak bytes of one forward + backward (see module docstring for the method)."""
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn().sum().backward()
-        sync(device)
-        return int(torch.cuda.max_memory_allocated(device) - base)
-    return _profiler_peak_cpu(fn) if cpu_method == "profiler" else _rss_peak_cpu(fn)
-
-
-def cpu_memory_method() -> str:
-    """'profiler' when torch's private memory-timeline API works here, else 'rss'."""
-    try:
-        x = torch.ones(4, requires_grad=True)
-        _profiler_peak_cpu(lambda: x * 2)
-        return "profiler"
-    except Exception:
-        return "rss"
-
-
-MEMORY_METHODS = {
-    "cuda": "torch.cuda.max_memory_allocated over one forward+backward, minus the bytes allocated before it",
-    "profiler": "torch.profiler(profile_memory=True) allocation/free timeline of one forward+backward on the "
-    "CPU device; peak of the running sum of live tensor bytes (torch.profiler._memory_profiler)",
-    "rss": "psutil RSS growth over one forward+backward, sampled every 0.2 ms by a thread (coarse: allocator "
-    "caching and page reuse hide small allocations)",
-}
-
-
 # ---------------------------------------------------------------------------------------------
 # driver
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +185,7 @@ def run(args: argparse.Namespace) -> dict:
                     continue
                 fn = build(method, args.d_model, n or 0, L, device)
                 times = time_fwd_bwd(fn, device, args.repeats, args.time_budget)
-                mem = peak_memory(fn, device, mem_method)
+                mem = peak_memory(lambda f=fn: f().sum().backward(), device, mem_method)
                 row.update(
                     time_ms=1e3 * statistics.median(times),
                     time_min_ms=1e3 * min(times),
