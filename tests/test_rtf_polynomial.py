@@ -219,11 +219,13 @@ WELL_CONDITIONED += [(64, 1023, 0.999), (64, 2047, 0.999), (64, 511, 0.99)]
 
 
 @pytest.mark.parametrize("n,l_max,radius", WELL_CONDITIONED)
-def test_corrected_system_against_aliased_reference_and_old_build(n, l_max, radius):
-    """Bounds: the new taps within 2e-12 of K (observed <= 6.9e-13; the reference's own error is
+def test_corrected_system_against_aliased_reference_and_old_build(n, l_max, radius, monkeypatch):
+    """The polynomial route is the one measured (rational_kernel, the fallback, is never called).
+    Bounds: the new taps within 2e-12 of K (observed <= 6.9e-13; the reference's own error is
     ~1e-14, the build's self-checks cap its chains and residual at 1e-12); the new C within 1e-11 of
     C_ref and of the old build's C (observed <= 1.2e-12 and <= 1.1e-12). Not vacuous: dropping the
     correction (C = b) misses by > 1e-3 on every one of these systems (observed >= 2.4e-3)."""
+    monkeypatch.setattr(rtf_module, "rational_kernel", None)  # a call would raise
     for seed in range(3):
         rng = np.random.default_rng(1000 * n + seed)
         a = make_denominator(n, rng, edge=radius)
@@ -434,3 +436,28 @@ def test_build_uses_no_fft_kernel_for_stable_well_conditioned_filters(monkeypatc
     y, _ = step_through(rec, u)
     y_fft = fft_causal_conv(u, rtf.kernel(300))
     assert (y - y_fft).abs().max() / y_fft.abs().max() < 1e-10
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark smoke test
+# ---------------------------------------------------------------------------------------------
+def test_recurrence_build_benchmark_runs_the_tiny_layer(tmp_path):
+    """benchmarks/recurrence_build.py on the tiny preset, one repeat: JSON with one row per method
+    (times; bytes exactly C (3n + 1) floats for a, c, r, h0 against C (n + 1)^2 for a, c, h0 and
+    the old n x n prefill matrices), the two builds' C agreeing (float64, 1e-10), the machine
+    named, and the PNG."""
+    import json
+
+    from benchmarks import recurrence_build
+
+    recurrence_build.main(["--layers", "tiny", "--repeats", "1", "--out", str(tmp_path / "rb")])
+    data = json.loads((tmp_path / "rb.json").read_text())
+    assert (tmp_path / "rb.png").stat().st_size > 0
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(rows) == {"polynomial", "matrix (old)"}
+    assert all(r["time_ms"] > 0 and not r["skipped"] for r in rows.values())
+    n = rows["polynomial"]["state_size"]
+    assert rows["polynomial"]["bytes"] == 4 * rows["polynomial"]["channels"] * (3 * n + 1)
+    assert rows["matrix (old)"]["bytes"] == 4 * rows["polynomial"]["channels"] * (n + 1) ** 2
+    assert data["agreement"]["tiny"] < 1e-10
+    assert data["machine"]["torch"] == torch.__version__
