@@ -39,7 +39,6 @@ import time
 from pathlib import Path
 
 import torch
-from matplotlib.figure import Figure
 
 from benchmarks.common import MEMORY_METHODS, cpu_memory_method, ints, machine, peak_memory, save_png, sync, write_json
 from hyena_rtf.models.implicit import ImplicitFilter
@@ -211,6 +210,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:  # a bare GPU machine: the JSON is the result, the PNG can be drawn elsewhere
+        log.warning(f"matplotlib is not installed: no {path.name}")
+        return
     rows = result["rows"]
     states = sorted({r["state_size"] for r in rows if r["state_size"] is not None})
     fig = Figure(figsize=(12, 4.6))
