@@ -51,7 +51,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from benchmarks.common import (
     MEMORY_METHODS,
@@ -63,12 +62,11 @@ from benchmarks.common import (
     sync,
     write_json,
 )
+from benchmarks.decode_models import build_models, cache_bytes, estimate_bytes
 from benchmarks.decode_report import markdown, plot, print_rows, summary
-from hyena_rtf.models import HyenaRTFConfig, config_from_preset
 from hyena_rtf.models.hf_compat import cache_kwargs, output_cache
 from hyena_rtf.models.hyena import HyenaOperator, HyenaState
-from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
-from hyena_rtf.models.precision import DTYPES, dtype_from_name, is_filter_param
+from hyena_rtf.models.precision import DTYPES, dtype_from_name
 from hyena_rtf.models.rtf import RTF
 from hyena_rtf.models.static_decode import StaticDecoder, compile_options
 from hyena_rtf.utils.logs import get_logger, setup_logging
@@ -126,79 +124,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"argument --{name.replace('_', '-')}: must be >= 1")
     return args
-
-
-def build_models(args, device, dtype, methods) -> tuple[dict, HyenaRTFConfig]:
-    """{method: model} for `methods`, random, in eval mode: ours (RTF), ours with implicit filters,
-    and GPT-NeoX of the same width, depth and vocabulary; only the models a method needs."""
-    overrides = {k: v for k, v in (("d_model", args.d_model), ("n_layer", args.n_layer), ("l_max", args.l_max)) if v}
-    config: HyenaRTFConfig = config_from_preset(args.preset, vocab_size=args.vocab_size, **overrides)
-    if config.d_model % config.n_head:
-        config.n_head = 1
-
-    def ours(filt: str) -> HyenaRTFForCausalLM:
-        model = HyenaRTFForCausalLM(HyenaRTFConfig(**{**config.to_dict(), "filter": filt}))
-        for name, p in model.named_parameters():
-            if not is_filter_param(name):  # the long filters stay float32
-                p.data = p.data.to(dtype)
-        return model.to(device).eval()
-
-    models = {}
-    if any(m.startswith("hyena_rtf") for m in methods):
-        rtf = ours("rtf")
-        models.update({m: rtf for m in methods if m.startswith("hyena_rtf")})
-    if "hyena_implicit" in methods:
-        models["hyena_implicit"] = ours("implicit")
-    if "gpt_neox_kv" in methods:
-        neox_config = GPTNeoXConfig(
-            vocab_size=args.vocab_size,
-            hidden_size=config.d_model,
-            num_hidden_layers=config.n_layer,
-            num_attention_heads=config.n_head,
-            intermediate_size=config.mlp_ratio * config.d_model,
-            max_position_embeddings=max(args.prompt_lengths) + args.new_tokens,
-            attn_implementation="sdpa",
-        )
-        models["gpt_neox_kv"] = GPTNeoXForCausalLM(neox_config).to(dtype).to(device).eval()
-    return models, config
-
-
-def cache_bytes(cache) -> int:
-    """Bytes held by a HyenaRTFCache, a StaticHyenaRTFCache or a transformers KV cache."""
-    seen, total = set(), 0
-
-    def visit(x):
-        nonlocal total
-        if isinstance(x, torch.Tensor):
-            if x.data_ptr() not in seen:
-                seen.add(x.data_ptr())
-                total += x.nbytes
-        elif isinstance(x, (list, tuple)):
-            for y in x:
-                visit(y)
-        elif hasattr(x, "__dict__"):
-            for y in vars(x).values():
-                visit(y)
-
-    visit(getattr(cache, "layers", cache))
-    return total
-
-
-def estimate_bytes(method: str, model, batch: int, prompt: int, args) -> int:
-    """Rough peak of one configuration: weights, the cache at the end, one prefill piece (about 40
-    activation values per token and channel live at once, float32 inside the FFTs)."""
-    cfg = model.config
-    d, layers, elt = cfg.hidden_size, cfg.num_hidden_layers, next(model.parameters()).element_size()
-    total = batch * (prompt + args.new_tokens)
-    weights = sum(p.nbytes for p in model.parameters())
-    piece = min(batch * prompt, max(prompt, args.prefill_tokens)) * d * 4 * 40
-    if method == "gpt_neox_kv":  # keys and values, one layer's worth more while torch.cat grows it
-        return weights + piece + 2 * (layers + 1) * total * d * elt
-    if method == "hyena_implicit":  # the input history of every layer, float32, and its copy per step
-        return weights + piece + (layers + 1) * total * d * 4
-    if method == "hyena_rtf_no_cache":
-        return weights + total * d * 4 * 40
-    return weights + piece
 
 
 def build_recurrences(model, device) -> float:
@@ -429,6 +354,7 @@ def main(argv=None) -> int:
                     row = run_config(method, models[method], batch, prompt, args, device, history, decoders, mem_method)
                     if key not in best or (row["status"] == "ok" and row["per_token_ms"] < best[key]["per_token_ms"]):
                         best[key] = {**row, "repeats": args.repeats if method != "hyena_rtf_no_cache" else 1}
+                        write_json(args.out, {**result, "rows": list(best.values()), "partial": True})  # kept if killed
                     log.info(
                         f"round {rnd + 1}: {method} batch {batch} prompt {prompt}: "
                         + (f"{row['per_token_ms']:.2f} ms/token" if row["status"] == "ok" else row["reason"])

@@ -75,10 +75,10 @@ from benchmarks.common import (
     machine,
     memory_limit_bytes,
     peak_memory,
-    save_png,
     sync,
     write_json,
 )
+from benchmarks.train_report import BASELINE, MODELS, markdown, plot
 from hyena_rtf.models import config_from_preset
 from hyena_rtf.models.fftconv import fast_fft_size
 from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM, next_token_nll
@@ -86,8 +86,6 @@ from hyena_rtf.training.metrics import peak_flops, train_flops_per_token
 from hyena_rtf.training.optim import make_optimizer, param_groups
 from hyena_rtf.utils.logs import get_logger, setup_logging
 
-MODELS = ("hyena_rtf", "hyena_implicit", "gpt_neox")
-BASELINE = "gpt_neox"
 # The trainer's defaults (training/config.py OptimConfig); they do not change the time of a step.
 LR, RTF_LR, WEIGHT_DECAY, BETAS, EPS, GRAD_CLIP = 6e-4, 1e-3, 0.1, (0.9, 0.95), 1e-8, 1.0
 # Live activation bytes per token, layer and channel at the peak of backward (float32), measured
@@ -332,82 +330,6 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# report: PNG and README tables, both from the JSON
-# ---------------------------------------------------------------------------------------------
-def plot(result: dict, path: Path) -> None:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:  # a bare GPU machine: the JSON is the result, the PNG can be drawn elsewhere
-        log.warning(f"matplotlib is not installed: no {path.name} (redraw it with --plot-only)")
-        return
-    rows = [r for r in result["rows"] if r["status"] == "ok"]
-    fig = Figure(figsize=(12, 4.6))
-    left, right = fig.subplots(1, 2)
-    colors = dict(zip(MODELS, ("tab:blue", "tab:green", "tab:red")))
-    for kind in MODELS:
-        mine = sorted((r["length"], r["tokens_per_s"], r.get("peak_memory_gb")) for r in rows if r["model"] == kind)
-        if mine:
-            left.plot([m[0] for m in mine], [m[1] for m in mine], marker="o", color=colors[kind], label=kind)
-            mem = [(m[0], m[2]) for m in mine if m[2] is not None]
-            if mem:
-                right.plot(*zip(*mem), marker="o", color=colors[kind], label=kind)
-    lengths = sorted({r["length"] for r in result["rows"]})
-    for ax, ylabel in ((left, "training tokens/s"), (right, "peak memory (GB)")):
-        ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel=ylabel)
-        ax.set_xticks(lengths, [str(T) for T in lengths])
-        ax.minorticks_off()
-        ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    m, mach = result["model"], result["machine"]
-    where = mach.get("gpu") or f"CPU ({mach['cpu']}), {mach['torch_threads']} thread(s)"
-    fig.suptitle(
-        f"{where}, {result['precision']}: d {m['d_model']}, {m['n_layer']} layers, vocab {m['vocab_size']}, "
-        f"{result['args']['tokens_per_step']} tokens per step; median of the timed steps",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    save_png(fig, path, dpi=110)
-
-
-def markdown(result: dict) -> str:
-    """The README tables: tokens/s per model and length, the ratios to GPT-NeoX, peak memory."""
-    rows = {(r["model"], r["length"]): r for r in result["rows"]}
-    kinds = [k for k in MODELS if any(key[0] == k for key in rows)]
-    ratio = {(e["model"], e["length"]): e for e in result["ratios"]}
-    lengths = sorted({key[1] for key in rows})
-
-    def cell(kind, T, key, fmt):
-        r = rows.get((kind, T))
-        if r is None:
-            return ""
-        if r["status"] != "ok":
-            return "skipped"
-        return fmt.format(r[key]) + (" *" if "note" in r else "") if key in r else "n/a"
-
-    head = ["length", "batch"] + [f"{k} tokens/s" for k in kinds]
-    head += [f"{k} / {BASELINE}" for k in kinds if k != BASELINE] + [f"{k} GB" for k in kinds]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for T in lengths:
-        batch = next(r["batch"] for (k, t), r in rows.items() if t == T)
-        cells = [str(T), str(batch)] + [cell(k, T, "tokens_per_s", "{:,.0f}") for k in kinds]
-        for k in kinds:
-            if k != BASELINE:
-                e = ratio.get((k, T))
-                cells.append(f"{e['tokens_per_s_vs_gpt_neox']:.2f}x" if e else "")
-        cells += [cell(k, T, "peak_memory_gb", "{:.2f}") for k in kinds]
-        lines.append("| " + " | ".join(cells) + " |")
-    if any("mfu" in r for r in result["rows"]):
-        lines += ["", "| length | " + " | ".join(f"{k} MFU" for k in kinds) + " |", "|" + " --- |" * (1 + len(kinds))]
-        for T in lengths:
-            lines.append(f"| {T} | " + " | ".join(cell(k, T, "mfu", "{:.1%}") for k in kinds) + " |")
-    skipped = [r for r in result["rows"] if r["status"] != "ok"]
-    if skipped:
-        lines += [""] + [f"- {r['model']} at {r['length']}: skipped, {r['reason']}" for r in skipped]
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
@@ -464,6 +386,7 @@ def main(argv=None) -> int:
         for kind in kinds:
             row = run_config(kind, T, args, device, history[kind], mem_method)
             result["rows"].append(row)
+            write_json(out, {**result, "ratios": ratios(result["rows"]), "partial": True})  # kept if killed
             what = (
                 f"{row['tokens_per_s']:,.0f} tokens/s ({row['step_s']:.2f} s a step)"
                 if row["status"] == "ok"
