@@ -21,10 +21,32 @@ what it changes. --jobs runs that many runs at once, one torch thread each. A pr
 run gives the elapsed time and an ETA. At the end, --out (JSON: machine, every task's parameters,
 the training settings, per-run accuracies, mean and sample std over seeds) and a PNG beside it.
 
-The default sizes (chosen by measurement on the project's 2-core machine; see SUITE): models of
-width 64 and depth 4 (the RTF paper's copying model; the hybrid needs 3 layers or more, its
-attention sits at layer 2), batch 32, lr 3e-3 (configs/default.yaml's), and per task a step
-budget that lets the best variant reach its plateau.
+The default suite (66 runs, 2 seeds; about 7,000 CPU-seconds, so about 1 hour with --jobs 2 on
+an idle 2-core machine) and why, from measurements on the project's 2-core machine (2026-12-04,
+one torch thread, CPU time per step, which is what an idle machine's wall time would be):
+
+- Models: width 64, depth 4, 4 heads (the RTF paper's copying model is 64 x 4; the hybrid needs
+  3 layers or more, its attention sits at layer 2). A step of batch 8 x 256 tokens costs about
+  0.09 s for the Hyena variants, 0.10 s for gpt_neox, 0.14 s for multihyena; 8 x 512 tokens
+  0.16 s (rtf64) to 0.27 s (gpt_neox).
+- Batch 8, lr 3e-3 (configs/default.yaml's): what limits learning here is the number of updates,
+  not the sequences per update (copying at state 256 is at 100% after 200 steps of batch 8), and
+  batch 8 buys four times the steps of batch 32.
+- Copying, 600 steps: M = 256 data tokens, no blanks (the paper: M = 1024, 4 layers), so the
+  delay is 256. One RTF of order n >= 256 holds it alone; a smaller order must chain delays over
+  layers (4 x 64 >= 256 at best), which is learnt much later: state 256 reached 100% in 200
+  steps, state 128 was at 11% after 600, state 64 at chance after 300 steps of batch 16.
+- Selective copying, 1,000 steps: 16 data tokens among 240 positions (the Mamba paper's 16
+  tokens and 16 symbols, at length 256 instead of 4096). gpt_neox was at 24% after 800 steps and
+  rising, rtf64 at chance (6.25%).
+- MQAR, 1,000 steps: at this budget no variant gets past guessing among the values present in
+  the context (1/N): gpt_neox at 16 pairs was at 7% after 2,700 steps (1/16 = 6.25%), and at 8
+  pairs over 128 tokens at 7% after 1,000 steps of batch 16 (11% with lr 1e-2; 1/8 = 12.5%).
+  Zoology trains on about a hundred times more sequences. So the MQAR columns show how far each
+  variant gets towards the task in a CPU budget, not its recall capacity; measure that with
+  more steps on a bigger machine (`--tasks mqar --steps 20000`).
+
+More seeds rather than more steps where the spread across seeds is large: `--seeds 0,1,2,3`.
 """
 
 from __future__ import annotations
@@ -53,7 +75,7 @@ PROG = "python -m benchmarks.synthetic"
 
 BASE = ("model.d_model=64", "model.n_layer=4", "model.n_head=4")  # train.py model overrides of every run
 TRAINING = dict(lr=3e-3, rtf_lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, warmup=0.05, min_lr_ratio=0.1)
-BATCH = 32
+BATCH = 8
 EVAL_SEQUENCES = 512
 EVAL_SEED = 2**31 - 1  # the held-out set's generator; training streams use the run's seed
 SWEEP_VARIANT = "rtf64"  # the copying task's state sweep: this variant with model.state_size=n
@@ -206,6 +228,16 @@ def plan(args) -> list[Run]:
     return runs
 
 
+def check_models(runs: list[Run]) -> None:
+    """Build every distinct model of the plan once, untrained, so that a bad --override (or a
+    variant it breaks, such as the hybrid below 3 layers) fails at once with ValueError, not in a
+    worker after hours of runs."""
+    for variant, base, after, seq_len, vocab in sorted(
+        {(r.variant, r.base, r.after, r.params["seq_len"], r.params["vocab_size"]) for r in runs}
+    ):
+        build_variant(variant, vocab, seq_len, base=base, after=after)
+
+
 def _worker(run: Run) -> tuple[Run, dict]:
     return run, train_run(run)
 
@@ -272,7 +304,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", type=_names(SUITE), default=list(SUITE), help="comma-separated (default: all)")
     ap.add_argument("--variants", type=_names(VARIANTS), default=list(VARIANTS), help="comma-separated (default: all)")
-    ap.add_argument("--seeds", type=ints, default=[0, 1, 2])
+    ap.add_argument("--seeds", type=ints, default=[0, 1])
     ap.add_argument("--steps", type=int, help="training steps of every run (default: each task's own)")
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--eval-sequences", type=int, default=EVAL_SEQUENCES)
@@ -304,13 +336,19 @@ def main(argv=None) -> int:
         print(markdown(result))
         return 0
     start = time.perf_counter()
-    records = execute(plan(args), args.work_dir, args.jobs)
+    runs = plan(args)
+    try:
+        check_models(runs)
+    except ValueError as e:
+        return error_exit(PROG, f"--override: {e}")
+    records = execute(runs, args.work_dir, args.jobs)
     result = {
         "benchmark": "synthetic",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([PROG, *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine(torch.device("cpu")),
-        "elapsed_seconds": round(time.perf_counter() - start, 1),
+        "elapsed_seconds": round(time.perf_counter() - start, 1),  # this invocation, reused runs cost nothing
+        "run_seconds_total": round(sum(r["result"]["seconds"] for r in records), 1),
         "jobs": args.jobs,
         "base_overrides": [*BASE, *args.override],
         "training": {**TRAINING, "batch": args.batch, "eval_sequences": args.eval_sequences, "eval_seed": EVAL_SEED},

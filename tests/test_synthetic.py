@@ -244,6 +244,8 @@ def test_cli_markdown_table_from_the_json(toy_suite, capsys):
         (["--variants", "s4"], "--variants"),
         (["--steps", "0"], "--steps"),
         (["--markdown", "--out", "/nonexistent/synthetic.json"], "--out"),
+        (["--tasks", "mqar", "--override", "model.nope=3"], "model.nope"),
+        (["--tasks", "mqar", "--override", "model.n_layer=2"], "n_layer"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(args, named, capsys):
