@@ -34,6 +34,7 @@ import datetime
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -66,7 +67,7 @@ from hyena_rtf.utils.logs import error_exit, get_logger, setup_logging
 
 from .common import REPO, RESULTS, ints, machine, write_json
 from .quality_presets import PRESETS, RUN_OVERRIDES, Preset, PresetError
-from .quality_report import plot, summarize, table
+from .quality_report import metric_values, plot, summarize, table
 from .quality_stats import best_lr, parameter_check, reference_variant
 from .variants import VARIANTS, base_overrides, parameter_count, resolved_n_layer, variant_overrides
 
@@ -75,6 +76,14 @@ log = get_logger("quality")
 
 class QualityError(RuntimeError):
     """A run failed or the benchmark cannot go on; the message is one line naming the run and log."""
+
+
+class Terminated(Exception):
+    """SIGTERM reached the benchmark (raised by its handler, in the main thread)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,7 @@ class Benchmark:
         self.documents: dict[str, list] = {}
         self.lock = threading.Lock()  # one scoring at a time: it is short next to training
         self.done, self.total, self.walls = 0, 0, []
+        self.children: set[subprocess.Popen] = set()  # the train.py processes running now
 
     # ---- the runs --------------------------------------------------------------------------
 
@@ -142,9 +152,9 @@ class Benchmark:
             self._progress(run, result, "done before")
             return result
         started = time.time()
-        self._train(run)
+        diverged = self._train(run)
         with self.lock:
-            result = self._score(run)
+            result = self._diverged(run) if diverged else self._score(run)
         result["wall_s_this_invocation"] = time.time() - started
         write_json(path, result)
         self.walls.append(result["wall_s_this_invocation"])
@@ -155,7 +165,9 @@ class Benchmark:
         """train.py and its arguments for `run` (run with this Python, from the repository root)."""
         return [str(REPO / "train.py"), "--config", str(self.preset.config), *self.overrides(run)]
 
-    def _train(self, run: Run) -> None:
+    def _train(self, run: Run) -> bool:
+        """Run train.py for `run` (its log: OUT/logs/<run>.log); True when it stopped because the
+        model diverged (exit status 1, non-finite steps), QualityError on any other failure."""
         cmd = self.command(run)
         env = dict(os.environ)
         threads = self.args.threads or self.preset.threads
@@ -166,10 +178,60 @@ class Benchmark:
         with open(logfile, "a") as f:
             f.write(f"$ python {' '.join(cmd)}\n")
             f.flush()
-            code = subprocess.call([sys.executable, "-c", LAUNCHER, *cmd], cwd=REPO, env=env, stdout=f, stderr=f)
+            # A session of its own: a Ctrl-C at the terminal reaches the benchmark only, which
+            # passes exactly one SIGTERM on (`stop`); a second signal would stop train.py at once.
+            proc = subprocess.Popen(
+                [sys.executable, "-c", LAUNCHER, *cmd], cwd=REPO, env=env, stdout=f, stderr=f, start_new_session=True
+            )
+            self.children.add(proc)
+            try:
+                code = proc.wait()
+            finally:
+                self.children.discard(proc)
+        last = (logfile.read_text(errors="replace").strip().splitlines() or [""])[-1]
+        if code == 1 and "non-finite steps" in last:
+            return True
         if code != 0:
-            last = logfile.read_text(errors="replace").strip().splitlines()[-1:] or [""]
-            raise QualityError(f"run {run.id}: train.py exited with status {code} ({last[0]}); log: {logfile}")
+            raise QualityError(f"run {run.id}: train.py exited with status {code} ({last}); log: {logfile}")
+        return False
+
+    def stop(self) -> None:
+        """SIGTERM to every running train.py: each saves a checkpoint at the end of its step and
+        exits (143); a rerun of the benchmark continues from there."""
+        for proc in list(self.children):
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def _training_record(self, run: Run) -> dict:
+        """What train.py's metrics.jsonl says of `run`: tokens, tokens/s (median over the logging
+        windows after the first, which holds the warm-up), its own final validation perplexity, the
+        loss curve."""
+        path = str(self.out / "runs" / run.id / "metrics.jsonl")
+        train, evals = read_metrics(path), read_metrics(path, "eval")
+        rates = [r["tokens_per_s"] for r in train[1:]] or [r["tokens_per_s"] for r in train]
+        return {
+            **run.__dict__,
+            "id": run.id,
+            "tokens": train[-1]["tokens"] if train else 0,
+            "tokens_per_s": statistics.median(rates) if rates else 0.0,
+            "train_val_ppl": evals[-1]["val_ppl"] if evals else None,
+            "curve": {"step": [r["step"] for r in train], "loss": [r["loss"] for r in train]},
+            "overrides": self.overrides(run),
+        }
+
+    def _diverged(self, run: Run) -> dict:
+        """The row of a run that diverged: no export to score, so no perplexity (null; the sweep
+        never picks its lr)."""
+        empty = {"perplexity": None, "bits_per_byte": None, "tokens": 0, "bytes": 0}
+        return {
+            **self._training_record(run),
+            "diverged": True,
+            "parameters": None,
+            "eval": {name: dict(empty) for name, _ in self.eval_sets},
+            "lambada": None,
+        }
 
     def _score(self, run: Run) -> dict:
         """Score the run's export (hf/scoring.py) and collect its training record."""
@@ -193,20 +255,12 @@ class Benchmark:
                     self.preset.lambada(), tokenizer, self.seq_len, self.preset.lambada_examples
                 )
             lambada = lambada_metrics(self.documents["lambada"], model, 8, "parallel")
-        train = read_metrics(str(run_dir / "metrics.jsonl"))
-        evals = read_metrics(str(run_dir / "metrics.jsonl"), "eval")
-        rates = [r["tokens_per_s"] for r in train[1:]] or [r["tokens_per_s"] for r in train]  # first: warm-up
         return {
-            **run.__dict__,
-            "id": run.id,
+            **self._training_record(run),
+            "diverged": False,
             "parameters": parameter_count(model),
-            "tokens": train[-1]["tokens"],
-            "tokens_per_s": statistics.median(rates),
-            "train_val_ppl": evals[-1]["val_ppl"] if evals else None,
             "eval": scores,
             "lambada": lambada,
-            "curve": {"step": [r["step"] for r in train], "loss": [r["loss"] for r in train]},
-            "overrides": self.overrides(run),
         }
 
     def _progress(self, run: Run, result: dict, note: str) -> None:
@@ -214,8 +268,9 @@ class Benchmark:
         left = self.total - self.done
         eta = "?" if not self.walls else f"{math.ceil(left * statistics.mean(self.walls) / self.jobs / 60)} min"
         ppl = result["eval"][self.eval_sets[0][0]]["perplexity"]
+        score = "diverged" if ppl is None else f"val ppl {ppl:.2f}"
         log.info(
-            f"run {self.done}/{self.total} {run.variant} lr={run.lr:g} seed={run.seed}: val ppl {ppl:.2f}, "
+            f"run {self.done}/{self.total} {run.variant} lr={run.lr:g} seed={run.seed}: {score}, "
             f"{result['tokens_per_s'] / 1e3:.1f}k tok/s, {note or 'ETA ' + eta}"
         )
 
@@ -224,16 +279,26 @@ class Benchmark:
         return self.args.jobs or self.preset.jobs
 
     def run_all(self, runs: list[Run]) -> list[dict]:
-        """Execute `runs`, `jobs` at a time; results in the order of `runs`."""
-        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+        """Execute `runs`, `jobs` at a time; results in the order of `runs`. On any exception (a
+        failed run, Ctrl-C, SIGTERM) the running train.py processes are stopped after their
+        checkpoint and no further run starts."""
+        pool = ThreadPoolExecutor(max_workers=self.jobs)
+        try:
             return list(pool.map(self.execute, runs))
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 # Runs train.py in place of itself (exec, same process), after asking Linux to send it SIGTERM when
-# the benchmark dies (prctl PR_SET_PDEATHSIG = 1; kept across exec): a killed benchmark then leaves
-# no run holding its folder's lock, and train.py saves a checkpoint on SIGTERM that the rerun
-# continues from. Done in the child rather than with Popen's preexec_fn, which is not safe in a
-# process with threads (the runs are started from a thread pool).
+# the benchmark dies without stopping it first (kill -9; prctl PR_SET_PDEATHSIG = 1, kept across
+# exec), so that no run outlives the benchmark holding its folder's lock. Linux sends that signal
+# once per thread of the benchmark that exits, so such a run may get a second one and stop without
+# a final checkpoint; the rerun then continues from its last periodic one. Set in the child rather
+# than with Popen's preexec_fn, which is not safe in a process with threads (the runs are started
+# from a thread pool).
 LAUNCHER = (
     "import ctypes, os, signal, sys\n"
     "try:\n    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
@@ -286,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads or preset.threads:  # the scoring here, as each run trains
         torch.set_num_threads(args.threads or preset.threads)
     load_before = list(os.getloadavg())
+    signal.signal(signal.SIGTERM, _terminate)  # stop the runs after their checkpoint, as Ctrl-C does
     try:
         bench = Benchmark(preset, args)
         counts = bench.parameter_counts(variants)
@@ -313,13 +379,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         sweep = bench.run_all([Run(v, lr, seeds[0]) for v in variants for lr in lrs])
         chosen = {
-            v: best_lr({r["lr"]: r["eval"][bench.eval_sets[0][0]]["perplexity"] for r in sweep if r["variant"] == v})[0]
-            for v in variants
+            v: best_lr({r["lr"]: metric_values(r)[primary] for r in sweep if r["variant"] == v})[0] for v in variants
         }
         rest = bench.run_all([Run(v, chosen[v], s) for v in variants for s in seeds[1:]])
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as e:
         log.info("interrupted: the runs saved their checkpoints; rerun the same command to continue")
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     except (QualityError, PresetError, EvalError, LoadError, train_config.ConfigError) as e:
         return error_exit(PROG, e)
     rows = sweep + rest

@@ -4,6 +4,7 @@ chosen lr, mean over seeds, one line per variant; the lr sweep as a small panel)
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,12 @@ from .quality_stats import RULE, best_lr, compare, mean_std, reference_variant
 
 def metric_values(row: dict) -> dict[str, float]:
     """The compared metrics of one run: <set>_ppl and <set>_bpb of every evaluation set, and
-    lambada_acc / lambada_ppl where LAMBADA was scored."""
+    lambada_acc / lambada_ppl where LAMBADA was scored. A diverged run (no score: null) counts as
+    infinitely bad."""
     out = {}
     for name, scores in row["eval"].items():
-        out[f"{name}_ppl"] = scores["perplexity"]
-        out[f"{name}_bpb"] = scores["bits_per_byte"]
+        out[f"{name}_ppl"] = math.inf if scores["perplexity"] is None else scores["perplexity"]
+        out[f"{name}_bpb"] = math.inf if scores["bits_per_byte"] is None else scores["bits_per_byte"]
     if row.get("lambada"):
         out["lambada_acc"] = row["lambada"]["accuracy"]
         out["lambada_ppl"] = row["lambada"]["perplexity"]
@@ -50,7 +52,8 @@ def summarize(rows: list[dict], variants: list[str], seeds: list[int], primary: 
             "metrics": metrics,
             "tokens_per_s": {"mean": rate_mean, "std": rate_std},
             "parameters": counts[v],
-            "parameters_of_exports": sorted({r["parameters"] for r in rows if r["variant"] == v}),
+            "parameters_of_exports": sorted({r["parameters"] for r in rows if r["variant"] == v and r["parameters"]}),
+            "diverged_runs": [r["id"] for r in rows if r["variant"] == v and r.get("diverged")],
             "tokens": sorted({r["tokens"] for r in rows if r["variant"] == v}),
         }
     reference = reference_variant(variants, {v: per[v]["metrics"][primary]["mean"] for v in variants})

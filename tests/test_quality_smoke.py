@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+from _train_utils import REPO, child_env, run_cmd
 
 from benchmarks import quality
 from benchmarks.quality_report import summarize, table
@@ -220,3 +225,46 @@ def test_the_gpu_preset_plans_equal_sized_125m_variants(corpus, tmp_path, capsys
     assert all("configs/pile_125m.yaml" in c and "train.precision=bf16" in c for c in commands)
     assert sum("model.multi_hyena_heads=96" in c for c in commands) == 3  # the preset's knob, instead of 16
     assert not any("model.multi_hyena_heads=16" in c for c in commands)
+
+
+def test_a_diverged_run_is_recorded_and_never_chosen(corpus, tmp_path):
+    """lr 1e6 makes the tiny model's loss NaN at step 2; with train.max_nonfinite_steps=1 train.py
+    stops (exit status 1): the row says so, has no score, and the sweep picks the other lr."""
+    extra = ["--lrs", "1e-2,1e6", "--override", "train.max_nonfinite_steps=1"]
+    assert quality.main(smoke_args(corpus, tmp_path, *extra, variants="rtf16")) == 0
+    report = json.loads((tmp_path / "quality.json").read_text())
+    rows = {r["id"]: r for r in report["rows"]}
+    assert rows["rtf16_lr1e+06_seed0"]["diverged"] is True
+    assert rows["rtf16_lr1e+06_seed0"]["eval"]["val"]["perplexity"] is None
+    assert rows["rtf16_lr0.01_seed0"]["diverged"] is False
+    summary = report["summary"]["variants"]["rtf16"]
+    assert summary["chosen_lr"] == 0.01
+    assert summary["diverged_runs"] == ["rtf16_lr1e+06_seed0"]
+
+
+def test_sigterm_stops_the_runs_after_a_checkpoint_and_a_rerun_continues_them(corpus, tmp_path):
+    """The benchmark in a subprocess, stopped by SIGTERM once its run has logged step 20 of 300:
+    exit status 143, the run saved a checkpoint on the way out and left no result; the same
+    command again resumes the run from that checkpoint and finishes it."""
+    tiny = [o for o in TINY if not o.startswith(("train.max_steps", "logging.log_every"))]
+    tiny += ["train.max_steps=300", "logging.log_every=10"]
+    cmd = [sys.executable, "-m", "benchmarks.quality", *smoke_args(corpus, tmp_path, variants="rtf16", tiny=tiny)]
+    log = tmp_path / "out" / "logs" / "rtf16_lr0.01_seed0.log"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(threads=1), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240  # a hang fails the test instead of blocking the suite
+    while not (log.is_file() and "step 20 |" in log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run never reached step 20"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err[-2000:]
+    text = log.read_text()
+    assert "stopped by SIGTERM: checkpoint saved at step" in text
+    assert not (tmp_path / "out" / "results" / "rtf16_lr0.01_seed0.json").exists()
+    stopped_at = int(text.split("stopped by SIGTERM: checkpoint saved at step ")[1].split(";")[0])
+    assert 20 <= stopped_at < 300
+    run_cmd(cmd, threads=1)
+    assert f"resumed from {tmp_path / 'out' / 'runs' / 'rtf16_lr0.01_seed0' / 'checkpoints'}" in log.read_text()
+    result = json.loads((tmp_path / "out" / "results" / "rtf16_lr0.01_seed0.json").read_text())
+    assert result["curve"]["step"][-1] == 300
+    assert result["tokens"] == 300 * 8 * 64
