@@ -47,27 +47,17 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from hyena_rtf.hf.loading import LoadError, load_tokenizer
-from hyena_rtf.hf.scoring import (
-    EvalError,
-    check_vocabulary,
-    lambada_metrics,
-    lambada_windows,
-    load_config,
-    load_documents,
-    load_model,
-    perplexity_metrics,
-    start_token_id,
-)
+from hyena_rtf.hf.loading import LoadError
+from hyena_rtf.hf.scoring import EvalError
 from hyena_rtf.training import config as train_config
 from hyena_rtf.training.build import build_model
 from hyena_rtf.training.data import open_split
-from hyena_rtf.training.metrics import read_metrics
 from hyena_rtf.utils.logs import error_exit, get_logger, setup_logging
 
 from .common import REPO, RESULTS, ints, machine, write_json
 from .quality_presets import PRESETS, RUN_OVERRIDES, Preset, PresetError
 from .quality_report import metric_values, plot, summarize, table
+from .quality_scoring import Scorer, training_record
 from .quality_stats import best_lr, parameter_check, reference_variant
 from .variants import VARIANTS, base_overrides, parameter_count, resolved_n_layer, variant_overrides
 
@@ -112,7 +102,7 @@ class Benchmark:
         self.n_layer = resolved_n_layer(self.base, preset.config)
         self.vocab_size = open_split(str(self.data), "train", self.seq_len).vocab_size
         self.eval_sets = preset.eval_sets(self.data)
-        self.documents: dict[str, list] = {}
+        self.scorer = Scorer(preset, self.eval_sets, self.seq_len)
         self.lock = threading.Lock()  # one scoring at a time: it is short next to training
         self.done, self.total, self.walls = 0, 0, []
         self.children: set[subprocess.Popen] = set()  # the train.py processes running now
@@ -153,8 +143,11 @@ class Benchmark:
             return result
         started = time.time()
         diverged = self._train(run)
+        run_dir = self.out / "runs" / run.id
+        result = {**run.__dict__, "id": run.id, **training_record(run_dir / "metrics.jsonl")}
         with self.lock:
-            result = self._diverged(run) if diverged else self._score(run)
+            result.update(self.scorer.unscored() if diverged else self.scorer.score(run_dir / "hf"))
+        result["overrides"] = self.overrides(run)
         result["wall_s_this_invocation"] = time.time() - started
         write_json(path, result)
         self.walls.append(result["wall_s_this_invocation"])
@@ -203,65 +196,6 @@ class Benchmark:
                 proc.send_signal(signal.SIGTERM)
             except ProcessLookupError:
                 pass
-
-    def _training_record(self, run: Run) -> dict:
-        """What train.py's metrics.jsonl says of `run`: tokens, tokens/s (median over the logging
-        windows after the first, which holds the warm-up), its own final validation perplexity, the
-        loss curve."""
-        path = str(self.out / "runs" / run.id / "metrics.jsonl")
-        train, evals = read_metrics(path), read_metrics(path, "eval")
-        rates = [r["tokens_per_s"] for r in train[1:]] or [r["tokens_per_s"] for r in train]
-        return {
-            **run.__dict__,
-            "id": run.id,
-            "tokens": train[-1]["tokens"] if train else 0,
-            "tokens_per_s": statistics.median(rates) if rates else 0.0,
-            "train_val_ppl": evals[-1]["val_ppl"] if evals else None,
-            "curve": {"step": [r["step"] for r in train], "loss": [r["loss"] for r in train]},
-            "overrides": self.overrides(run),
-        }
-
-    def _diverged(self, run: Run) -> dict:
-        """The row of a run that diverged: no export to score, so no perplexity (null; the sweep
-        never picks its lr)."""
-        empty = {"perplexity": None, "bits_per_byte": None, "tokens": 0, "bytes": 0}
-        return {
-            **self._training_record(run),
-            "diverged": True,
-            "parameters": None,
-            "eval": {name: dict(empty) for name, _ in self.eval_sets},
-            "lambada": None,
-        }
-
-    def _score(self, run: Run) -> dict:
-        """Score the run's export (hf/scoring.py) and collect its training record."""
-        run_dir = self.out / "runs" / run.id
-        export = run_dir / "hf"
-        model = load_model(export, "float32", self.preset.device)
-        tokenizer = load_tokenizer(export)
-        start = start_token_id(tokenizer, load_config(export))
-        scores = {}
-        for name, path in self.eval_sets:
-            if name not in self.documents:
-                self.documents[name] = load_documents(path, tokenizer, max_tokens=self.preset.eval_max_tokens)
-            check_vocabulary(path, self.documents[name], model, model.config)
-            ctx = self.seq_len
-            metrics = perplexity_metrics(self.documents[name], model, start, ctx, ctx, 8, "parallel", name)
-            scores[name] = {k: metrics[k] for k in ("perplexity", "bits_per_byte", "tokens", "bytes")}
-        lambada = None
-        if self.preset.lambada() is not None:
-            if "lambada" not in self.documents:
-                self.documents["lambada"] = lambada_windows(
-                    self.preset.lambada(), tokenizer, self.seq_len, self.preset.lambada_examples
-                )
-            lambada = lambada_metrics(self.documents["lambada"], model, 8, "parallel")
-        return {
-            **self._training_record(run),
-            "diverged": False,
-            "parameters": parameter_count(model),
-            "eval": scores,
-            "lambada": lambada,
-        }
 
     def _progress(self, run: Run, result: dict, note: str) -> None:
         self.done += 1
