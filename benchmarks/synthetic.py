@@ -4,6 +4,7 @@ paper's copying task, for the model variants of the quality benchmark (benchmark
     python -m benchmarks.synthetic                 # the whole default suite (see SUITE below)
     python -m benchmarks.synthetic --tasks copying --variants rtf64,gpt_neox --seeds 0,1 --steps 300
     python -m benchmarks.synthetic --markdown      # the results table of --out, for the README
+    python -m benchmarks.synthetic --plot-only     # redraw the PNG of --out
 
 Every run trains one variant from scratch on one task setting with one seed, for a fixed number of
 steps on freshly sampled batches (the training stream is seeded by the run's seed, the model's
@@ -313,6 +314,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--work-dir", type=Path, default=REPO / "runs" / "synthetic", help="per-run result files")
     ap.add_argument("--out", type=Path, default=RESULTS / "synthetic_cpu.json", help="JSON; the PNG goes beside it")
     ap.add_argument("--markdown", action="store_true", help="print the table of --out as markdown, train nothing")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG of --out, train nothing")
     args = ap.parse_args(argv)
     for name in ("steps", "batch", "eval_sequences", "jobs"):
         value = getattr(args, name)
@@ -326,14 +328,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
-    if args.markdown:
+    if args.markdown or args.plot_only:
         try:
             result = read_json(args.out)
         except ValueError as e:
             return error_exit(PROG, f"--out {e}")
         if result is None:
             return error_exit(PROG, f"--out {args.out}: no such file (run the suite first)")
-        print(markdown(result))
+        if args.plot_only:
+            plot(result, args.out.with_suffix(".png"))
+        if args.markdown:
+            print(markdown(result))
         return 0
     start = time.perf_counter()
     runs = plan(args)

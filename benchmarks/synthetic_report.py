@@ -60,12 +60,25 @@ def chance(params: dict) -> float:
     return 1 / params["num_values"] if params["task"] == "mqar" else 1 / params["num_symbols"]
 
 
+def context_guess(params: dict) -> float | None:
+    """MQAR: accuracy of guessing among the N values present in the context, 1 / N (the plateau
+    before a model learns which value goes with which key); None for the other tasks."""
+    return 1 / params["num_pairs"] if params["task"] == "mqar" else None
+
+
 def _cell(stats: dict | None) -> str:
     if stats is None:
         return "-"
     if len(stats["accuracies"]) == 1:
         return f"{100 * stats['mean']:.1f}"
     return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
+
+
+def _guesses(info: dict) -> str:
+    guesses = [(s["label"], context_guess(s["params"])) for s in info["settings"]]
+    if any(g is None for _, g in guesses):
+        return ""
+    return "; a value of the context: " + ", ".join(f"{100 * g:.1f}% at {label}" for label, g in guesses)
 
 
 def markdown(result: dict) -> str:
@@ -81,7 +94,7 @@ def markdown(result: dict) -> str:
         seeds = ", ".join(map(str, result["seeds"]))
         lines += [
             f"**{task}** ({info['axis']}; {info['steps']} steps, batch {result['training']['batch']}, "
-            f"seeds {seeds}; chance {100 * chance(info['settings'][0]['params']):.1f}%)",
+            f"seeds {seeds}; chance {100 * chance(info['settings'][0]['params']):.1f}%{_guesses(info)})",
             "",
             "| variant | " + " | ".join(labels) + " |",
             "|---|" + "---|" * len(labels),
@@ -143,7 +156,15 @@ def _plot_task(ax, task: str, info: dict, summary: dict, variants: list[str]) ->
         ax.tick_params(axis="x", labelrotation=30)
         ax.set_xlabel(settings[0]["label"])
     ax.axhline(100 * chance(settings[0]["params"]), color="grey", linestyle=":", linewidth=1, label="chance")
-    ax.set(ylim=(0, 102), ylabel="held-out accuracy (%)", title=f"{task} ({info['steps']} steps)")
+    guesses = [(s["x"], context_guess(s["params"])) for s in settings]
+    if len(guesses) > 1 and all(g is not None for _, g in guesses):
+        ax.plot(
+            *zip(*[(x, 100 * g) for x, g in guesses], strict=True), "k--", linewidth=1, label="1/N (a context value)"
+        )
+    # Zoom in when every point is low (MQAR at a CPU budget), else the whole 0-100% range.
+    tops = [100 * (st["mean"] + st["std"]) for s in settings for st in summary[s["label"]].values()]
+    top = 102 if max(tops) > 40 else max(10.0, 1.25 * max(tops))
+    ax.set(ylim=(0, top), ylabel="held-out accuracy (%)", title=f"{task} ({info['steps']} steps)")
     ax.legend(fontsize=7)
 
 

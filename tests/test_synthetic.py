@@ -223,7 +223,7 @@ def test_cli_resumes_finished_runs_and_reruns_changed_ones(toy_suite, capsys):
     assert run["steps"] == 3 and not run["reused"]
 
 
-def test_cli_markdown_table_from_the_json(toy_suite, capsys):
+def test_cli_markdown_table_and_plot_from_the_json(toy_suite, capsys):
     tmp = toy_suite[0]
     out = tmp / "table.json"
     assert main(toy_args(tmp, "--tasks", "mqar", "--out", str(out))) == 0
@@ -235,6 +235,10 @@ def test_cli_markdown_table_from_the_json(toy_suite, capsys):
     row = next(line for line in table.splitlines() if line.startswith("| rtf64 |"))
     assert row.split(" | ")[1] == f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
     assert "| variant | 16 pairs | 32 pairs | 64 pairs |" in table
+    png = out.with_suffix(".png")
+    png.unlink()
+    assert main(["--plot-only", "--out", str(out)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(
