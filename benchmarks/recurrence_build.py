@@ -21,10 +21,16 @@ Methods:
                   every channel; memory O(channels n^2).
 
 Per (layer, method): the build time is the median of --repeats builds, each of a fresh RTF (new
-random parameters, so the memo cannot answer), after one warm-up build; memory is the bytes of the
+random parameters, so the memo cannot answer), after one warm-up build, as wall time and as CPU
+time of the process (steadier on a shared machine); memory is the bytes of the
 recurrence's tensors (a, c, h0 and r, or m), float32. A matrix build whose tensors would exceed
---max-bytes (float64 expansion plus the float32 copy) is recorded as skipped. Each row also holds
-the largest relative difference between the two builds' C (a sanity check, not a reference).
+--max-bytes (float64 expansion plus the float32 copy) is recorded as skipped. The JSON also holds,
+per layer, the largest relative difference between the two builds' C (a sanity check, not a
+reference: for freshly initialised filters A^L' underflows and both give C = b exactly).
+
+The build is hundreds of small batched FFTs: on a machine whose cores are busy with other work,
+every multi-threaded op waits for its slowest thread, and 2 threads can be several times slower
+than 1 (the load average at the start is in the JSON and the figure's title).
 """
 
 from __future__ import annotations
@@ -111,13 +117,19 @@ def measure(layer: str, method: str, repeats: int, max_bytes: float) -> dict:
     build = METHODS[method]
     tensors = build(rtf)  # warm-up, and the tensors whose bytes we report
     row["bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
-    times = []
+    times, cpu = [], []
     for i in range(repeats):
         fresh = layer_filter(layer, seed=i + 1)  # new parameters: no memo hit
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         build(fresh)
         times.append(time.perf_counter() - start)
-    row.update(time_ms=1e3 * statistics.median(times), time_min_ms=1e3 * min(times), repeats=repeats)
+        cpu.append(time.process_time() - start_cpu)
+    row.update(
+        time_ms=1e3 * statistics.median(times),
+        time_min_ms=1e3 * min(times),
+        cpu_ms=1e3 * statistics.median(cpu),
+        repeats=repeats,
+    )
     return row
 
 
@@ -169,8 +181,10 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(True, axis="y", which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     m = result["machine"]
+    load = m.get("load_average_at_start", ["?"])[0]
     fig.suptitle(
-        f"RTF recurrence build, one layer per preset: {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}",
+        f"RTF recurrence build, one layer per preset: {m['cpu']}, {m['torch_threads']} threads, "
+        f"torch {m['torch']}, load average {load} at start",
         fontsize=9,
     )
     fig.tight_layout()
@@ -179,17 +193,18 @@ def plot(result: dict, path: Path) -> None:
 
 def table(result: dict) -> str:
     out = [
-        "| layer | channels x n | polynomial ms | old ms | polynomial MB | old MB | C agreement |",
+        "| layer | channels x n | polynomial ms (CPU ms) | old ms (CPU ms) | polynomial MB | old MB | C agreement |",
         "|---|---|---|---|---|---|---|",
     ]
     for layer in result["args"]["layers"]:
         new = next(r for r in result["rows"] if r["layer"] == layer and r["method"] == "polynomial")
         old = next(r for r in result["rows"] if r["layer"] == layer and r["method"] == "matrix (old)")
-        o_ms = "skipped" if old["skipped"] else f"{old['time_ms']:.1f}"
+        o_ms = "skipped" if old["skipped"] else f"{old['time_ms']:.1f} ({old['cpu_ms']:.1f})"
         o_mb = "skipped" if old["skipped"] else f"{old['bytes'] / 1e6:.2f}"
         agree = result["agreement"].get(layer)
+        n_ms = f"{new['time_ms']:.1f} ({new['cpu_ms']:.1f})"
         out.append(
-            f"| {layer} | {new['channels']} x {new['state_size']} | {new['time_ms']:.1f} | {o_ms} | "
+            f"| {layer} | {new['channels']} x {new['state_size']} | {n_ms} | {o_ms} | "
             f"{new['bytes'] / 1e6:.2f} | {o_mb} | {'-' if agree is None else f'{agree:.1e}'} |"
         )
     return "\n".join(out)
@@ -212,7 +227,10 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "recurrence_build",
         "machine": machine(torch.device("cpu")),
-        "time_method": "median of --repeats builds of fresh parameters after one warm-up (time.perf_counter)",
+        "time_method": (
+            "median of --repeats builds of fresh parameters after one warm-up: time_ms wall (perf_counter), "
+            "cpu_ms CPU time of this process (process_time, all its threads)"
+        ),
         "memory_method": "bytes of the recurrence's tensors (numel x element size), float32",
         "baseline": "matrix (old): the eigvals + matrix_power + solve build, copied in benchmarks/recurrence_build.py",
         "args": vars(args),
