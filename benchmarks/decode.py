@@ -21,7 +21,8 @@ Per configuration: a warm-up (prefill + 2 steps, or one full forward; it compile
 on its first use for a batch size, timed as compile_s), then a timed prefill and --new-tokens
 timed steps, in --repeats rounds for the cached methods keeping the fastest (torch.cuda.synchronize
 around every timer on GPU). Per-token latency is the median step time (robust to a step preempted
-by another process; mean and min are in the JSON too); decode tokens/s is batch / latency.
+by another process; mean and min are in the JSON too, and the median process CPU time,
+per_token_cpu_ms, which a shared machine disturbs less); decode tokens/s is batch / latency.
 First-token latency = recurrence build + prefill, both in the row: the build (the corrected RTF
 systems, in float64, normally memoised per model) is forced and timed for the RTF methods, so
 first_token_ms is what a freshly loaded model pays.
@@ -168,7 +169,8 @@ def prefill(method, model, ids, args) -> tuple[torch.Tensor, object]:
 
 
 def decode(method, model, ids, steps: int, device, args, decoder=None) -> dict:
-    """Greedy decoding of `steps` tokens after `ids`: build s, prefill s, step times s, cache."""
+    """Greedy decoding of `steps` tokens after `ids`: build s, prefill s, step wall and process CPU
+    times s, cache."""
     build = build_recurrences(model, device) if method in ("hyena_rtf_recurrent", "hyena_rtf_compiled") else 0.0
     sync(device)
     t0 = time.perf_counter()
@@ -178,9 +180,9 @@ def decode(method, model, ids, steps: int, device, args, decoder=None) -> dict:
         decoder.seen, cache = ids.shape[1], decoder.cache
     tok = logits.argmax(-1, keepdim=True)
     sync(device)
-    prefill_s, times = time.perf_counter() - t0, []
+    prefill_s, times, cpu = time.perf_counter() - t0, [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if decoder is not None:
             logits = decoder.step(tok)
         elif cache is not None:
@@ -192,7 +194,8 @@ def decode(method, model, ids, steps: int, device, args, decoder=None) -> dict:
         tok = logits.argmax(-1, keepdim=True)
         sync(device)
         times.append(time.perf_counter() - t0)
-    return {"build": build, "prefill": prefill_s, "times": times, "cache": cache}
+        cpu.append(time.process_time() - c0)
+    return {"build": build, "prefill": prefill_s, "times": times, "cpu": cpu, "cache": cache}
 
 
 def predict(method, batch, prompt, args, history) -> float | None:
@@ -270,6 +273,7 @@ def run_config(method, model, batch, prompt, args, device, history, decoders, me
         per_token_ms=1e3 * step,
         per_token_ms_mean=1e3 * sum(times) / len(times),
         per_token_ms_min=1e3 * min(times),
+        per_token_cpu_ms=1e3 * sorted(run["cpu"])[len(times) // 2],  # process CPU time: steadier when shared
         decode_tokens_per_s=batch / step,
         end_to_end_tokens_per_s=batch * len(times) / (run["build"] + run["prefill"] + sum(times)),
         cache_mb=cache_bytes(run["cache"]) / 2**20 if run["cache"] is not None else 0.0,
