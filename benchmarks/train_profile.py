@@ -22,7 +22,9 @@ variant computing the same function:
     mlp         one MLP block (both models have the same)
 
 Each proposal is checked against the current code's output before it is timed (float32: 1e-5 of
-max|y|, the rounding of a different summation order).
+max|y|, the rounding of a different summation order). With more than one thread the process CPU
+time adds up every thread's time, OpenMP's spin-waits included: it then measures the work a
+piece costs the machine, not its latency.
 """
 
 from __future__ import annotations
