@@ -24,6 +24,9 @@ variant computing the same function:
     attention   GPT-NeoX's attention layer (sdpa, rotary) at the same width, for scale
     mlp         one MLP block (both models have the same)
 
+Part 3, with --step-ab: whole training steps (wall and process CPU time) with HyenaOperator.forward
+as it is and with the mixer_bct change patched in (what a change to models/hyena.py would give).
+
 Each proposal is checked against the current code's output before it is timed (float32: 1e-5 of
 max|y|, the rounding of a different summation order). With more than one thread the process CPU
 time adds up every thread's time, OpenMP's spin-waits included: it then measures the work a
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +158,38 @@ def pieces(args, T: int) -> dict:
     return {"batch": B, "cpu_ms": out, "proposal_error": errors}
 
 
+def proposed_forward(op: HyenaOperator, u, mask=None, return_state=False, pole_check="error"):
+    """HyenaOperator.forward with the mixer_bct change where it applies (no mask, no state)."""
+    if mask is None and not return_state:
+        return mixer_bct(op, u)
+    return CURRENT_FORWARD(op, u, mask, return_state, pole_check)
+
+
+CURRENT_FORWARD = HyenaOperator.forward
+
+
+def step_ab(args, T: int) -> dict:
+    """Wall and process CPU seconds (fastest of --repeats, after a warm-up) of a Hyena-RTF training
+    step of TOKENS tokens at length T, with HyenaOperator.forward as it is and with mixer_bct."""
+    ns = argparse.Namespace(preset=args.preset, vocab_size=args.vocab_size, d_model=None, n_layer=None, seed=0)
+    ids = torch.randint(0, args.vocab_size, (max(1, TOKENS // T), T + 1))
+    out = {}
+    for name, forward in (("current", CURRENT_FORWARD), ("mixer_bct", proposed_forward)):
+        with mock.patch.object(HyenaOperator, "forward", forward):
+            model = build_model("hyena_rtf", ns, T, torch.device("cpu"))
+            optimizer = make_optimizer(param_groups(model, 6e-4, 1e-3, 0.1), betas=(0.9, 0.95), eps=1e-8)
+            step = make_step(model, optimizer, [ids], torch.device("cpu"), bf16=False)
+            step()
+            wall, cpu = [], []
+            for _ in range(args.repeats):
+                t0, c0 = time.perf_counter(), time.process_time()
+                step()
+                wall.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+        out[name] = {"step_wall_s": min(wall), "step_cpu_s": min(cpu)}
+    return out
+
+
 def profile_step(args, T: int) -> list[dict]:
     """The ops with the most self CPU time in one Hyena-RTF training step at length T."""
     from torch.profiler import ProfilerActivity, profile
@@ -185,6 +221,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--top", type=int, default=25, help="ops kept from each profile")
     p.add_argument("--no-profile", action="store_true", help="part 2 only")
+    p.add_argument("--step-ab", action="store_true", help="only whole steps, as they are and with mixer_bct")
     p.add_argument("--out", default="benchmarks/results/train_profile_cpu.json")
     args = p.parse_args(argv)
     setup_logging()
@@ -192,6 +229,10 @@ def main(argv=None) -> int:
     for threads in args.threads:
         torch.set_num_threads(threads)
         for T in args.lengths:
+            if args.step_ab:
+                rows.append({"length": T, "threads": threads, "step": step_ab(args, T)})
+                log.info(f"length {T}, {threads} thread(s): {rows[-1]['step']}")
+                continue
             row = {"length": T, "threads": threads, **pieces(args, T)}
             if not args.no_profile:
                 row["profile"] = profile_step(args, T)
