@@ -90,6 +90,29 @@ def shift_in_(conv: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return window
 
 
+def short_causal_conv(p: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """The short causal depthwise convolution of width w, p: (B, Ch, T) -> (B, Ch, T):
+
+        q[b, c, t] = bias[c] + sum_{j=0}^{w-1} weight[c, 0, j] p[b, c, t - (w - 1) + j]   (p = 0 before t = 0)
+
+    the same as conv(p)[..., :T] for `conv` = nn.Conv1d(Ch, Ch, w, groups=Ch, padding=w - 1), whose
+    parameters it reads (so checkpoints are unchanged), computed as w shifted multiply-adds. Why not
+    the module: on CPU the backward of a grouped nn.Conv1d is pathologically slow with more than one
+    thread (12.8 s of a 46 s training step at length 2048, d 256, two threads; benchmarks/train_profile.py)."""
+    T, w = p.shape[-1], conv.kernel_size[0]
+    padded = F.pad(p, (w - 1, 0))  # (B, Ch, T + w - 1)
+    weight = conv.weight[:, 0, :, None].to(p.dtype)  # (Ch, w, 1)
+    q = torch.addcmul(conv.bias[:, None].to(p.dtype), padded[..., :T], weight[:, 0])
+    for j in range(1, w):
+        q = torch.addcmul(q, padded[..., j : j + T], weight[:, j])
+    return q
+
+
+def short_conv_step(window: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """The newest column of `short_causal_conv` from the last w inputs: window (B, Ch, w) -> (B, Ch)."""
+    return (window * conv.weight[:, 0, :]).sum(-1) + conv.bias
+
+
 def make_filter(config: HyenaRTFConfig, layer_idx: int, channels: int, num_filters: int | None) -> nn.Module:
     """The long filter of layer `layer_idx`: `channels` convolved channels served by `num_filters`
     distinct filters (None: one per channel)."""
@@ -123,11 +146,10 @@ class HyenaOperator(nn.Module):
 
     def _gate_inputs(self, u: torch.Tensor, mask: torch.Tensor | None):
         """u: (B, T, d) -> p (B, 3d, T) pre-conv, x0 (B, d, T), z (B, d, T)."""
-        T = u.shape[1]
         p = self.in_proj(u).transpose(1, 2)
         if mask is not None:
             p = p * mask[:, None, :].to(p.dtype)
-        x0, x1, v = self.short_conv(p)[..., :T].chunk(3, dim=1)
+        x0, x1, v = short_causal_conv(p, self.short_conv).chunk(3, dim=1)
         z = x1 * v
         if mask is not None:
             z = z * mask[:, None, :].to(z.dtype)
@@ -156,8 +178,7 @@ class HyenaOperator(nn.Module):
         makes no host synchronisation, so the same code serves the eager cache and the static,
         compiled decode step (models/static_decode.py)."""
         window = shift_in_(state.conv, self.in_proj(u))  # (B, 3d, w)
-        q = (window * self.short_conv.weight[:, 0, :]).sum(-1) + self.short_conv.bias
-        x0, x1, v = q.chunk(3, dim=-1)
+        x0, x1, v = short_conv_step(window, self.short_conv).chunk(3, dim=-1)
         z = x1 * v
         if state.rec is not None:
             yf = state.step_filter_(z)

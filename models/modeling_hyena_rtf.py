@@ -3,7 +3,7 @@
     h_0 = embed(input_ids)                                   (B, T, d)
     h   = h + mixer(norm1(h))      mixer: Hyena (RTF filter) or, at config.attn_layers, attention
     h   = h + mlp(norm2(h))        mlp: Linear(d, 4d) -> GELU -> Linear(4d, d)
-    logits = lm_head(norm_f(h))[..., :vocab_size]            (B, T, V), lm_head tied to embed
+    logits = norm_f(h) @ W[:vocab_size]^T                    (B, T, V), W: lm_head tied to embed
 
 Generation is recurrent: the first call prefills every layer's state in parallel (FFT), then each
 new token costs O(n_layer * d * (d + n)) whatever the length of the context (MultiHyena layers:
@@ -287,6 +287,17 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
         self.vocab_size = vocab
         return embed
 
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """LM head on the real vocabulary: h (..., d) -> (..., vocab_size), the embedding's padding
+        rows left out. A plain head multiplies by the first vocab_size rows of its weight (a
+        contiguous view), so no padded logits are built, then copied and back-propagated by the loss
+        (1.7 s of a 15 s CPU training step at 8192 tokens and vocabulary 50,277). A head that is
+        wrapped (PEFT) or hooked (accelerate's offloading) is called as a module and sliced."""
+        head = self.lm_head
+        if type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks):
+            return F.linear(h, head.weight[: self.config.vocab_size])
+        return head(h)[..., : self.config.vocab_size]
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # our cache is recurrent; forward creates it
@@ -352,7 +363,7 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
         )
         h = out.last_hidden_state
         h = h[:, -logits_to_keep:] if logits_to_keep else h
-        logits = self.lm_head(h)[..., : self.config.vocab_size]
+        logits = self.logits(h)
         loss = None if labels is None else causal_lm_loss(logits, labels, num_items_in_batch)
         result = CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=out.hidden_states, **cache_kwargs(output_cache(out))

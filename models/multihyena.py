@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .configuration_hyena_rtf import HyenaRTFConfig
 from .fftconv import fft_causal_conv
-from .hyena import HyenaState, make_filter, shift_in_
+from .hyena import HyenaState, make_filter, shift_in_, short_causal_conv, short_conv_step
 from .rtf import RTF
 
 
@@ -74,7 +74,7 @@ class MultiHyenaOperator(nn.Module):
         p = self.in_proj(u).transpose(1, 2)  # (B, 3d, T)
         if keep is not None:
             p = p * keep.to(p.dtype)
-        q, k, v = map(self._heads, self.short_conv(p)[..., :T].chunk(3, dim=1))  # (B, M, e, T) each
+        q, k, v = map(self._heads, short_causal_conv(p, self.short_conv).chunk(3, dim=1))  # (B, M, e, T) each
         z = k.unsqueeze(3) * v.unsqueeze(2)  # (B, M, e, e, T): z[b, m, i, j, t] = k_t[i] v_t[j]
         if keep is not None:
             z = z * keep[..., None, None, :].to(z.dtype)
@@ -95,8 +95,7 @@ class MultiHyenaOperator(nn.Module):
         HyenaOperator.step. RTF: O(d (d + w) + M e^2 n) = O(d (d + w + e n)) per token,
         independent of the position."""
         window = shift_in_(state.conv, self.in_proj(u))  # (B, 3d, w)
-        conv = F.conv1d(window, self.short_conv.weight, self.short_conv.bias, groups=3 * self.d_model)
-        q, k, v = map(self._heads, conv[..., 0].chunk(3, dim=-1))  # (B, M, e) each
+        q, k, v = map(self._heads, short_conv_step(window, self.short_conv).chunk(3, dim=-1))  # (B, M, e) each
         z = (k.unsqueeze(-1) * v.unsqueeze(-2)).flatten(1)  # (B, M e^2)
         if state.rec is not None:
             Z = state.step_filter_(z)

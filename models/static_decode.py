@@ -8,7 +8,7 @@
                                                    cache (HyenaOperator / MultiHyenaOperator.step),
                                                    attention through CausalSelfAttention.step
                pos   += 1                          (1,) int64 on the device
-               logits = lm_head(norm_f(h))[:, :V]  (B, V)
+               logits = model.logits(norm_f(h))    (B, V)
 
 A step allocates no state, creates no host scalar and takes no data-dependent Python branch, so
 `torch.compile(decode_step, fullgraph=True)` accepts it and, on CUDA with mode="reduce-overhead",
@@ -63,7 +63,7 @@ def decode_step(model, cache: StaticHyenaRTFCache, ids: torch.Tensor) -> torch.T
     for block, state in zip(base.layers, cache.layers):
         h = block.step(h, state, cache.pos)
     cache.pos.add_(1)
-    return model.lm_head(base.norm_f(h))[..., : model.config.vocab_size]
+    return model.logits(base.norm_f(h))
 
 
 def decode_steps(model, cache: StaticHyenaRTFCache, ids: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from helpers import FFTSpy, np_causal_conv
 
 from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
-from hyena_rtf.models.hyena import HyenaOperator
+from hyena_rtf.models.hyena import HyenaOperator, short_causal_conv, short_conv_step
 from hyena_rtf.models.rtf import RTF
 
 
@@ -260,3 +260,18 @@ def test_left_padding_mask_gives_the_unpadded_outputs():
     out = op(padded, mask)[:, 5:]
     assert (out - ref).abs().max() / ref.abs().max() < 1e-12
     assert (op(padded)[:, 5:] - ref).abs().max() / ref.abs().max() > 1e-3  # the mask matters
+
+
+@pytest.mark.parametrize("width", [1, 3, 4])
+def test_short_causal_conv_is_the_depthwise_conv1d_module(width):
+    """The shifted multiply-adds compute what the nn.Conv1d they read their weights from computes
+    (so checkpoints trained with either are the same model), in float64 to rounding (1e-13), and the
+    decode step's one-column version gives each column from the last `width` inputs."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(6, 6, kernel_size=width, groups=6, padding=width - 1).double()
+    p = torch.randn(2, 6, 11, dtype=torch.float64)
+    q = short_causal_conv(p, conv)
+    torch.testing.assert_close(q, conv(p)[..., :11], rtol=0, atol=1e-13)
+    padded = torch.nn.functional.pad(p, (width - 1, 0))
+    for t in range(11):
+        torch.testing.assert_close(short_conv_step(padded[..., t : t + width], conv), q[..., t], rtol=0, atol=1e-13)

@@ -151,6 +151,40 @@ def test_tied_head_padded_vocab_and_logit_width():
     assert model(ids).logits.shape == (1, 10, 37)
 
 
+def _head_reference(model: HyenaRTFForCausalLM, h: torch.Tensor) -> torch.Tensor:
+    """The head written out: every padded row's logit, then cut to the vocabulary (float64)."""
+    return (h.double() @ model.lm_head.weight.double().T)[..., : model.config.vocab_size]
+
+
+def test_logits_of_the_real_vocabulary_equal_the_padded_head_cut():
+    """`logits` multiplies by the vocabulary rows only; values and the gradient reaching the tied
+    embedding equal the padded head's (float64 reference; float32 sums of 16 products give logits
+    within 1e-6, and gradients summed over 10 positions, with cancellation, within 1e-6 of their
+    largest entry, ~100)."""
+    model = tiny_lm(dtype=torch.float32)
+    h = torch.randn(2, 5, 16, requires_grad=True)
+    out = model.logits(h)
+    assert out.shape == (2, 5, 37)
+    torch.testing.assert_close(out.double(), _head_reference(model, h), rtol=0, atol=1e-6)
+    (out * torch.arange(37.0)).sum().backward()
+    grad = model.lm_head.weight.grad
+    assert torch.equal(grad[37:], torch.zeros_like(grad[37:]))  # padding rows never score
+    expected = torch.einsum("btv,btd->vd", torch.arange(37.0).expand(2, 5, 37).double(), h.detach().double())
+    torch.testing.assert_close(grad[:37].double(), expected, rtol=0, atol=1e-6 * expected.abs().max().item())
+
+
+def test_logits_call_a_hooked_head_as_a_module():
+    """A forward hook on the head (how accelerate offloads weights, how PEFT-like wrappers act) must
+    run: the fast path that reads the weight directly is taken only for a plain, hook-free head."""
+    model = tiny_lm(dtype=torch.float32)
+    h = torch.randn(1, 3, 16)
+    seen = []
+    model.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.shape) or out * 2)
+    out = model.logits(h)
+    assert seen == [(1, 3, 48)]
+    torch.testing.assert_close(out.double(), 2 * _head_reference(model, h), rtol=0, atol=1e-6)
+
+
 def test_gpt2_init():
     """GPT-2 init: Linear weights N(0, 0.02), residual output projections N(0, 0.02/sqrt(2 L)),
     zero biases; the RTF filters keep their own init (h0 ~ U(-1, 1), not ones or zeros).
