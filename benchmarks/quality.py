@@ -267,7 +267,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, help="train.py runs at a time (default: the preset's)")
     p.add_argument("--threads", type=int, help="OMP threads per run (default: the preset's)")
     p.add_argument("--plan", action="store_true", help="print the parameter counts and the sweep's commands, then stop")
+    p.add_argument(
+        "--summarize-only",
+        action="store_true",
+        help="recompute the summary, table and PNG from the rows of an existing --report JSON (nothing is trained)",
+    )
     return p
+
+
+def resummarize(report: Path) -> int:
+    """--summarize-only: the summary, PNG and table again from the report's own rows, the rest of
+    the report (machine, load, settings) kept as it was measured."""
+    result = read_json(report)
+    s = result["summary"]
+    variants, seeds = list(s["variants"]), result["settings"]["seeds"]
+    counts = {v: c["parameters"] for v, c in result["parameter_check"].items()}
+    result["summary"] = summary = summarize(result["rows"], variants, seeds, s["primary_metric"], counts)
+    write_json(report, result)
+    title = f"{result['preset']}: {result['settings']['tokens_per_run']:,} tokens a run"
+    plot(summary, result["rows"], report.with_suffix(".png"), title)
+    print(table(summary))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[args.preset]
     args.out = args.out or REPO / "runs" / f"quality_{preset.name}"
     args.report = args.report or RESULTS / f"quality_{preset.name}.json"
+    if args.summarize_only:
+        return resummarize(args.report)
     variants = [v for v in args.variants.split(",") if v]
     lrs, seeds = args.lrs or list(preset.lrs), args.seeds or list(preset.seeds)
     unknown = [v for v in variants if v not in VARIANTS]

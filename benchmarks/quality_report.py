@@ -65,12 +65,21 @@ def summarize(rows: list[dict], variants: list[str], seeds: list[int], primary: 
         for v in variants
         if v != reference
     }
+    pairwise = {  # every pair, for the record (the table shows the comparisons with the reference)
+        f"{b} - {a}": {
+            key: compare(per[a]["metrics"][key]["values"], per[b]["metrics"][key]["values"])
+            for key in per[a]["metrics"]
+        }
+        for i, a in enumerate(variants)
+        for b in variants[i + 1 :]
+    }
     return {
         "primary_metric": primary,
         "reference": reference,
         "rule": RULE,
         "variants": per,
         "comparisons": comparisons,
+        "pairwise": pairwise,
     }
 
 
@@ -126,6 +135,9 @@ def plot(summary: dict, rows: list[dict], path: str | Path, title: str) -> Path:
     curves.legend()
     curves.grid(alpha=0.3)
     sweep.set_xscale("log")
+    grid = sorted({float(k) for s in summary["variants"].values() for k in s["lr_sweep"]})
+    sweep.set_xticks(grid, [f"{lr:g}" for lr in grid])
+    sweep.minorticks_off()
     sweep.set_xlabel("optim.lr")
     sweep.set_ylabel(summary["primary_metric"])
     sweep.set_title("lr sweep (first seed)")

@@ -268,3 +268,16 @@ def test_sigterm_stops_the_runs_after_a_checkpoint_and_a_rerun_continues_them(co
     result = json.loads((tmp_path / "out" / "results" / "rtf16_lr0.01_seed0.json").read_text())
     assert result["curve"]["step"][-1] == 300
     assert result["tokens"] == 300 * 8 * 64
+
+
+def test_summarize_only_recomputes_the_summary_from_the_rows(smoke):
+    """--summarize-only on the smoke report: nothing trained, the same summary from the same rows,
+    the measured parts (machine, rows) untouched, the PNG drawn again."""
+    tmp, _ = smoke
+    report = tmp / "quality.json"
+    before = json.loads(report.read_text())
+    (tmp / "quality.png").unlink()
+    assert quality.main(["--preset", "cpu", "--report", str(report), "--summarize-only"]) == 0
+    after = json.loads(report.read_text())
+    assert after == before
+    assert (tmp / "quality.png").stat().st_size > 0
