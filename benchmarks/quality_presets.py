@@ -10,8 +10,10 @@ run; the sweep is over optim.lr, the lr of everything else (the whole Transforme
 cpu          the built-in corpus (Python standard-library sources, the byte-level BPE of 8192 tokens
              that `python -m hyena_rtf.data_prep.prepare --out data/default` trains), the default
              model (d 128, 4 layers, seq 256, batch 8), 300 steps = 614,400 tokens a run; scored on
-             the first 50,000 tokens of the validation split. Sized for the 2-core machine: 30 runs
-             in about an hour on an idle machine, two at a time on one thread each.
+             the first 50,000 tokens of the validation split. Sized for the 2-core machine, two runs
+             at a time on one thread each: measured on 2026-12-04 with the machine shared (load
+             average 4 to 9), a run took 4 to 17 minutes (0.7k to 2.7k tokens/s) and the 30 runs
+             about 2 hours; an idle machine, 3 to 4 times faster per thread, should need about 1.
 english-cpu  English prose: the Pile sample (WikiText-2 validation articles and Tiny Shakespeare
              chunks) and Tiny Shakespeare again as one text (so Shakespeare is seen twice), with a
              byte-level BPE of 4096 tokens trained on it by data_prep. Not the GPT-2 tokenizer: at
