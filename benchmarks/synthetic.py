@@ -174,7 +174,7 @@ def train_run(run: Run) -> dict:
         loss = next_token_nll(model(batch.inputs).logits, batch.targets) / (batch.targets != IGNORE).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # configs/default.yaml's optim.grad_clip
         opt.step()
         if step >= run.steps - max(1, run.steps // 10):
             tail.append(loss.item())

@@ -158,8 +158,14 @@ def build_model(kind: str, args, length: int, device: torch.device) -> nn.Module
 
 
 def matmul_params(model: nn.Module) -> int:
-    """Weights that multiply activations: every nn.Linear weight, once (a tied head is counted once)."""
-    return sum({id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)}.values())
+    """Weights that multiply activations: every nn.Linear weight, once (a tied head is counted once).
+    The LM head counts its vocabulary rows only: rows padding the vocabulary to a multiple are
+    never multiplied (HyenaRTFForCausalLM.logits slices them off)."""
+    weights = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)}
+    head = model.get_output_embeddings()
+    if head is not None:
+        weights[id(head.weight)] = model.config.vocab_size * head.weight.shape[1]
+    return sum(weights.values())
 
 
 def fft_conv_flops_per_token(d: int, T: int) -> float:

@@ -61,6 +61,7 @@ _RTF16 = VARIANTS["rtf16"]
 ABLATIONS: dict[str, tuple[str, ...]] = {
     "rtf16_rtf_lr3e-3": (*_RTF16, "optim.rtf_lr=3e-3"),  # the filters' own lr (1e-3, the paper's) x3
     "rtf16_rtf_lr1e-2": (*_RTF16, "optim.rtf_lr=1e-2"),  # x10: about the lr of everything else
+    "rtf16_rtf_lr3e-2": (*_RTF16, "optim.rtf_lr=3e-2"),  # x30
     "rtf16_init_zeros": (*_RTF16, "model.rtf_init=zeros"),  # identity filters at the start
     "rtf16_init_montel": (*_RTF16, "model.rtf_init=montel"),  # xavier rescaled inside the Montel bound
     "rtf16_unconstrained": (*_RTF16, "model.rtf_constraint=none"),  # a free (no l1 Montel map)
