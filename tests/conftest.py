@@ -1,14 +1,19 @@
 """Shared pytest set-up. Tests use tiny shapes, which run fastest on one thread (and far faster
 than two spinning threads when other processes share the 2 cores); subprocesses set their own."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # The whole suite runs offline, and the code that trust_remote_code loads goes to a throwaway folder,
 # never the user's cache. Set here, before any test module imports transformers (huggingface_hub
-# reads both at import); subprocesses inherit them.
+# reads both at import); subprocesses (pytest-xdist workers included) inherit them, and the process
+# that made the folder removes it when it exits.
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="hyena_rtf_hf_modules_"))
+if "HF_MODULES_CACHE" not in os.environ:
+    os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="hyena_rtf_hf_modules_")
+    atexit.register(shutil.rmtree, os.environ["HF_MODULES_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
