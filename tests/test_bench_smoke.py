@@ -183,3 +183,27 @@ def test_decode_memory_guard_skips_with_a_reason(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 2
     assert all(r["status"] == "skipped" and "estimated" in r["reason"] for r in rows)
+
+
+def test_hf_generate_counts_what_each_generate_call_feeds(tmp_path):
+    """benchmarks/hf_generate.py through generate() as users call it: every cached method (ours and
+    GPT-NeoX's) feeds the prompt once and then one position per step, use_cache=False feeds the
+    whole sequence every step, and the Hyena-RTF methods decode the same tokens."""
+    from benchmarks import hf_generate
+
+    argv = ["--preset", "tiny", "--vocab-size", "300", "--batch-size", "2", "--prompt-length", "24"]
+    argv += ["--new-tokens", "5", "--repeats", "1", "--out-dir", str(tmp_path)]
+    assert hf_generate.main(argv) == 0
+    (path,) = tmp_path.glob("hf_generate_cpu_b2_p24_transformers-*.json")
+    result = json.loads(path.read_text())
+    assert result["same_tokens"] is True
+    rows = result["methods"]
+    assert set(rows) == set(hf_generate.METHODS)
+    for method in ("generate_cached", "generate_static", "recurrent_loop", "gpt_neox_generate"):
+        assert rows[method]["fed_positions"] == [24, 1, 1, 1, 1], method
+    assert rows["generate_no_cache"]["fed_positions"] == [24, 25, 26, 27, 28]
+    base = rows["gpt_neox_generate"]["decode_tokens_per_s"]
+    assert rows["recurrent_loop"]["decode_tokens_per_s_vs_gpt_neox"] == pytest.approx(
+        rows["recurrent_loop"]["decode_tokens_per_s"] / base, rel=1e-12
+    )
+    assert (tmp_path / "hf_generate_cpu_b2_p24.png").stat().st_size > 0
