@@ -190,3 +190,21 @@ def save_png(fig, path: str | os.PathLike, dpi: int) -> Path:
     with AtomicFile(path, "wb") as af:
         fig.savefig(af.file, format="png", dpi=dpi)
     return path
+
+
+def gpt_neox_baseline(config, vocab_size: int, max_positions: int, **extra):
+    """The Transformer the speed benchmarks compare with: a Hugging Face GPT-NeoX config (rotary,
+    sdpa) with the Hyena config's width, depth, heads (1 when they do not divide the width) and MLP
+    width, and the given vocabulary. `extra` goes to GPTNeoXConfig (use_cache=False, ...)."""
+    from transformers import GPTNeoXConfig  # here, so that importing common stays light
+
+    return GPTNeoXConfig(
+        vocab_size=vocab_size,
+        hidden_size=config.d_model,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head if config.d_model % config.n_head == 0 else 1,
+        intermediate_size=config.mlp_ratio * config.d_model,
+        max_position_embeddings=max_positions,
+        attn_implementation="sdpa",
+        **extra,
+    )

@@ -6,8 +6,9 @@ decode.py's guard compares with --max-memory-gb."""
 from __future__ import annotations
 
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import GPTNeoXForCausalLM
 
+from benchmarks.common import gpt_neox_baseline
 from hyena_rtf.models import HyenaRTFConfig, config_from_preset
 from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
 from hyena_rtf.models.precision import is_filter_param
@@ -35,15 +36,7 @@ def build_models(args, device, dtype, methods) -> tuple[dict, HyenaRTFConfig]:
     if "hyena_implicit" in methods:
         models["hyena_implicit"] = ours("implicit")
     if "gpt_neox_kv" in methods:
-        neox_config = GPTNeoXConfig(
-            vocab_size=args.vocab_size,
-            hidden_size=config.d_model,
-            num_hidden_layers=config.n_layer,
-            num_attention_heads=config.n_head,
-            intermediate_size=config.mlp_ratio * config.d_model,
-            max_position_embeddings=max(args.prompt_lengths) + args.new_tokens,
-            attn_implementation="sdpa",
-        )
+        neox_config = gpt_neox_baseline(config, args.vocab_size, max(args.prompt_lengths) + args.new_tokens)
         models["gpt_neox_kv"] = GPTNeoXForCausalLM(neox_config).to(dtype).to(device).eval()
     return models, config
 

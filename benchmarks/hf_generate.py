@@ -40,9 +40,9 @@ from types import SimpleNamespace
 import torch
 import transformers
 from matplotlib.figure import Figure
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import GPTNeoXForCausalLM
 
-from benchmarks.common import REPO, RESULTS, machine, save_png, write_json
+from benchmarks.common import REPO, RESULTS, gpt_neox_baseline, machine, save_png, write_json
 from hyena_rtf.models import config_from_preset
 from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
 from hyena_rtf.utils.logs import get_logger, setup_logging
@@ -74,16 +74,9 @@ def _methods(text: str) -> list[str]:
     return names
 
 
-def gpt_neox_like(config) -> GPTNeoXForCausalLM:
+def gpt_neox_like(config, max_positions: int) -> GPTNeoXForCausalLM:
     """Hugging Face GPT-NeoX with our model's width, depth, heads, MLP width and vocabulary."""
-    neox = GPTNeoXConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.d_model,
-        num_hidden_layers=config.n_layer,
-        num_attention_heads=config.n_head if config.d_model % config.n_head == 0 else 1,
-        intermediate_size=config.mlp_ratio * config.d_model,
-        attn_implementation="sdpa",
-    )
+    neox = gpt_neox_baseline(config, config.vocab_size, max_positions)
     model = GPTNeoXForCausalLM(neox).eval()
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
     return model
@@ -214,7 +207,7 @@ def main(argv=None) -> int:
     config = config_from_preset(args.preset, vocab_size=args.vocab_size)
     model = HyenaRTFForCausalLM(config).eval()
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
-    baseline = gpt_neox_like(config) if BASELINE in args.methods else None
+    baseline = gpt_neox_like(config, args.prompt_length + args.new_tokens) if BASELINE in args.methods else None
     shape = (args.batch_size, args.prompt_length)
     ids = torch.randint(1, args.vocab_size, shape, generator=torch.Generator().manual_seed(1))
     methods, outputs = {}, {}

@@ -66,11 +66,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import transformers
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import GPTNeoXForCausalLM
 
 from benchmarks.common import (
     MEMORY_METHODS,
     cpu_memory_method,
+    gpt_neox_baseline,
     ints,
     machine,
     memory_limit_bytes,
@@ -144,16 +145,7 @@ def build_model(kind: str, args, length: int, device: torch.device) -> nn.Module
     torch.manual_seed(args.seed)
     if kind != BASELINE:
         return HyenaRTFForCausalLM(config).to(device).train()
-    neox = GPTNeoXConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=config.d_model,
-        num_hidden_layers=config.n_layer,
-        num_attention_heads=config.n_head if config.d_model % config.n_head == 0 else 1,
-        intermediate_size=config.mlp_ratio * config.d_model,
-        max_position_embeddings=length,
-        attn_implementation="sdpa",
-        use_cache=False,
-    )
+    neox = gpt_neox_baseline(config, args.vocab_size, length, use_cache=False)
     return GPTNeoXForCausalLM(neox).to(device).train()
 
 
