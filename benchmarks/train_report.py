@@ -67,23 +67,31 @@ def markdown(result: dict) -> str:
             return "skipped"
         return fmt.format(r[key]) + (" *" if "note" in r else "") if key in r else "n/a"
 
-    head = ["length", "batch"] + [f"{k} tokens/s" for k in kinds]
-    head += [f"{k} / {BASELINE}" for k in kinds if k != BASELINE] + [f"{k} GB" for k in kinds]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for T in lengths:
-        batch = next(r["batch"] for (k, t), r in rows.items() if t == T)
-        cells = [str(T), str(batch)] + [cell(k, T, "tokens_per_s", "{:,.0f}") for k in kinds]
-        for k in kinds:
-            if k != BASELINE:
-                e = ratio.get((k, T))
-                cells.append(f"{e['tokens_per_s_vs_gpt_neox']:.2f}x" if e else "")
-        cells += [cell(k, T, "peak_memory_gb", "{:.2f}") for k in kinds]
-        lines.append("| " + " | ".join(cells) + " |")
+    # On a CPU, a second table per process CPU-second: steadier than wall time on a shared machine.
+    clocks = [("tokens_per_s", "tokens/s", "tokens_per_s_vs_gpt_neox")]
+    if not result["machine"].get("gpu"):
+        clocks.append(("tokens_per_cpu_s", "tokens/CPU-s", "tokens_per_cpu_s_vs_gpt_neox"))
+    lines = []
+    for key, unit, ratio_key in clocks:
+        head = ["length", "batch"] + [f"{k} {unit}" for k in kinds]
+        head += [f"{k} / {BASELINE}" for k in kinds if k != BASELINE] + [f"{k} GB" for k in kinds]
+        lines += ["" if lines else None, "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for T in lengths:
+            batch = next(r["batch"] for (k, t), r in rows.items() if t == T)
+            cells = [str(T), str(batch)] + [cell(k, T, key, "{:,.0f}") for k in kinds]
+            for k in kinds:
+                if k != BASELINE:
+                    e = ratio.get((k, T))
+                    cells.append(f"{e[ratio_key]:.2f}x" if e else "")
+            cells += [cell(k, T, "peak_memory_gb", "{:.2f}") for k in kinds]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines = [line for line in lines if line is not None]
     if any("mfu" in r for r in result["rows"]):
         lines += ["", "| length | " + " | ".join(f"{k} MFU" for k in kinds) + " |", "|" + " --- |" * (1 + len(kinds))]
         for T in lengths:
             lines.append(f"| {T} | " + " | ".join(cell(k, T, "mfu", "{:.1%}") for k in kinds) + " |")
-    skipped = [r for r in result["rows"] if r["status"] != "ok"]
-    if skipped:
-        lines += [""] + [f"- {r['model']} at {r['length']}: skipped, {r['reason']}" for r in skipped]
+    notes = [f"- {r['model']} at {r['length']}: skipped, {r['reason']}" for r in result["rows"] if r["status"] != "ok"]
+    notes += [f"- * {r['model']} at {r['length']}: {r['note']}" for r in result["rows"] if "note" in r]
+    if notes:
+        lines += [""] + notes
     return "\n".join(lines)
