@@ -55,7 +55,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 }
 
 # Hyena-RTF order 16 with one thing changed: the hypotheses tried for why it trains worse than the
-# implicit filter at equal budget (the README's Quality section has the numbers). Not part of the
+# implicit filter at equal budget (docs/quality.md has the numbers). Not part of the
 # default comparison; quality.py runs them when named in --variants.
 _RTF16 = VARIANTS["rtf16"]
 ABLATIONS: dict[str, tuple[str, ...]] = {

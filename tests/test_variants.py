@@ -8,6 +8,7 @@ import torch
 from transformers import GPTNeoXForCausalLM
 
 from benchmarks.variants import (
+    ABLATIONS,
     VARIANTS,
     build_variant,
     hybrid_layers,
@@ -88,3 +89,28 @@ def test_parameter_count_counts_the_tied_embedding_once():
     model = build_variant("gpt_neox", vocab_size=300, seq_len=128, base=BASE)
     d, n_layer = 32, 4
     assert parameter_count(model) == 300 * d + n_layer * (12 * d * d + 13 * d) + 2 * d
+
+
+# Each ablation of the Quality investigation: rtf16 with exactly this changed in the model config.
+ABLATED = {
+    "rtf16_init_zeros": {"rtf_init": "zeros"},
+    "rtf16_init_montel": {"rtf_init": "montel"},
+    "rtf16_unconstrained": {"rtf_constraint": "none"},
+    "rtf16_paper": {"rtf_init": "zeros", "rtf_constraint": "none"},
+    "rtf4": {"state_size": 4},
+}
+
+
+@pytest.mark.parametrize("name", list(ABLATED))
+def test_each_model_ablation_is_rtf16_with_one_change(name):
+    ref = build_variant("rtf16", vocab_size=300, seq_len=128, base=BASE, seed=3).config.to_dict()
+    got = build_variant(name, vocab_size=300, seq_len=128, base=BASE, seed=3).config.to_dict()
+    assert {k: v for k, v in got.items() if ref.get(k) != v} == ABLATED[name]
+
+
+def test_filter_lr_ablations_add_only_the_filter_lr():
+    lr_names = {n for n in ABLATIONS if "_rtf_lr" in n}
+    assert lr_names | set(ABLATED) == set(ABLATIONS)
+    for name in lr_names:
+        lr = name.split("_rtf_lr")[1]
+        assert variant_overrides(name, 4) == [*variant_overrides("rtf16", 4), f"optim.rtf_lr={lr}"]
