@@ -1,4 +1,4 @@
-"""Where a Hyena-RTF training step spends its time on CPU, and what two proposed changes would save.
+"""Where a Hyena-RTF training step spends its time on CPU, beside variants of its pieces.
 
     python -m benchmarks.train_profile --preset small --lengths 2048,8192 --threads 1,2 \\
         --out benchmarks/results/train_profile_cpu.json
@@ -10,24 +10,22 @@ Part 2, per (length, threads): forward + backward of pieces of the model in isol
 time, the fastest of --repeats, which a shared machine disturbs least), each beside a proposed
 variant computing the same function:
 
-    head        lm_head over the padded vocabulary, logits[..., :vocab_size], next_token_nll: the
-                slice makes the (tokens, vocab) logits strided, so the loss copies them and the
-                slice's backward zero-fills and copies a padded gradient of the same size
-    head_padded the proposal: a bias of -inf on the padding rows (exp(-inf) = 0: the same loss and,
-                on real tokens, the same gradient) and the loss over the padded, contiguous logits
-    mixer       HyenaOperator.forward as it is (transposes to (B, 3d, T), nn.Conv1d, back)
-    mixer_bct   the proposal: the same, with the nn.Conv1d call replaced by w shifted
-                multiply-adds along time (torch.addcmul); nn.Conv1d's CPU backward with two
-                threads took seconds where the rest of the mixer takes a fraction of one
-    mixer_btc   a larger variant: time on dim 1 throughout, the same shifted multiply-adds, one
-                transpose of the d-channel z for the FFT
+    head        the model's head (HyenaRTFForCausalLM.logits: the vocabulary rows of the tied
+                weight only) and next_token_nll
+    head_padded a variant: a bias of -inf on the padding rows (exp(-inf) = 0: the same loss and,
+                on real tokens, the same gradient) and the loss over the padded logits
+    mixer       HyenaOperator.forward as it is ((B, 3d, T) layout, the short conv as w shifted
+                multiply-adds: models/hyena.py short_causal_conv)
+    mixer_btc   a variant: time on dim 1 throughout, one transpose of the d-channel z for the FFT
     attention   GPT-NeoX's attention layer (sdpa, rotary) at the same width, for scale
     mlp         one MLP block (both models have the same)
 
-Part 3, with --step-ab: whole training steps (wall and process CPU time) with HyenaOperator.forward
-as it is and with the mixer_bct change patched in (what a change to models/hyena.py would give).
+Two proposals this benchmark made are now in the code: the head over the vocabulary rows only
+(it used to build padded logits and slice them) and the short conv as shifted multiply-adds (the
+backward of nn.Conv1d took 12.8 s of a 46 s step with two threads). docs/benchmarks.md has the
+figures measured before them, with the commit that reproduces them.
 
-Each proposal is checked against the current code's output before it is timed (float32: 1e-5 of
+Each variant is checked against the current code's output before it is timed (float32: 1e-5 of
 max|y|, the rounding of a different summation order). With more than one thread the process CPU
 time adds up every thread's time, OpenMP's spin-waits included: it then measures the work a
 piece costs the machine, not its latency.
@@ -38,7 +36,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -73,23 +70,8 @@ def mixer_btc(op: HyenaOperator, u: torch.Tensor) -> torch.Tensor:
     return op.out_proj(y)
 
 
-def mixer_bct(op: HyenaOperator, u: torch.Tensor) -> torch.Tensor:
-    """The smallest proposed change to HyenaOperator.forward (no mask, no state): the same layout
-    as now, only the nn.Conv1d call replaced by w shifted multiply-adds along time."""
-    T, w = u.shape[1], op.width
-    p = op.in_proj(u).transpose(1, 2)  # (B, 3d, T)
-    padded = F.pad(p, (w - 1, 0))
-    weight = op.short_conv.weight[:, 0, :, None]  # (3d, w, 1): tap j multiplies p[t - (w - 1) + j]
-    q = torch.addcmul(op.short_conv.bias[:, None], padded[..., :T], weight[:, 0])
-    for j in range(1, w):
-        q = torch.addcmul(q, padded[..., j : j + T], weight[:, j])
-    x0, x1, v = q.chunk(3, dim=1)
-    y = x0 * fft_causal_conv(x1 * v, op.filter.kernel(T))
-    return op.out_proj(y.transpose(1, 2))
-
-
 def head_current(h, weight, vocab, targets):
-    return next_token_nll(F.linear(h, weight)[..., :vocab], targets)
+    return next_token_nll(F.linear(h, weight[:vocab]), targets)  # HyenaRTFForCausalLM.logits
 
 
 def head_padded(h, weight, vocab, targets):
@@ -116,7 +98,7 @@ def check(a: torch.Tensor, b: torch.Tensor, what: str) -> float:
 
 
 def pieces(args, T: int) -> dict:
-    """Forward + backward CPU ms of each piece and proposal at length T, TOKENS tokens."""
+    """Forward + backward CPU ms of each piece and variant at length T, TOKENS tokens."""
     B = max(1, TOKENS // T)
     cfg = config_from_preset(args.preset, vocab_size=args.vocab_size, l_max=T)
     torch.manual_seed(0)
@@ -138,10 +120,8 @@ def pieces(args, T: int) -> dict:
     out["head"] = cpu_ms(fwd_bwd(lambda: head_current(x, weight, cfg.vocab_size, targets)), args.repeats)
     out["head_padded"] = cpu_ms(fwd_bwd(lambda: head_padded(x, weight, cfg.vocab_size, targets)), args.repeats)
     op = HyenaOperator(cfg, 0)
-    errors["mixer_bct"] = check(mixer_bct(op, x), op(x), "mixer")
     errors["mixer_btc"] = check(mixer_btc(op, x), op(x), "mixer")
     out["mixer"] = cpu_ms(fwd_bwd(lambda: op(x)), args.repeats)
-    out["mixer_bct"] = cpu_ms(fwd_bwd(lambda: mixer_bct(op, x)), args.repeats)
     out["mixer_btc"] = cpu_ms(fwd_bwd(lambda: mixer_btc(op, x)), args.repeats)
     neox = GPTNeoXConfig(
         hidden_size=cfg.d_model,
@@ -156,38 +136,6 @@ def pieces(args, T: int) -> dict:
     mlp = MLP(cfg)
     out["mlp"] = cpu_ms(fwd_bwd(lambda: mlp(x)), args.repeats)
     return {"batch": B, "cpu_ms": out, "proposal_error": errors}
-
-
-def proposed_forward(op: HyenaOperator, u, mask=None, return_state=False, pole_check="error"):
-    """HyenaOperator.forward with the mixer_bct change where it applies (no mask, no state)."""
-    if mask is None and not return_state:
-        return mixer_bct(op, u)
-    return CURRENT_FORWARD(op, u, mask, return_state, pole_check)
-
-
-CURRENT_FORWARD = HyenaOperator.forward
-
-
-def step_ab(args, T: int) -> dict:
-    """Wall and process CPU seconds (fastest of --repeats, after a warm-up) of a Hyena-RTF training
-    step of TOKENS tokens at length T, with HyenaOperator.forward as it is and with mixer_bct."""
-    ns = argparse.Namespace(preset=args.preset, vocab_size=args.vocab_size, d_model=None, n_layer=None, seed=0)
-    ids = torch.randint(0, args.vocab_size, (max(1, TOKENS // T), T + 1))
-    out = {}
-    for name, forward in (("current", CURRENT_FORWARD), ("mixer_bct", proposed_forward)):
-        with mock.patch.object(HyenaOperator, "forward", forward):
-            model = build_model("hyena_rtf", ns, T, torch.device("cpu"))
-            optimizer = make_optimizer(param_groups(model, 6e-4, 1e-3, 0.1), betas=(0.9, 0.95), eps=1e-8)
-            step = make_step(model, optimizer, [ids], torch.device("cpu"), bf16=False)
-            step()
-            wall, cpu = [], []
-            for _ in range(args.repeats):
-                t0, c0 = time.perf_counter(), time.process_time()
-                step()
-                wall.append(time.perf_counter() - t0)
-                cpu.append(time.process_time() - c0)
-        out[name] = {"step_wall_s": min(wall), "step_cpu_s": min(cpu)}
-    return out
 
 
 def profile_step(args, T: int) -> list[dict]:
@@ -221,7 +169,6 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--top", type=int, default=25, help="ops kept from each profile")
     p.add_argument("--no-profile", action="store_true", help="part 2 only")
-    p.add_argument("--step-ab", action="store_true", help="only whole steps, as they are and with mixer_bct")
     p.add_argument("--out", default="benchmarks/results/train_profile_cpu.json")
     args = p.parse_args(argv)
     setup_logging()
@@ -229,10 +176,6 @@ def main(argv=None) -> int:
     for threads in args.threads:
         torch.set_num_threads(threads)
         for T in args.lengths:
-            if args.step_ab:
-                rows.append({"length": T, "threads": threads, "step": step_ab(args, T)})
-                log.info(f"length {T}, {threads} thread(s): {rows[-1]['step']}")
-                continue
             row = {"length": T, "threads": threads, **pieces(args, T)}
             if not args.no_profile:
                 row["profile"] = profile_step(args, T)
