@@ -59,8 +59,21 @@ def build_parser() -> OneLineParser:
     p.add_argument("out", type=Path, help="folder for the distilled checkpoint")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--order", type=int, help="RTF order of every layer (1 <= order < l_max)")
-    how.add_argument("--tolerance", type=float, help="per layer, the smallest order whose Hankel tail is below this")
+    how.add_argument(
+        "--tolerance",
+        type=float,
+        help="per layer, the smallest order whose achieved memory-tap error (modal; RTF: Hankel tail) is below this",
+    )
     p.add_argument("--max-order", type=int, default=64, help="largest order --tolerance may choose")
+    p.add_argument(
+        "--form",
+        choices=("modal", "rtf"),
+        default="modal",
+        help="modal: poles and residues (decodes exactly, fits best; default); rtf: polynomial coefficients",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="write the checkpoint even if its cached decoding fails the check"
+    )
     p.add_argument("--steps", type=int, default=300, help="optimisation steps of each fit (0: the Hankel init only)")
     p.add_argument(
         "--max-pole-radius",

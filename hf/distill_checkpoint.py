@@ -75,10 +75,19 @@ from hyena_rtf.hf.scoring import (
     window_batches,
 )
 from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
-from hyena_rtf.models.distill import R_MAX, FilterFit, distill_filters, filter_bank_taps, load_fit
+from hyena_rtf.models.distill import (
+    R_MAX,
+    FilterFit,
+    ModalFit,
+    distill_filters,
+    distill_modal,
+    filter_bank_taps,
+    memory_error,
+)
+from hyena_rtf.models.hf_compat import cache_kwargs, output_cache
 from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
 from hyena_rtf.models.precision import FILTER_MODULE, is_filter_param
-from hyena_rtf.models.rtf import RTF, fft_length
+from hyena_rtf.models.rtf import fft_length
 from hyena_rtf.utils.atomic import write_bytes, write_text
 from hyena_rtf.utils.logs import ROOT, get_logger
 
@@ -87,7 +96,9 @@ log = get_logger("distill")
 REPORT_KIND = "Hyena-RTF distillation report"
 REPORT_NAME, PLOT_NAME = "distill_report.json", "distill_report.png"  # the defaults, inside the output folder
 RECURRENT_RTOL = 1e-4  # recurrent vs parallel logits of the distilled model, relative to max |logit|
-CHECK_TOKENS = 32  # length of the prompt of that check
+CHECK_PAST_L_MAX = 32  # the check's prompt runs this many tokens past l_max
+CHECK_STEPS = 48  # of which the last CHECK_STEPS are decoded token by token
+FORMS = ("modal", "rtf")
 
 
 class DistillError(ValueError):
@@ -102,6 +113,8 @@ class Options:
     out: Path
     order: int | None = None
     tolerance: float | None = None
+    form: str = "modal"
+    force: bool = False
     max_order: int = 64
     steps: int = 300
     max_pole_radius: float = R_MAX
@@ -133,8 +146,8 @@ class LayerFit:
     module: str  # state-dict prefix of the filter, e.g. model.layers.0.mixer.filter
     source: torch.nn.Module  # the original filter
     taps: torch.Tensor  # (num_filters, l_max) float64, what was fitted
-    fit: FilterFit
-    sweep: dict[int, FilterFit] = field(default_factory=dict)
+    fit: FilterFit | ModalFit
+    sweep: dict[int, FilterFit | ModalFit] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- checks before any work
@@ -178,6 +191,8 @@ def check_options(opts: Options, config: HyenaRTFConfig, where: Path) -> None:
                 f"{flag} {k} is out of range: an RTF order must be in [1, l_max) = [1, {config.l_max}) "
                 f"(l_max of {where / 'config.json'})"
             )
+    if opts.form not in FORMS:
+        raise DistillError(f"--form must be one of {FORMS}, got {opts.form!r}")
     for name in ("tolerance", "max_pole_radius"):
         value = getattr(opts, name)
         if value is not None and not (math.isfinite(value) and 0 < value < 1):
@@ -280,13 +295,12 @@ def fit_layers(checkpoint: Path, model: HyenaRTFForCausalLM, opts: Options) -> l
         check_finite(checkpoint, name, module, taps)
         targets.append(taps)
     fits = []
-    fit = functools.partial(
-        distill_filters,
-        fft_len=fft_len,
-        steps=opts.steps,
-        max_order=max_order,
-        r_max=opts.max_pole_radius,
-    )
+    if opts.form == "modal":
+        fit = functools.partial(distill_modal, steps=opts.steps, max_order=max_order, r_max=opts.max_pole_radius)
+    else:
+        fit = functools.partial(
+            distill_filters, fft_len=fft_len, steps=opts.steps, max_order=max_order, r_max=opts.max_pole_radius
+        )
     inner = sys.stderr.isatty()  # the fit's own bar (refinement steps) only on a terminal
     bar = tqdm(list(zip(found, targets)), desc="distilling", unit="layer", disable=None, file=sys.stderr)
     with logging_redirect_tqdm([logging.getLogger(ROOT)]), warnings.catch_warnings(record=True) as caught:
@@ -297,21 +311,24 @@ def fit_layers(checkpoint: Path, model: HyenaRTFForCausalLM, opts: Options) -> l
             for warning in caught:  # e.g. no order up to --max-order meets --tolerance
                 log.warning("layer %d: %s", layer, warning.message)
             caught.clear()
+            memory = memory_error(chosen.kernel(l_max), taps)
             log.info(
-                "layer %d (%s, %d filters): order %d, relative error mean %.3g max %.3g, Hankel tail %.3g",
+                "layer %d (%s, %d filters): %s order %d, memory-tap error median %.3g max %.3g, Hankel tail %.3g",
                 layer,
                 describe_filter(module),
                 taps.shape[0],
+                opts.form,
                 chosen.order,
-                float(chosen.rel_error.mean()),
-                float(chosen.rel_error.max()),
+                float(memory.median()),
+                float(memory.max()),
                 float(tail_at(chosen, chosen.order).max()),
             )
     return fits
 
 
 def describe_filter(module: torch.nn.Module) -> str:
-    return f"rtf order {module.state_size}" if isinstance(module, RTF) else type(module).__name__
+    order = getattr(module, "state_size", None)
+    return type(module).__name__ + ("" if order is None else f" order {order}")
 
 
 def tail_at(fit: FilterFit, order: int) -> torch.Tensor:
@@ -324,14 +341,16 @@ def tail_at(fit: FilterFit, order: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the distilled model
 
 
-def distilled_config(config: HyenaRTFConfig, orders: dict[int, int]) -> HyenaRTFConfig:
-    """The source config with RTF filters of the fitted orders (`orders`: layer -> order)."""
+def distilled_config(config: HyenaRTFConfig, orders: dict[int, int], form: str = "modal") -> HyenaRTFConfig:
+    """The source config with filters of kind `form` ("modal" or "rtf") of the fitted orders
+    (`orders`: layer -> order)."""
     top = max(orders.values())
     new = HyenaRTFConfig.from_dict(config.to_dict())
-    new.filter, new.rtf_constraint, new.num_a = "rtf", "none", None
-    # Fitted poles reach the --max-pole-radius (0.9999): the kernel FFT and the decoding state both
-    # need float64 for the parallel and the recurrent forms to agree (models/rtf.py).
-    new.rtf_kernel_dtype, new.recurrent_dtype = "float64", "float64"
+    new.filter, new.num_a = form, None
+    if form == "rtf":
+        # Fitted poles reach the --max-pole-radius (0.9999): unconstrained, and the training
+        # kernel's FFT in float64 (models/rtf.py); decoding promotes its state where it must.
+        new.rtf_constraint, new.rtf_kernel_dtype = "none", "float64"
     new.state_size = top
     new.state_sizes = [orders.get(i, top) for i in range(config.n_layer)]
     new.check()
@@ -340,7 +359,8 @@ def distilled_config(config: HyenaRTFConfig, orders: dict[int, int]) -> HyenaRTF
 
 def build_distilled(model: HyenaRTFForCausalLM, fits: list[LayerFit]) -> HyenaRTFForCausalLM:
     """The distilled model: `model`'s non-filter weights and generation config, the fits' RTFs."""
-    config = distilled_config(model.config, {f.layer: f.fit.order for f in fits})
+    form = "modal" if isinstance(fits[0].fit, ModalFit) else "rtf"
+    config = distilled_config(model.config, {f.layer: f.fit.order for f in fits}, form)
     device = next(model.parameters()).device
     distilled = HyenaRTFForCausalLM(config).to(device).eval()
     distilled.generation_config = type(model.generation_config).from_dict(model.generation_config.to_dict())
@@ -357,15 +377,16 @@ def build_distilled(model: HyenaRTFForCausalLM, fits: list[LayerFit]) -> HyenaRT
                 f"{f.module}: distilled filter bank ({new.num_filters} filters, {new.channels} channels) "
                 f"differs from the source ({f.taps.shape[0]} filters, {f.source.channels} channels)"
             )
-        load_fit(new, f.fit)
+        f.fit.load_into(new)
         check_stored(f, new)
     return distilled
 
 
-def check_stored(f: LayerFit, new: RTF) -> None:
-    """DistillError unless the filters as the saved model holds them (float32 coefficients) are
-    stable and finite: rounding the coefficients of a high-order fit with poles near the unit
-    circle can move a pole out of it, and the model would then diverge."""
+def check_stored(f: LayerFit, new: torch.nn.Module) -> None:
+    """DistillError unless the filters as the saved model holds them (float32 parameters) are
+    stable and finite: rounding the coefficients of a high-order RTF fit with poles near the unit
+    circle can move a pole out of it, and the model would then diverge (a modal filter keeps
+    |pole| < 1 by construction; its taps are checked all the same)."""
     with torch.no_grad():
         radius, finite = float(new.pole_radius().max()), bool(torch.isfinite(new.kernel(f.taps.shape[-1])).all())
     if not (radius < 1.0 and finite):
@@ -384,26 +405,39 @@ def relative_error(approx: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def recurrent_check(model: HyenaRTFForCausalLM, prompt: torch.Tensor) -> dict:
-    """Token-by-token decoding through the cache against one parallel forward, on `prompt` (1, T)."""
-    parallel = forward_logits(model, prompt, "parallel").double()
+    """The distilled model's cached decoding against its parallel forward on `prompt` (1, T), T past
+    l_max: a prefill of the first half, the rest up to the last CHECK_STEPS tokens as one chunk
+    continuing that state, then CHECK_STEPS tokens one at a time (every cached route there is)."""
+    T = prompt.shape[1]
+    parallel = model(input_ids=prompt, use_cache=False).logits.double()
+    cut = [0, (T - CHECK_STEPS) // 2, T - CHECK_STEPS, *range(T - CHECK_STEPS + 1, T + 1)]
+    cache, pieces = None, []
     try:
-        recurrent = forward_logits(model, prompt, "recurrent").double()
+        for start, end in zip(cut[:-1], cut[1:]):
+            out = model(input_ids=prompt[:, start:end], use_cache=True, **cache_kwargs(cache))
+            cache = output_cache(out)
+            pieces.append(out.logits.double())
     except ValueError as error:  # e.g. a fitted pole outside the unit circle: the recurrence is refused
-        return {"prompt_tokens": prompt.shape[1], "rtol": RECURRENT_RTOL, "passed": False, "error": str(error)}
+        return {"prompt_tokens": T, "rtol": RECURRENT_RTOL, "passed": False, "error": str(error)}
+    recurrent = torch.cat(pieces, dim=1)
     err = float((recurrent - parallel).abs().max() / parallel.abs().max().clamp_min(1e-30))
     return {
-        "prompt_tokens": prompt.shape[1],
+        "prompt_tokens": T,
+        "decoded_one_at_a_time": CHECK_STEPS,
         "rtol": RECURRENT_RTOL,
         "max_rel_error": err,
-        "passed": err <= RECURRENT_RTOL,
+        "passed": err <= RECURRENT_RTOL,  # False for NaN too
     }
 
 
-def check_prompt(windows: list, vocab_size: int) -> torch.Tensor:
-    """The first CHECK_TOKENS input tokens of the evaluation data, else a fixed pseudo-random prompt."""
-    if windows:
-        return torch.from_numpy(windows[0].tokens[:CHECK_TOKENS]).unsqueeze(0)
-    return torch.randint(0, vocab_size, (1, CHECK_TOKENS), generator=torch.Generator().manual_seed(0))
+def check_prompt(windows: list, vocab_size: int, l_max: int) -> torch.Tensor:
+    """l_max + CHECK_PAST_L_MAX tokens of the evaluation data (windows joined), else a fixed
+    pseudo-random prompt."""
+    length = l_max + CHECK_PAST_L_MAX
+    tokens = [int(t) for w in windows for t in w.tokens][:length]
+    if len(tokens) == length:
+        return torch.tensor(tokens).unsqueeze(0)
+    return torch.randint(0, vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
 
 
 # ----------------------------------------------------------------------------- model-level evaluation
@@ -446,25 +480,30 @@ def compare_models(original, distilled, windows: list, n_bytes: int, batch_size:
 
 
 def stats(values: torch.Tensor) -> dict:
-    return {"mean": float(values.double().mean()), "max": float(values.double().max())}
+    values = values.double()
+    return {"mean": float(values.mean()), "median": float(values.median()), "max": float(values.max())}
 
 
-def layer_report(f: LayerFit, distilled: HyenaRTFForCausalLM) -> dict:
+def layer_report(f: LayerFit, distilled: HyenaRTFForCausalLM, source_filter: str) -> dict:
     new = dict((name, m) for _, name, m in long_filters(distilled))[f.module]
-    with torch.no_grad():  # the taps as the saved model computes them: float32 parameters and FFT
-        stored = relative_error(new.kernel(f.taps.shape[-1])[:: new.channels // new.num_filters], f.taps)
+    with torch.no_grad():  # the taps as the saved model computes them (float32 parameters)
+        kernel = new.kernel(f.taps.shape[-1])[:: new.channels // new.num_filters]
+    stored, memory = relative_error(kernel, f.taps), memory_error(kernel, f.taps)
     sv, k = f.fit.hankel_sv.double(), f.fit.order
     sv_next = sv[:, k] / sv[:, 0].clamp_min(1e-300) if k < sv.shape[1] else torch.zeros_like(sv[:, 0])
     return {
         "layer": f.layer,
         "module": f.module,
-        "source_filter": "rtf" if isinstance(f.source, RTF) else "implicit",
-        "source_order": f.source.state_size if isinstance(f.source, RTF) else None,
+        "source_filter": source_filter,
+        "source_order": getattr(f.source, "state_size", None),
+        "form": "modal" if isinstance(f.fit, ModalFit) else "rtf",
         "filters": f.taps.shape[0],
         "channels": f.source.channels,
         "order": f.fit.order,
         "rel_error": stats(f.fit.rel_error),
         "stored_rel_error": stats(stored),
+        "memory_tap_error": stats(memory),
+        "memory_tap_error_per_filter": memory.tolist(),
         "hankel_tail": stats(tail_at(f.fit, k)),
         "hankel_sv_next": stats(sv_next),
         "hankel_tail_by_order": f.fit.hankel_tail.double().amax(0).tolist(),
@@ -537,9 +576,15 @@ def distill_checkpoint(opts: Options) -> dict:
     fits = fit_layers(opts.checkpoint, model, opts)
     fitted = time.time()
     distilled = build_distilled(model, fits)
-    check = recurrent_check(distilled, check_prompt(windows, config.vocab_size).to(opts.device))
+    check = recurrent_check(distilled, check_prompt(windows, config.vocab_size, config.l_max).to(opts.device))
     if check["passed"]:
         log.info("recurrent decoding = parallel forward (max relative error %.2g)", check["max_rel_error"])
+    elif not opts.force:
+        raise DistillError(
+            f"the distilled model's cached decoding differs from its parallel forward "
+            f"({check.get('max_rel_error', check.get('error'))} > {RECURRENT_RTOL}); nothing written "
+            "(--force writes it anyway)"
+        )
     else:
         log.warning("recurrent decoding of the distilled model differs from its parallel forward: %s", check)
     evaluation = None
@@ -586,7 +631,7 @@ def distill_checkpoint(opts: Options) -> dict:
             "hyena_layers": hyena_layers(config),
         },
         "state_sizes": distilled.config.state_sizes,
-        "layers": [layer_report(f, distilled) for f in fits],
+        "layers": [layer_report(f, distilled, config.filter) for f in fits],
         "recurrent_check": check,
         "evaluation": evaluation,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},

@@ -61,7 +61,8 @@ class HyenaRTFCache:
 class StaticHyenaRTFCache:
     """Decoding state in buffers whose shapes and addresses never change, for the static step.
 
-    layers: per Hyena layer a `HyenaState` (RTF filters only: conv (B, 3d, w - 1), filt (B, C, n));
+    layers: per Hyena layer a `HyenaState` (finite-state filters only: conv (B, 3d, w - 1), filt the
+            modal state (B, C, 2, m));
             per attention layer a `StaticKV` ((B, h, max_length, hd) keys and values, (B, max_length)
             valid flags);
     pos:    (1,) int64 on the model's device: the positions seen so far, which is also where the
@@ -112,10 +113,10 @@ class StaticHyenaRTFCache:
         """Take over a prefilled HyenaRTFCache. key_mask: (B, P) attention mask of the prompt (1 for
         real tokens), or None. The first load (or one of other shapes) allocates; later ones copy."""
         for i, s in enumerate(cache.layers):
-            if isinstance(s, HyenaState) and s.rec is None:
+            if isinstance(s, HyenaState) and not s.rec.finite_state:
                 raise ValueError(
                     f"layer {i} uses the implicit filter, whose decoding state grows with the context; "
-                    "static decoding needs RTF filters (distil the model into RTFs first: distill.py)"
+                    "static decoding needs finite-state filters (distil the model first: distill.py)"
                 )
         attention = [s for s in cache.layers if not isinstance(s, HyenaState)]
         if attention and self.max_length is None:
@@ -144,7 +145,7 @@ class StaticHyenaRTFCache:
                 mine.load_(s, key_mask)
         for s in self.layers:  # the recurrence comes by reference: it changes when the weights do
             if isinstance(s, HyenaState):
-                _mark_static(s.rec.a, s.rec.c, s.rec.h0)
+                _mark_static(*s.rec.coef)
         self.pos.fill_(cache.seen_tokens)
 
     def _mark_static(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-FILTERS = ("rtf", "implicit")
+from .filters import FILTERS
 
 # Model-size presets. 125m follows the Hyena-RTF WikiText-103 model (d 768, 12 layers, state 64);
 # larger ones follow the usual GPT-3 / Pythia widths and depths. vocab_size is set from the data.
@@ -30,7 +30,8 @@ class HyenaRTFConfig(PreTrainedConfig):
         pad_vocab_size_multiple: embedding rows are padded up to a multiple of this, for speed.
         d_model, n_layer: width and depth.
         l_max: training length; the RTF kernel FFT size. Longer inputs still work (see models/rtf.py).
-        filter: long filter of the Hyena mixers, "rtf" or "implicit".
+        filter: long filter of the Hyena mixers, a kind of models/filters.py: "rtf", "modal"
+            (poles and residues; what distill.py writes) or "implicit".
         state_size: RTF order n. num_a: distinct RTF denominators (None: one per filter).
         state_sizes: RTF order per layer, one entry per layer (attention layers' entries unused);
             None: state_size everywhere. Distillation (distill.py) writes the orders it fitted.
@@ -139,7 +140,7 @@ class HyenaRTFConfig(PreTrainedConfig):
     def check(self) -> None:
         """Raise ValueError naming the first inconsistent hyper-parameter."""
         if self.filter not in FILTERS:
-            raise ValueError(f"filter must be one of {FILTERS}, got {self.filter!r}")
+            raise ValueError(f"filter must be one of {tuple(FILTERS)}, got {self.filter!r}")
         if self.recurrent_dtype not in ("float32", "float64"):
             raise ValueError(f"recurrent_dtype must be 'float32' or 'float64', got {self.recurrent_dtype!r}")
         bad = [i for i in self.attn_layers if not 0 <= i < self.n_layer]

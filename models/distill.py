@@ -156,8 +156,9 @@ from .distill_lm import (
     levenberg_marquardt,
     modal_kernel,
 )
-from .distill_poles import _clamp, clamp_poles, condition_denominators, fft_condition
-from .rtf import RTF
+from .distill_poles import _clamp, _powers, clamp_poles, condition_denominators, fft_condition
+from .modal import ModalFilter
+from .rtf import RTF, rational_kernel
 
 INITS = ("hankel", "prony", "random")
 R_MAX = 0.9999  # largest pole radius a fit may have: 0.9999^2048 = 0.81, memory well past l_max
@@ -192,12 +193,20 @@ class FilterFit:
     hankel_tail: torch.Tensor | None = None
     condition: torch.Tensor | None = None
 
+    def kernel(self, T: int) -> torch.Tensor:
+        """The first T <= fft_len taps of the fitted RTF's training kernel, (F, T) float64."""
+        return rational_kernel(self.b, self.a, self.h0, self.fft_len)[:, :T]
+
+    def load_into(self, module: RTF) -> None:
+        load_fit(module, self)
+
 
 @dataclass
 class ModalFit:
     """Conjugate-pair modal fits: h[t] = 2 Re sum_i residues_i poles_i^(t-1) (t >= 1), h[0] = d.
 
-    poles, residues: (F, order // 2) complex128; d: (F,) float64; rel_error, init_error: (F,).
+    poles, residues: (F, order // 2) complex128; d: (F,) float64; rel_error, init_error: (F,);
+    hankel_sv, hankel_tail: as in FilterFit.
     """
 
     poles: torch.Tensor
@@ -206,10 +215,20 @@ class ModalFit:
     order: int
     rel_error: torch.Tensor
     init_error: torch.Tensor
+    hankel_sv: torch.Tensor | None = None
+    hankel_tail: torch.Tensor | None = None
 
     def kernel(self, T: int) -> torch.Tensor:
         """The first T taps, (F, T) float64."""
         return modal_kernel(self.poles, self.residues, self.d, T)
+
+    def load_into(self, module: ModalFilter) -> None:
+        """Set a ModalFilter with num_filters = F and order/2 slots to this fit (float32 storage)."""
+        if module.num_filters != self.poles.shape[0] or module.log_decay.shape[-1] != self.poles.shape[-1]:
+            raise ValueError(
+                f"load_into needs a ModalFilter with {self.poles.shape[0]} filters of {self.poles.shape[-1]} slots"
+            )
+        module.load_modes(self.poles, 2 * self.residues, self.d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,32 +364,89 @@ def distill_filters(
 
 def distill_modal(
     target: torch.Tensor,
-    order: int,
+    order: int | None = None,
     steps: int = 300,
     r_max: float = R_MAX,
     hankel_size: int = HANKEL_SIZE,
     progress: bool = False,
+    tolerance: float | None = None,
+    max_order: int = 64,
 ) -> ModalFit:
-    """Conjugate-pair modal fit with n/2 = order/2 complex modes (module docstring, section 5):
-    the same ERA, the same Levenberg-Marquardt driver and stopping rule as `distill_filters`."""
+    """Conjugate-pair modal fit with ceil(order/2) slots (module docstring, section 6): the same ERA, the
+    same Levenberg-Marquardt driver and stopping rule as `distill_filters`.
+
+    Give exactly one of `order` and `tolerance`. With a tolerance the order starts at the
+    smallest even k whose Hankel tail is below it for every filter (no order-k fit can do better,
+    section "Hankel bound") and grows along LOWER_ORDERS until the ACHIEVED worst memory-tap error
+    (`memory_error`: taps >= 1, the ones tap 0 cannot hide) is below it, or max_order is reached.
+    """
     target = _check_target(target, target.shape[-1])
     F, L = target.shape
-    _check_order(order, L)
-    if order % 2:
-        raise ValueError(f"the conjugate-pair modal form needs an even order, got {order}")
+    if (order is None) == (tolerance is None):
+        raise ValueError("give exactly one of order and tolerance")
     sv, U = _hankel_svd(target, hankel_size)
-    p, rho = _era_basis(sv, U, target, order).modes(order)
+    if order is not None:
+        return _fit_modal(target, order, steps, r_max, sv, U, progress)
+    _check_order(max_order, L)
+    m = min(sv.shape[-1], max_order + 1)
+    k = choose_order(_tails(sv, m), tolerance, min(max_order, m - 1))
+    k = min(max_order - max_order % 2, k + k % 2)
+    while True:
+        fit = _fit_modal(target, k, steps, r_max, sv, U, progress)
+        larger = [o for o in LOWER_ORDERS if o % 2 == 0 and k < o <= max_order]
+        if float(memory_error(fit.kernel(L), target).max()) <= tolerance or not larger:
+            return fit
+        k = larger[0]
+
+
+def memory_error(approx: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Relative l2 error over the memory taps t >= 1, per filter: ||approx[1:] - target[1:]|| /
+    ||target[1:]||, (F,) float64. Tap 0 (the feed-through) is usually the largest and the easiest to
+    fit; it would hide what the fit loses of the long memory that decoding carries."""
+    target = target.double()[:, 1:]
+    return (approx.double()[:, 1:] - target).norm(dim=-1) / target.norm(dim=-1).clamp_min(1e-300)
+
+
+def _modal_start(modes, target: torch.Tensor, m: int, r_max: float) -> torch.Tensor:
+    """theta = [Re p, Im p, Re res, Im res, d] (F, 4m + 1) from ERA modes (p, rho) (F, j): one slot
+    per conjugate pair (its Im > 0 member) and per real pole, the m most energetic (|rho|^2 /
+    (1 - |p|^2)) kept, poles clamped to r_max; the residues are then the least-squares best for
+    those poles (a linear problem: h[t] = 2 Re sum res p^(t-1), t >= 1) and d = h[0]."""
+    p, rho = modes
+    F, L = target.shape
     real = p.imag.abs() <= 1e-12 * p.abs().clamp_min(1e-300)
     energy = rho.abs().square() / (1 - p.abs().square().clamp_max(r_max**2))
-    key = torch.where(real, energy, torch.where(p.imag > 0, torch.full_like(energy, float("inf")), -energy - 1))
-    pick = key.topk(order // 2, -1).indices
-    p, rho, real = p.gather(-1, pick), rho.gather(-1, pick), real.gather(-1, pick)
-    p = _clamp(p, r_max)
-    res = torch.where(real, rho / 2, rho)  # a real pole's slot carries the whole mode
-    theta = torch.cat([p.real, p.imag, res.real, res.imag, target[:, :1]], -1)
+    key = torch.where(p.imag < 0, torch.full_like(energy, -1.0), energy)  # conjugates never picked
+    if p.shape[-1] < m:
+        key, p, real = (torch.nn.functional.pad(t, (0, m - p.shape[-1])) for t in (key, p, real))
+    pick = key.topk(m, -1).indices
+    p, real, unused = p.gather(-1, pick), real.gather(-1, pick), key.gather(-1, pick) < 0
+    p = torch.where(unused, torch.zeros_like(p), _clamp(p, r_max))
+    V = _powers(p, L - 1).transpose(-1, -2)  # (F, L - 1, m): p^(t-1)
+    design = torch.cat([V.real, -V.imag], -1)  # 2 Re(res V) = [Re V, -Im V] . 2 [Re res, Im res]
+    sol = torch.linalg.lstsq(design, target[:, 1:, None], driver="gelsd").solution[..., 0] / 2
+    res = torch.complex(sol[:, :m], torch.where(real, torch.zeros_like(sol[:, m:]), sol[:, m:]))
+    return torch.cat([p.real, p.imag, res.real, res.imag, target[:, :1]], -1)
+
+
+def _fit_modal(target, order: int, steps: int, r_max: float, sv, U, progress: bool) -> ModalFit:
+    F, L = target.shape
+    _check_order(order, L)
+    m = -(-order // 2)  # slots: a conjugate pair or a real pole each
+    basis = _era_basis(sv, U, target, 2 * m)
+    theta, best = None, None
+    # ERA orders from 2m down to m: a smooth filter's ERA has many real poles, each taking a whole
+    # slot, so the order-2m realisation may not fit m slots while a lower one fits them all.
+    for j in range(min(2 * m, basis.B.shape[-1]), max(m, 1) - 1, -1):
+        candidate = _modal_start(basis.modes(j), target, m, r_max)
+        loss = _modal_loss(candidate, target)
+        if theta is None:
+            theta, best = candidate, loss
+        else:
+            better = loss < best
+            theta, best = torch.where(better[:, None], candidate, theta), torch.minimum(loss, best)
     norm2 = target.square().sum(-1).clamp_min(1e-300)
     init_error = (_modal_loss(theta, target) / norm2).sqrt()
-    m = order // 2
 
     def project(th):
         q = _clamp(torch.complex(th[:, :m], th[:, m : 2 * m]), r_max)
@@ -386,7 +462,8 @@ def distill_modal(
         progress,
     )
     p, res, d = _modal_split(theta)
-    return ModalFit(p, res, d, order, (_modal_loss(theta, target) / norm2).sqrt(), init_error)
+    rel = (_modal_loss(theta, target) / norm2).sqrt()
+    return ModalFit(p, res, d, order, rel, init_error, sv, _tails(sv, sv.shape[-1]))
 
 
 def filter_bank_taps(filter_module: torch.nn.Module, length: int) -> torch.Tensor:

@@ -6,13 +6,29 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.fft import rfft
 
-from .polynomial import schur_stable
-from .rtf import companion
+from .rtf import companion, fft_condition
 
 CONTRACT_TRIES = 4  # contractions clamp_poles tries before it gives a denominator up
 CONTRACT_STEPS, CONTRACT_XTOL = 16, 1e-7  # regula falsi steps of condition_denominators, and its s tolerance
+
+
+def schur_stable(a: torch.Tensor, r_max: float | torch.Tensor) -> torch.Tensor:
+    """(...,) bool: every root of z^n + a1 z^(n-1) + ... + an has modulus < r_max (Schur-Cohn:
+    the reflection coefficients of the step-down recursion of a_j / r_max^j are all inside (-1, 1)).
+    r_max: a number or a tensor (...,), one radius per row. O(n^2) vector operations, no
+    eigenvalues; non-finite rows are reported unstable."""
+    n = a.shape[-1]
+    r_max = torch.as_tensor(r_max, dtype=a.dtype, device=a.device)[..., None]
+    c = a / r_max ** torch.arange(1, n + 1, device=a.device, dtype=a.dtype)
+    ok = torch.isfinite(c).all(-1)
+    c = torch.where(ok[..., None], c, torch.zeros_like(c))
+    for m in range(n, 0, -1):
+        k = c[..., m - 1]
+        ok &= k.abs() < 1
+        k = torch.where(ok, k, torch.zeros_like(k))  # rows already out: any finite value will do
+        c = (c[..., : m - 1] - k[..., None] * c[..., : m - 1].flip(-1)) / (1 - k * k)[..., None]
+    return ok
 
 
 def poly_from_roots(roots: torch.Tensor) -> torch.Tensor:
@@ -56,18 +72,6 @@ def clamp_poles(a: torch.Tensor, r_max: float) -> torch.Tensor:
         a[outside] = a[outside] * s[:, None] ** j
     radius = poles(a).abs().amax(-1)
     return torch.where((radius > r_max)[:, None], torch.zeros_like(a), a)
-
-
-def fft_condition(a: torch.Tensor, fft_len: int) -> torch.Tensor:
-    """||[1, a]||_1 / min_k |A(e^(2 pi i k / fft_len))|, (F,): the factor by which a relative
-    rounding eps of the coefficients (storage) or of their FFT (evaluation) can grow in 1 / A on
-    the kernel's frequency grid. Clustered poles near z = 1 make it huge (the numerator grows like
-    2^n, the minimum like the n-th power of the distance to 1); sum |a| < 1 (Montel) keeps it
-    below (1 + sum |a|) / (1 - sum |a|)."""
-    a1 = torch.cat([torch.ones_like(a[:, :1]), a], -1)
-    spectrum = rfft(a1, n=fft_len)
-    low = (spectrum.real.square() + spectrum.imag.square()).amin(-1).sqrt()
-    return a1.abs().sum(-1) / low.clamp_min(1e-300)
 
 
 def condition_denominators(a: torch.Tensor, fft_len: int, max_condition: float) -> torch.Tensor:

@@ -27,8 +27,7 @@ import torch.nn.functional as F
 
 from .configuration_hyena_rtf import HyenaRTFConfig
 from .fftconv import fft_causal_conv
-from .implicit import ImplicitFilter
-from .rtf import RTF, RTFRecurrence
+from .filters import make_filter
 
 
 @dataclass
@@ -36,18 +35,19 @@ class HyenaState:
     """Decoding state of one Hyena (or MultiHyena) layer, advanced IN PLACE by the operator's `step`.
 
     conv: (B, 3d, w - 1) last inputs of the short conv (activation dtype).
-    filt: RTF: (B, C, n) companion state (float32 or float64); implicit: (B, C, t) input history.
-    rec:  the RTF recurrence built at prefill (None for the implicit filter). Keeping it here means
+    filt: the long filter's state: modal (B, C, 2, m), float32 or float64; implicit: the input
+          history (B, C, t).
+    rec:  the filter's recurrent form built at prefill (models/long_filter.py). Keeping it here means
           a decode step does no parameter checks, and a new prompt always sees current weights.
 
-    For RTF neither tensor changes shape or address while decoding: a step writes into them (a
-    compiled step, or a CUDA graph, can capture that). The implicit filter's history grows, so its
-    `filt` is replaced at every step.
+    For a finite state neither tensor changes shape or address while decoding: a step writes into
+    them (a compiled step, or a CUDA graph, can capture that). The implicit filter's history grows,
+    so its `filt` is replaced at every step.
     """
 
     conv: torch.Tensor
     filt: torch.Tensor
-    rec: RTFRecurrence | None = None
+    rec: object
 
     def __post_init__(self):
         # The prefill hands over views into larger tensors (the padded projection); a state that is
@@ -65,19 +65,10 @@ class HyenaState:
         self.filt.copy_(other.filt)
         self.rec = other.rec
 
-    def step_filter_(self, u: torch.Tensor) -> torch.Tensor:
-        """One step of the RTF recurrence on this state, in place. u: (B, C) -> y: (B, C), float32+.
-
-            y = c . x + h0 u,      x <- [u - a . x, x[0], ..., x[n-2]]
-
-        (the corrected companion system of `RTFRecurrence`, whose channel-level a, c (C, n) and
-        h0 (C,) it reads). The shifted delay line goes through one temporary and is copied back,
-        because an overlapping in-place shift is not allowed."""
-        x, rec = self.filt, self.rec
-        u = u.to(x.dtype)
-        y = (x * rec.c).sum(-1) + rec.h0 * u
-        v = u - (x * rec.a).sum(-1)
-        x.copy_(torch.cat([v.unsqueeze(-1), x[..., :-1]], dim=-1))
+    def step_filter(self, u: torch.Tensor) -> torch.Tensor:
+        """One token through the long filter: u (B, C) -> y (B, C); the state advanced (in place
+        for a finite state)."""
+        y, self.filt = self.rec.step(u, self.filt)
         return y
 
 
@@ -90,17 +81,19 @@ def shift_in_(conv: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return window
 
 
-def short_causal_conv(p: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+def short_causal_conv(p: torch.Tensor, conv: nn.Conv1d, past: torch.Tensor | None = None) -> torch.Tensor:
     """The short causal depthwise convolution of width w, p: (B, Ch, T) -> (B, Ch, T):
 
-        q[b, c, t] = bias[c] + sum_{j=0}^{w-1} weight[c, 0, j] p[b, c, t - (w - 1) + j]   (p = 0 before t = 0)
+        q[b, c, t] = bias[c] + sum_{j=0}^{w-1} weight[c, 0, j] p[b, c, t - (w - 1) + j]
+
+    where p before t = 0 is `past` (B, Ch, w - 1), the inputs of an earlier chunk, or zero.
 
     the same as conv(p)[..., :T] for `conv` = nn.Conv1d(Ch, Ch, w, groups=Ch, padding=w - 1), whose
     parameters it reads (so checkpoints are unchanged), computed as w shifted multiply-adds. Why not
     the module: on CPU the backward of a grouped nn.Conv1d is pathologically slow with more than one
     thread (12.8 s of a 46 s training step at length 2048, d 256, two threads; benchmarks/train_profile.py)."""
     T, w = p.shape[-1], conv.kernel_size[0]
-    padded = F.pad(p, (w - 1, 0))  # (B, Ch, T + w - 1)
+    padded = F.pad(p, (w - 1, 0)) if past is None else torch.cat([past.to(p.dtype), p], -1)  # (B, Ch, T + w - 1)
     weight = conv.weight[:, 0, :, None].to(p.dtype)  # (Ch, w, 1)
     q = torch.addcmul(conv.bias[:, None].to(p.dtype), padded[..., :T], weight[:, 0])
     for j in range(1, w):
@@ -111,25 +104,6 @@ def short_causal_conv(p: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
 def short_conv_step(window: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     """The newest column of `short_causal_conv` from the last w inputs: window (B, Ch, w) -> (B, Ch)."""
     return (window * conv.weight[:, 0, :]).sum(-1) + conv.bias
-
-
-def make_filter(config: HyenaRTFConfig, layer_idx: int, channels: int, num_filters: int | None) -> nn.Module:
-    """The long filter of layer `layer_idx`: `channels` convolved channels served by `num_filters`
-    distinct filters (None: one per channel)."""
-    if config.filter == "rtf":
-        return RTF(
-            channels,
-            config.state_size_of(layer_idx),
-            config.l_max,
-            num_filters=num_filters,
-            num_a=config.num_a,
-            init=config.rtf_init,
-            constraint=config.rtf_constraint,
-            kernel_dtype=config.rtf_kernel_dtype,
-        )
-    return ImplicitFilter(
-        channels, config.l_max, num_filters=num_filters, order=config.implicit_order, bands=config.implicit_bands
-    )
 
 
 class HyenaOperator(nn.Module):
@@ -144,45 +118,74 @@ class HyenaOperator(nn.Module):
         self.out_proj = nn.Linear(d, d)
         self.out_proj.is_residual_proj = True
 
-    def _gate_inputs(self, u: torch.Tensor, mask: torch.Tensor | None):
-        """u: (B, T, d) -> p (B, 3d, T) pre-conv, x0 (B, d, T), z (B, d, T)."""
+    def _gate_inputs(self, u: torch.Tensor, mask: torch.Tensor | None, past: torch.Tensor | None = None):
+        """u: (B, T, d) -> p (B, 3d, T) pre-conv, x0 (B, d, T), z (B, d, T). past: the short conv's
+        inputs before u (B, 3d, w - 1), or None for zeros."""
         p = self.in_proj(u).transpose(1, 2)
         if mask is not None:
             p = p * mask[:, None, :].to(p.dtype)
-        x0, x1, v = short_causal_conv(p, self.short_conv).chunk(3, dim=1)
+        x0, x1, v = short_causal_conv(p, self.short_conv, past).chunk(3, dim=1)
         z = x1 * v
         if mask is not None:
             z = z * mask[:, None, :].to(z.dtype)
         return p, x0, z
 
     def forward(
-        self, u: torch.Tensor, mask: torch.Tensor | None = None, return_state: bool = False, pole_check: str = "error"
+        self,
+        u: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        return_state: bool = False,
+        pole_check: str = "error",
+        state: HyenaState | None = None,
     ):
-        """u: (B, T, d), mask: (B, T) of 0/1 or None -> (B, T, d) [and the HyenaState after u].
-        pole_check: what building the RTF recurrence does with an unstable filter (RTF.recurrence)."""
-        T = u.shape[1]
-        p, x0, z = self._gate_inputs(u, mask)
-        y = x0 * fft_causal_conv(z, self.filter.kernel(T))
-        out = self.out_proj(y.transpose(1, 2))
-        if not return_state:
-            return out
-        tail = F.pad(p, (self.width - 1, 0))[..., T:]  # last w - 1 columns, zeros before the start
-        if isinstance(self.filter, RTF):
+        """u: (B, T, d), mask: (B, T) of 0/1 or None -> (B, T, d), or with return_state or a state,
+        ((B, T, d), the HyenaState after u).
+
+        state: continue from this state (a chunk after a prompt): the short conv reads its last
+        inputs, the long filter adds the state's response and advances it in closed form, so a
+        chunked run equals one run over the whole sequence. The state is advanced in place.
+        pole_check: what building the filter's recurrence does with an unstable filter.
+        """
+        p, x0, z = self._gate_inputs(u, mask, None if state is None else state.conv)
+        if state is None:  # the parallel form; the prefill adds the state after u
+            yf = fft_causal_conv(z, self.filter.kernel(u.shape[1]))
+            if not return_state:
+                return self.out_proj((x0 * yf).transpose(1, 2))
             rec = self.filter.recurrence(self.rec_dtype, pole_check)
-            return out, HyenaState(tail, rec.prefill(z), rec)
-        return out, HyenaState(tail, self.filter.prefill(z))
+            filt = rec.prefill(z)
+        else:  # a chunk after the state: its outputs and the state after it, in closed form
+            rec = state.rec
+            yf, filt = rec.chunk(z, state.filt)
+        out = self.out_proj((x0 * yf.to(x0.dtype)).transpose(1, 2))
+        return out, advance_state(state, conv_tail(p, state, self.width), filt, rec)
 
     def step(self, u: torch.Tensor, state: HyenaState) -> tuple[torch.Tensor, HyenaState]:
         """One token. u: (B, d) -> (B, d), and `state` (returned as well) advanced in place.
-        Cost O(d (d + w + n)), independent of the position. For RTF it allocates no state and
-        makes no host synchronisation, so the same code serves the eager cache and the static,
-        compiled decode step (models/static_decode.py)."""
+        Cost O(d (d + w + n)), independent of the position. For a finite state it allocates no
+        state and makes no host synchronisation, so the same code serves the eager cache and the
+        static, compiled decode step (models/static_decode.py)."""
         window = shift_in_(state.conv, self.in_proj(u))  # (B, 3d, w)
         x0, x1, v = short_conv_step(window, self.short_conv).chunk(3, dim=-1)
-        z = x1 * v
-        if state.rec is not None:
-            yf = state.step_filter_(z)
-        else:  # the implicit filter has no finite state: its history grows
-            yf, state.filt = self.filter.step(z, state.filt)
-        y = x0 * yf.to(x0.dtype)
+        y = x0 * state.step_filter(x1 * v).to(x0.dtype)
         return self.out_proj(y), state
+
+
+def conv_tail(p: torch.Tensor, state: HyenaState | None, width: int) -> torch.Tensor:
+    """The short conv's last w - 1 inputs after the chunk p (B, Ch, T): from p, and from the
+    state's (or zeros) when the chunk is shorter than w - 1."""
+    past = p.new_zeros(*p.shape[:-1], width - 1) if state is None else state.conv.to(p.dtype)
+    window = torch.cat([past, p], dim=-1)
+    return window[..., window.shape[-1] - (width - 1) :]
+
+
+def advance_state(state: HyenaState | None, conv: torch.Tensor, filt: torch.Tensor, rec) -> HyenaState:
+    """A new HyenaState, or `state` updated in place (a finite state keeps its tensors' addresses;
+    a history that grew is replaced)."""
+    if state is None:
+        return HyenaState(conv, filt, rec)
+    state.conv.copy_(conv)
+    if state.filt.shape == filt.shape:
+        state.filt.copy_(filt)
+    else:
+        state.filt = filt
+    return state

@@ -12,12 +12,16 @@ decoding keeps the history of its input (see `ImplicitFilter.step`).
 Background: docs/mathematics.md of the Hyena-RTF repository (section 3).
 """
 
+from __future__ import annotations
+
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from .precision import Float32Parameters
+from .fftconv import fft_causal_conv
+from .long_filter import LongFilter
 
 
 class Sine(nn.Module):
@@ -31,7 +35,7 @@ class Sine(nn.Module):
         return torch.sin(self.freq * x)
 
 
-class ImplicitFilter(Float32Parameters):
+class ImplicitFilter(LongFilter):
     """Implicitly parametrised filters, expanded to `channels` channels like `RTF`.
 
     Args: channels; l_max (positions are normalised by it; longer kernels extrapolate the MLP);
@@ -39,6 +43,8 @@ class ImplicitFilter(Float32Parameters):
     w (initial sine frequency); fast_decay / slow_decay (the decay windows fall to `target` at
     these fractions of l_max).
     """
+
+    finite_state = False  # decoding keeps the input history
 
     def __init__(
         self,
@@ -69,6 +75,14 @@ class ImplicitFilter(Float32Parameters):
         self.decay_range = (math.log(1 / target) / slow_decay, math.log(1 / target) / fast_decay)
         self.d = nn.Parameter(torch.randn(num_filters))
 
+    @classmethod
+    def from_config(cls, config, layer_idx: int, channels: int, num_filters: int | None) -> ImplicitFilter:
+        module = cls(
+            channels, config.l_max, num_filters=num_filters, order=config.implicit_order, bands=config.implicit_bands
+        )
+        module.layer_idx = layer_idx
+        return module
+
     def decay_rates(self, device, dtype) -> torch.Tensor:
         """delta_c, (num_filters,): computed from the hyper-parameters rather than kept in a buffer,
         because a non-persistent buffer is not restored by `from_pretrained` (which builds the
@@ -93,14 +107,36 @@ class ImplicitFilter(Float32Parameters):
             h = torch.cat([h[:, :1] + self.d.to(dtype)[:, None], h[:, 1:]], dim=-1)
         return h.repeat_interleave(self.channels // self.num_filters, dim=0)
 
-    # ---- decoding: no finite state, so keep the input history -------------------------------
-    def prefill(self, u: torch.Tensor) -> torch.Tensor:
-        """The 'state' is the whole input so far, (B, C, T), float32 or wider."""
-        return u.to(torch.promote_types(u.dtype, torch.float32))
+    def recurrence(self, dtype: torch.dtype = torch.float32, check: str = "error") -> HistoryRecurrence:
+        """The 'recurrent' form of a filter without a finite state: its input history (`check` has
+        nothing to refuse: there is no recurrence that could diverge)."""
+        return HistoryRecurrence(self, torch.promote_types(dtype, torch.float32))
 
-    def step(self, u: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """u: (B, C). Appends u and returns y_t = sum_s k[s] u_{t-s}: O(t) per token."""
-        history = torch.cat([history, u.to(history.dtype).unsqueeze(-1)], dim=-1)
-        k = self.kernel(history.shape[-1]).to(history.dtype)
-        y = (history.flip(-1) * k).sum(-1)
-        return y, history
+
+@dataclass
+class HistoryRecurrence:
+    """Decoding without a finite state: the state is the whole input so far, (B, C, t), and a token
+    costs O(t). Same interface as models/modal.ModalSystem (models/long_filter.py)."""
+
+    filter: ImplicitFilter
+    dtype: torch.dtype
+    finite_state = False
+
+    def init_state(self, batch: int, device=None) -> torch.Tensor:
+        return torch.zeros(batch, self.filter.channels, 0, dtype=self.dtype, device=device)
+
+    def prefill(self, u: torch.Tensor) -> torch.Tensor:
+        """The history after u (B, C, T) from nothing: u itself."""
+        return u.to(self.dtype)
+
+    def chunk(self, u: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """u (B, C, T) after the history x (B, C, t) or none: (outputs (B, C, T), history + u)."""
+        history = u.to(self.dtype) if x is None else torch.cat([x, u.to(x.dtype)], dim=-1)
+        y = fft_causal_conv(history, self.filter.kernel(history.shape[-1]).to(history.dtype))
+        return y[..., -u.shape[-1] :], history
+
+    def step(self, u: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """u: (B, C). Appends u and returns y_t = sum_s k[s] u_{t-s} and the longer history."""
+        history = torch.cat([x, u.to(x.dtype).unsqueeze(-1)], dim=-1)
+        k = self.filter.kernel(history.shape[-1]).to(history.dtype)
+        return (history.flip(-1) * k).sum(-1), history

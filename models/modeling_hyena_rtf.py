@@ -67,7 +67,7 @@ class Block(nn.Module):
         self, h: torch.Tensor, mask: torch.Tensor | None = None, cache: HyenaRTFCache | None = None, layer_idx: int = 0
     ) -> torch.Tensor:
         """h: (B, T, d). mask: (B, past + T) 0/1 or None. With a cache: prefill when this layer has
-        no state yet, else step token by token (T is usually 1)."""
+        no state yet, else continue its state over the T new positions (models/hyena.py)."""
         x = self.norm1(h)
         if self.is_attention:
             kv = cache.layers[layer_idx] if cache is not None else None
@@ -76,11 +76,12 @@ class Block(nn.Module):
                 cache.layers[layer_idx] = kv
         elif cache is None:
             y = self.mixer(x, mask)
-        elif cache.layers[layer_idx] is None:
-            y, cache.layers[layer_idx] = self.mixer(x, mask, return_state=True, pole_check=cache.pole_check)
-        else:  # the state is advanced in place, token by token
+        else:  # prefill, or a chunk continuing the state in closed form (the state advanced in place)
             state = cache.layers[layer_idx]
-            y = torch.stack([self.mixer.step(x[:, t], state)[0] for t in range(x.shape[1])], dim=1)
+            chunk_mask = None if mask is None else mask[:, -x.shape[1] :]
+            y, cache.layers[layer_idx] = self.mixer(
+                x, chunk_mask, return_state=True, pole_check=cache.pole_check, state=state
+            )
         return self._residual(h, y)
 
     def step(self, h: torch.Tensor, state, pos: torch.Tensor) -> torch.Tensor:

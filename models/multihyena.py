@@ -35,12 +35,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .configuration_hyena_rtf import HyenaRTFConfig
 from .fftconv import fft_causal_conv
-from .hyena import HyenaState, make_filter, shift_in_, short_causal_conv, short_conv_step
-from .rtf import RTF
+from .filters import make_filter
+from .hyena import HyenaState, advance_state, conv_tail, shift_in_, short_causal_conv, short_conv_step
 
 
 class MultiHyenaOperator(nn.Module):
@@ -65,30 +64,42 @@ class MultiHyenaOperator(nn.Module):
         return x.unflatten(1, (self.heads, self.head_dim))
 
     def forward(
-        self, u: torch.Tensor, mask: torch.Tensor | None = None, return_state: bool = False, pole_check: str = "error"
+        self,
+        u: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        return_state: bool = False,
+        pole_check: str = "error",
+        state: HyenaState | None = None,
     ):
-        """u: (B, T, d), mask: (B, T) of 0/1 or None -> (B, T, d) [and the HyenaState after u].
-        pole_check: what building the RTF recurrence does with an unstable filter (RTF.recurrence)."""
+        """u: (B, T, d), mask: (B, T) of 0/1 or None -> (B, T, d), or with return_state or a state,
+        ((B, T, d), the HyenaState after u). state and pole_check as in HyenaOperator.forward."""
         B, T, _ = u.shape
         keep = None if mask is None else mask[:, None, :]
         p = self.in_proj(u).transpose(1, 2)  # (B, 3d, T)
         if keep is not None:
             p = p * keep.to(p.dtype)
-        q, k, v = map(self._heads, short_causal_conv(p, self.short_conv).chunk(3, dim=1))  # (B, M, e, T) each
+        past = None if state is None else state.conv
+        q, k, v = map(self._heads, short_causal_conv(p, self.short_conv, past).chunk(3, dim=1))  # (B, M, e, T)
         z = k.unsqueeze(3) * v.unsqueeze(2)  # (B, M, e, e, T): z[b, m, i, j, t] = k_t[i] v_t[j]
         if keep is not None:
             z = z * keep[..., None, None, :].to(z.dtype)
         z = z.flatten(2, 3)  # (B, M, e^2, T): channel m e^2 + i e + j of the filter
-        h = self.filter.kernel(T)[:: self.head_dim**2, None]  # (M, 1, T): one filter per head
-        Z = fft_causal_conv(z, h).unflatten(2, (self.head_dim, self.head_dim))  # (B, M, e, e, T)
+        rec = filt = None
+        if state is None:  # the parallel form; the prefill adds the state after z
+            h = self.filter.kernel(T)[:: self.head_dim**2, None]  # (M, 1, T): one filter per head
+            Z = fft_causal_conv(z, h)
+            if return_state:
+                rec = self.filter.recurrence(self.rec_dtype, pole_check)
+                filt = rec.prefill(z.flatten(1, 2))
+        else:  # a chunk after the state, in closed form
+            rec = state.rec
+            Z, filt = rec.chunk(z.flatten(1, 2), state.filt)
+        Z = Z.to(q.dtype).reshape(B, self.heads, self.head_dim, self.head_dim, T)
         y = torch.einsum("bmit,bmijt->bmjt", q, Z).flatten(1, 2)  # (B, d, T)
         out = self.out_proj(y.transpose(1, 2))
-        if not return_state:
+        if rec is None:
             return out
-        conv_tail = F.pad(p, (self.width - 1, 0))[..., T:]  # last w - 1 inputs of the short conv
-        rec = self.filter.recurrence(self.rec_dtype, pole_check) if isinstance(self.filter, RTF) else None
-        filt = (rec if rec is not None else self.filter).prefill(z.flatten(1, 2))
-        return out, HyenaState(conv_tail, filt, rec)
+        return out, advance_state(state, conv_tail(p, state, self.width), filt, rec)
 
     def step(self, u: torch.Tensor, state: HyenaState) -> tuple[torch.Tensor, HyenaState]:
         """One token. u: (B, d) -> (B, d), and `state` (returned as well) advanced in place, as in
@@ -97,10 +108,7 @@ class MultiHyenaOperator(nn.Module):
         window = shift_in_(state.conv, self.in_proj(u))  # (B, 3d, w)
         q, k, v = map(self._heads, short_conv_step(window, self.short_conv).chunk(3, dim=-1))  # (B, M, e) each
         z = (k.unsqueeze(-1) * v.unsqueeze(-2)).flatten(1)  # (B, M e^2)
-        if state.rec is not None:
-            Z = state.step_filter_(z)
-        else:  # the implicit filter has no finite state: its history grows
-            Z, state.filt = self.filter.step(z, state.filt)
+        Z = state.step_filter(z)
         Z = Z.to(q.dtype).unflatten(1, (self.heads, self.head_dim, self.head_dim))  # (B, M, e, e)
         y = torch.einsum("bmi,bmij->bmj", q, Z).flatten(1)  # (B, d)
         return self.out_proj(y), state

@@ -1,4 +1,4 @@
-"""Rational Transfer Function (RTF) long-convolution filter: kernel, recurrence, prefill.
+"""Rational Transfer Function (RTF) long-convolution filter: the kernel it trains with, and its modal form.
 
 Each filter is a rational transfer function of order n (the state size)
 
@@ -11,46 +11,31 @@ Kernel (training).  Sampling H on the L' roots of unity (L' = l_max rounded up t
 one inverse rfft gives, for t < L', the L'-periodic aliasing of the impulse response. Its cost is
 O(L' log L') per filter and does not depend on n: there is no state.
 
-What that kernel exactly is.  With the companion realisation (A, e1, b, h0),
+Recurrent form (decoding, and every no-grad forward).  With poles lambda_k (the roots of
+z^n + a1 z^(n-1) + ... + an) and residues r_k of b~(z)/A(z), b~(z) = b1 z^(n-1) + ... + bn,
 
-    A = [[-a1 ... -an], [I_{n-1}  0]],    x_{t+1} = A x_t + e1 u_t,    y_t = b . x_t + h0 u_t,
+    r_k = b~(lambda_k) / prod_{j != k} (lambda_k - lambda_j),
 
-the aliased response sum_m h[t + m L'] equals, for 1 <= t < L', C A^(t-1) e1 with the ROW vector
+the aliased kernel above is exactly the truncated impulse response of the modal system
+(models/modal.py) with
 
-    C = b (I - A^L')^-1,
+    r~_k = r_k / (1 - lambda_k^L'),       d~ = h0 + Re sum_k r~_k lambda_k^(L'-1),
 
-and tap 0 equals h0_eff = h0 + C A^(L'-1) e1. So the kernel the network is trained with is the
-exact truncated impulse response of the "corrected" system (a, C, h0_eff). That system is what the
-recurrence runs (O(n) per token) and what the parallel form uses beyond l_max.
+no matrix or polynomial powers involved (`rtf_modal_system`). That system decodes in O(n) per token,
+continues the kernel past l_max, and gives the state after any chunk in closed form. It is built in
+float64 and checked tap by tap against the float64 FFT kernel; a filter whose two forms differ by
+more than the conditioning of its coefficients explains is reported by a warning that names it.
 
-Building it without n x n matrices (models/polynomial.py).  A^N = r(A) with r = z^N mod A(z)
-(Cayley-Hamilton), and a row vector times p(A) is a product modulo A(z). So r costs log2(L')
-polynomial squarings, C = b prod_k (I + A^(L' 2^k)) is a few more (the factors converge doubly
-exponentially when every pole is inside the unit disk), and h0_eff one: O(n log n log L') per
-filter, memory O(n) per filter.
+Which route `kernel(T)` takes.  When autograd would differentiate it (training), the FFT route above
+(T <= l_max only: training never runs past l_max). Otherwise the taps of the memoised modal system,
+so that the parallel forward, the chunked prefill and the token-by-token decoding of a model are one
+system, also for filters whose coefficients are too ill-conditioned for the FFT route (clustered
+poles near the unit circle: docs/mathematics.md section 6). A filter with a pole on or outside the
+unit circle (trained without a constraint) keeps the FFT kernel up to l_max and has no recurrence
+unless asked for with a warning.
 
-Recurrence (companion form).  The state is the delay line of v = u / A(z):
-
-    y_t     = C . x_t + h0_eff u_t
-    x_{t+1} = [u_t - a . x_t, x_t[0], ..., x_t[n-2]]
-
-Prefill.  The state after T inputs, x_T = (v_{T-1}, ..., v_{T-n}), comes from one circular
-deconvolution of size N = L' (v~ = irfft(rfft(u, N) / rfft([1, a], N))). The circular solution is
-the periodic one; with zero input on [T, N) it satisfies x~_T = (I - A^N)^-1 x_T exactly, so
-
-    x_T = (I - A^N) x~_T = x~_T - sum_k r_k A^k x~_T,
-
-no aliasing error whatever the pole radius. A^k x~_T is x~ run k steps further with no input,
-which v~ itself holds when at least n - 1 zeros follow the input: the correction is one
-correlation of r with 2n - 1 values of v~. Inputs longer than N - n + 1 are processed in chunks of
-that size, carrying the state by turning it into an equivalent input on the first n steps of the
-next chunk.
-
-Precision.  The kernel and spectra are computed in float32 (complex64) or in the parameters' dtype
-if that is wider; the corrected system is built in float64; the recurrent state is float32 or
-wider, whatever dtype the activations use.
-
-Derivations: docs/mathematics.md of the Hyena-RTF repository (sections 1.3 to 1.7).
+Precision.  Spectra in float32 (complex64), or float64 when the parameters or `kernel_dtype` are;
+the modal system in float64; the decoding state float32 or wider (models/modal.py `state_dtype`).
 """
 
 from __future__ import annotations
@@ -63,18 +48,15 @@ import torch
 import torch.nn as nn
 from torch.fft import irfft, rfft
 
-from .polynomial import Modulus, fft_size, max_root_modulus, poly_mul, schur_stable
-from .precision import Float32Parameters
+from .long_filter import LongFilter
+from .modal import ModalSystem, amplification, blocked_powers, state_dtype
 
 INITS = ("zeros", "xavier", "montel")
 CONSTRAINTS = ("none", "l1_montel")
-# Self-checks of the polynomial build of the corrected system (`corrected_system`): a filter
-# whose two squaring chains for z^L' mod A(z) differ by more than CHAIN_TOL (absolute, against the
-# identity they are subtracted from), or whose C leaves a relative residual |b - C (I - A^L')| above
-# RESIDUAL_TOL, takes the aliased-kernel route instead (observed on well-conditioned filters:
-# up to 2e-13 for the chains and 3e-15 for the residual; up to 3e-8 on clustered slow poles).
-CHAIN_TOL, RESIDUAL_TOL = 1e-12, 1e-12
-BLOCK_ELEMENTS = 2**16  # filters per block of the build x FFT size: keeps its working set in L2
+# The modal form's taps must match the float64 FFT kernel to this relative l2 error, plus the
+# rounding the coefficients' conditioning allows (`conversion_bound`).
+CONVERSION_RTOL = 1e-9
+ZERO_CLUSTER = 1e-3  # poles this close to the origin count as one repeated pole at 0 (`_spread_zero_cluster`)
 
 
 def fft_length(l_max: int) -> int:
@@ -111,122 +93,176 @@ def rational_kernel(num: torch.Tensor, a: torch.Tensor, h0: torch.Tensor, fft_le
     return irfft(num_f / den_f + h0[:, None], n=fft_len)
 
 
-def state_as_input(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The input w (..., n) on steps 0..n-1 that, from a zero state, has the same future as the
-    state x = (v_{-1}, ..., v_{-n}) with no input: w_t = -sum_j a_{t+j+1} x_j (a Hankel product,
-    computed as one correlation). a: (C, n), x: (..., C, n)."""
-    n = a.shape[-1]
-    return -poly_mul(a, x.flip(-1), 2 * n - 1)[..., n - 1 :]
+def fft_condition(a: torch.Tensor, fft_len: int) -> torch.Tensor:
+    """kappa = ||[1, a]||_1 / min_j |A(e^(2 pi i j / L'))| per row of a (F, n): a relative rounding eps of
+    the coefficients (storage) or of their FFT (evaluation) moves the kernel's 1/A by up to about
+    eps kappa. Clustered poles near the unit circle make it huge (the numerator grows like 2^n,
+    the minimum like the n-th power of the distance to the circle); sum |a| < 1 (Montel) keeps it
+    below (1 + sum |a|) / (1 - sum |a|)."""
+    den = torch.cat([torch.ones_like(a[:, :1]), a], -1)
+    return den.abs().sum(-1) / rfft(den, n=fft_len).abs().amin(-1).clamp_min(1e-300)
+
+
+def conversion_bound(a: torch.Tensor, fft_len: int, amplification: torch.Tensor) -> torch.Tensor:
+    """The relative error allowed between the modal taps and the float64 FFT kernel, per filter: the
+    FFT kernel is only good to about eps64 kappa (`fft_condition`), the modal taps to about eps64
+    times their terms' cancellation (models/modal.py `amplification`); a factor 16 for the
+    transforms' and products' own rounding, and no check asks for better than CONVERSION_RTOL."""
+    eps = torch.finfo(torch.float64).eps
+    return CONVERSION_RTOL + 16 * eps * (fft_condition(a, fft_len) + amplification.nan_to_num(math.inf))
+
+
+def conversion_ok(error: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """Per filter: a finite error within its bound."""
+    return torch.isfinite(error) & (error <= bound)
+
+
+def _power(z: torch.Tensor, e: int) -> torch.Tensor:
+    """z^e elementwise by repeated squaring (log2 e products; 0^e = 0 for e >= 1, z^0 = 1)."""
+    out, base = torch.ones_like(z), z
+    while e:
+        if e & 1:
+            out = out * base
+        base, e = base * base, e >> 1
+    return out
+
+
+def _slots(lam: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Poles and residues (F, n) complex, closed under conjugation -> one slot per real pole and per
+    conjugate pair (its representative with Im > 0, residue doubled), padded with zero slots to the
+    largest count: (F, m) each. LAPACK returns a real matrix's complex eigenvalues in exact pairs."""
+    keep = lam.imag >= 0
+    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
+    m = int(keep.sum(-1).max()) if lam.shape[0] else 0
+    lam_s, r_s, keep_s = (t.gather(-1, order)[:, :m] for t in (lam, r, keep))
+    r_s = torch.where(lam_s.imag > 0, 2 * r_s, torch.complex(r_s.real, torch.zeros_like(r_s.real)))
+    zero = torch.zeros_like(lam_s)
+    return torch.where(keep_s, lam_s, zero), torch.where(keep_s, r_s, zero)
+
+
+def rtf_modal_system(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, fft_len: int) -> ModalSystem:
+    """The modal system whose truncated impulse response is the size-fft_len FFT kernel of (a, b, h0)
+    (module docstring), closed form, float64, differentiable (distinct poles): a, b (F, n), h0 (F,).
+    Filter level; residues of exactly repeated poles are infinite (`convert_rtf` repairs them)."""
+    a, b, h0 = (t.to(torch.float64) for t in (a, b, h0))
+    return _closed_form(torch.linalg.eigvals(companion(a)), b, h0, fft_len)
+
+
+def _closed_form(lam: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, fft_len: int) -> ModalSystem:
+    """rtf_modal_system from the poles lam (F, n) complex128 (the roots of A)."""
+    n = lam.shape[-1]
+    num = torch.zeros_like(lam)
+    for i in range(n):  # Horner: b~(lambda) = b1 lambda^(n-1) + ... + bn
+        num = num * lam + b[:, i : i + 1]
+    diff = lam[:, :, None] - lam[:, None, :]
+    eye = torch.eye(n, dtype=torch.bool, device=lam.device)
+    den = torch.where(eye, torch.ones_like(diff), diff).prod(-1)
+    r = torch.where(num == 0, torch.zeros_like(num), num / torch.where(den == 0, torch.ones_like(den), den))
+    r = torch.where((den == 0) & (num != 0), torch.full_like(r, math.inf), r)
+    # r~ = r / (1 - lambda^L') and its tap-0 term r~ lambda^(L'-1), written with 1/lambda for a pole
+    # outside the unit circle (an unconstrained RTF), where lambda^L' would overflow.
+    outside = lam.abs() > 1
+    safe = torch.where(outside, 1 / torch.where(outside, lam, torch.ones_like(lam)), lam)
+    p = _power(safe, fft_len - 1)  # lambda^(L'-1), or lambda^-(L'-1) outside
+    gap = torch.where(outside, p - lam, torch.ones_like(p))  # (no 0 / 0 in a branch not taken: NaN gradients)
+    r_alias = torch.where(outside, r * p / gap, r / (1 - p * lam))
+    wrap = torch.where(outside, r / gap, r_alias * p)  # r~ lambda^(L'-1)
+    d = h0 + wrap.sum(-1).real
+    return ModalSystem(*_slots(lam, r_alias), d, torch.float64)
+
+
+def _spread_zero_cluster(lam: torch.Tensor) -> torch.Tensor:
+    """Poles (n,) with the cluster at the origin (|lambda| < ZERO_CLUSTER) replaced by p distinct poles
+    rho e^(i pi (2k + 1) / p), closed under conjugation. A p-fold pole at 0 is a p-tap FIR part that
+    no diagonal system holds exactly; p modes of radius rho match it with residues of size
+    rho^-(p-1) (rounding: eps rho^-(p-1)) and a leak of rho^p past tap p, balanced at
+    rho = eps^(1 / (2p - 1)): about sqrt(eps) either way."""
+    small = lam.abs() < ZERO_CLUSTER
+    p = int(small.sum())
+    if p < 2:
+        return torch.where(small, torch.zeros_like(lam), lam)
+    rho = torch.finfo(torch.float64).eps ** (1.0 / (2 * p - 1))
+    angles = math.pi * (2 * torch.arange(p, dtype=torch.float64) + 1) / p
+    spread = torch.polar(torch.full_like(angles, rho), angles)
+    spread = torch.where(spread.imag.abs() < 1e-12, spread.real.to(lam.dtype), spread)  # the real one, exactly
+    out = lam.clone()
+    out[small] = spread
+    return out
+
+
+def _residues_by_least_squares(lam: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """The slot residues (m,) complex that best fit taps[1:] (L',) for the slot poles lam (m,):
+    min || Re sum_k r_k lambda_k^(t-1) - taps[t] ||, real unknowns (Re r, Im r) per pair and Re r per
+    real pole (SVD least squares: rank-deficient columns get no weight)."""
+    T = taps.shape[-1]
+    small, big = blocked_powers(lam[None], T - 1)
+    V = (big[0][:, None, :] * small[0].T[None]).flatten(0, 1)[: T - 1]  # (T - 1, m): lambda^(t-1)
+    design = torch.cat([V.real, -V.imag], dim=-1)
+    sol = torch.linalg.lstsq(design, taps[1:, None], driver="gelsd").solution[:, 0]
+    m = lam.shape[-1]
+    return torch.complex(sol[:m], torch.where(lam.imag == 0, torch.zeros_like(sol[m:]), sol[m:]))
 
 
 @dataclass
-class RTFRecurrence:
-    """The corrected companion system of every channel, ready for stepping and prefill.
+class ModalConversion:
+    """What `convert_rtf` built, per filter: the system (filter level, float64), the largest |pole|
+    `radius`, the relative l2 `error` of its taps against the float64 FFT kernel over [0, L') and
+    the `bound` that error must meet (`conversion_bound`)."""
 
-    a: (C, n) denominator, c: (C, n) corrected numerator (row form), h0: (C,) effective feed-through,
-    r: (C, n) the coefficients of z^N mod A(z), ascending (A^N = r(A)), for N = fft_len, the FFT
-    size `prefill` uses. Nothing here is n x n: memory O(C n).
-    """
-
-    a: torch.Tensor
-    c: torch.Tensor
-    h0: torch.Tensor
-    r: torch.Tensor
-    fft_len: int
+    system: ModalSystem
+    radius: torch.Tensor
+    error: torch.Tensor
+    bound: torch.Tensor
 
     @property
-    def state_size(self) -> int:
-        return self.a.shape[-1]
-
-    def to(self, dtype: torch.dtype) -> RTFRecurrence:
-        return RTFRecurrence(self.a.to(dtype), self.c.to(dtype), self.h0.to(dtype), self.r.to(dtype), self.fft_len)
-
-    def step(self, u: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token. u: (B, C), x: (B, C, n) -> y: (B, C), next x: (B, C, n). O(n) per channel."""
-        u = u.to(x.dtype)
-        y = (x * self.c).sum(-1) + self.h0 * u
-        v = u - (x * self.a).sum(-1)
-        return y, torch.cat([v.unsqueeze(-1), x[..., :-1]], dim=-1)
-
-    def prefill(self, u: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
-        """State after all of u (B, C, T), starting from x0 (B, C, n) or zero. Returns (B, C, n).
-
-        Exact up to rounding for any T, provided A(z) has no zero on the N-th roots of unity
-        (true when every pole lies strictly inside the unit disk).
-        """
-        with torch.autocast(u.device.type, enabled=False):  # the FFTs below must stay float32+
-            return self._prefill(u, x0)
-
-    def _prefill(self, u: torch.Tensor, x0: torch.Tensor | None) -> torch.Tensor:
-        B, C, T = u.shape
-        n, N = self.state_size, self.fft_len
-        # A chunk of at most N - n + 1 inputs leaves >= n - 1 zero inputs before the period ends,
-        # so v~ after the chunk is the free run of the state (what r(A) x~ reads, below).
-        chunk_len = N - n + 1
-        u = u.to(self.a.dtype)
-        den_f = rfft(torch.cat([torch.ones_like(self.a[:, :1]), self.a], -1), n=N)  # (C, N/2+1)
-        window = torch.arange(-n, n - 1, device=u.device)  # offsets of v~_{T-n} .. v~_{T+n-2}
-        x = x0.to(self.a.dtype) if x0 is not None else None
-        for start in range(0, T, chunk_len):
-            chunk = u[..., start : start + chunk_len]
-            Tc = chunk.shape[-1]
-            if x is not None:
-                w = state_as_input(self.a, x)  # (B, C, n)
-                k = min(n, Tc)  # inputs after Tc must stay zero for the exact prefill identity
-                chunk = torch.cat([chunk[..., :k] + w[..., :k], chunk[..., k:]], -1)
-            v = irfft(rfft(chunk, n=N) / den_f, n=N)  # periodic solution, (B, C, N)
-            s = v[..., (Tc + window) % N]  # s_j = v~_{Tc-n+j}, j = 0..2n-2
-            # x~_i = s_{n-1-i}; (A^k x~)_i = s_{n-1-i+k}, so (r(A) x~)_i = sum_k r_k s_{n-1-i+k}:
-            # with i' = n-1-i a correlation of s with r, i.e. a product with r reversed.
-            corr = poly_mul(self.r.flip(-1), s, 2 * n - 1)[..., n - 1 :]  # index i'
-            x_new = (s[..., :n] - corr).flip(-1)  # x~ - r(A) x~ = (I - A^N) x~, (B, C, n)
-            if x is not None and Tc < n:
-                # Entries of the delay line older than this chunk are the old state, shifted.
-                x_new = x_new + torch.nn.functional.pad(x[..., : n - Tc], (Tc, 0))
-            x = x_new
-        return x if x is not None else u.new_zeros(B, C, n)
+    def stable(self) -> torch.Tensor:
+        return self.radius < 1.0
 
 
-def corrected_system(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, fft_len: int):
-    """(C, h0_eff, r, converged) of filters (a, b, h0): a, b (F, n), h0 (F,), float64 -> C, r (F, n),
-    h0_eff, converged (F,). With N = fft_len and the ring modulo A(z) (models/polynomial.py):
+@torch.no_grad()
+def convert_rtf(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, fft_len: int) -> ModalConversion:
+    """`rtf_modal_system`, checked tap by tap against the float64 FFT kernel. A stable filter that misses
+    its bound (repeated poles: infinite or cancelling residues) is built again from least-squares
+    residues for its poles, the cluster at the origin spread (`_spread_zero_cluster`), d from tap 0;
+    the better of the two is kept, and whatever error remains is reported in `error`."""
+    a, b, h0 = (t.to(torch.float64) for t in (a, b, h0))
+    lam_all = torch.linalg.eigvals(companion(a))  # (F, n): computed once, the costly part (O(n^3))
+    system = _closed_form(lam_all, b, h0, fft_len)
+    reference = rational_kernel(b, a, h0, fft_len)  # (F, L')
+    radius = lam_all.abs().amax(-1) if a.shape[-1] else h0.new_zeros(h0.shape)
 
-        r_1 = z^(N-1) mod A,  r = z^N mod A        (A^k = (z^k mod A)(A); log2 N squarings each)
-        C      = b (I - r(A))^-1 = b prod_k (I + r(A)^(2^k))     (row vector)
-        h0_eff = h0 + (C r_1(A))_0 = h0 + C A^(N-1) e1
+    def check(sys: ModalSystem):
+        taps = sys.taps(fft_len)
+        err = (taps - reference).norm(dim=-1) / reference.norm(dim=-1).clamp_min(1e-300)
+        err = torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf))
+        return err, conversion_bound(a, fft_len, amplification(sys, taps))
 
-    The factors A^(N 2^k) vanish doubly exponentially when every pole is inside the unit disk;
-    `converged` is False where they did not (a pole on or outside the circle, or powers lost to
-    rounding). Squaring modulo A(z) rounds like a matrix product only while A's coefficients are
-    tame; for clustered slow poles the quotients grow and digits are lost. So the build checks
-    itself: r also comes from the chain of N - 1 (no shared intermediate power), and C must satisfy
-    C (I - r(A)) = b. A filter that fails a check (CHAIN_TOL, RESIDUAL_TOL) or did not converge gets
-    its corrected system from its aliased kernel instead: taps 1..n of the size-N FFT kernel K are
-    C A^(t-1) e1, the first n coefficients of C(z) / A_rev(z) with C(z) = sum_i C_i z^i, so
-    C = A_rev K[1:n+1] mod z^n and h0_eff = K[0], exact up to the FFT's rounding whenever A(z) has
-    no zero on the N-th roots of unity (O(N log N), for those filters only). Filters go in blocks
-    of BLOCK_ELEMENTS // (FFT size) rows, so that the small FFTs stay in cache.
-    """
-    n = a.shape[-1]
-    rows = max(1, BLOCK_ELEMENTS // fft_size(2 * n - 1))
-    if a.shape[0] > rows:
-        parts = [corrected_system(*(t[i : i + rows] for t in (a, b, h0)), fft_len) for i in range(0, a.shape[0], rows)]
-        return tuple(torch.cat(p) for p in zip(*parts))
-    mod = Modulus(a)
-    r_1, r = mod.power_of_z(fft_len - 1), mod.power_of_z(fft_len)
-    c, converged = mod.row_resolvent(b, r)
-    h0_eff = h0 + mod.row_times(c, r_1)[:, 0]
-    chain = (mod.times_z(r_1) - r).abs().amax(-1)
-    residual = (b - c + mod.row_times(c, r)).abs().amax(-1) / b.abs().amax(-1).clamp_min(1e-300)
-    bad = ~(converged & (chain <= CHAIN_TOL) & (residual <= RESIDUAL_TOL))  # NaN counts as bad
-    if bool(bad.any()):
-        k = rational_kernel(b[bad], a[bad], h0[bad], fft_len)
-        c = c.index_put((bad,), poly_mul(torch.cat([torch.ones_like(k[:, :1]), a[bad]], -1), k[:, 1 : n + 1], n))
-        h0_eff = h0_eff.index_put((bad,), k[:, 0])
-    return c, h0_eff, r, converged
+    error, bound = check(system)
+    finite = torch.isfinite(reference).all(-1)
+    redo = (~conversion_ok(error, bound) & (radius < 1) & finite).nonzero().flatten().tolist()
+    if not redo:
+        return ModalConversion(system, radius, error, bound)
+    refits = []
+    for f in redo:
+        lam_f, _ = _slots(_spread_zero_cluster(lam_all[f])[None], torch.zeros_like(lam_all[f])[None])
+        refits.append((lam_f[0], _residues_by_least_squares(lam_f[0], reference[f])))
+    m = max([system.slots] + [len(lam_f) for lam_f, _ in refits])
+    lam0, res0 = (torch.nn.functional.pad(t, (0, m - system.slots)) for t in (system.lam, system.res))
+    lam, res, d = lam0.clone(), res0.clone(), system.d.clone()
+    for f, (lam_f, res_f) in zip(redo, refits):
+        lam[f], res[f], d[f] = 0, 0, reference[f, 0]
+        lam[f, : len(lam_f)], res[f, : len(res_f)] = lam_f, res_f
+    error2, bound2 = check(ModalSystem(lam, res, d, torch.float64))
+    better = error2 < error  # only redone rows can differ
+    pick = better[:, None]
+    system = ModalSystem(
+        torch.where(pick, lam, lam0), torch.where(pick, res, res0), torch.where(better, d, system.d), torch.float64
+    )
+    error, bound = torch.where(better, error2, error), torch.where(better, bound2, bound)
+    return ModalConversion(system, radius, error, bound)
 
 
-class RTF(Float32Parameters):
+class RTF(LongFilter):
     """A bank of RTF filters expanded to `channels` channels (filter i serves channels
     [i * channels/num_filters, (i+1) * channels/num_filters)).
 
@@ -240,12 +276,12 @@ class RTF(Float32Parameters):
             "montel" (xavier, then a rescaled to sum|a| = 1/2 so every pole starts inside |z| < 1).
         constraint: "none" or "l1_montel": a <- a / (sum|a| + |s| + eps) with a learnable slack s,
             which keeps sum|a| < 1 and hence every pole inside the unit disk.
-        kernel_dtype: "float32" or "float64", the precision of the FFT that turns (a, b, h0) into
-            the kernel (parameters stay float32 either way). Dividing by A(z) on the unit circle
-            loses about log10 of its condition digits; slow poles clustered near z = 1, which
-            distilled filters have, need float64 there for the parallel form to match the
-            recurrence (built in float64 regardless).
+        kernel_dtype: "float32" or "float64", the precision of the FFT route that turns (a, b, h0)
+            into the training kernel (parameters stay float32 either way). Dividing by A(z) on the
+            unit circle loses about log10 of its condition digits (`fft_condition`).
     """
+
+    own_optimizer_group = True  # (a, b, h0, slack): the RTF paper's own lr, no weight decay
 
     def __init__(
         self,
@@ -292,7 +328,21 @@ class RTF(Float32Parameters):
         if init == "montel":
             with torch.no_grad():
                 self.a.mul_(0.5 / self.a.abs().sum(-1, keepdim=True).clamp_min(1e-12))
-        self._recurrence_cache: tuple | None = None
+
+    @classmethod
+    def from_config(cls, config, layer_idx: int, channels: int, num_filters: int | None) -> RTF:
+        module = cls(
+            channels,
+            config.state_size_of(layer_idx),
+            config.l_max,
+            num_filters=num_filters,
+            num_a=config.num_a,
+            init=config.rtf_init,
+            constraint=config.rtf_constraint,
+            kernel_dtype=config.rtf_kernel_dtype,
+        )
+        module.layer_idx = layer_idx
+        return module
 
     # ---- parameters as the filters see them ---------------------------------------------------
     def denominator(self) -> torch.Tensor:
@@ -302,96 +352,113 @@ class RTF(Float32Parameters):
             a = a / (a.abs().sum(-1, keepdim=True) + self.slack.to(a.dtype).abs()[:, None] + self.eps)
         return a.repeat_interleave(self.num_filters // self.num_a, dim=0)
 
-    def _expand(self, t: torch.Tensor) -> torch.Tensor:
-        """Filter-level tensor (num_filters, ...) -> channel-level (channels, ...)."""
-        return t.repeat_interleave(self.channels // self.num_filters, dim=0)
-
     # ---- parallel form ------------------------------------------------------------------------
     def kernel(self, T: int) -> torch.Tensor:
         """Convolution kernel of length T, (channels, T), in float32 (float64 for float64 params).
 
-        T <= l_max: the first T taps of the length-L' FFT kernel (what training uses).
-        T >  l_max: the impulse response of the same corrected system, built in float64 from
-        polynomials modulo A(z) (see `_long_kernel`), so parallel and recurrent forms agree everywhere.
+        Differentiated (training): the first T taps of the length-L' FFT kernel, T <= l_max (past
+        it, the closed-form modal system's taps, differentiable for distinct poles).
+        Otherwise: the taps of the modal system (`recurrence`'s), at any T, so that every inference
+        form of the model is one system; filters with a pole on or outside the unit circle keep the
+        FFT kernel up to l_max (module docstring).
         """
-        with torch.autocast(self.a.device.type, enabled=False):
+        if self.needs_grad():
             if T <= self.l_max:
-                a = self.denominator()
-                if self.kernel_dtype == "float64":
-                    a = a.to(torch.float64)
-                k = rational_kernel(self.b.to(a.dtype), a, self.h0.to(a.dtype), self.fft_len)[:, :T]
-                k = k.to(compute_dtype(self.a))
-            else:
-                k = self._long_kernel(T).to(compute_dtype(self.a))
-        return self._expand(k)
+                return self._expand(self._fft_kernel(T))
+            return self._expand(self._long_kernel_with_grad(T).to(self.compute_dtype()))
+        conversion = self.conversion()
+        if T <= self.l_max and not bool(conversion.stable.all()):
+            with torch.no_grad():
+                return self._expand(self._fft_kernel(T))
+        k = self.memo_taps(T, lambda n: conversion.system.taps(n))
+        return self._expand(k.to(self.compute_dtype()))
 
-    def _long_kernel(self, T: int) -> torch.Tensor:
-        """Kernel of the corrected system (a, C, h0_eff) for T > l_max, (num_filters, T), float64.
+    def _long_kernel_with_grad(self, T: int) -> torch.Tensor:
+        """T > l_max taps with gradients (an eval-mode forward outside no_grad), (num_filters, T)
+        float64: the closed-form modal system, differentiable through the poles (eigenvalues) and
+        residues. A filter whose closed form misses the checked conversion (repeated poles) gets
+        the differentiable FFT kernel up to L' and the conversion's taps after it, with no gradient
+        through those later taps (a warning says so)."""
+        taps = rtf_modal_system(self.denominator(), self.b, self.h0, self.fft_len).taps(T)
+        conversion = self.conversion()
+        exact = conversion.system.taps(T)
+        off = ~conversion_ok(
+            (taps.detach() - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-300), conversion.bound
+        )
+        if not bool(off.any()):
+            return taps
+        warnings.warn(
+            f"{self.where()}RTF filters {off.nonzero().flatten().tolist()[:8]} have repeated poles: past l_max "
+            "their kernel taps carry no gradient",
+            stacklevel=3,
+        )
+        head = self._fft_kernel(self.fft_len).to(torch.float64)
+        patched = torch.cat([head, exact[:, self.fft_len :]], dim=-1)
+        return torch.where(off[:, None], patched, taps)
 
-        A size-N FFT of numerator c' aliases it to c' (I - A^N)^-1 A^(t-1) e1; choosing
-        c' = C (I - A^N) = C - C r(A), r = z^N mod A(z), cancels that, so taps 1..T-1 are exactly
-        C A^(t-1) e1. Tap 0 is h0_eff. Differentiable (the gradient tests go through it).
-        """
-        a, c, h0, _, _ = self._corrected_system()
-        N = T + (T % 2)
-        mod = Modulus(a)
-        c_n = c - mod.row_times(c, mod.power_of_z(N))
-        k = rational_kernel(c_n, a, torch.zeros_like(h0), N)[:, :T]
-        return torch.cat([h0[:, None], k[:, 1:]], dim=-1)
+    def _fft_kernel(self, T: int) -> torch.Tensor:
+        """The first T <= l_max taps of the size-L' FFT kernel, (num_filters, T), compute dtype."""
+        with torch.autocast(self.a.device.type, enabled=False):
+            a = self.denominator()
+            if self.kernel_dtype == "float64":
+                a = a.to(torch.float64)
+            k = rational_kernel(self.b.to(a.dtype), a, self.h0.to(a.dtype), self.fft_len)[:, :T]
+        return k.to(compute_dtype(self.a))
 
     # ---- recurrent form -----------------------------------------------------------------------
-    def _corrected_system(self):
-        """(a, C, h0_eff, r, converged) per filter in float64 (`corrected_system`)."""
-        a = self.denominator().to(torch.float64)
-        return (a, *corrected_system(a, self.b.to(torch.float64), self.h0.to(torch.float64), self.fft_len))
+    def conversion(self) -> ModalConversion:
+        """The filter-level modal system and its check (`rtf_modal_system`), memoised until the
+        parameters change."""
+
+        def build() -> ModalConversion:
+            a = self.denominator().to(torch.float64)
+            return convert_rtf(a, self.b.to(torch.float64), self.h0.to(torch.float64), self.fft_len)
+
+        return self.memo("conversion", build)
 
     def pole_radius(self) -> torch.Tensor:
-        """Largest |pole| of each filter, (num_filters,), float64 (roots of z^n + a1 z^(n-1) + ...)."""
-        return torch.linalg.eigvals(companion(self.denominator().detach().double())).abs().amax(-1)
+        """Largest |pole| of each filter, (num_filters,), float64."""
+        return self.conversion().radius
 
-    @torch.no_grad()
-    def recurrence(self, dtype: torch.dtype = torch.float32, check: str = "error") -> RTFRecurrence:
-        """The channel-level recurrent form (memoised until the parameter values change).
+    def recurrence(self, dtype: torch.dtype = torch.float32, check: str = "error") -> ModalSystem:
+        """The channel-level modal recurrence (memoised until the parameter values change).
 
         check: "error" (default) refuses a filter with a pole on or outside the unit circle, "warn"
         warns, "none" skips the check. Such a filter's FFT kernel is the aliased response of an
-        unstable system and its recurrence diverges past l_max.
+        unstable system and its recurrence diverges past l_max. A filter whose modal taps miss the
+        FFT kernel by more than `conversion_bound` is reported by a warning (unless "none").
         """
-        # Keyed on the parameter values themselves: optimizers (DeepSpeed ZeRO among them) may
-        # write through `.data`, which changes neither the version counter nor the address.
-        params = [p.detach() for p in self.parameters()]
-        memo = self._recurrence_cache
-        if (
-            memo is not None
-            and memo[0] == (dtype, check)
-            and len(memo[1]) == len(params)
-            and all(m.device == p.device and torch.equal(m, p) for m, p in zip(memo[1], params))
-        ):
-            return memo[2]
-        a, c, h0, r, converged = self._corrected_system()
-        # A filter whose powers A^(N 2^k) vanished has every pole inside the disk; the others are
-        # decided by the Schur-Cohn test (O(n^2), no eigenvalues): stable but ill-conditioned
-        # filters pass (their corrected system came from the kernel), unstable ones do not.
-        unstable = torch.zeros_like(converged)
-        if not bool(converged.all()):
-            unstable[~converged] = ~schur_stable(a[~converged], 1.0)
+        conversion = self.conversion()
+        unstable = ~conversion.stable
         if check != "none" and bool(unstable.any()):
             bad = torch.nonzero(unstable).flatten().tolist()
-            radius = max_root_modulus(a[unstable]).max().item()  # bisection on Schur-Cohn
             msg = (
-                f"RTF filters {bad[:8]}{'...' if len(bad) > 8 else ''} have poles on or outside the "
-                f"unit circle (max |pole| = {radius:.4f}): their recurrent form diverges. "
-                "Train with rtf_constraint='l1_montel' (keeps every pole inside the unit disk), or "
+                f"{self.where()}RTF filters {bad[:8]}{'...' if len(bad) > 8 else ''} have poles on or outside "
+                f"the unit circle (max |pole| = {float(conversion.radius.max()):.4f}): their recurrent form "
+                "diverges. Train with rtf_constraint='l1_montel' (keeps every pole inside the unit disk), or "
                 "decode with the parallel forward (use_cache=False)."
             )
             if check == "error":
                 raise ValueError(msg)
             warnings.warn(msg, stacklevel=2)
-        # Cast per filter, then expand: the channel-level copies are made once, in the target dtype.
-        a, c, h0, r = (t.to(dtype) for t in (a, c, h0, r))
-        rec = RTFRecurrence(self._expand(a), self._expand(c), self._expand(h0), self._expand(r), self.fft_len)
-        self._recurrence_cache = ((dtype, check), [p.clone() for p in params], rec)
-        return rec
+        inaccurate = conversion.stable & ~conversion_ok(conversion.error, conversion.bound)
+        if check != "none" and bool(inaccurate.any()) and not self.memo("reported", lambda: [False])[0]:
+            self.memo("reported", lambda: [False])[0] = True  # once per parameter version
+            worst = int(torch.argmax(torch.where(inaccurate, conversion.error, -1.0)))
+            warnings.warn(
+                f"{self.where()}RTF filter {worst} (and {int(inaccurate.sum()) - 1} more): its modal form differs "
+                f"from its FFT kernel by {float(conversion.error[worst]):.3g} (relative), more than the "
+                f"{float(conversion.bound[worst]):.3g} its conditioning explains; decoding and no-grad forwards "
+                "use the modal form",
+                stacklevel=2,
+            )
+
+        def build() -> ModalSystem:
+            system = conversion.system
+            chosen = state_dtype(system, system.taps(self.fft_len), dtype)
+            return system.to(chosen).expand(self.channels // self.num_filters)
+
+        return self.memo(("recurrence", dtype), build)
 
     def extra_repr(self) -> str:
         return (

@@ -39,18 +39,19 @@ class StaticDecodeUnsupported(ValueError):
 
 def check_static_decoding(model) -> None:
     """Raise StaticDecodeUnsupported unless `model` is a Hyena-RTF causal LM whose Hyena layers all
-    use RTF filters. Duck-typed, so the class loaded from a checkpoint folder's own code passes too."""
+    use finite-state filters (RTF or modal). Duck-typed, so the class loaded from a checkpoint
+    folder's own code passes too."""
     config = getattr(model, "config", None)
     layers = getattr(getattr(model, "model", None), "layers", None)
     if getattr(config, "model_type", None) != "hyena_rtf" or layers is None or not hasattr(model, "lm_head"):
         raise StaticDecodeUnsupported(
-            f"{type(model).__name__} has no static decode step (only Hyena-RTF causal LMs with RTF filters do)"
+            f"{type(model).__name__} has no static decode step (only Hyena-RTF causal LMs with finite-state filters do)"
         )
     for i, block in enumerate(layers):
-        if not block.is_attention and not hasattr(block.mixer.filter, "recurrence"):
+        if not block.is_attention and not getattr(block.mixer.filter, "finite_state", False):
             raise StaticDecodeUnsupported(
                 f"layer {i} uses the {config.filter} filter, whose decoding state grows with the context; "
-                "static decoding needs RTF filters (distil the model into RTFs first: distill.py)"
+                "static decoding needs finite-state filters (distil the model first: distill.py)"
             )
 
 

@@ -178,3 +178,19 @@ def counting_backend(graphs: list):
         return gm.forward
 
     return backend
+
+
+def decode_tolerance(model, eps: float, floor: float = 0.0) -> float:
+    """A bound on the relative error of a model's recurrent decoding against its parallel form,
+    derived from the conditioning of its filters' modal forms: each state term rounds by eps, and
+    the output of a filter sums its terms with a cancellation of at most `amplification`
+    (models/modal.py); 64 covers the rounding of the products, the layers and the steps. Never
+    below `floor` (the rounding of the rest of the network, which the caller knows)."""
+    from hyena_rtf.models.modal import amplification
+
+    worst = 1.0
+    for module in model.modules():
+        if getattr(module, "finite_state", False) and hasattr(module, "recurrence"):
+            rec = module.recurrence(torch.float64)
+            worst = max(worst, float(amplification(rec, rec.taps(module.l_max + 1)).max()))
+    return max(floor, 64 * eps * worst)

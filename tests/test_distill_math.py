@@ -88,7 +88,7 @@ def rtf_with(fit, L: int, dtype=F64) -> RTF:
 
 def impulse_through_recurrence(rtf: RTF, T: int) -> np.ndarray:
     rec = rtf.recurrence(F64)
-    x = torch.zeros(1, rtf.channels, rtf.state_size, dtype=F64)
+    x = rec.init_state(1)
     out = []
     for t in range(T):
         y, x = rec.step(torch.full((1, rtf.channels), 1.0 if t == 0 else 0.0, dtype=F64), x)
@@ -314,13 +314,13 @@ def test_implicit_filter_bank_distils_to_small_errors():
     target = taps.numpy()
     fit64 = distill_filters(taps, L, order=16, kernel_dtype=F64)
     assert float(fit64.rel_error.median()) <= 1e-3 and float(fit64.rel_error.max()) <= 6e-2
-    with torch.no_grad():
-        assert np.allclose(rel(rtf_with(fit64, L).kernel(L).numpy(), target), fit64.rel_error.numpy(), rtol=1e-6)
+    # The module's training kernel (the FFT route, taken when the kernel is differentiated) is the
+    # one the fit was measured with.
+    assert np.allclose(rel(rtf_with(fit64, L).kernel(L).detach().numpy(), target), fit64.rel_error.numpy(), rtol=1e-6)
     fit32 = distill_filters(taps, L, order=16)
     assert float(fit32.rel_error.median()) <= 1e-2 and float(fit32.rel_error.max()) <= 0.3
     assert (fit32.condition <= distill.CONDITION_RTOL / torch.finfo(torch.float32).eps * (1 + 1e-9)).all()
-    with torch.no_grad():
-        stored = rel(rtf_with(fit32, L, torch.float32).kernel(L).double().numpy(), target)
+    stored = rel(rtf_with(fit32, L, torch.float32).kernel(L).detach().double().numpy(), target)
     assert np.isfinite(stored).all() and np.median(stored) <= 2.5e-2 and stored.max() <= 0.3
 
 
@@ -367,5 +367,5 @@ def test_modal_and_rtf_fits_of_the_same_targets():
         assert rel(modal.kernel(L).numpy(), ref).max() <= 1e-10
         assert np.allclose(rel(ref, taps.numpy()), modal.rel_error.numpy(), rtol=1e-8)
         assert float(modal.poles.abs().max()) <= distill.R_MAX + 1e-12
-    with pytest.raises(ValueError, match="even order"):
-        distill_modal(taps, 5)
+    odd = distill_modal(taps, 5)  # ceil(5 / 2) = 3 slots
+    assert odd.poles.shape == (8, 3) and torch.isfinite(odd.rel_error).all()

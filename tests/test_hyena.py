@@ -245,7 +245,9 @@ def test_prefill_then_step_matches_parallel_forward(filt, prompt, total):
     tol = 1e-9 if filt == "rtf" else 1e-6
     assert (rec - full).abs().max() / full.abs().max() < tol
     if filt == "rtf":
-        assert state.filt.shape == (2, 8, 6)
+        # The modal state: real and imaginary parts of ceil(6 / 2) = 3 slots or more (real poles take
+        # a slot each), per channel; it does not grow with the prompt.
+        assert state.filt.shape[:3] == (2, 8, 2) and 3 <= state.filt.shape[3] <= 6
 
 
 def test_left_padding_mask_gives_the_unpadded_outputs():

@@ -197,7 +197,10 @@ def test_prefill_then_step_matches_parallel_forward(filt, prompt, total):
     rec, state = decode(op, u, prompt)
     assert rel(rec, op(u)) < 1e-9
     assert state.conv.shape == (2, 24, 2)
-    assert state.filt.shape == ((2, 32, 4) if filt == "rtf" else (2, 32, total))
+    if filt == "rtf":  # the modal state: (B, M e^2, 2, slots), slots <= the order 4
+        assert state.filt.shape[:3] == (2, 32, 2) and state.filt.shape[3] <= 4
+    else:
+        assert state.filt.shape == (2, 32, total)
 
 
 @pytest.mark.parametrize("filt", ["rtf", "implicit"])

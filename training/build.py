@@ -36,7 +36,7 @@ def build_model(cfg: DictConfig, vocab_size: int, device: torch.device) -> PreTr
     except (ValueError, TypeError) as e:
         raise ConfigError(f"invalid model configuration: {e}") from None
     rtf = isinstance(model_config, HyenaRTFConfig) and model_config.filter == "rtf"
-    if rtf and seq_len <= model_config.state_size:
+    if rtf and seq_len <= model_config.state_size:  # (modal filters have no coefficients to cut)
         # The RTF kernel zero-pads its state_size + 1 denominator coefficients to the training
         # length; a shorter length would silently cut them off (implicit filters have no order).
         raise ConfigError(f"data.seq_len={seq_len} must be greater than model.state_size={model_config.state_size}")

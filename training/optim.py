@@ -2,10 +2,11 @@
 
 Groups (each parameter in exactly one):
 
-- `rtf`: every parameter of an RTF filter module (a, b, h0, slack). Own peak lr (`optim.rtf_lr`,
-  1e-3 in the paper), weight decay 0: decaying the denominator pulls the poles towards the origin
-  and the numerator towards a zero filter, which is a prior on the filter shape, not
-  regularisation. These parameters are float32 whatever the training precision (the rule of
+- `rtf`: every parameter of a long filter whose kind asks for its own group (`own_optimizer_group`:
+  RTF's a, b, h0, slack; a modal filter's poles, residues and h0). Own peak lr (`optim.rtf_lr`,
+  1e-3 in the paper), weight decay 0: decaying the denominator (or the poles' log decay) pulls the
+  poles towards the origin and the numerator towards a zero filter, which is a prior on the filter
+  shape, not regularisation. These parameters are float32 whatever the training precision (the rule of
   models/precision.py, which the trainer checks after building the engine).
 - `no_decay`: tensors with fewer than 2 dimensions (biases, norm gains, scalars) and the token
   embedding (tied to the LM head). Decaying norm gains or biases only shrinks scale/offset
@@ -29,7 +30,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from hyena_rtf.models.rtf import RTF
+from hyena_rtf.models.long_filter import LongFilter
 
 
 def param_groups(model: nn.Module, lr: float, rtf_lr: float, weight_decay: float) -> list[dict]:
@@ -38,7 +39,8 @@ def param_groups(model: nn.Module, lr: float, rtf_lr: float, weight_decay: float
     Each group dict carries `name` and `peak_lr` in addition to torch's keys; `peak_lr` is what
     `set_lr` multiplies by the schedule factor. Empty groups are dropped.
     """
-    rtf_ids = {id(p) for module in model.modules() if isinstance(module, RTF) for p in module.parameters()}
+    own = [m for m in model.modules() if isinstance(m, LongFilter) and m.own_optimizer_group]
+    rtf_ids = {id(p) for module in own for p in module.parameters()}
     embed_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
     groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "rtf": []}

@@ -1,0 +1,313 @@
+"""The modal (pole-residue) form of a finite-state long filter: the recurrence every RTF and modal filter
+decodes with, and `ModalFilter`, a filter kind trained or distilled directly in that form.
+
+A filter of finite order with poles lambda_k and residues r_k has the impulse response
+
+    k_0 = d,      k_t = Re sum_k r_k lambda_k^(t-1)    (t >= 1)
+
+with one SLOT per real pole or per conjugate pair (a pair is stored once, its factor 2 folded into
+r_k; a real pole has a real r_k). Its recurrence, per channel and slot, is diagonal:
+
+    y_t        = d u_t + Re sum_k r_k x_k,t
+    x_k,t+1    = lambda_k x_k,t + u_t
+
+The state is m complex numbers per channel, kept as real and imaginary parts, (B, C, 2, m): a step is
+a few elementwise products, allocates nothing and runs unchanged under torch.compile.
+
+Over a chunk u_0 .. u_(T-1) from a state x (the chunked prefill that batching, prompt continuation
+and serving engines need), everything is closed-form:
+
+    y_t   = (k * u)_t + Re sum_k r_k lambda_k^t x_k          zero-state convolution + state response
+    x_T   = lambda^T x + sum_s lambda^(T-1-s) u_s            one Vandermonde product per channel
+
+Powers lambda^t are formed in float64 as blocked products lambda^(jS) lambda^i (S ~ sqrt(T)), so each
+sum above is a batched matrix product and nothing is a polynomial in the coefficients: with
+|lambda| < 1 every power is bounded and the form is as well conditioned as its poles and residues.
+
+`ModalFilter` keeps |lambda| = exp(-exp(w)) < 1 by construction (no constraint to enforce), the angle
+of lambda, the residues and d, all float32; its kernel, recurrence and everything above come from
+the same `ModalSystem`. docs/mathematics.md (section 6) has the derivations and why the companion
+form of the coefficients is not used for decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .fftconv import fft_causal_conv
+from .long_filter import LongFilter
+
+CHUNK_ELEMENTS = 1 << 22  # complex entries per block of the Vandermonde products (bounds their memory)
+# The decode state is float32 while eps32 x `amplification` stays below this, else float64.
+FLOAT32_STATE_RTOL = 1e-5
+LOG_DECAY_MIN = -30.0  # |lambda| = exp(-exp(w)) <= exp(-exp(-30)) = 1 - 9e-14 < 1, even in float64
+
+
+def _blocks(T: int) -> tuple[int, int]:
+    """(S, J) with S J >= T and S ~ sqrt(T): exponent e < T is written e = j S + i, i < S, j < J."""
+    S = max(1, math.isqrt(max(T - 1, 0)) + 1)
+    return S, max(1, -(-T // S))
+
+
+def _cumpowers(lam: torch.Tensor, count: int) -> torch.Tensor:
+    """lambda^0 .. lambda^(count - 1) by a cumulative product: (..., m) -> (..., m, count)."""
+    factors = lam.unsqueeze(-1).expand(*lam.shape, count).clone()
+    factors[..., 0] = 1
+    return torch.cumprod(factors, -1)
+
+
+def blocked_powers(lam: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """small = lambda^i (..., m, S) for i < S and big = lambda^(jS) (..., J, m) for j < J, S J >= T.
+    Relative error about (S + J) eps; zero poles give exact zeros (and lambda^0 = 1)."""
+    S, J = _blocks(T)
+    small = _cumpowers(lam, S)
+    big = _cumpowers(small[..., -1] * lam, J).transpose(-1, -2)  # lambda^S = lambda^(S-1) lambda
+    return small, big
+
+
+def _channel_chunks(C: int, per_channel: int):
+    step = max(1, CHUNK_ELEMENTS // max(per_channel, 1))
+    return [(c, min(C, c + step)) for c in range(0, C, step)]
+
+
+@dataclass
+class ModalSystem:
+    """The modal system of C channels: poles `lam` and residues `res` (C, m) complex128, feed-through
+    `d` (C,) float64, and `dtype`, the real dtype of the decode state and of the step's coefficients.
+
+    lambda^t is never formed beyond the blocked powers, so every method is O(C m T) time and
+    O(CHUNK_ELEMENTS) extra memory. The float64 tensors may carry autograd history (ModalFilter's
+    kernel is differentiated through `taps`); the step's coefficients never do.
+    """
+
+    lam: torch.Tensor
+    res: torch.Tensor
+    d: torch.Tensor
+    dtype: torch.dtype = torch.float32
+    finite_state = True  # the state has a fixed size (the implicit filter's history does not)
+    coef: tuple = field(init=False, repr=False)
+
+    def __post_init__(self):
+        # What a step reads: (C, m) real and imaginary parts of lambda and r, and d, in `dtype`.
+        parts = (self.lam.real, self.lam.imag, self.res.real, self.res.imag, self.d)
+        self.coef = tuple(t.detach().to(self.dtype).contiguous() for t in parts)
+
+    @property
+    def channels(self) -> int:
+        return self.lam.shape[0]
+
+    @property
+    def slots(self) -> int:
+        return self.lam.shape[-1]
+
+    @property
+    def complex_dtype(self) -> torch.dtype:
+        return torch.complex128 if self.dtype == torch.float64 else torch.complex64
+
+    def to(self, dtype: torch.dtype) -> ModalSystem:
+        """The same system with its state and step in `dtype` (float32 or float64)."""
+        return ModalSystem(self.lam.detach(), self.res.detach(), self.d.detach(), dtype)
+
+    def expand(self, repeats: int) -> ModalSystem:
+        """Filter-level -> channel-level: each row serves `repeats` consecutive channels."""
+        if repeats == 1:
+            return self
+        lam, res, d = (t.repeat_interleave(repeats, dim=0) for t in (self.lam, self.res, self.d))
+        return ModalSystem(lam, res, d, self.dtype)
+
+    def init_state(self, batch: int, device=None) -> torch.Tensor:
+        """The zero state, (B, C, 2, m): real and imaginary parts of x."""
+        return torch.zeros(batch, self.channels, 2, self.slots, dtype=self.dtype, device=device or self.lam.device)
+
+    # ---- one token ----------------------------------------------------------------------------
+    def step(self, u: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """u: (B, C), x: (B, C, 2, m) -> (y (B, C) in `dtype`, x advanced IN PLACE and returned).
+
+        y = d u + Re sum_k r_k x_k,     x_k <- lambda_k x_k + u
+        """
+        lr, li, rr, ri, d = self.coef
+        u = u.to(self.dtype)
+        xr, xi = x[:, :, 0], x[:, :, 1]
+        y = d * u + (rr * xr - ri * xi).sum(-1)
+        x.copy_(torch.stack((lr * xr - li * xi + u.unsqueeze(-1), lr * xi + li * xr), dim=2))
+        return y, x
+
+    # ---- whole chunks -------------------------------------------------------------------------
+    def taps(self, T: int) -> torch.Tensor:
+        """Impulse response k_0 .. k_(T-1), (C, T) float64 (differentiable in lam, res, d)."""
+        if T <= 1:
+            return self.d[:, None][:, :T]
+        tail = self._real_part_sums(self.res.unsqueeze(0), T - 1, torch.complex128)[0]  # (C, T - 1)
+        return torch.cat([self.d[:, None], tail], dim=-1)
+
+    def response(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        """Output of the state x (B, C, 2, m) over the next T steps with no input: (B, C, T), `dtype`.
+
+        y_t = Re sum_k r_k lambda_k^t x_k
+        """
+        xc = torch.complex(x[:, :, 0].double(), x[:, :, 1].double())
+        return self._real_part_sums(self.res.detach() * xc, T, self.complex_dtype).to(self.dtype)
+
+    def advance(self, u: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """The state after the inputs u (B, C, T) from x (B, C, 2, m) or zero: (B, C, 2, m), `dtype`.
+
+        x_T = lambda^T x + sum_s lambda^(T-1-s) u_s
+        """
+        B, C, T = u.shape
+        lam = self.lam.detach()
+        small, big = blocked_powers(lam, T + 1)  # exponents 0..T: lambda^T is needed for x
+        S, J = small.shape[-1], big.shape[-2]
+        ctype = self.complex_dtype
+        w = torch.nn.functional.pad(u.to(self.dtype).flip(-1), (0, S * J - T))  # w_e = u_(T-1-e)
+        w = w.unflatten(-1, (J, S))  # (B, C, J, S)
+        out = torch.empty(B, C, self.slots, dtype=ctype, device=u.device)
+        # Real matrix products against [Re lambda^i, Im lambda^i], then the block powers.
+        powers = torch.cat([small.real, small.imag], dim=-2).transpose(-1, -2).to(self.dtype)  # (C, S, 2m)
+        for c0, c1 in _channel_chunks(C, B * J * 2 * self.slots):
+            wc = w[:, c0:c1].permute(1, 0, 2, 3).flatten(1, 2)  # (Cc, B J, S)
+            inner = torch.bmm(wc, powers[c0:c1]).unflatten(1, (B, J))  # (Cc, B, J, 2m)
+            inner = torch.complex(*inner.chunk(2, dim=-1))  # complex64 or complex128, as the state
+            out[:, c0:c1] = (inner * big[c0:c1, None].to(ctype)).sum(2).transpose(0, 1)
+        if x is not None:
+            lam_T = big[:, T // S] * small[..., T % S]  # (C, m)
+            out = out + lam_T.to(ctype) * torch.complex(x[:, :, 0], x[:, :, 1]).to(ctype)
+        return torch.stack((out.real, out.imag), dim=2).to(self.dtype).contiguous()
+
+    def prefill(self, u: torch.Tensor) -> torch.Tensor:
+        """The state after u (B, C, T) from the zero state (the caller has the outputs: the parallel
+        forward's convolution with the filter's kernel)."""
+        return self.advance(u)
+
+    def chunk(self, u: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Filter a chunk u (B, C, T) from the state x (or zero): (y (B, C, T) in u's dtype or float32,
+        the state after the chunk). The zero-state part is one FFT convolution with `taps`."""
+        T = u.shape[-1]
+        work = torch.promote_types(u.dtype, torch.float32)
+        y = fft_causal_conv(u.to(work), self.taps(T).detach().to(work))
+        if x is not None:
+            y = y + self.response(x, T).to(work)
+        return y, self.advance(u, x)
+
+    def _real_part_sums(self, coef: torch.Tensor, T: int, ctype: torch.dtype) -> torch.Tensor:
+        """Re sum_k coef[b, c, k] lambda_ck^t for t < T: coef (B, C, m) complex -> (B, C, T) real."""
+        B, C, m = coef.shape
+        small, big = blocked_powers(self.lam if coef.requires_grad else self.lam.detach(), T)
+        S, J = small.shape[-1], big.shape[-2]
+        parts = []
+        for c0, c1 in _channel_chunks(C, B * J * max(m, S)):
+            q = coef[:, c0:c1].transpose(0, 1)[:, :, None, :] * big[c0:c1, None]  # (Cc, B, J, m)
+            y = torch.matmul(q.flatten(1, 2).to(ctype), small[c0:c1].to(ctype))  # (Cc, B J, S)
+            parts.append(y.real.unflatten(1, (B, J)).flatten(2)[..., :T].transpose(0, 1))
+        return torch.cat(parts, dim=1)
+
+
+def amplification(system: ModalSystem, taps: torch.Tensor) -> torch.Tensor:
+    """Per channel, how much larger the state's terms can get than the output: sum_k |r_k| / (1 - |lambda_k|)
+    (the largest |r_k x_k| for inputs bounded by 1) over the l1 norm of the taps. Rounding the state
+    to eps costs about eps times this, relative to the output: (C,) float64."""
+    lam, res = system.lam.detach(), system.res.detach()
+    gain = (res.abs() / (1 - lam.abs()).clamp_min(1e-300)).sum(-1)
+    return gain / taps.detach()[:, 1:].abs().sum(-1).clamp_min(1e-300)
+
+
+def state_dtype(system: ModalSystem, taps: torch.Tensor, requested: torch.dtype) -> torch.dtype:
+    """`requested` (the config's recurrent_dtype), promoted to float64 when a float32 state would
+    lose more than FLOAT32_STATE_RTOL of the output to cancelling terms (clustered poles with large
+    residues of opposite signs)."""
+    if requested == torch.float64:
+        return requested
+    worst = float(amplification(system, taps).max()) if system.channels else 0.0
+    return torch.float64 if worst * torch.finfo(torch.float32).eps > FLOAT32_STATE_RTOL else torch.float32
+
+
+class ModalFilter(LongFilter):
+    """A bank of modal filters expanded to `channels` channels like `RTF`.
+
+    Per filter, m = ceil(state_size / 2) slots (the same real state size and about the same number
+    of parameters as an order-state_size RTF):
+
+        lambda_k = exp(-exp(w_k)) e^(i theta_k),    r_k = residue[k, 0] + i residue[k, 1],    d = h0
+
+    Parameters `log_decay` w, `angle` theta (F, m), `residue` (F, m, 2), `h0` (F,), float32. The
+    kernel is the exact truncated impulse response at every length (no aliasing, no l_max): the
+    parallel form, the recurrence and the kernel past l_max are one system.
+    """
+
+    own_optimizer_group = True  # poles and residues: their own lr and no weight decay (training/optim.py)
+
+    def __init__(self, channels: int, state_size: int, l_max: int, num_filters: int | None = None):
+        super().__init__()
+        num_filters = num_filters or channels
+        if channels % num_filters:
+            raise ValueError(f"channels ({channels}) must be a multiple of num_filters ({num_filters})")
+        if state_size < 1:
+            raise ValueError(f"state_size must be >= 1, got {state_size}")
+        self.channels, self.num_filters, self.state_size, self.l_max = channels, num_filters, state_size, l_max
+        m = -(-state_size // 2)
+        # Initial decays spread from fast (|lambda| = 0.5) to slow (memory ~ l_max), angles in [0, pi].
+        radius = torch.exp(torch.empty(num_filters, m).uniform_(math.log(0.5), math.log(1 - 1 / l_max)))
+        self.log_decay = nn.Parameter(torch.log(-torch.log(radius)))
+        self.angle = nn.Parameter(torch.empty(num_filters, m).uniform_(0.0, math.pi))
+        self.residue = nn.Parameter(torch.randn(num_filters, m, 2) / math.sqrt(2 * m))
+        self.h0 = nn.Parameter(torch.empty(num_filters).uniform_(-1.0, 1.0))
+
+    @classmethod
+    def from_config(cls, config, layer_idx: int, channels: int, num_filters: int | None) -> ModalFilter:
+        module = cls(channels, config.state_size_of(layer_idx), config.l_max, num_filters=num_filters)
+        module.layer_idx = layer_idx
+        return module
+
+    def system(self) -> ModalSystem:
+        """The filter-level modal system from the parameters, float64, differentiable."""
+        w = self.log_decay.double().clamp_min(LOG_DECAY_MIN)
+        lam = torch.polar(torch.exp(-torch.exp(w)), self.angle.double())
+        res = torch.complex(self.residue[..., 0].double(), self.residue[..., 1].double())
+        return ModalSystem(lam, res, self.h0.double(), torch.float64)
+
+    def kernel(self, T: int) -> torch.Tensor:
+        """(channels, T): the first T taps of the impulse response, in float32 (float64 parameters:
+        float64). Computed in float64 (a float32 phase theta t drifts by eps32 theta t)."""
+        if self.needs_grad():
+            k = self.system().taps(T)
+        else:
+            k = self.memo_taps(T, lambda n: self.system().taps(n))
+        return self._expand(k.to(self.compute_dtype()))
+
+    @torch.no_grad()
+    def recurrence(self, dtype: torch.dtype = torch.float32, check: str = "error") -> ModalSystem:
+        """The channel-level recurrent form (memoised until the parameters change). Every pole is
+        inside the unit disk by construction, so `check` has nothing to refuse."""
+
+        def build():
+            system = self.system()
+            chosen = state_dtype(system, system.taps(self.l_max), dtype)
+            return system.to(chosen).expand(self.channels // self.num_filters)
+
+        return self.memo(("recurrence", dtype), build)
+
+    def poles(self) -> torch.Tensor:
+        """(num_filters, m) complex128, detached."""
+        return self.system().lam.detach()
+
+    def pole_radius(self) -> torch.Tensor:
+        """Largest |pole| of each filter, (num_filters,) float64."""
+        return self.poles().abs().amax(-1)
+
+    @torch.no_grad()
+    def load_modes(self, poles: torch.Tensor, residues: torch.Tensor, d: torch.Tensor) -> None:
+        """Set the parameters from poles and residues (num_filters, m) complex (the pair factor 2
+        already in the residues; |pole| < 1) and d (num_filters,)."""
+        radius = poles.abs().clamp(1e-30, 1.0)
+        if bool((radius >= 1).any()):
+            raise ValueError("a modal filter needs every |pole| < 1")
+        self.log_decay.copy_(torch.log(-torch.log(radius)).clamp_min(LOG_DECAY_MIN))
+        self.angle.copy_(poles.angle())
+        self.residue.copy_(torch.stack((residues.real, residues.imag), -1))
+        self.h0.copy_(d)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, filters={self.num_filters}, slots={self.log_decay.shape[-1]}"
