@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import decode_tolerance, counting_backend, naive_greedy, slow_poles, tiny_model
+from helpers import counting_backend, decode_tolerance, naive_greedy, slow_poles, tiny_model
 from transformers import CompileConfig
 
 from hyena_rtf.models.attention import StaticKV
