@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything on a fresh machine (scripts/setup.sh), checks lint and formatting (ruff), then
-# runs the whole test suite on the CPU with the newest transformers pip resolves, and the Hugging Face-facing tests (marker `hf`) again
+# runs the whole test suite on the CPU with the newest transformers pip resolves, the numerics test
+# files again on torch's portable kernels (ATEN_CPU_CAPABILITY=default), and the Hugging Face-facing tests (marker `hf`) again
 # under the oldest release pyproject.toml admits, in .venv-transformers-X.Y: a copy of .venv in
 # which pip then installs that transformers (and whatever it needs instead), so the two runs differ
 # only there. Copying takes seconds where a second full install took minutes.
@@ -23,6 +24,12 @@ echo "[test] ruff: lint and formatting (config in pyproject.toml)"
 .venv/bin/ruff format --check --quiet .
 PARALLEL=(-n "${TEST_WORKERS:-auto}" --dist loadfile)
 .venv/bin/python -m pytest -q "${PARALLEL[@]}"
+# Users' CPUs differ: the numerics again on torch's portable kernels (no AVX2/AVX-512 routes), so
+# that no tolerance holds only for the rounding of one instruction set.
+NUMERICS=(tests/test_modal.py tests/test_rtf.py tests/test_fftconv.py tests/test_distill_math.py
+  tests/test_hyena.py tests/test_multihyena.py tests/test_exact_decoding.py)
+echo "[test] numerics again with ATEN_CPU_CAPABILITY=default (torch's portable kernels)"
+ATEN_CPU_CAPABILITY=default .venv/bin/python -m pytest -q "${PARALLEL[@]}" -m "not slow" "${NUMERICS[@]}"
 oldest=$(sed -n 's/^ *"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
 [ -n "$oldest" ] || { echo "scripts/test.sh: no transformers>=X.Y lower bound in pyproject.toml" >&2; exit 1; }
 echo "[test] the Hugging Face contract again under the oldest supported transformers ($oldest)"
