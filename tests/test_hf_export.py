@@ -113,6 +113,9 @@ def test_folder_is_self_contained(exported):
         "modeling_hyena_rtf.py",
         "hyena.py",
         "rtf.py",
+        "modal.py",
+        "long_filter.py",
+        "filters.py",
         "attention.py",
         "fftconv.py",
         "precision.py",
@@ -123,8 +126,7 @@ def test_folder_is_self_contained(exported):
     assert config["auto_map"]["AutoConfig"] == "configuration_hyena_rtf.HyenaRTFConfig"
     # Exported files import each other relatively, and otherwise only the standard library, torch
     # and transformers (flash_attn is optional, inside try/except): never the repo's own packages.
-    stdlib = {"__future__", "math", "warnings", "dataclasses", "typing", "functools"}
-    allowed = stdlib | {"torch", "transformers", "flash_attn"}
+    allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "flash_attn"}
     for py in ckpt.glob("*.py"):
         for node in ast.walk(ast.parse(py.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level == 0:
