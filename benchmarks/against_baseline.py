@@ -10,7 +10,9 @@ tree's) runs with that worktree's packages first on the import path (a temporary
 hyena_rtf.models, .training, ... onto it), so only the code under test differs. Each run gets
 `--out` (appended to the command) in benchmarks/results/; the side-by-side file
 <name>_vs_<baseline>.json holds the machine, both commands and both results. The benchmark must
-accept --out and import only what both trees have.
+accept --out and import only what both trees have: a module only this tree has still resolves to
+this tree (through the editable install's finder), so a benchmark that needs one must ask first
+whether the tree under test has it (benchmarks/recurrence_build.py does).
 """
 
 from __future__ import annotations

@@ -214,13 +214,13 @@ def amplification(system: ModalSystem, taps: torch.Tensor) -> torch.Tensor:
     return gain / taps.detach()[:, 1:].abs().sum(-1).clamp_min(1e-300)
 
 
-def state_dtype(system: ModalSystem, taps: torch.Tensor, requested: torch.dtype) -> torch.dtype:
+def state_dtype(amplifications: torch.Tensor, requested: torch.dtype) -> torch.dtype:
     """`requested` (the config's recurrent_dtype), promoted to float64 when a float32 state would
     lose more than FLOAT32_STATE_RTOL of the output to cancelling terms (clustered poles with large
-    residues of opposite signs)."""
-    if requested == torch.float64:
+    residues of opposite signs): `amplifications` (C,) of the layer's filters (`amplification`)."""
+    if requested == torch.float64 or amplifications.numel() == 0:
         return requested
-    worst = float(amplification(system, taps).max()) if system.channels else 0.0
+    worst = float(amplifications.max())
     return torch.float64 if worst * torch.finfo(torch.float32).eps > FLOAT32_STATE_RTOL else torch.float32
 
 
@@ -284,7 +284,7 @@ class ModalFilter(LongFilter):
 
         def build():
             system = self.system()
-            chosen = state_dtype(system, system.taps(self.l_max), dtype)
+            chosen = state_dtype(amplification(system, system.taps(self.l_max)), dtype)
             return system.to(chosen).expand(self.channels // self.num_filters)
 
         return self.memo(("recurrence", dtype), build)

@@ -206,13 +206,14 @@ def _residues_by_least_squares(lam: torch.Tensor, taps: torch.Tensor) -> torch.T
 @dataclass
 class ModalConversion:
     """What `convert_rtf` built, per filter: the system (filter level, float64), the largest |pole|
-    `radius`, the relative l2 `error` of its taps against the float64 FFT kernel over [0, L') and
-    the `bound` that error must meet (`conversion_bound`)."""
+    `radius`, the relative l2 `error` of its taps against the float64 FFT kernel over [0, L'), the
+    `bound` that error must meet (`conversion_bound`) and the modal terms' `amplification`."""
 
     system: ModalSystem
     radius: torch.Tensor
     error: torch.Tensor
     bound: torch.Tensor
+    amplification: torch.Tensor
 
     @property
     def stable(self) -> torch.Tensor:
@@ -235,13 +236,14 @@ def convert_rtf(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, fft_len: int
         taps = sys.taps(fft_len)
         err = (taps - reference).norm(dim=-1) / reference.norm(dim=-1).clamp_min(1e-300)
         err = torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf))
-        return err, conversion_bound(a, fft_len, amplification(sys, taps))
+        amp = amplification(sys, taps)
+        return err, conversion_bound(a, fft_len, amp), amp
 
-    error, bound = check(system)
+    error, bound, amp = check(system)
     finite = torch.isfinite(reference).all(-1)
     redo = (~conversion_ok(error, bound) & (radius < 1) & finite).nonzero().flatten().tolist()
     if not redo:
-        return ModalConversion(system, radius, error, bound)
+        return ModalConversion(system, radius, error, bound, amp)
     refits = []
     for f in redo:
         lam_f, _ = _slots(_spread_zero_cluster(lam_all[f])[None], torch.zeros_like(lam_all[f])[None])
@@ -252,14 +254,14 @@ def convert_rtf(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, fft_len: int
     for f, (lam_f, res_f) in zip(redo, refits):
         lam[f], res[f], d[f] = 0, 0, reference[f, 0]
         lam[f, : len(lam_f)], res[f, : len(res_f)] = lam_f, res_f
-    error2, bound2 = check(ModalSystem(lam, res, d, torch.float64))
+    error2, bound2, amp2 = check(ModalSystem(lam, res, d, torch.float64))
     better = error2 < error  # only redone rows can differ
     pick = better[:, None]
     system = ModalSystem(
         torch.where(pick, lam, lam0), torch.where(pick, res, res0), torch.where(better, d, system.d), torch.float64
     )
-    error, bound = torch.where(better, error2, error), torch.where(better, bound2, bound)
-    return ModalConversion(system, radius, error, bound)
+    error, bound, amp = (torch.where(better, new, old) for new, old in ((error2, error), (bound2, bound), (amp2, amp)))
+    return ModalConversion(system, radius, error, bound, amp)
 
 
 class RTF(LongFilter):
@@ -455,7 +457,7 @@ class RTF(LongFilter):
 
         def build() -> ModalSystem:
             system = conversion.system
-            chosen = state_dtype(system, system.taps(self.fft_len), dtype)
+            chosen = state_dtype(conversion.amplification[conversion.stable], dtype)
             return system.to(chosen).expand(self.channels // self.num_filters)
 
         return self.memo(("recurrence", dtype), build)

@@ -144,9 +144,9 @@ def test_cancelling_residues_promote_the_state_to_float64():
         torch.ones(1, 2, dtype=torch.complex128),
         torch.zeros(1, dtype=torch.float64),
     )
-    assert state_dtype(near, near.taps(64), torch.float32) == torch.float64
-    assert state_dtype(tame, tame.taps(64), torch.float32) == torch.float32
-    assert state_dtype(tame, tame.taps(64), torch.float64) == torch.float64
+    assert state_dtype(amplification(near, near.taps(64)), torch.float32) == torch.float64
+    assert state_dtype(amplification(tame, tame.taps(64)), torch.float32) == torch.float32
+    assert state_dtype(amplification(tame, tame.taps(64)), torch.float64) == torch.float64
 
 
 # ---------------------------------------------------------------------------------------------
