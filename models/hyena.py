@@ -159,14 +159,23 @@ class HyenaOperator(nn.Module):
         out = self.out_proj((x0 * yf.to(x0.dtype)).transpose(1, 2))
         return out, advance_state(state, conv_tail(p, state, self.width), filt, rec)
 
-    def step(self, u: torch.Tensor, state: HyenaState) -> tuple[torch.Tensor, HyenaState]:
+    def step(
+        self, u: torch.Tensor, state: HyenaState, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, HyenaState]:
         """One token. u: (B, d) -> (B, d), and `state` (returned as well) advanced in place.
+        mask: (B,) 0/1 or None; a 0 makes the token a zero input, as the parallel forward does.
         Cost O(d (d + w + n)), independent of the position. For a finite state it allocates no
         state and makes no host synchronisation, so the same code serves the eager cache and the
         static, compiled decode step (models/static_decode.py)."""
-        window = shift_in_(state.conv, self.in_proj(u))  # (B, 3d, w)
+        p = self.in_proj(u)
+        if mask is not None:
+            p = p * mask[:, None].to(p.dtype)
+        window = shift_in_(state.conv, p)  # (B, 3d, w)
         x0, x1, v = short_conv_step(window, self.short_conv).chunk(3, dim=-1)
-        y = x0 * state.step_filter(x1 * v).to(x0.dtype)
+        z = x1 * v
+        if mask is not None:
+            z = z * mask[:, None].to(z.dtype)
+        y = x0 * state.step_filter(z).to(x0.dtype)
         return self.out_proj(y), state
 
 

@@ -67,7 +67,9 @@ class Block(nn.Module):
         self, h: torch.Tensor, mask: torch.Tensor | None = None, cache: HyenaRTFCache | None = None, layer_idx: int = 0
     ) -> torch.Tensor:
         """h: (B, T, d). mask: (B, past + T) 0/1 or None. With a cache: prefill when this layer has
-        no state yet, else continue its state over the T new positions (models/hyena.py)."""
+        no state yet, else one recurrent step (T = 1) or the closed-form continuation of its state
+        over the T new positions (models/hyena.py); masked new positions count as zero inputs, as
+        in the parallel forward."""
         x = self.norm1(h)
         if self.is_attention:
             kv = cache.layers[layer_idx] if cache is not None else None
@@ -76,12 +78,15 @@ class Block(nn.Module):
                 cache.layers[layer_idx] = kv
         elif cache is None:
             y = self.mixer(x, mask)
-        else:  # prefill, or a chunk continuing the state in closed form (the state advanced in place)
+        else:
             state = cache.layers[layer_idx]
-            chunk_mask = None if mask is None else mask[:, -x.shape[1] :]
-            y, cache.layers[layer_idx] = self.mixer(
-                x, chunk_mask, return_state=True, pole_check=cache.pole_check, state=state
-            )
+            new_mask = None if mask is None else mask[:, -x.shape[1] :]
+            if state is not None and x.shape[1] == 1:  # one token: the O(1) step, the state in place
+                y = self.mixer.step(x[:, 0], state, None if new_mask is None else new_mask[:, 0])[0][:, None]
+            else:  # prefill, or a chunk continuing the state in closed form (in place)
+                y, cache.layers[layer_idx] = self.mixer(
+                    x, new_mask, return_state=True, pole_check=cache.pole_check, state=state
+                )
         return self._residual(h, y)
 
     def step(self, h: torch.Tensor, state, pos: torch.Tensor) -> torch.Tensor:

@@ -101,13 +101,20 @@ class MultiHyenaOperator(nn.Module):
             return out
         return out, advance_state(state, conv_tail(p, state, self.width), filt, rec)
 
-    def step(self, u: torch.Tensor, state: HyenaState) -> tuple[torch.Tensor, HyenaState]:
+    def step(
+        self, u: torch.Tensor, state: HyenaState, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, HyenaState]:
         """One token. u: (B, d) -> (B, d), and `state` (returned as well) advanced in place, as in
         HyenaOperator.step. RTF: O(d (d + w) + M e^2 n) = O(d (d + w + e n)) per token,
         independent of the position."""
-        window = shift_in_(state.conv, self.in_proj(u))  # (B, 3d, w)
+        p = self.in_proj(u)
+        if mask is not None:  # a 0 makes the token a zero input, as the parallel forward does
+            p = p * mask[:, None].to(p.dtype)
+        window = shift_in_(state.conv, p)  # (B, 3d, w)
         q, k, v = map(self._heads, short_conv_step(window, self.short_conv).chunk(3, dim=-1))  # (B, M, e) each
         z = (k.unsqueeze(-1) * v.unsqueeze(-2)).flatten(1)  # (B, M e^2)
+        if mask is not None:
+            z = z * mask[:, None].to(z.dtype)
         Z = state.step_filter(z)
         Z = Z.to(q.dtype).unflatten(1, (self.heads, self.head_dim, self.head_dim))  # (B, M, e, e)
         y = torch.einsum("bmi,bmij->bmj", q, Z).flatten(1)  # (B, d)
