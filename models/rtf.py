@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -140,6 +141,18 @@ def _slots(lam: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return torch.where(keep_s, lam_s, zero), torch.where(keep_s, r_s, zero)
 
 
+def poles_of(a: torch.Tensor) -> torch.Tensor:
+    """Roots of z^n + a1 z^(n-1) + ... + an per row of a (F, n): the eigenvalues of the companion
+    matrices, (F, n) complex. LAPACK takes the matrices one after the other on one thread, so on a CPU
+    the rows are split over torch's intra-op threads (each call releases the GIL)."""
+    threads = torch.get_num_threads() if a.device.type == "cpu" else 1
+    if threads <= 1 or a.shape[0] < 2 * threads:
+        return torch.linalg.eigvals(companion(a))
+    parts = a.tensor_split(threads)
+    with ThreadPoolExecutor(threads) as pool:
+        return torch.cat(list(pool.map(lambda rows: torch.linalg.eigvals(companion(rows)), parts)))
+
+
 def rtf_modal_system(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, fft_len: int) -> ModalSystem:
     """The modal system whose truncated impulse response is the size-fft_len FFT kernel of (a, b, h0)
     (module docstring), closed form, float64, differentiable (distinct poles): a, b (F, n), h0 (F,).
@@ -227,7 +240,7 @@ def convert_rtf(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, fft_len: int
     residues for its poles, the cluster at the origin spread (`_spread_zero_cluster`), d from tap 0;
     the better of the two is kept, and whatever error remains is reported in `error`."""
     a, b, h0 = (t.to(torch.float64) for t in (a, b, h0))
-    lam_all = torch.linalg.eigvals(companion(a))  # (F, n): computed once, the costly part (O(n^3))
+    lam_all = poles_of(a)  # (F, n): computed once, the costly part (O(n^3))
     system = _closed_form(lam_all, b, h0, fft_len)
     reference = rational_kernel(b, a, h0, fft_len)  # (F, L')
     radius = lam_all.abs().amax(-1) if a.shape[-1] else h0.new_zeros(h0.shape)
