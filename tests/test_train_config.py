@@ -267,3 +267,14 @@ def test_warmup_cosine_schedule():
     assert all(a >= b for a, b in zip(vals, vals[1:]))
     assert lr_factor(0, 0, 100, 0.0) == pytest.approx(1.0)
     assert not math.isnan(lr_factor(5, 0, 0, 0.0))
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["optim.lr=nan", "optim.rtf_lr=inf", "optim.beta2=-inf", "optim.grad_clip=nan", "model.dropout=nan"],
+)
+def test_non_finite_numbers_are_refused_naming_the_key(override):
+    """NaN passes every range check (`nan < 0` is False): without this a NaN lr trained a NaN model."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=re.escape(f"invalid value for '{key}'") + ".*finite"):
+        load_config(None, [override])

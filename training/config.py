@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -242,8 +243,23 @@ def _choice(value: str, allowed: tuple, key: str) -> None:
         raise ConfigError(f"invalid value for '{key}': {value!r} (choose one of {', '.join(allowed)})")
 
 
+def check_finite(node, path: str = "") -> None:
+    """ConfigError naming the first float setting that is NaN or infinite, anywhere in the config: a
+    comparison such as `lr < 0` is False for NaN, so range checks alone let it through (and a NaN
+    learning rate trains a NaN model that exits 0)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            check_finite(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            check_finite(value, f"{path}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"invalid value for '{path}': {node} (must be a finite number)")
+
+
 def check_values(cfg: DictConfig) -> None:
-    """Checks OmegaConf's types cannot express (choices, ranges)."""
+    """Checks OmegaConf's types cannot express (finite numbers, choices, ranges)."""
+    check_finite(OmegaConf.to_container(cfg, resolve=True))
     t = cfg.train
     _choice(cfg.model.arch, ARCHS, "model.arch")
     _choice(t.engine, ENGINES, "train.engine")
