@@ -15,6 +15,8 @@ The cache is `HyenaRTFCache` (models/cache.py), created by `forward` whenever `u
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import torch
@@ -315,10 +317,16 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
         `cache_implementation="static"` and no cache given, a StaticHyenaRTFCache for this call's
         length: generate() then compiles the decode step where it compiles (CUDA, or a
         `compile_config` allowing all devices). transformers' own StaticCache holds keys and values
-        only and cannot serve this model. Anything else goes to transformers."""
+        only and cannot serve this model. With `prefill_chunk_size`, an empty HyenaRTFCache that the
+        chunks fill in turn. Anything else goes to transformers."""
         given = pick_cache(model_kwargs.get("cache"), model_kwargs.get("past_key_values"))
         if generation_config.cache_implementation == "static" and given is None and generation_config.use_cache:
             model_kwargs[CACHE_NAME] = StaticHyenaRTFCache(max_cache_length)
+            return
+        if getattr(generation_config, "prefill_chunk_size", None) and given is None and generation_config.use_cache:
+            # Chunked prefill feeds the prompt in pieces to a cache that must exist before the first
+            # (forward creates one only when given none); each piece continues the state exactly.
+            model_kwargs[CACHE_NAME] = HyenaRTFCache([block.is_attention for block in self.model.layers])
             return
         super()._prepare_cache_for_generation(
             generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
@@ -395,7 +403,8 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
         are the whole sequence so far, of which the cache has seen `seen_tokens` positions.
         `next_sequence_length` is how many new positions generate() says there are (1 per decode
         step); without it, that is the sequence length (from the attention mask, which covers the
-        whole sequence, embedded prompt included) minus what the cache has seen.
+        whole sequence, embedded prompt included) minus what the cache has seen, except for
+        generate()'s chunked prefill (`prefill_chunk_size`), which passes each chunk alone.
         """
         cache = pick_cache(cache, past_key_values)
         total = attention_mask.shape[1] if attention_mask is not None else input_ids.shape[1]
@@ -405,6 +414,9 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
         def seen() -> int:  # a static cache counts on the device: read only when needed (a host sync)
             return 0 if cache is None else cache.seen_tokens
 
+        # Generation arguments that are not inputs of forward (generate(stop_strings=..., tokenizer=...)
+        # leaves `tokenizer` among them) stay out of the call.
+        kwargs = {k: v for k, v in kwargs.items() if k in _forward_arguments(type(self))}
         inputs = {"attention_mask": attention_mask, "use_cache": use_cache, **cache_kwargs(cache), **kwargs}
         if inputs_embeds is not None and (is_first_iteration or (cache is not None and seen() == 0)):
             inputs["inputs_embeds"] = inputs_embeds[:, seen() :]  # the prompt, given as vectors
@@ -414,7 +426,12 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
                 "generate(inputs_embeds=...) needs the recurrent cache: the prompt exists only as "
                 "vectors, so it cannot be re-run from ids; do not pass use_cache=False"
             )
-        new = next_sequence_length if next_sequence_length is not None else total - seen()
+        if next_sequence_length is not None:
+            new = next_sequence_length
+        elif is_first_iteration and attention_mask is None and cache is not None and seen() > 0:
+            new = input_ids.shape[1]  # generate()'s chunked prefill passes each chunk alone, without a mask
+        else:
+            new = total - seen()
         if cache is not None and not 0 < new <= input_ids.shape[1]:
             raise ValueError(
                 f"the cache has seen {seen()} positions but the input has {input_ids.shape[1]} ids and "
@@ -422,3 +439,9 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
             )
         inputs["input_ids"] = input_ids[:, -new:].contiguous() if cache is not None else input_ids.contiguous()
         return inputs
+
+
+@functools.cache
+def _forward_arguments(cls) -> frozenset:
+    """The keyword arguments `cls.forward` takes."""
+    return frozenset(inspect.signature(cls.forward).parameters) - {"self"}

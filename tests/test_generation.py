@@ -12,7 +12,7 @@ that greedy choices are not decided by float rounding.
 
 import pytest
 import torch
-from helpers import naive_greedy, tiny_config
+from helpers import naive_greedy, spy_on_forward, tiny_config, train_tiny_tokenizer
 
 from hyena_rtf.models import HyenaRTFForCausalLM
 from hyena_rtf.models.hf_compat import cache_kwargs, output_cache
@@ -202,3 +202,37 @@ def test_left_padded_batch_equals_each_prompt_alone(attn):
         for row, p in zip(batched, prompts):
             alone = model.generate(p[None], max_new_tokens=new, do_sample=False)[0, len(p) :]
             assert torch.equal(row, alone)
+
+
+@pytest.mark.parametrize("attn", [None, [1]], ids=["hyena", "hybrid"])
+def test_chunked_prefill_feeds_chunks_and_generates_the_same_tokens(attn):
+    """generate(prefill_chunk_size=7) on a left-padded batch whose prompt (45) runs past l_max (32):
+    the same greedy tokens as one prefill, and the model is fed the prompt in pieces of at most 7
+    positions (counted), each continuing the state in closed form, then one position per step."""
+    model = tiny_model("rtf", attn)
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(1, VOCAB, (2, 45), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    calls = spy_on_forward(model)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, prefill_chunk_size=7)
+    assert torch.equal(out, ref)
+    fed = [c.positions for c in calls]
+    assert fed == [7] * 6 + [3] + [1] * 7, fed
+
+
+def test_stop_strings_with_a_tokenizer(tmp_path):
+    """generate(stop_strings=..., tokenizer=...): the tokenizer is generate()'s, never forwarded to the
+    model; the output is the unstopped greedy output cut right after the first stop string."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=train_tiny_tokenizer(tmp_path / "tok.json"))
+    model = tiny_model("rtf", None)
+    ids = torch.randint(1, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
+    full = model.generate(ids, max_new_tokens=20, do_sample=False)
+    text = tok.decode(full[0, 12:])
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    out = model.generate(ids, max_new_tokens=20, do_sample=False, stop_strings=[stop], tokenizer=tok)
+    assert torch.equal(out[0], full[0, : out.shape[1]])
+    assert stop in tok.decode(out[0, 12:]) and out.shape[1] < full.shape[1]
