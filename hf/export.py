@@ -140,4 +140,16 @@ def save_hf_checkpoint(
                 model.save_pretrained(staging)
             if tok is not None:
                 tok.save_pretrained(staging)
+            with_user_umask(staging)
     return out
+
+
+def with_user_umask(folder: Path) -> None:
+    """Give every file in `folder` the mode a new file gets under the user's umask: transformers writes
+    the weights through a private temporary file (mode 0600), which a teammate on a shared cluster
+    could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).iterdir():
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o666 & ~umask)

@@ -226,9 +226,40 @@ def test_distilled_implicit_models_decode_exactly(trained_implicit, form, order,
     source, seq = trained_implicit
     out = tmp_path / "out"
     code = load_script("distill.py").main(
-        [str(source), str(out), "--order", str(order), "--form", form, "--steps", "40"]
+        [str(source), str(out), "--order", str(order), "--form", form, "--steps", "15"]
     )
     assert code == 0
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     assert model.config.filter == form
     check_decoding(model, seq)
+
+
+@pytest.mark.parametrize("kind", ["rtf", "hybrid"])
+def test_padding_inside_a_later_turn_is_honoured_by_the_cache(kind):
+    """A batched multi-turn continuation: the second turn of row 0 is left-padded (mask zeros in the
+    middle of the sequence). Fed through the cache as a chunk, or token by token, the logits of the
+    real positions equal one uncached forward with the same mask: masked positions are zero inputs
+    in every form (a time-invariant filter still counts them as time steps, uncached too)."""
+    torch.manual_seed(0)
+    config = HyenaRTFConfig(
+        vocab_size=VOCAB,
+        pad_vocab_size_multiple=8,
+        d_model=8,
+        n_layer=2,
+        l_max=64,
+        state_size=4,
+        n_head=2,
+        attn_layers=[1] if kind == "hybrid" else None,
+        initializer_range=0.3,
+    )
+    model = HyenaRTFForCausalLM(config).eval()
+    ids = torch.randint(1, VOCAB, (2, 40), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[0, 20:26] = 0  # row 0's second turn starts with 6 pad tokens
+    with torch.no_grad():
+        parallel = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    real = mask.bool()
+    scale = parallel[real].abs().max()
+    for chunk_end in (20, 34):  # the turn as one chunk; or the first 14 of it then token by token
+        cached = cached_logits(model, ids, mask, 20, chunk_end)
+        assert float((cached - parallel)[real].abs().max() / scale) <= RTOL

@@ -173,3 +173,18 @@ def test_bf16_export_keeps_rtf_parameters_float32(exported):
     assert set(rtf.values()) == {"torch.float32"}, rtf
     assert dtypes["model.layers.0.mixer.in_proj.weight"] == "torch.bfloat16"
     assert res["bf16_generated"] == 4
+
+
+def test_every_exported_file_gets_the_users_umask(tmp_path):
+    """A shared cluster: with umask 022 every file of the export is 0644, the weights included
+    (transformers writes them through a private 0600 temporary file)."""
+    from hyena_rtf.models import HyenaRTFForCausalLM
+
+    model = HyenaRTFForCausalLM(tiny_config(vocab_size=320))
+    old = os.umask(0o022)
+    try:
+        out = save_hf_checkpoint(model, train_tiny_tokenizer(tmp_path / "tok.json"), tmp_path / "export")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
