@@ -297,3 +297,18 @@ def test_montel_filters_convert_to_rounding():
             ref = rational_kernel(b, a, h0, rtf.fft_len)
         err = (conversion.system.taps(rtf.fft_len) - ref).norm(dim=-1) / ref.norm(dim=-1)
         assert float(err.max()) <= 1e-9, (n, float(err.max()))
+
+
+def test_modal_filter_parameters_get_the_filter_optimizer_group():
+    """Like the RTF's, a modal filter's poles, residues and h0 get optim.rtf_lr and no weight decay
+    (own_optimizer_group), and nothing else does."""
+    from hyena_rtf.models import HyenaRTFConfig, HyenaRTFForCausalLM
+    from hyena_rtf.training.optim import param_groups
+
+    model = HyenaRTFForCausalLM(
+        HyenaRTFConfig(vocab_size=64, d_model=8, n_layer=1, l_max=32, state_size=4, filter="modal")
+    )
+    groups = {g["name"]: g for g in param_groups(model, lr=1e-3, rtf_lr=7e-3, weight_decay=0.1)}
+    own = {id(p) for m in model.modules() if isinstance(m, ModalFilter) for p in m.parameters()}
+    assert {id(p) for p in groups["rtf"]["params"]} == own and len(own) == 4
+    assert groups["rtf"]["peak_lr"] == 7e-3 and groups["rtf"]["weight_decay"] == 0.0
