@@ -143,14 +143,16 @@ def _slots(lam: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def poles_of(a: torch.Tensor) -> torch.Tensor:
     """Roots of z^n + a1 z^(n-1) + ... + an per row of a (F, n): the eigenvalues of the companion
-    matrices, (F, n) complex. LAPACK takes the matrices one after the other on one thread, so on a CPU
-    the rows are split over torch's intra-op threads (each call releases the GIL)."""
-    threads = torch.get_num_threads() if a.device.type == "cpu" else 1
+    matrices, (F, n) complex, on a's device. Computed on the host (many small non-symmetric
+    eigenproblems), where LAPACK takes the matrices one after the other on one thread, so the rows
+    are split over torch's intra-op threads (each call releases the GIL)."""
+    device, a = a.device, a.cpu()  # small dense problems: LAPACK on the host beats a GPU eigensolver
+    threads = torch.get_num_threads()
     if threads <= 1 or a.shape[0] < 2 * threads:
-        return torch.linalg.eigvals(companion(a))
+        return torch.linalg.eigvals(companion(a)).to(device)
     parts = a.tensor_split(threads)
     with ThreadPoolExecutor(threads) as pool:
-        return torch.cat(list(pool.map(lambda rows: torch.linalg.eigvals(companion(rows)), parts)))
+        return torch.cat(list(pool.map(lambda rows: torch.linalg.eigvals(companion(rows)), parts))).to(device)
 
 
 def rtf_modal_system(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, fft_len: int) -> ModalSystem:
