@@ -63,24 +63,24 @@ def denominators(kind: str, n: int, channels: int, rng) -> np.ndarray:
     return np.stack(rows)
 
 
+def tiny_lm(seed: int = 0, **fields) -> HyenaRTFForCausalLM:
+    """A tiny random Hyena-RTF LM (d 8, 2 layers, vocabulary VOCAB), float32, eval mode."""
+    torch.manual_seed(seed)
+    base = dict(vocab_size=VOCAB, pad_vocab_size_multiple=8, d_model=8, n_layer=2, n_head=2, initializer_range=0.3)
+    return HyenaRTFForCausalLM(HyenaRTFConfig(**{**base, **fields})).eval()
+
+
 def rtf_model(kind: str, n: int, l_max: int, dtype: torch.dtype, heads: int | None = None, seed: int = 0):
     """A tiny Hyena-RTF LM whose every filter is of the adversarial `kind` (constraint none), or for
     kind "montel" the default trained kind (xavier, l1 Montel constraint) with its slack at 0, which
     lets sum |a| reach 1 and the poles approach the circle (0.976 at order 64)."""
-    torch.manual_seed(seed)
-    config = HyenaRTFConfig(
-        vocab_size=VOCAB,
-        pad_vocab_size_multiple=8,
-        d_model=8,
-        n_layer=2,
+    model = tiny_lm(
+        seed,
         l_max=l_max,
         state_size=n,
         rtf_constraint="l1_montel" if kind == "montel" else "none",
         multi_hyena_heads=heads,
-        n_head=2,
-        initializer_range=0.3,
-    )
-    model = HyenaRTFForCausalLM(config).to(dtype).eval()
+    ).to(dtype)
     rng = np.random.default_rng(seed)
     for block in model.model.layers:
         f = block.mixer.filter
@@ -157,19 +157,7 @@ def test_multihyena_decodes_exactly(filter_kind):
     if filter_kind == "rtf":
         model = rtf_model("edge", 8, 256, torch.float32, heads=2)
     else:
-        torch.manual_seed(0)
-        config = HyenaRTFConfig(
-            vocab_size=VOCAB,
-            pad_vocab_size_multiple=8,
-            d_model=8,
-            n_layer=2,
-            l_max=256,
-            state_size=8,
-            filter="modal",
-            multi_hyena_heads=2,
-            initializer_range=0.3,
-        )
-        model = HyenaRTFForCausalLM(config).eval()
+        model = tiny_lm(l_max=256, state_size=8, filter="modal", multi_hyena_heads=2)
     check_decoding(model, 256)
 
 
@@ -240,19 +228,7 @@ def test_padding_inside_a_later_turn_is_honoured_by_the_cache(kind):
     middle of the sequence). Fed through the cache as a chunk, or token by token, the logits of the
     real positions equal one uncached forward with the same mask: masked positions are zero inputs
     in every form (a time-invariant filter still counts them as time steps, uncached too)."""
-    torch.manual_seed(0)
-    config = HyenaRTFConfig(
-        vocab_size=VOCAB,
-        pad_vocab_size_multiple=8,
-        d_model=8,
-        n_layer=2,
-        l_max=64,
-        state_size=4,
-        n_head=2,
-        attn_layers=[1] if kind == "hybrid" else None,
-        initializer_range=0.3,
-    )
-    model = HyenaRTFForCausalLM(config).eval()
+    model = tiny_lm(l_max=64, state_size=4, attn_layers=[1] if kind == "hybrid" else None)
     ids = torch.randint(1, VOCAB, (2, 40), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
     mask[0, 20:26] = 0  # row 0's second turn starts with 6 pad tokens
