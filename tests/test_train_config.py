@@ -278,3 +278,9 @@ def test_non_finite_numbers_are_refused_naming_the_key(override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=re.escape(f"invalid value for '{key}'") + ".*finite"):
         load_config(None, [override])
+
+
+def test_an_unresolvable_interpolation_is_one_error_naming_the_key():
+    """`train.out_dir=${train.out_dir}` (a cycle) was a traceback with exit status 1."""
+    with pytest.raises(ConfigError, match=r"cannot resolve 'train.out_dir'"):
+        load_config(None, ["train.out_dir=${train.out_dir}"])

@@ -201,6 +201,7 @@ def load_config(
             raise ConfigError(f"command-line override '{item}': {e}") from None
         cfg = _merge(cfg, dot, f"command-line override '{item}'", schema)
         layers.append((1, f"command-line override '{item}'", dot))
+    resolve_all(cfg)
     check_values(cfg)
     check_arch_keys(cfg, layers)
     return cfg
@@ -241,6 +242,16 @@ def check_arch_keys(cfg: DictConfig, layers: list[tuple[int, str, DictConfig]]) 
 def _choice(value: str, allowed: tuple, key: str) -> None:
     if value not in allowed:
         raise ConfigError(f"invalid value for '{key}': {value!r} (choose one of {', '.join(allowed)})")
+
+
+def resolve_all(cfg: DictConfig) -> None:
+    """ConfigError, one line naming the key, for an interpolation that cannot be resolved (a cycle
+    such as `train.out_dir=${train.out_dir}`, a missing key), before anything reads the config."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        reason = str(e).splitlines()[0]
+        raise ConfigError(f"cannot resolve '{getattr(e, 'full_key', None) or '?'}': {reason}") from None
 
 
 def check_finite(node, path: str = "") -> None:
