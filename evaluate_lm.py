@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -203,16 +204,31 @@ def format_table(results):
     return "\n".join(lines)
 
 
+def check_output(path: Path | None) -> None:
+    """EvalError unless --output can be written, checked before the (long) evaluation runs."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise EvalError(f"--output {path} is a folder; name the JSON file to write")
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise EvalError(f"--output {path}: {parent or path.parent} is not a writable folder")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        check_output(args.output)
         results = evaluate(args)
     except (EvalError, LoadError) as error:
         return error_exit("evaluate_lm.py", error)
     print(format_table(results))
     if args.output is not None:  # complete or not at all, never a half-written file
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        write_text(args.output, json.dumps(results, indent=2) + "\n")
+        try:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            write_text(args.output, json.dumps(results, indent=2) + "\n")
+        except OSError as error:  # a full disk, a folder removed meanwhile: the results are printed above
+            return error_exit("evaluate_lm.py", EvalError(f"--output {args.output}: {error.strerror or error}"))
     return 0
 
 

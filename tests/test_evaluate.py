@@ -712,3 +712,13 @@ def test_lm_eval_harness_agrees(model_dir, docs_jsonl, tmp_path):
     assert theirs["local_rolling"]["bits_per_byte,none"] == pytest.approx(ours["data"][0]["bits_per_byte"], rel=1e-5)
     assert theirs["local_lambada"]["acc,none"] == pytest.approx(ours["lambada"]["accuracy"])
     assert theirs["local_lambada"]["perplexity,none"] == pytest.approx(ours["lambada"]["perplexity"], rel=1e-5)
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_evaluation(tmp_path, monkeypatch, capsys):
+    """--output naming a folder was found only after the whole evaluation ran (a traceback, exit 1):
+    now one line, exit 2, and the evaluation never starts."""
+    monkeypatch.setattr(ev, "evaluate", lambda args: pytest.fail("the evaluation ran"))
+    (tmp_path / "results").mkdir()
+    assert ev.main([str(tmp_path), "--data", str(tmp_path), "--output", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a folder" in err[0]
