@@ -181,6 +181,12 @@ def eos_ids(model, tokenizer) -> list[int]:
 def decode_batch(model, tokenizer, prompts: list[str], args, on_token=None, decoder=None):
     """Generate for one batch of prompts (left-padded together); see `decode_ids`."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and enc["input_ids"].numel() and int(enc["input_ids"].max()) >= vocab:
+        raise UsageError(
+            f"the tokenizer gave token id {int(enc['input_ids'].max())}, but the model's vocabulary has "
+            f"{vocab} tokens: the folder's tokenizer does not belong to its model"
+        )
     return decode_ids(model, tokenizer, enc["input_ids"], enc["attention_mask"], args, on_token, decoder)
 
 

@@ -370,3 +370,15 @@ def test_unloadable_checkpoint_gives_one_line_and_exit_2(ours, env, tmp_path):
     assert err.startswith(f"generate.py: error: could not load the model from {broken}"), err
     assert "model.safetensors" in err  # says what is missing
     assert proc.stdout == ""
+
+
+def test_a_tokenizer_larger_than_the_model_is_one_error_line(tokenizer_file, tmp_path, capsys):
+    """A checkpoint whose tokenizer has more tokens than its model was an IndexError traceback."""
+    model = HyenaRTFForCausalLM(tiny_config(vocab_size=40)).eval()
+    ckpt = tmp_path / "ckpt"  # by hand: save_hf_checkpoint refuses to pair them
+    model.save_pretrained(ckpt)
+    shutil.copy(tokenizer_file, ckpt / "tokenizer.json")
+    capsys.readouterr()  # the saving's own progress bar
+    assert gen.main([str(ckpt), "--prompt", "the quick brown fox jumps", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not belong to its model" in err[-1], err
