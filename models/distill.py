@@ -156,8 +156,8 @@ from .distill_lm import (
     levenberg_marquardt,
     modal_kernel,
 )
-from .distill_poles import _clamp, _powers, clamp_poles, condition_denominators, fft_condition
-from .modal import ModalFilter
+from .distill_poles import _clamp, clamp_poles, condition_denominators, fft_condition
+from .modal import ModalFilter, powers
 from .rtf import RTF, rational_kernel
 
 INITS = ("hankel", "prony", "random")
@@ -422,7 +422,7 @@ def _modal_start(modes, target: torch.Tensor, m: int, r_max: float) -> torch.Ten
     pick = key.topk(m, -1).indices
     p, real, unused = p.gather(-1, pick), real.gather(-1, pick), key.gather(-1, pick) < 0
     p = torch.where(unused, torch.zeros_like(p), _clamp(p, r_max))
-    V = _powers(p, L - 1).transpose(-1, -2)  # (F, L - 1, m): p^(t-1)
+    V = powers(p, L - 1).transpose(-1, -2)  # (F, L - 1, m): p^(t-1)
     design = torch.cat([V.real, -V.imag], -1)  # 2 Re(res V) = [Re V, -Im V] . 2 [Re res, Im res]
     sol = torch.linalg.lstsq(design, target[:, 1:, None], driver="gelsd").solution[..., 0] / 2
     res = torch.complex(sol[:, :m], torch.where(real, torch.zeros_like(sol[:, m:]), sol[:, m:]))

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch.fft import irfft, rfft
 
-from .distill_poles import _clamp, _powers, poles, poly_from_roots
+from .distill_poles import _clamp, poles, poly_from_roots
+from .modal import powers
 
 HANKEL_SIZE = 128  # rows of the Hankel section (models/distill.py docstring, section 1)
 RANK_RTOL = 1e-7  # singular values below this times the largest are numerical zeros (Gram: sqrt(eps))
@@ -163,7 +164,7 @@ def _prony_modes(target: torch.Tensor, n: int, r_max: float) -> tuple[torch.Tens
     X = target[:, 1 : L - 1].unfold(-1, n, 1).flip(-1)  # rows t = n+1..L-1: [h[t-1], ..., h[t-n]]
     a = torch.linalg.lstsq(X, -target[:, n + 1 :, None]).solution[..., 0]
     p = _clamp(poles(a), r_max)
-    V = _powers(p, L - 1).transpose(-1, -2)  # (F, L-1, n)
+    V = powers(p, L - 1).transpose(-1, -2)  # (F, L-1, n)
     rho = torch.linalg.lstsq(V, target[:, 1:, None].to(V.dtype)).solution[..., 0]
     return p, rho
 
@@ -203,6 +204,6 @@ def rtf_from_modes(p: torch.Tensor, rho: torch.Tensor, tap0: torch.Tensor, fft_l
     """(a, b, h0) of the RTF whose length-fft_len kernel is tap0 at t = 0 and
     Re sum_i rho_i p_i^(t-1) for 1 <= t < fft_len; p, rho (F, n) closed under conjugation."""
     a = poly_from_roots(p)
-    k = (rho[..., None] * _powers(p, fft_len - 1)).sum(-2).real
+    k = (rho[..., None] * powers(p, fft_len - 1)).sum(-2).real
     b, h0 = rtf_from_response(a, torch.cat([tap0[:, None].to(k.dtype), k], -1))
     return a, b, h0

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch.fft import irfft, rfft
 
-from .distill_poles import _powers
+from .modal import powers
 from .rtf import rational_kernel
 
 LAMBDA0, LAMBDA_MIN, LAMBDA_MAX = 1e-3, 1e-15, 1e16  # Levenberg-Marquardt damping (scaled problem)
@@ -77,8 +77,8 @@ def best_numerator(a: torch.Tensor, target: torch.Tensor, fft_len: int) -> tuple
 
 def modal_kernel(p: torch.Tensor, res: torch.Tensor, d: torch.Tensor, T: int) -> torch.Tensor:
     """h[0] = d, h[t] = 2 Re sum_i res_i p_i^(t-1) for 1 <= t < T; (F, T) float64."""
-    powers = _powers(p, T - 1)  # (F, m, T-1): p^0 .. p^(T-2)
-    h = 2.0 * (res[..., None] * powers).sum(-2).real
+    table = powers(p, T - 1)  # (F, m, T-1): p^0 .. p^(T-2)
+    h = 2.0 * (res[..., None] * table).sum(-2).real
     return torch.cat([d[:, None].to(h.dtype), h], -1)
 
 
@@ -104,7 +104,7 @@ def _modal_system(theta: torch.Tensor, target: torch.Tensor, chunk: int = 1 << 2
     t1 = torch.arange(L - 1, device=theta.device, dtype=torch.float64)  # t - 1 for t = 1..L-1
     for s in range(0, F, step):
         p, res, d = _modal_split(theta[s : s + step])
-        V = _powers(p, L)  # p^0 .. p^(L-1)
+        V = powers(p, L)  # p^0 .. p^(L-1)
         dV = t1 * torch.cat([torch.zeros_like(V[..., :1]), V[..., : L - 2]], -1)  # (t-1) p^(t-2)
         V = V[..., : L - 1]
         rdV = res[..., None] * dV

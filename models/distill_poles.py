@@ -122,10 +122,3 @@ def rtf_from_companion(a: torch.Tensor, c: torch.Tensor, tap0: torch.Tensor, fft
 
 def _clamp(p: torch.Tensor, r_max: float) -> torch.Tensor:
     return p * (r_max / p.abs().clamp_min(r_max))
-
-
-def _powers(p: torch.Tensor, T: int) -> torch.Tensor:
-    """p^0 .. p^(T-1) along a new last axis, by cumulative products (exact at p = 0)."""
-    steps = p[..., None].expand(*p.shape, T).clone()
-    steps[..., 0] = 1.0
-    return steps.cumprod(-1)

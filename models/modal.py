@@ -53,7 +53,7 @@ def _blocks(T: int) -> tuple[int, int]:
     return S, max(1, -(-T // S))
 
 
-def _cumpowers(lam: torch.Tensor, count: int) -> torch.Tensor:
+def powers(lam: torch.Tensor, count: int) -> torch.Tensor:
     """lambda^0 .. lambda^(count - 1) by a cumulative product: (..., m) -> (..., m, count)."""
     factors = lam.unsqueeze(-1).expand(*lam.shape, count).clone()
     factors[..., 0] = 1
@@ -64,8 +64,8 @@ def blocked_powers(lam: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tenso
     """small = lambda^i (..., m, S) for i < S and big = lambda^(jS) (..., J, m) for j < J, S J >= T.
     Relative error about (S + J) eps; zero poles give exact zeros (and lambda^0 = 1)."""
     S, J = _blocks(T)
-    small = _cumpowers(lam, S)
-    big = _cumpowers(small[..., -1] * lam, J).transpose(-1, -2)  # lambda^S = lambda^(S-1) lambda
+    small = powers(lam, S)
+    big = powers(small[..., -1] * lam, J).transpose(-1, -2)  # lambda^S = lambda^(S-1) lambda
     return small, big
 
 

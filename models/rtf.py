@@ -398,7 +398,7 @@ class RTF(LongFilter):
         through those later taps (a warning says so)."""
         taps = rtf_modal_system(self.denominator(), self.b, self.h0, self.fft_len).taps(T)
         conversion = self.conversion()
-        exact = conversion.system.taps(T)
+        exact = self.memo_taps(T, lambda n: conversion.system.taps(n))  # the no-grad route's, memoised
         off = ~conversion_ok(
             (taps.detach() - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-300), conversion.bound
         )
