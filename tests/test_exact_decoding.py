@@ -17,6 +17,9 @@ inside it by the margin `decode_tolerance` computes from their filters' conditio
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -239,3 +242,47 @@ def test_padding_inside_a_later_turn_is_honoured_by_the_cache(kind):
     for chunk_end in (20, 34):  # the turn as one chunk; or the first 14 of it then token by token
         cached = cached_logits(model, ids, mask, 20, chunk_end)
         assert float((cached - parallel)[real].abs().max() / scale) <= RTOL
+
+
+FRESH_PROCESS = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+assert not type(model).__module__.startswith("hyena_rtf"), type(model).__module__  # the folder's own code
+assert model.config.filter == "modal", model.config.filter
+ids = torch.randint(1, 64, (1, model.config.l_max + 40), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    parallel = model(input_ids=ids, use_cache=False).logits
+    out = model(input_ids=ids[:, :100], use_cache=True)
+    cache, pieces = out.cache if getattr(out, "cache", None) is not None else out.past_key_values, [out.logits]
+    for t in range(100, ids.shape[1]):
+        kw = {"cache": cache} if hasattr(out, "cache") else {"past_key_values": cache}
+        out = model(input_ids=ids[:, t : t + 1], use_cache=True, **kw)
+        pieces.append(out.logits)
+err = float((torch.cat(pieces, 1) - parallel).abs().max() / parallel.abs().max())
+print(err)
+"""
+
+
+@pytest.mark.slow
+def test_a_distilled_checkpoint_decodes_exactly_in_a_fresh_process_from_its_own_code(trained_implicit, tmp_path):
+    """What a user elsewhere does: plain transformers, trust_remote_code=True, no project import. The
+    exported code files (modal.py, filters.py, long_filter.py among them) load, and the cached
+    decoding of the distilled modal model past l_max equals its parallel forward (<= 1e-4)."""
+    source, seq = trained_implicit
+    if seq != 256:
+        pytest.skip("one length is enough here")
+    out = tmp_path / "out"
+    assert load_script("distill.py").main([str(source), str(out), "--order", "8", "--steps", "15"]) == 0
+    env = {**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.strip().splitlines()[-1]) <= RTOL
