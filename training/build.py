@@ -11,13 +11,15 @@ which `build_engine` checks.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel
 
 from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
 from hyena_rtf.models.precision import check_filters_float32
-from hyena_rtf.training import architectures
+from hyena_rtf.training import architectures, memory
 from hyena_rtf.training.config import BatchPlan, ConfigError, fill_model_section, resolve_model_kwargs
 from hyena_rtf.training.dist_env import DistEnv
 from hyena_rtf.training.engine import DeepSpeedEngine, Engine, TorchEngine, deepspeed_config
@@ -25,10 +27,14 @@ from hyena_rtf.training.optim import make_optimizer, param_groups
 from hyena_rtf.training.rng import seed_everything
 
 
-def build_model(cfg: DictConfig, vocab_size: int, device: torch.device) -> PreTrainedModel:
+def build_model(
+    cfg: DictConfig, vocab_size: int, device: torch.device, kind: str = "single", env: DistEnv | None = None
+) -> PreTrainedModel:
     """The model of cfg.model (HyenaRTFForCausalLM, or GPTNeoXForCausalLM for model.arch=gpt_neox)
     for a tokenizer of `vocab_size` tokens, seeded and on `device`; cfg.model is filled with the
-    resolved values. ConfigError for an invalid combination."""
+    resolved values. ConfigError for an invalid combination, or for a model whose estimated memory
+    per process (engine `kind` over the processes of `env`; training/memory.py) exceeds the
+    device's."""
     seq_len = cfg.data.seq_len
     kwargs = resolve_model_kwargs(cfg.model, vocab_size, seq_len)
     try:
@@ -40,9 +46,32 @@ def build_model(cfg: DictConfig, vocab_size: int, device: torch.device) -> PreTr
         # The RTF kernel zero-pads its state_size + 1 denominator coefficients to the training
         # length; a shorter length would silently cut them off (implicit filters have no order).
         raise ConfigError(f"data.seq_len={seq_len} must be greater than model.state_size={model_config.state_size}")
+    check_memory(cfg, model_config, device, kind, env)
     fill_model_section(cfg, architectures.section_values(model_config))
     seed_everything(cfg.train.seed)
     return architectures.build(model_config).to(device)
+
+
+def check_memory(cfg: DictConfig, model_config, device: torch.device, kind: str, env: DistEnv | None) -> None:
+    """ConfigError naming the size keys when even the estimate of training/memory.py (a lower bound
+    of the peak) exceeds the memory of `device`: one line before anything is allocated."""
+    world = env.world_size if env else 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if device.type == "cpu" else 1
+    zero = cfg.train.zero_stage if kind == "deepspeed" else 0
+    batch, seq_len = cfg.train.micro_batch_size, cfg.data.seq_len
+    est = memory.estimate(
+        model_config, batch, seq_len, bf16=cfg.train.precision == "bf16", world_size=world, zero_stage=zero
+    )
+    available = memory.device_memory(device, local)
+    if est.total > available:
+        keys = "model.n_layer, model.d_model" + (
+            ", model.multi_hyena_heads" if cfg.model.get("multi_hyena_heads") else ""
+        )
+        raise ConfigError(
+            f"{keys}, train.micro_batch_size={batch}, data.seq_len={seq_len}: the model needs "
+            f"{memory.describe(est, batch, seq_len)}, more than the {available / memory.GIB:,.1f} GiB of "
+            f"{device.type}; make it smaller"
+        )
 
 
 def build_engine(

@@ -125,7 +125,7 @@ class Trainer:
         self.train_ds = open_split(cfg.data.dir, "train", cfg.data.seq_len)
         self.val_ds = open_split(cfg.data.dir, "val", cfg.data.seq_len)
         check_sizes(self.train_ds, self.val_ds, self.plan, cfg.data.seq_len)
-        model = build_model(cfg, self.train_ds.vocab_size, self.device)
+        model = build_model(cfg, self.train_ds.vocab_size, self.device, self.kind, self.env)
         self.n_params = model.num_parameters()  # tied head and embedding counted once
         n_attn, width = attention_shape(model.config)
         self.flops_per_token = train_flops_per_token(self.n_params, n_attn, width, cfg.data.seq_len)
