@@ -6,10 +6,12 @@ text they are written in, and the rule for replacing one.
     DIR/tokenizer.json      the tokenizer the shards were made with
     DIR/train.bin/.idx      one Megatron indexed-dataset pair per split (indexed.py); a folder made
     DIR/val.bin/.idx        by link.py has none: its manifest names the linked pairs by path
+    DIR/.hyena-rtf-output.json  the stamp (utils/atomic.py): what makes DIR data_prep's to replace
 
 Both ways of making a prepared directory (``prepare.py``: tokenize a corpus; ``link.py``: point at
-existing token shards) write this layout and replace an existing folder only when it is one of
-theirs. This module is what they and the readers (``dataset.py``, ``indexed.py``) share; it
+existing token shards) write this layout and replace an existing folder only when its stamp says
+it is one of theirs and it holds nothing but the files the stamp lists (``replacing``).
+This module is what they and the readers (``dataset.py``, ``indexed.py``) share; it
 imports nothing of data_prep, so that any of them can import it without a cycle.
 """
 
@@ -18,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
-from pathlib import Path
 
 from hyena_rtf.utils import atomic
 
@@ -28,9 +29,8 @@ STAMP = "stamp.json"
 TOKENIZER = "tokenizer.json"
 TRAIN, VAL = "train", "val"
 SPLITS = (TRAIN, VAL)
-# Everything a prepared directory can hold; ".lock" and "*.partial" only in folders left by
-# versions that built inside the target (the lock and the temporaries now live beside it).
-NAMES = frozenset({MANIFEST, STAMP, TOKENIZER, ".lock"} | {f"{s}.{ext}" for s in SPLITS for ext in ("bin", "idx")})
+# What the stamp of a prepared directory calls it (utils/atomic.py).
+KIND = "data_prep output"
 
 
 def shard_prefix(split: str) -> str:
@@ -45,29 +45,18 @@ def canonical_json(obj) -> str:
     return json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
 
 
-def is_manifest(path: Path) -> bool:
-    """Whether ``path`` is a manifest written by some version of data_prep (any ``/N`` of the
-    format id: a folder of an older version may be replaced too)."""
-    try:
-        fmt = json.loads(path.read_text(encoding="utf-8")).get("format", "")
-    except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(fmt, str) and fmt.startswith(FORMAT.split("/")[0] + "/")
-
-
-def _owned(name: str) -> bool:
-    return name in NAMES or name.endswith(atomic.SUFFIX)
-
-
 @contextmanager
 def replacing(out: str | os.PathLike, overwrite: bool = False):
     """Yields a staging folder that replaces ``out`` when the block succeeds (``atomic``) and is
-    removed when it fails, ``out`` being untouched until then. Refuses first, unless
-    ``overwrite``, an ``out`` that is neither empty nor a prepared directory, or that holds files
-    data_prep does not write (they would go with it). Call it holding ``atomic.locked(out)``."""
-    atomic.check_replaceable(
-        out, marker=MANIFEST, kind="data_prep output", is_kind=is_manifest, owned=_owned, overwrite=overwrite
-    )
-    atomic.remove_stale(out)
-    with atomic.replace_dir(out) as stage:
+    removed when it fails, ``out`` being untouched until then. Refuses first (one line), unless
+    ``overwrite``: an ``out`` that is neither absent, empty nor stamped as a data_prep output,
+    or one that holds anything its stamp does not list (a user's ``notes.partial`` is kept, and
+    the run refuses: names decide nothing); and, whatever ``overwrite`` says, an ``out`` that
+    cannot be written. Stale staging folders of killed runs, known by their stamps, are cleared.
+    Call it holding ``atomic.locked(out)``, with the inputs already checked apart from ``out``
+    (``atomic.check_apart``)."""
+    atomic.check_replaceable(out, kind=KIND, overwrite=overwrite)
+    atomic.check_writable(out, "data_prep output")
+    atomic.remove_stale(out, KIND)
+    with atomic.replace_dir(out, KIND) as stage:
         yield stage

@@ -35,9 +35,12 @@ def link_indexed(
     (e.g. Megatron / GPT-NeoX Pile shards) without copying them: the manifest points at them by
     absolute path. Checks that they are readable and consistent and that the vocabulary fits
     their dtype, all before ``out`` is touched; ``out`` is then replaced as a whole, under the
-    same rules as ``prepare`` (``layout.replacing``; ``overwrite`` for a foreign folder).
+    same rules as ``prepare`` (``layout.replacing``; ``overwrite`` for a foreign folder); it may
+    not be, hold or lie inside the linked files or the tokenizer file (``atomic.check_apart``).
     Returns the manifest written, as its JSON object (``Manifest.to_dict``), as ``prepare`` does."""
     out = Path(out)
+    linked = [p(prefix) for prefix in (train_prefix, val_prefix) if prefix is not None for p in (bin_path, idx_path)]
+    atomic.check_apart(out, [*linked, *([tokenizer] if os.path.lexists(os.path.expanduser(tokenizer)) else [])])
     tok = load_tokenizer(tokenizer, eos_token)
     splits, dt = {}, None
     for name, prefix in ((TRAIN, train_prefix), (VAL, val_prefix)):

@@ -18,8 +18,12 @@ the existing DIR at risk: settings, inputs and the tokenizer are checked first, 
 directory is built in a staging folder beside DIR (``.DIR.<pid>-<hex>.partial``) and swapped in
 only once complete (``atomic.py``), so a run that fails or is killed leaves DIR as it was (but
 needs room for both while it runs). DIR is replaced only if it is absent, empty or a data_prep
-output holding only data_prep's files (recognised by its manifest); anything else is refused
-unless ``overwrite=True`` (``--overwrite``). Concurrent calls on one DIR are serialized with a
+output holding only the files it wrote, known by the stamp it wrote (``.hyena-rtf-output.json``:
+a random id and every file's name and size; names decide nothing, see ``utils/atomic.py``);
+anything else, e.g. a user's ``notes.partial`` inside it, is refused with one line naming it,
+unless ``overwrite=True`` (``--overwrite``). DIR may never be an input, inside an input folder or
+contain an input or the tokenizer file (after resolving symlinks), ``--overwrite`` or not: that is
+refused before anything is read or written. Concurrent calls on one DIR are serialized with a
 file lock beside it (``.DIR.lock``), so every rank of a distributed job may call ``prepare`` and
 all but the first find it up to date.
 
@@ -171,6 +175,7 @@ def prepare(
     tokenizer = os.fspath(tokenizer) if tokenizer is not None else None
     default = not inputs
     sources = default_corpus.default_sources() if default else expand_inputs(list(inputs))
+    atomic.check_apart(out, _input_paths(inputs, sources, tokenizer))
     check_readable(sources)
     if default:
         text_chunk_bytes = 0  # one document per source file
@@ -224,6 +229,19 @@ def prepare(
         if verbose:
             log.info(summary(out, manifest, time.time() - t0, t_write, workers))
         return manifest.to_dict()
+
+
+def _input_paths(inputs, sources, tokenizer) -> list[str]:
+    """Every path ``prepare`` reads: the input arguments that name a file or folder, each source
+    file, and a local tokenizer; ``out`` must stay apart from all of them (``atomic.check_apart``:
+    ``--out corpus`` would delete the corpus, ``--out corpus/prepared`` be read back as input)."""
+    paths = [os.path.expanduser(i) for i in inputs or () if os.path.lexists(os.path.expanduser(i))]
+    for s in sources:
+        paths.append(s.path)
+        paths.extend(s.files)
+    if tokenizer is not None and os.path.lexists(os.path.expanduser(tokenizer)):
+        paths.append(tokenizer)
+    return paths
 
 
 def _token_dtype(tok, eos_token, dtype):

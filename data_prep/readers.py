@@ -23,8 +23,12 @@ source gives one outside the payload:
 row number in a dataset. Readers only split and hash bytes; decoding and validation happen in
 ``validate_record`` (run in the worker processes) so that the main process stays cheap.
 
-File-level problems (missing file, corrupt or truncated zstd stream, unreadable dataset) raise
-``SourceError`` naming the file and, where known, the line.
+File-level problems (missing file, corrupt or truncated zstd stream, unreadable dataset, a NUL
+byte in a plain-text file, a JSON line longer than ``MAX_JSON_LINE``) raise
+``SourceError`` naming the file and, where known, the line. Memory is bounded for any input:
+plain text is cut into bounded documents even where it has no newline or space (``_text_records``),
+and binary data in a plain-text file (a NUL byte: /dev/zero, an image, UTF-16) is refused at the
+first NUL.
 """
 
 from __future__ import annotations
@@ -41,6 +45,13 @@ from typing import Any, NamedTuple
 import zstandard
 
 READ_BLOCK = 1 << 20
+# The largest plain-text document a file given with text_chunk_bytes = 0 ("one document per
+# file") is kept whole up to; a larger file is cut into documents of about this size (see
+# ``_text_records``), so that no input, /dev/zero included, is ever held whole.
+MAX_TEXT_DOCUMENT = 1 << 26
+# The longest JSON line read: a JSON document must be parsed whole, so a longer line (or a
+# stream that never ends its line) is a file-level error instead of unbounded memory.
+MAX_JSON_LINE = 1 << 28
 SKIP_REASONS = (
     "invalid_json",
     "not_an_object",
@@ -220,20 +231,41 @@ def _zst_blocks(src: Source, counter: _Counter, lines_so_far):
         raise SourceError(src.path, lines_so_far() + 1, "truncated zstd stream (file ends inside a frame)")
 
 
-def _lines(blocks):
+def _check_text(src: Source, block: bytes, offset: int) -> None:
+    """SourceError at the first NUL byte of plain text: no text file has one, and binary input
+    (or /dev/zero, which never ends) must stop at once rather than be read as documents. (JSON
+    lines are not checked: a raw NUL makes only its own line invalid JSON, skipped as such.)"""
+    i = block.find(b"\0")
+    if i >= 0:
+        raise SourceError(src.path, None, f"binary data (a NUL byte at byte {offset + i}), not text")
+
+
+def _lines(blocks, src: Source | None = None):
     """Splits byte blocks into lines (without the b"\\n"); a last line without newline counts.
     The pieces of a line longer than a block are joined once, at its end, so that a line of
-    tens of MB costs one copy rather than one per block."""
+    tens of MB costs one copy rather than one per block. A line longer than ``MAX_JSON_LINE``
+    is a SourceError (for ``src``, once that many bytes are held: memory stays bounded)."""
     rest: list = []
+    held = 0
+    n = 0
     for b in blocks:
         if b"\n" not in b:
             rest.append(b)
+            held += len(b)
+            if held > MAX_JSON_LINE:
+                raise SourceError(
+                    src.path if src else "input",
+                    n + 1,
+                    f"line longer than {MAX_JSON_LINE >> 20} MiB: more than a JSON document this reader holds",
+                )
             continue
+        n += b.count(b"\n")
         parts = b.split(b"\n")
         if rest:
             rest.append(parts[0])
             parts[0] = b"".join(rest)
         rest = [parts.pop()]
+        held = len(rest[0])
         yield from parts
     tail = b"".join(rest)
     if tail:
@@ -243,30 +275,73 @@ def _lines(blocks):
 def _json_records(si: int, src: Source, counter: _Counter, zst: bool):
     state = {"line": 0}
     blocks = _zst_blocks(src, counter, lambda: state["line"]) if zst else _hashed_blocks(src, counter)
-    for line in _lines(blocks):
+    for line in _lines(blocks, src):
         state["line"] += 1
         yield Record(si, state["line"], Kind.JSON_LINE, line, None)
 
 
+def _char_start(data: bytes) -> int:
+    """Where the last UTF-8 character of ``data`` starts if it is incomplete (cut off by a
+    block boundary), else ``len(data)``: cutting there never splits a character."""
+    j = len(data) - 1
+    while j > 0 and len(data) - j < 4 and data[j] & 0xC0 == 0x80:
+        j -= 1
+    if j < 0:
+        return 0
+    lead = data[j]
+    width = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    return j if j + width > len(data) else len(data)
+
+
+def _split_long_line(piece: bytes) -> int:
+    """Where to cut a run of ``piece`` that has no newline: just before the last space in its
+    second half (the space stays with the words after it, as tokenizers group it), else, where
+    no space comes (base64, a DNA sequence, /dev/zero-like data), at the end of the last whole
+    UTF-8 character."""
+    p = piece.rfind(b" ", len(piece) // 2)
+    return p if p > 0 else _char_start(piece)
+
+
 def _text_records(si: int, src: Source, counter: _Counter, chunk_bytes: int):
-    """Plain text: the whole file as one document, or (chunk_bytes > 0) documents of about
-    chunk_bytes cut after a blank line (paragraph end), or after any line once past
-    4 x chunk_bytes, so that one huge file neither needs unbounded memory nor lands entirely in
-    one split. The chunks of a file concatenate back to the exact file."""
-    if chunk_bytes <= 0:
-        data = b"".join(_hashed_blocks(src, counter))
-        yield Record(si, 1, Kind.TEXT, data, src.set_name)
-        return
+    """Plain text: documents of about ``chunk_bytes``, cut after a blank line (paragraph end),
+    or after any line once past ``4 x chunk_bytes``, so that one huge file neither needs
+    unbounded memory nor lands entirely in one split; ``chunk_bytes <= 0``: the whole file as one
+    document, up to ``MAX_TEXT_DOCUMENT`` bytes. The documents of a file concatenate back to the
+    exact file.
+
+    Hard bound: a line is read at most ``hard`` bytes at a time (``4 x chunk_bytes``, or
+    ``MAX_TEXT_DOCUMENT``), so no document exceeds ``2 x hard`` bytes, whatever the input. Text
+    whose lines are all shorter than ``hard`` (256 KiB at the default 64 KiB: any prose or code)
+    is cut exactly as without the bound. Only a longer line is cut inside: before its last space
+    in the second half of the piece read, else (no space at all: base64, a DNA sequence) at a
+    character boundary. Each cut adds one end-of-document token and can change the one or two
+    tokens beside it, once per ``hard / 2`` bytes or more of such text: nothing else changes. A
+    NUL byte is a SourceError (binary input)."""
+    hard = 4 * chunk_bytes if chunk_bytes > 0 else MAX_TEXT_DOCUMENT
+    soft = chunk_bytes if chunk_bytes > 0 else MAX_TEXT_DOCUMENT
     h, total, buf, size, n = hashlib.sha256(), 0, [], 0, 0
     try:
         with open(src.path, "rb") as f:
-            for line in f:  # binary iteration splits on b"\n" only and keeps it
-                h.update(line)
-                total += len(line)
-                counter.bytes += len(line)
-                buf.append(line)
-                size += len(line)
-                if size >= chunk_bytes and (not line.strip() or size >= 4 * chunk_bytes):
+            while True:
+                piece = f.readline(hard)  # a whole line, or the next ``hard`` bytes of a longer one
+                if not piece:
+                    break
+                _check_text(src, piece, total)
+                h.update(piece)
+                total += len(piece)
+                counter.bytes += len(piece)
+                whole = piece.endswith(b"\n") or len(piece) < hard  # a partial read is exactly ``hard``
+                if not whole:
+                    cut = _split_long_line(piece)
+                    if cut > 0:
+                        buf.append(piece[:cut])
+                        n += 1
+                        yield Record(si, n, Kind.TEXT, b"".join(buf), src.set_name)
+                        buf, size = [], 0
+                        piece = piece[cut:]
+                buf.append(piece)
+                size += len(piece)
+                if size >= soft and (not piece.strip() or size >= hard):
                     n += 1
                     yield Record(si, n, Kind.TEXT, b"".join(buf), src.set_name)
                     buf, size = [], 0

@@ -8,14 +8,23 @@ crash never leaves a folder that looks complete and never loses the previous exp
 
 A model transformers has built in (the GPT-NeoX baseline train.py trains with model.arch=gpt_neox)
 is written as a plain folder: no code, no auto_map, loadable without trust_remote_code. Its
-config.json carries one extra key, EXPORT_MARKER = its model_type, which is how a later export
-knows the folder as its own: a folder of the same model_type that some other tool wrote (a
-downloaded Pythia, say) lacks it and is never replaced.
+config.json carries one extra key, EXPORT_MARKER = its model_type, which says where it came from.
 
-Nothing the export did not write is ever deleted: an existing target is replaced only if it is an
-export of ours (a Hyena-RTF export, or a plain one with the marker) holding nothing but an
-export's own files (`check_export_target`; Python files only where the export writes code),
-unless the caller passes overwrite=True; a target that is a file is always refused.
+Ownership is by stamp, never by name. Every export holds the stamp file `.hyena-rtf-output.json`
+(utils/atomic.py: a random id and the name and size of every file the export wrote). An existing
+target is replaced only if it is empty, or stamped as an export and holding nothing but the files
+its stamp lists (plus the caller's `also_owned` names), unless the caller passes overwrite=True (the
+user's explicit consent, `--overwrite`); a target that is a file is always refused. So a re-export
+replaces exactly the files the previous export recorded writing; any other file in the folder (a
+`finetune.py`, notes, an unstamped folder of `*.partial` files) makes it refuse with one line
+naming the file, and nothing is touched: the export never deletes or moves what it did not write.
+An export written before the stamp existed counts as foreign (`--overwrite` replaces it).
+
+Errors: a target that is not ours, not writable, or that contains the tokenizer being exported is
+refused (NotReplaceableError / OutputError, one line) before any work; an OSError while writing
+(full disk, read-only folder, permission denied, a file removed meanwhile) becomes one OutputError
+line naming the path, and the target is left as it was; so does a KeyboardInterrupt, which
+propagates (the command lines turn it into exit status 130).
 
 Folder layout and the custom-code rules: docs/transformers.md.
 """
@@ -24,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -34,24 +42,28 @@ from hyena_rtf.data_prep.tokenizer import hf_tokenizer
 from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
 from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM, HyenaRTFModel
 from hyena_rtf.models.precision import is_filter_param
-from hyena_rtf.utils.atomic import check_replaceable, locked, remove_stale, replace_dir
-
-EXPORT_KIND = "Hugging Face export of this project"  # Hyena-RTF, or a plain one (GPT-NeoX)
-# Every name save_hf_checkpoint writes: the model code, configs, weights (sharded or not), tokenizer.
-_EXPORT_FILES = re.compile(
-    r"[A-Za-z_][A-Za-z0-9_]*\.py|(config|generation_config|tokenizer|tokenizer_config|"
-    r"special_tokens_map|model\.safetensors\.index)\.json|model(-\d+-of-\d+)?\.safetensors|"
-    r"chat_template\.jinja"
+from hyena_rtf.utils.atomic import (
+    NotReplaceableError,
+    check_apart,
+    check_replaceable,
+    check_writable,
+    locked,
+    output_error,
+    remove_stale,
+    replace_dir,
 )
 
+EXPORT_KIND = "Hugging Face export of this project"  # Hyena-RTF, or a plain one (GPT-NeoX)
 
-# The config.json key that marks a plain (code-free) export as ours; its value is the model_type.
+# The config.json key of a plain (code-free) export; its value is the model_type. It tells where the
+# folder came from; whether it may be replaced is the stamp's business.
 EXPORT_MARKER = "hyena_rtf_export"
 
 
 def export_kind(config_json: Path) -> str | None:
     """ "custom" for the config.json of a Hyena-RTF export (model code in the folder), "plain" for
-    one of a plain export of ours (EXPORT_MARKER equal to its model_type), else None."""
+    one of a plain export of ours (EXPORT_MARKER equal to its model_type), else None. Describes a
+    folder; it never decides whether one may be replaced (`check_export_target` does, by stamp)."""
     try:
         config = json.loads(config_json.read_text(encoding="utf-8"))
         model_type = config.get("model_type")
@@ -69,20 +81,13 @@ def is_export(config_json: Path) -> bool:
 
 def check_export_target(out_dir: str | os.PathLike, overwrite: bool = False, also_owned: tuple[str, ...] = ()) -> None:
     """Raise NotReplaceableError (one line) unless `out_dir` may receive an export: it does not
-    exist, is empty, or is an earlier export of ours with only an export's files in it (Python
-    files count as ours only in a Hyena-RTF export, which writes its code), plus the names in
-    `also_owned` (files a caller writes beside an export), or any folder with overwrite=True. Call
-    it before any long work, so a bad target fails at once."""
-    plain = export_kind(Path(out_dir) / "config.json") == "plain"
-
-    def owned(name: str) -> bool:
-        if name in also_owned:
-            return True
-        return _EXPORT_FILES.fullmatch(name) is not None and not (plain and name.endswith(".py"))
-
-    check_replaceable(
-        out_dir, marker="config.json", kind=EXPORT_KIND, is_kind=is_export, owned=owned, overwrite=overwrite
-    )
+    exist, is empty, or is an earlier export (its stamp says so) holding only the files that
+    export recorded writing, plus the names in `also_owned` (files a caller writes beside an
+    export and recognises by their content), or any folder with overwrite=True; and OutputError
+    when it cannot be written (a read-only parent folder). Call it before any long work, so a bad
+    target fails at once."""
+    check_replaceable(out_dir, kind=EXPORT_KIND, also_owned=also_owned, overwrite=overwrite)
+    check_writable(out_dir, "the export")
 
 
 def save_hf_checkpoint(
@@ -100,10 +105,14 @@ def save_hf_checkpoint(
     dtype: optional dtype for the saved weights (the long filters always stay float32,
     models/precision.py). An existing `out_dir` is replaced only once the new folder is complete,
     and only as `check_export_target` allows (with `also_owned`: names of the caller's own files
-    that an earlier run left beside the export; they go with the old folder).
+    that an earlier run left beside the export; they go with the old folder). `out_dir` may not
+    be, contain or lie inside `tokenizer_file` (an input is never an output). Errors: the module
+    docstring.
     """
     out = Path(out_dir)
     check_export_target(out, overwrite, also_owned)
+    if tokenizer_file is not None:
+        check_apart(out, [tokenizer_file], flag="export folder")
     config = model.config
     tok = None
     if tokenizer_file is not None:
@@ -127,20 +136,25 @@ def save_hf_checkpoint(
         }
     else:
         setattr(config, EXPORT_MARKER, config.model_type)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with locked(out):
-        remove_stale(out)
-        check_export_target(out, overwrite, also_owned)  # again: another export may have finished meanwhile
-        with replace_dir(out) as staging:
-            if dtype is not None and dtype != torch.float32:
-                state = {k: (v if is_filter_param(k) else v.to(dtype)) for k, v in model.state_dict().items()}
-                config.dtype = str(dtype).removeprefix("torch.")
-                model.save_pretrained(staging, state_dict=state)
-            else:
-                model.save_pretrained(staging)
-            if tok is not None:
-                tok.save_pretrained(staging)
-            with_user_umask(staging)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with locked(out):
+            remove_stale(out, EXPORT_KIND)
+            check_export_target(out, overwrite, also_owned)  # again: another export may have finished meanwhile
+            with replace_dir(out, EXPORT_KIND) as staging:
+                if dtype is not None and dtype != torch.float32:
+                    state = {k: (v if is_filter_param(k) else v.to(dtype)) for k, v in model.state_dict().items()}
+                    config.dtype = str(dtype).removeprefix("torch.")
+                    model.save_pretrained(staging, state_dict=state)
+                else:
+                    model.save_pretrained(staging)
+                if tok is not None:
+                    tok.save_pretrained(staging)
+                with_user_umask(staging)
+    except NotReplaceableError:
+        raise
+    except OSError as e:  # full disk, read-only folder, a file removed meanwhile: the old export is intact
+        raise output_error(e, out, "the export") from e
     return out
 
 

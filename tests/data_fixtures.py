@@ -5,13 +5,16 @@ A plain module, not a test module, so that test files import from it and never f
 fixtures stay in the test files (thin wrappers around ``build_prepared``), which pytest then
 finds without a plugin and ruff sees as ordinary definitions."""
 
+import hashlib
 import json
 import random
+from pathlib import Path
 
 import zstandard
 
 from hyena_rtf.data_prep.prepare import PROG, main
 from hyena_rtf.data_prep.tokenizer import train_bpe
+from hyena_rtf.utils import atomic
 
 ERROR = f"{PROG}: error: "  # how the CLI starts its one error line (utils.logs.error_exit)
 
@@ -69,12 +72,24 @@ def corpus(n, seed=0) -> list[dict]:
 
 
 def snapshot(folder) -> dict[str, bytes]:
-    """Every file under ``folder`` with its bytes (the lock file aside: it only serializes)."""
+    """Every file under ``folder`` with its bytes, but for the lock file (it only serializes)
+    and the ownership stamp (its random id differs from build to build by design); what two
+    builds are compared by. Data-loss checks use ``checksums``, which skips nothing."""
     return {
         p.relative_to(folder).as_posix(): p.read_bytes()
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != ".lock"
+        if p.is_file() and p.name not in (".lock", atomic.OWNER)
     }
+
+
+def checksums(root) -> dict[str, str]:
+    """The SHA-256 of every file under ``root`` (hidden ones, stamps and locks included), by
+    relative path, and "folder" for every folder: what "nothing was lost or changed" compares."""
+    out = {}
+    for p in sorted(Path(root).rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        out[rel] = "folder" if p.is_dir() and not p.is_symlink() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
 
 
 def beside(out) -> list[str]:

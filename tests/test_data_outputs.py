@@ -2,11 +2,12 @@
 end, and no folder replaced that data_prep did not write; the atomic-output module itself."""
 
 import os
+import shutil
 import stat
 
 import pytest
 import zstandard
-from data_fixtures import ERROR, beside, build_prepared, snapshot
+from data_fixtures import ERROR, beside, build_prepared, checksums, one_error_line, snapshot
 
 from hyena_rtf.data_prep.prepare import main
 from hyena_rtf.utils import atomic
@@ -90,14 +91,19 @@ def test_refuses_a_data_prep_output_holding_other_files(built, capsys):
     assert "also holds files it did not write (notes.txt)" in capsys.readouterr().err
 
 
-def test_a_folder_left_by_an_old_interrupted_run_is_rebuilt(built):
-    out, args, before = built
+def test_an_unstamped_folder_of_partial_files_is_the_users(built, capsys):
+    """Names decide nothing: a folder holding only a ``.lock`` and ``*.partial`` entries (what
+    old versions left inside a target) has no stamp, so it is the user's, refused and kept."""
+    out, args, _ = built
     leftover = out.parent / "left"
     leftover.mkdir()
     (leftover / ".lock").write_text("")
     (leftover / "train.bin.partial").write_bytes(b"x" * 10)
-    assert main([a if a != str(out) else str(leftover) for a in args]) == 0
-    assert snapshot(leftover) == before
+    before = checksums(leftover)
+    capsys.readouterr()
+    assert main([a if a != str(out) else str(leftover) for a in args]) == 2
+    assert "is not a data_prep output" in one_error_line(capsys)
+    assert checksums(leftover) == before
 
 
 # ------------------------------------------------------------------------------ atomic module
@@ -142,42 +148,57 @@ def test_replace_dir_swaps_or_keeps_the_old_folder(tmp_path, monkeypatch, exchan
     target.mkdir()
     (target / "old").write_text("1")
     with pytest.raises(KeyError):
-        with atomic.replace_dir(target) as stage:
+        with atomic.replace_dir(target, "test output") as stage:
             (stage / "new").write_text("2")
             raise KeyError("build failed")
     assert os.listdir(tmp_path) == ["d"]
     assert os.listdir(target) == ["old"]
-    with atomic.replace_dir(target) as stage:
+    with atomic.replace_dir(target, "test output") as stage:
         assert stage.parent == tmp_path
         assert stage.name.startswith(".d.")
         (stage / "new").write_text("2")
     assert os.listdir(tmp_path) == ["d"]
-    assert os.listdir(target) == ["new"]
-    with atomic.replace_dir(tmp_path / "fresh") as stage:
+    assert sorted(os.listdir(target)) == sorted([atomic.OWNER, "new"])
+    with atomic.replace_dir(target, "test output") as stage:  # now replacing a stamped folder
+        (stage / "newer").write_text("3")
+    assert os.listdir(tmp_path) == ["d"]
+    assert sorted(os.listdir(target)) == sorted([atomic.OWNER, "newer"])
+    with atomic.replace_dir(tmp_path / "fresh", "test output") as stage:
         (stage / "x").write_text("3")
     assert sorted(os.listdir(tmp_path)) == ["d", "fresh"]
 
 
 def test_check_replaceable_and_remove_stale(tmp_path):
-    kind = dict(marker="marker.json", kind="test output", owned=lambda n: n in ("marker.json", "a"))
-    atomic.check_replaceable(tmp_path / "absent", **kind)
+    kind = "test output"
+    atomic.check_replaceable(tmp_path / "absent", kind=kind)
     (tmp_path / "empty").mkdir()
-    atomic.check_replaceable(tmp_path / "empty", **kind)
+    atomic.check_replaceable(tmp_path / "empty", kind=kind)
     ours = tmp_path / "ours"
-    ours.mkdir()
-    (ours / "marker.json").write_text("{}")
-    (ours / "a").write_text("")
-    atomic.check_replaceable(ours, **kind)
+    with atomic.replace_dir(ours, kind) as stage:
+        (stage / "a").write_text("1")
+    assert atomic.stamped_files(ours, kind) == ["a"]
+    atomic.check_replaceable(ours, kind=kind)
+    with pytest.raises(atomic.NotReplaceableError, match="is not a other kind"):
+        atomic.check_replaceable(ours, kind="other kind")
+    (ours / "a").write_text("changed")  # a listed name whose file changed since: not the program's
+    with pytest.raises(atomic.NotReplaceableError, match=r"also holds files it did not write \(a\)"):
+        atomic.check_replaceable(ours, kind=kind)
+    (ours / "a").write_text("1")
     (ours / "b").write_text("")
     with pytest.raises(atomic.NotReplaceableError, match=r"also holds files it did not write \(b\)"):
-        atomic.check_replaceable(ours, **kind)
-    atomic.check_replaceable(ours, overwrite=True, **kind)
+        atomic.check_replaceable(ours, kind=kind)
+    atomic.check_replaceable(ours, kind=kind, also_owned=("b",))
+    atomic.check_replaceable(ours, overwrite=True, kind=kind)
     (tmp_path / "file").write_text("")
     with pytest.raises(atomic.NotReplaceableError, match="not a folder"):
-        atomic.check_replaceable(tmp_path / "file", overwrite=True, **kind)
-    stale = [atomic.temp_path(ours), atomic.temp_path(ours)]
-    stale[0].mkdir()
-    stale[1].write_text("")
-    (tmp_path / ".ours.notours.partial").write_text("")  # not of the form temp_path makes
-    assert sorted(atomic.remove_stale(ours)) == sorted(stale)
-    assert sorted(os.listdir(tmp_path)) == [".ours.notours.partial", "empty", "file", "ours"]
+        atomic.check_replaceable(tmp_path / "file", overwrite=True, kind=kind)
+    # A killed build's staging folder is stamped with its own name from the start, so it is cleared.
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.replace_dir(ours, kind) as stage:
+            (stage / "half").write_text("x")
+            shutil.copytree(stage, tmp_path / "copy")  # what a kill -9 leaves (no clean-up runs)
+            raise KeyboardInterrupt
+    killed = tmp_path / stage.name
+    (tmp_path / "copy").rename(killed)
+    assert atomic.remove_stale(ours, kind) == [killed]
+    assert not killed.exists()

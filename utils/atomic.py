@@ -1,4 +1,5 @@
-"""Atomic outputs: a file or a folder appears under its final name complete, or not at all.
+"""Atomic outputs: a file or a folder appears under its final name complete, or not at all; and an
+output folder is replaced only when a stamp inside it proves this program wrote it.
 
 Why: whoever reads an output (training, evaluation, the up-to-date check of a rerun) must never
 see half of one, and a run that fails or is killed must never have destroyed the previous good
@@ -7,36 +8,67 @@ folder, hence same file system, so that the rename is one step and never a copy)
 disk (fsync), rename it onto the target, and fsync the folder so that the rename itself survives
 a power cut.
 
-* ``AtomicFile`` / ``write_text`` / ``write_bytes``: one file.
-* ``replace_dir``: a whole folder, built in a staging folder beside the target and swapped in at
-  the end; the old folder is removed only after the new one has taken its place.
-* ``check_replaceable``: refuses to clobber a folder that is not an output of the expected kind,
-  recognised by a marker file (e.g. a manifest) that only that kind of output contains.
-* ``locked``: an exclusive lock for building a target; ``remove_stale``: clears what killed runs
-  left beside it.
+Ownership is decided by a stamp, never by a name. Every folder that ``replace_dir`` builds holds
+the file ``OWNER`` (``.hyena-rtf-output.json``), written by this module: the kind of output, a
+random id, and either the exact temporary name the folder was created under (while it is being
+built, or once it is on its way out) or the name and size of every file the program put in it
+(once complete). So:
 
-Every temporary name is ``.<target name>.<pid>-<random hex>.partial``: hidden, unique per writer,
-and recognisable, so that leftovers of killed runs can be told apart from anything else. The
-module knows nothing about data preparation; checkpoints and exports can use it as it is.
+* a folder may be replaced only if it is absent, empty, or stamped as an output of the expected
+  kind and holding nothing but the files its stamp lists (``check_replaceable``); anything else is
+  the user's, whatever it is called: a ``thesis.tex.partial``, a ``finetune.py`` beside an export;
+* a leftover beside a target is deleted only if it is a folder whose stamp names exactly the
+  temporary name it has (``remove_stale``): a user's file or folder called ``.T.123-abcd.partial``
+  is kept;
+* ``overwrite=True`` is the user's explicit consent to replace a folder whatever it holds (the
+  CLIs' ``--overwrite``); it never lifts ``check_apart``: an output is never one of the inputs,
+  inside one, or a folder that contains one.
+
+Errors: ``NotReplaceableError`` (the target is not ours to replace, or is an input) and
+``OutputError`` (the target cannot be written: read-only or missing folder, full disk, a file
+removed meanwhile) are one-line messages naming the path; ``OutputError`` is a
+``NotReplaceableError``, so that every caller that reports refusals as a user error (exit status
+2) reports these the same way. ``check_writable`` finds an unwritable target before the long work.
+
+* ``AtomicFile`` / ``write_text`` / ``write_bytes``: one file.
+* ``replace_dir``: a whole folder, built in a stamped staging folder beside the target and
+  swapped in at the end; the old folder is removed only after the new one has taken its place.
+* ``locked``: an exclusive lock for building a target.
+
+Every temporary name is ``.<target name>.<pid>-<random hex>.partial``: hidden and unique per
+writer. The module knows nothing about data preparation; checkpoints and exports use it as it is.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 
 SUFFIX = ".partial"
+# The stamp file of every folder replace_dir builds (see the module docstring).
+OWNER = ".hyena-rtf-output.json"
+OWNER_FORMAT = "hyena-rtf-output/1"
+_OVERWRITE_HINT = "pass --overwrite to replace it with everything in it, or choose another output path"
 
 
 class NotReplaceableError(FileExistsError):
-    """The target exists and is not an output this program may replace (one-line message)."""
+    """The target exists and is not an output this program may replace, or it is one of the
+    inputs (one-line message)."""
+
+
+class OutputError(NotReplaceableError):
+    """An output cannot be written: a read-only or missing folder, a full disk, permission
+    denied, a file removed by someone else meanwhile (one-line message naming the path). A
+    ``NotReplaceableError`` so that callers that report refusals as user errors (exit status 2)
+    report these too."""
 
 
 def named(e: OSError, path: str | os.PathLike) -> OSError:
@@ -45,6 +77,14 @@ def named(e: OSError, path: str | os.PathLike) -> OSError:
     if e.filename is not None or e.errno is None:
         return e
     return OSError(e.errno, e.strerror, str(path))
+
+
+def output_error(e: OSError, target: str | os.PathLike, what: str = "") -> OutputError:
+    """The one-line ``OutputError`` for ``e``, raised while writing ``target`` (``what``: e.g.
+    "the export"); it names the file that failed when ``e`` does."""
+    reason = e.strerror or str(e) or type(e).__name__
+    where = f" ({e.filename})" if e.filename is not None and str(e.filename) != str(target) else ""
+    return OutputError(f"cannot write {what + ' ' if what else ''}{target}: {reason}{where}")
 
 
 def temp_path(target: str | os.PathLike) -> Path:
@@ -144,6 +184,146 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         af.write(text)
 
 
+# ----------------------------------------------------------------------------- the stamp
+
+
+def read_stamp(folder: str | os.PathLike, kind: str | None = None) -> dict | None:
+    """The stamp of ``folder`` (a real folder, not a link to one, holding a valid ``OWNER``
+    file of the kind ``kind`` when given), else None. Valid: a JSON object of our format with
+    a ``kind``, an ``id``, and ``files`` (name -> size, None for a folder) and/or ``staging``."""
+    folder = Path(folder)
+    try:
+        if folder.is_symlink() or not folder.is_dir():
+            return None
+        stamp = json.loads((folder / OWNER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stamp, dict) or stamp.get("format") != OWNER_FORMAT:
+        return None
+    if not isinstance(stamp.get("kind"), str) or not isinstance(stamp.get("id"), str):
+        return None
+    files, staging = stamp.get("files"), stamp.get("staging")
+    if files is not None and not (
+        isinstance(files, dict) and all(v is None or isinstance(v, int) for v in files.values())
+    ):
+        return None
+    if staging is not None and not isinstance(staging, str):
+        return None
+    if kind is not None and stamp["kind"] != kind:
+        return None
+    return stamp
+
+
+def _write_stamp(folder: Path, stamp: dict) -> None:
+    write_text(folder / OWNER, json.dumps(stamp, sort_keys=True, indent=1) + "\n")
+
+
+def _entry_size(path: Path) -> int | None:
+    """What a stamp records of an entry: a regular file's size, None for anything else."""
+    st = os.lstat(path)
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def _listed(stamp: dict, path: Path) -> bool:
+    """Whether the entry ``path`` is one the stamp lists, as it was written (same type and
+    size: a file the user put in its place, or changed since, is not the program's)."""
+    files = stamp.get("files") or {}
+    if path.name not in files:
+        return False
+    try:
+        return _entry_size(path) == files[path.name]
+    except OSError:
+        return False
+
+
+def stamped_files(folder: str | os.PathLike, kind: str) -> list[str]:
+    """The names the stamp of ``folder`` lists as written by the program ([] if unstamped)."""
+    stamp = read_stamp(folder, kind)
+    return sorted((stamp or {}).get("files") or {})
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def check_replaceable(
+    target: str | os.PathLike, *, kind: str, also_owned: tuple[str, ...] = (), overwrite: bool = False
+) -> None:
+    """Raises ``NotReplaceableError`` (one line naming the folder and what is in the way)
+    unless ``target`` may be replaced by a new output of ``kind``: it does not exist; or it is an
+    empty folder; or it holds a stamp of ``kind`` and nothing but the stamp and the files the
+    stamp lists, unchanged in type and size, plus the names in ``also_owned`` (files a caller
+    writes beside the output and has itself recognised by their content). ``overwrite=True``
+    accepts any folder. A target that is not a folder is always refused. Names play no part: an
+    unstamped folder holding only ``*.partial`` files is the user's."""
+    target = Path(target)
+    if not target.exists() and not target.is_symlink():
+        return
+    if not target.is_dir():
+        raise NotReplaceableError(f"{target} exists and is not a folder; choose another output path")
+    if overwrite:
+        return
+    names = sorted(os.listdir(target))
+    if not names:
+        return
+    stamp = read_stamp(os.path.realpath(target), kind)
+    if stamp is None:
+        raise NotReplaceableError(
+            f"{target} is not empty ({_shown(names)}) and is not a {kind} (no stamp {OWNER} of one); {_OVERWRITE_HINT}"
+        )
+    foreign = [n for n in names if n != OWNER and n not in also_owned and not _listed(stamp, target / n)]
+    if foreign:
+        raise NotReplaceableError(
+            f"{target} is a {kind} but also holds files it did not write ({_shown(foreign)}); {_OVERWRITE_HINT}"
+        )
+
+
+def check_writable(target: str | os.PathLike, what: str = "output") -> None:
+    """Raises ``OutputError`` (one line) when ``target`` (a file or folder to be created or
+    replaced beside its siblings) cannot be written: the nearest existing folder above it is
+    not writable, or is not a folder; or ``target`` is a folder that cannot be emptied (it would
+    be replaced, and its old files could then not be removed). Call it before the long
+    work. Root passes every permission check (not a read-only file system); a write can still
+    fail later, full disk included, and callers turn that into an ``OutputError`` too."""
+    target = Path(os.path.abspath(target))
+    parent = next((p for p in target.parents if os.path.lexists(p)), None)
+    if parent is None or not parent.is_dir():
+        raise OutputError(f"cannot write {what} {target}: {parent or target.parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {what} {target}: {parent} is not writable")
+    if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot replace {what} {target}: it is not writable")
+
+
+def _real(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+
+
+def check_apart(output: str | os.PathLike, inputs, flag: str = "--out") -> None:
+    """Raises ``NotReplaceableError`` (one line) when ``output`` is one of ``inputs`` (files or
+    folders), inside one of them, or a folder that contains one, all compared after resolving
+    symlinks (``realpath``). Whatever ``--overwrite`` says: replacing the output would delete
+    the input, and an output inside an input folder would be read back as input next time."""
+    out = _real(output)
+    for inp in inputs:
+        src = _real(inp)
+        if out == src:
+            relation = "is the input"
+        elif src in out.parents:
+            relation = "is inside the input"
+        elif out in src.parents:
+            relation = "contains the input"
+        else:
+            continue
+        raise NotReplaceableError(f"{flag} {output} {relation} {inp}; choose an output path apart from the inputs")
+
+
+# ----------------------------------------------------------------------------- replacing a folder
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swaps the entries ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``), so
     that ``b`` is never missing. False where the platform or file system cannot do it."""
@@ -160,32 +340,48 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def _mark_outgoing(old: Path, name: str) -> None:
+    """Records in ``old``'s stamp (if it is ours) the temporary name it is about to take, so that
+    if a crash leaves it there, ``remove_stale`` knows it for the program's and clears it. A
+    folder without our stamp (replaced by consent, ``overwrite``) is left unmarked: kept if left."""
+    stamp = read_stamp(old)
+    if stamp is not None:
+        _write_stamp(old, {**stamp, "staging": name})
+
+
 def _swap_in(staging: Path, target: Path) -> None:
     """Puts the folder ``staging`` at ``target`` and removes what was there. A missing or empty
     target is replaced by a plain rename. Otherwise the two are exchanged in one step where the
     system can; elsewhere the old target is first renamed aside, so that a crash between the two
-    renames leaves it complete under its temporary name rather than lost."""
+    renames leaves it complete under its temporary name rather than lost. The old folder is
+    removed last, best effort: a failure there (a file in it that cannot be deleted) leaves it
+    under its stamped temporary name, which the next build clears, and the new output is in place."""
     try:
         os.rename(staging, target)
         return
     except OSError as e:
         if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
+    _mark_outgoing(target, staging.name)
     if _exchange(staging, target):
         old = staging
     else:
         old = temp_path(target)
+        _mark_outgoing(target, old.name)
         os.rename(target, old)
         os.rename(staging, target)
     fsync_dir(target.parent)
-    shutil.rmtree(old)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager
-def replace_dir(target: str | os.PathLike):
-    """Yields a new, empty staging folder beside ``target``. When the block ends normally the
-    staging folder takes ``target``'s place (see ``_swap_in``) and the old ``target`` is removed;
-    when it raises, the staging folder is removed and ``target`` is left exactly as it was.
+def replace_dir(target: str | os.PathLike, kind: str):
+    """Yields a new, empty staging folder beside ``target``, stamped at once as a ``kind`` under
+    construction (its stamp records its exact temporary name). When the block ends normally the
+    stamp is completed with every entry of the staging folder (name and size), the staging
+    folder takes ``target``'s place (see ``_swap_in``) and the old ``target`` is removed; when it
+    raises (KeyboardInterrupt included), the staging folder is removed and ``target`` is left as
+    it was.
 
     The caller decides whether ``target`` may be replaced (``check_replaceable``) and keeps other
     writers away (``locked``). A symlinked ``target`` is resolved: the folder it points to is
@@ -194,48 +390,16 @@ def replace_dir(target: str | os.PathLike):
     staging = temp_path(target)
     os.mkdir(staging)
     try:
+        stamp = {"format": OWNER_FORMAT, "kind": kind, "id": secrets.token_hex(16), "staging": staging.name}
+        _write_stamp(staging, stamp)
         yield staging
+        files = {p.name: _entry_size(p) for p in staging.iterdir() if p.name != OWNER}
+        _write_stamp(staging, {**stamp, "staging": None, "files": files})
         fsync_dir(staging)
         _swap_in(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def check_replaceable(
-    target: str | os.PathLike,
-    *,
-    marker: str,
-    kind: str,
-    is_kind: Callable[[Path], bool] = Path.is_file,
-    owned: Callable[[str], bool] = lambda name: True,
-    overwrite: bool = False,
-) -> None:
-    """Raises ``NotReplaceableError`` unless ``target`` may be replaced by a new output of
-    ``kind``: it does not exist; or it is a folder whose entries are all temporaries or lock
-    files (``*.partial``, ``.lock``: what an interrupted run leaves); or it holds the file
-    ``marker`` for which ``is_kind(path)`` is true and every entry's name passes ``owned`` (so
-    that no file the program did not write is deleted with it). ``overwrite=True`` accepts any
-    folder. A target that is not a folder is always refused."""
-    target = Path(target)
-    if not target.exists() and not target.is_symlink():
-        return
-    if not target.is_dir():
-        raise NotReplaceableError(f"{target} exists and is not a folder; choose another output path")
-    if overwrite:
-        return
-    names = sorted(os.listdir(target))
-    if all(n.endswith(SUFFIX) or n == ".lock" for n in names):
-        return
-    hint = "pass --overwrite to replace it with everything in it, or choose another output path"
-    if not is_kind(target / marker):
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        raise NotReplaceableError(f"{target} is not empty ({shown}) and is not a {kind} (no valid {marker}); {hint}")
-    foreign = [n for n in names if not owned(n)]
-    if foreign:
-        raise NotReplaceableError(
-            f"{target} is a {kind} but also holds files it did not write ({', '.join(foreign[:5])}); {hint}"
-        )
 
 
 def lock_path(target: str | os.PathLike) -> Path:
@@ -249,8 +413,9 @@ def lock_path(target: str | os.PathLike) -> Path:
 def locked(target: str | os.PathLike):
     """Holds an exclusive lock on ``target`` (``flock`` on ``lock_path(target)``) for the block,
     so that concurrent builders of one target run one after the other. The lock file stays after
-    use: deleting it would let a waiter lock a file that a newcomer no longer sees. Without
-    ``fcntl`` (Windows) there is no lock and callers must not build one target concurrently."""
+    use: deleting it would let a waiter lock a file that a newcomer no longer sees (and an
+    existing file of that name is only opened for appending, never changed). Without ``fcntl``
+    (Windows) there is no lock and callers must not build one target concurrently."""
     try:
         import fcntl
     except ImportError:
@@ -264,18 +429,20 @@ def locked(target: str | os.PathLike):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def remove_stale(target: str | os.PathLike) -> list[Path]:
-    """Deletes the temporaries of ``target`` that killed runs left beside it (names of the form
-    in the module docstring, files or folders) and returns them. Only call it while holding
-    ``locked(target)``, else it may delete the temporaries of a run still in progress."""
+def remove_stale(target: str | os.PathLike, kind: str) -> list[Path]:
+    """Deletes what killed runs building ``target`` left beside it, and returns it: only folders
+    whose name has the temporary form of the module docstring *and* whose stamp, of ``kind``,
+    records exactly that name. Anything else of that form (a user's file or folder, an unmarked
+    folder) is kept. Only call it while holding ``locked(target)``, else it may delete the
+    staging folder of a run still in progress."""
     t = Path(os.path.realpath(target))
     pat = _temp_pattern(t.name)
     gone = []
     for p in t.parent.iterdir() if t.parent.is_dir() else ():
-        if pat.fullmatch(p.name):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+        if not pat.fullmatch(p.name):
+            continue
+        stamp = read_stamp(p, kind)
+        if stamp is not None and stamp.get("staging") == p.name:
+            shutil.rmtree(p)
             gone.append(p)
     return gone
