@@ -8,6 +8,14 @@ cannot run code (the old format pickled numpy's state tuple and needed weights_o
 
     python  random.getstate() = (version, 625 ints: 624 Mersenne Twister words + index, gauss_next)
     numpy   np.random.get_state() = ("MT19937", 624 uint32 keys, pos, has_gauss, cached_gaussian)
+    cuda    the generator state of this process's current CUDA device only (key `cuda_current`)
+
+Each process drives one GPU (its LOCAL_RANK), so its file holds that GPU's state and nothing about
+the GPUs of other processes: the file restores wherever the process sees at least one GPU, also
+on a resume with one GPU per task (SLURM, Kubernetes) or on a smaller node. Files of the earlier
+layout hold the states of every GPU the process could see (key `cuda`, a list); they restore the
+first min(saved, visible) of them, so their own device's state is kept on the same layout and a
+resume on fewer devices no longer fails.
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ def rng_state() -> dict:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_current"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -64,8 +72,13 @@ def set_rng_state(state: dict) -> None:
         )
     )
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not torch.cuda.is_available():
+        return  # a CPU resume of a GPU run: nothing to put the CUDA state into
+    if "cuda_current" in state:
+        torch.cuda.set_rng_state(state["cuda_current"], torch.cuda.current_device())
+    elif "cuda" in state:  # the earlier layout: one state per device the saving process saw
+        for index, device_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
 
 
 def save_rng(path: str) -> None:
