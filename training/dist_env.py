@@ -2,6 +2,16 @@
 
 Read once at the start of a run from the launcher's environment variables; everything else that
 depends on the number of processes (batch split, data slots, collectives) takes a `DistEnv`.
+
+Two launch mistakes are refused at start, on every process, with one line (ConfigError, exit 2):
+
+    plain `srun` of several tasks   SLURM starts the tasks but sets no WORLD_SIZE/RANK: each would
+                                    train alone on the same out_dir. Ranks are not derived from the
+                                    SLURM variables: a rendezvous also needs MASTER_ADDR/PORT and
+                                    one device per task, which torchrun or DeepSpeed's launcher
+                                    (one per node, under srun) set up and check themselves.
+    more processes than GPUs        a node's processes (LOCAL_WORLD_SIZE / LOCAL_SIZE, or the
+                                    LOCAL_RANK) exceed the CUDA devices this process sees.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ def detect_env() -> DistEnv:
     RANK/WORLD_SIZE; a plain `python train.py` sets none of them (one process).
     """
     env = os.environ
+    check_not_bare_srun(env)
     world = int(env.get("WORLD_SIZE", "1"))
     rank = int(env.get("RANK", "0"))
     local_rank = int(env.get("LOCAL_RANK", "0"))
@@ -40,6 +51,26 @@ def detect_env() -> DistEnv:
     else:
         launcher = "none" if world == 1 else "unknown"
     return DistEnv(rank, local_rank, world, launcher)
+
+
+def check_not_bare_srun(env) -> None:
+    """ConfigError when SLURM's srun started several tasks of train.py itself, without a launcher.
+
+    srun sets SLURM_PROCID/SLURM_LOCALID for each task it starts (a batch script's own shell has
+    no SLURM_LOCALID) and SLURM_STEP_NUM_TASKS (or SLURM_NTASKS) to their number; a launcher sets
+    WORLD_SIZE in its workers, so `srun ... torchrun ...` and `srun ... deepspeed ...` pass."""
+    if "WORLD_SIZE" in env or "SLURM_PROCID" not in env or "SLURM_LOCALID" not in env:
+        return
+    tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1"
+    if not tasks.isdigit() or int(tasks) <= 1:
+        return
+    raise ConfigError(
+        f"started by srun as task {env['SLURM_PROCID']} of {tasks} without a distributed launcher (no "
+        f"WORLD_SIZE): every task would train alone. Start one launcher per node instead: "
+        f"srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES --nproc_per_node=<GPUs per node> "
+        f"--rdzv_backend=c10d --rdzv_endpoint=<first node>:29500 train.py ..., or DeepSpeed's launcher "
+        f"with a hostfile (docs/distributed.md, Running on a cluster)"
+    )
 
 
 def choose_engine(requested: str, env: DistEnv) -> str:
@@ -57,11 +88,34 @@ def choose_engine(requested: str, env: DistEnv) -> str:
     return requested
 
 
+def local_world_size(local_rank: int = 0) -> int:
+    """Processes the launcher started on this node: LOCAL_WORLD_SIZE (torchrun), LOCAL_SIZE
+    (DeepSpeed's launcher), else at least local_rank + 1."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return max(int(value), local_rank + 1)
+    return local_rank + 1
+
+
 def choose_device(requested: str, local_rank: int) -> torch.device:
+    """CPU, or CUDA device `local_rank` (one GPU per process). ConfigError, on every process of the
+    node alike, when the node runs more processes than this process sees CUDA devices: the ranks
+    past the last device would otherwise fail alone (invalid device ordinal) while the others wait
+    for them."""
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is available")
+    count, local = torch.cuda.device_count(), local_world_size(local_rank)
+    if local > count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        shown = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+        raise ConfigError(
+            f"{local} processes on this node (LOCAL_RANK={local_rank}) but this process sees {count} CUDA "
+            f"device(s){shown}: start at most one process per GPU (--nproc_per_node / --num_gpus <= {count}), "
+            f"and do not restrict each process to one GPU"
+        )
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 
