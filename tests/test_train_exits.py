@@ -17,7 +17,7 @@ from _train_utils import TINY, error_line
 import train
 from hyena_rtf.training import checkpoint as ckpt
 from hyena_rtf.training import trainer as trainer_mod
-from hyena_rtf.training.runlock import RunLock
+from hyena_rtf.training.runlock import RunLock, claim_run_dir
 
 
 def args(corpus, out_dir, *extra):
@@ -53,7 +53,8 @@ def test_a_planned_stop_exits_0(corpus, tmp_path):
 
 
 def test_a_second_run_in_the_same_out_dir_fails_at_once_naming_the_holder(corpus, tmp_path, capsys):
-    with RunLock(str(tmp_path)):  # a run in progress (this process, its own open file: a separate flock)
+    claim_run_dir(str(tmp_path))  # a run in progress: it stamped the folder, then locked it
+    with RunLock(str(tmp_path)):  # (this process, its own open file: a separate flock)
         assert train.main(args(corpus, tmp_path)) == 2
         err = capsys.readouterr().err.strip()
         assert err == error_line(err)  # before any log line
@@ -141,3 +142,50 @@ def test_a_full_disk_during_a_checkpoint_save_keeps_the_previous_checkpoint(corp
     ckpt.verify_checkpoint(str(tmp_path / "checkpoints" / "step_00000004"))
     monkeypatch.setattr(ckpt, "save_rng", real)
     assert train.main(args(corpus, tmp_path)) == 0  # resumes from step 4 and finishes
+
+
+LONG = "a" * 300  # one path component past NAME_MAX (255 bytes)
+
+
+@pytest.mark.parametrize(
+    "key, extra",
+    [
+        ("train.out_dir", ["train.out_dir={tmp}/" + LONG + "/run"]),
+        ("checkpoint.export_dir", ["checkpoint.export_at_end=true", "checkpoint.export_dir={tmp}/" + LONG]),
+    ],
+)
+def test_a_path_component_longer_than_name_max_is_one_line_naming_the_key(corpus, tmp_path, capsys, key, extra):
+    overrides = [e.format(tmp=tmp_path) for e in extra]
+    assert train.main(args(corpus, tmp_path / "run", *overrides)) == 2
+    err = error_line(capsys.readouterr().err)
+    assert err.startswith(f"train.py: error: {key}"), err
+    assert "255" in err
+    assert os.listdir(tmp_path) == []  # before any work: not even the run folder
+
+
+def test_a_second_ctrl_c_during_a_checkpoint_save_stops_at_once_with_one_line(corpus, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in step 5 asks for a checkpoint at step 5; a second Ctrl-C while it is being written
+    stops at once: exit 130, one log line and no traceback, the partial save left in its staging
+    folder, which the next start removes before resuming from step 4."""
+    real_batches, real = trainer_mod.step_micro_batches, ckpt.save_rng
+    signal_at_step(monkeypatch, signal.SIGINT, at_step=4)
+
+    def save_rng(path):
+        if "step_00000005" in path:
+            os.kill(os.getpid(), signal.SIGINT)  # the impatient second Ctrl-C
+        real(path)
+
+    monkeypatch.setattr(ckpt, "save_rng", save_rng)
+    assert train.main(args(corpus, tmp_path)) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "second SIGINT" in line]
+    assert len(lines) == 1 and "step 5" in lines[0] and "step_00000004" in lines[0], err[-2000:]
+    root = tmp_path / "checkpoints"
+    assert ".tmp-step_00000005" in os.listdir(root)
+    assert ckpt.latest_checkpoint(root).endswith("step_00000004")
+    monkeypatch.setattr(ckpt, "save_rng", real)
+    monkeypatch.setattr(trainer_mod, "step_micro_batches", real_batches)
+    assert train.main(args(corpus, tmp_path, "train.stop_after_steps=6")) == 0
+    assert f"resumed from {root / 'step_00000004'} at step 4" in capsys.readouterr().err
+    assert ".tmp-step_00000005" not in os.listdir(root)

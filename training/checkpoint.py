@@ -15,13 +15,41 @@ Layout (one folder per checkpoint, under OUT_DIR/checkpoints/):
 
 Atomicity: everything is written into `.tmp-step_X/`, flushed to disk, and only then renamed to
 `step_X/` (a rename within one directory is atomic on POSIX). A process killed at any moment leaves
-either the complete new folder or none, next to the previous checkpoints; leftovers named `.tmp-*`
-are deleted at the next start. Old checkpoints are first renamed to `.trash-*` and then deleted,
-so a kill during pruning cannot leave a half-deleted `step_*` folder either. Multi-node runs need
-OUT_DIR on a filesystem all nodes share (DeepSpeed writes one optimizer partition per rank).
-This is the recipe of utils/atomic.py (stage beside, fsync, rename, fsync the folder), with
-one difference: the staging name is derived from the step, not random, because every rank must
-find the same folder to write its files into.
+either the complete new folder or none, next to the previous checkpoints. Old checkpoints are first
+renamed to `.trash-step_X-ID/` and then deleted, so a kill during pruning cannot leave a
+half-deleted `step_*` folder either. Multi-node runs need OUT_DIR on a filesystem all nodes share
+(DeepSpeed writes one optimizer partition per rank). This is the recipe of utils/atomic.py (stage
+beside, fsync, rename, fsync the folder), with one difference: the staging name is derived from the
+step, not random, because every rank must find the same folder to write its files into.
+
+Ownership: the stamp. The first file of every staging folder is stamp.json: the run id of the run
+folder (OUT_DIR/.hyena-rtf-run.json, training/runlock.py), a random checkpoint id, the step, the
+parent checkpoint's id and a save counter. It stays in the checkpoint (listed in its manifest, also
+recorded in trainer_state.json) and in the trash folder (it is deleted last). An entry under
+checkpoints/ belongs to the run only if its stamp carries the run id and the entry has the exact
+name the run gave it (`step_X`, `.tmp-step_X`, `.trash-step_X-ID` for that stamp's step and id).
+Only such entries are ever deleted or renamed; leftovers `.tmp-*` / `.trash-*` of the run are
+removed at the next start. Anything else there is the user's, whatever its name: it is left alone
+with a warning, and a run refuses to start (one line) when such an entry holds a name the run may
+save under (`step_X` or `.tmp-step_X` past the step it starts from). A second Ctrl-C during a save
+(training/preemption.py) abandons the staging folder, stamped, for the next start to remove.
+
+Lineage. Each checkpoint names its parent: the checkpoint its run resumed from, or the one the same
+run saved before. Following parents from the checkpoint saved last (highest save counter) gives the
+run folder's current line. `checkpoint.resume=auto` takes the newest checkpoint of that line that
+verifies (skipping bad ones with a warning), never one of another line; pruning
+(`checkpoint.keep_last`) keeps the newest `keep_last` checkpoints of the line that ends in the one
+just saved, and deletes only older checkpoints of that same line. Hence a corrupt checkpoint that a
+resume skipped is never what is kept, the newest intact checkpoint is never deleted, and the
+checkpoint the run resumed from goes only once a newer one of its line exists. When a save meets a
+checkpoint of another line under its name (one that resume skipped as corrupt, or an abandoned
+one), that one is renamed aside to `step_X.abandoned-ID/`, never deleted.
+
+Branching back is refused: a run folder holds one line. `checkpoint.resume=PATH` naming any other
+checkpoint than the one auto would take (an older one of the folder, or one elsewhere), and
+`checkpoint.resume=none`, are one-line errors while the folder's line has an intact checkpoint; the
+message says how to branch: a new folder, `train.out_dir=NEW checkpoint.resume=PATH`, whose
+checkpoints then name PATH's as their parent. Nothing is moved or deleted to branch.
 
 Verification (`verify_checkpoint`), before anything in a checkpoint is loaded, on resume and on
 export: the files on disk must be exactly those of manifest.json, with its sizes and SHA-256
@@ -44,14 +72,21 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
 from hyena_rtf.training.engine import DS_TAG, Engine, TorchEngine
+from hyena_rtf.training.preemption import deferred
 from hyena_rtf.training.rng import RngFileError, load_rng, save_rng
+from hyena_rtf.training.runlock import read_run_id
 from hyena_rtf.utils.atomic import fsync_dir, write_text
+from hyena_rtf.utils.logs import get_logger
+
+log = get_logger("train")
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -59,7 +94,10 @@ CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.json"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "hyena-rtf-checkpoint/1"
+STAMP_FILE = "stamp.json"
+STAMP_FORMAT = "hyena-rtf-checkpoint-stamp/1"
 _STEP_RE = re.compile(r"^step_(\d+)$")
+_STAGING_RE = re.compile(r"^\.tmp-step_(\d+)$")
 
 
 class CheckpointError(RuntimeError):
@@ -89,12 +127,19 @@ def latest_checkpoint(root: str) -> str | None:
 
 
 def resolve_checkpoint(path: str, key: str | None = None) -> str:
-    """A checkpoint folder, or a run folder (OUT_DIR) meaning its latest checkpoint. CheckpointError
-    naming `path` (as `key=path` when it came from config key `key`) when there is none."""
+    """A checkpoint folder, or a run folder (OUT_DIR, or its checkpoints/) meaning its latest
+    checkpoint: the newest of its current line when the run folder is stamped, else (a run of an
+    earlier version) the highest step. CheckpointError naming `path` (as `key=path` when it came
+    from config key `key`) when there is none."""
     if os.path.isfile(os.path.join(path, STATE_FILE)):
         return path
-    for root in (os.path.join(path, CHECKPOINTS), path):
-        latest = latest_checkpoint(root)
+    for run_dir, root in ((path, os.path.join(path, CHECKPOINTS)), (os.path.dirname(os.path.abspath(path)), path)):
+        run_id = read_run_id(run_dir)
+        if run_id is None:
+            latest = latest_checkpoint(root)
+        else:
+            line = current_line(root, run_id)
+            latest = line[0].path if line else None
         if latest:
             return latest
     where = f"{key}={path}" if key else path
@@ -103,13 +148,168 @@ def resolve_checkpoint(path: str, key: str | None = None) -> str:
     raise CheckpointError(f"no complete checkpoint at {where} (expected {STATE_FILE} or {CHECKPOINTS}/step_*/)")
 
 
-def cleanup_partial(root: str) -> None:
-    """Delete leftovers of interrupted saves/prunes (call on rank 0 before training)."""
-    if not os.path.isdir(root):
-        return
-    for name in os.listdir(root):
-        if name.startswith((".tmp-", ".trash-")):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+# --------------------------------------------------------------------------------------------
+# Stamps, ownership and lineage
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stamped:
+    """A checkpoint folder of the run: `step_X` carrying the run's stamp for step X."""
+
+    path: str
+    step: int
+    checkpoint_id: str
+    parent: str | None  # checkpoint id of the parent (it may live in another run folder)
+    seq: int  # save counter of the run folder: higher was saved later
+
+
+def new_stamp(run_id: str | None, step: int, parent: dict | None) -> dict:
+    """The stamp of a checkpoint about to be saved (the save adds the counter `seq`). parent:
+    {"checkpoint_id", "step", "path"} of the checkpoint it continues, None for a fresh start."""
+    return {
+        "format": STAMP_FORMAT,
+        "run_id": run_id,
+        "checkpoint_id": secrets.token_hex(8),
+        "step": step,
+        "parent": parent,
+    }
+
+
+def read_stamp(folder: str) -> dict | None:
+    """The stamp in `folder` (a real folder, not a link), None when it has none or an invalid one."""
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        return None
+    try:
+        with open(os.path.join(folder, STAMP_FILE)) as f:
+            stamp = json.load(f)
+        ok = stamp["format"] == STAMP_FORMAT and isinstance(stamp["step"], int) and isinstance(stamp["seq"], int)
+        ok = ok and isinstance(stamp["run_id"], str) and isinstance(stamp["checkpoint_id"], str)
+        return stamp if ok else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _parent_id(stamp: dict) -> str | None:
+    parent = stamp.get("parent")
+    return parent.get("checkpoint_id") if isinstance(parent, dict) else None
+
+
+def _stamp_of_run(path: str, run_id: str | None) -> dict | None:
+    stamp = read_stamp(path)
+    return stamp if stamp is not None and run_id is not None and stamp["run_id"] == run_id else None
+
+
+def _trash_name(stamp: dict) -> str:
+    return f".trash-{step_dir_name(stamp['step'])}-{stamp['checkpoint_id']}"
+
+
+def _own_leftover(path: str, run_id: str | None) -> bool:
+    """A staging or trash folder this run folder's runs made: stamped, under the exact name given."""
+    stamp = _stamp_of_run(path, run_id)
+    name = os.path.basename(path)
+    return stamp is not None and name in (".tmp-" + step_dir_name(stamp["step"]), _trash_name(stamp))
+
+
+def own_checkpoints(root: str, run_id: str | None) -> list[Stamped]:
+    """The run's checkpoints under `root` (stamped with `run_id`, named for their step), oldest first."""
+    found = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+        m = _STEP_RE.match(name)
+        path = os.path.join(root, name)
+        stamp = _stamp_of_run(path, run_id) if m else None
+        if stamp is not None and stamp["step"] == int(m.group(1)):
+            found.append(Stamped(path, stamp["step"], stamp["checkpoint_id"], _parent_id(stamp), stamp["seq"]))
+    return sorted(found, key=lambda c: (c.step, c.seq))
+
+
+def line_of(tip: Stamped, checkpoints: list[Stamped]) -> list[Stamped]:
+    """`tip` and its ancestors among `checkpoints`, newest first (parents followed by id)."""
+    by_id = {c.checkpoint_id: c for c in checkpoints}
+    line, seen, c = [], set(), tip
+    while c is not None and c.checkpoint_id not in seen:
+        line.append(c)
+        seen.add(c.checkpoint_id)
+        c = by_id.get(c.parent) if c.parent else None
+    return line
+
+
+def current_line(root: str, run_id: str | None) -> list[Stamped]:
+    """The run folder's current line, newest first: the checkpoint saved last and its ancestors."""
+    own = own_checkpoints(root, run_id)
+    return line_of(max(own, key=lambda c: (c.seq, c.step)), own) if own else []
+
+
+def _remove_owned(path: str) -> None:
+    """Delete a stamped folder with its stamp last, so that an interruption anywhere leaves it
+    recognisable (and removed at the next start). Failures are warnings: the run goes on."""
+    try:
+        for name in os.listdir(path):
+            if name != STAMP_FILE:
+                p = os.path.join(path, name)
+                if os.path.isdir(p) and not os.path.islink(p):
+                    shutil.rmtree(p)
+                else:
+                    os.unlink(p)
+        os.unlink(os.path.join(path, STAMP_FILE))
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning(f"warning: could not delete {path}: {e.strerror} ({e.filename}); delete it by hand")
+
+
+def cleanup_partial(root: str, run_id: str | None) -> None:
+    """Delete this run folder's leftovers of interrupted saves and prunes (rank 0, before
+    training): `.tmp-*` / `.trash-*` entries carrying the run's stamp under the name it gave
+    them. Anything else is left (see `foreign_entries`)."""
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+        path = os.path.join(root, name)
+        if name.startswith((".tmp-", ".trash-")) and _own_leftover(path, run_id):
+            _remove_owned(path)
+
+
+def foreign_entries(root: str, run_id: str | None, start_step: int) -> list[str]:
+    """Entries under `root` that carry no stamp of this run (the user's, left as they are), for a
+    run that starts from `start_step`. CheckpointError (one line) when one of them holds a name
+    the run may save under: `step_X` or `.tmp-step_X` with X > start_step (a stamped folder of the
+    run under a name that is not its own counts as the user's copy)."""
+    foreign = []
+    own = {c.path for c in own_checkpoints(root, run_id)}
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+        path = os.path.join(root, name)
+        m = _STEP_RE.match(name) or _STAGING_RE.match(name)
+        if m and int(m.group(1)) > start_step and path not in own:
+            raise CheckpointError(
+                f"{path} is not a checkpoint of this run (it carries no {STAMP_FILE} of it) and is in the way "
+                f"of the checkpoints this run saves; move it out of {root} (train.py never deletes or renames "
+                f"what it did not write)"
+            )
+        if _stamp_of_run(path, run_id) is None:
+            foreign.append(path)
+    return foreign
+
+
+def _set_aside(final: str, run_id: str | None) -> str:
+    """Rename the run's checkpoint `final` (of another line: skipped as corrupt, or abandoned),
+    which a save of the same step meets, to `step_X.abandoned-ID`; returns the new path."""
+    stamp = _stamp_of_run(final, run_id)
+    if stamp is None or os.path.basename(final) != step_dir_name(stamp["step"]):
+        raise CheckpointError(
+            f"cannot save checkpoint {final}: a folder of that name that this run did not write appeared during "
+            f"the run; move it away, then rerun to resume"
+        )
+    aside = f"{final}.abandoned-{stamp['checkpoint_id']}"
+    os.rename(final, aside)
+    log.warning(f"warning: {final} belonged to a line of checkpoints this run does not continue; kept as {aside}")
+    return aside
+
+
+def _write_stamp(folder: str, stamp: dict) -> None:
+    with open(os.path.join(folder, STAMP_FILE), "x") as f:
+        f.write(json.dumps(stamp, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,28 +410,46 @@ def save_checkpoint(
     config_yaml: str,
     tokenizer_file: str | None,
     keep_last: int,
+    stamp: dict,
 ) -> str:
     """Collective: every rank calls it. Returns the final checkpoint path.
+
+    stamp: `new_stamp(...)` for this checkpoint (used on rank 0). After the save, rank 0 prunes
+    the line that ends in it to `keep_last` checkpoints (see the module docstring).
 
     A write that fails (full or read-only disk) raises CheckpointError naming the checkpoint and
     the reason, after removing the partial folder; the previous checkpoints are untouched."""
     final = os.path.join(root, step_dir_name(step))
     tmp = os.path.join(root, ".tmp-" + step_dir_name(step))
     try:
-        return _save_checkpoint(engine, root, step, trainer_state, config_yaml, tokenizer_file, keep_last, final, tmp)
+        return _save_checkpoint(engine, root, step, trainer_state, config_yaml, tokenizer_file, keep_last, stamp)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)  # ours, and it frees the space it took
+        if engine.is_main and (read_stamp(tmp) or {}).get("checkpoint_id") == stamp["checkpoint_id"]:
+            _remove_owned(tmp)  # ours, and it frees the space it took
         where = f" ({e.filename})" if e.filename else ""
         raise CheckpointError(
             f"cannot write checkpoint {final}: {e.strerror or e}{where}; the previous checkpoints in {root} are intact"
         ) from None
 
 
-def _save_checkpoint(engine, root, step, trainer_state, config_yaml, tokenizer_file, keep_last, final, tmp) -> str:
+def _save_checkpoint(engine, root, step, trainer_state, config_yaml, tokenizer_file, keep_last, stamp) -> str:
+    final = os.path.join(root, step_dir_name(step))
+    tmp = os.path.join(root, ".tmp-" + step_dir_name(step))
+    run_id = stamp["run_id"]
     if engine.is_main:
         os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        if os.path.lexists(tmp):  # an earlier attempt of this run, or someone else's folder
+            if not _own_leftover(tmp, run_id):
+                raise CheckpointError(
+                    f"cannot save checkpoint {final}: {tmp} is in the way and was not written by this run; "
+                    f"move it away, then rerun to resume"
+                )
+            _remove_owned(tmp)
+        own = own_checkpoints(root, run_id)
+        stamp = {**stamp, "seq": 1 + max((c.seq for c in own), default=0)}
+        with deferred():  # the staging folder never exists without its stamp
+            os.mkdir(tmp)
+            _write_stamp(tmp, stamp)
     engine.barrier()
     engine.save(tmp)
     save_rng(os.path.join(tmp, f"rng_rank{engine.rank}.pt"))
@@ -243,23 +461,29 @@ def _save_checkpoint(engine, root, step, trainer_state, config_yaml, tokenizer_f
         write_text(os.path.join(tmp, STATE_FILE), json.dumps(trainer_state, indent=2))
         write_manifest(tmp)
         _fsync_tree(tmp)
-        trash = os.path.join(root, ".trash-" + step_dir_name(step))
-        if os.path.exists(final):  # re-saving a step (a resumed run that stops where it resumed)
-            os.replace(final, trash)
-        os.replace(tmp, final)
-        fsync_dir(root)
-        shutil.rmtree(trash, ignore_errors=True)
-        prune(root, keep_last)
+        with deferred():
+            if os.path.lexists(final):  # a checkpoint of another line (training/resume.py)
+                _set_aside(final, run_id)
+            os.replace(tmp, final)
+            fsync_dir(root)
+        saved = Stamped(final, step, stamp["checkpoint_id"], _parent_id(stamp), stamp["seq"])
+        prune(root, run_id, saved, keep_last)
     engine.barrier()
     return final
 
 
-def prune(root: str, keep_last: int) -> None:
-    """Keep the newest `keep_last` checkpoints; older ones go to .trash-* first, then away."""
-    for _, path in list_checkpoints(root)[:-keep_last]:
-        trash = os.path.join(root, ".trash-" + os.path.basename(path))
-        os.replace(path, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+def prune(root: str, run_id: str | None, saved: Stamped, keep_last: int) -> None:
+    """Keep the newest `keep_last` checkpoints of the line that ends in `saved` (the checkpoint
+    just written, so intact); the line's older ones go to `.trash-step_X-ID` first, then away.
+    Checkpoints of other lines (a corrupt one that resume skipped, an abandoned one), and anything
+    without the run's stamp, are never pruned."""
+    for c in line_of(saved, own_checkpoints(root, run_id))[keep_last:]:
+        trash = os.path.join(root, f".trash-{os.path.basename(c.path)}-{c.checkpoint_id}")
+        if os.path.lexists(trash):  # not a name the run gave: leave both
+            continue
+        with deferred():
+            os.rename(c.path, trash)
+        _remove_owned(trash)
 
 
 def read_trainer_state(ckpt_dir: str) -> dict:

@@ -3,13 +3,51 @@ run to save a checkpoint at the end of the current step and end there.
 
 The handler only records the signal; the trainer all-reduces what every rank received after each
 step, so all ranks stop at the same step (also those the signal did not reach). A second signal
-stops at once (KeyboardInterrupt), for a run that hangs in its checkpoint.
+stops at once, for a run that hangs in its checkpoint: the handler raises `Interrupted` (a
+KeyboardInterrupt), which the trainer turns into one log line and the exit code of that signal
+(130 for SIGINT, 143 for SIGTERM), without a traceback. If that happens during a checkpoint save,
+the save is abandoned in its staging folder, which carries the run's stamp and is removed at the
+next start (training/checkpoint.py); the steps the save routine must not be cut in (creating and
+stamping the staging folder, the renames that publish a checkpoint or move one to the trash) run
+inside `deferred()`, where a second signal takes effect at the end of the block.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Iterator
 from types import FrameType
+
+
+class Interrupted(KeyboardInterrupt):
+    """A second signal arrived: stop now. `signum` is that signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Deferral:
+    depth = 0  # > 0 inside `deferred()`
+    pending: int | None = None  # a second signal that arrived meanwhile
+
+
+_deferral = _Deferral()
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """A block that a second signal does not cut: it raises `Interrupted` when the block ends.
+    Only the handlers of `StopRequest` defer; Python's default SIGINT handler raises at once."""
+    _deferral.depth += 1
+    try:
+        yield
+    finally:
+        _deferral.depth -= 1
+    if _deferral.depth == 0 and _deferral.pending is not None:
+        signum, _deferral.pending = _deferral.pending, None
+        raise Interrupted(signum)
 
 
 class StopRequest:
@@ -17,7 +55,8 @@ class StopRequest:
 
     `signum` is the first signal received; the run then ends with exit code 128 + signum (143 for
     SIGTERM, 130 for SIGINT, the shell's convention) so that `set -e` scripts and schedulers see
-    an interrupted run, not a finished one.
+    an interrupted run, not a finished one. A second signal raises `Interrupted(second signum)`
+    (see the module docstring); the exit code is then 128 + that signal's number.
     """
 
     def __init__(self):
@@ -32,11 +71,15 @@ class StopRequest:
                 pass
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
+        if self.signum is None:
+            self.signum = signum
+        elif _deferral.depth:
+            _deferral.pending = signum
+        else:
+            raise Interrupted(signum)
 
     def restore(self) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old = {}
+        _deferral.pending = None

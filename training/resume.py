@@ -1,10 +1,17 @@
 """Which checkpoint a run resumes from, and whether it may: chosen and verified by rank 0 before
 anything in it is loaded, the choice shared with every rank, then checked against the config.
 
-checkpoint.resume=auto takes the newest checkpoint of OUT_DIR/checkpoints that passes
-`verify_checkpoint` (training/checkpoint.py), warning about each newer one it skips and naming its
-bad file (a truncated or altered file, e.g. after a disk fault or an interrupted copy); the run then
-retrains the steps after it. checkpoint.resume=PATH takes that one or fails.
+checkpoint.resume=auto takes the newest checkpoint of the run folder's current line (training/
+checkpoint.py: the checkpoint saved last and its ancestors) that passes `verify_checkpoint`,
+warning about each newer one it skips and naming its bad file (a truncated or altered file, e.g.
+after a disk fault or an interrupted copy); the run then retrains the steps after it.
+checkpoint.resume=PATH takes that one or fails; checkpoint.resume=none starts from scratch. A run
+folder holds one line: PATH other than the checkpoint auto would take, and none, are refused while
+that line has an intact checkpoint (branch into a new train.out_dir instead).
+
+Rank 0 also removes the run's leftover staging and trash folders and looks at what else is under
+checkpoints/: entries without the run's stamp are left alone with a warning, or refused when they
+hold a name the run would save under (`checkpoint.foreign_entries`).
 """
 
 from __future__ import annotations
@@ -21,49 +28,77 @@ from hyena_rtf.utils.logs import get_logger
 
 log = get_logger("train")
 
-
-def _candidates(cfg: DictConfig, ckpt_root: str) -> list[str]:
-    """Checkpoints to try, best first; the same list on every rank (OUT_DIR is shared)."""
-    mode = cfg.checkpoint.resume
-    if mode == "none":
-        return []
-    if mode == "auto":
-        return [path for _, path in reversed(ckpt.list_checkpoints(ckpt_root))]
-    return [ckpt.resolve_checkpoint(mode, key="checkpoint.resume")]
+_NONE, _EXPLICIT = 0.0, 1.0  # codes of rank 0's choice; step s of the run folder is 2 + s
 
 
-def find_resume(cfg: DictConfig, ckpt_root: str, engine) -> str | None:
+def find_resume(cfg: DictConfig, ckpt_root: str, engine, run_id: str | None) -> str | None:
     """Collective. The checkpoint to resume from (None: start from scratch).
 
-    Only rank 0 reads and hashes the files; it sends the index of its choice, so the ranks cannot
-    disagree, and a refusal reaches every rank (none is left waiting in a collective).
+    Only rank 0 reads stamps and hashes files (run_id: the run folder's, known on rank 0); it
+    sends a code for its choice, so the ranks cannot disagree, and a refusal reaches every rank
+    (none is left waiting in a collective). Every rank resolves an explicit PATH itself.
     """
-    candidates = _candidates(cfg, ckpt_root)
-    if not candidates:
-        return None
-    choice, error = -1, None
+    mode = cfg.checkpoint.resume
+    explicit = None
+    if mode not in ("auto", "none"):
+        if os.path.realpath(mode) == os.path.realpath(cfg.train.out_dir):
+            mode = "auto"  # the run folder itself: its latest checkpoint, i.e. what auto takes
+        else:
+            explicit = ckpt.resolve_checkpoint(mode, key="checkpoint.resume")
+    code, error = _NONE, None
     if engine.is_main:
-        choice, error = _first_intact(candidates, fallback=cfg.checkpoint.resume == "auto", ckpt_root=ckpt_root)
-    picked, failed = engine.all_reduce_sum([choice + 1.0 if engine.is_main else 0.0, float(error is not None)])
-    if failed:
-        raise error or CheckpointError(f"rank 0 refused {candidates[0]} (its message says why)")
-    return candidates[int(picked) - 1]
-
-
-def _first_intact(candidates: list[str], fallback: bool, ckpt_root: str):
-    """(index of the first candidate that verifies, None) or (-1, CheckpointError). With `fallback`
-    a bad checkpoint is skipped with a warning naming the bad file; without, it is the error."""
-    for i, path in enumerate(candidates):
         try:
-            ckpt.verify_checkpoint(path)
-            return i, None
+            path = _choose(mode, explicit, ckpt_root, run_id, cfg.train.out_dir)
+            start = 0 if path is None else ckpt.read_trainer_state(path)["step"]
+            for entry in ckpt.foreign_entries(ckpt_root, run_id, start):
+                log.warning(f"warning: {entry} is not a checkpoint of this run (it has no stamp of it): left as it is")
+            if path is not None:
+                code = _EXPLICIT if explicit is not None else 2.0 + start
         except CheckpointError as e:
-            if not fallback:
-                return -1, e
-            log.warning(f"warning: skipping checkpoint {path}: {e}")
-    return -1, CheckpointError(
-        f"no intact checkpoint in {ckpt_root} (each one is listed above with what is wrong); "
-        f"move them away or set checkpoint.resume=none to start over"
+            error = e
+    code, failed = engine.all_reduce_sum([code if engine.is_main else 0.0, float(error is not None)])
+    if failed:
+        raise error or CheckpointError("rank 0 refused to resume (its message says why)")
+    if code == _NONE:
+        return None
+    return explicit if code == _EXPLICIT else os.path.join(ckpt_root, ckpt.step_dir_name(int(code) - 2))
+
+
+def _first_intact(line: list[ckpt.Stamped]) -> ckpt.Stamped | None:
+    """The newest checkpoint of `line` (newest first) that verifies; each one skipped is a warning
+    naming its bad file."""
+    for c in line:
+        try:
+            ckpt.verify_checkpoint(c.path)
+            return c
+        except CheckpointError as e:
+            log.warning(f"warning: skipping checkpoint {c.path}: {e}")
+    return None
+
+
+def _choose(mode: str, explicit: str | None, ckpt_root: str, run_id: str | None, out_dir: str) -> str | None:
+    """Rank 0: the checkpoint to resume from (verified), None for a fresh start, or CheckpointError."""
+    line = ckpt.current_line(ckpt_root, run_id)
+    current = _first_intact(line)
+    if mode == "auto":
+        if line and current is None:
+            raise CheckpointError(
+                f"no intact checkpoint in {ckpt_root} (each one is listed above with what is wrong); "
+                f"move them away or set checkpoint.resume=none to start over"
+            )
+        return current.path if current else None
+    if current is None:  # nothing intact to continue here: none starts afresh, PATH starts from PATH
+        if explicit is not None:
+            ckpt.verify_checkpoint(explicit)
+        return explicit
+    if explicit is not None and os.path.realpath(explicit) == os.path.realpath(current.path):
+        return explicit
+    # Going back (or sideways) would start a second line in a folder that has one: refused.
+    branch = f"train.out_dir=NEW_FOLDER checkpoint.resume={explicit}" if explicit else "train.out_dir=NEW_FOLDER"
+    raise CheckpointError(
+        f"checkpoint.resume={mode}: train.out_dir={out_dir} continues from {current.path}, its latest intact "
+        f"checkpoint, and holds one line of checkpoints; to branch off, give the branch a folder of its own: "
+        f"{branch} (nothing here is moved or deleted)"
     )
 
 
@@ -109,8 +144,8 @@ def check_same_data(ckpt_dir: str, state: dict, now: dict, data_dir: str) -> Non
     if changes:
         raise CheckpointError(
             f"cannot resume from {ckpt_dir}: the data in data.dir={data_dir} is not what it was trained on: "
-            f"{'; '.join(changes[:3])}{' ...' if len(changes) > 3 else ''}. Use the original data, another "
-            f"train.out_dir, or checkpoint.resume=none"
+            f"{'; '.join(changes[:3])}{' ...' if len(changes) > 3 else ''}. Use the original data, or another "
+            f"train.out_dir"
         )
 
 
@@ -127,12 +162,12 @@ def check_resume_compatible(
     if saved_ds and not now_ds:
         raise CheckpointError(
             f"cannot resume from {ckpt_dir}: it was written by the DeepSpeed engine; resume it under the deepspeed "
-            f"launcher (`deepspeed train.py ...`) or with train.engine=deepspeed, or set checkpoint.resume=none"
+            f"launcher (`deepspeed train.py ...`) or with train.engine=deepspeed, or use another train.out_dir"
         )
     if now_ds and not saved_ds:
         raise CheckpointError(
             f"cannot resume from {ckpt_dir}: it was written by the {state.get('engine')} engine, and this run uses "
-            f"DeepSpeed; resume it with python train.py / torchrun, or set checkpoint.resume=none"
+            f"DeepSpeed; resume it with python train.py / torchrun, or use another train.out_dir"
         )
     saved_world = state.get("world_size", world_size)
     if now_ds and saved_world != world_size and not has_full_state(ckpt_dir):
@@ -146,7 +181,7 @@ def check_resume_compatible(
         if key != "preset" and saved.model[key] != cfg.model.get(key):
             raise CheckpointError(
                 f"cannot resume from {ckpt_dir}: it was trained with model.{key}={saved.model[key]}, "
-                f"this config gives {cfg.model.get(key)}. Use another train.out_dir or checkpoint.resume=none"
+                f"this config gives {cfg.model.get(key)}. Use another train.out_dir"
             )
     if saved.data.seq_len != cfg.data.seq_len:
         raise CheckpointError(

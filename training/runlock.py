@@ -16,6 +16,14 @@ held by the NFS server (cluster-wide, unless mounted with `local_lock=flock` or 
 Lustre only with the `flock` mount option (`localflock` locks per node); some FUSE and object-store
 mounts keep locks per node or refuse them. Where the filesystem refuses the lock (ENOLCK,
 EOPNOTSUPP) the run goes on with a warning, unguarded.
+
+The run stamp. A run folder is this program's only if it holds OUT_DIR/.hyena-rtf-run.json, which
+`claim_run_dir` writes when a run creates the folder (or finds it empty): the format name and a
+random run id. Every checkpoint, staging and trash folder the run writes carries the same id
+(training/checkpoint.py), and only entries carrying it are ever deleted or renamed. A folder that
+holds anything else and no stamp is someone else's: a run refuses it, before touching it (not even
+the lock file is created). A run of a version older than the stamp continues in a new folder:
+`train.out_dir=NEW checkpoint.resume=OLD/checkpoints/step_N`.
 """
 
 from __future__ import annotations
@@ -24,13 +32,18 @@ import errno
 import fcntl
 import json
 import os
+import secrets
 import socket
 import time
 
+from hyena_rtf.training.config import ConfigError
+from hyena_rtf.utils.atomic import fsync_dir
 from hyena_rtf.utils.logs import get_logger
 
 log = get_logger("train")
 LOCK_FILE = ".run.lock"
+RUN_STAMP = ".hyena-rtf-run.json"
+RUN_FORMAT = "hyena-rtf-run/1"
 
 
 class RunLockedError(RuntimeError):
@@ -94,3 +107,48 @@ def _read_holder(fd: int) -> dict:
         return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
     except (ValueError, OSError):  # the holder is between truncate and write
         return {}
+
+
+def read_run_id(out_dir: str) -> str | None:
+    """The run id of the stamp in `out_dir`, None when there is no valid stamp."""
+    try:
+        with open(os.path.join(out_dir, RUN_STAMP)) as f:
+            stamp = json.load(f)
+        run_id = stamp["run_id"]
+        if stamp["format"] == RUN_FORMAT and isinstance(run_id, str) and run_id:
+            return run_id
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def claim_run_dir(out_dir: str) -> str:
+    """The run id of `out_dir`, creating the folder and its stamp when it is missing or empty.
+
+    ConfigError (one line naming the folder) when it holds anything but is not stamped; it is then
+    left exactly as it was. OSError when it cannot be created or written (the caller names it)."""
+    run_id = read_run_id(out_dir)
+    if run_id:
+        return run_id
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        names = sorted(os.listdir(out_dir))
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        raise ConfigError(
+            f"train.out_dir '{out_dir}' is not empty ({shown}) and was not created by train.py (it has no "
+            f"{RUN_STAMP}); a run never writes into someone else's folder: choose a new or empty train.out_dir "
+            f"(to continue a run of an earlier version: train.out_dir=NEW checkpoint.resume=OLD/checkpoints/step_N)"
+        )
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = {"format": RUN_FORMAT, "run_id": secrets.token_hex(8), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    try:
+        # O_EXCL: of two runs starting in one empty folder, one writes the stamp and both use it
+        # (the run lock then admits one of them); the content is complete before it is closed.
+        fd = os.open(os.path.join(out_dir, RUN_STAMP), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return claim_run_dir(out_dir)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(stamp) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(out_dir)
+    return stamp["run_id"]

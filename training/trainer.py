@@ -51,7 +51,7 @@ from hyena_rtf.training.metrics import LogWindow, MetricsLogger, peak_flops, tra
 from hyena_rtf.training.optim import lr_factor, set_lr
 from hyena_rtf.training.preemption import StopRequest
 from hyena_rtf.training.resume import check_resume_compatible, check_same_data, data_fingerprint, find_resume
-from hyena_rtf.training.runlock import RunLock
+from hyena_rtf.training.runlock import RunLock, claim_run_dir
 from hyena_rtf.utils.atomic import NotReplaceableError, write_text
 from hyena_rtf.utils.logs import ROOT, get_logger, setup_logging
 
@@ -90,14 +90,17 @@ class Trainer:
     flops_per_token: float
     peak_flops: float | None  # None: no MFU (CPU, unknown GPU)
 
-    def __init__(self, cfg: DictConfig, env: DistEnv, t_start: float):
+    def __init__(self, cfg: DictConfig, env: DistEnv, t_start: float, run_id: str | None = None):
         self.cfg = cfg
         self.env = env
         self.t_start = t_start
+        self.run_id = run_id  # the run folder's stamp (training/runlock.py); known on the main rank
         self.counters = Counters()
         self.run_nonfinite = 0  # counted per process lifetime: the limit guards this run, not the history
         self.resume_from: str | None = None
         self.last_ckpt: str | None = None
+        self.parent: dict | None = None  # the checkpoint the next one continues (its lineage)
+        self.saving_step: int | None = None  # the step whose checkpoint is being written
         self.stop_signal: signal.Signals | None = None
         self.unigram_ppl: float | None = None
 
@@ -106,9 +109,38 @@ class Trainer:
         return self.env.rank == 0
 
     def run(self) -> dict:
-        self.setup()
-        self.train_loop()
-        return self.finish()
+        """setup, train_loop, finish; a second signal (training/preemption.py) or a Ctrl-C before
+        the loop's handlers are in place ends it at once with one log line: see `interrupted`."""
+        try:
+            self.setup()
+            self.train_loop()
+            return self.finish()
+        except KeyboardInterrupt as e:
+            return self.interrupted(getattr(e, "signum", signal.SIGINT))
+
+    def interrupted(self, signum: int) -> dict:
+        """One log line on what was interrupted and what a rerun resumes from; the summary with
+        `signal` set, so that train.py exits 128 + signum (130 for SIGINT, 143 for SIGTERM)."""
+        sig = signal.Signals(signum)
+        last = self.last_ckpt or self.resume_from
+        resume = f"rerun the same command to resume from {last}" if last else "nothing was saved"
+        if self.saving_step is not None:
+            log.warning(
+                f"stopped at once by a second {sig.name} while saving the checkpoint of step {self.saving_step}: "
+                f"that checkpoint is incomplete and is removed at the next start; {resume}"
+            )
+        else:
+            log.warning(f"stopped at once by {sig.name} at step {self.counters.step}, without a checkpoint; {resume}")
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+        return {
+            "step": self.counters.step,
+            "checkpoint": self.last_ckpt,
+            "nonfinite_steps": self.counters.nonfinite_steps,
+            "unigram_ppl": self.unigram_ppl,
+            "signal": int(sig),
+            "wall_s": time.time() - self.t_start,
+        }
 
     # ---- setup -----------------------------------------------------------------------------
 
@@ -133,10 +165,12 @@ class Trainer:
         self.tokens_per_step = self.plan.global_batch_size * cfg.data.seq_len
         self.engine = build_engine(cfg, model, self.plan, self.device, self.env, self.kind)
         self.ckpt_root = os.path.join(cfg.train.out_dir, ckpt.CHECKPOINTS)
+        if self.main:  # the run's own leftovers only: stamped staging and trash folders
+            ckpt.cleanup_partial(self.ckpt_root, self.run_id)
+        log.info(self._banner())
+        self._resume()  # may refuse: nothing of the run folder is rewritten before it
         if self.main:
             self._write_run_files()
-        log.info(self._banner())
-        self._resume()
         self._open_metrics_and_eval()
 
     def _banner(self) -> str:
@@ -166,9 +200,8 @@ class Trainer:
             log.info(f"unigram baseline (add-one, {n_counted} train tokens): val perplexity {self.unigram_ppl:.2f}")
 
     def _write_run_files(self) -> None:
-        """Main rank: leftovers of interrupted saves removed; the effective config (and DeepSpeed's)."""
+        """Main rank: the effective config (and DeepSpeed's)."""
         out_dir = self.cfg.train.out_dir
-        ckpt.cleanup_partial(self.ckpt_root)
         write_text(os.path.join(out_dir, "config.yaml"), to_yaml(self.cfg))
         if isinstance(self.engine, DeepSpeedEngine):
             write_text(os.path.join(out_dir, "ds_config.json"), json.dumps(self.engine.ds_config, indent=2))
@@ -176,10 +209,12 @@ class Trainer:
     def _resume(self) -> None:
         """Collective: load the checkpoint `find_resume` picks, after checking it fits this run."""
         self.data_id = data_fingerprint(self.train_ds)
-        self.resume_from = path = find_resume(self.cfg, self.ckpt_root, self.engine)
+        self.resume_from = path = find_resume(self.cfg, self.ckpt_root, self.engine, self.run_id)
         if path is None:
             return
         saved = ckpt.read_trainer_state(path)
+        stamp = ckpt.read_stamp(path) or {}  # none in a checkpoint of an earlier version
+        self.parent = {"checkpoint_id": stamp.get("checkpoint_id"), "step": saved["step"], "path": path}
         world = self.env.world_size
         check_resume_compatible(self.cfg, path, saved, self.plan.global_batch_size, self.engine.kind, world)
         check_same_data(path, saved, self.data_id, self.cfg.data.dir)
@@ -296,7 +331,9 @@ class Trainer:
         )
         stop_now = got_term > 0 or got_int > 0
         if periodic or stop_now or step == stop_at:
+            self.saving_step = step
             self.last_ckpt = self.save(step)
+            self.saving_step = None
         if stop_now:
             self.stop_signal = sig = signal.SIGTERM if got_term > 0 else signal.SIGINT
             log.info(f"stopped by {sig.name}: checkpoint saved at step {step}; rerun the same command to resume")
@@ -313,7 +350,9 @@ class Trainer:
         return val_loss
 
     def save(self, step: int) -> str:
-        """Collective: the checkpoint of `step` (training/checkpoint.py); returns its folder."""
+        """Collective: the checkpoint of `step` (training/checkpoint.py); returns its folder. Its
+        parent is the checkpoint this run saved before, or resumed from."""
+        stamp = ckpt.new_stamp(self.run_id, step, self.parent)
         trainer_state = {
             **asdict(self.counters),
             "step": step,
@@ -322,11 +361,14 @@ class Trainer:
             "global_batch_size": self.plan.global_batch_size,
             "seed": self.cfg.train.seed,
             "data": self.data_id,
+            "checkpoint_id": stamp["checkpoint_id"],
+            "parent": self.parent,
         }
         tokenizer, keep = self.train_ds.tokenizer_file, self.cfg.checkpoint.keep_last
         path = ckpt.save_checkpoint(
-            self.engine, self.ckpt_root, step, trainer_state, to_yaml(self.cfg), tokenizer, keep
+            self.engine, self.ckpt_root, step, trainer_state, to_yaml(self.cfg), tokenizer, keep, stamp
         )
+        self.parent = {"checkpoint_id": stamp["checkpoint_id"], "step": step, "path": path}
         log.info(f"saved checkpoint {path}")
         return path
 
@@ -377,6 +419,7 @@ def run(cfg: DictConfig) -> dict:
     env = detect_env()
     setup_logging(quiet=env.rank != 0)
     check_optional_packages(cfg)
+    check_path_lengths(cfg)
     out_dir = cfg.train.out_dir
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"train.out_dir '{out_dir}' is an existing file, not a folder")
@@ -389,11 +432,43 @@ def run(cfg: DictConfig) -> dict:
         return Trainer(cfg, env, t_start).run()
     lock = RunLock(out_dir)
     try:
-        os.makedirs(out_dir, exist_ok=True)
+        run_id = claim_run_dir(out_dir)  # refuses a folder the program did not create, untouched
         lock.acquire()
     except OSError as e:  # read-only or full disk, no permission: say which folder, in one line
         raise ConfigError(f"train.out_dir '{out_dir}' cannot be created or written: {e.strerror}") from None
     try:
-        return Trainer(cfg, env, t_start).run()
+        return Trainer(cfg, env, t_start, run_id).run()
     finally:
         lock.release()
+
+
+def check_path_lengths(cfg: DictConfig) -> None:
+    """ConfigError naming the key when a path setting has a component longer than the file
+    system's NAME_MAX (255 bytes almost everywhere) or is longer than PATH_MAX: checked before any
+    work, because the OSError would otherwise come from whichever call first touches it."""
+    paths = {"train.out_dir": cfg.train.out_dir, "checkpoint.export_dir": cfg.checkpoint.export_dir}
+    if cfg.checkpoint.resume not in ("auto", "none"):
+        paths["checkpoint.resume"] = cfg.checkpoint.resume
+    for key, value in paths.items():
+        if not value:
+            continue
+        path = os.path.abspath(value)
+        anchor = path
+        while not os.path.isdir(anchor):  # the limits of the file system that would hold it
+            anchor = os.path.dirname(anchor)
+        name_max, path_max = _path_limit(anchor, "PC_NAME_MAX", 255), _path_limit(anchor, "PC_PATH_MAX", 4096)
+        for part in path.split(os.sep):
+            if len(os.fsencode(part)) > name_max:
+                raise ConfigError(
+                    f"{key}: the folder name '{part[:24]}...' is {len(os.fsencode(part))} bytes long; the file system "
+                    f"allows at most {name_max} bytes per name"
+                )
+        if len(os.fsencode(path)) >= path_max:
+            raise ConfigError(f"{key}: the path is {len(os.fsencode(path))} bytes long; at most {path_max - 1} fit")
+
+
+def _path_limit(folder: str, name: str, default: int) -> int:
+    try:
+        return os.pathconf(folder, name)
+    except (OSError, ValueError):
+        return default
