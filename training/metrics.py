@@ -24,30 +24,48 @@ import torch
 
 from hyena_rtf.utils.atomic import write_text
 
-# Dense bf16 tensor-core peak per GPU (no sparsity), from the vendors' datasheets. MFU is always
-# reported against this peak, also for fp32 runs (which then show how much they leave unused).
-PEAK_BF16_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,  # SXM; the PCIe part is lower (756e12)
-    "A100": 312e12,
-    "A10G": 70e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "V100": 125e12,  # fp16 tensor cores (no bf16)
-}
+# Dense bf16 tensor-core peak per GPU (no 2:4 sparsity), from the vendors' datasheets, which
+# mostly print the sparse figure: dense is half of it. MFU is always reported against this peak,
+# also for fp32 runs (which then show how much they leave unused). Matched in order against the
+# upper-cased CUDA device name: each row's words must all appear in it, so a variant's row comes
+# before its family's ("H100 NVL" before "H100", "GB200" before "B200", "L40S" before "L40"/"L4").
+PEAK_BF16_FLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("GB200",), 2.5e15),  # Grace Blackwell superchip GPU: 5 PFLOPS sparse
+    (("B200",), 2.25e15),  # HGX B200: 4.5 PFLOPS sparse
+    (("B100",), 1.75e15),  # 3.5 PFLOPS sparse
+    (("H200", "NVL"), 835.5e12),  # 1,671 TFLOPS sparse
+    (("H200",), 989.5e12),  # 1,979 sparse, as H100 SXM (GH200 as well)
+    (("H100", "NVL"), 835.5e12),  # 1,671 sparse (the datasheet's pair figure, 3,958, is two GPUs)
+    (("H100", "PCIE"), 756.5e12),  # 1,513 sparse
+    (("H100",), 989.5e12),  # SXM: 1,979 sparse
+    (("H800", "PCIE"), 756.5e12),  # the H100 PCIe's compute
+    (("H800",), 989.5e12),  # SXM: the H100 SXM's compute (less NVLink and FP64)
+    (("H20",), 148e12),
+    (("A100",), 312e12),  # SXM and PCIe alike
+    (("A800",), 312e12),  # the A100's compute
+    (("A10G",), 70e12),  # AWS's A10 variant
+    (("A10",), 125e12),  # 250 sparse
+    (("L40S",), 362e12),  # 733 sparse
+    (("L40",), 181e12),  # 362 sparse
+    (("L4",), 121e12),  # 242 sparse
+    (("V100",), 125e12),  # fp16 tensor cores (no bf16)
+)
+
+
+def peak_flops_for_name(device_name: str) -> float | None:
+    """Dense bf16 peak of the GPU called `device_name` (torch.cuda.get_device_name), or None."""
+    name = device_name.upper()
+    for words, flops in PEAK_BF16_FLOPS:
+        if all(w in name for w in words):
+            return flops
+    return None
 
 
 def peak_flops(device: torch.device) -> float | None:
     """bf16 dense peak of a CUDA device, or None (CPU, unknown GPU)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device).upper()
-    if "H100" in name and "PCIE" in name:
-        return 756e12
-    for key, flops in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return flops
-    return None
+    return peak_flops_for_name(torch.cuda.get_device_name(device))
 
 
 def train_flops_per_token(n_params: int, n_attn_layers: int, d_model: int, seq_len: int) -> float:
