@@ -20,7 +20,13 @@ order, and one fit per --sweep order).
 
 Bad input (a folder that is not a Hyena-RTF checkpoint, no Hyena layer, an order outside
 [1, l_max), non-finite filter weights, an OUT that holds other things) is one error line, exit
-status 2, before anything is written. The steps in full: hf/distill_checkpoint.py.
+status 2, before anything is written. OUT (and --report) are checked before the fit: writable, and
+apart from the inputs (OUT may not be the checkpoint or a --data file, lie inside one, or contain
+one, realpath compared, --overwrite or not). OUT is replaced only as train.py's export replaces a
+folder (hf/export.py: by the stamp an earlier export wrote, never by names). A write that fails
+(full disk, read-only folder, permission denied, a file removed meanwhile) is one line naming the
+path, exit 2; Ctrl-C is one line, exit 130; either way OUT is the earlier folder or the new one
+whole. The steps in full: hf/distill_checkpoint.py.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from hyena_rtf.hf.distill_checkpoint import DistillError, Options, distill_check
 from hyena_rtf.hf.loading import LoadError
 from hyena_rtf.hf.scoring import EvalError
 from hyena_rtf.models.distill import R_MAX
-from hyena_rtf.utils.atomic import NotReplaceableError
+from hyena_rtf.utils.atomic import NotReplaceableError, check_apart, check_writable
 from hyena_rtf.utils.logs import error_exit, setup_logging
 
 PROG = "distill.py"
@@ -94,12 +100,30 @@ def build_parser() -> OneLineParser:
     return p
 
 
+def check_paths(opts: Options) -> None:
+    """NotReplaceableError (one line) unless OUT and the report are apart from every input (the
+    checkpoint, the --data files) and can be written; before anything is loaded."""
+    inputs = [opts.checkpoint, *opts.data]
+    check_apart(opts.out, inputs, flag="OUT")
+    check_writable(opts.out, "OUT")
+    if opts.report is not None:
+        check_apart(opts.report, inputs, flag="--report")
+        check_writable(opts.report, "--report")
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
-        distill_checkpoint(Options(**vars(build_parser().parse_args(argv))))
+        opts = Options(**vars(build_parser().parse_args(argv)))
+        check_paths(opts)
+        distill_checkpoint(opts)
     except (DistillError, EvalError, LoadError, NotReplaceableError) as error:
         return error_exit(PROG, error)
+    except OSError as error:  # a read or write that failed: full disk, permission denied, a file removed meanwhile
+        where = f"{error.filename}: " if error.filename is not None else ""
+        return error_exit(PROG, f"{where}{error.strerror or error}")
+    except KeyboardInterrupt:
+        return error_exit(PROG, "interrupted (Ctrl-C); every output is the earlier one or the new one, whole", code=130)
     return 0
 
 

@@ -14,6 +14,12 @@ target = " " + last word, tokenized separately, no start token (lm-evaluation-ha
 accuracy = fraction of examples where greedy argmax reproduces every target token;
 perplexity = exp(mean over examples of the target's NLL), the per-word figure papers report;
 token_perplexity = exp(target NLL / target tokens).
+
+Exit status: 0 done; 2 bad arguments, model, data or --output (one line `evaluate_lm.py: error: ...`
+naming the file); 130 interrupted (Ctrl-C), also one line. --output is checked before the evaluation
+runs: not a folder, in a writable folder, and apart from every input (not the model folder or a data
+file, not inside one: realpath compared); it is written whole or not at all, and a failed write (full
+disk, read-only folder) is one line naming it after the results are printed.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ from hyena_rtf.hf.scoring import (
     window_plan,  # noqa: F401
 )
 from hyena_rtf.models.precision import DTYPES
-from hyena_rtf.utils.atomic import write_text
+from hyena_rtf.utils.atomic import NotReplaceableError, check_apart, write_text
 from hyena_rtf.utils.logs import error_exit
 
 # ----------------------------------------------------------------------------- command line
@@ -204,8 +210,11 @@ def format_table(results):
     return "\n".join(lines)
 
 
-def check_output(path: Path | None) -> None:
-    """EvalError unless --output can be written, checked before the (long) evaluation runs."""
+def check_output(path: Path | None, inputs=()) -> None:
+    """EvalError unless --output can be written, checked before the (long) evaluation runs: not a
+    folder, in a writable folder, and none of `inputs` (the model folder and the data files), nor
+    inside one of them (writing it would replace a file of the model or data, or be read back as
+    data next time)."""
     if path is None:
         return
     if path.is_dir():
@@ -213,22 +222,35 @@ def check_output(path: Path | None) -> None:
     parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), None)
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise EvalError(f"--output {path}: {parent or path.parent} is not a writable folder")
+    try:
+        check_apart(path, inputs, flag="--output")
+    except NotReplaceableError as e:
+        raise EvalError(str(e)) from None
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        check_output(args.output)
+        check_output(args.output, [args.model, *args.data, *([args.lambada] if args.lambada else [])])
         results = evaluate(args)
     except (EvalError, LoadError) as error:
         return error_exit("evaluate_lm.py", error)
+    except OSError as error:  # an input unreadable or removed meanwhile
+        return error_exit("evaluate_lm.py", f"{error.filename or ''}: {error.strerror or error}")
+    except KeyboardInterrupt:
+        return error_exit("evaluate_lm.py", "interrupted (Ctrl-C) before the results; nothing written", code=130)
     print(format_table(results))
     if args.output is not None:  # complete or not at all, never a half-written file
         try:
             args.output.parent.mkdir(parents=True, exist_ok=True)
             write_text(args.output, json.dumps(results, indent=2) + "\n")
         except OSError as error:  # a full disk, a folder removed meanwhile: the results are printed above
-            return error_exit("evaluate_lm.py", EvalError(f"--output {args.output}: {error.strerror or error}"))
+            where = f" ({error.filename})" if error.filename and str(error.filename) != str(args.output) else ""
+            why = f"--output {args.output}: {error.strerror or error}{where}; the results are printed above"
+            return error_exit("evaluate_lm.py", EvalError(why))
+        except KeyboardInterrupt:
+            why = f"interrupted (Ctrl-C) while writing --output {args.output}: it is whole or as it was before"
+            return error_exit("evaluate_lm.py", why, code=130)
     return 0
 
 

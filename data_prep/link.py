@@ -18,7 +18,7 @@ import numpy as np
 from hyena_rtf.utils import atomic
 
 from .indexed import IndexedDataset, bin_path, idx_path
-from .layout import FORMAT, TOKENIZER, TRAIN, VAL, replacing
+from .layout import FORMAT, KIND, TOKENIZER, TRAIN, VAL, replacing
 from .manifest import Manifest, SplitInfo
 from .tokenizer import TokenizerError, load_tokenizer
 
@@ -67,6 +67,7 @@ def link_indexed(
         dtype=dt.name,
         splits=splits,
     )
+    atomic.check_replaceable(out, kind=KIND, overwrite=overwrite)  # before the lock file is made beside it
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic.locked(out), replacing(out, overwrite) as stage:
         atomic.write_text(stage / TOKENIZER, tok.json_text)

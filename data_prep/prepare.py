@@ -56,7 +56,7 @@ from hyena_rtf.utils.logs import error_exit, get_logger, setup_logging
 
 from . import default_corpus
 from .indexed import TOKEN_DTYPES
-from .layout import TOKENIZER, TRAIN, replacing
+from .layout import KIND, TOKENIZER, TRAIN, replacing
 from .link import link_indexed
 from .manifest import Manifest
 from .readers import DocumentError, SourceError, _Counter, expand_inputs
@@ -198,6 +198,9 @@ def prepare(
         "chunk_bytes": chunk_bytes,
     }
     fp = fingerprint(settings, sources, tokenizer)
+    # A folder that is not ours is refused before even the lock file is made beside it (and
+    # checked again under the lock, in ``replacing``: another run may have finished meanwhile).
+    atomic.check_replaceable(out, kind=KIND, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic.locked(out):
         if not force:

@@ -7,6 +7,7 @@ finds without a plugin and ruff sees as ordinary definitions."""
 
 import hashlib
 import json
+import os
 import random
 from pathlib import Path
 
@@ -84,11 +85,17 @@ def snapshot(folder) -> dict[str, bytes]:
 
 def checksums(root) -> dict[str, str]:
     """The SHA-256 of every file under ``root`` (hidden ones, stamps and locks included), by
-    relative path, and "folder" for every folder: what "nothing was lost or changed" compares."""
+    relative path, "folder" for every folder and where each link points: what "nothing was lost
+    or changed" compares."""
     out = {}
     for p in sorted(Path(root).rglob("*")):
         rel = p.relative_to(root).as_posix()
-        out[rel] = "folder" if p.is_dir() and not p.is_symlink() else hashlib.sha256(p.read_bytes()).hexdigest()
+        if p.is_symlink():
+            out[rel] = f"link to {os.readlink(p)}"
+        elif p.is_dir():
+            out[rel] = "folder"
+        else:
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 
 

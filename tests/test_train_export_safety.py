@@ -127,3 +127,30 @@ def test_export_dir_equal_to_out_dir_fails_before_training(trained_run, tmp_path
     assert not (out / "metrics.jsonl").exists()
     assert not (out / "checkpoints").exists()
     assert not os.path.exists(out) or set(os.listdir(out)) <= {".run.lock"}
+
+
+def test_a_full_disk_during_train_py_export_is_one_line_and_keeps_the_earlier_export(
+    trained_run, tmp_path, capsys, monkeypatch
+):
+    """An OSError while writing the export was a traceback (exit 1): now one line naming the
+    folder, exit 2, and the earlier export is still there, file for file."""
+    import errno
+
+    from hyena_rtf.hf import export as hf_export
+
+    _, out = trained_run
+    hf = tmp_path / "hf"
+    assert export(capsys, out, hf)[0] == 0
+    before = snapshot(tmp_path)
+
+    def full_disk(*_a, **_k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(hf_export, "with_user_umask", full_disk)
+    code, err = export(capsys, out, hf)
+    assert code == 2
+    assert "Traceback" not in err, err  # (transformers' own progress bar may come before the line)
+    last = err.splitlines()[-1]
+    assert last == f"train.py: error: cannot write the export {hf}: No space left on device", err
+    assert snapshot(tmp_path) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
