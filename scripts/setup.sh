@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates ./.venv and installs the project into it. Safe to rerun: it only installs what is missing.
-# On a machine without a CUDA GPU it first installs the pinned CPU torch wheel, because a bare
-# `torch` requirement would otherwise pull a multi-GB CUDA build.
+# torch is the version in docker/TORCH_VERSION, the one pin the Docker image installs too: on a
+# machine without a CUDA GPU its CPU wheel, because a bare `torch` requirement would otherwise pull
+# a multi-GB CUDA build; with a GPU the CUDA build of the same version.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -11,18 +12,19 @@ if [ ! -x .venv/bin/python ]; then
 fi
 VPY=.venv/bin/python
 stamp=.venv/.hyena-rtf-installed
-want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+TORCH_VERSION=$(tr -d '[:space:]' < docker/TORCH_VERSION)
+want="$(cat pyproject.toml scripts/setup.sh docker/TORCH_VERSION | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 "$VPY" -m pip install --quiet --upgrade pip
 if ! "$VPY" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    echo "[setup] CUDA GPU found: installing the default CUDA torch build"
-    "$VPY" -m pip install --quiet torch
+    echo "[setup] CUDA GPU found: installing the CUDA build of torch==$TORCH_VERSION"
+    "$VPY" -m pip install --quiet "torch==$TORCH_VERSION"
   else
-    echo "[setup] no CUDA GPU: installing the pinned CPU wheel torch==2.13.0"
-    "$VPY" -m pip install --quiet torch==2.13.0
+    echo "[setup] no CUDA GPU: installing the pinned CPU wheel torch==$TORCH_VERSION"
+    "$VPY" -m pip install --quiet "torch==$TORCH_VERSION"
   fi
 fi
 echo "[setup] installing hyena-rtf and its dependencies"
