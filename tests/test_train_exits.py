@@ -17,6 +17,7 @@ from _train_utils import TINY, error_line
 import train
 from hyena_rtf.training import checkpoint as ckpt
 from hyena_rtf.training import trainer as trainer_mod
+from hyena_rtf.training.preemption import Interrupted, StopRequest, deferred
 from hyena_rtf.training.runlock import RunLock, claim_run_dir
 
 
@@ -189,3 +190,23 @@ def test_a_second_ctrl_c_during_a_checkpoint_save_stops_at_once_with_one_line(co
     assert train.main(args(corpus, tmp_path, "train.stop_after_steps=6")) == 0
     assert f"resumed from {root / 'step_00000004'} at step 4" in capsys.readouterr().err
     assert ".tmp-step_00000005" not in os.listdir(root)
+
+
+def test_a_second_signal_inside_a_deferred_block_takes_effect_at_its_end():
+    """The steps of a save that must not be cut (stamping the staging folder, the renames that
+    publish a checkpoint) run in `deferred()`: a second signal there stops the run only after them."""
+    stop = StopRequest()
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the first: recorded, the run goes on
+        assert stop.signum == signal.SIGINT
+        finished = False
+        with pytest.raises(Interrupted) as raised:
+            with deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                finished = True
+        assert finished and raised.value.signum == signal.SIGTERM
+        with pytest.raises(Interrupted):  # outside the block: at once
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()

@@ -3,8 +3,9 @@
 Each case plants what a user (or a disk fault) leaves in a run folder, runs train.py in this
 process, and compares the SHA-256 of every file that was there before with what is there after.
 Cases: pruning with a corrupt newer checkpoint (it is never what is kept), going back to an older
-checkpoint (refused, saying how to branch), a plain rerun after the run fell back past a bad
-checkpoint (it follows the line it continued, never the abandoned one), folders under
+checkpoint (a branch: the old line is kept and reruns follow the branch), a plain rerun after the
+run fell back past a bad checkpoint (it follows the line it continued, never the abandoned one),
+folders under
 checkpoints/ that the program did not stamp (never pruned; refused when in the way of a save),
 and a train.out_dir the program did not create (refused, nothing touched).
 """
@@ -91,23 +92,25 @@ def test_keep_last_never_keeps_a_corrupt_checkpoint_in_place_of_the_intact_ones(
 
 
 @pytest.mark.parametrize("resume", ["older", "none"])
-def test_going_back_in_the_same_folder_is_refused_with_how_to_branch(corpus, run_copy, tmp_path, capsys, resume):
-    before = checksums(run_copy)
-    older = step_dir(run_copy, 2)
-    value = str(older) if resume == "older" else "none"
-    assert train.main(args(corpus, run_copy, f"checkpoint.resume={value}", "checkpoint.keep_last=1")) == 2
-    err = error_line(capsys.readouterr().err)
-    assert f"checkpoint.resume={value}" in err
-    assert str(step_dir(run_copy, 6)) in err  # what it would abandon
-    assert "train.out_dir=" in err  # how: a folder of its own
-    assert checksums(run_copy) == before
-    if resume == "older":  # the branch the message proposes works and leaves the run alone
-        branch = tmp_path / "branch"
-        assert train.main(args(corpus, branch, f"checkpoint.resume={older}", "train.stop_after_steps=3")) == 0
-        assert f"resumed from {older} at step 2" in capsys.readouterr().err
-        assert checksums(run_copy) == before
-    assert train.main(args(corpus, run_copy, "train.stop_after_steps=7")) == 0  # a plain rerun goes on
-    assert f"resumed from {step_dir(run_copy, 6)} at step 6" in capsys.readouterr().err
+def test_branching_back_keeps_the_old_line_and_reruns_follow_the_branch(corpus, run_copy, capsys, resume):
+    """Checkpoints 2, 4, 6; checkpoint.resume=step_2 (or none) with keep_last=1 branches off. The
+    branch's checkpoints are its own line: pruning keeps its newest, never the old line's 6, and
+    the old line's 4, which the branch saves again, is renamed aside, not overwritten or deleted.
+    A plain rerun then continues the branch, not the abandoned step 6."""
+    old_line = {step: checksums(step_dir(run_copy, step)) for step in (4, 6)}
+    value = str(step_dir(run_copy, 2)) if resume == "older" else "none"
+    extra = ("checkpoint.keep_last=1", "checkpoint.every=1", "train.stop_after_steps=4")
+    assert train.main(args(corpus, run_copy, f"checkpoint.resume={value}", *extra)) == 0
+    err = capsys.readouterr().err
+    assert f"warning: checkpoint.resume={value} branches off" in err
+    assert str(step_dir(run_copy, 6)) in err  # the line it leaves, named
+    assert checksums(step_dir(run_copy, 6)) == old_line[6]
+    aside = [p for p in (run_copy / "checkpoints").iterdir() if p.name.startswith("step_00000004.abandoned-")]
+    assert len(aside) == 1 and checksums(aside[0]) == old_line[4]
+    ckpt.verify_checkpoint(str(step_dir(run_copy, 4)))  # the branch's own step 4, kept
+    assert train.main(args(corpus, run_copy, "checkpoint.keep_last=1", "train.stop_after_steps=5")) == 0
+    assert f"resumed from {step_dir(run_copy, 4)} at step 4" in capsys.readouterr().err
+    assert checksums(step_dir(run_copy, 6)) == old_line[6]
 
 
 def test_a_rerun_follows_the_line_it_continued_not_an_abandoned_checkpoint(corpus, run_copy, capsys):

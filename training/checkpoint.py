@@ -10,7 +10,8 @@ Layout (one folder per checkpoint, under OUT_DIR/checkpoints/):
         rng_rank{R}.pt                  RNG states of rank R, tensors only (training/rng.py)
         config.yaml                     the effective training config (everything resolved)
         tokenizer.json                  so a checkpoint exports on its own
-        trainer_state.json              step, tokens, skipped steps ...
+        trainer_state.json              step, tokens, skipped steps, checkpoint id, parent ...
+        stamp.json                      the run's stamp: run id, checkpoint id, parent (written first)
         manifest.json                   size and SHA-256 of every other file (written last)
 
 Atomicity: everything is written into `.tmp-step_X/`, flushed to disk, and only then renamed to
@@ -33,6 +34,7 @@ removed at the next start. Anything else there is the user's, whatever its name:
 with a warning, and a run refuses to start (one line) when such an entry holds a name the run may
 save under (`step_X` or `.tmp-step_X` past the step it starts from). A second Ctrl-C during a save
 (training/preemption.py) abandons the staging folder, stamped, for the next start to remove.
+Checkpoints of versions before the stamp are read (resume=PATH, export) but never deleted.
 
 Lineage. Each checkpoint names its parent: the checkpoint its run resumed from, or the one the same
 run saved before. Following parents from the checkpoint saved last (highest save counter) gives the
@@ -45,11 +47,14 @@ checkpoint the run resumed from goes only once a newer one of its line exists. W
 checkpoint of another line under its name (one that resume skipped as corrupt, or an abandoned
 one), that one is renamed aside to `step_X.abandoned-ID/`, never deleted.
 
-Branching back is refused: a run folder holds one line. `checkpoint.resume=PATH` naming any other
-checkpoint than the one auto would take (an older one of the folder, or one elsewhere), and
-`checkpoint.resume=none`, are one-line errors while the folder's line has an intact checkpoint; the
-message says how to branch: a new folder, `train.out_dir=NEW checkpoint.resume=PATH`, whose
-checkpoints then name PATH's as their parent. Nothing is moved or deleted to branch.
+Branching back is explicit and keeps everything: `checkpoint.resume=PATH` naming an older
+checkpoint (of this folder or another) or `checkpoint.resume=none`, in a folder whose line goes
+further, starts a new line from there, announced by a warning line. Its checkpoints name PATH's as
+their parent, so its pruning never touches the old line, and since its saves are the latest, plain
+reruns (`resume=auto`) follow the new line, never silently the abandoned one. The old line's
+checkpoints stay where they are until the new line saves the same step; then the old one is renamed
+aside as above. To keep the two lines in separate folders instead, branch into a new folder:
+`train.out_dir=NEW checkpoint.resume=PATH`.
 
 Verification (`verify_checkpoint`), before anything in a checkpoint is loaded, on resume and on
 export: the files on disk must be exactly those of manifest.json, with its sizes and SHA-256

@@ -5,9 +5,10 @@ checkpoint.resume=auto takes the newest checkpoint of the run folder's current l
 checkpoint.py: the checkpoint saved last and its ancestors) that passes `verify_checkpoint`,
 warning about each newer one it skips and naming its bad file (a truncated or altered file, e.g.
 after a disk fault or an interrupted copy); the run then retrains the steps after it.
-checkpoint.resume=PATH takes that one or fails; checkpoint.resume=none starts from scratch. A run
-folder holds one line: PATH other than the checkpoint auto would take, and none, are refused while
-that line has an intact checkpoint (branch into a new train.out_dir instead).
+checkpoint.resume=PATH takes that one or fails; checkpoint.resume=none starts from scratch. Either
+of them, when it is not the latest checkpoint of the current line, starts a branch: a new line that
+plain reruns follow from then on, announced by a warning; the old line is kept (training/
+checkpoint.py, "Lineage").
 
 Rank 0 also removes the run's leftover staging and trash folders and looks at what else is under
 checkpoints/: entries without the run's stamp are left alone with a warning, or refused when they
@@ -48,7 +49,7 @@ def find_resume(cfg: DictConfig, ckpt_root: str, engine, run_id: str | None) -> 
     code, error = _NONE, None
     if engine.is_main:
         try:
-            path = _choose(mode, explicit, ckpt_root, run_id, cfg.train.out_dir)
+            path = _choose(mode, explicit, ckpt_root, run_id)
             start = 0 if path is None else ckpt.read_trainer_state(path)["step"]
             for entry in ckpt.foreign_entries(ckpt_root, run_id, start):
                 log.warning(f"warning: {entry} is not a checkpoint of this run (it has no stamp of it): left as it is")
@@ -76,30 +77,29 @@ def _first_intact(line: list[ckpt.Stamped]) -> ckpt.Stamped | None:
     return None
 
 
-def _choose(mode: str, explicit: str | None, ckpt_root: str, run_id: str | None, out_dir: str) -> str | None:
-    """Rank 0: the checkpoint to resume from (verified), None for a fresh start, or CheckpointError."""
+def _choose(mode: str, explicit: str | None, ckpt_root: str, run_id: str | None) -> str | None:
+    """Rank 0: the checkpoint to resume from (verified), None for a fresh start, or CheckpointError.
+    Anything but the latest checkpoint of the folder's current line starts a branch: said in one
+    warning line; nothing is moved or deleted for it (training/checkpoint.py, "Lineage")."""
     line = ckpt.current_line(ckpt_root, run_id)
-    current = _first_intact(line)
     if mode == "auto":
+        current = _first_intact(line)
         if line and current is None:
             raise CheckpointError(
                 f"no intact checkpoint in {ckpt_root} (each one is listed above with what is wrong); "
                 f"move them away or set checkpoint.resume=none to start over"
             )
         return current.path if current else None
-    if current is None:  # nothing intact to continue here: none starts afresh, PATH starts from PATH
-        if explicit is not None:
-            ckpt.verify_checkpoint(explicit)
-        return explicit
-    if explicit is not None and os.path.realpath(explicit) == os.path.realpath(current.path):
-        return explicit
-    # Going back (or sideways) would start a second line in a folder that has one: refused.
-    branch = f"train.out_dir=NEW_FOLDER checkpoint.resume={explicit}" if explicit else "train.out_dir=NEW_FOLDER"
-    raise CheckpointError(
-        f"checkpoint.resume={mode}: train.out_dir={out_dir} continues from {current.path}, its latest intact "
-        f"checkpoint, and holds one line of checkpoints; to branch off, give the branch a folder of its own: "
-        f"{branch} (nothing here is moved or deleted)"
-    )
+    if explicit is not None:
+        ckpt.verify_checkpoint(explicit)
+    if line and (explicit is None or os.path.realpath(explicit) != os.path.realpath(line[0].path)):
+        origin = "from scratch" if explicit is None else f"from {explicit}"
+        log.warning(
+            f"warning: checkpoint.resume={mode} branches off: this run starts a new line of checkpoints {origin}, "
+            f"and plain reruns follow it; the line that ends in {line[0].path} stays, except that a checkpoint of "
+            f"it is renamed step_X.abandoned-ID when this line saves its step"
+        )
+    return explicit
 
 
 _SPLIT_KEYS = ("tokens", "bin_bytes", "idx_bytes", "bin_sha256", "idx_sha256")  # most telling first

@@ -100,7 +100,7 @@ class Trainer:
         self.resume_from: str | None = None
         self.last_ckpt: str | None = None
         self.parent: dict | None = None  # the checkpoint the next one continues (its lineage)
-        self.saving_step: int | None = None  # the step whose checkpoint is being written
+        self.saving: dict | None = None  # the stamp of the checkpoint being written
         self.stop_signal: signal.Signals | None = None
         self.unigram_ppl: float | None = None
 
@@ -124,10 +124,16 @@ class Trainer:
         sig = signal.Signals(signum)
         last = self.last_ckpt or self.resume_from
         resume = f"rerun the same command to resume from {last}" if last else "nothing was saved"
-        if self.saving_step is not None:
+        if self.saving is not None:
+            step, path = self.saving["step"], os.path.join(self.ckpt_root, ckpt.step_dir_name(self.saving["step"]))
+            stamp = ckpt.read_stamp(path) if self.main else None
+            if stamp is not None and stamp["checkpoint_id"] == self.saving["checkpoint_id"]:  # it got published
+                resume = f"rerun the same command to resume from {path}"
+                what = "it was complete"
+            else:
+                what = "that checkpoint is incomplete and is removed at the next start"
             log.warning(
-                f"stopped at once by a second {sig.name} while saving the checkpoint of step {self.saving_step}: "
-                f"that checkpoint is incomplete and is removed at the next start; {resume}"
+                f"stopped at once by a second {sig.name} while saving the checkpoint of step {step}: {what}; {resume}"
             )
         else:
             log.warning(f"stopped at once by {sig.name} at step {self.counters.step}, without a checkpoint; {resume}")
@@ -331,9 +337,7 @@ class Trainer:
         )
         stop_now = got_term > 0 or got_int > 0
         if periodic or stop_now or step == stop_at:
-            self.saving_step = step
             self.last_ckpt = self.save(step)
-            self.saving_step = None
         if stop_now:
             self.stop_signal = sig = signal.SIGTERM if got_term > 0 else signal.SIGINT
             log.info(f"stopped by {sig.name}: checkpoint saved at step {step}; rerun the same command to resume")
@@ -365,9 +369,11 @@ class Trainer:
             "parent": self.parent,
         }
         tokenizer, keep = self.train_ds.tokenizer_file, self.cfg.checkpoint.keep_last
+        self.saving = stamp
         path = ckpt.save_checkpoint(
             self.engine, self.ckpt_root, step, trainer_state, to_yaml(self.cfg), tokenizer, keep, stamp
         )
+        self.saving = None
         self.parent = {"checkpoint_id": stamp["checkpoint_id"], "step": step, "path": path}
         log.info(f"saved checkpoint {path}")
         return path
