@@ -60,6 +60,17 @@ class StaticKV:
         for t in (self.k, self.v, self.valid):
             t.copy_(t.index_select(0, idx))
 
+    def grown(self, max_length: int) -> StaticKV:
+        """A copy with room for max_length >= L positions: new buffers (B, h, max_length, hd) and
+        (B, max_length), the first L positions copied, the rest zero and not valid."""
+        L = self.k.shape[2]
+        k = self.k.new_zeros(*self.k.shape[:2], max_length, self.k.shape[3])
+        bigger = StaticKV(k, torch.zeros_like(k), self.valid.new_zeros(self.valid.shape[0], max_length))
+        bigger.k[:, :, :L].copy_(self.k)
+        bigger.v[:, :, :L].copy_(self.v)
+        bigger.valid[:, :L].copy_(self.valid)
+        return bigger
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_head: int):

@@ -109,6 +109,21 @@ class StaticHyenaRTFCache:
                 "build StaticHyenaRTFCache(max_length=...) for the prompt plus the new tokens"
             )
 
+    def reserve(self, max_length: int) -> None:
+        """Make room for max_length positions, keeping what the cache holds: a cache returned by one
+        `generate()` was sized for that call, and continuing it in a later call needs room for the
+        longer sequence. Filled attention buffers are reallocated with their keys and values copied
+        (new addresses, so a compiled step traces once more for them); nothing ever shrinks. A cache
+        without a bound (max_length None: no attention layers to size) stays unbounded."""
+        if self.max_length is None or max_length <= self.max_length:
+            return
+        self.max_length = max_length
+        if not self.is_loaded:
+            return
+        self.layers = [s if isinstance(s, HyenaState) else s.grown(max_length) for s in self.layers]
+        self._shapes = [*self._shapes[:-1], max_length]  # what a later load_ of the same model reuses
+        self._mark_static()
+
     def load_(self, cache: HyenaRTFCache, key_mask: torch.Tensor | None = None) -> None:
         """Take over a prefilled HyenaRTFCache. key_mask: (B, P) attention mask of the prompt (1 for
         real tokens), or None. The first load (or one of other shapes) allocates; later ones copy."""

@@ -6,6 +6,9 @@ computed as irfft(rfft(u, N) * rfft(k, N))[:T]. Any N >= 2T - 1 makes the circul
 equal the linear one on the first T outputs (the taps that wrap around land on zero padding), so
 N is the smallest 5-smooth size (prime factors 2, 3, 5 only, which every FFT library handles at
 full speed) >= 2T - 1: 2T for a power-of-two T, and no slow prime-length transform otherwise.
+A symbolic T under torch.export (a dynamic length) gets N = 2T instead (`fft_size`): exact for
+every length the exported graph will see, where searching for the 5-smooth size would pin the
+graph to the traced length.
 
 torch.fft has no bf16 path and B/A-style spectra are badly conditioned, so the transform always
 runs in float32 (float64 inputs stay float64) with autocast off, and the result is cast back to
@@ -43,6 +46,17 @@ def fast_fft_size(m: int) -> int:
         if r == 1:
             return n
         n += 1
+
+
+def fft_size(T: int | torch.SymInt) -> int | torch.SymInt:
+    """The transform size for a causal convolution of length T: fast_fft_size(2T - 1) for a concrete
+    T; 2T for a symbolic one under torch.export. Any size >= 2T - 1 is exact; the search for a
+    5-smooth size branches on T's value (the exported graph would be pinned to one length) and is
+    memoised, which a symbolic int cannot be (it is unhashable). torch.compile keeps the search: it
+    traces through the memo and recompiles per length, with fast transform sizes."""
+    if isinstance(T, torch.SymInt) and torch.compiler.is_exporting():
+        return 2 * T
+    return fast_fft_size(2 * T - 1)
 
 
 class _CausalFFTConv(torch.autograd.Function):
@@ -87,5 +101,5 @@ def fft_causal_conv(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"kernel length {k.shape[-1]} != signal length {T}")
     dtype = torch.float64 if torch.float64 in (u.dtype, k.dtype) else torch.float32
     with torch.autocast(u.device.type, enabled=False):
-        y = _CausalFFTConv.apply(u.to(dtype), k.to(dtype), fast_fft_size(2 * T - 1))
+        y = _CausalFFTConv.apply(u.to(dtype), k.to(dtype), fft_size(T))
     return y.to(u.dtype)

@@ -14,20 +14,27 @@ Left padding: positions where `mask` is 0 are zeroed in p and in z. A causal, ti
 operator then sees exactly the zeros it would see before the start of an unpadded sequence, so
 real positions get the same outputs as the prompt alone.
 
+Every parameter is read inside a call of the module that owns it (the short conv's `forward`, the
+long filter's methods through `call_module`): hooks that put a module's weights in place only for
+the duration of its call (accelerate's offloading to CPU or disk) then see every use.
+
 Derivations: docs/mathematics.md of the Hyena-RTF repository (section 2).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .configuration_hyena_rtf import HyenaRTFConfig
 from .fftconv import fft_causal_conv
 from .filters import make_filter
+from .rtf import RTF
 
 
 @dataclass
@@ -106,6 +113,70 @@ def short_conv_step(window: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     return (window * conv.weight[:, 0, :]).sum(-1) + conv.bias
 
 
+class ShortConv(nn.Conv1d):
+    """The short causal depthwise convolution of width w over Ch channels as a module: the parameters
+    of nn.Conv1d(Ch, Ch, w, groups=Ch, padding=w - 1) (the checkpoint keys are unchanged), the
+    computation of `short_causal_conv`. The operators call it, never read its weight themselves, so
+    that a hook on it (accelerate's offloading) is in place whenever the weight is used."""
+
+    def __init__(self, channels: int, width: int):
+        super().__init__(channels, channels, kernel_size=width, groups=channels, padding=width - 1)
+
+    def forward(self, p: torch.Tensor, past: torch.Tensor | None = None) -> torch.Tensor:
+        """p (B, Ch, T), past: the inputs before p (B, Ch, w - 1) or None for zeros -> (B, Ch, T).
+        One decode step is T = 1 with the state's last inputs as `past`."""
+        return short_causal_conv(p, self, past)
+
+
+def call_module(module: nn.Module, fn: Callable, *args):
+    """fn(*args), run as a call of `module`: the hooks that wrap its calls run around fn, as they
+    would around its forward. The long filters have no forward (their entry points are `kernel` and
+    `recurrence`), and accelerate loads an offloaded module's parameters only for the duration of a
+    call (it wraps the instance's `forward`, keeping the original as `_old_forward`), so reading
+    them outside a call finds tensors on the meta device. Without hooks, fn is called directly."""
+    wrapped = "forward" in module.__dict__  # a wrapper installed on this instance (accelerate's)
+    if not wrapped and not (module._forward_pre_hooks or module._forward_hooks):
+        return fn(*args)
+    # The innermost callable a call reaches: the original a wrapper keeps, else the forward itself.
+    slot = "_old_forward" if wrapped and "_old_forward" in module.__dict__ else "forward"
+    missing = object()
+    saved = module.__dict__.get(slot, missing)
+    module.__dict__[slot] = fn
+    try:
+        return module(*args)
+    finally:
+        if saved is missing:
+            del module.__dict__[slot]
+        else:
+            module.__dict__[slot] = saved
+
+
+def filter_kernel(filt: nn.Module, T: int | torch.SymInt) -> torch.Tensor:
+    """The long filter's kernel of length T (channels, T), computed inside a call of the filter
+    (`call_module`). Under torch.export with a dynamic length (T symbolic), what cannot be traced is
+    refused in one line, before torch fails deep inside the filter: only the RTF filter's FFT
+    kernel has no data-dependent step, and the RTF filter takes that route for T < l_max with
+    gradients on (the no-grad route, and longer kernels, come from its modal form)."""
+    if isinstance(T, torch.SymInt) and torch.compiler.is_exporting():
+        if not isinstance(filt, RTF):
+            raise ValueError(
+                f"torch.export with a dynamic length supports RTF filters only, not {type(filt).__name__}: "
+                "export with a fixed length"
+            )
+        if not filt.needs_grad():
+            raise ValueError(
+                "torch.export with a dynamic length traces the RTF kernel's FFT route, taken with gradients on: "
+                "export outside torch.no_grad() / inference_mode, with the parameters requiring grad"
+            )
+        if not statically_known_true(T < filt.l_max):
+            raise ValueError(
+                f"torch.export with a dynamic length: bound it below the trained length, "
+                f"torch.export.Dim(..., max={filt.l_max - 1}) (longer kernels come from the modal form, "
+                "which has data-dependent steps)"
+            )
+    return call_module(filt, filt.kernel, T)
+
+
 class HyenaOperator(nn.Module):
     def __init__(self, config: HyenaRTFConfig, layer_idx: int):
         super().__init__()
@@ -113,7 +184,7 @@ class HyenaOperator(nn.Module):
         self.d_model, self.width = d, w
         self.rec_dtype = torch.float64 if config.recurrent_dtype == "float64" else torch.float32
         self.in_proj = nn.Linear(d, 3 * d)
-        self.short_conv = nn.Conv1d(3 * d, 3 * d, kernel_size=w, groups=3 * d, padding=w - 1)
+        self.short_conv = ShortConv(3 * d, w)
         self.filter = make_filter(config, layer_idx, d, config.filter_heads)
         self.out_proj = nn.Linear(d, d)
         self.out_proj.is_residual_proj = True
@@ -124,7 +195,7 @@ class HyenaOperator(nn.Module):
         p = self.in_proj(u).transpose(1, 2)
         if mask is not None:
             p = p * mask[:, None, :].to(p.dtype)
-        x0, x1, v = short_causal_conv(p, self.short_conv, past).chunk(3, dim=1)
+        x0, x1, v = self.short_conv(p, past).chunk(3, dim=1)
         z = x1 * v
         if mask is not None:
             z = z * mask[:, None, :].to(z.dtype)
@@ -148,10 +219,10 @@ class HyenaOperator(nn.Module):
         """
         p, x0, z = self._gate_inputs(u, mask, None if state is None else state.conv)
         if state is None:  # the parallel form; the prefill adds the state after u
-            yf = fft_causal_conv(z, self.filter.kernel(u.shape[1]))
+            yf = fft_causal_conv(z, filter_kernel(self.filter, u.shape[1]))
             if not return_state:
                 return self.out_proj((x0 * yf).transpose(1, 2))
-            rec = self.filter.recurrence(self.rec_dtype, pole_check)
+            rec = call_module(self.filter, self.filter.recurrence, self.rec_dtype, pole_check)
             filt = rec.prefill(z)
         else:  # a chunk after the state: its outputs and the state after it, in closed form
             rec = state.rec
@@ -170,8 +241,9 @@ class HyenaOperator(nn.Module):
         p = self.in_proj(u)
         if mask is not None:
             p = p * mask[:, None].to(p.dtype)
-        window = shift_in_(state.conv, p)  # (B, 3d, w)
-        x0, x1, v = short_conv_step(window, self.short_conv).chunk(3, dim=-1)
+        q = self.short_conv(p[..., None], state.conv)[..., 0]  # (B, 3d): the window [state.conv, p]
+        shift_in_(state.conv, p)
+        x0, x1, v = q.chunk(3, dim=-1)
         z = x1 * v
         if mask is not None:
             z = z * mask[:, None].to(z.dtype)

@@ -18,12 +18,15 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import shutil
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.generation import GenerationMode
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -112,6 +115,26 @@ class HyenaRTFPreTrainedModel(PreTrainedModel):
     # The long filters stay float32 whatever dtype the model is loaded in (precision.py says why).
     _keep_in_fp32_modules_strict = [FILTER_MODULE]
 
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """transformers' save_pretrained (so `Trainer.save_model` too), plus one rule: a folder whose
+        config.json names the model code (`auto_map`) holds that code. transformers copies the code
+        only for a class registered with `register_for_auto_class`, which a model loaded by a
+        process that imported the project (the Auto classes know it, no trust_remote_code) is not,
+        while its config still carries the auto_map of the folder it came from: the saved folder
+        then loaded nowhere else. So when an auto_map will be written, it is set to this code's
+        three classes and the code files (this module and everything it imports relatively, as
+        transformers gathers them) are copied beside config.json. Without an auto_map (a model built
+        here, never exported) the folder is written as transformers writes it."""
+        writes_code = bool(getattr(self.config, "auto_map", None)) or any(
+            type(obj)._auto_class is not None for obj in (self, self.config)
+        )
+        if writes_code:
+            self.config.auto_map = code_auto_map()
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if writes_code and kwargs.get("is_main_process", True):
+            for source in (Path(__file__), *map(Path, get_relative_import_files(__file__))):
+                shutil.copyfile(source, Path(save_directory) / source.name)
+
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2 init: N(0, 0.02) weights, zero biases, residual projections / sqrt(2 n_layer).
         RTF and implicit filters keep the initialisation of their own constructors."""
@@ -127,6 +150,46 @@ class HyenaRTFPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+
+def code_auto_map() -> dict[str, str]:
+    """config.json's auto_map for a folder holding this code: AutoConfig, AutoModel (the decoder
+    without its head) and AutoModelForCausalLM, as module.Class of the files copied beside it."""
+    module = Path(__file__).stem
+    return {
+        "AutoConfig": f"{Path(inspect.getfile(HyenaRTFConfig)).stem}.{HyenaRTFConfig.__name__}",
+        "AutoModel": f"{module}.HyenaRTFModel",
+        "AutoModelForCausalLM": f"{module}.HyenaRTFForCausalLM",
+    }
+
+
+def check_positions(position_ids: torch.Tensor, attention_mask: torch.Tensor | None, length: int) -> None:
+    """Accept position_ids that only count the positions of each row; refuse ones that restart.
+
+    position_ids: (B, T) or (1, T), T = length (the new positions); attention_mask: (B, past + T)
+    or None. Over the real tokens of a row (mask 1; all of them without a mask), each position must
+    be the previous real token's plus one: an arange, a left- or right-padded arange (padding
+    positions are not read), or the continuation of a cached prefix. Positions that restart are
+    packed documents (trl's padding-free packing), which a long convolution with no positions
+    cannot keep apart: refused, with how to turn packing off. One host synchronisation per call."""
+    if position_ids.dim() != 2 or position_ids.shape[-1] != length:
+        raise ValueError(f"position_ids must be (batch, {length}), like the input; got {tuple(position_ids.shape)}")
+    real = (
+        torch.ones_like(position_ids, dtype=torch.bool)
+        if attention_mask is None
+        else attention_mask[:, -length:].bool()
+    )
+    # A row counts consecutively iff position - (rank among the row's real tokens) is one constant.
+    offset = position_ids.long() - real.cumsum(-1)
+    big = torch.iinfo(offset.dtype).max
+    low = offset.masked_fill(~real, big).amin(-1)
+    high = offset.masked_fill(~real, -big).amax(-1)
+    if bool((high > low).any()):
+        raise ValueError(
+            "position_ids restart inside a row (packed sequences): Hyena-RTF has no positions and its long "
+            "convolutions cannot keep packed documents apart; turn packing off (trl: SFTConfig(packing=False, "
+            "padding_free=False)) and give one document per row with an attention_mask"
+        )
 
 
 class HyenaRTFModel(HyenaRTFPreTrainedModel):
@@ -158,9 +221,13 @@ class HyenaRTFModel(HyenaRTFPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
     ) -> BaseModelOutputWithPast | tuple:
         """input_ids (B, T) or inputs_embeds (B, T, d): the tokens the cache has not seen yet.
         attention_mask: (B, past + T), 1 for real tokens, 0 for (left) padding; or None.
+        position_ids: (B or 1, T) or None. The model has no positions, so they are only checked:
+        counting ones are accepted and change nothing, restarting ones (packed documents) are
+        refused (`check_positions`).
 
         use_cache: build and return a decoding cache (a given cache is always used and advanced).
         An explicit argument wins; left as None it is `config.use_cache`, except in training mode,
@@ -176,6 +243,10 @@ class HyenaRTFModel(HyenaRTFPreTrainedModel):
             )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if position_ids is not None:
+            check_positions(
+                position_ids, attention_mask, (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
+            )
         cache = pick_cache(cache, past_key_values)
         static = cache if isinstance(cache, StaticHyenaRTFCache) else None
         if static is not None:
@@ -302,7 +373,9 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
         (1.7 s of a 15 s CPU training step at 8192 tokens and vocabulary 50,277). A head that is
         wrapped (PEFT) or hooked (accelerate's offloading) is called as a module and sliced."""
         head = self.lm_head
-        if type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks):
+        # accelerate wraps the instance's forward instead of registering torch hooks.
+        hooked = head._forward_hooks or head._forward_pre_hooks or "forward" in head.__dict__
+        if type(head) is nn.Linear and not hooked:
             return F.linear(h, head.weight[: self.config.vocab_size])
         return head(h)[..., : self.config.vocab_size]
 
@@ -320,6 +393,11 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
         only and cannot serve this model. With `prefill_chunk_size`, an empty HyenaRTFCache that the
         chunks fill in turn. Anything else goes to transformers."""
         given = pick_cache(model_kwargs.get("cache"), model_kwargs.get("past_key_values"))
+        if isinstance(given, StaticHyenaRTFCache) and given.is_loaded:
+            # A static cache returned by an earlier generate() was sized for that call: make room for
+            # this one's sequence (prompt so far + new tokens), keeping what it holds. (An empty one
+            # keeps the size its maker chose; too small, it is refused before any step.)
+            given.reserve(max_cache_length)
         if generation_config.cache_implementation == "static" and given is None and generation_config.use_cache:
             model_kwargs[CACHE_NAME] = StaticHyenaRTFCache(max_cache_length)
             return
@@ -346,10 +424,12 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
         num_items_in_batch: torch.Tensor | int | None = None,
+        position_ids: torch.LongTensor | None = None,
     ) -> CausalLMOutputWithPast | tuple:
         """input_ids: (B, T) new tokens (or inputs_embeds (B, T, d)). attention_mask: (B, past + T).
         labels: (B, T), shifted inside, -100 ignored. logits_to_keep: only the last k positions'
-        logits (0: all). The cache (under either name) and `use_cache` work as in `HyenaRTFModel`:
+        logits (0: all). position_ids: only checked, as in `HyenaRTFModel` (packed documents are
+        refused). The cache (under either name) and `use_cache` work as in `HyenaRTFModel`:
         with a cache that has seen tokens, the new tokens are decoded recurrently, O(1) each.
         -> loss, logits (B, T or k, vocab_size), cache, hidden_states."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
@@ -357,10 +437,20 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
             raise ValueError("labels need the logits of every position: do not combine them with logits_to_keep")
         cache = pick_cache(cache, past_key_values)
         if isinstance(cache, StaticHyenaRTFCache) and cache.is_loaded:
-            # Decoding from a filled static cache: the compilable step, one token at a time. The new
-            # positions are real tokens (what generate() feeds), so the mask is not read.
+            # Decoding from a filled static cache: the compilable step, one token at a time. A decode
+            # step's token is never padding, so with one token the mask is not even looked at (a
+            # compiled step would otherwise be guarded on its length, one column longer each step);
+            # several new tokens (continuing a returned cache) are checked once.
             if input_ids is None or labels is not None or output_hidden_states:
                 raise ValueError("a filled StaticHyenaRTFCache decodes token ids into logits only")
+            new = input_ids.shape[1]
+            if new > 1 and position_ids is not None:
+                check_positions(position_ids, attention_mask, new)
+            if new > 1 and attention_mask is not None and not bool(attention_mask[:, -new:].all()):
+                raise ValueError(
+                    "padding among the new tokens fed to a filled StaticHyenaRTFCache: its steps take real "
+                    "tokens only; continue with the ordinary cache (no cache_implementation='static')"
+                )
             logits = decode_steps(self, cache, input_ids)
             logits = logits[:, -logits_to_keep:] if logits_to_keep else logits
             result = CausalLMOutputWithPast(logits=logits, **cache_kwargs(cache))
@@ -374,6 +464,7 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             return_dict=True,
+            position_ids=position_ids,
         )
         h = out.last_hidden_state
         h = h[:, -logits_to_keep:] if logits_to_keep else h
@@ -416,7 +507,9 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
 
         # Generation arguments that are not inputs of forward (generate(stop_strings=..., tokenizer=...)
         # leaves `tokenizer` among them) stay out of the call.
-        kwargs = {k: v for k, v in kwargs.items() if k in _forward_arguments(type(self))}
+        # position_ids too: the model has no positions, and a user's would cover the whole sequence,
+        # not the positions fed.
+        kwargs = {k: v for k, v in kwargs.items() if k in _forward_arguments(type(self)) and k != "position_ids"}
         inputs = {"attention_mask": attention_mask, "use_cache": use_cache, **cache_kwargs(cache), **kwargs}
         if inputs_embeds is not None and (is_first_iteration or (cache is not None and seen() == 0)):
             inputs["inputs_embeds"] = inputs_embeds[:, seen() :]  # the prompt, given as vectors

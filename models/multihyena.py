@@ -39,7 +39,7 @@ import torch.nn as nn
 from .configuration_hyena_rtf import HyenaRTFConfig
 from .fftconv import fft_causal_conv
 from .filters import make_filter
-from .hyena import HyenaState, advance_state, conv_tail, shift_in_, short_causal_conv, short_conv_step
+from .hyena import HyenaState, ShortConv, advance_state, call_module, conv_tail, filter_kernel, shift_in_
 
 
 class MultiHyenaOperator(nn.Module):
@@ -54,7 +54,7 @@ class MultiHyenaOperator(nn.Module):
         self.d_model, self.width, self.heads, self.head_dim = d, w, M, d // M
         self.rec_dtype = torch.float64 if config.recurrent_dtype == "float64" else torch.float32
         self.in_proj = nn.Linear(d, 3 * d)
-        self.short_conv = nn.Conv1d(3 * d, 3 * d, kernel_size=w, groups=3 * d, padding=w - 1)
+        self.short_conv = ShortConv(3 * d, w)
         self.filter = make_filter(config, layer_idx, M * self.head_dim**2, M)
         self.out_proj = nn.Linear(d, d)
         self.out_proj.is_residual_proj = True
@@ -79,17 +79,17 @@ class MultiHyenaOperator(nn.Module):
         if keep is not None:
             p = p * keep.to(p.dtype)
         past = None if state is None else state.conv
-        q, k, v = map(self._heads, short_causal_conv(p, self.short_conv, past).chunk(3, dim=1))  # (B, M, e, T)
+        q, k, v = map(self._heads, self.short_conv(p, past).chunk(3, dim=1))  # (B, M, e, T)
         z = k.unsqueeze(3) * v.unsqueeze(2)  # (B, M, e, e, T): z[b, m, i, j, t] = k_t[i] v_t[j]
         if keep is not None:
             z = z * keep[..., None, None, :].to(z.dtype)
         z = z.flatten(2, 3)  # (B, M, e^2, T): channel m e^2 + i e + j of the filter
         rec = filt = None
         if state is None:  # the parallel form; the prefill adds the state after z
-            h = self.filter.kernel(T)[:: self.head_dim**2, None]  # (M, 1, T): one filter per head
+            h = filter_kernel(self.filter, T)[:: self.head_dim**2, None]  # (M, 1, T): one filter per head
             Z = fft_causal_conv(z, h)
             if return_state:
-                rec = self.filter.recurrence(self.rec_dtype, pole_check)
+                rec = call_module(self.filter, self.filter.recurrence, self.rec_dtype, pole_check)
                 filt = rec.prefill(z.flatten(1, 2))
         else:  # a chunk after the state, in closed form
             rec = state.rec
@@ -110,8 +110,9 @@ class MultiHyenaOperator(nn.Module):
         p = self.in_proj(u)
         if mask is not None:  # a 0 makes the token a zero input, as the parallel forward does
             p = p * mask[:, None].to(p.dtype)
-        window = shift_in_(state.conv, p)  # (B, 3d, w)
-        q, k, v = map(self._heads, short_conv_step(window, self.short_conv).chunk(3, dim=-1))  # (B, M, e) each
+        qkv = self.short_conv(p[..., None], state.conv)[..., 0]  # (B, 3d): the window [state.conv, p]
+        shift_in_(state.conv, p)
+        q, k, v = map(self._heads, qkv.chunk(3, dim=-1))  # (B, M, e) each
         z = (k.unsqueeze(-1) * v.unsqueeze(-2)).flatten(1)  # (B, M e^2)
         if mask is not None:
             z = z * mask[:, None].to(z.dtype)
