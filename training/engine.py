@@ -57,6 +57,32 @@ def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return loss_sum / n
 
 
+def strict_fp32_requested(strict_fp32: bool = False) -> bool:
+    """Strict float32 matmuls asked for: by the caller, or by NVIDIA_TF32_OVERRIDE=0 (NVIDIA's own
+    switch, which turns TF32 off inside cuBLAS/cuDNN whatever torch asks for)."""
+    return strict_fp32 or os.environ.get("NVIDIA_TF32_OVERRIDE") == "0"
+
+
+def configure_tf32(device: torch.device, precision: str, strict_fp32: bool = False) -> bool | None:
+    """Whether float32 matmuls and convolutions of an fp32 run use TF32 tensor cores; sets torch's
+    flags accordingly and returns the choice, or None where nothing was touched.
+
+    On CUDA with precision fp32, TF32 is on unless strict float32 is asked for (`strict_fp32`, or
+    NVIDIA_TF32_OVERRIDE=0): torch's default leaves float32 matmuls on the plain float32 units,
+    ~15x below bf16 on Ampere and later GPUs, while TF32 keeps float32 range and storage and rounds
+    the products' inputs to 10 mantissa bits (bf16 keeps 7). Strict runs set both flags off (cuDNN
+    convolutions default to TF32). bf16 runs and every CPU run keep torch's defaults: CPU numerics
+    stay bit-identical. The legacy `allow_tf32` flags are set, not `fp32_precision`: on torch >= 2.9
+    they update the new flags too, while the reverse makes later reads of the legacy flags raise.
+    """
+    if device.type != "cuda" or precision != "fp32":
+        return None
+    enabled = not strict_fp32_requested(strict_fp32)
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    return enabled
+
+
 @dataclass
 class StepResult:
     loss: float  # mean over the global batch (nan/inf if non-finite on any rank)
@@ -70,12 +96,21 @@ class Engine:
     kind = "base"
     optimizer: torch.optim.Optimizer  # the torch AdamW, or DeepSpeed's ZeRO optimizer around it
 
-    def __init__(self, model: nn.Module, plan: BatchPlan, device: torch.device, precision: str, env: DistEnv):
+    def __init__(
+        self,
+        model: nn.Module,
+        plan: BatchPlan,
+        device: torch.device,
+        precision: str,
+        env: DistEnv,
+        strict_fp32: bool = False,
+    ):
         self.module = model
         self.plan = plan
         self.device = device
         self.precision = precision
         self.env = env
+        self.tf32 = configure_tf32(device, precision, strict_fp32)  # None: torch's defaults kept
 
     @property
     def rank(self) -> int:
@@ -166,8 +201,8 @@ class TorchEngine(Engine):
     MODEL_FILE = "model.pt"
     OPTIM_FILE = "optimizer.pt"
 
-    def __init__(self, model, optimizer, plan, device, precision, env, grad_clip: float):
-        super().__init__(model, plan, device, precision, env)
+    def __init__(self, model, optimizer, plan, device, precision, env, grad_clip: float, strict_fp32: bool = False):
+        super().__init__(model, plan, device, precision, env, strict_fp32)
         self.kind = "ddp" if env.world_size > 1 else "single"
         self.optimizer = optimizer
         self.grad_clip = grad_clip
@@ -231,25 +266,47 @@ class TorchEngine(Engine):
 DS_TAG = "deepspeed"  # sub-folder of a checkpoint holding DeepSpeed's files
 
 
+# Elements per gradient-reduction and parameter all-gather bucket: 50M (200 MB of float32). DeepSpeed's
+# default, 5e8 (2 GB), puts a 125M model's whole gradient in one bucket, so nothing of it overlaps
+# the backward pass, and reserves 2 GB per bucket per GPU; tens of millions of elements already
+# run NCCL at full bandwidth (train.deepspeed may still set other sizes).
+DS_BUCKET_ELEMENTS = 50_000_000
+
+
 def deepspeed_config(plan: BatchPlan, zero_stage: int, precision: str, grad_clip: float, extra: dict) -> dict:
     """The DeepSpeed JSON, derived from the training config (never kept by hand).
 
     bf16 uses DeepSpeed's `torch_autocast` section, not its `bf16` section: `bf16` casts every
     parameter to bfloat16 (RTF coefficients included), autocast keeps parameters and optimizer
-    state float32 and runs the matmuls in bfloat16. `extra` (train.deepspeed) is deep-merged last,
-    but may not touch the batch keys, precision casts or ZeRO stage (`check_deepspeed_extra`).
+    state float32 and runs the matmuls in bfloat16. Gradients are reduced in float32, as DDP
+    reduces them: `lower_precision_safe_modules: []`, because by default DeepSpeed marks every
+    Linear/Conv parameter (the tied embedding/head included) for a bfloat16 reduction.
+
+    ZeRO stage 2 reduces (reduce-scatters) the gradients at every micro-batch, so it overlaps that
+    communication with the backward pass (`overlap_comm`); stage 1 reduces once per step, at the
+    accumulation boundary. Buckets hold DS_BUCKET_ELEMENTS elements.
+
+    `extra` (train.deepspeed) is deep-merged last, but may not touch the batch keys, precision casts
+    or ZeRO stage (`check_deepspeed_extra`).
     """
+    zero = {
+        "stage": zero_stage,
+        "reduce_bucket_size": DS_BUCKET_ELEMENTS,
+        "allgather_bucket_size": DS_BUCKET_ELEMENTS,
+    }
+    if zero_stage == 2:
+        zero["overlap_comm"] = True
     cfg = {
         "train_batch_size": plan.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.grad_accum_steps,
         "gradient_clipping": grad_clip,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": zero,
         "steps_per_print": 2**31 - 1,  # our own logger reports progress
         "wall_clock_breakdown": False,
     }
     if precision == "bf16":
-        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     check_deepspeed_extra(extra, zero_stage)
 
     def merge(dst: dict, src: dict) -> dict:
@@ -279,8 +336,8 @@ class DeepSpeedEngine(Engine):
 
     kind = "deepspeed"
 
-    def __init__(self, model, optimizer, plan, device, precision, env, ds_config: dict):
-        super().__init__(model, plan, device, precision, env)
+    def __init__(self, model, optimizer, plan, device, precision, env, ds_config: dict, strict_fp32: bool = False):
+        super().__init__(model, plan, device, precision, env, strict_fp32)
         import deepspeed  # optional and slow to import: see init_deepspeed_distributed
 
         init_deepspeed_distributed(device)
