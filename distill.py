@@ -104,7 +104,7 @@ def check_paths(opts: Options) -> None:
     """NotReplaceableError (one line) unless OUT and the report are apart from every input (the
     checkpoint, the --data files) and can be written; before anything is loaded."""
     inputs = [opts.checkpoint, *opts.data]
-    check_apart(opts.out, inputs, flag="OUT")
+    check_apart(opts.out, inputs, flag="")  # the message starts with OUT itself
     check_writable(opts.out, "OUT")
     if opts.report is not None:
         check_apart(opts.report, inputs, flag="--report")

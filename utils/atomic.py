@@ -306,7 +306,8 @@ def check_apart(output: str | os.PathLike, inputs, flag: str = "--out") -> None:
     """Raises ``NotReplaceableError`` (one line) when ``output`` is one of ``inputs`` (files or
     folders), inside one of them, or a folder that contains one, all compared after resolving
     symlinks (``realpath``). Whatever ``--overwrite`` says: replacing the output would delete
-    the input, and an output inside an input folder would be read back as input next time."""
+    the input, and an output inside an input folder would be read back as input next time.
+    ``flag`` names the output in the message (``--out``; "" for the path alone)."""
     out = _real(output)
     for inp in inputs:
         src = _real(inp)
@@ -318,7 +319,8 @@ def check_apart(output: str | os.PathLike, inputs, flag: str = "--out") -> None:
             relation = "contains the input"
         else:
             continue
-        raise NotReplaceableError(f"{flag} {output} {relation} {inp}; choose an output path apart from the inputs")
+        named = f"{flag} {output}" if flag else str(output)
+        raise NotReplaceableError(f"{named} {relation} {inp}; choose an output path apart from the inputs")
 
 
 # ----------------------------------------------------------------------------- replacing a folder
