@@ -144,8 +144,8 @@ def check_same_data(ckpt_dir: str, state: dict, now: dict, data_dir: str) -> Non
     if changes:
         raise CheckpointError(
             f"cannot resume from {ckpt_dir}: the data in data.dir={data_dir} is not what it was trained on: "
-            f"{'; '.join(changes[:3])}{' ...' if len(changes) > 3 else ''}. Use the original data, or another "
-            f"train.out_dir"
+            f"{'; '.join(changes[:3])}{' ...' if len(changes) > 3 else ''}. Use the original data, another "
+            f"train.out_dir, or checkpoint.resume=none"
         )
 
 
@@ -162,12 +162,12 @@ def check_resume_compatible(
     if saved_ds and not now_ds:
         raise CheckpointError(
             f"cannot resume from {ckpt_dir}: it was written by the DeepSpeed engine; resume it under the deepspeed "
-            f"launcher (`deepspeed train.py ...`) or with train.engine=deepspeed, or use another train.out_dir"
+            f"launcher (`deepspeed train.py ...`) or with train.engine=deepspeed, or set checkpoint.resume=none"
         )
     if now_ds and not saved_ds:
         raise CheckpointError(
             f"cannot resume from {ckpt_dir}: it was written by the {state.get('engine')} engine, and this run uses "
-            f"DeepSpeed; resume it with python train.py / torchrun, or use another train.out_dir"
+            f"DeepSpeed; resume it with python train.py / torchrun, or set checkpoint.resume=none"
         )
     saved_world = state.get("world_size", world_size)
     if now_ds and saved_world != world_size and not has_full_state(ckpt_dir):
@@ -181,7 +181,7 @@ def check_resume_compatible(
         if key != "preset" and saved.model[key] != cfg.model.get(key):
             raise CheckpointError(
                 f"cannot resume from {ckpt_dir}: it was trained with model.{key}={saved.model[key]}, "
-                f"this config gives {cfg.model.get(key)}. Use another train.out_dir"
+                f"this config gives {cfg.model.get(key)}. Use another train.out_dir or checkpoint.resume=none"
             )
     if saved.data.seq_len != cfg.data.seq_len:
         raise CheckpointError(
