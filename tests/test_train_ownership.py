@@ -143,7 +143,9 @@ def test_folders_the_run_did_not_stamp_are_never_pruned_or_cleaned(corpus, run_c
     (root / ".tmp-scratch").mkdir()  # named like a staging folder
     (root / ".tmp-scratch" / "data.csv").write_text("1,2,3")
     (root / ".trash-keep.txt").write_text("not rubbish")
-    planted_names = ("step_00000001", ".tmp-scratch", ".trash-keep.txt")
+    # the user's copy of a real checkpoint: the run's stamp inside, but not under a name the run gave
+    shutil.copytree(root / "step_00000004", root / ".trash-backup-of-4")
+    planted_names = ("step_00000001", ".tmp-scratch", ".trash-keep.txt", ".trash-backup-of-4")
     mine = {k: v for k, v in checksums(root).items() if k.split("/")[0] in planted_names}
     extra = ("checkpoint.keep_last=1", "checkpoint.every=1", "train.stop_after_steps=8")
     assert train.main(args(corpus, run_copy, *extra)) == 0

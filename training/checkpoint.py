@@ -114,7 +114,8 @@ def step_dir_name(step: int) -> str:
 
 
 def list_checkpoints(root: str) -> list[tuple[int, str]]:
-    """Complete checkpoints under `root` as (step, path), oldest first."""
+    """Complete checkpoints under `root` as (step, path), oldest first, recognised by name, for
+    reading (runs of earlier versions, tools); what a run may prune is `own_checkpoints`."""
     if not os.path.isdir(root):
         return []
     found = []
@@ -305,8 +306,13 @@ def _set_aside(final: str, run_id: str | None) -> str:
             f"the run; move it away, then rerun to resume"
         )
     aside = f"{final}.abandoned-{stamp['checkpoint_id']}"
+    if os.path.lexists(aside):  # a rename onto an empty folder would replace it: not ours to replace
+        raise CheckpointError(f"cannot save checkpoint {final}: {aside} is in the way; move it away, then rerun")
     os.rename(final, aside)
-    log.warning(f"warning: {final} belonged to a line of checkpoints this run does not continue; kept as {aside}")
+    log.warning(
+        f"warning: {final} belonged to a line of checkpoints this run does not continue; kept as {aside} "
+        f"(delete it when you no longer need it)"
+    )
     return aside
 
 
