@@ -15,15 +15,14 @@ operator then sees exactly the zeros it would see before the start of an unpadde
 real positions get the same outputs as the prompt alone.
 
 Every parameter is read inside a call of the module that owns it (the short conv's `forward`, the
-long filter's methods through `call_module`): hooks that put a module's weights in place only for
-the duration of its call (accelerate's offloading to CPU or disk) then see every use.
+long filter's `forward`, models/long_filter.py): hooks that put a module's weights in place only
+for the duration of its call (accelerate's offloading to CPU or disk) then see every use.
 
 Derivations: docs/mathematics.md of the Hyena-RTF repository (section 2).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -128,32 +127,9 @@ class ShortConv(nn.Conv1d):
         return short_causal_conv(p, self, past)
 
 
-def call_module(module: nn.Module, fn: Callable, *args):
-    """fn(*args), run as a call of `module`: the hooks that wrap its calls run around fn, as they
-    would around its forward. The long filters have no forward (their entry points are `kernel` and
-    `recurrence`), and accelerate loads an offloaded module's parameters only for the duration of a
-    call (it wraps the instance's `forward`, keeping the original as `_old_forward`), so reading
-    them outside a call finds tensors on the meta device. Without hooks, fn is called directly."""
-    wrapped = "forward" in module.__dict__  # a wrapper installed on this instance (accelerate's)
-    if not wrapped and not (module._forward_pre_hooks or module._forward_hooks):
-        return fn(*args)
-    # The innermost callable a call reaches: the original a wrapper keeps, else the forward itself.
-    slot = "_old_forward" if wrapped and "_old_forward" in module.__dict__ else "forward"
-    missing = object()
-    saved = module.__dict__.get(slot, missing)
-    module.__dict__[slot] = fn
-    try:
-        return module(*args)
-    finally:
-        if saved is missing:
-            del module.__dict__[slot]
-        else:
-            module.__dict__[slot] = saved
-
-
 def filter_kernel(filt: nn.Module, T: int | torch.SymInt) -> torch.Tensor:
     """The long filter's kernel of length T (channels, T), computed inside a call of the filter
-    (`call_module`). Under torch.export with a dynamic length (T symbolic), what cannot be traced is
+    (LongFilter.forward). Under torch.export with a dynamic length (T symbolic), what cannot be traced is
     refused in one line, before torch fails deep inside the filter: only the RTF filter's FFT
     kernel has no data-dependent step, and the RTF filter takes that route for T < l_max with
     gradients on (the no-grad route, and longer kernels, come from its modal form)."""
@@ -174,7 +150,7 @@ def filter_kernel(filt: nn.Module, T: int | torch.SymInt) -> torch.Tensor:
                 f"torch.export.Dim(..., max={filt.l_max - 1}) (longer kernels come from the modal form, "
                 "which has data-dependent steps)"
             )
-    return call_module(filt, filt.kernel, T)
+    return filt("kernel", T)
 
 
 class HyenaOperator(nn.Module):
@@ -222,7 +198,7 @@ class HyenaOperator(nn.Module):
             yf = fft_causal_conv(z, filter_kernel(self.filter, u.shape[1]))
             if not return_state:
                 return self.out_proj((x0 * yf).transpose(1, 2))
-            rec = call_module(self.filter, self.filter.recurrence, self.rec_dtype, pole_check)
+            rec = self.filter("recurrence", self.rec_dtype, pole_check)
             filt = rec.prefill(z)
         else:  # a chunk after the state: its outputs and the state after it, in closed form
             rec = state.rec

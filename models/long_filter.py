@@ -16,6 +16,10 @@ A long filter maps (B, C, T) to (B, C, T) by a causal convolution whose kernel i
                               dtype: the state's real dtype (a layer may promote it, see modal.py);
                               check: "error" | "warn" | "none", what to do with a filter whose
                               recurrence would diverge
+    forward("kernel", T), forward("recurrence", dtype, check)
+                              the two above as a call of the module: what the operators use, so
+                              that module hooks run around every read of the parameters
+                              (accelerate's offload hooks put them in place only during a call)
     own_optimizer_group       True: its parameters get their own lr and no weight decay
     from_config(config, layer_idx, channels, num_filters)   the constructor the registry calls
 
@@ -51,6 +55,14 @@ class LongFilter(Float32Parameters):
 
     def recurrence(self, dtype: torch.dtype = torch.float32, check: str = "error"):
         raise NotImplementedError
+
+    def forward(self, what: str, *args):
+        """self(what, *args) = self.kernel(*args) or self.recurrence(*args), inside the module's call."""
+        if what == "kernel":
+            return self.kernel(*args)
+        if what == "recurrence":
+            return self.recurrence(*args)
+        raise ValueError(f"a long filter computes 'kernel' or 'recurrence', not {what!r}")
 
     # ---- helpers ------------------------------------------------------------------------------
     def where(self) -> str:

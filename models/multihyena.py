@@ -39,7 +39,7 @@ import torch.nn as nn
 from .configuration_hyena_rtf import HyenaRTFConfig
 from .fftconv import fft_causal_conv
 from .filters import make_filter
-from .hyena import HyenaState, ShortConv, advance_state, call_module, conv_tail, filter_kernel, shift_in_
+from .hyena import HyenaState, ShortConv, advance_state, conv_tail, filter_kernel, shift_in_
 
 
 class MultiHyenaOperator(nn.Module):
@@ -89,7 +89,7 @@ class MultiHyenaOperator(nn.Module):
             h = filter_kernel(self.filter, T)[:: self.head_dim**2, None]  # (M, 1, T): one filter per head
             Z = fft_causal_conv(z, h)
             if return_state:
-                rec = call_module(self.filter, self.filter.recurrence, self.rec_dtype, pole_check)
+                rec = self.filter("recurrence", self.rec_dtype, pole_check)
                 filt = rec.prefill(z.flatten(1, 2))
         else:  # a chunk after the state, in closed form
             rec = state.rec
