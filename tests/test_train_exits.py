@@ -151,7 +151,7 @@ LONG = "a" * 300  # one path component past NAME_MAX (255 bytes)
 @pytest.mark.parametrize(
     "key, extra",
     [
-        ("train.out_dir", ["train.out_dir={tmp}/" + LONG + "/run"]),
+        ("train.out_dir", ["checkpoint.export_at_end=true", "train.out_dir={tmp}/" + LONG + "/run"]),
         ("checkpoint.export_dir", ["checkpoint.export_at_end=true", "checkpoint.export_dir={tmp}/" + LONG]),
     ],
 )
