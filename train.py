@@ -101,6 +101,10 @@ def _export(argv: list[str]) -> int:
         )
     except USER_ERRORS as e:
         return _fail(e, 2)
+    except KeyboardInterrupt as e:  # the export is built beside OUT_DIR and swapped in last
+        return _fail(type(e)(f"interrupted: {args.out_dir} left as it was"), 130)
+    except OSError as e:  # a checkpoint file vanished or changed while read (a run pruning it), an I/O error
+        return _fail(type(e)(f"reading {args.checkpoint}: {e}"), 2)
     get_logger("export").info(f"wrote {out}")
     return 0
 

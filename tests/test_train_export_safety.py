@@ -154,3 +154,32 @@ def test_a_full_disk_during_train_py_export_is_one_line_and_keeps_the_earlier_ex
     assert last == f"train.py: error: cannot write the export {hf}: No space left on device", err
     assert snapshot(tmp_path) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
+
+
+@pytest.mark.parametrize(
+    "raised, code, message",
+    [
+        (KeyboardInterrupt(), 130, "interrupted: {hf} left as it was"),
+        (FileNotFoundError(2, "No such file or directory"), 2, "reading {run}: [Errno 2] No such file or directory"),
+    ],
+)
+def test_ctrl_c_or_a_checkpoint_pruned_during_train_py_export_is_one_line(
+    trained_run, tmp_path, capsys, monkeypatch, raised, code, message
+):
+    """Both were tracebacks (exit 1): a Ctrl-C while the weights are read, and a checkpoint file that
+    a running job pruned between the manifest check and the read. Now one line with the documented
+    code (130: interrupted, 2: the input), and the earlier export stays as it was."""
+    from hyena_rtf.training import export as train_export
+
+    _, out = trained_run
+    hf = tmp_path / "hf"
+    assert export(capsys, out, hf)[0] == 0
+    before = snapshot(tmp_path)
+
+    def interrupted(*_a, **_k):
+        raise raised
+
+    monkeypatch.setattr(train_export.ckpt, "load_fp32_state_dict", interrupted)
+    got, err = export(capsys, out, hf)
+    assert (got, err) == (code, "train.py: error: " + message.format(hf=hf, run=out))
+    assert snapshot(tmp_path) == before
