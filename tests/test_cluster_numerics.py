@@ -52,24 +52,25 @@ def engine_mod_deepspeed(monkeypatch, zero_stage):
     return in_process_deepspeed(monkeypatch, "bf16", zero_stage=zero_stage)
 
 
-def preset_ds_config(path: Path) -> tuple[int, dict]:
+def preset_ds_config(path: Path, *overrides: str) -> tuple[int, dict]:
     """(accumulation steps, DeepSpeed JSON) of a preset on 8 GPUs, or on one process for a preset
     whose global batch is a single micro-batch (the CPU default)."""
-    cfg = load_config(str(path), [])
+    cfg = load_config(str(path), list(overrides))
     t = cfg.train
     plan = resolve_batch(t, 8 if (t.global_batch_size or 0) % (8 * t.micro_batch_size) == 0 else 1)
     ds = deepspeed_config(plan, cfg.train.zero_stage, cfg.train.precision, cfg.optim.grad_clip, {})
     return plan.grad_accum_steps, ds
 
 
+@pytest.mark.parametrize("stage", [None, 1, 2], ids=["as-is", "zero1", "zero2"])
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
-def test_every_preset_overlaps_stage_2_reductions_and_sizes_buckets(preset):
-    """ZeRO-2 reduce-scatters gradients at every micro-batch: never without overlap_comm. Buckets
-    stay far below DeepSpeed's 5e8-element (2 GB) default; bf16 runs reduce in float32."""
-    _, ds = preset_ds_config(preset)
+def test_every_preset_overlaps_stage_2_reductions_and_sizes_buckets(preset, stage):
+    """ZeRO-2 reduce-scatters gradients at every micro-batch: never without overlap_comm (as the
+    preset is, and with train.zero_stage overridden). Buckets stay far below DeepSpeed's
+    5e8-element (2 GB) default; bf16 runs reduce in float32."""
+    _, ds = preset_ds_config(preset, *([f"train.zero_stage={stage}"] if stage else []))
     zero = ds["zero_optimization"]
-    if zero["stage"] == 2:
-        assert zero["overlap_comm"] is True
+    assert zero.get("overlap_comm", False) is (zero["stage"] == 2)
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == DS_BUCKET_ELEMENTS <= 1e8
     if "torch_autocast" in ds:
         assert ds["torch_autocast"]["lower_precision_safe_modules"] == []
