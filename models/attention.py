@@ -24,6 +24,8 @@ try:  # optional: pip install hyena-rtf[flash]
 except Exception:  # ImportError, or a broken CUDA build
     flash_attn_func = None
 
+FLASH_DEVICES = ("cuda",)  # flash-attn's kernels are CUDA kernels
+
 
 @dataclass
 class StaticKV:
@@ -90,8 +92,10 @@ class CausalSelfAttention(nn.Module):
         past = 0 if kv is None else kv[0].shape[2]
         use_flash = (
             flash_attn_func is not None
-            and x.is_cuda
-            and x.dtype in (torch.float16, torch.bfloat16)
+            and q.device.type in FLASH_DEVICES
+            # q's dtype, not x's: under bf16 autocast x is the float32 LayerNorm output and q the
+            # bf16 output of the projection, which is what flash-attn is given.
+            and q.dtype in (torch.float16, torch.bfloat16)
             and key_mask is None
             and past == 0
         )

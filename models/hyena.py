@@ -87,6 +87,9 @@ def shift_in_(conv: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return window
 
 
+CONV1D_DEVICES = ("cuda",)  # where `short_causal_conv` calls F.conv1d instead of w multiply-adds
+
+
 def short_causal_conv(p: torch.Tensor, conv: nn.Conv1d, past: torch.Tensor | None = None) -> torch.Tensor:
     """The short causal depthwise convolution of width w, p: (B, Ch, T) -> (B, Ch, T):
 
@@ -97,9 +100,14 @@ def short_causal_conv(p: torch.Tensor, conv: nn.Conv1d, past: torch.Tensor | Non
     the same as conv(p)[..., :T] for `conv` = nn.Conv1d(Ch, Ch, w, groups=Ch, padding=w - 1), whose
     parameters it reads (so checkpoints are unchanged), computed as w shifted multiply-adds. Why not
     the module: on CPU the backward of a grouped nn.Conv1d is pathologically slow with more than one
-    thread (12.8 s of a 46 s training step at length 2048, d 256, two threads; benchmarks/train_profile.py)."""
+    thread (12.8 s of a 46 s training step at length 2048, d 256, two threads; benchmarks/train_profile.py).
+    On the devices of CONV1D_DEVICES (CUDA) the convolution itself runs: cuDNN's depthwise kernel."""
     T, w = p.shape[-1], conv.kernel_size[0]
     padded = F.pad(p, (w - 1, 0)) if past is None else torch.cat([past.to(p.dtype), p], -1)  # (B, Ch, T + w - 1)
+    if p.device.type in CONV1D_DEVICES:
+        # On a GPU the shifted multiply-adds read and write the (B, Ch, T) activation w times; one
+        # depthwise cuDNN convolution does it in one pass (same sums, another order of rounding).
+        return F.conv1d(padded, conv.weight.to(p.dtype), conv.bias.to(p.dtype), groups=p.shape[1])
     weight = conv.weight[:, 0, :, None].to(p.dtype)  # (Ch, w, 1)
     q = torch.addcmul(conv.bias[:, None].to(p.dtype), padded[..., :T], weight[:, 0])
     for j in range(1, w):

@@ -39,6 +39,8 @@ from .multihyena import MultiHyenaOperator
 from .precision import FILTER_MODULE
 from .static_decode import decode_steps
 
+PADDED_HEAD_DEVICES = ("cuda",)  # where the LM head multiplies by its padded rows (`logits`)
+
 
 class MLP(nn.Module):
     def __init__(self, config: HyenaRTFConfig):
@@ -371,11 +373,17 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
         rows left out. A plain head multiplies by the first vocab_size rows of its weight (a
         contiguous view), so no padded logits are built, then copied and back-propagated by the loss
         (1.7 s of a 15 s CPU training step at 8192 tokens and vocabulary 50,277). A head that is
-        wrapped (PEFT) or hooked (accelerate's offloading) is called as a module and sliced."""
+        wrapped (PEFT) or hooked (accelerate's offloading) is called as a module and sliced, and so is
+        a plain head on the devices of PADDED_HEAD_DEVICES (CUDA)."""
         head = self.lm_head
         # accelerate wraps the instance's forward instead of registering torch hooks.
         hooked = head._forward_hooks or head._forward_pre_hooks or "forward" in head.__dict__
         if type(head) is nn.Linear and not hooked:
+            if h.device.type in PADDED_HEAD_DEVICES:
+                # A GPU GEMM whose output width is a multiple of 64 takes the aligned kernels (an odd
+                # 50,277 does not, for the forward and both backward GEMMs): multiply by every row,
+                # then drop the padding columns.
+                return F.linear(h, head.weight)[..., : self.config.vocab_size]
             return F.linear(h, head.weight[: self.config.vocab_size])
         return head(h)[..., : self.config.vocab_size]
 
