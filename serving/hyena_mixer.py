@@ -3,9 +3,9 @@
 Per request and layer vLLM keeps one fixed-size slot holding two tensors:
 
     conv  (3d, w - 1)     the short convolution's last w - 1 inputs (model dtype)
-    filt  (C, 2, m_max)   the long filter's modal state x, real and imaginary parts (float32, or
-                          float64 for recurrent_dtype="float64"); C = d for Hyena, M e^2 for
-                          MultiHyena; slots past the filter's m are kept at zero
+    filt  (C, 2, m_max)   the long filter's modal state x, real and imaginary parts, stored in
+                          float64; C = d for Hyena, M e^2 for MultiHyena; slots past the filter's
+                          m are kept at zero
 
 A forward pass receives the tokens of several requests at once: vLLM orders them decodes first
 (one token each), then prefill chunks (any length, each possibly resuming from a stored state).
@@ -25,7 +25,6 @@ numbers.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn as nn
@@ -54,8 +53,16 @@ def max_slots(config, layer_idx: int) -> int:
 
 
 def state_dtype(config) -> torch.dtype:
-    """The dtype the modal state is stored in: the config's recurrent_dtype."""
-    return torch.float64 if config.recurrent_dtype == "float64" else torch.float32
+    """The dtype the modal state is stored in: float64, whatever the recurrence computes in.
+
+    The recurrence's own dtype (config.recurrent_dtype, float32 by default) is promoted to float64
+    per layer when its filters are ill-conditioned (models/modal.state_dtype), which only the
+    weights tell, and vLLM sizes the cache from the config before reading them. A float64 slot
+    holds either exactly (a float32 state round-trips unchanged), so the steps are the project's
+    own in both cases. A float32 slot under a promoted layer rounds the state at every token: on the
+    tests' slow-pole model that moved sampled-token log-probabilities by 4e-3 (1e-6 in float64). The
+    price is 8 bytes per state entry instead of 4: 16 C m_max bytes per Hyena layer and request."""
+    return torch.float64
 
 
 def state_shapes(config) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -87,8 +94,8 @@ class HyenaMixer(MambaBase, nn.Module):
         self.short_conv = nn.Conv1d(3 * d, 3 * d, kernel_size=w, groups=3 * d, padding=w - 1)
         channels = filter_channels(config)
         num_filters = self.heads if self.heads else config.filter_heads
-        with torch.device("cpu"):  # the poles are computed on the host anyway (models/rtf.py)
-            self.filter = make_filter(config, layer_idx, channels, num_filters).float()
+        # float32 whatever the model's dtype, as the project keeps every filter (models/precision.py)
+        self.filter = make_filter(config, layer_idx, channels, num_filters).float()
         self.out_proj = nn.Linear(d, d)
         self.rec = None  # the filter's modal recurrence, built once the weights are loaded
 
@@ -114,20 +121,13 @@ class HyenaMixer(MambaBase, nn.Module):
     # ---- after loading ---------------------------------------------------------------------------
     @torch.no_grad()
     def build_recurrence(self) -> None:
-        """The filter's modal system from the loaded weights (refused in one line if unstable), and
-        its kernel moved to the device the activations are on."""
-        wanted = state_dtype(self.config)
+        """The filter's modal system from the loaded weights, as the project's cache builds it (a
+        filter with a pole on or outside the unit circle is refused in one line)."""
+        wanted = torch.float64 if self.config.recurrent_dtype == "float64" else torch.float32
         self.rec = self.filter.recurrence(wanted, "error")
         slots = self.get_state_shape()[1][-1]
         if self.rec.slots > slots:
             raise ValueError(f"layer {self.layer_idx}: the filter has {self.rec.slots} modal slots, more than {slots}")
-        if self.rec.dtype != wanted:
-            warnings.warn(
-                f"layer {self.layer_idx}: the filter's recurrence wants a {self.rec.dtype} state "
-                f"(ill-conditioned poles) but the cache stores {wanted}; set recurrent_dtype='float64' "
-                "in config.json for the full precision",
-                stacklevel=2,
-            )
 
     # ---- the operator's algebra, for (B, 3d) step inputs and (B, 3d, T) chunks -------------------
     def _gate(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

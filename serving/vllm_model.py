@@ -164,7 +164,7 @@ class HyenaRTFForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsMambaPrefi
             with torch.no_grad():
                 param.copy_(tensor.to(param.dtype))
             loaded.add(name)
-        for module in self.modules():
-            if isinstance(module, HyenaMixer):
-                module.build_recurrence()
+        mixers = [m for m in self.modules() if isinstance(m, HyenaMixer)]
+        for mixer in mixers:
+            mixer.build_recurrence()
         return loaded
