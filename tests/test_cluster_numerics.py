@@ -138,3 +138,14 @@ def test_an_engine_on_a_cuda_device_applies_the_choice(tf32_flags):
     assert eng.tf32 is True and flags() == (True, True)
     eng = TorchEngine(model, opt, plan, CUDA, "fp32", env, 1.0, strict_fp32=True)
     assert eng.tf32 is False and flags() == (False, False)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_train_strict_fp32_reaches_the_engine(tf32_flags, strict):
+    """The config key `train.strict_fp32` is what the user sets; build_engine passes it on."""
+    from hyena_rtf.training.build import build_engine
+
+    cfg = load_config(None, [*TINY, f"train.strict_fp32={str(strict).lower()}"])
+    model = torch.nn.Linear(2, 2)
+    eng = build_engine(cfg, model, resolve_batch(cfg.train, 1), CUDA, DistEnv(0, 0, 1, "none"), "single")
+    assert eng.tf32 is (not strict) and flags() == (not strict, not strict)

@@ -209,9 +209,11 @@ def test_deepspeed_json_is_derived_from_the_config():
     assert ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["gradient_accumulation_steps"] == 2
     assert ds["gradient_clipping"] == 0.5
-    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
-    # bf16 through autocast: parameters (RTF ones included) stay float32; no "bf16" section
-    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    buckets = {"reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000}
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True, **buckets}
+    # bf16 through autocast: parameters (RTF ones included) stay float32; no "bf16" section; no
+    # module marked safe for lower precision, so gradients are reduced in float32
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     assert "bf16" not in ds
     assert "torch_autocast" not in deepspeed_config(plan, 1, "fp32", 1.0, {})
     with pytest.raises(ConfigError, match="batch sizes come from"):

@@ -84,8 +84,8 @@ def build_engine(
     if kind == "deepspeed":
         extra = OmegaConf.to_container(t.deepspeed, resolve=True)
         ds_cfg = deepspeed_config(plan, t.zero_stage, t.precision, o.grad_clip, extra)
-        engine: Engine = DeepSpeedEngine(model, optimizer, plan, device, t.precision, env, ds_cfg)
+        engine: Engine = DeepSpeedEngine(model, optimizer, plan, device, t.precision, env, ds_cfg, t.strict_fp32)
     else:
-        engine = TorchEngine(model, optimizer, plan, device, t.precision, env, o.grad_clip)
+        engine = TorchEngine(model, optimizer, plan, device, t.precision, env, o.grad_clip, t.strict_fp32)
     check_filters_float32(engine.module)  # after the engine has wrapped (DeepSpeed: and flattened) it
     return engine

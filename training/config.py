@@ -86,6 +86,7 @@ class TrainConfig:
     engine: str = "auto"  # auto | single | ddp | deepspeed
     zero_stage: int = 1  # DeepSpeed ZeRO stage: 1 or 2
     precision: str = "fp32"  # fp32 | bf16 (autocast; parameters stay fp32)
+    strict_fp32: bool = False  # fp32 on CUDA: false lets matmuls use TF32 (Ampere+); true keeps IEEE float32
     device: str = "auto"  # auto | cpu | cuda
     eval_every: int = 200  # steps between validation passes (0: only at the end)
     # Stop after this many skipped non-finite steps in one run; >= 1. A non-finite step can never be
