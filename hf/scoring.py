@@ -226,8 +226,11 @@ def load_documents(path, tokenizer, max_documents=None, max_tokens=None, reader=
 
 def check_vocabulary(path, documents, model, config):
     """EvalError when a document holds a token id the model has no logit for (another tokenizer)."""
+    # The logits' width: config.vocab_size (a head padded to a multiple of 64, as Hyena-RTF's is, has
+    # rows past it that no logit comes from), or the head's rows when the config does not say.
     head = model.get_output_embeddings()
-    vocab = head.weight.shape[0] if head is not None else config.vocab_size
+    widths = [w for w in (getattr(config, "vocab_size", None), head.weight.shape[0] if head is not None else None) if w]
+    vocab = min(widths)
     if any(len(d.tokens) and d.tokens.max() >= vocab for d in documents):
         raise EvalError(f"{path}: token ids beyond the model's vocabulary ({vocab}): different tokenizer?")
 

@@ -631,11 +631,29 @@ def test_cli_missing_model_is_one_line_error(tmp_path):
     assert done.stderr.strip() == f"evaluate_lm.py: error: checkpoint folder not found: {tmp_path / 'nope'}"
 
 
+def test_an_id_in_the_heads_padding_rows_is_refused():
+    """Hyena-RTF pads its head to a multiple of 64 rows; ids vocab_size .. 63 past it have no logit
+    (the logits are cut at vocab_size): refused like any foreign id (was an IndexError in the loss)."""
+    from types import SimpleNamespace
+
+    from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
+    from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
+
+    config = HyenaRTFConfig(vocab_size=300, d_model=32, n_layer=1, l_max=64, state_size=4, n_head=4)
+    model = HyenaRTFForCausalLM(config)
+    assert model.get_output_embeddings().weight.shape[0] == 320  # the padding rows exist
+    ok = [SimpleNamespace(tokens=np.array([5, 299]))]
+    ev.check_vocabulary("x.jsonl", ok, model, config)
+    with pytest.raises(ev.EvalError, match=r"x.jsonl: token ids beyond the model's vocabulary \(300\)"):
+        ev.check_vocabulary("x.jsonl", [SimpleNamespace(tokens=np.array([5, 300]))], model, config)
+
+
 def test_shard_with_other_vocabulary_is_refused(model_dir, tmp_path, monkeypatch):
     # Token ids the model cannot have produced: a shard made with another tokenizer.
+    bad = 60000
     tokenizer = ev.load_tokenizer(model_dir)
-    write_megatron_shard(tmp_path, [np.array([5, 60000, 7])], tokenizer.backend_tokenizer.to_str())
-    install_stand_in_reader(monkeypatch, [np.array([5, 60000, 7])])
+    write_megatron_shard(tmp_path, [np.array([5, bad, 7])], tokenizer.backend_tokenizer.to_str())
+    install_stand_in_reader(monkeypatch, [np.array([5, bad, 7])])
     with pytest.raises(ev.EvalError, match="beyond the model's vocabulary"):
         run_eval(model_dir, "--data", tmp_path, "--context-length", 8)
 
