@@ -10,12 +10,19 @@ grad_accum_steps "slots" of micro_batch_size sequences; process r runs slots r*A
 a pure function of its arguments. So a step's sequences depend only on (seed, step, S, micro):
 two processes without accumulation and one process accumulating two micro-batches train on the
 same sequences, and resuming at step s needs no sampler state.
+
+Prefetch (`StepPrefetcher`): a background thread reads the micro-batches of the next step from the
+memmaps while the current step computes, one step ahead. The batches are the same pure function of
+the step, so the order and values are unchanged; only where and when they are read moves.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import queue
+import threading
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -73,6 +80,82 @@ def step_micro_batches(ds, seed: int, step: int, plan: BatchPlan, rank: int) -> 
     slots = plan.world_size * plan.grad_accum_steps
     first = rank * plan.grad_accum_steps
     return [get_batch(ds, seed, step, first + m, slots, plan.micro_batch_size) for m in range(plan.grad_accum_steps)]
+
+
+def pin_for(device: torch.device) -> bool:
+    """Whether host batches bound for `device` are read into pinned (page-locked) memory: on CUDA,
+    where a pinned source lets `.to(device, non_blocking=True)` copy asynchronously (a pageable
+    one makes the copy wait for the host); never on the CPU, where pinning costs and copies are
+    no-ops."""
+    return device.type == "cuda"
+
+
+class StepPrefetcher:
+    """The micro-batches of steps `start`, `start + 1`, ... (`make(step)`), built by a background
+    thread at most one step ahead of the step being trained (a queue of one step).
+
+    `get(step)` returns that step's batches, in order; an exception `make` raised for it is raised
+    there, in the caller's thread, when that step is reached (never earlier). `close()` stops the
+    thread and waits for it (bounded); call it in a `finally` so that an error or a signal in the
+    loop leaves no thread behind. The thread is a daemon as well: it can never keep the process
+    alive at exit.
+
+    With `pin` (see `pin_for`) each batch is copied into pinned memory by the thread, off the
+    training thread; the engines' `.to(device, non_blocking=True)` then copies asynchronously.
+    """
+
+    _POLL_S = 0.1  # how often a blocked thread checks whether it was told to stop
+
+    def __init__(self, make: Callable[[int], list[torch.Tensor]], start: int, stop: int, pin: bool = False):
+        self._make = make
+        self._pin = pin
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, args=(start, stop), name="step-prefetch", daemon=True)
+        self._thread.start()
+
+    def _work(self, start: int, stop: int) -> None:
+        for step in range(start, stop):
+            try:
+                batches = self._make(step)
+                if self._pin:
+                    batches = [b.pin_memory() for b in batches]
+                item = (step, batches, None)
+            except BaseException as e:  # handed to the training thread, raised at its step
+                item = (step, None, e)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=self._POLL_S)
+                    break
+                except queue.Full:
+                    continue
+            if self._stop.is_set() or item[2] is not None:
+                return
+
+    def get(self, step: int) -> list[torch.Tensor]:
+        """The batches of `step`, which must be the next one in order."""
+        while True:
+            try:
+                got, batches, error = self._queue.get(timeout=self._POLL_S)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError(f"the batch prefetch thread ended before step {step + 1}") from None
+        if got != step:
+            raise RuntimeError(f"batch prefetch out of order: step {got + 1} delivered, {step + 1} expected")
+        if error is not None:
+            raise error
+        return batches
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread: it finishes the step it is reading (one memmap read) and exits."""
+        self._stop.set()
+        while True:  # free the queue's slot, so a put in progress returns
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout)
 
 
 def eval_indices(ds, eval_samples: int | None) -> np.ndarray:

@@ -3,7 +3,7 @@
 Read once at the start of a run from the launcher's environment variables; everything else that
 depends on the number of processes (batch split, data slots, collectives) takes a `DistEnv`.
 
-Two launch mistakes are refused at start, on every process, with one line (ConfigError, exit 2):
+Three launch mistakes are refused at start, on every process, with one line (ConfigError, exit 2):
 
     plain `srun` of several tasks   SLURM starts the tasks but sets no WORLD_SIZE/RANK: each would
                                     train alone on the same out_dir. Ranks are not derived from the
@@ -12,12 +12,17 @@ Two launch mistakes are refused at start, on every process, with one line (Confi
                                     (one per node, under srun) set up and check themselves.
     more processes than GPUs        a node's processes (LOCAL_WORLD_SIZE / LOCAL_SIZE, or the
                                     LOCAL_RANK) exceed the CUDA devices this process sees.
+    train.out_dir not shared        the processes do not all see the same train.out_dir
+                                    (`check_shared_out_dir`): node-local folders would leave each
+                                    node's checkpoint files where rank 0 never finds them.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
+import time
 from dataclasses import dataclass
 
 import torch
@@ -134,3 +139,72 @@ def ensure_single_process_env() -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+SHARED_CHECK_PREFIX = ".hyena-rtf-shared-check-"  # + the nonce in hex; removed by rank 0 at once
+_SHARED_CHECK_READ_TRIES = 5  # a network filesystem may show a new file a moment late
+_SHARED_CHECK_RETRY_S = 0.2
+
+
+def check_shared_out_dir(out_dir: str, engine) -> None:
+    """Collective (every rank of a multi-process run calls it; a no-op for one process).
+    ConfigError, raised on EVERY rank, when some rank does not see the train.out_dir rank 0 sees.
+
+    Checkpoints need one folder for all ranks: DeepSpeed writes one optimizer partition per rank
+    into it, rank 0 lists and hashes them into the manifest and renames the folder, and on resume
+    every rank must read the checkpoint rank 0 picked. With node-local folders the other nodes'
+    partitions never reach the checkpoint, and their ranks find no checkpoint to resume.
+
+    The check: rank 0 writes a file named after a random nonce into out_dir; one all-reduce hands
+    every rank the nonce (and, since rank 0 contributes only after writing, orders the write
+    before the reads); every rank reads the file back; a second all-reduce sums one flag per rank.
+    A rank whose out_dir is another folder (another node's disk, a path that differs per node)
+    finds no file, or one with another nonce. Both collectives run on every rank whatever it
+    found, so no rank can be left waiting in one. `engine`: rank, world_size, is_main and
+    all_reduce_sum, as training/engine.py's Engine has them.
+    """
+    world = engine.world_size
+    if world <= 1:
+        return
+    nonce = 0
+    if engine.is_main:
+        nonce = 1 + secrets.randbelow(2**52 - 1)  # exact in the float64 of all_reduce_sum
+        try:
+            with open(_shared_check_path(out_dir, nonce), "w") as f:
+                f.write(f"{nonce}\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            nonce = -1  # rank 0 could not write: every rank reports it below
+    (shared_nonce,) = engine.all_reduce_sum([float(nonce)])
+    seen = shared_nonce > 0 and _read_nonce(_shared_check_path(out_dir, int(shared_nonce))) == int(shared_nonce)
+    missing = engine.all_reduce_sum([0.0 if seen or r != engine.rank else 1.0 for r in range(world)])
+    if engine.is_main and shared_nonce > 0:
+        try:
+            os.unlink(_shared_check_path(out_dir, int(shared_nonce)))
+        except OSError:
+            pass
+    others = [r for r, m in enumerate(missing) if m > 0]
+    if others:
+        listed = ", ".join(map(str, others[:8])) + (" ..." if len(others) > 8 else "")
+        raise ConfigError(
+            f"train.out_dir '{out_dir}' ({os.path.abspath(out_dir)} here) is not the same folder on every process: "
+            f"{len(others)} of {world} rank(s) ({listed}) do not see the file rank 0 wrote into it; a run on several "
+            f"nodes needs train.out_dir on a filesystem all nodes share (NFS, Lustre, ...), under the same path"
+        )
+
+
+def _shared_check_path(out_dir: str, nonce: int) -> str:
+    return os.path.join(out_dir, f"{SHARED_CHECK_PREFIX}{nonce:x}")
+
+
+def _read_nonce(path: str) -> int | None:
+    """The nonce in `path`, None when it cannot be read (after a few short retries)."""
+    for attempt in range(_SHARED_CHECK_READ_TRIES):
+        try:
+            with open(path) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            if attempt + 1 < _SHARED_CHECK_READ_TRIES:
+                time.sleep(_SHARED_CHECK_RETRY_S)
+    return None

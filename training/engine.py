@@ -14,6 +14,13 @@ micro-batch is the mean token cross-entropy, computed in float32 from the logits
 All micro-batches have the same size, so the step loss reported (and optimised) is the plain mean
 over the global batch, identical for any split into processes and accumulation steps.
 
+One host read and one collective per step. The loss of each micro-batch stays on the device,
+summed in float64 (the order and precision of the former host-side sum, so the reported loss is
+bit-identical); at the end of the step one all-reduce carries the step's mean loss together with
+the caller's per-step `signals` (the trainer's stop flags), and one `read_host` brings the reduced
+values and the gradient norm back to the host. A host read is a device synchronisation: one per
+micro-batch stalled the GPU queue once per micro-batch.
+
 Non-finite steps: when any rank's loss or the global gradient norm is non-finite the optimizer
 step is skipped and the gradients are dropped, consistently on every rank (the flag is
 all-reduced). Under DeepSpeed the ZeRO optimizer performs the skip itself: it checks the global
@@ -25,8 +32,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -83,11 +90,23 @@ def configure_tf32(device: torch.device, precision: str, strict_fp32: bool = Fal
     return enabled
 
 
+def read_host(t: torch.Tensor) -> list[float]:
+    """The one place a training step reads device values back to the host (a synchronisation on
+    CUDA): the 1-D tensor as Python floats."""
+    return t.tolist()
+
+
+# What a caller hands `train_step` to be summed over ranks with the step's loss: a function,
+# called once per step just before the all-reduce, so that it sees flags set during the step.
+Signals = Callable[[], Sequence[float]]
+
+
 @dataclass
 class StepResult:
     loss: float  # mean over the global batch (nan/inf if non-finite on any rank)
     grad_norm: float | None  # global L2 norm before clipping
     applied: bool  # False when the step was skipped (non-finite)
+    signals: list[float] = field(default_factory=list)  # the caller's signals, summed over ranks
 
 
 class Engine:
@@ -142,6 +161,35 @@ class Engine:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
 
+    def all_reduce_(self, t: torch.Tensor, op=None) -> torch.Tensor:
+        """Reduce `t` over ranks in place (SUM unless `op`), on the device the backend moves
+        (see `_comm_device`); returns the reduced tensor, on that device."""
+        t = t.to(self._comm_device())
+        if self.distributed():
+            dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
+        return t
+
+    def _reduce_step(
+        self, loss_total: torch.Tensor, accum: int, signals: Signals | None, grad_norm: torch.Tensor | None = None
+    ) -> tuple[float, float | None, list[float]]:
+        """The step's one all-reduce and one host read: (mean loss over the global batch, this
+        rank's grad norm or None, the signals summed over ranks).
+
+        loss_total: float64 sum of the micro-batch losses on the device. The loss is divided by
+        `accum` before the reduce and by the world size after it, as the host-side path did, so
+        the float64 results are the same bits. The grad norm is identical on every rank (after
+        DDP's reduce, or DeepSpeed's global norm), so it joins the read, not the reduce.
+        """
+        flags = torch.tensor(list(signals()) if signals is not None else [], dtype=torch.float64)
+        comm = self._comm_device()
+        t = self.all_reduce_(torch.cat([(loss_total / accum).reshape(1).to(comm), flags.to(comm)]))
+        if grad_norm is not None:
+            t = torch.cat([t, grad_norm.detach().to(comm, torch.float64).reshape(1)])
+        values = read_host(t)
+        loss_sum, sums = values[0], values[1 : 1 + len(flags)]
+        norm = values[-1] if grad_norm is not None else None
+        return loss_sum / self.world_size, norm, sums
+
     def barrier(self) -> None:
         if self.distributed():
             dist.barrier()
@@ -171,7 +219,10 @@ class Engine:
         its ZeRO optimizer's groups, which keep the keys of ours (`name`, `peak_lr`)."""
         return self.optimizer.param_groups
 
-    def train_step(self, micro_batches: list[torch.Tensor]) -> StepResult:
+    def train_step(self, micro_batches: list[torch.Tensor], signals: Signals | None = None) -> StepResult:
+        """One optimizer step over this rank's micro-batches. `signals()`, when given, is called
+        once before the step's all-reduce; its values come back summed over ranks in
+        `StepResult.signals`."""
         raise NotImplementedError
 
     def save(self, ckpt_dir: str) -> None:
@@ -214,10 +265,10 @@ class TorchEngine(Engine):
         else:
             self.wrapped = model
 
-    def train_step(self, micro_batches):
+    def train_step(self, micro_batches, signals=None):
         self.module.train()
         accum = len(micro_batches)
-        loss_total = torch.zeros((), dtype=torch.float64)
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, batch in enumerate(micro_batches):
             last = i == accum - 1
             # DDP all-reduces gradients in backward; skip that for all but the last micro-batch.
@@ -226,18 +277,17 @@ class TorchEngine(Engine):
                 with self.autocast():
                     loss = lm_loss(self.wrapped, batch.to(self.device, non_blocking=True))
                 (loss / accum).backward()
-            loss_total += loss.detach().double().cpu()
+            loss_total += loss.detach().double()  # stays on the device: no read per micro-batch
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         # Gradients are identical on every rank after DDP's all-reduce, so is this norm.
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        (loss_sum,) = self.all_reduce_sum([float(loss_total) / accum])
-        loss = loss_sum / self.world_size
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        loss, grad_norm, sums = self._reduce_step(loss_total, accum, signals, norm)
         applied = math.isfinite(loss) and math.isfinite(grad_norm)
         if applied:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss, grad_norm, applied)
+        return StepResult(loss, grad_norm, applied, sums)
 
     def save(self, ckpt_dir):
         # Replicas are identical: rank 0 writes the full fp32 weights and optimizer state.
@@ -346,21 +396,22 @@ class DeepSpeedEngine(Engine):
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.full_state = ZeroFullState(self.ds, names)
 
-    def train_step(self, micro_batches):
+    def train_step(self, micro_batches, signals=None):
         if len(micro_batches) != self.ds.gradient_accumulation_steps():
             raise RuntimeError("micro-batch count differs from DeepSpeed's gradient_accumulation_steps")
         self.ds.train()
-        loss_total = 0.0
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch in micro_batches:
             loss = lm_loss(self.ds, batch.to(self.device, non_blocking=True))
             self.ds.backward(loss)  # scales by 1/accum itself
             self.ds.step()  # applies the update only at the accumulation boundary
-            loss_total += float(loss.detach())
-        (loss_sum,) = self.all_reduce_sum([loss_total / len(micro_batches)])
-        norm = self.ds.get_global_grad_norm()
-        grad_norm = float(norm) if norm is not None else None
+            loss_total += loss.detach().double()  # stays on the device: no read per micro-batch
+        norm = self.ds.get_global_grad_norm()  # a tensor or a float, depending on DeepSpeed's path
+        on_device = norm if torch.is_tensor(norm) else None
+        loss, dev_norm, sums = self._reduce_step(loss_total, len(micro_batches), signals, on_device)
+        grad_norm = dev_norm if on_device is not None else (float(norm) if norm is not None else None)
         applied = bool(self.ds.was_step_applied())
-        return StepResult(loss_sum / self.world_size, grad_norm, applied)
+        return StepResult(loss, grad_norm, applied, sums)
 
     def save(self, ckpt_dir):
         self.ds.save_checkpoint(ckpt_dir, tag=DS_TAG)

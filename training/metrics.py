@@ -3,8 +3,13 @@
 metrics.jsonl holds one JSON object per line, two kinds:
 
     {"kind": "train", "step": 120, "loss": 3.41, "lr": ..., "rtf_lr": ..., "grad_norm": ...,
-     "tokens": ..., "tokens_per_s": ..., "skipped_steps": 0, "elapsed_s": ..., ["mfu": ...]}
-    {"kind": "eval", "step": 200, "val_loss": 3.2, "val_ppl": 24.5, "val_tokens": ...}
+     "tokens": ..., "tokens_per_s": ..., "eval_s": 0.0, "checkpoint_s": 0.0, "skipped_steps": 0,
+     "elapsed_s": ..., ["mfu": ...]}
+    {"kind": "eval", "step": 200, "val_loss": 3.2, "val_ppl": 24.5, "val_tokens": ..., "eval_s": ...}
+
+`tokens_per_s` (and `mfu`, derived from it) measure training steps only: the seconds the window
+spent in evaluation and checkpointing are taken out of it and reported on their own as `eval_s`
+and `checkpoint_s`, so that throughput does not dip in every window that holds one.
 
 `loss` is the mean over the steps of its logging window (the step's own loss when
 logging.log_every = 1); Python's float repr round-trips, so losses read back are bit-exact.
@@ -78,14 +83,22 @@ def train_flops_per_token(n_params: int, n_attn_layers: int, d_model: int, seq_l
     return 6.0 * n_params + 6.0 * n_attn_layers * d_model * seq_len
 
 
+def now() -> float:
+    """The clock of the throughput windows (a module function, so tests can replace it)."""
+    return time.time()
+
+
 @dataclass
 class LogWindow:
-    """The steps since the last train record; a record's `loss` is `mean_loss()`."""
+    """The steps since the last train record; a record's `loss` is `mean_loss()`, its
+    `tokens_per_s` the window's training tokens over its wall time less `excluded()` (the time
+    `exclude` was told of: evaluation and checkpoints, by kind)."""
 
     loss_sum: float = 0.0  # over the applied (finite) steps
     applied: int = 0
     steps: int = 0
-    started: float = field(default_factory=time.time)
+    started: float = field(default_factory=lambda: now())
+    paused: dict[str, float] = field(default_factory=dict)  # seconds not spent training, by kind
 
     def add(self, loss: float, applied: bool) -> None:
         self.steps += 1
@@ -97,8 +110,15 @@ class LogWindow:
         """nan when every step of the window was skipped."""
         return self.loss_sum / self.applied if self.applied else float("nan")
 
+    def exclude(self, kind: str, seconds: float) -> None:
+        """Take `seconds` spent on `kind` ("eval", "checkpoint") out of the training time."""
+        self.paused[kind] = self.paused.get(kind, 0.0) + seconds
+
+    def excluded(self, kind: str | None = None) -> float:
+        return sum(self.paused.values()) if kind is None else self.paused.get(kind, 0.0)
+
     def tokens_per_s(self, tokens_per_step: int) -> float:
-        return tokens_per_step * self.steps / max(time.time() - self.started, 1e-9)
+        return tokens_per_step * self.steps / max(now() - self.started - self.excluded(), 1e-9)
 
 
 class MetricsLogger:

@@ -10,6 +10,12 @@ of them, when it is not the latest checkpoint of the current line, starts a bran
 plain reruns follow from then on, announced by a warning; the old line is kept (training/
 checkpoint.py, "Lineage").
 
+Collectives. Every rank enters every collective here whatever it found: a rank that fails a
+check (a checkpoint it cannot read, a path it cannot resolve) still joins the all-reduce that
+shares the outcome, and then every rank raises. A rank that returned or raised before a
+collective its peers entered would pair its next collective with theirs: a hang, or ranks that
+silently disagree.
+
 Rank 0 also removes the run's leftover staging and trash folders and looks at what else is under
 checkpoints/: entries without the run's stamp are left alone with a warning, or refused when they
 hold a name the run would save under (`checkpoint.foreign_entries`).
@@ -37,17 +43,21 @@ def find_resume(cfg: DictConfig, ckpt_root: str, engine, run_id: str | None) -> 
 
     Only rank 0 reads stamps and hashes files (run_id: the run folder's, known on rank 0); it
     sends a code for its choice, so the ranks cannot disagree, and a refusal reaches every rank
-    (none is left waiting in a collective). Every rank resolves an explicit PATH itself.
+    (none is left waiting in a collective). Every rank resolves an explicit PATH itself; one
+    that cannot still joins the all-reduce, and every rank refuses.
     """
     mode = cfg.checkpoint.resume
     explicit = None
+    code, error = _NONE, None
     if mode not in ("auto", "none"):
         if os.path.realpath(mode) == os.path.realpath(cfg.train.out_dir):
             mode = "auto"  # the run folder itself: its latest checkpoint, i.e. what auto takes
         else:
-            explicit = ckpt.resolve_checkpoint(mode, key="checkpoint.resume")
-    code, error = _NONE, None
-    if engine.is_main:
+            try:
+                explicit = ckpt.resolve_checkpoint(mode, key="checkpoint.resume")
+            except CheckpointError as e:
+                error = e
+    if engine.is_main and error is None:
         try:
             path = _choose(mode, explicit, ckpt_root, run_id)
             start = 0 if path is None else ckpt.read_trainer_state(path)["step"]
@@ -59,10 +69,33 @@ def find_resume(cfg: DictConfig, ckpt_root: str, engine, run_id: str | None) -> 
             error = e
     code, failed = engine.all_reduce_sum([code if engine.is_main else 0.0, float(error is not None)])
     if failed:
-        raise error or CheckpointError("rank 0 refused to resume (its message says why)")
+        raise error or CheckpointError("another rank refused to resume (its message says why)")
     if code == _NONE:
         return None
     return explicit if code == _EXPLICIT else os.path.join(ckpt_root, ckpt.step_dir_name(int(code) - 2))
+
+
+def check_resume(cfg: DictConfig, path: str, engine, global_batch: int, data_id: dict) -> tuple[dict, dict]:
+    """Collective. (trainer_state, stamp) of checkpoint `path` (the same on every rank, from
+    `find_resume`) after `check_resume_compatible` and `check_same_data` passed on every rank.
+
+    Each rank reads the checkpoint itself; a failure on any rank (CheckpointError, or OSError for a
+    file it cannot read) is shared by one all-reduce that every rank enters, then raised on every
+    rank, before any rank starts the engine's collective load."""
+    saved, stamp, error = {}, {}, None
+    try:
+        saved = ckpt.read_trainer_state(path)
+        stamp = ckpt.read_stamp(path) or {}  # none in a checkpoint of an earlier version
+        check_resume_compatible(cfg, path, saved, global_batch, engine.kind, engine.world_size)
+        check_same_data(path, saved, data_id, cfg.data.dir)
+    except CheckpointError as e:
+        error = e
+    except (OSError, ValueError, KeyError) as e:
+        error = CheckpointError(f"cannot resume from {path} on rank {engine.rank}: {e}")
+    (failed,) = engine.all_reduce_sum([float(error is not None)])
+    if failed:
+        raise error or CheckpointError(f"another rank cannot resume from {path} (its message says why)")
+    return saved, stamp
 
 
 def _first_intact(line: list[ckpt.Stamped]) -> ckpt.Stamped | None:

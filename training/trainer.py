@@ -4,10 +4,14 @@
 in every process. Per step s (counting from 0) each process
 
     1. sets every group's lr to peak_lr * f(s)                 (training/optim.py)
-    2. takes its micro-batches of step s                      (training/data.py: pure function of s)
-    3. runs forward/backward/step through the engine          (training/engine.py)
+    2. takes its micro-batches of step s                      (training/data.py: pure function of s,
+                                                               read one step ahead by a thread)
+    3. runs forward/backward/step through the engine          (training/engine.py: one all-reduce
+                                                               and one host read per step, which
+                                                               also carry the stop signals)
 
-then the main process logs, and every process joins periodic evaluation and checkpointing. A
+then the main process logs, and every process joins periodic evaluation and checkpointing.
+Multi-process runs first check that every process sees the same train.out_dir (dist_env.py). A
 resumed run restores model, optimizer, RNG states and s from the checkpoint; nothing else is
 needed because data order and schedule are functions of s.
 
@@ -33,24 +37,34 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from hyena_rtf.data_prep.dataset import PackedDataset
 from hyena_rtf.training import checkpoint as ckpt
+from hyena_rtf.training import metrics as metrics_clock
 from hyena_rtf.training.architectures import attention_shape
 from hyena_rtf.training.build import build_engine, build_model
 from hyena_rtf.training.config import BatchPlan, ConfigError, check_optional_packages, resolve_batch, to_yaml
 from hyena_rtf.training.data import (
+    StepPrefetcher,
     check_sizes,
     check_token_ids,
     eval_batches,
     open_split,
+    pin_for,
     step_micro_batches,
     unigram_perplexity,
 )
-from hyena_rtf.training.dist_env import DistEnv, choose_device, choose_engine, detect_env, ensure_single_process_env
+from hyena_rtf.training.dist_env import (
+    DistEnv,
+    check_shared_out_dir,
+    choose_device,
+    choose_engine,
+    detect_env,
+    ensure_single_process_env,
+)
 from hyena_rtf.training.engine import DeepSpeedEngine, Engine, StepResult
 from hyena_rtf.training.export import check_run_export_dir, export_checkpoint, run_export_dir
 from hyena_rtf.training.metrics import LogWindow, MetricsLogger, peak_flops, train_flops_per_token
 from hyena_rtf.training.optim import lr_factor, set_lr
 from hyena_rtf.training.preemption import StopRequest
-from hyena_rtf.training.resume import check_resume_compatible, check_same_data, data_fingerprint, find_resume
+from hyena_rtf.training.resume import check_resume, data_fingerprint, find_resume
 from hyena_rtf.training.runlock import RunLock, claim_run_dir
 from hyena_rtf.utils.atomic import NotReplaceableError, write_text
 from hyena_rtf.utils.logs import ROOT, get_logger, setup_logging
@@ -170,6 +184,9 @@ class Trainer:
         self.peak_flops = peak_flops(self.device)
         self.tokens_per_step = self.plan.global_batch_size * cfg.data.seq_len
         self.engine = build_engine(cfg, model, self.plan, self.device, self.env, self.kind)
+        # The first collective of the run after the engine's own: before anything reads or writes
+        # checkpoints, which every rank must find in the same folder.
+        check_shared_out_dir(cfg.train.out_dir, self.engine)
         self.ckpt_root = os.path.join(cfg.train.out_dir, ckpt.CHECKPOINTS)
         if self.main:  # the run's own leftovers only: stamped staging and trash folders
             ckpt.cleanup_partial(self.ckpt_root, self.run_id)
@@ -216,14 +233,11 @@ class Trainer:
         """Collective: load the checkpoint `find_resume` picks, after checking it fits this run."""
         self.data_id = data_fingerprint(self.train_ds)
         self.resume_from = path = find_resume(self.cfg, self.ckpt_root, self.engine, self.run_id)
-        if path is None:
+        if path is None:  # the same on every rank (find_resume): none skips a collective below
             return
-        saved = ckpt.read_trainer_state(path)
-        stamp = ckpt.read_stamp(path) or {}  # none in a checkpoint of an earlier version
+        saved, stamp = check_resume(self.cfg, path, self.engine, self.plan.global_batch_size, self.data_id)
         self.parent = {"checkpoint_id": stamp.get("checkpoint_id"), "step": saved["step"], "path": path}
         world = self.env.world_size
-        check_resume_compatible(self.cfg, path, saved, self.plan.global_batch_size, self.engine.kind, world)
-        check_same_data(path, saved, self.data_id, self.cfg.data.dir)
         loaded = ckpt.load_checkpoint(self.engine, path)
         self.counters = Counters(loaded["step"], loaded.get("tokens", 0), loaded.get("nonfinite_steps", 0))
         saved_world = saved.get("world_size", world)
@@ -250,10 +264,13 @@ class Trainer:
         # The bar and the log share stderr: log lines go through tqdm.write so the bar stays whole.
         on_bar = logging_redirect_tqdm([logging.getLogger(ROOT)]) if bar is not None else contextlib.nullcontext()
         window = LogWindow()
+        # The batches of the coming steps are read by a thread, one step ahead (training/data.py).
+        make = lambda s: step_micro_batches(self.train_ds, cfg.train.seed, s, self.plan, self.env.rank)  # noqa: E731
+        prefetch = StepPrefetcher(make, self.counters.step, stop_at, pin=pin_for(self.device))
         try:
             with on_bar:
                 while self.counters.step < stop_at:
-                    result = self._train_step()
+                    result = self._train_step(prefetch, stopper)
                     step = self.counters.step
                     window.add(result.loss, result.applied)
                     if bar is not None:
@@ -270,24 +287,38 @@ class Trainer:
                             f"lower optim.lr / optim.rtf_lr, lengthen schedule.warmup_steps, or check the data. The "
                             f"last checkpoint is {self.last_ckpt or ckpt.latest_checkpoint(self.ckpt_root) or 'none'}"
                         )
+                    # Evaluation and checkpoint time is not training time: taken out of the
+                    # throughput window (logged as eval_s / checkpoint_s with its record).
                     if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+                        t0 = metrics_clock.now()
                         self.evaluate(step)
-                    if self._save_or_stop(stopper, stop_at):
+                        window.exclude("eval", metrics_clock.now() - t0)
+                    t0 = metrics_clock.now()
+                    stop = self._save_or_stop(result, stop_at)
+                    window.exclude("checkpoint", metrics_clock.now() - t0)
+                    if stop:
                         break
         finally:
+            prefetch.close()
             stopper.restore()
             if bar is not None:
                 bar.close()
 
-    def _train_step(self) -> StepResult:
-        """Optimizer step s = counters.step: schedule, this rank's micro-batches, the engine's step."""
+    def _train_step(self, prefetch: StepPrefetcher, stopper: StopRequest) -> StepResult:
+        """Optimizer step s = counters.step: schedule, this rank's micro-batches, the engine's step.
+        The stop flags ride on the step's all-reduce: `result.signals` is (ranks that got SIGTERM,
+        ranks that got SIGINT), read just before that reduce."""
         cfg, step = self.cfg, self.counters.step
         sched = cfg.schedule
         factor = lr_factor(step, sched.warmup_steps, sched.decay_steps or cfg.train.max_steps, sched.min_lr_ratio)
         set_lr(self.engine.param_groups, factor)
-        micro_batches = step_micro_batches(self.train_ds, cfg.train.seed, step, self.plan, self.env.rank)
+        micro_batches = prefetch.get(step)
         check_token_ids(micro_batches, self.train_ds, f"the batch of step {step + 1}")
-        result = self.engine.train_step(micro_batches)
+
+        def signals() -> list[float]:
+            return [float(stopper.signum == signal.SIGTERM), float(stopper.signum == signal.SIGINT)]
+
+        result = self.engine.train_step(micro_batches, signals)
         self.counters.step += 1
         self.counters.tokens += self.tokens_per_step
         if not result.applied:
@@ -301,7 +332,8 @@ class Trainer:
         return result
 
     def _log_train(self, window: LogWindow, result: StepResult, console: bool) -> None:
-        """One train record of metrics.jsonl for the window; a log line too when `console`."""
+        """One train record of metrics.jsonl for the window; a log line too when `console`.
+        tokens_per_s (and mfu) leave out the window's evaluation and checkpoint time."""
         step = self.counters.step
         tps = window.tokens_per_s(self.tokens_per_step)
         lrs = {g.get("name"): g["lr"] for g in self.engine.param_groups}
@@ -314,6 +346,8 @@ class Trainer:
             "grad_norm": result.grad_norm,
             "tokens": self.counters.tokens,
             "tokens_per_s": tps,
+            "eval_s": window.excluded("eval"),
+            "checkpoint_s": window.excluded("checkpoint"),
             "skipped_steps": self.counters.nonfinite_steps,
             "elapsed_s": time.time() - self.t_start,
         }
@@ -325,16 +359,16 @@ class Trainer:
             norm = result.grad_norm if result.grad_norm is None else round(result.grad_norm, 3)
             log.info(f"step {step} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | grad norm {norm} | {tps:,.0f} tok/s")
 
-    def _save_or_stop(self, stopper: StopRequest, stop_at: int) -> bool:
-        """Collective, after every step: checkpoint when one is due or a signal reached any rank;
-        True when that signal ends the run."""
+    def _save_or_stop(self, result: StepResult, stop_at: int) -> bool:
+        """After every step: checkpoint (collective) when one is due or a signal reached any rank;
+        True when that signal ends the run. The signals were summed over ranks by the step's own
+        all-reduce (`_train_step`), so this adds no collective of its own; a signal that arrives
+        after that reduce is seen, on every rank alike, at the next step's."""
         step = self.counters.step
         periodic = self.cfg.checkpoint.every and step % self.cfg.checkpoint.every == 0
         # Every rank stops at the same step, also those the signal did not reach; SIGTERM wins
         # when ranks got different signals (a scheduler's pre-emption is the one to report).
-        got_term, got_int = self.engine.all_reduce_sum(
-            [float(stopper.signum == signal.SIGTERM), float(stopper.signum == signal.SIGINT)]
-        )
+        got_term, got_int = result.signals
         stop_now = got_term > 0 or got_int > 0
         if periodic or stop_now or step == stop_at:
             self.last_ckpt = self.save(step)
@@ -345,10 +379,12 @@ class Trainer:
 
     def evaluate(self, step: int) -> float:
         """Collective: the mean token loss over the validation batches of all ranks, logged."""
+        t0 = metrics_clock.now()
         loss_sum, n_tok = self.engine.eval_sums(self.val_batches)
         val_loss = loss_sum / n_tok
         ppl = math.exp(min(val_loss, 700.0))
-        self.metrics.log({"kind": "eval", "step": step, "val_loss": val_loss, "val_ppl": ppl, "val_tokens": int(n_tok)})
+        rec = {"kind": "eval", "step": step, "val_loss": val_loss, "val_ppl": ppl, "val_tokens": int(n_tok)}
+        self.metrics.log({**rec, "eval_s": metrics_clock.now() - t0})
         extra = f" (unigram baseline {self.unigram_ppl:.2f})" if self.unigram_ppl else ""
         log.info(f"step {step}: val loss {val_loss:.4f} | val ppl {ppl:.2f}{extra}")
         return val_loss

@@ -12,7 +12,9 @@ DeepSpeed's files:
 
 Saving (collective): each rank copies the fragments it owns into zeroed full-size buffers, one per
 parameter group and state, and a sum-reduce onto rank 0 assembles them. Every element is owned by
-exactly one rank and added to zeros, so the assembled values are bit-exact. Rank 0 writes the file
+exactly one rank and added to zeros, so the assembled values are bit-exact. Only rank 0, the
+writer, copies the assembled tensors to the host (the others take part in the reduces and copy
+nothing: at 1.3b the full weights and both moments are ~15.6 GB per copy). Rank 0 writes the file
 into the checkpoint folder before checkpoint.py writes manifest.json, so the manifest covers it.
 
 Resuming on the saved world size is DeepSpeed's own load, untouched (bit-exact, as before). On
@@ -66,6 +68,12 @@ def group_param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
     return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
 
 
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's host copy (the tensor itself when it is on the CPU already): the one place the
+    full state leaves the device, so that a test can count the copies each rank makes."""
+    return t.cpu()
+
+
 class ZeroFullState:
     """Gathers and re-partitions the ZeRO 1/2 optimizer state of one DeepSpeed engine."""
 
@@ -91,8 +99,9 @@ class ZeroFullState:
             if mapping is not None:
                 yield name, mapping
 
-    def _gather(self, gi: int, partition: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Full tensors, by name, of a partition-shaped tensor of group gi; valid on rank 0 only."""
+    def _gather(self, gi: int, partition: torch.Tensor, writer: bool) -> dict[str, torch.Tensor]:
+        """Full tensors, by name, of a partition-shaped tensor of group gi, on the host: on the
+        `writer` (rank 0, where the reduce lands); {} on the other ranks, which only contribute."""
         names = self.group_names[gi]
         sizes = [self.params[n].numel() for n in names]
         starts = dict(zip(names, [sum(sizes[:i]) for i in range(len(sizes))]))
@@ -101,7 +110,9 @@ class ZeroFullState:
             lp, hp = m.lp_fragment_address, m.hp_fragment_address
             full.narrow(0, starts[name] + lp.start, lp.numel).copy_(partition.detach().narrow(0, hp.start, hp.numel))
         dist.reduce(full, dst=0, op=dist.ReduceOp.SUM)
-        full = full.cpu()
+        if not writer:
+            return {}
+        full = _to_host(full)
         return {
             n: full.narrow(0, starts[n], s).view_as(self.params[n]).clone() for n, s in zip(names, sizes, strict=True)
         }
@@ -115,27 +126,32 @@ class ZeroFullState:
             part.narrow(0, hp.start, hp.numel).copy_(full[name].reshape(-1).narrow(0, lp.start, lp.numel))
         return part
 
-    def state_dict(self) -> dict:
-        """Collective. The full state (see the module docstring); complete on rank 0 only."""
+    def state_dict(self, writer: bool | None = None) -> dict:
+        """Collective. The full state (see the module docstring), complete on the writer (rank 0
+        unless `writer` says otherwise); on the other ranks its tensor entries are empty and they
+        make no host copy."""
+        if writer is None:
+            writer = dist.get_rank() == 0
         fp32: dict[str, torch.Tensor] = {}
         moments: dict[str, dict[str, torch.Tensor]] = {}
         scalars = []
         for gi in range(len(self.group_names)):
             flat = self._flat(gi)
-            fp32.update(self._gather(gi, flat))
+            fp32.update(self._gather(gi, flat, writer))
             state = self.base.state.get(flat, {})
             # Every rank steps every group together, so all hold the same keys (none before the
             # first applied step), and the non-partition entries (the step count) are equal.
             for key, value in sorted(state.items()):
                 if torch.is_tensor(value) and value.shape == flat.shape:
-                    moments.setdefault(key, {}).update(self._gather(gi, value))
-            scalars.append(
-                {
-                    k: v.detach().cpu().clone() if torch.is_tensor(v) else v
-                    for k, v in state.items()
-                    if not (torch.is_tensor(v) and v.shape == flat.shape)
-                }
-            )
+                    moments.setdefault(key, {}).update(self._gather(gi, value, writer))
+            if writer:
+                scalars.append(
+                    {
+                        k: _to_host(v.detach()).clone() if torch.is_tensor(v) else v
+                        for k, v in state.items()
+                        if not (torch.is_tensor(v) and v.shape == flat.shape)
+                    }
+                )
         return {
             "format": FULL_STATE_FORMAT,
             "world_size": dist.get_world_size(),
@@ -147,8 +163,9 @@ class ZeroFullState:
 
     def save(self, ckpt_dir: str) -> None:
         """Collective; rank 0 writes ckpt_dir/zero_full_state.pt."""
-        sd = self.state_dict()
-        if dist.get_rank() == 0:
+        writer = dist.get_rank() == 0
+        sd = self.state_dict(writer)
+        if writer:
             torch.save(sd, os.path.join(ckpt_dir, FULL_STATE_FILE))
 
     def load_resized(self, ckpt_dir: str, tag: str) -> int:
