@@ -19,7 +19,9 @@ Atomicity: everything is written into `.tmp-step_X/`, flushed to disk, and only 
 either the complete new folder or none, next to the previous checkpoints. Old checkpoints are first
 renamed to `.trash-step_X-ID/` and then deleted, so a kill during pruning cannot leave a
 half-deleted `step_*` folder either. Multi-node runs need OUT_DIR on a filesystem all nodes share
-(DeepSpeed writes one optimizer partition per rank). This is the recipe of utils/atomic.py (stage
+(DeepSpeed writes one optimizer partition per rank; checked at start by
+training/dist_env.py:check_shared_out_dir). The manifest's digests are computed in shares by all
+ranks (`shared_digests`) and written by rank 0. This is the recipe of utils/atomic.py (stage
 beside, fsync, rename, fsync the folder), with one difference: the staging name is derived from the
 step, not random, because every rank must find the same folder to write its files into.
 
