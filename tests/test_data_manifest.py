@@ -15,6 +15,7 @@ from hyena_rtf.data_prep.layout import FORMAT, MANIFEST, TRAIN, VAL
 from hyena_rtf.data_prep.link import link_indexed
 from hyena_rtf.data_prep.manifest import Manifest, ManifestError
 from hyena_rtf.data_prep.prepare import prepare
+from hyena_rtf.utils.atomic import NotReplaceableError
 
 SETTINGS = dict(vocab_size=300, workers=1, val_fraction=0.1, verbose=False)
 
@@ -102,7 +103,7 @@ def test_a_file_that_is_no_json_object_is_one_line(tmp_path, text, message):
 
 def test_readers_and_the_rerun_with_a_damaged_manifest(prepared, tmp_path):
     """The training reader refuses it naming the key; the shard reader, which can do without
-    it, ignores it; a rerun of prepare does not trust it and rebuilds the folder."""
+    it, ignores it; a rerun of prepare does not trust it: refused, or rebuilt with --overwrite."""
     folder = tmp_path / "out"
     shutil.copytree(prepared, folder)
     good = (folder / MANIFEST).read_bytes()
@@ -113,6 +114,10 @@ def test_readers_and_the_rerun_with_a_damaged_manifest(prepared, tmp_path):
     with pytest.raises(ManifestError, match=rf"^{where}: key 'tokenizer.eos_id' is missing$"):
         PackedDataset(folder, "train", seq_len=8)
     assert IndexedDataset(folder / "train").num_documents == obj["splits"]["train"]["documents"]
-    rebuilt = prepare([str(prepared.parent / "a.jsonl")], folder, **SETTINGS)
+    # The changed manifest is no longer the file the stamp lists (its size differs): a plain rerun
+    # refuses rather than overwrite what may be someone's edit; --overwrite rebuilds.
+    with pytest.raises(NotReplaceableError, match=r"also holds files it did not write \(manifest.json\)"):
+        prepare([str(prepared.parent / "a.jsonl")], folder, **SETTINGS)
+    rebuilt = prepare([str(prepared.parent / "a.jsonl")], folder, overwrite=True, **SETTINGS)
     assert rebuilt == json.loads(good)
     assert (folder / MANIFEST).read_bytes() == good
