@@ -16,7 +16,6 @@ What is counted: `engine.read_host` (the one device-to-host read of a step) and
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
@@ -288,7 +287,7 @@ def test_log_window_leaves_out_excluded_time(monkeypatch):
 def test_eval_and_checkpoint_time_is_not_training_time(corpus, tmp_path, monkeypatch):
     """A fake clock: every step takes 1 s, every evaluation and checkpoint 50 s. Every train record
     reports exactly one step's tokens per second, and the 50 s in eval_s / checkpoint_s of the
-    window they fell into (the eval record carries its own eval_s). Before, the windows after an
+    window they fell into. Before, the windows after an
     evaluation or checkpoint showed 1/51 of the rate."""
     clock = FakeClock()
     monkeypatch.setattr(metrics, "now", clock)
@@ -317,5 +316,3 @@ def test_eval_and_checkpoint_time_is_not_training_time(corpus, tmp_path, monkeyp
     # step s's record covers what happened after step s - 1: eval after 2 and 4, saves after 3
     assert [r["eval_s"] for r in recs] == [0, 0, 50.0, 0, 50.0, 0]
     assert [r["checkpoint_s"] for r in recs] == [0, 0, 0, 50.0, 0, 0]
-    evals = [json.loads(line) for line in open(out / "metrics.jsonl") if '"eval"' in line]
-    assert evals and all(r["eval_s"] >= 0 for r in evals)

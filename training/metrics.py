@@ -5,11 +5,13 @@ metrics.jsonl holds one JSON object per line, two kinds:
     {"kind": "train", "step": 120, "loss": 3.41, "lr": ..., "rtf_lr": ..., "grad_norm": ...,
      "tokens": ..., "tokens_per_s": ..., "eval_s": 0.0, "checkpoint_s": 0.0, "skipped_steps": 0,
      "elapsed_s": ..., ["mfu": ...]}
-    {"kind": "eval", "step": 200, "val_loss": 3.2, "val_ppl": 24.5, "val_tokens": ..., "eval_s": ...}
+    {"kind": "eval", "step": 200, "val_loss": 3.2, "val_ppl": 24.5, "val_tokens": ...}
 
 `tokens_per_s` (and `mfu`, derived from it) measure training steps only: the seconds the window
 spent in evaluation and checkpointing are taken out of it and reported on their own as `eval_s`
-and `checkpoint_s`, so that throughput does not dip in every window that holds one.
+and `checkpoint_s` in the record of the window they fell into (eval records hold no times, so
+that a resumed run's file stays identical to an uninterrupted one's), so that throughput does not
+dip in every window that holds one.
 
 `loss` is the mean over the steps of its logging window (the step's own loss when
 logging.log_every = 1); Python's float repr round-trips, so losses read back are bit-exact.

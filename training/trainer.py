@@ -379,12 +379,10 @@ class Trainer:
 
     def evaluate(self, step: int) -> float:
         """Collective: the mean token loss over the validation batches of all ranks, logged."""
-        t0 = metrics_clock.now()
         loss_sum, n_tok = self.engine.eval_sums(self.val_batches)
         val_loss = loss_sum / n_tok
         ppl = math.exp(min(val_loss, 700.0))
-        rec = {"kind": "eval", "step": step, "val_loss": val_loss, "val_ppl": ppl, "val_tokens": int(n_tok)}
-        self.metrics.log({**rec, "eval_s": metrics_clock.now() - t0})
+        self.metrics.log({"kind": "eval", "step": step, "val_loss": val_loss, "val_ppl": ppl, "val_tokens": int(n_tok)})
         extra = f" (unigram baseline {self.unigram_ppl:.2f})" if self.unigram_ppl else ""
         log.info(f"step {step}: val loss {val_loss:.4f} | val ppl {ppl:.2f}{extra}")
         return val_loss
