@@ -16,6 +16,7 @@ What is counted: `engine.read_host` (the one device-to-host read of a step) and
 
 from __future__ import annotations
 
+import datetime
 import threading
 import time
 
@@ -48,18 +49,16 @@ def one_process_group(monkeypatch):
     """A one-process gloo group that the engine reduces over (Engine.distributed() says yes), so
     that its collectives are real torch.distributed calls that can be counted."""
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, timeout=_timeout()
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{free_port()}",
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=60),
     )
     monkeypatch.setattr(Engine, "distributed", lambda self: True)
     yield
     if dist.is_initialized():  # the run's engine.close() normally destroys it
         dist.destroy_process_group()
-
-
-def _timeout():
-    import datetime
-
-    return datetime.timedelta(seconds=60)
 
 
 def test_one_loss_read_and_one_all_reduce_per_step(corpus, tmp_path, monkeypatch, one_process_group):
