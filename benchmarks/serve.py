@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         method, prompt = args.one.split(",")
         print(json.dumps(measure(args, method, int(prompt))))
         return 0
+    import torch
+
+    where = machine(torch.device("cpu"))  # before the runs: its load average is the machine's, not ours
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the engine in the measured process
     runs = []
     for prompt in args.prompt_lengths:
@@ -216,9 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if base:
             run["tokens_per_s_vs_vllm_gpt_neox"] = round(run["output_tokens_per_s"] / base["output_tokens_per_s"], 2)
-    import torch
-
-    result = {"machine": machine(torch.device("cpu")), "args": vars(args), "runs": runs}
+    result = {"machine": where, "args": vars(args), "runs": runs}
     import vllm
 
     result["machine"]["vllm"] = vllm.__version__

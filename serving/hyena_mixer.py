@@ -161,7 +161,8 @@ class HyenaMixer(MambaBase, nn.Module):
         out = torch.zeros_like(p[:, : self.d_model])
         decodes = meta.num_decode_tokens
         if decodes:
-            slots = meta.state_indices_tensor_d.reshape(decodes, -1)[:, 0].long()
+            slots = meta.state_indices_tensor_d[:decodes]  # rows past `decodes`: graph padding
+            slots = (slots[:, 0] if slots.dim() > 1 else slots).long()
             out[:decodes] = self._decode(p[:decodes], slots, conv_cache, filt_cache)
         if meta.num_prefills:
             starts = (meta.query_start_loc_p + decodes).tolist()
