@@ -26,16 +26,17 @@ def args(corpus, out_dir, *extra):
 
 
 def signal_at_step(monkeypatch, signum, at_step):
-    """Deliver `signum` to this process while step `at_step` (0-based) draws its batches, as a
-    scheduler's pre-emption would in the middle of a step."""
-    real = trainer_mod.step_micro_batches
+    """Deliver `signum` to this process at the start of step `at_step` (0-based), in the main
+    thread, as a scheduler's pre-emption would in the middle of a step. (The batches themselves are
+    drawn a step ahead by the prefetch thread, so the hook is the check of the step's batch.)"""
+    real = trainer_mod.check_token_ids
 
-    def batches(ds, seed, step, plan, rank):
-        if step == at_step:
+    def check(batches, ds, what):
+        if what == f"the batch of step {at_step + 1}":
             os.kill(os.getpid(), signum)
-        return real(ds, seed, step, plan, rank)
+        return real(batches, ds, what)
 
-    monkeypatch.setattr(trainer_mod, "step_micro_batches", batches)
+    monkeypatch.setattr(trainer_mod, "check_token_ids", check)
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -168,7 +169,7 @@ def test_a_second_ctrl_c_during_a_checkpoint_save_stops_at_once_with_one_line(co
     """Ctrl-C in step 5 asks for a checkpoint at step 5; a second Ctrl-C while it is being written
     stops at once: exit 130, one log line and no traceback, the partial save left in its staging
     folder, which the next start removes before resuming from step 4."""
-    real_batches, real = trainer_mod.step_micro_batches, ckpt.save_rng
+    real_check, real = trainer_mod.check_token_ids, ckpt.save_rng
     signal_at_step(monkeypatch, signal.SIGINT, at_step=4)
 
     def save_rng(path):
@@ -186,7 +187,7 @@ def test_a_second_ctrl_c_during_a_checkpoint_save_stops_at_once_with_one_line(co
     assert ".tmp-step_00000005" in os.listdir(root)
     assert ckpt.latest_checkpoint(root).endswith("step_00000004")
     monkeypatch.setattr(ckpt, "save_rng", real)
-    monkeypatch.setattr(trainer_mod, "step_micro_batches", real_batches)
+    monkeypatch.setattr(trainer_mod, "check_token_ids", real_check)
     assert train.main(args(corpus, tmp_path, "train.stop_after_steps=6")) == 0
     assert f"resumed from {root / 'step_00000004'} at step 4" in capsys.readouterr().err
     assert ".tmp-step_00000005" not in os.listdir(root)
