@@ -42,14 +42,10 @@ from hyena_rtf.hf.loading import LoadError
 from hyena_rtf.hf.scoring import EvalError
 from hyena_rtf.models.distill import R_MAX
 from hyena_rtf.utils.atomic import NotReplaceableError, check_apart, check_writable
+from hyena_rtf.utils.cli import OneLineParser, UsageError
 from hyena_rtf.utils.logs import error_exit, setup_logging
 
 PROG = "distill.py"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise DistillError(message)
 
 
 def order_list(text: str) -> list[int]:
@@ -117,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = Options(**vars(build_parser().parse_args(argv)))
         check_paths(opts)
         distill_checkpoint(opts)
-    except (DistillError, EvalError, LoadError, NotReplaceableError) as error:
+    except (UsageError, DistillError, EvalError, LoadError, NotReplaceableError) as error:
         return error_exit(PROG, error)
     except OSError as error:  # a read or write that failed: full disk, permission denied, a file removed meanwhile
         where = f"{error.filename}: " if error.filename is not None else ""

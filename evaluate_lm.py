@@ -64,14 +64,10 @@ from hyena_rtf.hf.scoring import (
 )
 from hyena_rtf.models.precision import DTYPES
 from hyena_rtf.utils.atomic import NotReplaceableError, check_apart, write_text
+from hyena_rtf.utils.cli import OneLineParser, UsageError
 from hyena_rtf.utils.logs import error_exit
 
 # ----------------------------------------------------------------------------- command line
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"evaluate_lm.py: error: {message}\n")
 
 
 def positive_int(text):
@@ -85,7 +81,7 @@ def positive_int(text):
 
 
 def build_parser():
-    p = OneLineParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="evaluate_lm.py", description=__doc__.split("\n")[0])
     p.add_argument("model", help="local Hugging Face causal-LM folder (config.json, weights, tokenizer)")
     p.add_argument(
         "--data",
@@ -229,11 +225,11 @@ def check_output(path: Path | None, inputs=()) -> None:
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         check_output(args.output, [args.model, *args.data, *([args.lambada] if args.lambada else [])])
         results = evaluate(args)
-    except (EvalError, LoadError) as error:
+    except (UsageError, EvalError, LoadError) as error:
         return error_exit("evaluate_lm.py", error)
     except OSError as error:  # an input unreadable or removed meanwhile
         return error_exit("evaluate_lm.py", f"{error.filename or ''}: {error.strerror or error}")

@@ -45,22 +45,14 @@ from hyena_rtf.hf.streaming import Streamer
 from hyena_rtf.models.hf_compat import cache_kwargs, output_cache
 from hyena_rtf.models.precision import DTYPES, cast_keeping_filters, dtype_from_name
 from hyena_rtf.models.static_decode import StaticDecoder, StaticDecodeUnsupported
+from hyena_rtf.utils.cli import OneLineParser, UsageError
 from hyena_rtf.utils.logs import error_exit, get_logger, setup_logging
 
 log = get_logger("generate")
 
 
-class UsageError(Exception):
-    """A bad argument or input: reported as one line, exit code 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse prints usage + message over two lines; we want one
-        raise UsageError(message)
-
-
-def build_parser() -> Parser:
-    p = Parser(prog="generate.py", description=__doc__.split("\n\n")[0])
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="generate.py", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="Hugging Face checkpoint folder (config.json, weights, tokenizer)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text")

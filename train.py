@@ -47,11 +47,12 @@ from hyena_rtf.training.export import export_checkpoint
 from hyena_rtf.training.runlock import RunLockedError
 from hyena_rtf.training.trainer import TrainingError, run
 from hyena_rtf.utils.atomic import NotReplaceableError
+from hyena_rtf.utils.cli import OneLineParser, UsageError
 from hyena_rtf.utils.logs import error_exit, get_logger, setup_logging
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 # Exceptions that mean "fix the command, the config, the data or the checkpoint" (exit 2).
-USER_ERRORS = (ConfigError, DataError, CheckpointError, RunLockedError, NotReplaceableError)
+USER_ERRORS = (UsageError, ConfigError, DataError, CheckpointError, RunLockedError, NotReplaceableError)
 
 
 def _split_launcher_args(argv: list[str]) -> list[str]:
@@ -79,7 +80,7 @@ def _fail(e: BaseException, code: int) -> int:
 
 
 def _export(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="train.py export", description="Export a checkpoint as an HF folder")
+    p = OneLineParser(prog="train.py export", description="Export a checkpoint as an HF folder")
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
     p.add_argument("out_dir")
     p.add_argument(
@@ -93,9 +94,9 @@ def _export(argv: list[str]) -> int:
         action="store_true",
         help="replace OUT_DIR even if it is not an earlier export (never the run or checkpoint itself)",
     )
-    args = p.parse_args(argv)
-    setup_logging()
     try:
+        args = p.parse_args(argv)
+        setup_logging()
         out = export_checkpoint(
             args.checkpoint, args.out_dir, dtype=dtype_from_name(args.dtype), overwrite=args.overwrite
         )
@@ -114,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "export":
         return _export(argv[1:])
 
-    p = argparse.ArgumentParser(
-        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = OneLineParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--config",
         default=str(DEFAULT_CONFIG),
@@ -124,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = p.parse_args(argv)
     try:
+        args = p.parse_args(argv)
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print(to_yaml(cfg))  # the product of this command: stdout, not the log

@@ -52,6 +52,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from hyena_rtf.utils import atomic
+from hyena_rtf.utils.cli import OneLineParser, UsageError
 from hyena_rtf.utils.logs import error_exit, get_logger, setup_logging
 
 from . import default_corpus
@@ -327,7 +328,7 @@ def _cli_error(e: BaseException) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = OneLineParser(
         prog=PROG,
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -371,9 +372,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--indexed-train", help="link existing PREFIX.bin/.idx instead of preparing")
     ap.add_argument("--indexed-val")
-    a = ap.parse_args(argv)
-    if a.indexed_train and not a.tokenizer:
-        ap.error("--indexed-train needs --tokenizer")
+    try:
+        a = ap.parse_args(argv)
+        if a.indexed_train and not a.tokenizer:
+            raise UsageError("--indexed-train needs --tokenizer")
+    except UsageError as e:
+        return error_exit(PROG, e)
     setup_logging()
     try:
         if a.indexed_train:

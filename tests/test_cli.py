@@ -1,0 +1,44 @@
+"""Every command's error contract for a bad argument (utils/cli.py): one line on stderr,
+`PROG: error: ...`, exit status 2, nothing else printed (argparse's own error prints the usage
+over two lines; train.py did until it shared the parser)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+import train
+from hyena_rtf.data_prep import prepare
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def script(name: str):
+    """A root script (generate.py, evaluate_lm.py, distill.py) as a module, by path."""
+    spec = importlib.util.spec_from_file_location(f"cli_{name}", REPO / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+COMMANDS = {
+    "train.py": lambda argv: train.main(argv),
+    "train.py export": lambda argv: train.main(["export", *argv]),
+    "generate.py": lambda argv: script("generate").main(argv),
+    "evaluate_lm.py": lambda argv: script("evaluate_lm").main(argv),
+    "distill.py": lambda argv: script("distill").main(argv),
+    prepare.PROG: lambda argv: prepare.main(argv),
+}
+
+
+@pytest.mark.parametrize("prog", list(COMMANDS))
+def test_an_unknown_option_is_one_line_and_exit_2(prog, capsys):
+    code = COMMANDS[prog](["--no-such-option", "x"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert out == ""
+    name = prog.split()[0]  # train.py export reports as train.py, like its other errors
+    assert err.count("\n") == 1 and err.startswith(f"{name}: error: "), err
+    assert "--no-such-option" in err or "required" in err, err
