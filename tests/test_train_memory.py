@@ -20,7 +20,9 @@ from hyena_rtf.training import architectures, memory
 
 CASES = {
     "hyena rtf": dict(d_model=32, n_layer=3, state_size=4),
-    "attention layer and per-layer orders": dict(d_model=32, n_layer=4, attn_layers=[2], state_size=4, state_sizes=[4, 6, 4, 8]),
+    "attention layer and per-layer orders": dict(
+        d_model=32, n_layer=4, attn_layers=[2], state_size=4, state_sizes=[4, 6, 4, 8]
+    ),
     "multihyena": dict(d_model=32, n_layer=2, state_size=4, multi_hyena_heads=4),
     "implicit": dict(d_model=32, n_layer=2, state_size=4, filter="implicit"),
     "modal": dict(d_model=32, n_layer=2, state_size=4, filter="modal"),
