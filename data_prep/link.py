@@ -20,7 +20,7 @@ from hyena_rtf.utils import atomic
 from .indexed import IndexedDataset, bin_path, idx_path
 from .layout import FORMAT, KIND, TOKENIZER, TRAIN, VAL, replacing
 from .manifest import Manifest, SplitInfo
-from .tokenizer import TokenizerError, load_tokenizer
+from .tokenizer import TokenizerError, load_data_tokenizer
 
 
 def link_indexed(
@@ -41,7 +41,7 @@ def link_indexed(
     out = Path(out)
     linked = [p(prefix) for prefix in (train_prefix, val_prefix) if prefix is not None for p in (bin_path, idx_path)]
     atomic.check_apart(out, [*linked, *([tokenizer] if os.path.lexists(os.path.expanduser(tokenizer)) else [])])
-    tok = load_tokenizer(tokenizer, eos_token)
+    tok = load_data_tokenizer(tokenizer, eos_token)
     splits, dt = {}, None
     for name, prefix in ((TRAIN, train_prefix), (VAL, val_prefix)):
         if prefix is None:

@@ -64,7 +64,7 @@ from .readers import DocumentError, SourceError, _Counter, expand_inputs
 from .report import build_manifest, nothing_written, summary
 from .stamp import fingerprint, up_to_date, write_stamp
 from .stream import check_readable, records, train_texts
-from .tokenizer import TokenizerError, check_vocab_size, choose_dtype, load_tokenizer, train_bpe
+from .tokenizer import TokenizerError, check_vocab_size, choose_dtype, load_data_tokenizer, train_bpe
 from .writer import ShardBuilder, available_cores
 
 PROG = "python -m hyena_rtf.data_prep.prepare"
@@ -214,7 +214,7 @@ def prepare(
             tok = None
             check_vocab_size(vocab_size)
         else:
-            tok = load_tokenizer(tokenizer, eos_token)
+            tok = load_data_tokenizer(tokenizer, eos_token)
             _token_dtype(tok, eos_token, dtype)
         t0 = time.time()
         with replacing(out, overwrite) as stage:

@@ -93,7 +93,7 @@ def _read_file(p: Path) -> tuple[Tokenizer, str]:
         raise TokenizerError(f"{p}: not a tokenizers JSON file: {e}") from e
 
 
-def load_tokenizer(spec: str, eos_token: str | None = None) -> LoadedTokenizer:
+def load_data_tokenizer(spec: str, eos_token: str | None = None) -> LoadedTokenizer:
     """``spec``: a tokenizer.json file, a folder (with tokenizer.json, or anything
     ``AutoTokenizer`` loads), or a Hugging Face hub name (needs network unless cached)."""
     p = Path(os.path.expanduser(spec))
@@ -127,7 +127,7 @@ def hf_tokenizer(
     tokenizer_file: str | os.PathLike, eos_token: str | None = None
 ) -> transformers.PreTrainedTokenizerFast:
     """The ``transformers.PreTrainedTokenizerFast`` of a tokenizers JSON file, as a model trained
-    on data_prep's shards expects it: the end-of-text token chosen exactly as ``load_tokenizer``
+    on data_prep's shards expects it: the end-of-text token chosen exactly as ``load_data_tokenizer``
     chooses it for the shards (``eos_token``, else the first of ``EOS_CANDIDATES`` in the
     vocabulary; TokenizerError if none is), ``pad_token`` = that token when the file defines no
     padding token (batched generation needs one), and model inputs ``input_ids`` and

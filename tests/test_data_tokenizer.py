@@ -1,12 +1,12 @@
 """tokenizer.hf_tokenizer: the Hugging Face tokenizer of a prepared folder's tokenizer.json, with
-the end-of-text token load_tokenizer picks for the shards, and the model's two inputs only."""
+the end-of-text token load_data_tokenizer picks for the shards, and the model's two inputs only."""
 
 from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from hyena_rtf.data_prep.tokenizer import EOS_CANDIDATES, TokenizerError, hf_tokenizer, load_tokenizer, train_bpe
+from hyena_rtf.data_prep.tokenizer import EOS_CANDIDATES, TokenizerError, hf_tokenizer, load_data_tokenizer, train_bpe
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 SAMPLE = "Hello wörld, naïve café 🙂\n  tabs\tand <|endoftext|> inside x=1;"
@@ -28,7 +28,7 @@ def test_eos_is_the_first_candidate_in_the_vocabulary_as_for_the_shards(tmp_path
     path = _wordlevel(tmp_path / "t.json", ["[UNK]", "<eos>", "a", "</s>", "b"])
     hf = hf_tokenizer(path)
     assert hf.eos_token == "</s>"
-    assert hf.eos_token == load_tokenizer(path).eos_token
+    assert hf.eos_token == load_data_tokenizer(path).eos_token
     assert hf.eos_token_id == 3
     assert hf.pad_token == "</s>"  # the file defines no padding token
     assert hf.pad_token_id == 3
