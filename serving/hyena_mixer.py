@@ -78,9 +78,9 @@ class HyenaMixer(MambaBase, nn.Module):
     """The mixer of one Hyena layer, with the parameters of the project's HyenaOperator (or
     MultiHyenaOperator) under the same names: in_proj, short_conv, filter, out_proj.
 
-    vLLM finds state-keeping layers by their MambaBase type (and binds `kv_cache` to them); the
-    nn.Module base must be named as well, or the parameters would not be registered as the
-    model's (MambaBase's own bases do not make it a module)."""
+    vLLM finds state-keeping layers by their MambaBase type (and binds `kv_cache` to them).
+    MambaBase is an abstract class, not an nn.Module: without nn.Module among the bases the
+    layer's parameters would not be registered as the model's, and would never be loaded."""
 
     def __init__(self, config, layer_idx: int, model_dtype: torch.dtype, prefix: str):
         super().__init__()
@@ -196,8 +196,10 @@ class HyenaMixer(MambaBase, nn.Module):
             y, filt = rec.chunk(z, filt_cache[slot][None, ..., :m].to(rec.dtype))
         else:  # the parallel forward's own route (HyenaOperator.forward)
             y, filt = fft_causal_conv(z, self.filter.kernel(T)), rec.prefill(z)
-        window = torch.cat([u.new_zeros(1, u.shape[1], self.width - 1) if past is None else past, u], dim=-1)
-        conv_cache[slot] = window[0, :, window.shape[-1] - (self.width - 1) :].to(conv_cache.dtype)
+        keep = self.width - 1  # the short conv's last inputs, from this chunk, or earlier ones too
+        if T < keep:
+            u = torch.cat([u.new_zeros(1, u.shape[1], keep) if past is None else past, u], dim=-1)
+        conv_cache[slot] = u[0, :, u.shape[-1] - keep :].to(conv_cache.dtype)
         filt_cache[slot] = 0
         filt_cache[slot, :, :, :m] = filt[0].to(filt_cache.dtype)
         return self._combine(a, y)[0].T
