@@ -23,7 +23,8 @@ echo "[test] ruff: lint and formatting (config in pyproject.toml)"
 .venv/bin/ruff check --quiet .
 .venv/bin/ruff format --check --quiet .
 PARALLEL=(-n "${TEST_WORKERS:-auto}" --dist loadfile)
-.venv/bin/python -m pytest -q "${PARALLEL[@]}"
+# Every tier (`pytest` alone runs only the unit tier: tests/conftest.py); serving runs in .venv-vllm below.
+.venv/bin/python -m pytest -q "${PARALLEL[@]}" -m "not serving"
 # Users' CPUs differ: the numerics again on torch's portable kernels (no AVX2/AVX-512 routes), so
 # that no tolerance holds only for the rounding of one instruction set.
 NUMERICS=(tests/test_modal.py tests/test_rtf.py tests/test_fftconv.py tests/test_distill_math.py

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
 
 
+@pytest.mark.integration  # a real deepspeed.initialize: seconds
 @pytest.mark.parametrize("zero_stage", [1, 2])
 def test_deepspeed_reduces_bf16_run_gradients_in_float32(monkeypatch, zero_stage):
     """bf16 autocast under DeepSpeed: one float32 gradient bucket, and every reduction DeepSpeed

@@ -145,6 +145,7 @@ def test_piece_spans_cut_before_single_spaces_or_at_the_size():
     assert list(piece_spans("ab " * 10, 30)) == [(0, 30)]
 
 
+@pytest.mark.integration  # seconds: outside the unit tier
 def test_pieces_give_the_tokens_of_the_whole_text_for_common_tokenizers():
     text = _text(40_000, seed=2)
     for name, tok in _tokenizers().items():

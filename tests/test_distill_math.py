@@ -171,6 +171,7 @@ def test_gauss_newton_system_matches_autograd_jacobian(L, fft_len):
 # ---------------------------------------------------------------------------------------------
 # the Hankel singular values: what they are, the bound, the tolerance mode
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.integration  # seconds: outside the unit tier
 def test_hankel_singular_values_match_numpy_svd_of_the_section():
     """hankel_sv (Gram route) against numpy's SVD of the explicit spread section, relative to
     sigma_1: through the Gram matrix, sigma_i^2 carries an absolute error ~eps sigma_1^2, so
@@ -218,6 +219,7 @@ def test_lower_orders_track_the_hankel_singular_values():
         previous = fit.rel_error
 
 
+@pytest.mark.integration  # seconds: outside the unit tier
 def test_tolerance_picks_the_smallest_order_with_its_tail_below_it():
     """The expected order from numpy's SVD of the sections: the smallest k whose relative tail is
     <= tolerance for every filter of the bank."""
@@ -301,6 +303,7 @@ def test_filter_bank_taps_gives_one_row_per_distinct_filter():
         assert torch.equal(full, taps.repeat_interleave(12 // F, dim=0))
 
 
+@pytest.mark.integration  # seconds: outside the unit tier
 def test_implicit_filter_bank_distils_to_small_errors():
     """Implicit filters (random init, L = 128, 16 filters). Measured median / max rel_error at
     orders 8 / 16 / 24: float64 kernel 6.6e-3 / 8e-2, 3.0e-4 / 2.7e-2, 3.0e-4 / 4e-2; float32
@@ -351,6 +354,7 @@ def np_modal(p: np.ndarray, r: np.ndarray, d: np.ndarray, T: int) -> np.ndarray:
     return out
 
 
+@pytest.mark.integration  # seconds: outside the unit tier
 def test_modal_and_rtf_fits_of_the_same_targets():
     """Same implicit targets (L = 128), same ERA, same Levenberg-Marquardt budget. Measured median
     rel_error, RTF (float64 kernel) / modal: order 8: 3.3e-3 / 8.9e-3, order 16: 3.2e-4 / 5.9e-4.

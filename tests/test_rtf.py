@@ -597,6 +597,7 @@ def test_num_a_and_filter_tying_shapes_and_kernels():
 # ---------------------------------------------------------------------------------------------
 # benchmark smoke test
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.integration  # seconds: outside the unit tier
 def test_kernel_scaling_benchmark_runs_one_tiny_configuration(tmp_path):
     """benchmarks/kernel_scaling.py runs a tiny sweep and writes JSON + PNG with one row per
     (method, length, state size) (implicit: one per length, no state size), and records an S4D
