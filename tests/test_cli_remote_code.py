@@ -50,6 +50,7 @@ def cli(script: str, *args, home: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # an end-to-end command: run once, under the newest transformers
 def test_a_checkpoint_folders_code_never_runs_from_the_clis(booby_trapped, tmp_path):
     ckpt, marker, text = booby_trapped
     runs = [

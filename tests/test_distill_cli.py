@@ -371,6 +371,7 @@ def test_a_half_precision_checkpoint_stays_half_precision(tokenizer_file, tmp_pa
     assert {d for k, d in dtypes.items() if ".filter." not in k} == {torch.bfloat16}
 
 
+@pytest.mark.slow  # an end-to-end command: run once, under the newest transformers
 def test_the_command_exits_2_with_one_line(bad_sources, tmp_path):
     done = subprocess.run(
         [sys.executable, str(REPO / "distill.py"), str(bad_sources["good"]), str(tmp_path / "out"), "--order", "0"],

@@ -504,6 +504,7 @@ def test_shard_prepared_by_data_prep(model_dir, reference, tmp_path):
 # ----------------------------------------------------------------------------- command line
 
 
+@pytest.mark.slow  # an end-to-end command: run once, under the newest transformers
 def test_cli_end_to_end_writes_json(model_dir, docs_jsonl, tmp_path):
     lambada = tmp_path / "lambada.jsonl"
     lambada.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_documents(seed=5)))
@@ -683,6 +684,7 @@ metric_list:
 """
 
 
+@pytest.mark.slow  # an end-to-end command: run once, under the newest transformers
 def test_lm_eval_harness_agrees(model_dir, docs_jsonl, tmp_path):
     """The model folder works as an lm-eval `hf` model, offline, on local task files, and lm-eval's
     numbers equal ours: bits per byte of documents shorter than the context (a single window, so

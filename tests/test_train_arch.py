@@ -195,6 +195,7 @@ def test_train_py_export_replaces_its_own_gpt_neox_export_only(reference, tmp_pa
         assert snapshot(folder) == before
 
 
+@pytest.mark.slow  # an end-to-end command: run once, under the newest transformers
 def test_evaluate_lm_scores_the_export_and_recurrent_mode_agrees(reference, corpus, tmp_path):
     """evaluate_lm.py on the GPT-NeoX export, in parallel and KV-cache (recurrent) mode: the same
     300 validation tokens scored, perplexity between 1 and the vocabulary size, the two modes equal
