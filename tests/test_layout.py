@@ -4,6 +4,8 @@ imports only at module top, and nothing outside `models/` imported by the export
 from __future__ import annotations
 
 import ast
+import fnmatch
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,37 @@ def test_the_exported_model_code_imports_only_its_own_folder():
                 assert node.level > 0, f"{modules[m].name} imports {name} by absolute name"
                 todo.append(name)
     assert {"hyena_rtf.models.rtf", "hyena_rtf.models.precision", "hyena_rtf.models.cache"} <= exported
+
+
+def readme_layout() -> tuple[set[str], set[str]]:
+    """The README's Layout block: (top-level entries, the file names and glob patterns listed under
+    models/). An entry is the first word of an unindented line; a models/ line indented by two
+    names one or more files ("a.py, b.py   what they are", "distill*.py   ...")."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    top, models, section = set(), set(), None
+    for line in filter(str.strip, block.splitlines()):
+        if not line.startswith(" "):
+            section = line.split()[0]
+            top.add(section.rstrip("/"))
+        elif section == "models/" and not line.startswith("   "):  # (deeper lines continue a comment)
+            names = line.strip().split("  ")[0]
+            models.update(n for n in names.split(", ") if n.endswith(".py"))
+    return top, models
+
+
+def test_the_readme_layout_lists_the_tree():
+    """Every tracked top-level folder and script is in the README's layout and every entry there
+    exists; every file of models/ is named (or matched by a pattern) and every name exists."""
+    top, models = readme_layout()
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    entries = {p.split("/")[0] for p in tracked.splitlines() if not p.startswith(".")}
+    expected = {e for e in entries if (REPO / e).is_dir() or e.endswith(".py")}
+    assert top == expected, (
+        f"README layout lists {sorted(top - expected)} that are not in the tree, misses {sorted(expected - top)}"
+    )
+    files = {p.name for p in (REPO / "models").glob("*.py")} - {"__init__.py"}
+    unmatched = {f for f in files if not any(fnmatch.fnmatch(f, pattern) for pattern in models)}
+    assert not unmatched, f"models/ files missing from the README layout: {sorted(unmatched)}"
+    stale = {pattern for pattern in models if not any(fnmatch.fnmatch(f, pattern) for f in files)}
+    assert not stale, f"the README layout names models/ files that do not exist: {sorted(stale)}"
