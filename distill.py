@@ -37,13 +37,13 @@ from pathlib import Path
 
 import torch
 
-from hyena_rtf.hf.distill_checkpoint import DistillError, Options, distill_checkpoint
-from hyena_rtf.hf.loading import LoadError
-from hyena_rtf.hf.scoring import EvalError
-from hyena_rtf.models.distill import R_MAX
-from hyena_rtf.utils.atomic import NotReplaceableError, check_apart, check_writable
-from hyena_rtf.utils.cli import OneLineParser, UsageError
-from hyena_rtf.utils.logs import error_exit, setup_logging
+from hf.distill_checkpoint import DistillError, Options, distill_checkpoint
+from hf.loading import LoadError
+from hf.scoring import EvalError
+from models.distill import R_MAX
+from utils.atomic import NotReplaceableError, check_apart, check_writable
+from utils.cli import OneLineParser, UsageError
+from utils.logs import error_exit, setup_logging
 
 PROG = "distill.py"
 

@@ -35,13 +35,13 @@ from pathlib import Path
 import torch
 import transformers
 
-from hyena_rtf.data_prep.indexed import MMapIndexedDataset
-from hyena_rtf.hf.loading import LoadError, check_model_folder, load_tokenizer
+from data_prep.indexed import MMapIndexedDataset
+from hf.loading import LoadError, check_model_folder, load_tokenizer
 
 # The scoring code lives in hf/scoring.py (shared with distill.py and benchmarks/quality.py, LAMBADA
 # included); the names marked F401 are not
 # used here but stay reachable as evaluate_lm.<name>, as they were before the move.
-from hyena_rtf.hf.scoring import (
+from hf.scoring import (
     EvalError,
     Window,  # noqa: F401
     check_device,
@@ -62,10 +62,10 @@ from hyena_rtf.hf.scoring import (
     text_documents,  # noqa: F401
     window_plan,  # noqa: F401
 )
-from hyena_rtf.models.precision import DTYPES
-from hyena_rtf.utils.atomic import NotReplaceableError, check_apart, write_text
-from hyena_rtf.utils.cli import OneLineParser, UsageError
-from hyena_rtf.utils.logs import error_exit
+from models.precision import DTYPES
+from utils.atomic import NotReplaceableError, check_apart, write_text
+from utils.cli import OneLineParser, UsageError
+from utils.logs import error_exit
 
 # ----------------------------------------------------------------------------- command line
 

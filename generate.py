@@ -40,13 +40,13 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from hyena_rtf.hf.loading import LoadError, check_model_folder, load_pretrained, load_tokenizer
-from hyena_rtf.hf.streaming import Streamer
-from hyena_rtf.models.hf_compat import cache_kwargs, output_cache
-from hyena_rtf.models.precision import DTYPES, cast_keeping_filters, dtype_from_name
-from hyena_rtf.models.static_decode import StaticDecoder, StaticDecodeUnsupported
-from hyena_rtf.utils.cli import OneLineParser, UsageError
-from hyena_rtf.utils.logs import error_exit, get_logger, setup_logging
+from hf.loading import LoadError, check_model_folder, load_pretrained, load_tokenizer
+from hf.streaming import Streamer
+from models.hf_compat import cache_kwargs, output_cache
+from models.precision import DTYPES, cast_keeping_filters, dtype_from_name
+from models.static_decode import StaticDecoder, StaticDecodeUnsupported
+from utils.cli import OneLineParser, UsageError
+from utils.logs import error_exit, get_logger, setup_logging
 
 log = get_logger("generate")
 

@@ -39,16 +39,16 @@ import sys
 import traceback
 from pathlib import Path
 
-from hyena_rtf.models.precision import DTYPES, dtype_from_name
-from hyena_rtf.training.checkpoint import CheckpointError
-from hyena_rtf.training.config import ConfigError, load_config, to_yaml
-from hyena_rtf.training.data import DataError
-from hyena_rtf.training.export import export_checkpoint
-from hyena_rtf.training.runlock import RunLockedError
-from hyena_rtf.training.trainer import TrainingError, run
-from hyena_rtf.utils.atomic import NotReplaceableError
-from hyena_rtf.utils.cli import OneLineParser, UsageError
-from hyena_rtf.utils.logs import error_exit, get_logger, setup_logging
+from models.precision import DTYPES, dtype_from_name
+from training.checkpoint import CheckpointError
+from training.config import ConfigError, load_config, to_yaml
+from training.data import DataError
+from training.export import export_checkpoint
+from training.runlock import RunLockedError
+from training.trainer import TrainingError, run
+from utils.atomic import NotReplaceableError
+from utils.cli import OneLineParser, UsageError
+from utils.logs import error_exit, get_logger, setup_logging
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 # Exceptions that mean "fix the command, the config, the data or the checkpoint" (exit 2).

@@ -6,13 +6,14 @@ the same machine, and keep both results side by side.
         python -m benchmarks.decode --preset small --methods hyena_rtf_recurrent
 
 The earlier commit is checked out into a temporary git worktree, and the SAME benchmark script (this
-tree's) runs with that worktree's packages first on the import path (a temporary folder maps
-hyena_rtf.models, .training, ... onto it), so only the code under test differs. Each run gets
-`--out` (appended to the command) in benchmarks/results/; the side-by-side file
-<name>_vs_<baseline>.json holds the machine, both commands and both results. The benchmark must
-accept --out and import only what both trees have: a module only this tree has still resolves to
-this tree (through the editable install's finder), so a benchmark that needs one must ask first
-whether the tree under test has it (benchmarks/recurrence_build.py does).
+tree's) runs against that worktree's packages: it runs in a temporary folder whose `benchmarks` is
+this tree's and whose `models`, `training`, ... are the worktree's (links), so only the code under
+test differs. Commits from before the packages were the folders themselves import them as
+`hyena_rtf.<folder>`; the folder maps that name onto the worktree too. Each run gets `--out`
+(appended to the command) in benchmarks/results/; the side-by-side file <name>_vs_<baseline>.json
+holds the machine, both commands and both results. The benchmark must accept --out and import only
+what both trees have, or ask first whether the tree under test has a module
+(benchmarks/recurrence_build.py does).
 """
 
 from __future__ import annotations
@@ -26,18 +27,18 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import REPO, RESULTS, machine, write_json
-from hyena_rtf.utils.logs import get_logger, setup_logging
+from utils.logs import get_logger, setup_logging
 
 log = get_logger("bench")
-PACKAGES = ("models", "data_prep", "training", "hf", "utils")
+PACKAGES = ("models", "data_prep", "training", "hf", "utils", "serving")
 
 
-def run(command: list[str], out: Path, pythonpath: str | None) -> dict:
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+def run(command: list[str], out: Path, root: Path) -> dict:
+    """Run the command in `root` (this checkout, or the baseline's linked folder), with `root` as
+    the only project folder on the import path."""
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     log.info("running %s", " ".join([*command, "--out", str(out)]))
-    subprocess.run([*command, "--out", str(out)], cwd=REPO, env=env, check=True)
+    subprocess.run([*command, "--out", str(out)], cwd=root, env=env, check=True)
     return json.loads(out.read_text())
 
 
@@ -60,15 +61,18 @@ def main(argv=None) -> int:
     ).stdout.strip()
     results = {}
     with tempfile.TemporaryDirectory(prefix="baseline_") as tmp:
-        tree, shim = Path(tmp) / "tree", Path(tmp) / "shim" / "hyena_rtf"
+        tree, root = Path(tmp) / "tree", Path(tmp) / "root"
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), commit], cwd=REPO, check=True)
         try:
-            shim.mkdir(parents=True)
-            (shim / "__init__.py").write_text("")
+            (root / "hyena_rtf").mkdir(parents=True)
+            (root / "hyena_rtf" / "__init__.py").write_text("")
+            (root / "benchmarks").symlink_to(REPO / "benchmarks")
             for package in PACKAGES:
-                (shim / package).symlink_to(tree / package)
-            results["this tree"] = run(command, RESULTS / f"{name}_this_tree.json", None)
-            results[f"baseline {commit}"] = run(command, RESULTS / f"{name}_baseline_{commit}.json", str(shim.parent))
+                if (tree / package).is_dir():
+                    (root / package).symlink_to(tree / package)
+                    (root / "hyena_rtf" / package).symlink_to(tree / package)
+            results["this tree"] = run(command, RESULTS / f"{name}_this_tree.json", REPO)
+            results[f"baseline {commit}"] = run(command, RESULTS / f"{name}_baseline_{commit}.json", root)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
     side_by_side = {

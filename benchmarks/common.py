@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from hyena_rtf.utils.atomic import AtomicFile, write_text
+from utils.atomic import AtomicFile, write_text
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

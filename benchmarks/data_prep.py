@@ -33,9 +33,9 @@ import numpy
 import tokenizers
 
 from benchmarks.common import REPO, RESULTS, machine, write_json
-from hyena_rtf.data_prep import default_corpus
-from hyena_rtf.data_prep.prepare import default_workers, prepare
-from hyena_rtf.utils.logs import get_logger, setup_logging
+from data_prep import default_corpus
+from data_prep.prepare import default_workers, prepare
+from utils.logs import get_logger, setup_logging
 
 DATA = REPO / ".." / "shared" / "data"
 log = get_logger("bench")

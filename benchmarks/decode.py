@@ -65,12 +65,12 @@ from benchmarks.common import (
 )
 from benchmarks.decode_models import build_models, cache_bytes, estimate_bytes
 from benchmarks.decode_report import markdown, plot, print_rows, summary
-from hyena_rtf.models.hf_compat import cache_kwargs, output_cache
-from hyena_rtf.models.hyena import HyenaOperator, HyenaState
-from hyena_rtf.models.precision import DTYPES, dtype_from_name
-from hyena_rtf.models.rtf import RTF
-from hyena_rtf.models.static_decode import StaticDecoder, compile_options
-from hyena_rtf.utils.logs import get_logger, setup_logging
+from models.hf_compat import cache_kwargs, output_cache
+from models.hyena import HyenaOperator, HyenaState
+from models.precision import DTYPES, dtype_from_name
+from models.rtf import RTF
+from models.static_decode import StaticDecoder, compile_options
+from utils.logs import get_logger, setup_logging
 
 METHODS = ("hyena_rtf_recurrent", "hyena_rtf_compiled", "hyena_implicit", "gpt_neox_kv", "hyena_rtf_no_cache")
 DEFAULT_METHODS = METHODS[:4]

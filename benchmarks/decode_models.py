@@ -9,9 +9,9 @@ import torch
 from transformers import GPTNeoXForCausalLM
 
 from benchmarks.common import gpt_neox_baseline
-from hyena_rtf.models import HyenaRTFConfig, config_from_preset
-from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
-from hyena_rtf.models.precision import is_filter_param
+from models import HyenaRTFConfig, config_from_preset
+from models.modeling_hyena_rtf import HyenaRTFForCausalLM
+from models.precision import is_filter_param
 
 
 def build_models(args, device, dtype, methods) -> tuple[dict, HyenaRTFConfig]:

@@ -4,7 +4,7 @@ the RTF (polynomial) form, order by order.
 The source is an exported checkpoint with implicit filters trained at a long length, e.g. (English
 data from ../shared/data, about 15 CPU minutes):
 
-    python -m hyena_rtf.data_prep.prepare --input ../shared/data/pile_sample.jsonl.zst \\
+    python -m data_prep.prepare --input ../shared/data/pile_sample.jsonl.zst \\
         ../shared/data/tinyshakespeare_input.txt --out data/english --vocab-size 4096 --val-fraction 0.05
     python train.py --config configs/default.yaml model.filter=implicit data.dir=data/english \\
         data.seq_len=2048 train.micro_batch_size=4 train.global_batch_size=4 train.max_steps=400 \\
@@ -39,9 +39,9 @@ from matplotlib.figure import Figure
 from transformers import AutoModelForCausalLM
 
 from benchmarks.common import RESULTS, ints, machine, save_png, write_json
-from hyena_rtf.hf.distill_checkpoint import Options, distill_checkpoint
-from hyena_rtf.models.hf_compat import cache_kwargs, output_cache
-from hyena_rtf.utils.logs import get_logger, setup_logging
+from hf.distill_checkpoint import Options, distill_checkpoint
+from models.hf_compat import cache_kwargs, output_cache
+from utils.logs import get_logger, setup_logging
 
 log = get_logger("bench")
 

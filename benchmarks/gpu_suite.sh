@@ -32,8 +32,8 @@
 # Every JSON goes to $OUT_DIR (default benchmarks/results/; the dry run writes to a temporary folder)
 # as <stage>_<device>_<gpu-slug>_<date>.json, PNG beside it; the JSON's machine section names the
 # GPU and the date too. Needs python with torch and transformers (matplotlib only for the PNGs;
-# omegaconf, deepspeed and datasets are not imported). If the project is not installed, the
-# hyena_rtf package is mapped onto this checkout through a temporary folder on PYTHONPATH.
+# omegaconf, deepspeed and datasets are not imported). It runs from the repository root, where the
+# project's folders are its packages; nothing of the project needs installing.
 # PYTHON (default .venv/bin/python if present, else python3) and OUT_DIR may be set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -71,14 +71,8 @@ if [ "$DEVICE" = cuda ] && [ "$HAS_CUDA" != 1 ]; then
   exit 2
 fi
 
-# The project's modules as hyena_rtf.<folder>, without installing anything.
-if ! "$PYTHON" -c "import hyena_rtf.models" 2>/dev/null; then
-  shim=$(mktemp -d)
-  mkdir "$shim/hyena_rtf"
-  for pkg in models data_prep training hf utils; do ln -s "$PWD/$pkg" "$shim/hyena_rtf/$pkg"; done
-  export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
-  echo "[suite] hyena_rtf is not installed: mapped onto $PWD through $shim"
-fi
+# The project's folders are its packages: importable from here and by every child process.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 for optional in matplotlib psutil; do
   "$PYTHON" -c "import $optional" 2>/dev/null || echo "[suite] note: $optional is not installed (no PNGs / RSS memory)"
 done
@@ -156,7 +150,7 @@ import torch
 
 from benchmarks.common import machine, write_json
 from benchmarks.vendor_fftconv import fwd_bwd, load_kernels, median_ms, rel_error
-from hyena_rtf.models.fftconv import fft_causal_conv
+from models.fftconv import fft_causal_conv
 
 out, device, d, lengths, tokens, repeats = sys.argv[1], torch.device(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
 rows = []
@@ -205,7 +199,7 @@ with open(os.path.join(folder, "words.txt"), "w") as f:
     for start in range(0, words, 4096):  # lines of 4096 words
         f.write(" ".join(names[i] for i in ids[start : start + 4096]) + "\n")
 PY
-  "$PYTHON" -m hyena_rtf.data_prep.prepare --input "$1/words.txt" --tokenizer "$1/tokenizer.json" \
+  "$PYTHON" -m data_prep.prepare --input "$1/words.txt" --tokenizer "$1/tokenizer.json" \
     --out "$1/prepared" --val-fraction 0.05 --text-chunk-bytes 8192 --no-progress --workers 4 >/dev/null
 }
 
@@ -219,7 +213,7 @@ import sys
 import torch
 
 from benchmarks.common import machine, write_json
-from hyena_rtf.training.metrics import read_metrics
+from training.metrics import read_metrics
 
 runs = {}
 for run in sys.argv[2:]:

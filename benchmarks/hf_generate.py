@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import importlib.util
 import json
 import sys
 import time
@@ -42,10 +41,11 @@ import transformers
 from matplotlib.figure import Figure
 from transformers import GPTNeoXForCausalLM
 
-from benchmarks.common import REPO, RESULTS, gpt_neox_baseline, machine, save_png, write_json
-from hyena_rtf.models import config_from_preset
-from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
-from hyena_rtf.utils.logs import get_logger, setup_logging
+import generate
+from benchmarks.common import RESULTS, gpt_neox_baseline, machine, save_png, write_json
+from models import config_from_preset
+from models.modeling_hyena_rtf import HyenaRTFForCausalLM
+from utils.logs import get_logger, setup_logging
 
 METHODS = ("generate_cached", "generate_static", "generate_no_cache", "recurrent_loop", "gpt_neox_generate")
 BASELINE = "gpt_neox_generate"
@@ -82,17 +82,6 @@ def gpt_neox_like(config, max_positions: int) -> GPTNeoXForCausalLM:
     return model
 
 
-def load_generate_script():
-    """generate.py, the top-level script (not part of the installed package), loaded by path."""
-    spec = importlib.util.spec_from_file_location("hyena_rtf_generate", REPO / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-generate_script = load_generate_script()
-
-
 def record_calls(model) -> tuple[list[int], list[float]]:
     """Wrap model.forward so that every call appends how many positions it was fed, and the time
     at which it returned (so the prefill can be told from the decode steps)."""
@@ -117,7 +106,7 @@ def run_method(method: str, model, ids: torch.Tensor, new: int) -> torch.Tensor:
     if method == "recurrent_loop":
         tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=None)  # ids in, ids out: no text needed
         args = SimpleNamespace(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=new)
-        tokens, _ = generate_script.decode_ids(model, tokenizer, ids, torch.ones_like(ids), args)
+        tokens, _ = generate.decode_ids(model, tokenizer, ids, torch.ones_like(ids), args)
         return tokens
     extra = {"cache_implementation": "static"} if method == "generate_static" else {}
     out = model.generate(

@@ -41,9 +41,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import MEMORY_METHODS, cpu_memory_method, ints, machine, peak_memory, save_png, sync, write_json
-from hyena_rtf.models.implicit import ImplicitFilter
-from hyena_rtf.models.rtf import RTF
-from hyena_rtf.utils.logs import get_logger, setup_logging
+from models.implicit import ImplicitFilter
+from models.rtf import RTF
+from utils.logs import get_logger, setup_logging
 
 log = get_logger("bench")
 

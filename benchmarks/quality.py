@@ -47,12 +47,12 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from hyena_rtf.hf.loading import LoadError
-from hyena_rtf.hf.scoring import EvalError
-from hyena_rtf.training import config as train_config
-from hyena_rtf.training.build import build_model
-from hyena_rtf.training.data import open_split
-from hyena_rtf.utils.logs import error_exit, get_logger, setup_logging
+from hf.loading import LoadError
+from hf.scoring import EvalError
+from training import config as train_config
+from training.build import build_model
+from training.data import open_split
+from utils.logs import error_exit, get_logger, setup_logging
 
 from .common import REPO, RESULTS, ints, machine, write_json
 from .quality_presets import PRESETS, RUN_OVERRIDES, Preset, PresetError

@@ -8,7 +8,7 @@ rate differ. The RTF parameters keep their own lr (optim.rtf_lr, the RTF paper's
 run; the sweep is over optim.lr, the lr of everything else (the whole Transformer).
 
 cpu          the built-in corpus (Python standard-library sources, the byte-level BPE of 8192 tokens
-             that `python -m hyena_rtf.data_prep.prepare --out data/default` trains), the default
+             that `python -m data_prep.prepare --out data/default` trains), the default
              model (d 128, 4 layers, seq 256, batch 8), 300 steps = 614,400 tokens a run; scored on
              the first 50,000 tokens of the validation split. Sized for the 2-core machine, two runs
              at a time on one thread each: measured on 2026-12-04 with the machine shared (load
@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hyena_rtf.data_prep.prepare import prepare
+from data_prep.prepare import prepare
 
 from .common import REPO
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from hyena_rtf.hf.loading import load_tokenizer
-from hyena_rtf.hf.scoring import (
+from hf.loading import load_tokenizer
+from hf.scoring import (
     check_vocabulary,
     lambada_metrics,
     lambada_windows,
@@ -18,7 +18,7 @@ from hyena_rtf.hf.scoring import (
     perplexity_metrics,
     start_token_id,
 )
-from hyena_rtf.training.metrics import read_metrics
+from training.metrics import read_metrics
 
 from .quality_presets import Preset
 from .variants import parameter_count

@@ -32,14 +32,14 @@ import torch
 from matplotlib.figure import Figure
 
 from benchmarks.common import RESULTS, machine, save_png, write_json
-from hyena_rtf.models import config_from_preset, hyena
-from hyena_rtf.models.configuration_hyena_rtf import PRESETS
-from hyena_rtf.utils.logs import get_logger, setup_logging
+from models import config_from_preset, hyena
+from models.configuration_hyena_rtf import PRESETS
+from utils.logs import get_logger, setup_logging
 
 if hasattr(hyena, "make_filter"):  # a tree from before the filter registry (against_baseline.py)
     make_filter = hyena.make_filter
 else:
-    from hyena_rtf.models.filters import make_filter
+    from models.filters import make_filter
 
 LAYERS = (*PRESETS, "multihyena-125m")
 log = get_logger("bench")

@@ -45,7 +45,7 @@ METHODS = ("vllm_hyena", "vllm_gpt_neox", "generate")
 
 
 def hyena_config(args):
-    from hyena_rtf.models import config_from_preset
+    from models import config_from_preset
 
     return config_from_preset(args.preset, vocab_size=args.vocab, l_max=args.l_max, pad_token_id=0)
 
@@ -55,7 +55,7 @@ def state_bytes(args, method: str, prompt: int) -> int:
     config = hyena_config(args)
     if method == "vllm_gpt_neox":
         return 2 * config.n_layer * config.d_model * (prompt + args.new_tokens) * 4
-    from hyena_rtf.serving.hyena_mixer import state_shapes  # vLLM's modules load with it
+    from serving.hyena_mixer import state_shapes  # vLLM's modules load with it
 
     conv, filt = state_shapes(config)
     per_layer = conv[0] * conv[1] * 4 + filt[0] * filt[1] * filt[2] * 8
@@ -83,8 +83,8 @@ def export(args, method: str, folder: Path) -> Path:
         neox = gpt_neox_baseline(config, args.vocab, max(args.prompt_lengths) + args.new_tokens + 64)
         GPTNeoXForCausalLM(neox).save_pretrained(folder)
         return folder
-    from hyena_rtf.hf.export import save_hf_checkpoint
-    from hyena_rtf.models import HyenaRTFForCausalLM
+    from hf.export import save_hf_checkpoint
+    from models import HyenaRTFForCausalLM
 
     return save_hf_checkpoint(HyenaRTFForCausalLM(config).eval(), None, folder)
 
@@ -98,7 +98,7 @@ def measure(args, method: str, prompt: int) -> dict:
         if method == "generate":
             import torch
 
-            from hyena_rtf.models import HyenaRTFForCausalLM
+            from models import HyenaRTFForCausalLM
 
             model = HyenaRTFForCausalLM.from_pretrained(folder).eval()
             ids = torch.tensor(prompts)

@@ -67,9 +67,9 @@ from benchmarks.common import REPO, RESULTS, ints, machine, write_json
 from benchmarks.synthetic_report import markdown, plot, read_json, summarize
 from benchmarks.synthetic_tasks import IGNORE, MQAR, Copying, make_task
 from benchmarks.variants import VARIANTS, build_variant, parameter_count
-from hyena_rtf.models.modeling_hyena_rtf import next_token_nll
-from hyena_rtf.training.optim import lr_factor, make_optimizer, param_groups, set_lr
-from hyena_rtf.utils.logs import error_exit, get_logger, setup_logging
+from models.modeling_hyena_rtf import next_token_nll
+from training.optim import lr_factor, make_optimizer, param_groups, set_lr
+from utils.logs import error_exit, get_logger, setup_logging
 
 log = get_logger("synthetic")
 PROG = "python -m benchmarks.synthetic"

@@ -44,12 +44,12 @@ from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXAttention, GPT
 
 from benchmarks.common import ints, machine, write_json
 from benchmarks.train_throughput import build_model, make_step
-from hyena_rtf.models import config_from_preset
-from hyena_rtf.models.fftconv import fft_causal_conv
-from hyena_rtf.models.hyena import HyenaOperator
-from hyena_rtf.models.modeling_hyena_rtf import MLP, next_token_nll
-from hyena_rtf.training.optim import make_optimizer, param_groups
-from hyena_rtf.utils.logs import get_logger, setup_logging
+from models import config_from_preset
+from models.fftconv import fft_causal_conv
+from models.hyena import HyenaOperator
+from models.modeling_hyena_rtf import MLP, next_token_nll
+from training.optim import make_optimizer, param_groups
+from utils.logs import get_logger, setup_logging
 
 TOKENS = 8192
 log = get_logger("bench")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks.common import save_png
-from hyena_rtf.utils.logs import get_logger
+from utils.logs import get_logger
 
 MODELS = ("hyena_rtf", "hyena_implicit", "gpt_neox")
 BASELINE = "gpt_neox"

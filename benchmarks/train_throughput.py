@@ -80,12 +80,12 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.train_report import BASELINE, MODELS, markdown, plot
-from hyena_rtf.models import config_from_preset
-from hyena_rtf.models.fftconv import fast_fft_size
-from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM, next_token_nll
-from hyena_rtf.training.metrics import peak_flops, train_flops_per_token
-from hyena_rtf.training.optim import make_optimizer, param_groups
-from hyena_rtf.utils.logs import get_logger, setup_logging
+from models import config_from_preset
+from models.fftconv import fast_fft_size
+from models.modeling_hyena_rtf import HyenaRTFForCausalLM, next_token_nll
+from training.metrics import peak_flops, train_flops_per_token
+from training.optim import make_optimizer, param_groups
+from utils.logs import get_logger, setup_logging
 
 # The trainer's defaults (training/config.py OptimConfig); they do not change the time of a step.
 LR, RTF_LR, WEIGHT_DECAY, BETAS, EPS, GRAD_CLIP = 6e-4, 1e-3, 0.1, (0.9, 0.95), 1e-8, 1.0

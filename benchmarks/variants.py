@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
-from hyena_rtf.training.architectures import HYENA_ONLY_KEYS
-from hyena_rtf.training.build import build_model
-from hyena_rtf.training.config import load_config, resolve_model_kwargs
-from hyena_rtf.training.model_schema import model_defaults
+from models.configuration_hyena_rtf import HyenaRTFConfig
+from training.architectures import HYENA_ONLY_KEYS
+from training.build import build_model
+from training.config import load_config, resolve_model_kwargs
+from training.model_schema import model_defaults
 
 from .common import REPO
 

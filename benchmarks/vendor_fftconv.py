@@ -33,8 +33,8 @@ import time
 import torch
 
 from benchmarks.common import ints, machine, sync, write_json
-from hyena_rtf.models.fftconv import fft_causal_conv
-from hyena_rtf.utils.logs import get_logger, setup_logging
+from models.fftconv import fft_causal_conv
+from utils.logs import get_logger, setup_logging
 
 TOLERANCE = 1e-5
 log = get_logger("bench")

@@ -101,7 +101,7 @@ class PackedDataset:
         self.seq_len = int(seq_len)
         if self.seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        hint = f"prepare it with: python -m hyena_rtf.data_prep.prepare --out {self.data_dir}"
+        hint = f"prepare it with: python -m data_prep.prepare --out {self.data_dir}"
         if not self.data_dir.is_dir():
             raise FileNotFoundError(f"prepared data directory {self.data_dir} does not exist; {hint}")
         mpath = self.data_dir / MANIFEST

@@ -11,7 +11,7 @@ Files that are not valid UTF-8 (a few tests deliberately use other encodings) an
 The order is the sorted relative path, so the corpus is the same on every run of one Python.
 ``write_pile_shard`` exports it in The Pile's own format (``*.jsonl.zst``)::
 
-    python -m hyena_rtf.data_prep.default_corpus stdlib.jsonl.zst
+    python -m data_prep.default_corpus stdlib.jsonl.zst
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import zstandard
 
-from hyena_rtf.utils import atomic
-from hyena_rtf.utils.logs import get_logger, setup_logging
+from utils import atomic
+from utils.logs import get_logger, setup_logging
 
 from .readers import Source
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hyena_rtf.utils import atomic
+from utils import atomic
 
 from .layout import MANIFEST
 from .manifest import Manifest, ManifestError, SplitInfo

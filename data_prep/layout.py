@@ -21,7 +21,7 @@ import json
 import os
 from contextlib import contextmanager
 
-from hyena_rtf.utils import atomic
+from utils import atomic
 
 FORMAT = "hyena-rtf-data-prep/1"
 MANIFEST = "manifest.json"

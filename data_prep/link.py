@@ -4,7 +4,7 @@ pre-tokenized Pile) for training without re-tokenizing or copying them.
 ``link_indexed`` writes a prepared directory whose manifest points at the files by absolute path,
 plus the tokenizer.json, so that ``PackedDataset(DIR, split, seq_len)`` reads them. CLI::
 
-    python -m hyena_rtf.data_prep.prepare --indexed-train pile_train_text_document \
+    python -m data_prep.prepare --indexed-train pile_train_text_document \
         --indexed-val pile_val_text_document --tokenizer 20B_tokenizer.json --out DIR
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hyena_rtf.utils import atomic
+from utils import atomic
 
 from .indexed import IndexedDataset, bin_path, idx_path
 from .layout import FORMAT, KIND, TOKENIZER, TRAIN, VAL, replacing

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hyena_rtf.utils import atomic
+from utils import atomic
 
 from .layout import FORMAT, MANIFEST, TOKENIZER, canonical_json
 

@@ -1,8 +1,8 @@
 """Prepare a training directory: read a corpus, tokenize it in parallel, write token shards.
 
-    python -m hyena_rtf.data_prep.prepare --input 'pile/train/*.jsonl.zst' --tokenizer 20B_tokenizer.json \\
+    python -m data_prep.prepare --input 'pile/train/*.jsonl.zst' --tokenizer 20B_tokenizer.json \\
         --out DIR --workers N
-    python -m hyena_rtf.data_prep.prepare --out DIR        # embedded default corpus + a BPE trained on it
+    python -m data_prep.prepare --out DIR        # embedded default corpus + a BPE trained on it
 
 Output layout (``DIR``): ``layout.py``. The tokenizer is a given one copied byte for byte, or one
 trained here; ``stamp.json`` is the fingerprint of inputs + settings, for the up-to-date check
@@ -35,7 +35,7 @@ it broke (``"skip"``). A run that would write no document at all (every record b
 filtered out) is an error naming the inputs and what was skipped, by reason.
 
 Command-line errors (bad input, tokenizer, settings, an output folder that is read-only, full or
-not data_prep's) are one line on stderr (``python -m hyena_rtf.data_prep.prepare: error: ...``,
+not data_prep's) are one line on stderr (``python -m data_prep.prepare: error: ...``,
 ``utils.logs``) and exit status 2; with ``HYENA_RTF_DEBUG=1`` they are raised with their traceback
 instead. Progress goes to stderr as ``[data_prep] ...``.
 """
@@ -51,9 +51,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from hyena_rtf.utils import atomic
-from hyena_rtf.utils.cli import OneLineParser, UsageError
-from hyena_rtf.utils.logs import error_exit, get_logger, setup_logging
+from utils import atomic
+from utils.cli import OneLineParser, UsageError
+from utils.logs import error_exit, get_logger, setup_logging
 
 from . import default_corpus
 from .indexed import TOKEN_DTYPES
@@ -67,7 +67,7 @@ from .stream import check_readable, records, train_texts
 from .tokenizer import TokenizerError, check_vocab_size, choose_dtype, load_data_tokenizer, train_bpe
 from .writer import ShardBuilder, available_cores
 
-PROG = "python -m hyena_rtf.data_prep.prepare"
+PROG = "python -m data_prep.prepare"
 DEFAULT_PIECE = 1 << 16  # characters per tokenizer call when text_chunk_bytes is 0
 # Settings that the corpus pass for BPE training and the shard writer both take as they are.
 _SPLIT_SETTINGS = ("seed", "val_fraction", "pile_sets", "text_key", "on_error")

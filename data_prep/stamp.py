@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from hyena_rtf.utils import atomic
+from utils import atomic
 
 from .indexed import bin_path, idx_path
 from .layout import FORMAT, MANIFEST, STAMP, TOKENIZER, canonical_json

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from hyena_rtf.utils.logs import get_logger
+from utils.logs import get_logger
 
 from .readers import DocumentError, SourceError, iter_records, validate_record
 from .tokenizer import piece_spans

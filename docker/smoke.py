@@ -38,8 +38,8 @@ def check_versions() -> None:
 
 
 def run_tiny_model() -> float:
-    from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
-    from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
+    from models.configuration_hyena_rtf import HyenaRTFConfig
+    from models.modeling_hyena_rtf import HyenaRTFForCausalLM
 
     torch.manual_seed(0)
     model = HyenaRTFForCausalLM(HyenaRTFConfig(vocab_size=64, d_model=32, n_layer=2, l_max=32, state_size=4))

@@ -58,9 +58,9 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers.utils import logging as hf_logging
 
-from hyena_rtf.hf.export import check_export_target, save_hf_checkpoint
-from hyena_rtf.hf.loading import check_model_folder, load_tokenizer
-from hyena_rtf.hf.scoring import (
+from hf.export import check_export_target, save_hf_checkpoint
+from hf.loading import check_model_folder, load_tokenizer
+from hf.scoring import (
     check_device,
     check_vocabulary,
     default_context_length,
@@ -74,8 +74,8 @@ from hyena_rtf.hf.scoring import (
     summarize,
     window_batches,
 )
-from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
-from hyena_rtf.models.distill import (
+from models.configuration_hyena_rtf import HyenaRTFConfig
+from models.distill import (
     R_MAX,
     FilterFit,
     ModalFit,
@@ -84,12 +84,12 @@ from hyena_rtf.models.distill import (
     filter_bank_taps,
     memory_error,
 )
-from hyena_rtf.models.hf_compat import cache_kwargs, output_cache
-from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
-from hyena_rtf.models.precision import FILTER_MODULE, is_filter_param
-from hyena_rtf.models.rtf import fft_length
-from hyena_rtf.utils.atomic import write_bytes, write_text
-from hyena_rtf.utils.logs import ROOT, get_logger
+from models.hf_compat import cache_kwargs, output_cache
+from models.modeling_hyena_rtf import HyenaRTFForCausalLM
+from models.precision import FILTER_MODULE, is_filter_param
+from models.rtf import fft_length
+from utils.atomic import write_bytes, write_text
+from utils.logs import ROOT, get_logger
 
 log = get_logger("distill")
 

@@ -38,11 +38,11 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from hyena_rtf.data_prep.tokenizer import hf_tokenizer
-from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
-from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM, HyenaRTFModel
-from hyena_rtf.models.precision import is_filter_param
-from hyena_rtf.utils.atomic import (
+from data_prep.tokenizer import hf_tokenizer
+from models.configuration_hyena_rtf import HyenaRTFConfig
+from models.modeling_hyena_rtf import HyenaRTFForCausalLM, HyenaRTFModel
+from models.precision import is_filter_param
+from utils.atomic import (
     NotReplaceableError,
     check_apart,
     check_replaceable,

@@ -1,7 +1,7 @@
 """Loading Hugging Face checkpoint folders for the command lines (generate.py, evaluate_lm.py)
 without running code the user did not ask to run, and with one-line errors.
 
-Importing `hyena_rtf.models` registers Hyena-RTF with transformers' Auto classes, so this project's
+Importing `models` registers Hyena-RTF with transformers' Auto classes, so this project's
 own checkpoints load from the installed code, whatever Python files their folder holds. Any other
 custom architecture needs `trust_remote_code=True`, which the CLIs pass only when the user gives
 `--trust-remote-code`; without it, transformers' refusal becomes one line that names the flag.
@@ -17,8 +17,8 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-import hyena_rtf.models  # noqa: F401  (registers the Auto classes; see above)
-from hyena_rtf.data_prep.tokenizer import hf_tokenizer
+import models  # noqa: F401  (registers the Auto classes; see above)
+from data_prep.tokenizer import hf_tokenizer
 
 
 class LoadError(ValueError):

@@ -43,11 +43,11 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from hyena_rtf.data_prep.indexed import MMapIndexedDataset
-from hyena_rtf.data_prep.readers import Source, SourceError, classify, iter_records, validate_record
-from hyena_rtf.hf.loading import load_pretrained
-from hyena_rtf.models.hf_compat import cache_kwargs, output_cache
-from hyena_rtf.models.precision import dtype_from_name
+from data_prep.indexed import MMapIndexedDataset
+from data_prep.readers import Source, SourceError, classify, iter_records, validate_record
+from hf.loading import load_pretrained
+from models.hf_compat import cache_kwargs, output_cache
+from models.precision import dtype_from_name
 
 # Where configs keep their trained length (l_max: Hyena-RTF); the default --context-length.
 CONTEXT_CONFIG_KEYS = (

@@ -22,7 +22,7 @@ HF=$RUN/hf
 stamp "setup done"
 
 # 1. The embedded default corpus (Python standard-library sources) and a BPE trained on it.
-$PY -m hyena_rtf.data_prep.prepare --out "$DATA" --no-progress
+$PY -m data_prep.prepare --out "$DATA" --no-progress
 stamp "data ready in $DATA"
 
 # 2. Train. Prints the unigram-baseline perplexity of the validation tokens and the model's; at

@@ -33,9 +33,9 @@ from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
-from hyena_rtf.models.fftconv import fft_causal_conv
-from hyena_rtf.models.filters import make_filter
-from hyena_rtf.models.hyena import short_causal_conv, short_conv_step
+from models.fftconv import fft_causal_conv
+from models.filters import make_filter
+from models.hyena import short_causal_conv, short_conv_step
 
 
 def filter_channels(config) -> int:

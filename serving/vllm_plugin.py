@@ -16,12 +16,12 @@ Hyena-RTF checkpoint is served.
 
 from __future__ import annotations
 
-from hyena_rtf.models import HyenaRTFConfig  # importing it registers the config with transformers' AutoConfig
+from models import HyenaRTFConfig  # importing it registers the config with transformers' AutoConfig
 
 from .servable import refusal
 
 ARCHITECTURE = "HyenaRTFForCausalLM"
-MODEL_CLASS = "hyena_rtf.serving.vllm_model:HyenaRTFForCausalLM"
+MODEL_CLASS = "serving.vllm_model:HyenaRTFForCausalLM"
 
 
 def register() -> None:

@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from hyena_rtf.data_prep.prepare import prepare
-from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
-from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
-from hyena_rtf.training.config import load_config, resolve_batch
-from hyena_rtf.training.dist_env import detect_env
-from hyena_rtf.training.engine import DeepSpeedEngine, deepspeed_config
-from hyena_rtf.training.metrics import read_metrics
-from hyena_rtf.training.optim import make_optimizer, param_groups
-from hyena_rtf.training.trainer import run
+from data_prep.prepare import prepare
+from models.configuration_hyena_rtf import HyenaRTFConfig
+from models.modeling_hyena_rtf import HyenaRTFForCausalLM
+from training.config import load_config, resolve_batch
+from training.dist_env import detect_env
+from training.engine import DeepSpeedEngine, deepspeed_config
+from training.metrics import read_metrics
+from training.optim import make_optimizer, param_groups
+from training.trainer import run
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -84,7 +84,6 @@ def child_env(threads: int | None = None) -> dict:
     compared bit for bit with an in-process run must add up in the same order."""
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(threads or torch.get_num_threads())
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["HF_HUB_OFFLINE"] = "1"
     return env
 

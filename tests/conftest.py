@@ -5,6 +5,13 @@ import atexit
 import os
 import shutil
 import tempfile
+from pathlib import Path
+
+# The project's folders are its packages, imported from the repository root (pyproject's pytest
+# `pythonpath`); the scripts and `python -m` commands the tests start, in any folder, get the root on
+# their import path the same way a user's shell would give it.
+ROOT = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 # The whole suite runs offline, and the code that trust_remote_code loads goes to a throwaway folder,
 # never the user's cache. Set here, before any test module imports transformers (huggingface_hub

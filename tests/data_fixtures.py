@@ -13,9 +13,9 @@ from pathlib import Path
 
 import zstandard
 
-from hyena_rtf.data_prep.prepare import PROG, main
-from hyena_rtf.data_prep.tokenizer import train_bpe
-from hyena_rtf.utils import atomic
+from data_prep.prepare import PROG, main
+from data_prep.tokenizer import train_bpe
+from utils import atomic
 
 ERROR = f"{PROG}: error: "  # how the CLI starts its one error line (utils.logs.error_exit)
 

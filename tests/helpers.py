@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,20 +13,15 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from hyena_rtf.models import HyenaRTFConfig, HyenaRTFForCausalLM
+from models import HyenaRTFConfig, HyenaRTFForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def load_script(name: str):
-    """A top-level script (generate.py, evaluate_lm.py) as a module, loaded by path once per process:
-    the scripts are not part of the installed package, and this works whatever the current folder."""
-    module_name = f"hyena_rtf_{name.removesuffix('.py')}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, REPO / name)
-        module = sys.modules[module_name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
+    """A top-level script (generate.py, evaluate_lm.py) as the module it is: `generate.py` is
+    `import generate` from the repository root, like every other file of the tree."""
+    return importlib.import_module(name.removesuffix(".py"))
 
 
 def naive_greedy(
@@ -186,7 +180,7 @@ def decode_tolerance(model, eps: float, floor: float = 0.0) -> float:
     the output of a filter sums its terms with a cancellation of at most `amplification`
     (models/modal.py); 64 covers the rounding of the products, the layers and the steps. Never
     below `floor` (the rounding of the rest of the network, which the caller knows)."""
-    from hyena_rtf.models.modal import amplification
+    from models.modal import amplification
 
     worst = 1.0
     for module in model.modules():

@@ -12,8 +12,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import decode, train_throughput
-from hyena_rtf.models import config_from_preset
-from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
+from models import config_from_preset
+from models.modeling_hyena_rtf import HyenaRTFForCausalLM
 
 TINY = ["--device", "cpu", "--preset", "tiny", "--d-model", "32", "--vocab-size", "256"]
 

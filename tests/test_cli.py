@@ -10,17 +10,14 @@ from pathlib import Path
 import pytest
 
 import train
-from hyena_rtf.data_prep import prepare
+from data_prep import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def script(name: str):
-    """A root script (generate.py, evaluate_lm.py, distill.py) as a module, by path."""
-    spec = importlib.util.spec_from_file_location(f"cli_{name}", REPO / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """A root script (generate.py, evaluate_lm.py, distill.py): `generate.py` is `import generate`."""
+    return importlib.import_module(name)
 
 
 COMMANDS = {

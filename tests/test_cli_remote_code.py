@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, load_script, tiny_model, train_tiny_tokenizer
 
-from hyena_rtf.hf.export import save_hf_checkpoint
-from hyena_rtf.hf.loading import RemoteCodeRefused
+from hf.export import save_hf_checkpoint
+from hf.loading import RemoteCodeRefused
 
 pytestmark = pytest.mark.hf
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from _train_utils import REPO, child_env, error_line
 
-from hyena_rtf.training.config import ConfigError
-from hyena_rtf.training.dist_env import choose_device, detect_env
+from training.config import ConfigError
+from training.dist_env import choose_device, detect_env
 
 LAUNCH_VARS = (
     "WORLD_SIZE",

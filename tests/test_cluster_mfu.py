@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyena_rtf.training import metrics
-from hyena_rtf.training.metrics import peak_flops, peak_flops_for_name
+from training import metrics
+from training.metrics import peak_flops, peak_flops_for_name
 
 NAMES = {
     "NVIDIA H100 80GB HBM3": 989.5e12,  # SXM

@@ -12,9 +12,9 @@ import pytest
 import torch
 from _train_utils import TINY, in_process_deepspeed
 
-from hyena_rtf.training.config import load_config, resolve_batch
-from hyena_rtf.training.dist_env import DistEnv
-from hyena_rtf.training.engine import DS_BUCKET_ELEMENTS, TorchEngine, configure_tf32, deepspeed_config
+from training.config import load_config, resolve_batch
+from training.dist_env import DistEnv
+from training.engine import DS_BUCKET_ELEMENTS, TorchEngine, configure_tf32, deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
@@ -144,7 +144,7 @@ def test_an_engine_on_a_cuda_device_applies_the_choice(tf32_flags):
 @pytest.mark.parametrize("strict", [False, True])
 def test_train_strict_fp32_reaches_the_engine(tf32_flags, strict):
     """The config key `train.strict_fp32` is what the user sets; build_engine passes it on."""
-    from hyena_rtf.training.build import build_engine
+    from training.build import build_engine
 
     cfg = load_config(None, [*TINY, f"train.strict_fp32={str(strict).lower()}"])
     model = torch.nn.Linear(2, 2)

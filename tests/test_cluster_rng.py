@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyena_rtf.training import rng
+from training import rng
 
 
 class FakeCuda:

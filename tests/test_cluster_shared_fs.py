@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from _train_utils import REPO, TINY, child_env, error_line, free_port
 
-from hyena_rtf.training.checkpoint import CheckpointError
-from hyena_rtf.training.config import load_config
-from hyena_rtf.training.dist_env import SHARED_CHECK_PREFIX, check_shared_out_dir
-from hyena_rtf.training.resume import check_resume, find_resume
+from training.checkpoint import CheckpointError
+from training.config import load_config
+from training.dist_env import SHARED_CHECK_PREFIX, check_shared_out_dir
+from training.resume import check_resume, find_resume
 
 TIMEOUT_S = 150  # four processes starting on two cores take ~30 s; a hang would take forever
 
@@ -139,7 +139,7 @@ def test_a_rank_that_cannot_read_the_checkpoint_still_enters_the_collective(tmp_
 
 
 def test_a_rank_whose_checks_pass_refuses_with_a_failed_peer(tmp_path, monkeypatch):
-    import hyena_rtf.training.resume as resume
+    import training.resume as resume
 
     monkeypatch.setattr(resume.ckpt, "read_trainer_state", lambda p: {"step": 4})
     monkeypatch.setattr(resume.ckpt, "read_stamp", lambda p: {})

@@ -26,14 +26,14 @@ import torch
 import torch.distributed as dist
 from _train_utils import TINY, free_port, in_process_deepspeed
 
-from hyena_rtf.training import engine as engine_mod
-from hyena_rtf.training import metrics, zero_elastic
-from hyena_rtf.training.checkpoint import hash_shares
-from hyena_rtf.training.config import load_config
-from hyena_rtf.training.data import StepPrefetcher, pin_for
-from hyena_rtf.training.engine import Engine, TorchEngine, lm_loss
-from hyena_rtf.training.metrics import LogWindow, read_metrics
-from hyena_rtf.training.trainer import Trainer, run
+from training import engine as engine_mod
+from training import metrics, zero_elastic
+from training.checkpoint import hash_shares
+from training.config import load_config
+from training.data import StepPrefetcher, pin_for
+from training.engine import Engine, TorchEngine, lm_loss
+from training.metrics import LogWindow, read_metrics
+from training.trainer import Trainer, run
 
 ACCUM = 4  # micro 4 x accumulation 4: global batch 16 on one process
 
@@ -95,11 +95,11 @@ def test_the_step_loss_is_the_float64_sum_it_was(monkeypatch):
     """TorchEngine: the reported loss is sum_i float(loss_i) / accum, the micro-batch losses (as
     the engine computed them, recorded here) summed in float64 in their order: what the former
     host-side sum gave, bit for bit."""
-    from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
-    from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
-    from hyena_rtf.training.config import resolve_batch
-    from hyena_rtf.training.dist_env import DistEnv
-    from hyena_rtf.training.optim import make_optimizer, param_groups
+    from models.configuration_hyena_rtf import HyenaRTFConfig
+    from models.modeling_hyena_rtf import HyenaRTFForCausalLM
+    from training.config import resolve_batch
+    from training.dist_env import DistEnv
+    from training.optim import make_optimizer, param_groups
 
     torch.manual_seed(0)
     model = HyenaRTFForCausalLM(HyenaRTFConfig(vocab_size=512, d_model=32, n_layer=2, l_max=64, state_size=4))
@@ -224,7 +224,7 @@ def test_runs_leave_no_prefetch_thread_behind(corpus, tmp_path, monkeypatch):
     """A run stopped by train.stop_after_steps, and one whose step raises, end with the thread
     gone (closed in train_loop's finally), and a run trains on the batches step_micro_batches
     gives (the thread changes where they are read, not which)."""
-    from hyena_rtf.training.data import step_micro_batches
+    from training.data import step_micro_batches
 
     seen = []
     real = TorchEngine.train_step
@@ -237,8 +237,8 @@ def test_runs_leave_no_prefetch_thread_behind(corpus, tmp_path, monkeypatch):
     cfg = tiny_cfg(corpus, tmp_path / "stop", "train.stop_after_steps=3", "train.eval_every=0")
     assert run(cfg)["step"] == 3
     assert _prefetch_threads() == []
-    from hyena_rtf.data_prep.dataset import PackedDataset
-    from hyena_rtf.training.config import resolve_batch
+    from data_prep.dataset import PackedDataset
+    from training.config import resolve_batch
 
     ds, plan = PackedDataset(str(corpus), "train", 64), resolve_batch(cfg.train, 1)
     for step, got in enumerate(seen):

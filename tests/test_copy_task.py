@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_config
 
-from hyena_rtf.models import HyenaRTFForCausalLM
+from models import HyenaRTFForCausalLM
 
 VOCAB, DELAY, LENGTH = 16, 32, 128
 

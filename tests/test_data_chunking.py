@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from hyena_rtf.data_prep.indexed import IndexedDataset
-from hyena_rtf.data_prep.prepare import prepare
-from hyena_rtf.data_prep.tokenizer import piece_spans, train_bpe
+from data_prep.indexed import IndexedDataset
+from data_prep.prepare import prepare
+from data_prep.tokenizer import piece_spans, train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".." / "shared" / "data"
@@ -47,7 +47,7 @@ def _text(n_words, seed=0):
 # mark of this (forking) test process; VmHWM starts afresh at exec.
 _MEASURE = """
 import json, sys, tokenizers
-from hyena_rtf.data_prep.prepare import prepare
+from data_prep.prepare import prepare
 def hwm():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 d = sys.argv[1]

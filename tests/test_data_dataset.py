@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from hyena_rtf.data_prep.dataset import PackedDataset, get_batch, permute, sample_indices
-from hyena_rtf.data_prep.indexed import IndexedDataset
-from hyena_rtf.data_prep.prepare import prepare
+from data_prep.dataset import PackedDataset, get_batch, permute, sample_indices
+from data_prep.indexed import IndexedDataset
+from data_prep.prepare import prepare
 
 
 @pytest.fixture(scope="module")

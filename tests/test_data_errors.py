@@ -12,8 +12,8 @@ import pytest
 import zstandard
 from data_fixtures import BAD, ERROR, beside, build_prepared, cli_args, jsonl, one_error_line, snapshot
 
-from hyena_rtf.data_prep.prepare import main
-from hyena_rtf.data_prep.tokenizer import TokenizerError
+from data_prep.prepare import main
+from data_prep.tokenizer import TokenizerError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def test_a_binary_tokenizer_file_is_a_one_line_error(tmp_path):
     (tmp_path / "tok.bin").write_bytes(bytes(range(256)) * 16)
     (tmp_path / "a.txt").write_text("some text")
     r = subprocess.run(
-        [sys.executable, "-m", "hyena_rtf.data_prep.prepare"]
+        [sys.executable, "-m", "data_prep.prepare"]
         + cli_args(tmp_path / "a.txt", tmp_path / "out", tmp_path / "tok.bin"),
         cwd=ROOT,
         capture_output=True,

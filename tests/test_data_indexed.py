@@ -5,10 +5,10 @@ import struct
 import numpy as np
 import pytest
 
-from hyena_rtf.data_prep.dataset import PackedDataset
-from hyena_rtf.data_prep.indexed import IndexedDataset, IndexedWriter, IndexFormatError, MMapIndexedDataset
-from hyena_rtf.data_prep.link import link_indexed
-from hyena_rtf.data_prep.tokenizer import TokenizerError, train_bpe
+from data_prep.dataset import PackedDataset
+from data_prep.indexed import IndexedDataset, IndexedWriter, IndexFormatError, MMapIndexedDataset
+from data_prep.link import link_indexed
+from data_prep.tokenizer import TokenizerError, train_bpe
 
 
 def _write_megatron_by_hand(prefix, seqs, doc_starts, dtype=np.int32, code=4):
@@ -167,7 +167,7 @@ def test_inconsistent_offsets_sizes_or_doc_idx_are_rejected(tmp_path, damage):
 def test_a_pair_that_disagrees_with_its_manifest_is_rejected(tmp_path):
     """Consistent files that are not the ones the manifest describes (another dataset's pair
     copied in): the token count and file sizes must match the manifest's."""
-    from hyena_rtf.data_prep.prepare import prepare
+    from data_prep.prepare import prepare
 
     (tmp_path / "a.jsonl").write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(30)))
     (tmp_path / "b.jsonl").write_text("".join(f'{{"text": "other {i} words here"}}\n' for i in range(60)))

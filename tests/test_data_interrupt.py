@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hyena_rtf.data_prep.tokenizer import train_bpe
+from data_prep.tokenizer import train_bpe
 
 pytestmark = [
     pytest.mark.slow,
@@ -40,7 +40,7 @@ def _cmd(d, out):
     return [
         sys.executable,
         "-m",
-        "hyena_rtf.data_prep.prepare",
+        "data_prep.prepare",
         "--input",
         str(d / "big.jsonl"),
         "--tokenizer",

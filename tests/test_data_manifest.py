@@ -9,13 +9,13 @@ import shutil
 import pytest
 from data_fixtures import corpus, jsonl
 
-from hyena_rtf.data_prep.dataset import PackedDataset
-from hyena_rtf.data_prep.indexed import IndexedDataset
-from hyena_rtf.data_prep.layout import FORMAT, MANIFEST, TRAIN, VAL
-from hyena_rtf.data_prep.link import link_indexed
-from hyena_rtf.data_prep.manifest import Manifest, ManifestError
-from hyena_rtf.data_prep.prepare import prepare
-from hyena_rtf.utils.atomic import NotReplaceableError
+from data_prep.dataset import PackedDataset
+from data_prep.indexed import IndexedDataset
+from data_prep.layout import FORMAT, MANIFEST, TRAIN, VAL
+from data_prep.link import link_indexed
+from data_prep.manifest import Manifest, ManifestError
+from data_prep.prepare import prepare
+from utils.atomic import NotReplaceableError
 
 SETTINGS = dict(vocab_size=300, workers=1, val_fraction=0.1, verbose=False)
 

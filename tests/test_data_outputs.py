@@ -9,8 +9,8 @@ import pytest
 import zstandard
 from data_fixtures import ERROR, beside, build_prepared, checksums, one_error_line, snapshot
 
-from hyena_rtf.data_prep.prepare import main
-from hyena_rtf.utils import atomic
+from data_prep.prepare import main
+from utils import atomic
 
 
 @pytest.fixture

@@ -8,10 +8,10 @@ import zstandard
 from data_fixtures import BAD, corpus, jsonl
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from hyena_rtf.data_prep.indexed import IndexedDataset
-from hyena_rtf.data_prep.prepare import prepare
-from hyena_rtf.data_prep.readers import DocumentError, SourceError
-from hyena_rtf.data_prep.tokenizer import TokenizerError
+from data_prep.indexed import IndexedDataset
+from data_prep.prepare import prepare
+from data_prep.readers import DocumentError, SourceError
+from data_prep.tokenizer import TokenizerError
 
 GOOD = [
     "Hello world.\nA second line.",

@@ -5,8 +5,8 @@ import json
 import pytest
 import zstandard
 
-from hyena_rtf.data_prep import default_corpus
-from hyena_rtf.data_prep.readers import Kind, SourceError, _Counter, expand_inputs, iter_records, validate_record
+from data_prep import default_corpus
+from data_prep.readers import Kind, SourceError, _Counter, expand_inputs, iter_records, validate_record
 
 
 def _pile_lines(n, start=0):

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import zstandard
 
-from hyena_rtf.data_prep.dataset import PackedDataset, get_batch
-from hyena_rtf.data_prep.indexed import IndexedDataset
-from hyena_rtf.data_prep.prepare import prepare
+from data_prep.dataset import PackedDataset, get_batch
+from data_prep.indexed import IndexedDataset
+from data_prep.prepare import prepare
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 PILE, TOK, SHAKES = DATA / "pile_sample.jsonl.zst", DATA / "20B_tokenizer.json", DATA / "tinyshakespeare_input.txt"

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from hyena_rtf.data_prep.tokenizer import EOS_CANDIDATES, TokenizerError, hf_tokenizer, load_data_tokenizer, train_bpe
+from data_prep.tokenizer import EOS_CANDIDATES, TokenizerError, hf_tokenizer, load_data_tokenizer, train_bpe
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 SAMPLE = "Hello wörld, naïve café 🙂\n  tabs\tand <|endoftext|> inside x=1;"

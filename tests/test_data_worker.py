@@ -3,10 +3,10 @@ result of a chunk (what was rejected or filtered, each split's tokens, the held-
 
 import pytest
 
-from hyena_rtf.data_prep import worker
-from hyena_rtf.data_prep.readers import Kind, Record
-from hyena_rtf.data_prep.tokenizer import train_bpe
-from hyena_rtf.data_prep.worker import Chunk, Rejected, WorkerSettings, doc_hash, init_worker, is_val, tokenize_chunk
+from data_prep import worker
+from data_prep.readers import Kind, Record
+from data_prep.tokenizer import train_bpe
+from data_prep.worker import Chunk, Rejected, WorkerSettings, doc_hash, init_worker, is_val, tokenize_chunk
 
 SEED = 6  # puts 2 of the 6 TEXTS into a 40% validation split
 TEXTS = ["some words", "to learn", "words", "more words to learn", "learn some", "to words"]

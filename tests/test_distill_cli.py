@@ -31,11 +31,11 @@ from helpers import REPO, load_script, naive_greedy, tiny_model, train_tiny_toke
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from hyena_rtf.hf import distill_checkpoint
-from hyena_rtf.hf.export import save_hf_checkpoint
-from hyena_rtf.models.distill import distill_filters
-from hyena_rtf.models.hf_compat import output_cache
-from hyena_rtf.models.hyena import HyenaState
+from hf import distill_checkpoint
+from hf.export import save_hf_checkpoint
+from models.distill import distill_filters
+from models.hf_compat import output_cache
+from models.hyena import HyenaState
 
 pytestmark = pytest.mark.hf
 

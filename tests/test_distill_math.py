@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from hyena_rtf.models import distill
-from hyena_rtf.models.distill import distill_filters, distill_modal, filter_bank_taps, load_fit
-from hyena_rtf.models.distill_init import hankel_shape, rtf_from_response
-from hyena_rtf.models.distill_lm import _rtf_system
-from hyena_rtf.models.distill_poles import rtf_from_companion
-from hyena_rtf.models.implicit import ImplicitFilter
-from hyena_rtf.models.rtf import RTF, rational_kernel
+from models import distill
+from models.distill import distill_filters, distill_modal, filter_bank_taps, load_fit
+from models.distill_init import hankel_shape, rtf_from_response
+from models.distill_lm import _rtf_system
+from models.distill_poles import rtf_from_companion
+from models.implicit import ImplicitFilter
+from models.rtf import RTF, rational_kernel
 
 F64 = torch.float64
 

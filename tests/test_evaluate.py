@@ -84,9 +84,9 @@ def build_tiny_gpt_neox(path):
 def build_tiny_hyena_rtf(path):
     """Our model, exported the way train.py exports it; l_max 64 < the longest document, so
     scoring also runs past the trained length (the recurrence must still match the FFT form)."""
-    from hyena_rtf.hf.export import save_hf_checkpoint
-    from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
-    from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
+    from hf.export import save_hf_checkpoint
+    from models.configuration_hyena_rtf import HyenaRTFConfig
+    from models.modeling_hyena_rtf import HyenaRTFForCausalLM
 
     tokenizer_file = path / "source_tokenizer.json"
     tiny_tokenizer().backend_tokenizer.save(str(tokenizer_file))
@@ -473,8 +473,8 @@ def test_shard_input_with_data_prep_reader(model_dir, reference, tmp_path):
 def test_shard_prepared_by_data_prep(model_dir, reference, tmp_path):
     """End to end with the real pipeline: data_prep.prepare writes the shard folder, evaluate_lm.py
     scores its val split; tokens and bytes agree with data_prep's manifest."""
-    from hyena_rtf.data_prep.indexed import MMapIndexedDataset
-    from hyena_rtf.data_prep.prepare import prepare
+    from data_prep.indexed import MMapIndexedDataset
+    from data_prep.prepare import prepare
 
     source = tmp_path / "corpus.jsonl"
     source.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_documents(seed=7, lengths=(8, 15, 25) * 6)))
@@ -637,8 +637,8 @@ def test_an_id_in_the_heads_padding_rows_is_refused():
     (the logits are cut at vocab_size): refused like any foreign id (was an IndexError in the loss)."""
     from types import SimpleNamespace
 
-    from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
-    from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
+    from models.configuration_hyena_rtf import HyenaRTFConfig
+    from models.modeling_hyena_rtf import HyenaRTFForCausalLM
 
     config = HyenaRTFConfig(vocab_size=300, d_model=32, n_layer=1, l_max=64, state_size=4, n_head=4)
     model = HyenaRTFForCausalLM(config)

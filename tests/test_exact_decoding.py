@@ -28,10 +28,10 @@ from _train_utils import torch_threads
 from helpers import decode_tolerance, load_script
 from transformers import AutoModelForCausalLM
 
-from hyena_rtf.models import HyenaRTFConfig, HyenaRTFForCausalLM
-from hyena_rtf.models.hf_compat import cache_kwargs, output_cache
-from hyena_rtf.training.config import load_config
-from hyena_rtf.training.trainer import run as train
+from models import HyenaRTFConfig, HyenaRTFForCausalLM
+from models.hf_compat import cache_kwargs, output_cache
+from training.config import load_config
+from training.trainer import run as train
 
 pytestmark = pytest.mark.hf
 RTOL = 1e-4

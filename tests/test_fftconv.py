@@ -13,7 +13,7 @@ import torch
 from helpers import FFTSpy, np_causal_conv
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hyena_rtf.models.fftconv import fast_fft_size, fft_causal_conv
+from models.fftconv import fast_fft_size, fft_causal_conv
 
 
 def circular_conv_same_length(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -210,7 +210,7 @@ def test_second_derivative_is_refused_not_wrong():
     k = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
         torch.autograd.grad(fft_causal_conv(u, k).square().sum(), u, create_graph=True)
-    from hyena_rtf.models import HyenaRTFConfig, HyenaRTFForCausalLM
+    from models import HyenaRTFConfig, HyenaRTFForCausalLM
 
     model = HyenaRTFForCausalLM(HyenaRTFConfig(vocab_size=32, d_model=8, n_layer=1, l_max=16, state_size=4))
     model = model.double().eval()

@@ -19,11 +19,11 @@ import torch
 from helpers import load_script, tiny_config, train_tiny_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
-from hyena_rtf.data_prep.tokenizer import hf_tokenizer
-from hyena_rtf.hf.export import save_hf_checkpoint
-from hyena_rtf.models import RTF, HyenaRTFForCausalLM
-from hyena_rtf.models.precision import cast_keeping_filters
-from hyena_rtf.utils.logs import setup_logging
+from data_prep.tokenizer import hf_tokenizer
+from hf.export import save_hf_checkpoint
+from models import RTF, HyenaRTFForCausalLM
+from models.precision import cast_keeping_filters
+from utils.logs import setup_logging
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "generate.py"

@@ -17,9 +17,9 @@ import pytest
 from helpers import REPO, counting_backend, load_script, slow_poles, tiny_model, train_tiny_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from hyena_rtf.data_prep.tokenizer import hf_tokenizer
-from hyena_rtf.hf.export import save_hf_checkpoint
-from hyena_rtf.models import static_decode
+from data_prep.tokenizer import hf_tokenizer
+from hf.export import save_hf_checkpoint
+from models import static_decode
 
 gen = load_script("generate.py")
 REAL_RUN = gen.run  # run_generate replaces gen.run by a wrapper around this

@@ -14,9 +14,9 @@ import pytest
 import torch
 from helpers import naive_greedy, spy_on_forward, tiny_config, train_tiny_tokenizer
 
-from hyena_rtf.models import HyenaRTFForCausalLM
-from hyena_rtf.models.hf_compat import cache_kwargs, output_cache
-from hyena_rtf.models.hyena import HyenaState
+from models import HyenaRTFForCausalLM
+from models.hf_compat import cache_kwargs, output_cache
+from models.hyena import HyenaState
 
 pytestmark = pytest.mark.hf  # CI runs these under every supported transformers release
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hyena_rtf.models import attention, hyena, modeling_hyena_rtf
-from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
-from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
+from models import attention, hyena, modeling_hyena_rtf
+from models.configuration_hyena_rtf import HyenaRTFConfig
+from models.modeling_hyena_rtf import HyenaRTFForCausalLM
 
 RTOL = 1e-12
 

@@ -23,10 +23,10 @@ import torch
 from helpers import REPO, load_script, naive_greedy, spy_on_forward, tiny_model, train_tiny_tokenizer
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from hyena_rtf.data_prep.tokenizer import hf_tokenizer
-from hyena_rtf.hf.export import save_hf_checkpoint
-from hyena_rtf.models import HyenaRTFCache, HyenaRTFConfig, HyenaRTFForCausalLM, HyenaRTFModel
-from hyena_rtf.models.hf_compat import CACHE_NAMES, cache_kwargs, output_cache
+from data_prep.tokenizer import hf_tokenizer
+from hf.export import save_hf_checkpoint
+from models import HyenaRTFCache, HyenaRTFConfig, HyenaRTFForCausalLM, HyenaRTFModel
+from models.hf_compat import CACHE_NAMES, cache_kwargs, output_cache
 
 pytestmark = pytest.mark.hf
 
@@ -234,7 +234,7 @@ README_CHILD = textwrap.dedent(r"""
     import builtins, sys
     from_repo = sys.argv[2] == "from_repo"
     if from_repo:
-        import hyena_rtf.models as models  # the repository's package: registers the Auto classes
+        import models as models  # the repository's package: registers the Auto classes
     else:
         sys.modules["models"] = None  # only the code saved in the checkpoint may be used
 
@@ -277,7 +277,7 @@ def test_readme_snippet_runs_without_prompts_or_deprecation_warnings(exported, t
         assert unwanted not in proc.stderr, proc.stderr[-3000:]
     module = proc.stdout.split("module: ")[-1].strip()
     if where == "from_repo":
-        assert module == "hyena_rtf.models.modeling_hyena_rtf"
+        assert module == "models.modeling_hyena_rtf"
     else:
         assert module.startswith("transformers_modules."), module
         assert module.endswith(".modeling_hyena_rtf"), module

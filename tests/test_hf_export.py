@@ -19,9 +19,9 @@ import torch
 from helpers import tiny_config, train_tiny_tokenizer
 from tokenizers import Tokenizer
 
-from hyena_rtf.data_prep.tokenizer import hf_tokenizer
-from hyena_rtf.hf.export import save_hf_checkpoint
-from hyena_rtf.models import HyenaRTFForCausalLM
+from data_prep.tokenizer import hf_tokenizer
+from hf.export import save_hf_checkpoint
+from models import HyenaRTFForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = "The quick brown fox jumps over the lazy dog. It was"
@@ -178,7 +178,7 @@ def test_bf16_export_keeps_rtf_parameters_float32(exported):
 def test_every_exported_file_gets_the_users_umask(tmp_path):
     """A shared cluster: with umask 022 every file of the export is 0644, the weights included
     (transformers writes them through a private 0600 temporary file)."""
-    from hyena_rtf.models import HyenaRTFForCausalLM
+    from models import HyenaRTFForCausalLM
 
     model = HyenaRTFForCausalLM(tiny_config(vocab_size=320))
     old = os.umask(0o022)

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from helpers import load_script, naive_greedy, spy_on_forward, tiny_config, train_tiny_tokenizer
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from hyena_rtf.data_prep.tokenizer import hf_tokenizer
-from hyena_rtf.hf.export import save_hf_checkpoint
-from hyena_rtf.models import HyenaRTFForCausalLM
+from data_prep.tokenizer import hf_tokenizer
+from hf.export import save_hf_checkpoint
+from models import HyenaRTFForCausalLM
 
 pytestmark = pytest.mark.hf
 

@@ -19,9 +19,9 @@ import torch
 from helpers import naive_greedy, spy_on_forward, tiny_model, train_tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from hyena_rtf.hf.export import save_hf_checkpoint
-from hyena_rtf.models import StaticHyenaRTFCache
-from hyena_rtf.models.hf_compat import cache_kwargs, output_cache
+from hf.export import save_hf_checkpoint
+from models import StaticHyenaRTFCache
+from models.hf_compat import cache_kwargs, output_cache
 
 pytestmark = pytest.mark.hf
 
@@ -47,12 +47,12 @@ def run_child(code: str, *args: str, tmp_path) -> str:
 # ---- 1. save_pretrained in a process that imported the project --------------------------------
 SAVE_CHILD = textwrap.dedent(r"""
     import sys, warnings
-    import hyena_rtf.models  # the no-flag path: the Auto classes know Hyena-RTF
+    import models  # the no-flag path: the Auto classes know Hyena-RTF
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     src, saved, trained = sys.argv[1:4]
     model = AutoModelForCausalLM.from_pretrained(src)  # no trust_remote_code: the installed code
-    assert type(model).__module__ == "hyena_rtf.models.modeling_hyena_rtf", type(model).__module__
+    assert type(model).__module__ == "models.modeling_hyena_rtf", type(model).__module__
     model.save_pretrained(saved)
     Trainer(model=model, args=TrainingArguments(output_dir=trained + "_run", report_to=[])).save_model(trained)
 """)

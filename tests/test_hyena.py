@@ -16,9 +16,9 @@ import pytest
 import torch
 from helpers import FFTSpy, np_causal_conv
 
-from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
-from hyena_rtf.models.hyena import HyenaOperator, short_causal_conv, short_conv_step
-from hyena_rtf.models.rtf import RTF
+from models.configuration_hyena_rtf import HyenaRTFConfig
+from models.hyena import HyenaOperator, short_causal_conv, short_conv_step
+from models.rtf import RTF
 
 
 def P(t: torch.Tensor) -> np.ndarray:

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from hyena_rtf.models.modal import ModalFilter, ModalSystem, amplification, blocked_powers, state_dtype
-from hyena_rtf.models.rtf import RTF, convert_rtf, rational_kernel
+from models.modal import ModalFilter, ModalSystem, amplification, blocked_powers, state_dtype
+from models.rtf import RTF, convert_rtf, rational_kernel
 
 EPS64 = float(np.finfo(np.float64).eps)
 EPS32 = float(np.finfo(np.float32).eps)
@@ -302,8 +302,8 @@ def test_montel_filters_convert_to_rounding():
 def test_modal_filter_parameters_get_the_filter_optimizer_group():
     """Like the RTF's, a modal filter's poles, residues and h0 get optim.rtf_lr and no weight decay
     (own_optimizer_group), and nothing else does."""
-    from hyena_rtf.models import HyenaRTFConfig, HyenaRTFForCausalLM
-    from hyena_rtf.training.optim import param_groups
+    from models import HyenaRTFConfig, HyenaRTFForCausalLM
+    from training.optim import param_groups
 
     model = HyenaRTFForCausalLM(
         HyenaRTFConfig(vocab_size=64, d_model=8, n_layer=1, l_max=32, state_size=4, filter="modal")

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from helpers import FFTSpy, tiny_config
 
-import hyena_rtf.models.attention as attention_module
-from hyena_rtf.models import HyenaRTFConfig, HyenaRTFForCausalLM, config_from_preset
+import models.attention as attention_module
+from models import HyenaRTFConfig, HyenaRTFForCausalLM, config_from_preset
 
 
 def tiny_lm(seed=0, dtype=torch.float64, **kw) -> HyenaRTFForCausalLM:

@@ -23,14 +23,14 @@ from torch.func import functional_call
 from transformers import AutoModelForCausalLM
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-from hyena_rtf.hf.export import save_hf_checkpoint
-from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
-from hyena_rtf.models.hyena import HyenaOperator
-from hyena_rtf.models.multihyena import MultiHyenaOperator
-from hyena_rtf.training.config import load_config
-from hyena_rtf.training.export import model_from_checkpoint
-from hyena_rtf.training.metrics import read_metrics
-from hyena_rtf.training.trainer import run
+from hf.export import save_hf_checkpoint
+from models.configuration_hyena_rtf import HyenaRTFConfig
+from models.hyena import HyenaOperator
+from models.multihyena import MultiHyenaOperator
+from training.config import load_config
+from training.export import model_from_checkpoint
+from training.metrics import read_metrics
+from training.trainer import run
 
 L_MAX = 24
 
@@ -293,7 +293,7 @@ def test_export_loads_with_the_same_logits(tmp_path):
         auto = AutoModelForCausalLM.from_pretrained(ckpt).eval()
         exported_cls = get_class_from_dynamic_module("modeling_hyena_rtf.HyenaRTFForCausalLM", str(ckpt))
         exported = exported_cls.from_pretrained(ckpt).eval()
-        for loaded, package in ((auto, "hyena_rtf.models."), (exported, "transformers_modules.")):
+        for loaded, package in ((auto, "models."), (exported, "transformers_modules.")):
             mixer = type(loaded.model.layers[0].mixer)
             assert (mixer.__name__, loaded.config.multi_hyena_heads) == ("MultiHyenaOperator", 4)
             assert mixer.__module__.startswith(package) and mixer.__module__.endswith(".multihyena")

@@ -10,9 +10,9 @@ import pytest
 from data_fixtures import checksums
 from helpers import load_script, tiny_model, train_tiny_tokenizer
 
-from hyena_rtf.hf import export as hf_export
-from hyena_rtf.hf.export import save_hf_checkpoint
-from hyena_rtf.utils import atomic
+from hf import export as hf_export
+from hf.export import save_hf_checkpoint
+from utils import atomic
 
 ev = load_script("evaluate_lm.py")
 distill = load_script("distill.py")

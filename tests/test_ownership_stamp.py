@@ -15,10 +15,10 @@ import pytest
 from data_fixtures import build_prepared, checksums, cli_args, corpus, jsonl, one_error_line
 from helpers import tiny_model, train_tiny_tokenizer
 
-from hyena_rtf.data_prep import readers
-from hyena_rtf.data_prep.prepare import main
-from hyena_rtf.hf.export import save_hf_checkpoint
-from hyena_rtf.utils import atomic
+from data_prep import readers
+from data_prep.prepare import main
+from hf.export import save_hf_checkpoint
+from utils import atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,7 +197,7 @@ def test_dev_zero_is_one_line_in_bounded_memory(tmp_path):
     is now one line, exit 2, at once."""
     tok = train_tiny_tokenizer(tmp_path / "tok.json")
     env = {**os.environ, "RAYON_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "hyena_rtf.data_prep.prepare", "--input", "/dev/zero", "--tokenizer", tok]
+    cmd = [sys.executable, "-m", "data_prep.prepare", "--input", "/dev/zero", "--tokenizer", tok]
     cmd += ["--out", str(tmp_path / "out"), "--workers", "1", "--no-progress"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env, preexec_fn=_limit_memory)
     err = done.stderr.strip().splitlines()

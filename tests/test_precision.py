@@ -13,17 +13,17 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from hyena_rtf.hf.export import save_hf_checkpoint
-from hyena_rtf.models import HyenaRTFConfig, HyenaRTFForCausalLM
-from hyena_rtf.models.implicit import ImplicitFilter
-from hyena_rtf.models.precision import (
+from hf.export import save_hf_checkpoint
+from models import HyenaRTFConfig, HyenaRTFForCausalLM
+from models.implicit import ImplicitFilter
+from models.precision import (
     FILTER_MODULE,
     Float32Parameters,
     cast_keeping_filters,
     check_filters_float32,
     dtype_from_name,
 )
-from hyena_rtf.models.rtf import RTF
+from models.rtf import RTF
 
 FILTERS = (RTF, ImplicitFilter)
 

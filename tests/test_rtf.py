@@ -32,9 +32,9 @@ import pytest
 import torch
 from helpers import FFTSpy, np_causal_conv
 
-from hyena_rtf.models.fftconv import fft_causal_conv
-from hyena_rtf.models.modal import amplification
-from hyena_rtf.models.rtf import RTF
+from models.fftconv import fft_causal_conv
+from models.modal import amplification
+from models.rtf import RTF
 
 EPS64 = np.finfo(np.float64).eps
 EPS32 = np.finfo(np.float32).eps

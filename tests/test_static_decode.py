@@ -18,11 +18,11 @@ import torch
 from helpers import counting_backend, decode_tolerance, naive_greedy, slow_poles, tiny_model
 from transformers import CompileConfig
 
-from hyena_rtf.models.attention import StaticKV
-from hyena_rtf.models.cache import StaticHyenaRTFCache
-from hyena_rtf.models.hf_compat import cache_kwargs, output_cache
-from hyena_rtf.models.hyena import HyenaState
-from hyena_rtf.models.static_decode import (
+from models.attention import StaticKV
+from models.cache import StaticHyenaRTFCache
+from models.hf_compat import cache_kwargs, output_cache
+from models.hyena import HyenaState
+from models.static_decode import (
     StaticDecoder,
     StaticDecodeUnsupported,
     check_static_decoding,

@@ -19,8 +19,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from hyena_rtf.data_prep.tokenizer import hf_tokenizer
-from hyena_rtf.hf.streaming import CONTEXT, Streamer
+from data_prep.tokenizer import hf_tokenizer
+from hf.streaming import CONTEXT, Streamer
 
 pytestmark = pytest.mark.hf  # decode() is transformers' (its clean-up rules changed across 5.x)
 

@@ -18,12 +18,12 @@ from tokenizers import Tokenizer
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 import train
-from hyena_rtf.data_prep.tokenizer import hf_tokenizer
-from hyena_rtf.training.build import build_model
-from hyena_rtf.training.config import load_config
-from hyena_rtf.training.export import model_from_checkpoint
-from hyena_rtf.training.metrics import read_metrics
-from hyena_rtf.training.trainer import run
+from data_prep.tokenizer import hf_tokenizer
+from training.build import build_model
+from training.config import load_config
+from training.export import model_from_checkpoint
+from training.metrics import read_metrics
+from training.trainer import run
 
 pytestmark = pytest.mark.hf  # the export's contract with transformers, under every supported release
 

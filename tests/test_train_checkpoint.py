@@ -18,9 +18,9 @@ import torch
 from _train_utils import TINY, error_line
 
 import train
-from hyena_rtf.data_prep.prepare import prepare
-from hyena_rtf.training import checkpoint as ckpt
-from hyena_rtf.training.rng import load_rng, save_rng
+from data_prep.prepare import prepare
+from training import checkpoint as ckpt
+from training.rng import load_rng, save_rng
 
 
 def args(corpus, out_dir, *extra):

@@ -14,18 +14,18 @@ import torch.nn as nn
 from _train_utils import REPO
 
 import train
-from hyena_rtf.models.configuration_hyena_rtf import PRESETS, HyenaRTFConfig
-from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
-from hyena_rtf.models.rtf import RTF
-from hyena_rtf.training.config import (
+from models.configuration_hyena_rtf import PRESETS, HyenaRTFConfig
+from models.modeling_hyena_rtf import HyenaRTFForCausalLM
+from models.rtf import RTF
+from training.config import (
     ConfigError,
     check_optional_packages,
     load_config,
     resolve_batch,
     resolve_model_kwargs,
 )
-from hyena_rtf.training.engine import deepspeed_config
-from hyena_rtf.training.optim import lr_factor, param_groups
+from training.engine import deepspeed_config
+from training.optim import lr_factor, param_groups
 
 PRESET_FILES = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*.yaml"))
 

@@ -22,10 +22,10 @@ import torch
 from _train_utils import assert_close, assert_resized, curve, in_process_deepspeed, launch
 from safetensors.torch import load_file
 
-from hyena_rtf.models.rtf import RTF
-from hyena_rtf.training import checkpoint as ckpt
-from hyena_rtf.training import engine as engine_mod
-from hyena_rtf.training.metrics import read_metrics
+from models.rtf import RTF
+from training import checkpoint as ckpt
+from training import engine as engine_mod
+from training.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 

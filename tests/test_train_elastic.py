@@ -30,9 +30,9 @@ import pytest
 import torch
 from _train_utils import assert_close, assert_resized, curve, launch
 
-from hyena_rtf.training import checkpoint as ckpt
-from hyena_rtf.training.resume import check_resume_compatible
-from hyena_rtf.training.zero_elastic import FULL_STATE_FILE
+from training import checkpoint as ckpt
+from training.resume import check_resume_compatible
+from training.zero_elastic import FULL_STATE_FILE
 
 pytestmark = pytest.mark.slow
 

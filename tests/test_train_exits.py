@@ -15,10 +15,10 @@ import pytest
 from _train_utils import TINY, error_line
 
 import train
-from hyena_rtf.training import checkpoint as ckpt
-from hyena_rtf.training import trainer as trainer_mod
-from hyena_rtf.training.preemption import Interrupted, StopRequest, deferred
-from hyena_rtf.training.runlock import RunLock, claim_run_dir
+from training import checkpoint as ckpt
+from training import trainer as trainer_mod
+from training.preemption import Interrupted, StopRequest, deferred
+from training.runlock import RunLock, claim_run_dir
 
 
 def args(corpus, out_dir, *extra):

@@ -15,8 +15,8 @@ import pytest
 from _train_utils import TINY, error_line, torch_threads
 
 import train
-from hyena_rtf.training.config import load_config
-from hyena_rtf.training.trainer import run
+from training.config import load_config
+from training.trainer import run
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -136,7 +136,7 @@ def test_a_full_disk_during_train_py_export_is_one_line_and_keeps_the_earlier_ex
     folder, exit 2, and the earlier export is still there, file for file."""
     import errno
 
-    from hyena_rtf.hf import export as hf_export
+    from hf import export as hf_export
 
     _, out = trained_run
     hf = tmp_path / "hf"
@@ -169,7 +169,7 @@ def test_ctrl_c_or_a_checkpoint_pruned_during_train_py_export_is_one_line(
     """Both were tracebacks (exit 1): a Ctrl-C while the weights are read, and a checkpoint file that
     a running job pruned between the manifest check and the read. Now one line with the documented
     code (130: interrupted, 2: the input), and the earlier export stays as it was."""
-    from hyena_rtf.training import export as train_export
+    from training import export as train_export
 
     _, out = trained_run
     hf = tmp_path / "hf"

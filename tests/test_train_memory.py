@@ -15,8 +15,8 @@ from _train_utils import TINY, error_line
 from torch._subclasses.fake_tensor import FakeTensor
 
 import train
-from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
-from hyena_rtf.training import architectures, memory
+from models.configuration_hyena_rtf import HyenaRTFConfig
+from training import architectures, memory
 
 CASES = {
     "hyena rtf": dict(d_model=32, n_layer=3, state_size=4),

@@ -22,7 +22,7 @@ import torch
 from _train_utils import TINY, error_line
 
 import train
-from hyena_rtf.training import checkpoint as ckpt
+from training import checkpoint as ckpt
 
 
 def args(corpus, out_dir, *extra):

@@ -17,17 +17,17 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train
-from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
-from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
-from hyena_rtf.training import checkpoint as ckpt
-from hyena_rtf.training import engine as engine_mod
-from hyena_rtf.training.config import load_config, resolve_batch
-from hyena_rtf.training.dist_env import DistEnv
-from hyena_rtf.training.engine import TorchEngine
-from hyena_rtf.training.export import model_from_checkpoint
-from hyena_rtf.training.metrics import read_metrics
-from hyena_rtf.training.optim import make_optimizer, param_groups
-from hyena_rtf.training.trainer import TrainingError, run
+from models.configuration_hyena_rtf import HyenaRTFConfig
+from models.modeling_hyena_rtf import HyenaRTFForCausalLM
+from training import checkpoint as ckpt
+from training import engine as engine_mod
+from training.config import load_config, resolve_batch
+from training.dist_env import DistEnv
+from training.engine import TorchEngine
+from training.export import model_from_checkpoint
+from training.metrics import read_metrics
+from training.optim import make_optimizer, param_groups
+from training.trainer import TrainingError, run
 
 
 def tiny(corpus, out_dir, *extra):
@@ -94,7 +94,7 @@ def test_interrupted_and_resumed_run_reproduces_losses_exactly(corpus, reference
 
 KILL_DURING_SAVE = """
 import os, signal, sys
-import hyena_rtf.training.engine as E
+import training.engine as E
 orig = E.TorchEngine.save
 def save(self, d):
     orig(self, d)

@@ -16,8 +16,8 @@ from benchmarks.variants import (
     run_overrides,
     variant_overrides,
 )
-from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
-from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
+from models.configuration_hyena_rtf import HyenaRTFConfig
+from models.modeling_hyena_rtf import HyenaRTFForCausalLM
 
 # The synthetic suite's kind of base: it sets a state size, which every RTF variant overrides.
 BASE = ["model.d_model=32", "model.n_layer=4", "model.n_head=4", "model.state_size=256"]

@@ -32,9 +32,9 @@ from typing import Any
 
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedConfig, PreTrainedModel
 
-from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
-from hyena_rtf.models.modeling_hyena_rtf import HyenaRTFForCausalLM
-from hyena_rtf.training.model_schema import DEFAULT_ARCH, model_defaults
+from models.configuration_hyena_rtf import HyenaRTFConfig
+from models.modeling_hyena_rtf import HyenaRTFForCausalLM
+from training.model_schema import DEFAULT_ARCH, model_defaults
 
 ARCHS = (DEFAULT_ARCH, "gpt_neox")
 

@@ -17,15 +17,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel
 
-from hyena_rtf.models.configuration_hyena_rtf import HyenaRTFConfig
-from hyena_rtf.models.precision import check_filters_float32
-from hyena_rtf.training import architectures, memory
-from hyena_rtf.training.config import BatchPlan, ConfigError, fill_model_section, resolve_model_kwargs
-from hyena_rtf.training.dist_env import DistEnv
-from hyena_rtf.training.engine import DeepSpeedEngine, Engine, TorchEngine, deepspeed_config
-from hyena_rtf.training.optim import make_optimizer, param_groups
-from hyena_rtf.training.rng import seed_everything
-from hyena_rtf.utils.logs import get_logger
+from models.configuration_hyena_rtf import HyenaRTFConfig
+from models.precision import check_filters_float32
+from training import architectures, memory
+from training.config import BatchPlan, ConfigError, fill_model_section, resolve_model_kwargs
+from training.dist_env import DistEnv
+from training.engine import DeepSpeedEngine, Engine, TorchEngine, deepspeed_config
+from training.optim import make_optimizer, param_groups
+from training.rng import seed_everything
+from utils.logs import get_logger
 
 
 def build_model(

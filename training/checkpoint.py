@@ -86,12 +86,12 @@ from dataclasses import dataclass
 
 import torch
 
-from hyena_rtf.training.engine import DS_TAG, Engine, TorchEngine
-from hyena_rtf.training.preemption import deferred
-from hyena_rtf.training.rng import RngFileError, load_rng, save_rng
-from hyena_rtf.training.runlock import read_run_id
-from hyena_rtf.utils.atomic import fsync_dir, write_text
-from hyena_rtf.utils.logs import get_logger
+from training.engine import DS_TAG, Engine, TorchEngine
+from training.preemption import deferred
+from training.rng import RngFileError, load_rng, save_rng
+from training.runlock import read_run_id
+from utils.atomic import fsync_dir, write_text
+from utils.logs import get_logger
 
 log = get_logger("train")
 

@@ -36,9 +36,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from hyena_rtf.models.configuration_hyena_rtf import PRESETS, HyenaRTFConfig
-from hyena_rtf.training.architectures import ARCHS, HYENA_ONLY_KEYS
-from hyena_rtf.training.model_schema import DEFAULT_ARCH, model_schema
+from models.configuration_hyena_rtf import PRESETS, HyenaRTFConfig
+from training.architectures import ARCHS, HYENA_ONLY_KEYS
+from training.model_schema import DEFAULT_ARCH, model_schema
 
 
 class ConfigError(ValueError):

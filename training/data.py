@@ -27,8 +27,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from hyena_rtf.data_prep.dataset import PackedDataset, get_batch
-from hyena_rtf.training.config import BatchPlan
+from data_prep.dataset import PackedDataset, get_batch
+from training.config import BatchPlan
 
 
 class DataError(RuntimeError):
@@ -36,7 +36,7 @@ class DataError(RuntimeError):
 
 
 def prepare_hint(data_dir: str) -> str:
-    return f"prepare it first, e.g. `python -m hyena_rtf.data_prep.prepare --out {data_dir}` (see scripts/main.sh)"
+    return f"prepare it first, e.g. `python -m data_prep.prepare --out {data_dir}` (see scripts/main.sh)"
 
 
 def open_split(data_dir: str, split: str, seq_len: int):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hyena_rtf.training.config import ConfigError
+from training.config import ConfigError
 
 
 @dataclass(frozen=True)

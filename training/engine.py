@@ -39,10 +39,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from hyena_rtf.models.modeling_hyena_rtf import next_token_nll
-from hyena_rtf.training.config import BatchPlan, check_deepspeed_extra
-from hyena_rtf.training.dist_env import DistEnv
-from hyena_rtf.training.zero_elastic import ZeroFullState, group_param_names
+from models.modeling_hyena_rtf import next_token_nll
+from training.config import BatchPlan, check_deepspeed_extra
+from training.dist_env import DistEnv
+from training.zero_elastic import ZeroFullState, group_param_names
 
 # --------------------------------------------------------------------------------------------
 # Shared pieces

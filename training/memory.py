@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GPTNeoXConfig, PreTrainedConfig
 
-from hyena_rtf.training import architectures
+from training import architectures
 
 GIB = 2**30
 

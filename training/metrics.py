@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hyena_rtf.utils.atomic import write_text
+from utils.atomic import write_text
 
 # Dense bf16 tensor-core peak per GPU (no 2:4 sparsity), from the vendors' datasheets, which
 # mostly print the sparse figure: dense is half of it. MFU is always reported against this peak,

@@ -30,7 +30,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from hyena_rtf.models.long_filter import LongFilter
+from models.long_filter import LongFilter
 
 
 def param_groups(model: nn.Module, lr: float, rtf_lr: float, weight_decay: float) -> list[dict]:

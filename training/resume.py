@@ -28,10 +28,10 @@ import os
 
 from omegaconf import DictConfig, OmegaConf
 
-from hyena_rtf.training import checkpoint as ckpt
-from hyena_rtf.training.checkpoint import CheckpointError
-from hyena_rtf.training.zero_elastic import FULL_STATE_FILE, has_full_state
-from hyena_rtf.utils.logs import get_logger
+from training import checkpoint as ckpt
+from training.checkpoint import CheckpointError
+from training.zero_elastic import FULL_STATE_FILE, has_full_state
+from utils.logs import get_logger
 
 log = get_logger("train")
 

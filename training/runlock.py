@@ -36,9 +36,9 @@ import secrets
 import socket
 import time
 
-from hyena_rtf.training.config import ConfigError
-from hyena_rtf.utils.atomic import fsync_dir
-from hyena_rtf.utils.logs import get_logger
+from training.config import ConfigError
+from utils.atomic import fsync_dir
+from utils.logs import get_logger
 
 log = get_logger("train")
 LOCK_FILE = ".run.lock"

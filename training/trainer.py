@@ -35,13 +35,13 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from hyena_rtf.data_prep.dataset import PackedDataset
-from hyena_rtf.training import checkpoint as ckpt
-from hyena_rtf.training import metrics as metrics_clock
-from hyena_rtf.training.architectures import attention_shape
-from hyena_rtf.training.build import build_engine, build_model
-from hyena_rtf.training.config import BatchPlan, ConfigError, check_optional_packages, resolve_batch, to_yaml
-from hyena_rtf.training.data import (
+from data_prep.dataset import PackedDataset
+from training import checkpoint as ckpt
+from training import metrics as metrics_clock
+from training.architectures import attention_shape
+from training.build import build_engine, build_model
+from training.config import BatchPlan, ConfigError, check_optional_packages, resolve_batch, to_yaml
+from training.data import (
     StepPrefetcher,
     check_sizes,
     check_token_ids,
@@ -51,7 +51,7 @@ from hyena_rtf.training.data import (
     step_micro_batches,
     unigram_perplexity,
 )
-from hyena_rtf.training.dist_env import (
+from training.dist_env import (
     DistEnv,
     check_shared_out_dir,
     choose_device,
@@ -59,15 +59,15 @@ from hyena_rtf.training.dist_env import (
     detect_env,
     ensure_single_process_env,
 )
-from hyena_rtf.training.engine import DeepSpeedEngine, Engine, StepResult
-from hyena_rtf.training.export import check_run_export_dir, export_checkpoint, run_export_dir
-from hyena_rtf.training.metrics import LogWindow, MetricsLogger, peak_flops, train_flops_per_token
-from hyena_rtf.training.optim import lr_factor, set_lr
-from hyena_rtf.training.preemption import StopRequest
-from hyena_rtf.training.resume import check_resume, data_fingerprint, find_resume
-from hyena_rtf.training.runlock import RunLock, claim_run_dir
-from hyena_rtf.utils.atomic import NotReplaceableError, write_text
-from hyena_rtf.utils.logs import ROOT, get_logger, setup_logging
+from training.engine import DeepSpeedEngine, Engine, StepResult
+from training.export import check_run_export_dir, export_checkpoint, run_export_dir
+from training.metrics import LogWindow, MetricsLogger, peak_flops, train_flops_per_token
+from training.optim import lr_factor, set_lr
+from training.preemption import StopRequest
+from training.resume import check_resume, data_fingerprint, find_resume
+from training.runlock import RunLock, claim_run_dir
+from utils.atomic import NotReplaceableError, write_text
+from utils.logs import ROOT, get_logger, setup_logging
 
 log = get_logger("train")
 
