@@ -23,10 +23,10 @@ Bad input (a folder that is not a Hyena-RTF checkpoint, no Hyena layer, an order
 status 2, before anything is written. OUT (and --report) are checked before the fit: writable, and
 apart from the inputs (OUT may not be the checkpoint or a --data file, lie inside one, or contain
 one, realpath compared, --overwrite or not). OUT is replaced only as train.py's export replaces a
-folder (hf/export.py: by the stamp an earlier export wrote, never by names). A write that fails
+folder (export/folder.py: by the stamp an earlier export wrote, never by names). A write that fails
 (full disk, read-only folder, permission denied, a file removed meanwhile) is one line naming the
 path, exit 2; Ctrl-C is one line, exit 130; either way OUT is the earlier folder or the new one
-whole. The steps in full: hf/distill_checkpoint.py.
+whole. The steps in full: distillation/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ from pathlib import Path
 
 import torch
 
-from hf.distill_checkpoint import DistillError, Options, distill_checkpoint
+from distillation.checkpoint import DistillError, Options, distill_checkpoint
+from distillation.fit import R_MAX
+from evaluation.scoring import EvalError
 from hf.loading import LoadError
-from hf.scoring import EvalError
-from models.distill import R_MAX
 from utils.atomic import NotReplaceableError, check_apart, check_writable
 from utils.cli import OneLineParser, UsageError
 from utils.logs import error_exit, setup_logging

@@ -3,7 +3,7 @@
     python evaluate_lm.py CKPT --data ../shared/data/wikitext2_raw_test.raw --context-length 1024
     python evaluate_lm.py CKPT --data DATA_PREP_DIR more.jsonl.zst --lambada lambada_test.jsonl --output r.json
 
-Perplexity and bits per byte are defined, and computed, in hf/scoring.py (shared with distill.py):
+Perplexity and bits per byte are defined, and computed, in evaluation/scoring.py (shared with distill.py):
 every document token is scored once, after a start token (BOS, else EOS), by sliding windows of
 `--context-length C` inputs started every `--stride S` tokens (1 <= S <= C; S = C, the default,
 gives disjoint windows). `--mode recurrent` computes the same windows token by token through the
@@ -36,12 +36,11 @@ import torch
 import transformers
 
 from data_prep.indexed import MMapIndexedDataset
-from hf.loading import LoadError, check_model_folder, load_tokenizer
 
-# The scoring code lives in hf/scoring.py (shared with distill.py and benchmarks/quality.py, LAMBADA
+# The scoring code lives in evaluation/scoring.py (shared with distill.py and benchmarks/quality.py, LAMBADA
 # included); the names marked F401 are not
 # used here but stay reachable as evaluate_lm.<name>, as they were before the move.
-from hf.scoring import (
+from evaluation.scoring import (
     EvalError,
     Window,  # noqa: F401
     check_device,
@@ -62,6 +61,7 @@ from hf.scoring import (
     text_documents,  # noqa: F401
     window_plan,  # noqa: F401
 )
+from hf.loading import LoadError, check_model_folder, load_tokenizer
 from models.precision import DTYPES
 from utils.atomic import NotReplaceableError, check_apart, write_text
 from utils.cli import OneLineParser, UsageError

@@ -39,11 +39,11 @@ import sys
 import traceback
 from pathlib import Path
 
+from export.from_training import export_checkpoint
 from models.precision import DTYPES, dtype_from_name
 from training.checkpoint import CheckpointError
 from training.config import ConfigError, load_config, to_yaml
 from training.data import DataError
-from training.export import export_checkpoint
 from training.runlock import RunLockedError
 from training.trainer import TrainingError, run
 from utils.atomic import NotReplaceableError

@@ -30,7 +30,7 @@ from benchmarks.common import REPO, RESULTS, machine, write_json
 from utils.logs import get_logger, setup_logging
 
 log = get_logger("bench")
-PACKAGES = ("models", "data_prep", "training", "hf", "utils", "serving")
+PACKAGES = ("models", "data_prep", "training", "hf", "utils", "serving", "distillation", "evaluation", "export")
 
 
 def run(command: list[str], out: Path, root: Path) -> dict:

@@ -12,7 +12,7 @@ data from ../shared/data, about 15 CPU minutes):
     python -m benchmarks.distill --source runs/implicit2048/hf --data data/english
 
 For every form (--forms) and order (--orders) the source is distilled as distill.py does it
-(hf/distill_checkpoint.py, with --force so that a failed decoding check is recorded rather than
+(distillation/checkpoint.py, with --force so that a failed decoding check is recorded rather than
 stopping the run) and measured:
 
 - memory-tap error of every fitted filter (taps >= 1, relative l2: `models/distill.memory_error`),
@@ -39,7 +39,7 @@ from matplotlib.figure import Figure
 from transformers import AutoModelForCausalLM
 
 from benchmarks.common import RESULTS, ints, machine, save_png, write_json
-from hf.distill_checkpoint import Options, distill_checkpoint
+from distillation.checkpoint import Options, distill_checkpoint
 from models.hf_compat import cache_kwargs, output_cache
 from utils.logs import get_logger, setup_logging
 

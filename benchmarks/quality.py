@@ -11,7 +11,7 @@ Per variant: a learning-rate sweep (the preset's three optim.lr values, first se
 seeds at the lr with the lowest validation perplexity (the sweep's run is the first seed's run).
 Every run is `python train.py --config <preset yaml> <preset overrides> <variant overrides>` in a
 subprocess (what a user runs), on the same prepared data, for the same steps, batch and schedule;
-its export is then scored with evaluate_lm.py's code (hf/scoring.py): perplexity and bits per byte
+its export is then scored with evaluate_lm.py's code (evaluation/scoring.py): perplexity and bits per byte
 on each evaluation set of the preset (benchmarks/quality_presets.py), LAMBADA where the preset has
 it. Parameter counts are checked before any training (within 5% of the reference variant, else
 the run stops with exit status 2 naming the variant: change its knob in the preset) and recorded.
@@ -47,8 +47,8 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
+from evaluation.scoring import EvalError
 from hf.loading import LoadError
-from hf.scoring import EvalError
 from training import config as train_config
 from training.build import build_model
 from training.data import open_split

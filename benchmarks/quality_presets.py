@@ -49,7 +49,7 @@ class PresetError(ValueError):
 
 
 # What every quality run sets (a preset's overrides come after, and may change them): evaluation is
-# ours (hf/scoring.py) after the run, so train.py evaluates only at the end; a checkpoint every 100
+# ours (evaluation/scoring.py) after the run, so train.py evaluates only at the end; a checkpoint every 100
 # steps lets a killed run resume.
 RUN_OVERRIDES = (
     "train.eval_every=0",

@@ -1,5 +1,5 @@
 """Scoring the finished runs of benchmarks/quality.py: each export with evaluate_lm.py's code
-(hf/scoring.py: perplexity and bits per byte over sliding windows, LAMBADA), and what train.py's
+(evaluation/scoring.py: perplexity and bits per byte over sliding windows, LAMBADA), and what train.py's
 metrics.jsonl says of the run."""
 
 from __future__ import annotations
@@ -7,8 +7,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from hf.loading import load_tokenizer
-from hf.scoring import (
+from evaluation.scoring import (
     check_vocabulary,
     lambada_metrics,
     lambada_windows,
@@ -18,6 +17,7 @@ from hf.scoring import (
     perplexity_metrics,
     start_token_id,
 )
+from hf.loading import load_tokenizer
 from training.metrics import read_metrics
 
 from .quality_presets import Preset

@@ -83,7 +83,7 @@ def export(args, method: str, folder: Path) -> Path:
         neox = gpt_neox_baseline(config, args.vocab, max(args.prompt_lengths) + args.new_tokens + 64)
         GPTNeoXForCausalLM(neox).save_pretrained(folder)
         return folder
-    from hf.export import save_hf_checkpoint
+    from export.folder import save_hf_checkpoint
     from models import HyenaRTFForCausalLM
 
     return save_hf_checkpoint(HyenaRTFForCausalLM(config).eval(), None, folder)

@@ -1,3 +1,3 @@
-"""Reading and writing Hugging Face checkpoint folders: the export (model + tokenizer -> folder) and
-the loaders the CLIs use, which never run a folder's own code unless asked. Not part of the exported
-model code."""
+"""The command lines' side of Hugging Face folders: loading a checkpoint folder and its tokenizer
+without running the folder's code unless asked (loading.py), and streaming detokenisation of a
+growing token sequence (streaming.py). Writing folders is export/."""

@@ -12,7 +12,7 @@ from helpers import tiny_model, train_tiny_tokenizer
 
 from benchmarks import against_baseline, recurrence_build
 from benchmarks import distill as distill_bench
-from hf.export import save_hf_checkpoint
+from export.folder import save_hf_checkpoint
 
 
 def test_recurrence_build_has_a_row_per_layer(tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, load_script, tiny_model, train_tiny_tokenizer
 
-from hf.export import save_hf_checkpoint
+from export.folder import save_hf_checkpoint
 from hf.loading import RemoteCodeRefused
 
 pytestmark = pytest.mark.hf

@@ -31,9 +31,9 @@ from helpers import REPO, load_script, naive_greedy, tiny_model, train_tiny_toke
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from hf import distill_checkpoint
-from hf.export import save_hf_checkpoint
-from models.distill import distill_filters
+import distillation.checkpoint as distill_checkpoint
+from distillation.fit import distill_filters
+from export.folder import save_hf_checkpoint
 from models.hf_compat import output_cache
 from models.hyena import HyenaState
 

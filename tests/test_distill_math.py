@@ -1,4 +1,4 @@
-"""Mathematical tests of the distillation of filter banks into RTFs (models/distill.py), float64.
+"""Mathematical tests of the distillation of filter banks into RTFs (distillation/fit.py), float64.
 
 References are independent of the code under test: target kernels come from a numpy loop of the
 difference equation (a long impulse response, then summed over periods: the aliased kernel the
@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from models import distill
-from models.distill import distill_filters, distill_modal, filter_bank_taps, load_fit
-from models.distill_init import hankel_shape, rtf_from_response
-from models.distill_lm import _rtf_system
-from models.distill_poles import rtf_from_companion
+import distillation.fit as distill
+from distillation.fit import distill_filters, distill_modal, filter_bank_taps, load_fit
+from distillation.hankel import hankel_shape, rtf_from_response
+from distillation.poles import rtf_from_companion
+from distillation.refine import _rtf_system
 from models.implicit import ImplicitFilter
 from models.rtf import RTF, rational_kernel
 

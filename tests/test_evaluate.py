@@ -84,7 +84,7 @@ def build_tiny_gpt_neox(path):
 def build_tiny_hyena_rtf(path):
     """Our model, exported the way train.py exports it; l_max 64 < the longest document, so
     scoring also runs past the trained length (the recurrence must still match the FFT form)."""
-    from hf.export import save_hf_checkpoint
+    from export.folder import save_hf_checkpoint
     from models.configuration_hyena_rtf import HyenaRTFConfig
     from models.modeling_hyena_rtf import HyenaRTFForCausalLM
 

@@ -20,7 +20,7 @@ from helpers import load_script, tiny_config, train_tiny_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from data_prep.tokenizer import hf_tokenizer
-from hf.export import save_hf_checkpoint
+from export.folder import save_hf_checkpoint
 from models import RTF, HyenaRTFForCausalLM
 from models.precision import cast_keeping_filters
 from utils.logs import setup_logging

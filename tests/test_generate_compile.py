@@ -18,7 +18,7 @@ from helpers import REPO, counting_backend, load_script, slow_poles, tiny_model,
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from data_prep.tokenizer import hf_tokenizer
-from hf.export import save_hf_checkpoint
+from export.folder import save_hf_checkpoint
 from models import static_decode
 
 gen = load_script("generate.py")

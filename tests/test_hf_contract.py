@@ -24,7 +24,7 @@ from helpers import REPO, load_script, naive_greedy, spy_on_forward, tiny_model,
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from data_prep.tokenizer import hf_tokenizer
-from hf.export import save_hf_checkpoint
+from export.folder import save_hf_checkpoint
 from models import HyenaRTFCache, HyenaRTFConfig, HyenaRTFForCausalLM, HyenaRTFModel
 from models.hf_compat import CACHE_NAMES, cache_kwargs, output_cache
 

@@ -20,7 +20,7 @@ from helpers import tiny_config, train_tiny_tokenizer
 from tokenizers import Tokenizer
 
 from data_prep.tokenizer import hf_tokenizer
-from hf.export import save_hf_checkpoint
+from export.folder import save_hf_checkpoint
 from models import HyenaRTFForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from helpers import load_script, naive_greedy, spy_on_forward, tiny_config, trai
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from data_prep.tokenizer import hf_tokenizer
-from hf.export import save_hf_checkpoint
+from export.folder import save_hf_checkpoint
 from models import HyenaRTFForCausalLM
 
 pytestmark = pytest.mark.hf

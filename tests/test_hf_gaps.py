@@ -19,7 +19,7 @@ import torch
 from helpers import naive_greedy, spy_on_forward, tiny_model, train_tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from hf.export import save_hf_checkpoint
+from export.folder import save_hf_checkpoint
 from models import StaticHyenaRTFCache
 from models.hf_compat import cache_kwargs, output_cache
 

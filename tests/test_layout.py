@@ -13,7 +13,18 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-PACKAGES = {"models", "data_prep", "training", "hf", "utils", "serving", "benchmarks"}  # the top-level folders
+PACKAGES = {
+    "models",
+    "data_prep",
+    "training",
+    "hf",
+    "utils",
+    "serving",
+    "benchmarks",
+    "distillation",
+    "evaluation",
+    "export",
+}  # the top-level folders
 SCRIPTS = ["train.py", "generate.py", "evaluate_lm.py", "distill.py"]
 
 

@@ -23,12 +23,12 @@ from torch.func import functional_call
 from transformers import AutoModelForCausalLM
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-from hf.export import save_hf_checkpoint
+from export.folder import save_hf_checkpoint
+from export.from_training import model_from_checkpoint
 from models.configuration_hyena_rtf import HyenaRTFConfig
 from models.hyena import HyenaOperator
 from models.multihyena import MultiHyenaOperator
 from training.config import load_config
-from training.export import model_from_checkpoint
 from training.metrics import read_metrics
 from training.trainer import run
 

@@ -10,8 +10,8 @@ import pytest
 from data_fixtures import checksums
 from helpers import load_script, tiny_model, train_tiny_tokenizer
 
-from hf import export as hf_export
-from hf.export import save_hf_checkpoint
+import export.folder as hf_export
+from export.folder import save_hf_checkpoint
 from utils import atomic
 
 ev = load_script("evaluate_lm.py")

@@ -17,7 +17,7 @@ from helpers import tiny_model, train_tiny_tokenizer
 
 from data_prep import readers
 from data_prep.prepare import main
-from hf.export import save_hf_checkpoint
+from export.folder import save_hf_checkpoint
 from utils import atomic
 
 ROOT = Path(__file__).resolve().parents[1]

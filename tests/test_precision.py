@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from hf.export import save_hf_checkpoint
+from export.folder import save_hf_checkpoint
 from models import HyenaRTFConfig, HyenaRTFForCausalLM
 from models.implicit import ImplicitFilter
 from models.precision import (

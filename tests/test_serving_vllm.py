@@ -32,7 +32,7 @@ vllm = pytest.importorskip("vllm")
 from helpers import slow_poles, tiny_model, train_tiny_tokenizer  # noqa: E402
 
 from data_prep.tokenizer import hf_tokenizer  # noqa: E402
-from hf.export import save_hf_checkpoint  # noqa: E402
+from export.folder import save_hf_checkpoint  # noqa: E402
 from models import HyenaRTFForCausalLM  # noqa: E402
 from serving import hyena_mixer  # noqa: E402
 

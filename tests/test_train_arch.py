@@ -19,9 +19,9 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 import train
 from data_prep.tokenizer import hf_tokenizer
+from export.from_training import model_from_checkpoint
 from training.build import build_model
 from training.config import load_config
-from training.export import model_from_checkpoint
 from training.metrics import read_metrics
 from training.trainer import run
 

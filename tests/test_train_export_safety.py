@@ -136,7 +136,7 @@ def test_a_full_disk_during_train_py_export_is_one_line_and_keeps_the_earlier_ex
     folder, exit 2, and the earlier export is still there, file for file."""
     import errno
 
-    from hf import export as hf_export
+    import export.folder as hf_export
 
     _, out = trained_run
     hf = tmp_path / "hf"
@@ -169,7 +169,7 @@ def test_ctrl_c_or_a_checkpoint_pruned_during_train_py_export_is_one_line(
     """Both were tracebacks (exit 1): a Ctrl-C while the weights are read, and a checkpoint file that
     a running job pruned between the manifest check and the read. Now one line with the documented
     code (130: interrupted, 2: the input), and the earlier export stays as it was."""
-    from training import export as train_export
+    import export.from_training as train_export
 
     _, out = trained_run
     hf = tmp_path / "hf"

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train
+from export.from_training import model_from_checkpoint
 from models.configuration_hyena_rtf import HyenaRTFConfig
 from models.modeling_hyena_rtf import HyenaRTFForCausalLM
 from training import checkpoint as ckpt
@@ -24,7 +25,6 @@ from training import engine as engine_mod
 from training.config import load_config, resolve_batch
 from training.dist_env import DistEnv
 from training.engine import TorchEngine
-from training.export import model_from_checkpoint
 from training.metrics import read_metrics
 from training.optim import make_optimizer, param_groups
 from training.trainer import TrainingError, run

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data_prep.dataset import PackedDataset
+from export.from_training import check_run_export_dir, export_checkpoint, run_export_dir
 from training import checkpoint as ckpt
 from training import metrics as metrics_clock
 from training.architectures import attention_shape
@@ -60,7 +61,6 @@ from training.dist_env import (
     ensure_single_process_env,
 )
 from training.engine import DeepSpeedEngine, Engine, StepResult
-from training.export import check_run_export_dir, export_checkpoint, run_export_dir
 from training.metrics import LogWindow, MetricsLogger, peak_flops, train_flops_per_token
 from training.optim import lr_factor, set_lr
 from training.preemption import StopRequest

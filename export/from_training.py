@@ -4,7 +4,7 @@
 
 The model is rebuilt from the checkpoint's effective config.yaml, filled with the full float32
 weights (`load_fp32_state_dict`: DeepSpeed ZeRO checkpoints are reconstructed from their
-per-rank partitions) and written by `hf.export.save_hf_checkpoint` together with the
+per-rank partitions) and written by `export.folder.save_hf_checkpoint` together with the
 checkpoint's tokenizer.json. The result loads with
 `AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`; a model.arch=gpt_neox run
 gives a plain transformers folder (no code in it, no trust_remote_code needed).
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from hf.export import check_export_target, save_hf_checkpoint
+from export.folder import check_export_target, save_hf_checkpoint
 from training import architectures
 from training import checkpoint as ckpt
 from training.model_schema import DEFAULT_ARCH, RESERVED
@@ -49,7 +49,7 @@ def check_export_destination(out_dir: str, source: str, overwrite: bool = False)
     """Raise NotReplaceableError (one line) unless `out_dir` may receive an export from `source`
     (a run folder or one of its checkpoints). Whatever `overwrite` says, never: `source` itself, a
     folder that contains it, or anything in the run's checkpoints folder. A folder beside the
-    checkpoints (OUT_DIR/hf) is fine. Otherwise as hf.export.check_export_target."""
+    checkpoints (OUT_DIR/hf) is fine. Otherwise as export.folder.check_export_target."""
     out, src = Path(os.path.realpath(out_dir)), Path(os.path.realpath(source))
     ckpt_root = src.parent if src.parent.name == ckpt.CHECKPOINTS else src / ckpt.CHECKPOINTS
     if out == src or out in src.parents or out == ckpt_root or ckpt_root in out.parents:

@@ -1,5 +1,5 @@
 """Distillation, part 3: the tap errors of the RTF and modal targets, their Gauss-Newton systems, and
-the batched Levenberg-Marquardt driver (the derivations: models/distill.py docstring)."""
+the batched Levenberg-Marquardt driver (the derivations: distillation/fit.py docstring)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from collections.abc import Callable
 import torch
 from torch.fft import irfft, rfft
 
-from .modal import powers
-from .rtf import rational_kernel
+from models.modal import powers
+from models.rtf import rational_kernel
 
 LAMBDA0, LAMBDA_MIN, LAMBDA_MAX = 1e-3, 1e-15, 1e16  # Levenberg-Marquardt damping (scaled problem)
 STALL_WINDOW, STALL_RTOL = 10, 1e-4  # a filter stops once it improved by < 1e-4 (relative) in 10 steps
@@ -25,7 +25,7 @@ def _rtf_loss(theta: torch.Tensor, target: torch.Tensor, fft_len: int) -> torch.
 
 def _rtf_system(theta: torch.Tensor, target: torch.Tensor, fft_len: int):
     """(loss, J^T J, J^T r) per filter for theta = [a, b, h0], by the circular correlations of the
-    models/distill.py docstring (section 4). Shapes (F,), (F, 2n+1, 2n+1), (F, 2n+1)."""
+    distillation/fit.py docstring (section 4). Shapes (F,), (F, 2n+1, 2n+1), (F, 2n+1)."""
     F, L = target.shape
     n = (theta.shape[-1] - 1) // 2
     a, b, h0 = theta[:, :n], theta[:, n : 2 * n], theta[:, 2 * n]

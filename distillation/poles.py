@@ -1,5 +1,5 @@
 """Distillation, part 2: polynomials, poles, the stability and float conditioning projections, and
-the companion <-> RTF map (the derivations: models/distill.py docstring)."""
+the companion <-> RTF map (the derivations: distillation/fit.py docstring)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .rtf import companion, fft_condition
+from models.rtf import companion, fft_condition
 
 CONTRACT_TRIES = 4  # contractions clamp_poles tries before it gives a denominator up
 CONTRACT_STEPS, CONTRACT_XTOL = 16, 1e-7  # regula falsi steps of condition_denominators, and its s tolerance

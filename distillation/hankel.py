@@ -1,5 +1,5 @@
 """Distillation, part 1: the target checks, the spread Hankel section and its spectrum, the order
-choice, and the data-driven initialisations (ERA, Prony) (the derivations: models/distill.py
+choice, and the data-driven initialisations (ERA, Prony) (the derivations: distillation/fit.py
 docstring)."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ from dataclasses import dataclass
 import torch
 from torch.fft import irfft, rfft
 
-from .distill_poles import _clamp, poles, poly_from_roots
-from .modal import powers
+from models.modal import powers
 
-HANKEL_SIZE = 128  # rows of the Hankel section (models/distill.py docstring, section 1)
+from .poles import _clamp, poles, poly_from_roots
+
+HANKEL_SIZE = 128  # rows of the Hankel section (distillation/fit.py docstring, section 1)
 RANK_RTOL = 1e-7  # singular values below this times the largest are numerical zeros (Gram: sqrt(eps))
 
 
@@ -34,7 +35,7 @@ def _check_order(order: int, L: int) -> None:
 
 
 def hankel_shape(L: int, hankel_size: int = HANKEL_SIZE) -> tuple[int, int, int]:
-    """(rows r, stride s, columns c) of the Hankel section of L taps (models/distill.py docstring, section 1)."""
+    """(rows r, stride s, columns c) of the Hankel section of L taps (distillation/fit.py docstring, section 1)."""
     N = L - 1
     rows = max(1, min(hankel_size, L // 2))
     stride = max(1, (N // 2) // max(rows - 1, 1))
@@ -96,7 +97,7 @@ def choose_order(hankel_tail: torch.Tensor, tolerance: float, max_order: int) ->
 
 @dataclass
 class _ERABasis:
-    """The shift-invariance data of the ERA for every order up to k (models/distill.py docstring, section 1):
+    """The shift-invariance data of the ERA for every order up to k (distillation/fit.py docstring, section 1):
     with V^T = diag(1/sigma) U^T Hk (k x c), M1 = V^T[:, 1:] V^T[:, :-1]^T and
     M0 = V^T[:, :-1] V^T[:, :-1]^T (k x k), the order-j system is A = M1[:j, :j] M0[:j, :j]^-1,
     B = V^T[:j, 0], C = sigma_j * U[0, :j]. M0 is close to the identity (orthonormal rows less

@@ -9,7 +9,7 @@ What it does, in order; nothing is written before every check has passed:
    reads the evaluation data, before loading the model.
 2. Finds the long filter of every mixer (the attribute models/precision.FILTER_MODULE of each
    Hyena or MultiHyena operator) and refuses non-finite weights or taps.
-3. Fits an RTF to the distinct filters of each layer (models/distill.py: `filter_bank_taps` gives
+3. Fits an RTF to the distinct filters of each layer (distillation/fit.py: `filter_bank_taps` gives
    the l_max taps the layer trains and scores with, `distill_filters` fits them, at `order` or at
    the smallest order whose Hankel singular-value tail is below `tolerance`).
 4. Builds the distilled model: the same config but filter="rtf", rtf_constraint="none",
@@ -21,7 +21,7 @@ What it does, in order; nothing is written before every check has passed:
    float32 coefficients (what the checkpoint stores) have a pole on or outside the unit circle is
    refused.
 5. Checks that the distilled model's recurrent decoding gives its parallel logits (relative
-   RECURRENT_RTOL) and, with data, scores both models on the same windows (hf/scoring.py):
+   RECURRENT_RTOL) and, with data, scores both models on the same windows (evaluation/scoring.py):
    perplexity, bits per byte, and KL(original || distilled) of the next-token distributions.
 6. Writes the checkpoint with hf/export.save_hf_checkpoint (its replace rules), then the JSON
    report and the PNG plot, each atomically.
@@ -29,7 +29,7 @@ What it does, in order; nothing is written before every check has passed:
 Error against order (the report's `hankel_tail_by_order` and the plot, `plot_report`): per layer,
 the relative Hankel tail of the worst filter for every order k up to --max-order. It is free (the
 fit computes the Hankel spectrum anyway), it is what --tolerance is compared with, and it bounds
-from below the Hankel-weighted error of any order-k fit (models/distill.py), so it shows at a
+from below the Hankel-weighted error of any order-k fit (distillation/fit.py), so it shows at a
 glance how far a layer can be compressed. On it: the worst relative tap error of the actual fit
 at the chosen order and, with `sweep`, of one more fit per listed order (each costs one more fit of
 every layer). The tap error is of the same size as the tail, not bounded by it (another norm).
@@ -58,9 +58,16 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers.utils import logging as hf_logging
 
-from hf.export import check_export_target, save_hf_checkpoint
-from hf.loading import check_model_folder, load_tokenizer
-from hf.scoring import (
+from distillation.fit import (
+    R_MAX,
+    FilterFit,
+    ModalFit,
+    distill_filters,
+    distill_modal,
+    filter_bank_taps,
+    memory_error,
+)
+from evaluation.scoring import (
     check_device,
     check_vocabulary,
     default_context_length,
@@ -74,16 +81,9 @@ from hf.scoring import (
     summarize,
     window_batches,
 )
+from export.folder import check_export_target, save_hf_checkpoint
+from hf.loading import check_model_folder, load_tokenizer
 from models.configuration_hyena_rtf import HyenaRTFConfig
-from models.distill import (
-    R_MAX,
-    FilterFit,
-    ModalFit,
-    distill_filters,
-    distill_modal,
-    filter_bank_taps,
-    memory_error,
-)
 from models.hf_compat import cache_kwargs, output_cache
 from models.modeling_hyena_rtf import HyenaRTFForCausalLM
 from models.precision import FILTER_MODULE, is_filter_param
@@ -332,7 +332,7 @@ def describe_filter(module: torch.nn.Module) -> str:
 
 
 def tail_at(fit: FilterFit, order: int) -> torch.Tensor:
-    """Per filter, the relative Hankel tail after `order` singular values (models/distill.py: no
+    """Per filter, the relative Hankel tail after `order` singular values (distillation/fit.py: no
     order-`order` fit has a smaller Hankel-weighted error; what --tolerance is compared with)."""
     tail = fit.hankel_tail
     return tail[:, order] if order < tail.shape[1] else torch.zeros_like(tail[:, 0])
@@ -455,7 +455,7 @@ def kl_divergence_sum(p_logits: torch.Tensor, q_logits: torch.Tensor, chunk: int
 
 @torch.inference_mode()
 def compare_models(original, distilled, windows: list, n_bytes: int, batch_size: int) -> dict:
-    """Both models on the same windows (hf/scoring.py's batching and scored positions): their
+    """Both models on the same windows (evaluation/scoring.py's batching and scored positions): their
     perplexity and bits per byte, and KL(original || distilled) and top-1 agreement per token."""
     device = next(original.parameters()).device
     nll, kl, agree, n_tokens = [0.0, 0.0], 0.0, 0, 0

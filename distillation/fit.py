@@ -133,7 +133,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .distill_init import (
+from models.modal import ModalFilter, powers
+from models.rtf import RTF, rational_kernel
+
+from .hankel import (
     HANKEL_SIZE,
     _check_order,
     _check_target,
@@ -146,7 +149,8 @@ from .distill_init import (
     choose_order,
     rtf_from_modes,
 )
-from .distill_lm import (
+from .poles import _clamp, clamp_poles, condition_denominators, fft_condition
+from .refine import (
     _modal_loss,
     _modal_split,
     _modal_system,
@@ -156,9 +160,6 @@ from .distill_lm import (
     levenberg_marquardt,
     modal_kernel,
 )
-from .distill_poles import _clamp, clamp_poles, condition_denominators, fft_condition
-from .modal import ModalFilter, powers
-from .rtf import RTF, rational_kernel
 
 INITS = ("hankel", "prony", "random")
 R_MAX = 0.9999  # largest pole radius a fit may have: 0.9999^2048 = 0.81, memory well past l_max
