@@ -37,7 +37,7 @@ import transformers
 
 from data_prep.indexed import MMapIndexedDataset
 
-# The scoring code lives in evaluation/scoring.py (shared with distill.py and benchmarks/quality.py, LAMBADA
+# The scoring code lives in evaluation/scoring.py (shared with distill.py and benchmarks/quality/run.py, LAMBADA
 # included); the names marked F401 are not
 # used here but stay reachable as evaluate_lm.<name>, as they were before the move.
 from evaluation.scoring import (

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     if command[0] in ("python", "python3"):  # this interpreter: the one with the project's environment
         command = [sys.executable, *command[1:]]
     module = next((c for c in command if c.startswith("benchmarks.")), command[-1])
-    name = args.name or module.rsplit(".", 1)[-1]
+    name = args.name or module.removeprefix("benchmarks.").replace(".", "_")
     commit = subprocess.run(
         ["git", "rev-parse", "--short", args.baseline], cwd=REPO, check=True, capture_output=True, text=True
     ).stdout.strip()

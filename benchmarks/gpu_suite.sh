@@ -107,14 +107,14 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...  (skipped when --only does not name
 
 if [ "$DRY" = 1 ]; then
   TINY=(--device "$DEVICE" --preset tiny --d-model 32 --vocab-size 256)
-  stage train_throughput 120 "$PYTHON" -m benchmarks.train_throughput "${TINY[@]}" --lengths 32,64 \
+  stage train_throughput 120 "$PYTHON" -m benchmarks.train.throughput "${TINY[@]}" --lengths 32,64 \
     --tokens-per-step 128 --warmup 1 --steps 1 --out "$(name train_throughput).json"
   stage decode 120 "$PYTHON" -m benchmarks.decode "${TINY[@]}" --prompt-lengths 16,32 --batch-sizes 2 \
     --new-tokens 3 --compile-backend eager --out "$(name decode).json"
   KS_ARGS=(--device "$DEVICE" --d-model 4 --lengths 128 --states 4,16 --repeats 2)
   VF_ARGS=(--device "$DEVICE" --d-model 8 --lengths 64,128 --tokens 256 --repeats 2)
 else
-  stage train_throughput 150 "$PYTHON" -m benchmarks.train_throughput --device cuda --preset 125m \
+  stage train_throughput 150 "$PYTHON" -m benchmarks.train.throughput --device cuda --preset 125m \
     --lengths 512,1024,2048,4096,8192,16384,32768 --tokens-per-step 32768 --warmup 2 --steps 5 \
     --budget-s 60 --out "$(name train_throughput).json"
   stage decode 270 "$PYTHON" -m benchmarks.decode --device cuda --preset 125m --batch-sizes 1,64,256 \

@@ -1,5 +1,5 @@
 """The model variants the quality benchmarks compare, each defined once, as the train.py model-section
-overrides that make it. benchmarks/quality.py passes them to train.py; in-process users (the
+overrides that make it. benchmarks/quality/run.py passes them to train.py; in-process users (the
 synthetic-task suite) get exactly the same model from `build_variant`.
 
     rtf16       Hyena, RTF long filters of order 16 (the default model's operator)
@@ -14,7 +14,7 @@ so the filter bank grows as d_model^2 / M and the cost with it. At the CPU bench
 M = 16 gives heads of e = 8 channels and trains at about 1.5x the step time of rtf16 (d 128, 4
 layers, seq 256, batch 8, one thread, 2026-12-04: 1.9 s against 1.3 s a step on a loaded machine);
 M = 8 or 4 cost 2x and more, M = 32 (e = 4) is close to the plain operator. A wider model
-keeps e = 8 by raising M (benchmarks/quality.py's gpu-125m preset does: M = 96 at d 768).
+keeps e = 8 by raising M (benchmarks/quality/run.py's gpu-125m preset does: M = 96 at d 768).
 
 Why layers 2, 6, 10, ...: Hyena-RTF's attention layers have no positional embedding of their own
 (models/attention.py), so each one sits after two Hyena layers, which carry position.
@@ -32,13 +32,12 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import REPO
 from models.configuration_hyena_rtf import HyenaRTFConfig
 from training.architectures import HYENA_ONLY_KEYS
 from training.build import build_model
 from training.config import load_config, resolve_model_kwargs
 from training.model_schema import model_defaults
-
-from .common import REPO
 
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"  # train.py's default --config
 HYBRID_EVERY = 4  # one attention layer in this many

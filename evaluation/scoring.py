@@ -1,5 +1,5 @@
 """Scoring a causal language model on documents, shared by evaluate_lm.py, distill.py and
-benchmarks/quality.py: reading evaluation data (text, .jsonl, .jsonl.zst, data_prep token shards),
+benchmarks/quality/run.py: reading evaluation data (text, .jsonl, .jsonl.zst, data_prep token shards),
 sliding windows, per-token negative log-likelihoods, perplexity and bits per byte, and LAMBADA
 (its conventions are in evaluate_lm.py's docstring). Works for any local Hugging Face causal LM.
 

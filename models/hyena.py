@@ -100,7 +100,7 @@ def short_causal_conv(p: torch.Tensor, conv: nn.Conv1d, past: torch.Tensor | Non
     the same as conv(p)[..., :T] for `conv` = nn.Conv1d(Ch, Ch, w, groups=Ch, padding=w - 1), whose
     parameters it reads (so checkpoints are unchanged), computed as w shifted multiply-adds. Why not
     the module: on CPU the backward of a grouped nn.Conv1d is pathologically slow with more than one
-    thread (12.8 s of a 46 s training step at length 2048, d 256, two threads; benchmarks/train_profile.py).
+    thread (12.8 s of a 46 s training step at length 2048, d 256, two threads; benchmarks/train/profile_step.py).
     On the devices of CONV1D_DEVICES (CUDA) the convolution itself runs: cuDNN's depthwise kernel."""
     T, w = p.shape[-1], conv.kernel_size[0]
     padded = F.pad(p, (w - 1, 0)) if past is None else torch.cat([past.to(p.dtype), p], -1)  # (B, Ch, T + w - 1)

@@ -1,4 +1,4 @@
-"""Smoke tests of the speed benchmarks (benchmarks/train_throughput.py, benchmarks/decode.py) at toy
+"""Smoke tests of the speed benchmarks (benchmarks/train/throughput.py, benchmarks/decode/run.py) at toy
 sizes, so that they cannot rot: every configuration gets its row, the derived figures (ratios,
 summary, first-token split) are computed from the rows, the guards skip with a reason, bad
 arguments are one line and exit status 2. Nothing here asserts a timing."""
@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import decode, train_throughput
+import benchmarks.decode.run as decode
+import benchmarks.train.throughput as train_throughput
 from models import config_from_preset
 from models.modeling_hyena_rtf import HyenaRTFForCausalLM
 

@@ -1,4 +1,4 @@
-"""benchmarks/quality.py on a tiny budget (two variants, one lr, one seed, the tiny corpus), and its
+"""benchmarks/quality/run.py on a tiny budget (two variants, one lr, one seed, the tiny corpus), and its
 statistics on hand-computed tables: the rows of the JSON, the parameter-count check, the
 significance rule, and resuming (a deleted result is the only run redone)."""
 
@@ -14,9 +14,9 @@ import time
 import pytest
 from _train_utils import REPO, child_env, run_cmd
 
-from benchmarks import quality
-from benchmarks.quality_report import summarize, table
-from benchmarks.quality_stats import (
+import benchmarks.quality.run as quality
+from benchmarks.quality.report import summarize, table
+from benchmarks.quality.stats import (
     best_lr,
     compare,
     mean_std,

@@ -18,8 +18,8 @@ import pytest
 import torch
 from helpers import REPO
 
-from benchmarks.synthetic import main
-from benchmarks.synthetic_tasks import IGNORE, MQAR, Copying
+from benchmarks.synthetic.run import main
+from benchmarks.synthetic.tasks import IGNORE, MQAR, Copying
 
 SMALL_MQAR = [
     MQAR(seq_len=16, num_pairs=3, num_keys=5, num_values=4, num_filler=2),

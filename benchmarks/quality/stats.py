@@ -1,4 +1,4 @@
-"""The statistics of benchmarks/quality.py: the learning rate a sweep picks, means and spreads over
+"""The statistics of benchmarks/quality/run.py: the learning rate a sweep picks, means and spreads over
 seeds, the equal-parameters check, and when a difference between two variants is called
 significant.
 

@@ -1,9 +1,9 @@
 """Where a Hyena-RTF training step spends its time on CPU, beside variants of its pieces.
 
-    python -m benchmarks.train_profile --preset small --lengths 2048,8192 --threads 1,2 \\
+    python -m benchmarks.train.profile_step --preset small --lengths 2048,8192 --threads 1,2 \\
         --out benchmarks/results/train_profile_cpu.json
 
-Part 1, per (length, threads): one training step of benchmarks/train_throughput.py (8192 tokens,
+Part 1, per (length, threads): one training step of benchmarks/train/throughput.py (8192 tokens,
 after a warm-up step) under torch.profiler; the JSON keeps the ops with the most self CPU time.
 
 Part 2, per (length, threads): forward + backward of pieces of the model in isolation (process CPU
@@ -43,7 +43,7 @@ from transformers import GPTNeoXConfig
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXAttention, GPTNeoXRotaryEmbedding
 
 from benchmarks.common import ints, machine, write_json
-from benchmarks.train_throughput import build_model, make_step
+from benchmarks.train.throughput import build_model, make_step
 from models import config_from_preset
 from models.fftconv import fft_causal_conv
 from models.hyena import HyenaOperator

@@ -64,8 +64,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import REPO, RESULTS, ints, machine, write_json
-from benchmarks.synthetic_report import markdown, plot, read_json, summarize
-from benchmarks.synthetic_tasks import IGNORE, MQAR, Copying, make_task
+from benchmarks.synthetic.report import markdown, plot, read_json, summarize
+from benchmarks.synthetic.tasks import IGNORE, MQAR, Copying, make_task
 from benchmarks.variants import VARIANTS, build_variant, parameter_count
 from models.modeling_hyena_rtf import next_token_nll
 from training.optim import lr_factor, make_optimizer, param_groups, set_lr

@@ -1,4 +1,4 @@
-"""The report of benchmarks/quality.py: per-variant summary over seeds, the comparisons against the
+"""The report of benchmarks/quality/run.py: per-variant summary over seeds, the comparisons against the
 reference variant (quality_stats.py's rule), the Markdown table, and the PNG (loss curves at the
 chosen lr, mean over seeds, one line per variant; the lr sweep as a small panel)."""
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from .common import save_png
-from .quality_stats import RULE, best_lr, compare, mean_std, reference_variant
+from benchmarks.common import save_png
+from benchmarks.quality.stats import RULE, best_lr, compare, mean_std, reference_variant
 
 
 def metric_values(row: dict) -> dict[str, float]:

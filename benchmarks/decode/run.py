@@ -39,7 +39,7 @@ Memory: cache_mb (every tensor of the cache, recurrence coefficients included) a
 (GPU: max_memory_allocated over the timed run; CPU: weights plus the peak of the warm-up's
 allocations, benchmarks/common.peak_memory; not measured for the compiled step on CPU, whose
 warm-up compiles). Writes the JSON (machine, date, versions, arguments, rows, summary) and a PNG
-beside it (benchmarks/decode_report.py, which also prints the README tables).
+beside it (benchmarks/decode/report.py, which also prints the README tables).
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ from benchmarks.common import (
     sync,
     write_json,
 )
-from benchmarks.decode_models import build_models, cache_bytes, estimate_bytes
-from benchmarks.decode_report import markdown, plot, print_rows, summary
+from benchmarks.decode.models import build_models, cache_bytes, estimate_bytes
+from benchmarks.decode.report import markdown, plot, print_rows, summary
 from models.hf_compat import cache_kwargs, output_cache
 from models.hyena import HyenaOperator, HyenaState
 from models.precision import DTYPES, dtype_from_name

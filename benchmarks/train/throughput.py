@@ -1,11 +1,11 @@
 """Training throughput against sequence length: Hyena-RTF, Hyena with implicit filters and a
 Hugging Face GPT-NeoX of the same width, depth and vocabulary, side by side in one run.
 
-    python -m benchmarks.train_throughput --device cpu --preset small --threads 2 \\
+    python -m benchmarks.train.throughput --device cpu --preset small --threads 2 \\
         --out benchmarks/results/train_throughput_cpu.json
-    python -m benchmarks.train_throughput --device cuda --preset 125m \\
+    python -m benchmarks.train.throughput --device cuda --preset 125m \\
         --out benchmarks/results/train_throughput_cuda.json
-    python -m benchmarks.train_throughput --markdown --out benchmarks/results/train_throughput_cpu.json
+    python -m benchmarks.train.throughput --markdown --out benchmarks/results/train_throughput_cpu.json
 
 What is timed is a full training step as the trainer runs it (training/engine.py, TorchEngine):
 the micro-batches of the step, each a forward with use_cache=False, the float32 token loss
@@ -79,7 +79,7 @@ from benchmarks.common import (
     sync,
     write_json,
 )
-from benchmarks.train_report import BASELINE, MODELS, markdown, plot
+from benchmarks.train.report import BASELINE, MODELS, markdown, plot
 from models import config_from_preset
 from models.fftconv import fast_fft_size
 from models.modeling_hyena_rtf import HyenaRTFForCausalLM, next_token_nll
@@ -368,7 +368,7 @@ def main(argv=None) -> int:
         "device": str(device),
         "precision": args.precision,
         "transformers": transformers.__version__,
-        "command": "python -m benchmarks.train_throughput " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks.train.throughput " + " ".join(sys.argv[1:] if argv is None else argv),
         "args": vars(args),
         "model": {
             "preset": args.preset,

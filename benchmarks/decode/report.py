@@ -1,4 +1,4 @@
-"""What benchmarks/decode.py reports from its rows: the summary of the goals (stored in the JSON),
+"""What benchmarks/decode/run.py reports from its rows: the summary of the goals (stored in the JSON),
 the README tables (`python -m benchmarks.decode --markdown --out FILE.json`), the console table
 and the PNG. Everything here reads rows only, so the README and the plot come from the JSON.
 

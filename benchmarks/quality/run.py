@@ -12,7 +12,7 @@ seeds at the lr with the lowest validation perplexity (the sweep's run is the fi
 Every run is `python train.py --config <preset yaml> <preset overrides> <variant overrides>` in a
 subprocess (what a user runs), on the same prepared data, for the same steps, batch and schedule;
 its export is then scored with evaluate_lm.py's code (evaluation/scoring.py): perplexity and bits per byte
-on each evaluation set of the preset (benchmarks/quality_presets.py), LAMBADA where the preset has
+on each evaluation set of the preset (benchmarks/quality/presets.py), LAMBADA where the preset has
 it. Parameter counts are checked before any training (within 5% of the reference variant, else
 the run stops with exit status 2 naming the variant: change its knob in the preset) and recorded.
 
@@ -47,19 +47,18 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
+from benchmarks.common import REPO, RESULTS, ints, machine, write_json
+from benchmarks.quality.presets import PRESETS, RUN_OVERRIDES, Preset, PresetError
+from benchmarks.quality.report import metric_values, plot, summarize, table
+from benchmarks.quality.scoring import Scorer, training_record
+from benchmarks.quality.stats import best_lr, parameter_check, reference_variant
+from benchmarks.variants import KNOWN, VARIANTS, base_overrides, parameter_count, resolved_n_layer, variant_overrides
 from evaluation.scoring import EvalError
 from hf.loading import LoadError
 from training import config as train_config
 from training.build import build_model
 from training.data import open_split
 from utils.logs import error_exit, get_logger, setup_logging
-
-from .common import REPO, RESULTS, ints, machine, write_json
-from .quality_presets import PRESETS, RUN_OVERRIDES, Preset, PresetError
-from .quality_report import metric_values, plot, summarize, table
-from .quality_scoring import Scorer, training_record
-from .quality_stats import best_lr, parameter_check, reference_variant
-from .variants import KNOWN, VARIANTS, base_overrides, parameter_count, resolved_n_layer, variant_overrides
 
 log = get_logger("quality")
 

@@ -1,4 +1,4 @@
-"""The presets of benchmarks/quality.py: what each trains on, how long, with which learning rates,
+"""The presets of benchmarks/quality/run.py: what each trains on, how long, with which learning rates,
 and what each run is scored on.
 
 Every variant of a preset trains the same number of tokens (max_steps x global batch x seq_len), on
@@ -34,9 +34,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.common import REPO
 from data_prep.prepare import prepare
-
-from .common import REPO
 
 SHARED = REPO.parent / "shared" / "data"  # the real data of this workplace (../shared/data)
 WIKITEXT2 = SHARED / "wikitext2_raw_test.raw"

@@ -1,6 +1,6 @@
-"""What benchmarks/train_throughput.py reports from its JSON: the PNG (tokens/s and peak memory
+"""What benchmarks/train/throughput.py reports from its JSON: the PNG (tokens/s and peak memory
 against sequence length, a line per model) and the README tables
-(`python -m benchmarks.train_throughput --markdown --out FILE.json`). Both read the rows and the
+(`python -m benchmarks.train.throughput --markdown --out FILE.json`). Both read the rows and the
 ratios only, so the README and the plot come from the JSON."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The synthetic suite's results (benchmarks/synthetic.py): per-setting statistics over seeds, the
+"""The synthetic suite's results (benchmarks/synthetic/run.py): per-setting statistics over seeds, the
 PNG, and the markdown table for the README. Everything here reads the result JSON only, so the
 figure and the table can be redrawn without training anything.
 """

@@ -1,4 +1,4 @@
-"""The models benchmarks/decode.py compares, and what their caches hold: Hyena-RTF and Hyena with
+"""The models benchmarks/decode/run.py compares, and what their caches hold: Hyena-RTF and Hyena with
 implicit filters (this repository), Hugging Face GPT-NeoX of the same width, depth and vocabulary
 (rotary, sdpa); the bytes of any of their caches; the estimate of a configuration's memory that
 decode.py's guard compares with --max-memory-gb."""

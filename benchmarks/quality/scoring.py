@@ -1,4 +1,4 @@
-"""Scoring the finished runs of benchmarks/quality.py: each export with evaluate_lm.py's code
+"""Scoring the finished runs of benchmarks/quality/run.py: each export with evaluate_lm.py's code
 (evaluation/scoring.py: perplexity and bits per byte over sliding windows, LAMBADA), and what train.py's
 metrics.jsonl says of the run."""
 
@@ -7,6 +7,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from benchmarks.quality.presets import Preset
+from benchmarks.variants import parameter_count
 from evaluation.scoring import (
     check_vocabulary,
     lambada_metrics,
@@ -19,9 +21,6 @@ from evaluation.scoring import (
 )
 from hf.loading import load_tokenizer
 from training.metrics import read_metrics
-
-from .quality_presets import Preset
-from .variants import parameter_count
 
 BATCH = 8  # windows per forward
 

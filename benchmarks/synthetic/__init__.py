@@ -1,0 +1,1 @@
+"""Synthetic long-context tasks (recall, copying) solved by the model variants."""
