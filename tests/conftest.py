@@ -26,25 +26,19 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from _train_utils import make_corpus, reference_curve  # noqa: E402
 
-# The unit tier: what `pytest` with no arguments runs (well under a minute on 2 cores), for the
-# person changing one module: the mathematics against its float64 references, the model's layers and
-# caches, data formats, configs and decisions. Every other file, and any test marked
-# `integration` inside these, is the integration tier (whole commands, trainings, exports in fresh
-# processes, distributed runs, the Hugging Face contract end to end). Name files or pass -m to run
-# other tests; scripts/test.sh (CI) runs every tier.
-UNIT_TIER = {
-    "test_modal.py", "test_rtf.py", "test_fftconv.py", "test_distill_math.py", "test_hyena.py",
-    "test_multihyena.py", "test_model.py", "test_precision.py", "test_static_decode.py", "test_gpu_paths.py",
-    "test_data_chunking.py", "test_data_indexed.py", "test_data_manifest.py", "test_data_readers.py",
-    "test_data_tokenizer.py", "test_data_worker.py", "test_data_dataset.py", "test_layout.py", "test_cli.py",
-    "test_train_config.py", "test_cluster_numerics.py", "test_cluster_rng.py", "test_cluster_mfu.py",
-}  # fmt: skip
+# Two tiers, one folder each. tests/unit/: what `pytest` with no arguments runs (well under a minute
+# on 2 cores), for the person changing one module: the mathematics against its float64 references,
+# the model's layers and caches, data formats, configs and decisions. tests/integration/, and any
+# unit-folder test marked `integration` (seconds of work): whole commands, trainings, exports in
+# fresh processes, distributed runs, the Hugging Face contract end to end. Name a folder or a file,
+# or pass -m, to run them; scripts/test.sh (CI) runs every tier.
+INTEGRATION = Path(__file__).resolve().parent / "integration"
 
 
 def pytest_collection_modifyitems(config, items):
     """Mark the integration tier; with no arguments at all (no files, no -m), run only the unit tier."""
     for item in items:
-        if item.path.name not in UNIT_TIER:
+        if INTEGRATION in item.path.parents:
             item.add_marker(pytest.mark.integration)
     bare = config.args_source == pytest.Config.ArgsSource.TESTPATHS and not config.option.markexpr
     if bare:

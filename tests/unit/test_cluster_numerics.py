@@ -16,7 +16,7 @@ from training.config import load_config, resolve_batch
 from training.dist_env import DistEnv
 from training.engine import DS_BUCKET_ELEMENTS, TorchEngine, configure_tf32, deepspeed_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
 
 

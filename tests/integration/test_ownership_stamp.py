@@ -20,7 +20,7 @@ from data_prep.prepare import main
 from export.folder import save_hf_checkpoint
 from utils import atomic
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

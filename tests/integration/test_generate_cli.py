@@ -25,7 +25,7 @@ from models import RTF, HyenaRTFForCausalLM
 from models.precision import cast_keeping_filters
 from utils.logs import setup_logging
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "generate.py"
 PROMPTS = ["The history of the city", "A", "In 1905, the physicist wrote three papers that"]
 HEADER = re.compile(r"^==> prompt (\d+) sample (\d+) <==$", re.M)

@@ -15,7 +15,7 @@ from data_fixtures import BAD, ERROR, beside, build_prepared, cli_args, jsonl, o
 from data_prep.prepare import main
 from data_prep.tokenizer import TokenizerError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
 pytestmark = pytest.mark.hf  # CI runs these under every supported transformers release
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO.parent / "shared" / "data"
 EOT = "<|endoftext|>"
 

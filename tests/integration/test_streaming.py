@@ -24,7 +24,7 @@ from hf.streaming import CONTEXT, Streamer
 
 pytestmark = pytest.mark.hf  # decode() is transformers' (its clean-up rules changed across 5.x)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 TEXT = "héllo wörld, 日本語の文章です。 😀🎉 👨‍👩‍👧 naïve café — “quotes” e\u0301 Ω≈ç √ ok\n\tdone"
 
 

@@ -14,7 +14,7 @@ from data_prep.dataset import PackedDataset, get_batch
 from data_prep.indexed import IndexedDataset
 from data_prep.prepare import prepare
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 PILE, TOK, SHAKES = DATA / "pile_sample.jsonl.zst", DATA / "20B_tokenizer.json", DATA / "tinyshakespeare_input.txt"
 pytestmark = pytest.mark.skipif(
     not (PILE.is_file() and TOK.is_file() and SHAKES.is_file()),

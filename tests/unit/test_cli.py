@@ -12,7 +12,7 @@ import pytest
 import train
 from data_prep import prepare
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def script(name: str):

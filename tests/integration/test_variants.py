@@ -85,7 +85,7 @@ def test_hybrid_layers_are_one_in_four_after_two_hyena_layers():
 
 def test_parameter_count_counts_the_tied_embedding_once():
     """GPT-NeoX at d 32, 4 layers, vocabulary 300: V d + L (12 d^2 + 13 d) + 2 d (closed form; see
-    tests/test_train_arch.py)."""
+    tests/integration/test_train_arch.py)."""
     model = build_variant("gpt_neox", vocab_size=300, seq_len=128, base=BASE)
     d, n_layer = 32, 4
     assert parameter_count(model) == 300 * d + n_layer * (12 * d * d + 13 * d) + 2 * d

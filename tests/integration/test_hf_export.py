@@ -23,7 +23,7 @@ from data_prep.tokenizer import hf_tokenizer
 from export.folder import save_hf_checkpoint
 from models import HyenaRTFForCausalLM
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TEXT = "The quick brown fox jumps over the lazy dog. It was"
 NEW = 16
 

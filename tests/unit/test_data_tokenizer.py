@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from data_prep.tokenizer import EOS_CANDIDATES, TokenizerError, hf_tokenizer, load_data_tokenizer, train_bpe
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 SAMPLE = "Hello wörld, naïve café 🙂\n  tabs\tand <|endoftext|> inside x=1;"
 
 

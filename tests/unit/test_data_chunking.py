@@ -13,7 +13,7 @@ from data_prep.indexed import IndexedDataset
 from data_prep.prepare import prepare
 from data_prep.tokenizer import piece_spans, train_bpe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / ".." / "shared" / "data"
 WORDS = [
     "the",

@@ -1,7 +1,7 @@
 """generate.py --compile: the static, compiled decode step (models/static_decode.py) behind the CLI.
 
 The reference is generate.py without the flag (the eager recurrent cache), whose own agreement with
-transformers' generate() tests/test_generate_cli.py checks. In-process runs compile with a counting
+transformers' generate() tests/integration/test_generate_cli.py checks. In-process runs compile with a counting
 eager backend (fast, and it counts the graphs); one run in a fresh process uses the default
 inductor backend.
 """

@@ -6,7 +6,7 @@ project's FFT computes, section 1.3 of docs/mathematics.md), singular values fro
 the explicit Hankel section, the Jacobian from torch autograd through `rational_kernel`, and the
 loaded RTF is checked through its own kernel() and its recurrence (models/rtf.py, a separate
 path). Test systems have stratified pole angles and one pole (pair) at radius 0.99, as in
-tests/test_rtf.py, so that their coefficients stay O(1) and the float64 references are accurate.
+tests/unit/test_rtf.py, so that their coefficients stay O(1) and the float64 references are accurate.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from _train_utils import child_env
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = (REPO / "docker" / "Dockerfile").read_text()
 PIN = Version((REPO / "docker" / "TORCH_VERSION").read_text().strip())
 
