@@ -7,7 +7,7 @@ synthetic-task suite) get exactly the same model from `build_variant`.
     implicit    Hyena with Hyena's own implicit MLP filters: the baseline RTF claims to beat
     multihyena  MultiHyena (Laughing Hyena) with RTF-16 filters and 16 heads
     hybrid      Hyena-RTF-16 with softmax attention in one layer of every four (layers 2, 6, 10, ...)
-    gpt_neox    a Transformer: Hugging Face GPT-NeoX (rotary positions, SDPA), training/architectures.py
+    gpt_neox    a Transformer: Hugging Face GPT-NeoX (rotary positions, SDPA), training/config.py
 
 Why 16 MultiHyena heads: each head filters the e^2 outer products of its e = d_model / M channels,
 so the filter bank grows as d_model^2 / M and the cost with it. At the CPU benchmarks' width 128,
@@ -21,7 +21,7 @@ Why layers 2, 6, 10, ...: Hyena-RTF's attention layers have no positional embedd
 
 Every variant sets the mixer fully (filter, order, heads, attention layers), so a `base` that
 sets them too (say model.state_size=256) is overridden by the variant. For gpt_neox, base keys
-GPT-NeoX has no use for (training/architectures.py: HYENA_ONLY_KEYS) are dropped from the base,
+GPT-NeoX has no use for (training/config.py: HYENA_ONLY_KEYS) are dropped from the base,
 since train.py refuses them.
 """
 
@@ -34,10 +34,8 @@ import torch
 
 from benchmarks.common import REPO
 from models.configuration_hyena_rtf import HyenaRTFConfig
-from training.architectures import HYENA_ONLY_KEYS
 from training.build import build_model
-from training.config import load_config, resolve_model_kwargs
-from training.model_schema import model_defaults
+from training.config import HYENA_ONLY_KEYS, load_config, model_defaults, resolve_model_kwargs
 
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"  # train.py's default --config
 HYBRID_EVERY = 4  # one attention layer in this many

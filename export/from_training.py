@@ -19,9 +19,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from export.folder import check_export_target, save_hf_checkpoint
-from training import architectures
 from training import checkpoint as ckpt
-from training.model_schema import DEFAULT_ARCH, RESERVED
+from training.config import DEFAULT_ARCH, RESERVED, instantiate, model_config
 from utils.atomic import NotReplaceableError
 
 
@@ -31,8 +30,8 @@ def model_from_checkpoint(ckpt_dir: str):
     cfg = OmegaConf.load(os.path.join(ckpt_dir, ckpt.CONFIG_FILE))
     section = OmegaConf.to_container(cfg.model, resolve=True)
     kwargs = {k: v for k, v in section.items() if k not in RESERVED and v is not None}
-    config = architectures.model_config(section.get("arch") or DEFAULT_ARCH, kwargs)
-    model = architectures.build(config)
+    config = model_config(section.get("arch") or DEFAULT_ARCH, kwargs)
+    model = instantiate(config)
     state = ckpt.load_fp32_state_dict(ckpt_dir)
     missing, unexpected = model.load_state_dict(state)
     # A tied LM head may be stored under one of its two names only; anything else is a real mismatch.

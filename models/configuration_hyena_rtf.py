@@ -7,9 +7,13 @@ config.json.
 
 from __future__ import annotations
 
+from typing import Literal, get_args, get_origin, get_type_hints
+
 from transformers import PreTrainedConfig
 
-from .filters import FILTERS
+from .filters import FilterKind
+from .precision import DtypeName
+from .rtf import RTFConstraint, RTFInit
 
 # Model-size presets. 125m follows the Hyena-RTF WikiText-103 model (d 768, 12 layers, state 64);
 # larger ones follow the usual GPT-3 / Pythia widths and depths. vocab_size is set from the data.
@@ -72,16 +76,16 @@ class HyenaRTFConfig(PreTrainedConfig):
         d_model: int = 768,
         n_layer: int = 12,
         l_max: int = 2048,
-        filter: str = "rtf",
+        filter: FilterKind = "rtf",
         state_size: int = 64,
         num_a: int | None = None,
         state_sizes: list[int] | None = None,
         filter_heads: int | None = None,
         multi_hyena_heads: int | None = None,
-        rtf_init: str = "xavier",
-        rtf_constraint: str = "l1_montel",
-        rtf_kernel_dtype: str = "float32",
-        recurrent_dtype: str = "float32",
+        rtf_init: RTFInit = "xavier",
+        rtf_constraint: RTFConstraint = "l1_montel",
+        rtf_kernel_dtype: DtypeName = "float32",
+        recurrent_dtype: DtypeName = "float32",
         short_conv_width: int = 3,
         implicit_order: int = 64,
         implicit_bands: int = 8,
@@ -139,10 +143,9 @@ class HyenaRTFConfig(PreTrainedConfig):
 
     def check(self) -> None:
         """Raise ValueError naming the first inconsistent hyper-parameter."""
-        if self.filter not in FILTERS:
-            raise ValueError(f"filter must be one of {tuple(FILTERS)}, got {self.filter!r}")
-        if self.recurrent_dtype not in ("float32", "float64"):
-            raise ValueError(f"recurrent_dtype must be 'float32' or 'float64', got {self.recurrent_dtype!r}")
+        for name, choices in choice_fields(type(self)).items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         bad = [i for i in self.attn_layers if not 0 <= i < self.n_layer]
         if bad:
             raise ValueError(f"attn_layers {bad} out of range for n_layer={self.n_layer}")
@@ -162,6 +165,14 @@ class HyenaRTFConfig(PreTrainedConfig):
         for name in ("vocab_size", "d_model", "n_layer", "l_max", "state_size", "short_conv_width"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def choice_fields(config_cls: type) -> dict[str, tuple]:
+    """{parameter: allowed values} for every `Literal`-typed parameter of config_cls.__init__: the
+    one statement of each choice: `check` applies it here, and the training config's model section
+    carries the same Literal types, checked as the YAML loads (training/config.py)."""
+    hints = get_type_hints(config_cls.__init__)
+    return {name: get_args(hint) for name, hint in hints.items() if get_origin(hint) is Literal}
 
 
 def config_from_preset(name: str, **overrides) -> HyenaRTFConfig:

@@ -9,12 +9,17 @@ Every kind implements models/long_filter.LongFilter; nothing else in the model a
 
 from __future__ import annotations
 
+from typing import Literal
+
 from .implicit import ImplicitFilter
 from .long_filter import LongFilter
 from .modal import ModalFilter
 from .rtf import RTF
 
-FILTERS: dict[str, type[LongFilter]] = {"rtf": RTF, "modal": ModalFilter, "implicit": ImplicitFilter}
+# The kinds a config may name (`HyenaRTFConfig.filter`): exactly the registry's keys
+# (tests/unit/test_train_config.py checks that the two agree).
+FilterKind = Literal["rtf", "modal", "implicit"]
+FILTERS: dict[FilterKind, type[LongFilter]] = {"rtf": RTF, "modal": ModalFilter, "implicit": ImplicitFilter}
 
 
 def make_filter(config, layer_idx: int, channels: int, num_filters: int | None) -> LongFilter:

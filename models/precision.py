@@ -20,9 +20,13 @@ repository.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn as nn
 
+# The precisions a config may name for the long filters' kernels and recurrent states.
+DtypeName = Literal["float32", "float64"]
 FILTER_MODULE = "filter"  # attribute name of the long filter inside every Hyena operator
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

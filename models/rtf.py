@@ -44,6 +44,7 @@ import math
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -51,9 +52,11 @@ from torch.fft import irfft, rfft
 
 from .long_filter import LongFilter
 from .modal import ModalSystem, amplification, blocked_powers, state_dtype
+from .precision import DtypeName
 
-INITS = ("zeros", "xavier", "montel")
-CONSTRAINTS = ("none", "l1_montel")
+RTFInit = Literal["zeros", "xavier", "montel"]
+RTFConstraint = Literal["none", "l1_montel"]
+INITS, CONSTRAINTS, KERNEL_DTYPES = get_args(RTFInit), get_args(RTFConstraint), get_args(DtypeName)
 # The modal form's taps must match the float64 FFT kernel to this relative l2 error, plus the
 # rounding the coefficients' conditioning allows (`conversion_bound`).
 CONVERSION_RTOL = 1e-9
@@ -328,8 +331,8 @@ class RTF(LongFilter):
         self.channels, self.num_filters, self.num_a = channels, num_filters, num_a
         self.state_size, self.l_max = state_size, l_max
         self.fft_len = fft_length(l_max)
-        if kernel_dtype not in ("float32", "float64"):
-            raise ValueError(f"rtf kernel_dtype must be 'float32' or 'float64', got {kernel_dtype!r}")
+        if kernel_dtype not in KERNEL_DTYPES:
+            raise ValueError(f"rtf kernel_dtype must be one of {KERNEL_DTYPES}, got {kernel_dtype!r}")
         self.constraint, self.eps, self.kernel_dtype = constraint, eps, kernel_dtype
         n = state_size
         self.a = nn.Parameter(torch.zeros(num_a, n))

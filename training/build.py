@@ -2,7 +2,7 @@
 
 The model's hyper-parameters are resolved from the config's model section and the data
 (training/config.py: `resolve_model_kwargs`), turned into the config of the architecture
-`model.arch` names (training/architectures.py: Hyena-RTF or GPT-NeoX), written back into the config
+`model.arch` names (training/config.py: Hyena-RTF or GPT-NeoX), written back into the config
 (the effective config a checkpoint stores), and the model is initialised from train.seed. Its
 parameters are float32 in every precision mode: bf16 training is autocast (training/engine.py),
 and the long filters stay float32 whatever the engine does to the model (models/precision.py),
@@ -17,10 +17,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel
 
-from models.configuration_hyena_rtf import HyenaRTFConfig
 from models.precision import check_filters_float32
-from training import architectures, memory
-from training.config import BatchPlan, ConfigError, fill_model_section, resolve_model_kwargs
+from training import memory
+from training.config import (
+    BatchPlan,
+    ConfigError,
+    fill_model_section,
+    instantiate,
+    model_config,
+    resolve_model_kwargs,
+    section_values,
+)
 from training.dist_env import DistEnv
 from training.engine import DeepSpeedEngine, Engine, TorchEngine, deepspeed_config
 from training.optim import make_optimizer, param_groups
@@ -38,19 +45,14 @@ def build_model(
     device's."""
     seq_len = cfg.data.seq_len
     kwargs = resolve_model_kwargs(cfg.model, vocab_size, seq_len)
-    try:
-        model_config = architectures.model_config(cfg.model.arch, kwargs)
+    try:  # (checked when the config was loaded; the data's vocabulary is the one new value here)
+        config = model_config(cfg.model.arch, kwargs)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"invalid model configuration: {e}") from None
-    rtf = isinstance(model_config, HyenaRTFConfig) and model_config.filter == "rtf"
-    if rtf and seq_len <= model_config.state_size:  # (modal filters have no coefficients to cut)
-        # The RTF kernel zero-pads its state_size + 1 denominator coefficients to the training
-        # length; a shorter length would silently cut them off (implicit filters have no order).
-        raise ConfigError(f"data.seq_len={seq_len} must be greater than model.state_size={model_config.state_size}")
-    check_memory(cfg, model_config, device, kind, env)
-    fill_model_section(cfg, architectures.section_values(model_config))
+    check_memory(cfg, config, device, kind, env)
+    fill_model_section(cfg, section_values(config))
     seed_everything(cfg.train.seed)
-    return architectures.build(model_config).to(device)
+    return instantiate(config).to(device)
 
 
 def check_memory(cfg: DictConfig, model_config, device: torch.device, kind: str, env: DistEnv | None) -> None:

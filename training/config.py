@@ -1,4 +1,5 @@
-"""Typed training configuration: dataclass schema, YAML presets, command-line dot-list overrides.
+"""From YAML to a model config, in one module: the typed schema, YAML presets, command-line dot-list
+overrides, the model section, the architectures, and every check, made before any data is opened.
 
 A run is configured by three layers merged in this order (later wins):
 
@@ -12,8 +13,10 @@ The `model` section is not written by hand: its dataclass is derived from the si
 Optional with default None meaning "not set here". A set `model.preset` (a key of `PRESETS`) fills
 the unset fields; the rest fall back to HyenaRTFConfig's own defaults. `vocab_size` comes from the
 data's tokenizer (`resolve_model_kwargs`), and `l_max` defaults to `data.seq_len`. `model.arch`
-picks the architecture (training/architectures.py: Hyena-RTF, or GPT-NeoX, which uses only the
-keys the two share; `check_arch_keys` says what happens to the others).
+picks the architecture (below: Hyena-RTF, or GPT-NeoX, which uses only the keys the two share;
+`check_arch_keys` says what happens to the others). Choice fields are `Literal` types, checked by
+OmegaConf as the layers merge; every other rule is checked once, in `check_values`, when the config
+is loaded, before any data is opened.
 
 Batch arithmetic has one source of truth, `resolve_batch`:
 
@@ -21,24 +24,54 @@ Batch arithmetic has one source of truth, `resolve_batch`:
 
 Give `train.global_batch_size` to keep the optimisation identical whatever the number of
 processes: `grad_accum_steps` is then derived (and must divide exactly).
+
+Architectures: the ones a run can train (`model.arch`), and the one mapping from the model section
+to each one's Hugging Face config (`model_config`; `instantiate` builds the model).
+
+    model.arch=hyena_rtf   (default) HyenaRTFForCausalLM; every key of the model section applies
+    model.arch=gpt_neox    transformers' own GPTNeoXForCausalLM: the Transformer baseline, trained by
+                           the same loop, data, schedule, engines, checkpoints and export
+
+GPT-NeoX uses the keys the two architectures share, mapped as
+
+    d_model -> hidden_size                       n_layer -> num_hidden_layers
+    n_head -> num_attention_heads                mlp_ratio * d_model -> intermediate_size
+    l_max -> max_position_embeddings             dropout -> hidden_dropout and attention_dropout
+    vocab_size (the tokenizer's, unpadded), layer_norm_eps, initializer_range,
+    tie_word_embeddings, use_cache, bos/eos/pad_token_id -> the same names
+
+A shared key left unset takes HyenaRTFConfig's default, so both architectures have the same width,
+depth and heads unless told otherwise; a `model.preset` gives GPT-NeoX its shared keys only. The
+embeddings are tied, as in Hyena-RTF, so that parameter counts compare. The rest is fixed as in
+Pythia, which are GPTNeoXConfig's own defaults: rotary position embeddings on 25% of each head's
+dimensions (base 10000), the parallel residual x + attn(ln1(x)) + mlp(ln2(x)), GELU, biases,
+normal(0, initializer_range) init. Attention runs through PyTorch SDPA.
+
+Every other key (HYENA_ONLY_KEYS: state_size, filter, attn_layers, multi_hyena_heads, ...) has no
+meaning for GPT-NeoX; `check_arch_keys` refuses one set explicitly together with
+model.arch=gpt_neox.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import functools
 import importlib.util
+import inspect
 import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedConfig, PreTrainedModel
 
 from models.configuration_hyena_rtf import PRESETS, HyenaRTFConfig
-from training.architectures import ARCHS, HYENA_ONLY_KEYS
-from training.model_schema import DEFAULT_ARCH, model_schema
+from models.modeling_hyena_rtf import HyenaRTFForCausalLM
 
 
 class ConfigError(ValueError):
@@ -83,11 +116,11 @@ class TrainConfig:
     grad_accum_steps: int | None = None  # None: derived from global_batch_size (or 1)
     global_batch_size: int | None = None  # sequences per optimizer step, all processes
     seed: int = 1234  # model init and data order; 0 .. 2**32 - 1 (numpy's seed range)
-    engine: str = "auto"  # auto | single | ddp | deepspeed
-    zero_stage: int = 1  # DeepSpeed ZeRO stage: 1 or 2
-    precision: str = "fp32"  # fp32 | bf16 (autocast; parameters stay fp32)
+    engine: Literal["auto", "single", "ddp", "deepspeed"] = "auto"
+    zero_stage: Literal[1, 2] = 1  # DeepSpeed ZeRO stage
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast; parameters stay fp32
     strict_fp32: bool = False  # fp32 on CUDA: false lets matmuls use TF32 (Ampere+); true keeps IEEE float32
-    device: str = "auto"  # auto | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_every: int = 200  # steps between validation passes (0: only at the end)
     # Stop after this many skipped non-finite steps in one run; >= 1. A non-finite step can never be
     # applied, so 1 already means "stop at the first"; 0 is refused rather than read as "no limit".
@@ -114,14 +147,174 @@ class CheckpointConfig:
     export_dir: str | None = None  # None: OUT_DIR/hf
 
 
-ENGINES = ("auto", "single", "ddp", "deepspeed")
-PRECISIONS = ("fp32", "bf16")
-DEVICES = ("auto", "cpu", "cuda")
+# --------------------------------------------------------------------------------------------
+# The model section, derived from HyenaRTFConfig.__init__, and the architectures it configures
+# --------------------------------------------------------------------------------------------
+
+_SCALARS = (int, float, bool, str)
+
+# `model.arch`: the architectures a run can train (the module docstring's mapping), and the default.
+Arch = Literal["hyena_rtf", "gpt_neox"]
+DEFAULT_ARCH = "hyena_rtf"
+ARCHS = typing.get_args(Arch)
+# Fields the training config adds in front of the model config's parameters.
+RESERVED = ("arch", "preset")
 
 
-# --------------------------------------------------------------------------------------------
-# The model section, derived from HyenaRTFConfig.__init__ (training/model_schema.py)
-# --------------------------------------------------------------------------------------------
+def _omegaconf_type(annotation: Any) -> Any:
+    """Map a model-config annotation to a type OmegaConf validates, wrapped in Optional.
+
+    Scalars and Literal choices stay typed (so `model.d_model=abc` and `model.filter=rtff` fail at
+    load time, naming the key and the choices), list/tuple/Sequence of a scalar become
+    List[scalar]; anything OmegaConf cannot check becomes Any.
+    """
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if annotation in _SCALARS:
+        return Optional[annotation]
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _omegaconf_type(args[0])
+    if origin in (list, tuple, collections.abc.Sequence):
+        elems = [a for a in args if a is not Ellipsis]
+        if len(set(elems)) == 1 and elems[0] in _SCALARS:
+            return Optional[list[elems[0]]]
+        return Optional[list[Any]]
+    if origin is typing.Literal:  # OmegaConf checks the choice itself, naming the allowed values
+        return Optional[annotation]
+    return Any
+
+
+def model_schema(config_cls: type) -> type:
+    """Dataclass with one Optional field (default None) per parameter of `config_cls.__init__`.
+
+    Parameters without a type annotation, *args/**kwargs and `self` are skipped. Two fields are
+    added in front: `arch` (default DEFAULT_ARCH) and `preset`.
+    """
+    hints = typing.get_type_hints(config_cls.__init__)
+    fields: list[tuple] = [("arch", Arch, field(default=DEFAULT_ARCH)), ("preset", Optional[str], field(default=None))]
+    for name, p in inspect.signature(config_cls.__init__).parameters.items():
+        if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or name not in hints:
+            continue
+        if name in RESERVED:
+            raise TypeError(f"{config_cls.__name__} has a parameter named {name!r}, which the training config reserves")
+        fields.append((name, _omegaconf_type(hints[name]), field(default=None)))
+    return dataclasses.make_dataclass("ModelConfig", fields)
+
+
+def model_defaults(config_cls: type) -> dict[str, Any]:
+    """Signature defaults of `config_cls.__init__` (the values used when neither preset nor YAML sets one)."""
+    out = {}
+    for name, p in inspect.signature(config_cls.__init__).parameters.items():
+        if p.default is not inspect.Parameter.empty and name != "self":
+            out[name] = list(p.default) if isinstance(p.default, tuple) else p.default
+    return out
+
+
+# Model-section keys GPT-NeoX uses (the mapping is `gpt_neox_config`); every other key is Hyena-only.
+SHARED_KEYS = (
+    "vocab_size",
+    "d_model",
+    "n_layer",
+    "n_head",
+    "mlp_ratio",
+    "l_max",
+    "layer_norm_eps",
+    "dropout",
+    "initializer_range",
+    "tie_word_embeddings",
+    "use_cache",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
+_HYENA_DEFAULTS = model_defaults(HyenaRTFConfig)
+HYENA_ONLY_KEYS = tuple(k for k in _HYENA_DEFAULTS if k not in SHARED_KEYS)
+
+
+def gpt_neox_config(kwargs: dict[str, Any]) -> GPTNeoXConfig:
+    """The GPTNeoXConfig of resolved model-section values (the module docstring's mapping). Keys
+    outside SHARED_KEYS are not read; shared keys missing from `kwargs` take HyenaRTFConfig's
+    defaults. ValueError when the heads do not divide the width."""
+    v = {k: kwargs[k] if kwargs.get(k) is not None else _HYENA_DEFAULTS[k] for k in SHARED_KEYS}
+    if v["d_model"] % v["n_head"]:
+        raise ValueError(f"d_model ({v['d_model']}) must be divisible by n_head ({v['n_head']})")
+    return GPTNeoXConfig(
+        vocab_size=v["vocab_size"],
+        hidden_size=v["d_model"],
+        num_hidden_layers=v["n_layer"],
+        num_attention_heads=v["n_head"],
+        intermediate_size=v["mlp_ratio"] * v["d_model"],
+        max_position_embeddings=v["l_max"],
+        hidden_dropout=v["dropout"],
+        attention_dropout=v["dropout"],
+        layer_norm_eps=v["layer_norm_eps"],
+        initializer_range=v["initializer_range"],
+        tie_word_embeddings=v["tie_word_embeddings"],
+        use_cache=v["use_cache"],
+        # GPTNeoXConfig's own defaults are 0 and 2 (the 20B tokenizer's); the export sets the
+        # ids of the run's tokenizer, as it does for Hyena-RTF.
+        bos_token_id=v["bos_token_id"],
+        eos_token_id=v["eos_token_id"],
+        pad_token_id=v["pad_token_id"],
+        use_parallel_residual=True,  # Pythia; the rotary fraction and base are left at Pythia's defaults
+        attn_implementation="sdpa",
+    )
+
+
+def model_config(arch: str, kwargs: dict[str, Any]) -> PreTrainedConfig:
+    """The Hugging Face config of `arch` from resolved model-section values (training/config.py:
+    resolve_model_kwargs). ValueError / TypeError for an invalid combination."""
+    if arch == "gpt_neox":
+        return gpt_neox_config(kwargs)
+    if arch == DEFAULT_ARCH:
+        return HyenaRTFConfig(**kwargs)
+    raise ValueError(f"unknown architecture {arch!r} (choose one of {', '.join(ARCHS)})")
+
+
+def arch_of(config: PreTrainedConfig) -> str:
+    """The `model.arch` of a model config."""
+    return "gpt_neox" if isinstance(config, GPTNeoXConfig) else DEFAULT_ARCH
+
+
+def instantiate(config: PreTrainedConfig) -> PreTrainedModel:
+    """A freshly initialised causal LM of `config` (initialised from torch's global generator)."""
+    return GPTNeoXForCausalLM(config) if isinstance(config, GPTNeoXConfig) else HyenaRTFForCausalLM(config)
+
+
+def section_values(config: PreTrainedConfig) -> dict[str, Any]:
+    """The model-section values `config` was built from (what the effective config records):
+    every key for Hyena-RTF, the shared keys for GPT-NeoX (its Hyena-only keys stay unset)."""
+    if isinstance(config, GPTNeoXConfig):
+        d = config.hidden_size
+        return {
+            "vocab_size": config.vocab_size,
+            "d_model": d,
+            "n_layer": config.num_hidden_layers,
+            "n_head": config.num_attention_heads,
+            "mlp_ratio": config.intermediate_size // d,
+            "l_max": config.max_position_embeddings,
+            "layer_norm_eps": config.layer_norm_eps,
+            "dropout": config.hidden_dropout,
+            "initializer_range": config.initializer_range,
+            "tie_word_embeddings": config.tie_word_embeddings,
+            "use_cache": config.use_cache,
+            "bos_token_id": config.bos_token_id,
+            "eos_token_id": config.eos_token_id,
+            "pad_token_id": config.pad_token_id,
+        }
+    out = {}
+    for key in _HYENA_DEFAULTS:
+        value = getattr(config, key)
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def attention_shape(config: PreTrainedConfig) -> tuple[int, int]:
+    """(number of softmax-attention layers, model width): what the attention term of the
+    FLOPs-per-token estimate needs (training/metrics.py)."""
+    if isinstance(config, GPTNeoXConfig):
+        return config.num_hidden_layers, config.hidden_size
+    return len(config.attn_layers or []), config.d_model
 
 
 @functools.cache
@@ -216,7 +409,7 @@ def _sets(layer: DictConfig, key: str) -> bool:
 
 def check_arch_keys(cfg: DictConfig, layers: list[tuple[int, str, DictConfig]]) -> None:
     """Another model.arch than Hyena-RTF has no use for the Hyena-only keys
-    (training/architectures.py: HYENA_ONLY_KEYS). `layers`: (0 for the YAML file, 1 for the command
+    (HYENA_ONLY_KEYS). `layers`: (0 for the YAML file, 1 for the command
     line; its source; what it set), in merge order.
 
     A Hyena-only key set where the architecture was chosen or later (the same YAML file, or the
@@ -238,11 +431,6 @@ def check_arch_keys(cfg: DictConfig, layers: list[tuple[int, str, DictConfig]]) 
                 f"{source}: model.{key} is a Hyena-RTF setting, which model.arch={arch} does not use; remove it"
             )
         cfg.model[key] = None
-
-
-def _choice(value: str, allowed: tuple, key: str) -> None:
-    if value not in allowed:
-        raise ConfigError(f"invalid value for '{key}': {value!r} (choose one of {', '.join(allowed)})")
 
 
 def resolve_all(cfg: DictConfig) -> None:
@@ -270,15 +458,10 @@ def check_finite(node, path: str = "") -> None:
 
 
 def check_values(cfg: DictConfig) -> None:
-    """Checks OmegaConf's types cannot express (finite numbers, choices, ranges)."""
+    """Checks OmegaConf's types cannot express (finite numbers, ranges; the choices are Literal
+    types, which OmegaConf checks while merging), then the model section as a whole."""
     check_finite(OmegaConf.to_container(cfg, resolve=True))
     t = cfg.train
-    _choice(cfg.model.arch, ARCHS, "model.arch")
-    _choice(t.engine, ENGINES, "train.engine")
-    _choice(t.precision, PRECISIONS, "train.precision")
-    _choice(t.device, DEVICES, "train.device")
-    if t.zero_stage not in (1, 2):
-        raise ConfigError(f"invalid value for 'train.zero_stage': {t.zero_stage} (supported: 1, 2)")
     positive = {
         "train.max_steps": t.max_steps,
         "train.micro_batch_size": t.micro_batch_size,
@@ -315,6 +498,27 @@ def check_values(cfg: DictConfig) -> None:
     if not 0 <= t.seed < 2**32:
         raise ConfigError(f"invalid value for 'train.seed': {t.seed} (must be in [0, 2**32 - 1])")
     check_deepspeed_extra(OmegaConf.to_container(t.deepspeed, resolve=True), t.zero_stage)
+    check_model_section(cfg)
+
+
+def check_model_section(cfg: DictConfig) -> None:
+    """The model section's hyper-parameters checked together (the architecture config's own check:
+    an RTF order below l_max, heads that divide the width, ...) when the config is loaded, before any
+    data is opened. The data's vocabulary is not known yet: an explicit model.vocab_size, else a
+    stand-in that every check accepts (the real one replaces it in `resolve_model_kwargs`)."""
+    vocab = cfg.model.vocab_size if cfg.model.vocab_size is not None else 1
+    seq_len = cfg.data.seq_len
+    try:
+        config = model_config(cfg.model.arch, resolve_model_kwargs(cfg.model, vocab, seq_len))
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"invalid model configuration: {str(e).splitlines()[0]}") from None
+    if isinstance(config, HyenaRTFConfig) and config.filter == "rtf" and seq_len <= config.state_size:
+        # The RTF kernel zero-pads its state_size + 1 denominator coefficients to the training
+        # length; a shorter length would silently cut them off (modal and implicit filters have no
+        # coefficients to cut).
+        raise ConfigError(f"data.seq_len={seq_len} must be greater than model.state_size={config.state_size}")
 
 
 def check_deepspeed_extra(extra: dict, zero_stage: int) -> None:
@@ -396,7 +600,7 @@ def resolve_model_kwargs(
     """
     presets = PRESETS if presets is None else presets
     raw = OmegaConf.to_container(model_cfg, resolve=True)
-    raw.pop("arch", None)  # which class gets these arguments: training/architectures.py
+    raw.pop("arch", None)  # which class gets these arguments: `model_config`
     preset = raw.pop("preset")
     kwargs: dict[str, Any] = {}
     if preset is not None:
@@ -419,7 +623,7 @@ def resolve_model_kwargs(
 
 def fill_model_section(cfg: DictConfig, values: dict[str, Any]) -> None:
     """Write the resolved model hyper-parameters back into cfg.model (the effective config);
-    `values`: model-section key -> value (training/architectures.py: section_values)."""
+    `values`: model-section key -> value (`section_values`)."""
     for key, value in values.items():
         cfg.model[key] = list(value) if isinstance(value, tuple) else value
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GPTNeoXConfig, PreTrainedConfig
 
-from training import architectures
+from training.config import instantiate
 
 GIB = 2**30
 
@@ -80,7 +80,7 @@ def _fake_run(config: PreTrainedConfig, batch: int, seq_len: int, bf16: bool) ->
         return t
 
     with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cpu"):
-        model = architectures.build(config)
+        model = instantiate(config)
         ids = torch.zeros(batch, seq_len, dtype=torch.long)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

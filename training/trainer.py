@@ -39,9 +39,8 @@ from data_prep.dataset import PackedDataset
 from export.from_training import check_run_export_dir, export_checkpoint, run_export_dir
 from training import checkpoint as ckpt
 from training import metrics as metrics_clock
-from training.architectures import attention_shape
 from training.build import build_engine, build_model
-from training.config import BatchPlan, ConfigError, check_optional_packages, resolve_batch, to_yaml
+from training.config import BatchPlan, ConfigError, attention_shape, check_optional_packages, resolve_batch, to_yaml
 from training.data import (
     StepPrefetcher,
     check_sizes,

@@ -1,7 +1,7 @@
 """model.arch=gpt_neox: train.py trains Hugging Face's GPTNeoXForCausalLM with the same loop, resumes
 it exactly, exports a plain transformers folder that loads without trust_remote_code in a fresh
 process, which evaluate_lm.py and generate.py use; the Hyena-only keys are refused by name; the
-model is exactly the GPT-NeoX the mapping of training/architectures.py promises."""
+model is exactly the GPT-NeoX the mapping of training/config.py promises."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def curve(out_dir):
 
 def expected_config() -> GPTNeoXConfig:
     """What NEOX must map to, written out by hand from the module docstring of
-    training/architectures.py: d 32, 2 layers, 4 heads, MLP 4 x 32, l_max = seq_len 64, tied
+    training/config.py: d 32, 2 layers, 4 heads, MLP 4 x 32, l_max = seq_len 64, tied
     embeddings, no dropout, no token ids until the export sets the tokenizer's."""
     return GPTNeoXConfig(
         vocab_size=VOCAB,
@@ -274,7 +274,10 @@ def test_an_unknown_arch_lists_the_choices(corpus, tmp_path, capsys):
     code = train.main([*NEOX, f"data.dir={corpus}", f"train.out_dir={tmp_path}", "model.arch=mamba"])
     assert code == 2
     err = error_line(capsys.readouterr().err)
-    assert err == "train.py: error: invalid value for 'model.arch': 'mamba' (choose one of hyena_rtf, gpt_neox)"
+    assert err == (
+        "train.py: error: command-line override 'model.arch=mamba': invalid value for 'model.arch': "
+        "Invalid value 'mamba', expected one of ['hyena_rtf', 'gpt_neox']"
+    )
 
 
 def test_heads_that_do_not_divide_the_width_are_refused(corpus, tmp_path, capsys):

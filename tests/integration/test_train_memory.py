@@ -16,7 +16,9 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 import train
 from models.configuration_hyena_rtf import HyenaRTFConfig
-from training import architectures, memory
+from training import build as training_build
+from training import memory
+from training.config import gpt_neox_config, instantiate
 
 CASES = {
     "hyena rtf": dict(d_model=32, n_layer=3, state_size=4),
@@ -32,7 +34,7 @@ CASES = {
 def real_counts(config, batch: int, seq_len: int) -> tuple[int, int]:
     """Parameters and saved-for-backward bytes of a real model of `config` (no extrapolation)."""
     torch.manual_seed(0)
-    model = architectures.build(config)
+    model = instantiate(config)
     saved = 0
 
     def pack(t):
@@ -57,7 +59,7 @@ def test_the_estimate_counts_what_a_real_model_holds(case):
 
 
 def test_the_estimate_of_the_gpt_neox_baseline_counts_its_parameters():
-    config = architectures.gpt_neox_config(dict(vocab_size=300, d_model=32, n_layer=3, n_head=4, l_max=64))
+    config = gpt_neox_config(dict(vocab_size=300, d_model=32, n_layer=3, n_head=4, l_max=64))
     est = memory.estimate(config, batch=2, seq_len=64, bf16=False)
     assert est.params == real_counts(config, 2, 64)[0]
 
@@ -84,13 +86,14 @@ def test_a_million_layers_is_estimated_without_building_them():
 def test_a_model_too_large_for_the_machine_is_one_line_before_anything_is_built(
     corpus, tmp_path, capsys, monkeypatch, override, named
 ):
-    real_build, built = architectures.build, []
+    built = []
 
     def build(config):  # a real (not fake-tensor) model being built is what the refusal prevents
         built.append(not isinstance(torch.empty(0), FakeTensor))
-        return real_build(config)
+        return instantiate(config)
 
-    monkeypatch.setattr(architectures, "build", build)
+    for module in (training_build, memory):  # the run's model, and the estimate's fake one
+        monkeypatch.setattr(module, "instantiate", build)
     out = tmp_path / "run"
     assert train.main([*TINY, f"data.dir={corpus}", f"train.out_dir={out}", override]) == 2
     err = capsys.readouterr().err.strip()

@@ -203,3 +203,14 @@ def test_the_readme_layout_lists_the_tree():
     assert not unmatched, f"models/ files missing from the README layout: {sorted(unmatched)}"
     stale = {pattern for pattern in models if not any(fnmatch.fnmatch(f, pattern) for f in files)}
     assert not stale, f"the README layout names models/ files that do not exist: {sorted(stale)}"
+
+
+def test_the_reading_paths_name_files_that_exist():
+    """docs/reading_paths.md sends readers to files in an order; every file it names must exist."""
+    import re
+
+    text = (REPO / "docs" / "reading_paths.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`([\w./-]+\.(?:py|md))`", text))
+    assert len(named) > 30
+    missing = sorted(p for p in named if not (REPO / p).is_file())
+    assert not missing, f"docs/reading_paths.md names files that do not exist: {missing}"

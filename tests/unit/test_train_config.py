@@ -183,10 +183,42 @@ def test_vocab_mismatch_and_short_l_max_are_errors():
     with pytest.raises(ConfigError, match="model.vocab_size=1000 disagrees with the data's tokenizer, which has 512"):
         resolve_model_kwargs(cfg.model, vocab_size=512, seq_len=64)
     assert resolve_model_kwargs(cfg.model, vocab_size=1000, seq_len=64)["vocab_size"] == 1000
+    # Rules of the model section are checked when the config loads, before any data is opened.
     with pytest.raises(ConfigError, match="l_max=32 is smaller than data.seq_len=64"):
-        resolve_model_kwargs(load_config(None, ["model.l_max=32"]).model, 512, 64)
+        load_config(None, ["model.l_max=32", "data.seq_len=64"])
     with pytest.raises(ConfigError, match="unknown model.preset 'huge'"):
-        resolve_model_kwargs(load_config(None, ["model.preset=huge"]).model, 512, 64)
+        load_config(None, ["model.preset=huge"])
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["model.filter=rtff"], ["'model.filter'", "rtff", "'rtf', 'modal', 'implicit'"]),
+        (["model.rtf_init=he"], ["'model.rtf_init'", "'zeros', 'xavier', 'montel'"]),
+        (["model.recurrent_dtype=float16"], ["'model.recurrent_dtype'", "'float32', 'float64'"]),
+        (["model.arch=llama"], ["'model.arch'", "'hyena_rtf', 'gpt_neox'"]),
+        (["model.state_size=300"], ["invalid model configuration", "every RTF order must be in [1, l_max=256)"]),
+        (["model.d_model=30", "model.attn_layers=[0]"], ["invalid model configuration", "n_head"]),
+        (["model.state_size=300", "model.l_max=512"], ["data.seq_len=256 must be greater than model.state_size=300"]),
+    ],
+)
+def test_model_section_choices_and_rules_fail_at_load_naming_the_key(overrides, expected):
+    """Choice fields are Literal types (one statement each: the model config's signature), checked
+    as the config loads; the rules across keys run then too, before any data is opened."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    message = str(e.value)
+    assert "\n" not in message
+    for s in expected:
+        assert s in message, message
+
+
+def test_the_filter_kinds_a_config_may_name_are_the_registry():
+    from typing import get_args
+
+    from models.filters import FILTERS, FilterKind
+
+    assert get_args(FilterKind) == tuple(FILTERS)
 
 
 def test_batch_arithmetic_has_one_source_of_truth():
