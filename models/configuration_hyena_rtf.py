@@ -13,7 +13,7 @@ from transformers import PreTrainedConfig
 
 from .filters import FilterKind
 from .precision import DtypeName
-from .rtf import RTFConstraint, RTFInit
+from .rtf import RTFConstraint, RTFInit, check_order
 
 # Model-size presets. 125m follows the Hyena-RTF WikiText-103 model (d 768, 12 layers, state 64);
 # larger ones follow the usual GPT-3 / Pythia widths and depths. vocab_size is set from the data.
@@ -156,8 +156,7 @@ class HyenaRTFConfig(PreTrainedConfig):
         if self.state_sizes is not None and len(self.state_sizes) != self.n_layer:
             raise ValueError(f"state_sizes has {len(self.state_sizes)} entries for n_layer={self.n_layer}")
         for n in [self.state_size] + (self.state_sizes or []) if self.filter == "rtf" else []:
-            if not 1 <= n < self.l_max:
-                raise ValueError(f"every RTF order must be in [1, l_max={self.l_max}), got {n}")
+            check_order(n, self.l_max)
         if self.multi_hyena_heads is not None and (self.multi_hyena_heads < 1 or self.d_model % self.multi_hyena_heads):
             raise ValueError(
                 f"multi_hyena_heads ({self.multi_hyena_heads}) must be >= 1 and divide d_model ({self.d_model})"

@@ -282,6 +282,13 @@ def convert_rtf(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, fft_len: int
     return ModalConversion(system, radius, error, bound, amp)
 
 
+def check_order(order: int, l_max: int) -> None:
+    """The rule for an RTF's order n (its state size): 1 <= n < l_max. The kernel's FFT has l_max
+    points, and n + 1 denominator coefficients zero-padded into fewer points would be cut off."""
+    if not 1 <= order < l_max:
+        raise ValueError(f"every RTF order must be in [1, l_max={l_max}), got {order}")
+
+
 class RTF(LongFilter):
     """A bank of RTF filters expanded to `channels` channels (filter i serves channels
     [i * channels/num_filters, (i+1) * channels/num_filters)).
@@ -326,8 +333,7 @@ class RTF(LongFilter):
             raise ValueError(
                 f"need channels ({channels}) % num_filters ({num_filters}) == 0 and num_filters % num_a ({num_a}) == 0"
             )
-        if not 1 <= state_size < l_max:
-            raise ValueError(f"state_size must be in [1, l_max), got {state_size} with l_max {l_max}")
+        check_order(state_size, l_max)
         self.channels, self.num_filters, self.num_a = channels, num_filters, num_a
         self.state_size, self.l_max = state_size, l_max
         self.fft_len = fft_length(l_max)
