@@ -183,8 +183,10 @@ def write_json(path: str | os.PathLike, result: dict, indent: int = 1) -> Path:
     return path
 
 
-def save_png(fig, path: str | os.PathLike, dpi: int) -> Path:
-    """Saves the matplotlib Figure `fig` as a PNG at `path` atomically; returns the path."""
+def save_png(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Lays out the matplotlib Figure `fig` (tight) and saves it as a PNG at `path` atomically;
+    returns the path."""
+    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with AtomicFile(path, "wb") as af:

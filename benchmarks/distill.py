@@ -135,7 +135,6 @@ def plot(result: dict, path: Path) -> None:
     ax_e.set_yscale("log")
     ax_kl.set_yscale("log")
     fig.suptitle(f"distilling {result['source']} ({result['machine'].get('cpu', 'cpu')})", fontsize=10)
-    fig.tight_layout()
     save_png(fig, path, dpi=110)
 
 

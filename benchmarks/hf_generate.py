@@ -155,7 +155,6 @@ def plot(out_dir: Path, run_tag: str) -> Path:
             fontsize=10,
         )
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
-    fig.tight_layout()
     return save_png(fig, out_dir / f"hf_generate_{run_tag}.png", dpi=120)
 
 

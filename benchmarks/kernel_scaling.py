@@ -274,7 +274,6 @@ def plot(result: dict, path: Path) -> None:
         f"{result['device']} ({m.get('gpu') or m['cpu']}), torch {m['torch']}",
         fontsize=9,
     )
-    fig.tight_layout()
     save_png(fig, path, dpi=110)
 
 

@@ -95,7 +95,6 @@ def plot(result: dict, path: Path) -> None:
     ax.bar(range(len(rows)), [r["build_ms"] for r in rows])
     ax.set_xticks(range(len(rows)), [r["layer"] for r in rows], fontsize=8)
     ax.set(ylabel="build ms per layer", yscale="log", title=f"recurrence build, {result['machine'].get('cpu', 'cpu')}")
-    fig.tight_layout()
     save_png(fig, path, dpi=110)
 
 

@@ -176,5 +176,4 @@ def plot(result: dict, path: Path) -> None:
         f"vocab {m['vocab_size']}; median step of the best of {result['args']['repeats']} rounds",
         fontsize=9,
     )
-    fig.tight_layout()
     save_png(fig, path, dpi=110)

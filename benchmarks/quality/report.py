@@ -142,5 +142,4 @@ def plot(summary: dict, rows: list[dict], path: str | Path, title: str) -> Path:
     sweep.set_ylabel(summary["primary_metric"])
     sweep.set_title("lr sweep (first seed)")
     sweep.grid(alpha=0.3)
-    fig.tight_layout()
     return save_png(fig, path, dpi=120)

@@ -178,5 +178,4 @@ def plot(result: dict, path: Path) -> None:
         _plot_task(ax, task, result["tasks"][task], result["summary"][task], list(result["variants"]))
     seeds = len(result["seeds"])
     fig.suptitle(f"Synthetic tasks, {seeds} seed(s) per point, {result['machine'].get('cpu', 'cpu')}", fontsize=10)
-    fig.tight_layout()
     save_png(fig, path, dpi=110)

@@ -48,7 +48,6 @@ def plot(result: dict, path: Path) -> None:
         f"{result['args']['tokens_per_step']} tokens per step; median of the timed steps",
         fontsize=9,
     )
-    fig.tight_layout()
     save_png(fig, path, dpi=110)
 
 
