@@ -159,11 +159,14 @@ from .refine import (
     best_numerator,
     levenberg_marquardt,
     modal_kernel,
+    variable_projection,
 )
 
 INITS = ("hankel", "prony", "random")
 R_MAX = 0.9999  # largest pole radius a fit may have: 0.9999^2048 = 0.81, memory well past l_max
 LOWER_ORDERS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96)  # orders _lower_order_starts tries
+POLISH_RTOL = 1e-2  # memory-tap error above which a modal fit gets the variable-projection stage
+POLISH_HANKEL = 1024  # rows of the full-resolution (stride 1 at L = 2048) Hankel section of its extra start
 CONDITION_RTOL = 0.1  # bound on eps * fft_condition in the kernel dtype (module docstring, section 5)
 
 
@@ -434,7 +437,7 @@ def _fit_modal(target, order: int, steps: int, r_max: float, sv, U, progress: bo
     F, L = target.shape
     _check_order(order, L)
     m = -(-order // 2)  # slots: a conjugate pair or a real pole each
-    basis = _era_basis(sv, U, target, 2 * m)
+    basis = _era_basis(sv, U, target, 3 * m)  # orders up to 3m: the starts of `_polish_modal`
     theta, best = None, None
     # ERA orders from 2m down to m: a smooth filter's ERA has many real poles, each taking a whole
     # slot, so the order-2m realisation may not fit m slots while a lower one fits them all.
@@ -462,9 +465,44 @@ def _fit_modal(target, order: int, steps: int, r_max: float, sv, U, progress: bo
         steps,
         progress,
     )
+    theta = _polish_modal(theta, target, m, steps, r_max, basis)
     p, res, d = _modal_split(theta)
     rel = (_modal_loss(theta, target) / norm2).sqrt()
     return ModalFit(p, res, d, order, rel, init_error, sv, _tails(sv, sv.shape[-1]))
+
+
+def _polish_modal(theta, target, m: int, steps: int, r_max: float, basis, rtol: float | None = None):
+    """Variable-projection stage (module docstring, section 6) for the filters whose memory-tap error
+    after the joint Levenberg-Marquardt is above rtol: from several starts per filter (the fit's
+    own poles; the ERA of the strided section at orders 2m and 3m and of a full-resolution section
+    at order 2m, each with its unstable poles clamped to r_max and, separately, reflected to
+    1 / conj(p)), `variable_projection` refines the poles alone with |p| < r_max by construction;
+    per filter the best of all these and of the incoming fit is kept, so no filter gets worse."""
+    F, L = target.shape
+    taps = target[:, 1:]
+    rtol = POLISH_RTOL if rtol is None else rtol
+    rows = (memory_error(modal_kernel(*_modal_split(theta), L), target) > rtol).nonzero().flatten()
+    if not len(rows) or steps <= 0:
+        return theta
+    sub = target[rows]
+    starts = [torch.complex(theta[rows, :m], theta[rows, m : 2 * m])]
+    sv, U = _hankel_svd(sub, POLISH_HANKEL)
+    bases = [(basis.rows(rows), 2 * m), (basis.rows(rows), 3 * m), (_era_basis(sv, U, sub, 2 * m), 2 * m)]
+    for b, j in bases:
+        p, rho = b.modes(j)
+        for q in (p, torch.where(p.abs() > 1, 1 / p.conj(), p)):
+            th = _modal_start((q, rho), sub, m, r_max)
+            starts.append(torch.complex(th[:, :m], th[:, m : 2 * m]))
+    n = len(starts)
+    p, res, loss = variable_projection(torch.cat(starts), taps[rows].repeat(n, 1), r_max, steps)
+    k = loss.view(n, -1).argmin(0)  # best start per filter
+    pick = torch.arange(len(rows), device=target.device) + k * len(rows)
+    p, res, loss = p[pick], res[pick], loss[pick]
+    better = loss < (modal_kernel(*_modal_split(theta[rows]), L) - sub)[:, 1:].square().sum(-1)
+    theta = theta.clone()
+    new = torch.cat([p.real, p.imag, res.real, res.imag, sub[:, :1]], -1)
+    theta[rows[better]] = new[better]
+    return theta
 
 
 def filter_bank_taps(filter_module: torch.nn.Module, length: int) -> torch.Tensor:

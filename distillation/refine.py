@@ -198,3 +198,108 @@ def _progress_bar(steps: int, progress: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=steps, desc="refining", unit="step", leave=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# variable projection for the modal target: the residues eliminated, poles only
+# ---------------------------------------------------------------------------------------------
+SVD_RTOL = 1e-13  # singular values of the pole design below this (relative) are dropped: rank deficiency
+
+
+def poles_from_coordinates(z: torch.Tensor, r_max: float) -> torch.Tensor:
+    """p = r_max exp(-exp(w) + i phi) for z = [w, phi] (F, 2m): |p| < r_max for every finite z, so
+    the refinement needs no projection (and never sits on a clamp where its steps are cut)."""
+    m = z.shape[-1] // 2
+    return r_max * torch.exp(torch.complex(-torch.exp(z[:, :m]), z[:, m:]))
+
+
+def coordinates_from_poles(p: torch.Tensor, r_max: float) -> torch.Tensor:
+    """The inverse of `poles_from_coordinates`; radii are first clamped to [1e-6, 1 - 1e-12] r_max
+    (a pole at the origin or on r_max has no finite coordinate)."""
+    ratio = (p.abs() / r_max).clamp(1e-6, 1 - 1e-12)
+    return torch.cat([torch.log(-torch.log(ratio)), p.angle()], -1)
+
+
+def _pole_design(p: torch.Tensor, N: int):
+    """V = p^0 .. p^(N-1) (F, m, N) and the truncated SVD of the real design Phi = [Re V, -Im V]^T
+    (F, N, 2m) of h[t] = Phi c (t >= 1), c = 2 [Re res, Im res]: (V, Phi, Uk, coefficient map)
+    with Uk the retained left singular vectors (zero columns for dropped ones) and the map
+    W diag(1/s) (F, 2m, 2m), so that c = map Uk^T h and the projection is Uk Uk^T."""
+    V = powers(p, N)
+    Phi = torch.cat([V.real, -V.imag], -2).transpose(-1, -2).nan_to_num(0.0, 0.0, 0.0)
+    U, s, Wh = torch.linalg.svd(Phi, full_matrices=False)
+    keep = s > SVD_RTOL * s[..., :1]
+    Uk = U * keep[..., None, :]
+    inv = torch.where(keep, 1.0 / s.clamp_min(1e-300), torch.zeros_like(s))
+    return V, Uk, Wh.transpose(-1, -2) * inv[..., None, :]
+
+
+def projected_residues(p: torch.Tensor, taps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(res, loss): the least-squares residues for the poles p (F, m) against the memory taps
+    (F, N) (taps t >= 1; 2 Re sum res p^(t-1)), and the squared error left, (F, m) complex, (F,)."""
+    _, Uk, cmap = _pole_design(p, taps.shape[-1])
+    Uh = Uk.transpose(-1, -2) @ taps[..., None]
+    c = (cmap @ Uh)[..., 0] / 2
+    m = p.shape[-1]
+    loss = ((Uk @ Uh)[..., 0] - taps).square().sum(-1)  # explicit: ||h||^2 - ||Uk^T h||^2 cancels
+    return torch.complex(c[:, :m], c[:, m:]), loss
+
+
+def _vp_residual(z: torch.Tensor, taps: torch.Tensor, r_max: float):
+    p = poles_from_coordinates(z, r_max)
+    V, Uk, cmap = _pole_design(p, taps.shape[-1])
+    Uh = Uk.transpose(-1, -2) @ taps[..., None]
+    r = (Uk @ Uh)[..., 0] - taps  # the fit minus the taps: -(I - P) h
+    return p, V, Uk, (cmap @ Uh)[..., 0], r
+
+
+def _vp_loss(z: torch.Tensor, taps: torch.Tensor, r_max: float, chunk: int = 1 << 22) -> torch.Tensor:
+    step = max(1, chunk // (taps.shape[-1] * z.shape[-1]))
+    return torch.cat(
+        [_vp_residual(z[s : s + step], taps[s : s + step], r_max)[-1].square().sum(-1) for s in range(0, len(z), step)]
+    )
+
+
+def _vp_system(z: torch.Tensor, taps: torch.Tensor, r_max: float, chunk: int = 1 << 22):
+    """(loss, J^T J, J^T r) of the projected residual r(z) = P(z) h - h for z = [w, phi], with
+    Kaufman's Jacobian J = (I - P) dPhi/dz c (the term of dP that the least-squares optimality
+    makes second order dropped): (F,), (F, 2m, 2m), (F, 2m)."""
+    F, N = taps.shape
+    m = z.shape[-1] // 2
+    losses, Gs, gs = [], [], []
+    step = max(1, chunk // (N * 4 * m))
+    t = torch.arange(N, device=z.device, dtype=z.dtype)
+    for s in range(0, F, step):
+        zs = z[s : s + step]
+        p, V, Uk, c, r = _vp_residual(zs, taps[s : s + step], r_max)
+        res = torch.complex(c[:, :m], c[:, m:]) / 2
+        dV = t * torch.cat([torch.zeros_like(V[..., :1]), V[..., :-1]], -1)  # d p^t / dp = t p^(t-1)
+        dp = torch.cat([-torch.exp(zs[:, :m]) * p, 1j * p], -1)  # dp/dw, dp/dphi
+        X = 2 * (res.repeat(1, 2)[..., None] * dV.repeat(1, 2, 1) * dp[..., None]).real  # (f, 2m, N)
+        X = X.transpose(-1, -2)
+        J = X - Uk @ (Uk.transpose(-1, -2) @ X)
+        losses.append(r.square().sum(-1))
+        Gs.append(J.transpose(-1, -2) @ J)
+        gs.append((J.transpose(-1, -2) @ r[..., None])[..., 0])
+    return torch.cat(losses), torch.cat(Gs), torch.cat(gs)
+
+
+def variable_projection(
+    p: torch.Tensor, taps: torch.Tensor, r_max: float, steps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Golub-Pereyra variable projection for h[t] ~ 2 Re sum res p^(t-1) (taps (F, N), t >= 1):
+    the residues are eliminated by least squares for given poles, and `levenberg_marquardt` runs on
+    the pole coordinates alone (`poles_from_coordinates`: |p| < r_max by construction), from the
+    poles p (F, m). Returns (poles, residues, squared error) of the best iterate."""
+    z = coordinates_from_poles(p, r_max)
+    z = levenberg_marquardt(
+        z,
+        lambda th, rows: _vp_system(th, taps[rows], r_max),
+        lambda th, rows: _vp_loss(th, taps[rows], r_max),
+        lambda th: th,
+        taps.square().sum(-1).clamp_min(1e-300),
+        steps,
+    )
+    p = poles_from_coordinates(z, r_max)
+    res, loss = projected_residues(p, taps)
+    return p, res, loss
