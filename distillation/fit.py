@@ -113,7 +113,11 @@ a, b (F, n); h0 (F,).
    whole slot (2 Re(r p^t) with real p is ONE real mode), so when the ERA has real poles only the
    n/2 - (number of pairs) most energetic (|rho|^2 / (1 - |p|^2)) are kept: a handicap of the
    conjugate-pair form. Refinement: the same Levenberg-Marquardt driver, steps and stopping rule,
-   with the explicit Jacobian in (Re p, Im p, Re r, Im r, D), poles clamped to r_max.
+   with the explicit Jacobian in (Re p, Im p, Re r, Im r, D), poles clamped to r_max. Filters
+   still above POLISH_RTOL memory-tap error then get `_polish_modal`: variable projection (the
+   residues eliminated by least squares, Levenberg-Marquardt on p = r_max exp(-exp(w) + i phi)
+   alone, so |p| < r_max without a clamp for the steps to stall on) from several ERA starts, the
+   better fit kept per filter (docs/mathematics.md, section 5.1, has the measurements).
 
 Hankel bound.  An order-k fit has a rank-<= k Hankel section, so by Eckart-Young its error,
 weighted by how often each tap appears in the section, cannot beat
