@@ -5,6 +5,9 @@
     h   = h + mlp(norm2(h))        mlp: Linear(d, 4d) -> GELU -> Linear(4d, d)
     logits = norm_f(h) @ W[:vocab_size]^T                    (B, T, V), W: lm_head tied to embed
 
+With `skip_logits=True` (the trainer's call) the loss is taken from norm_f(h) and W directly, in
+blocks of rows (models/chunked_loss.py), and no (B, T, V) logits are built.
+
 Generation is recurrent: the first call prefills every layer's state in parallel (FFT), then each
 new token costs O(n_layer * d * (d + n)) whatever the length of the context (MultiHyena layers:
 O(n_layer * d * (d + e n)) with head width e; attention layers, if any, keep a growing KV cache).
@@ -32,6 +35,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .attention import CausalSelfAttention
 from .cache import HyenaRTFCache, StaticHyenaRTFCache
+from .chunked_loss import linear_cross_entropy
 from .configuration_hyena_rtf import HyenaRTFConfig
 from .hf_compat import CACHE_NAME, cache_kwargs, output_cache, pick_cache
 from .hyena import HyenaOperator
@@ -296,23 +300,37 @@ class HyenaRTFModel(HyenaRTFPreTrainedModel):
 def next_token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """sum_{b,t} -log softmax(logits[b, t])[targets[b, t]] in float32, positions with target -100
     skipped. logits (B, T, V) and targets (B, T) are already aligned (targets[:, t] is what
-    logits[:, t] predicts). The one loss of the project: `causal_lm_loss` below and the trainer
-    (training/engine.py) both use it."""
+    logits[:, t] predicts). The one loss of the project: `causal_lm_loss` below uses it, and
+    `HyenaRTFForCausalLM.head_nll` (what the trainer, training/engine.py, calls through
+    forward(skip_logits=True)) computes the same sum in blocks without the logits."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
 
 
 def causal_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    shift_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy: logits (B, T, V) at position t predict labels[:, t + 1]; -100 ignored.
+    `shift_labels` (B, T), already aligned (shift_labels[:, t] is what logits[:, t] predicts, as in
+    transformers' ForCausalLMLoss), replaces labels and scores every position.
 
     Mean over the predicted tokens of this batch, or, when `num_items_in_batch` is given (the
     predicted tokens of the whole accumulated step, which `transformers.Trainer` counts over
     labels[:, 1:]), the sum divided by it, so that accumulated micro-batches add up to the mean
     over the step however their token counts differ.
     """
-    targets = labels[:, 1:]
-    nll = next_token_nll(logits[:, :-1], targets)
+    if shift_labels is None:
+        logits, targets = logits[:, :-1], labels[:, 1:]
+    else:
+        targets = shift_labels
+    return mean_nll(next_token_nll(logits, targets), targets, num_items_in_batch)
+
+
+def mean_nll(nll: torch.Tensor, targets: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+    """nll (a summed loss) / the tokens it was summed over: num_items_in_batch where given, else the
+    targets that are not -100."""
     count = (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch
     return nll / torch.as_tensor(count, device=nll.device, dtype=nll.dtype)
 
@@ -368,24 +386,47 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
         self.vocab_size = vocab
         return embed
 
+    def _plain_head_weight(self, device: torch.device) -> torch.Tensor | None:
+        """The weight a plain head multiplies by on `device`: every (padded) row on the devices of
+        PADDED_HEAD_DEVICES (CUDA), the first vocab_size rows elsewhere; None for a head that is
+        wrapped (PEFT) or hooked (accelerate's offloading), which must be called as a module."""
+        head = self.lm_head
+        # accelerate wraps the instance's forward instead of registering torch hooks.
+        hooked = head._forward_hooks or head._forward_pre_hooks or "forward" in head.__dict__
+        if type(head) is not nn.Linear or hooked:
+            return None
+        if device.type in PADDED_HEAD_DEVICES:
+            # A GPU GEMM whose output width is a multiple of 64 takes the aligned kernels (an odd
+            # 50,277 does not, for the forward and both backward GEMMs): multiply by every row,
+            # the padding columns are dropped afterwards.
+            return head.weight
+        return head.weight[: self.config.vocab_size]
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM head on the real vocabulary: h (..., d) -> (..., vocab_size), the embedding's padding
         rows left out. A plain head multiplies by the first vocab_size rows of its weight (a
         contiguous view), so no padded logits are built, then copied and back-propagated by the loss
         (1.7 s of a 15 s CPU training step at 8192 tokens and vocabulary 50,277). A head that is
         wrapped (PEFT) or hooked (accelerate's offloading) is called as a module and sliced, and so is
-        a plain head on the devices of PADDED_HEAD_DEVICES (CUDA)."""
-        head = self.lm_head
-        # accelerate wraps the instance's forward instead of registering torch hooks.
-        hooked = head._forward_hooks or head._forward_pre_hooks or "forward" in head.__dict__
-        if type(head) is nn.Linear and not hooked:
-            if h.device.type in PADDED_HEAD_DEVICES:
-                # A GPU GEMM whose output width is a multiple of 64 takes the aligned kernels (an odd
-                # 50,277 does not, for the forward and both backward GEMMs): multiply by every row,
-                # then drop the padding columns.
-                return F.linear(h, head.weight)[..., : self.config.vocab_size]
-            return F.linear(h, head.weight[: self.config.vocab_size])
-        return head(h)[..., : self.config.vocab_size]
+        a plain head on the devices of PADDED_HEAD_DEVICES (CUDA), whose padded rows are multiplied."""
+        weight = self._plain_head_weight(h.device)
+        if weight is None:
+            return self.lm_head(h)[..., : self.config.vocab_size]
+        logits = F.linear(h, weight)
+        # Sliced only when padded: even a full-width slice would copy the gradient in the backward.
+        return logits[..., : self.config.vocab_size] if weight.shape[0] > self.config.vocab_size else logits
+
+    def head_nll(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """next_token_nll(self.logits(h), targets) without the logits: h (B, T, d), targets (B, T)
+        aligned, -100 ignored -> the float32 sum, by `linear_cross_entropy` over blocks of rows (the
+        head's padded rows on CUDA, as `logits`, masked out of the softmax). A wrapped or hooked
+        head has no weight to hand over: its logits are built and scored as in `next_token_nll`."""
+        weight = self._plain_head_weight(h.device)
+        if weight is None:
+            return next_token_nll(self.logits(h), targets)
+        return linear_cross_entropy(
+            h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), n_classes=self.config.vocab_size
+        )
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -433,23 +474,32 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         num_items_in_batch: torch.Tensor | int | None = None,
         position_ids: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        skip_logits: bool = False,
     ) -> CausalLMOutputWithPast | tuple:
         """input_ids: (B, T) new tokens (or inputs_embeds (B, T, d)). attention_mask: (B, past + T).
-        labels: (B, T), shifted inside, -100 ignored. logits_to_keep: only the last k positions'
+        labels: (B, T), shifted inside, -100 ignored; or shift_labels: (B, T) already aligned (what
+        position t predicts; transformers' name). logits_to_keep: only the last k positions'
         logits (0: all). position_ids: only checked, as in `HyenaRTFModel` (packed documents are
         refused). The cache (under either name) and `use_cache` work as in `HyenaRTFModel`:
         with a cache that has seen tokens, the new tokens are decoded recurrently, O(1) each.
+        skip_logits (with labels; the name Liger kernels and transformers' Trainer use): return the
+        loss only, computed in blocks of rows from the hidden states (`head_nll`), logits None: no
+        (B, T, V) logits in the forward or the backward. Same loss, within float32 rounding.
         -> loss, logits (B, T or k, vocab_size), cache, hidden_states."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        if labels is not None and logits_to_keep:
+        scored = labels is not None or shift_labels is not None
+        if scored and logits_to_keep:
             raise ValueError("labels need the logits of every position: do not combine them with logits_to_keep")
+        if skip_logits and not scored:
+            raise ValueError("skip_logits returns the loss only: it needs labels (or shift_labels)")
         cache = pick_cache(cache, past_key_values)
         if isinstance(cache, StaticHyenaRTFCache) and cache.is_loaded:
             # Decoding from a filled static cache: the compilable step, one token at a time. A decode
             # step's token is never padding, so with one token the mask is not even looked at (a
             # compiled step would otherwise be guarded on its length, one column longer each step);
             # several new tokens (continuing a returned cache) are checked once.
-            if input_ids is None or labels is not None or output_hidden_states:
+            if input_ids is None or scored or output_hidden_states:
                 raise ValueError("a filled StaticHyenaRTFCache decodes token ids into logits only")
             new = input_ids.shape[1]
             if new > 1 and position_ids is not None:
@@ -476,8 +526,14 @@ class HyenaRTFForCausalLM(HyenaRTFPreTrainedModel, GenerationMixin):
         )
         h = out.last_hidden_state
         h = h[:, -logits_to_keep:] if logits_to_keep else h
-        logits = self.logits(h)
-        loss = None if labels is None else causal_lm_loss(logits, labels, num_items_in_batch)
+        if skip_logits:
+            logits = None
+            targets = labels[:, 1:] if shift_labels is None else shift_labels
+            nll = self.head_nll(h if shift_labels is not None else h[:, :-1], targets)
+            loss = mean_nll(nll, targets, num_items_in_batch)
+        else:
+            logits = self.logits(h)
+            loss = causal_lm_loss(logits, labels, num_items_in_batch, shift_labels) if scored else None
         result = CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=out.hidden_states, **cache_kwargs(output_cache(out))
         )

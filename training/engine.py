@@ -11,6 +11,12 @@ micro-batch is the mean token cross-entropy, computed in float32 from the logits
 
     loss = mean_{b,t} -log softmax(logits[b, t])[x[b, t + 1]]
 
+For a Hyena-RTF model the logits are never built whole: the model's forward(skip_logits=True)
+takes the loss from the hidden states and the head in blocks of rows (models/chunked_loss.py), so
+neither the forward nor the backward holds the (B, T, V) float32 logits (3.3 GB for 8 x 2048
+tokens at a 50k vocabulary, as much again for their gradient). Other models (gpt_neox) go through
+their logits.
+
 All micro-batches have the same size, so the step loss reported (and optimised) is the plain mean
 over the global batch, identical for any split into processes and accumulation steps.
 
@@ -39,7 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from models.modeling_hyena_rtf import next_token_nll
+from models.modeling_hyena_rtf import HyenaRTFForCausalLM, next_token_nll
 from training.config import BatchPlan, check_deepspeed_extra
 from training.dist_env import DistEnv
 from training.zero_elastic import ZeroFullState, group_param_names
@@ -49,9 +55,22 @@ from training.zero_elastic import ZeroFullState, group_param_names
 # --------------------------------------------------------------------------------------------
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DeepSpeed's engine (both keep it as `.module`)."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
 def lm_loss_terms(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(sum of token cross-entropies in float32, number of tokens) for batch (B, T + 1)."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
+    if isinstance(unwrapped(model), HyenaRTFForCausalLM):
+        # Called through the wrapper (DDP's and DeepSpeed's forward prepare the gradient reduction
+        # and apply autocast). The targets are aligned already (shift_labels); num_items_in_batch=1
+        # makes the returned loss the sum itself (a division by 1 is exact).
+        out = model(input_ids=inputs, shift_labels=targets, skip_logits=True, num_items_in_batch=1, use_cache=False)
+        return out.loss, targets.numel()
     out = model(input_ids=inputs, use_cache=False)  # scoring: no recurrent prefill, in eval mode too
     logits = out.logits if hasattr(out, "logits") else out
     # Logits beyond the tokenizer's vocabulary are padding; targets never index them, so a plain
