@@ -30,6 +30,7 @@ import torch
 from transformers import GPTNeoXConfig, PreTrainedConfig
 
 from training.config import instantiate
+from training.engine import lm_loss_terms
 
 GIB = 2**30
 
@@ -81,10 +82,10 @@ def _fake_run(config: PreTrainedConfig, batch: int, seq_len: int, bf16: bool) ->
 
     with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cpu"):
         model = instantiate(config)
-        ids = torch.zeros(batch, seq_len, dtype=torch.long)
+        tokens = torch.zeros(batch, seq_len + 1, dtype=torch.long)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                model(input_ids=ids, labels=ids)
+                lm_loss_terms(model, tokens)  # the training step's own loss (chunked for Hyena-RTF)
         params = sum(p.numel() for p in model.parameters())
     return params, saved
 

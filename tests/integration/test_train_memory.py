@@ -19,6 +19,7 @@ from models.configuration_hyena_rtf import HyenaRTFConfig
 from training import build as training_build
 from training import memory
 from training.config import gpt_neox_config, instantiate
+from training.engine import lm_loss_terms
 
 CASES = {
     "hyena rtf": dict(d_model=32, n_layer=3, state_size=4),
@@ -32,7 +33,8 @@ CASES = {
 
 
 def real_counts(config, batch: int, seq_len: int) -> tuple[int, int]:
-    """Parameters and saved-for-backward bytes of a real model of `config` (no extrapolation)."""
+    """Parameters and saved-for-backward bytes of a real model of `config` in a training step's loss
+    (training/engine.py: the chunked loss for Hyena-RTF; no extrapolation)."""
     torch.manual_seed(0)
     model = instantiate(config)
     saved = 0
@@ -42,9 +44,9 @@ def real_counts(config, batch: int, seq_len: int) -> tuple[int, int]:
         saved += t.numel() * t.element_size()
         return t
 
-    ids = torch.zeros(batch, seq_len, dtype=torch.long)
+    tokens = torch.zeros(batch, seq_len + 1, dtype=torch.long)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
+        lm_loss_terms(model, tokens)
     return sum(p.numel() for p in model.parameters()), saved
 
 
