@@ -8,15 +8,16 @@ Hugging Face GPT-NeoX of the same width, depth and vocabulary, side by side in o
     python -m benchmarks.train.throughput --markdown --out benchmarks/results/train_throughput_cpu.json
 
 What is timed is a full training step as the trainer runs it (training/engine.py, TorchEngine):
-the micro-batches of the step, each a forward with use_cache=False, the float32 token loss
-`next_token_nll` / tokens, backward of loss / accumulation steps; then clip_grad_norm_ (max 1.0,
+the micro-batches of the step, each the trainer's own loss (training/engine.py `lm_loss_terms`:
+for Hyena-RTF the chunked LM head + cross-entropy, models/chunked_loss.py; the float32 token loss
+over full logits for GPT-NeoX) / tokens, backward of loss / accumulation steps; then clip_grad_norm_ (max 1.0,
 read on the host), AdamW step over the trainer's parameter groups (training/optim.py:
 param_groups / make_optimizer; the lr and decay values do not change the time) and
 zero_grad(set_to_none=True). fp32 on CPU; bf16 autocast on GPU with float32 parameters (the RTF
 filters and the FFTs stay float32 inside the model, as in training). Hyena models are built with
 l_max = the sequence length, as train.py does. GPT-NeoX: rotary embeddings (its default
 rotary_pct 0.25), attn_implementation="sdpa", untied input and output embeddings (its default),
-n_head and MLP width from the preset, loss by the same `next_token_nll`. Random weights and
+n_head and MLP width from the preset. Random weights and
 tokens: speed does not depend on them.
 
 Every length processes the same --tokens-per-step (batch = tokens / length sequences), split into
@@ -82,7 +83,8 @@ from benchmarks.common import (
 from benchmarks.train.report import BASELINE, MODELS, markdown, plot
 from models import config_from_preset
 from models.fftconv import fast_fft_size
-from models.modeling_hyena_rtf import HyenaRTFForCausalLM, next_token_nll
+from models.modeling_hyena_rtf import HyenaRTFForCausalLM
+from training.engine import lm_loss_terms
 from training.metrics import peak_flops, train_flops_per_token
 from training.optim import make_optimizer, param_groups
 from utils.logs import get_logger, setup_logging
@@ -190,8 +192,8 @@ def make_step(model: nn.Module, optimizer, micro: list[torch.Tensor], device: to
 
     def micro_loss(batch: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=batch[:, :-1], use_cache=False).logits
-            return next_token_nll(logits, batch[:, 1:]) / batch[:, 1:].numel()
+            loss_sum, n = lm_loss_terms(model, batch)
+            return loss_sum / n
 
     def step() -> float:
         total = 0.0
