@@ -22,9 +22,27 @@ import time
 from pathlib import Path
 
 from utils.atomic import AtomicFile, write_text
+from utils.logs import setup_logging
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+
+
+def add_run_options(p, out: Path, repeats: int = 3, threads: int | None = 1) -> None:
+    """The options every timing benchmark takes: --repeats (rounds, the best or median kept),
+    --threads (torch's CPU threads; None: torch's default) and --out (the JSON; PNG beside it)."""
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--threads", type=int, default=threads, help="torch CPU threads")
+    p.add_argument("--out", type=Path, default=out)
+
+
+def start_run(args) -> None:
+    """Before a benchmark's work: the project's log format, and --threads applied to torch."""
+    import torch
+
+    setup_logging()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
 
 def ints(text: str) -> list[int]:

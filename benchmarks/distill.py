@@ -38,10 +38,10 @@ import torch
 from matplotlib.figure import Figure
 from transformers import AutoModelForCausalLM
 
-from benchmarks.common import RESULTS, ints, machine, save_png, write_json
+from benchmarks.common import RESULTS, add_run_options, ints, machine, save_png, start_run, write_json
 from distillation.checkpoint import Options, distill_checkpoint
 from models.hf_compat import cache_kwargs, output_cache
-from utils.logs import get_logger, setup_logging
+from utils.logs import get_logger
 
 log = get_logger("bench")
 
@@ -148,12 +148,9 @@ def main(argv=None) -> None:
     ap.add_argument("--max-tokens", type=int, default=20000, help="validation tokens scored per model")
     ap.add_argument("--prompt-length", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=RESULTS / "distill_cpu.json")
+    add_run_options(ap, RESULTS / "distill_cpu.json")
     args = ap.parse_args(argv)
-    setup_logging()
-    torch.set_num_threads(args.threads)
+    start_run(args)
     forms = [f.strip() for f in args.forms.split(",") if f.strip()]
     source = AutoModelForCausalLM.from_pretrained(args.source).eval()
     result = {

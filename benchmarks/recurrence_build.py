@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from benchmarks.common import RESULTS, machine, save_png, write_json
+from benchmarks.common import RESULTS, add_run_options, machine, save_png, start_run, write_json
 from models import config_from_preset, hyena
 from models.configuration_hyena_rtf import PRESETS
-from utils.logs import get_logger, setup_logging
+from utils.logs import get_logger
 
 if hasattr(hyena, "make_filter"):  # a tree from before the filter registry (against_baseline.py)
     make_filter = hyena.make_filter
@@ -101,12 +101,9 @@ def plot(result: dict, path: Path) -> None:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", nargs="+", default=list(LAYERS), choices=LAYERS)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=RESULTS / "recurrence_build_cpu.json")
+    add_run_options(p, RESULTS / "recurrence_build_cpu.json")
     args = p.parse_args(argv)
-    setup_logging()
-    torch.set_num_threads(args.threads)
+    start_run(args)
     result = {
         "benchmark": "recurrence_build",
         "machine": machine(torch.device("cpu")),
