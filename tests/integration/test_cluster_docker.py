@@ -74,6 +74,9 @@ def test_the_image_and_setup_install_the_one_pin():
 
 def test_the_image_installs_the_project_and_its_build_check_runs_a_model():
     assert re.search(r"pip install --no-deps -e \.", DOCKERFILE)
+    # The folders are the packages: the image puts its checkout on every process's import path.
+    workdir = re.search(r"^WORKDIR (\S+)$", DOCKERFILE, re.M).group(1)
+    assert re.search(rf"^ENV PYTHONPATH={re.escape(workdir)}$", DOCKERFILE, re.M)
     assert "python docker/smoke.py" in DOCKERFILE
     assert "import torch, deepspeed, transformers; print" not in DOCKERFILE  # an import is no check
 
