@@ -107,7 +107,7 @@ def run_overrides(name: str, base: Sequence[str], n_layer: int) -> list[str]:
 def resolved_n_layer(base: Sequence[str], config: str | Path = DEFAULT_CONFIG) -> int:
     """The depth train.py gives a model configured by `base` on top of the YAML `config`
     (an explicit model.n_layer, else the model.preset's, else HyenaRTFConfig's default)."""
-    cfg = load_config(str(config), list(base))
+    cfg = load_config(str(config), list(base), check_model=False)  # the variant's keys come later
     kwargs = resolve_model_kwargs(cfg.model, vocab_size=1, seq_len=cfg.data.seq_len)
     return kwargs.get("n_layer") or model_defaults(HyenaRTFConfig)["n_layer"]
 

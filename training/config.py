@@ -366,11 +366,17 @@ def _merge(base: DictConfig, other: DictConfig, source: str, schema: DictConfig)
 
 
 def load_config(
-    config_file: str | None = None, overrides: list[str] | None = None, config_cls: type | None = None
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    config_cls: type | None = None,
+    check_model: bool = True,
 ) -> DictConfig:
     """Schema <- YAML file <- dot-list overrides, typed and checked. Raises ConfigError.
 
     overrides: ["optim.lr=3e-4", "train.max_steps=100", ...] (YAML syntax on the right-hand side).
+    check_model: False only to read a partial layering that later overrides complete (the
+    benchmarks' variants read the depth of their base before the variant's own keys are added); the
+    model section's rules are then checked when the full config loads.
     """
     schema = OmegaConf.structured(build_schema(config_cls))
     cfg = schema
@@ -397,6 +403,8 @@ def load_config(
         layers.append((1, f"command-line override '{item}'", dot))
     resolve_all(cfg)
     check_values(cfg)
+    if check_model:
+        check_model_section(cfg)
     check_arch_keys(cfg, layers)
     return cfg
 
@@ -459,7 +467,7 @@ def check_finite(node, path: str = "") -> None:
 
 def check_values(cfg: DictConfig) -> None:
     """Checks OmegaConf's types cannot express (finite numbers, ranges; the choices are Literal
-    types, which OmegaConf checks while merging), then the model section as a whole."""
+    types, which OmegaConf checks while merging); the model section as a whole is `check_model_section`."""
     check_finite(OmegaConf.to_container(cfg, resolve=True))
     t = cfg.train
     positive = {
@@ -498,7 +506,6 @@ def check_values(cfg: DictConfig) -> None:
     if not 0 <= t.seed < 2**32:
         raise ConfigError(f"invalid value for 'train.seed': {t.seed} (must be in [0, 2**32 - 1])")
     check_deepspeed_extra(OmegaConf.to_container(t.deepspeed, resolve=True), t.zero_stage)
-    check_model_section(cfg)
 
 
 def check_model_section(cfg: DictConfig) -> None:
