@@ -17,7 +17,7 @@ Per (kernel, length): float32 x and weight (batch = --tokens / length), the kern
 float64 torch.fft reference; a kernel that stores its taps in the other order is tried with the
 taps reversed, and the orientation that matches is recorded. `exact` means within 1e-5 of max|y|
 (float32 rounding of an FFT convolution: eps32 1.2e-7 times log2(2T) times the O(10) ratio of
-sum|k||u| to max|y|; models/fftconv.py meets the same bound, tests/unit/test_fftconv.py). Then the
+sum|k||u| to max|y|; models/fftconv.py meets the same bound, tests/unit/models/test_fftconv.py). Then the
 median time of forward, and of forward + backward (both inputs needing gradients), over --repeats
 runs after a warm-up, for the kernel and for fft_causal_conv.
 """

@@ -99,7 +99,7 @@ a, b (F, n); h0 (F,).
    with it the float32 module's kernel was within 2% of the float64 error of the fit (at L = 128,
    order 16, 2.6x: 8.1e-3 against 3.1e-3); at 1 it was up to 2x worse, at 10 NaN; at 1e-3 the
    constraint cost 3-7x in error. The bound makes the float32 RTF a poor target for long smooth
-   filters (numbers in tests/unit/test_distill_math.py); kernel_dtype=float64 states that the RTF will
+   filters (numbers in tests/unit/distillation/test_distill_math.py); kernel_dtype=float64 states that the RTF will
    keep its parameters and compute its kernel in float64.
 
 6. Modal target (`distill_modal`, the comparison of the RTF paper's Table 3): a diagonal complex

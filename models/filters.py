@@ -17,7 +17,7 @@ from .modal import ModalFilter
 from .rtf import RTF
 
 # The kinds a config may name (`HyenaRTFConfig.filter`): exactly the registry's keys
-# (tests/unit/test_train_config.py checks that the two agree).
+# (tests/unit/training/test_train_config.py checks that the two agree).
 FilterKind = Literal["rtf", "modal", "implicit"]
 FILTERS: dict[FilterKind, type[LongFilter]] = {"rtf": RTF, "modal": ModalFilter, "implicit": ImplicitFilter}
 

@@ -8,7 +8,7 @@
 # first only there.
 #
 #   bash scripts/test.sh                 # every run, test files spread over the cores (pytest-xdist)
-#   bash scripts/test.sh tests/unit/test_rtf.py -x    # arguments: one pytest run in .venv, as given
+#   bash scripts/test.sh tests/unit/models/test_rtf.py -x    # arguments: one pytest run in .venv, as given
 #
 # Much of the suite's time is subprocesses starting (torch + transformers imports), so workers help
 # even on two cores: the `-m hf` run took 4 min 37 s on one worker and 2 min 39 s on two
@@ -70,8 +70,10 @@ PARALLEL=(-n "${TEST_WORKERS:-auto}" --dist loadfile)
 .venv/bin/python -m pytest -q "${PARALLEL[@]}" -m "not serving"
 # Users' CPUs differ: the numerics again on torch's portable kernels (no AVX2/AVX-512 routes), so
 # that no tolerance holds only for the rounding of one instruction set.
-NUMERICS=(tests/unit/test_modal.py tests/unit/test_rtf.py tests/unit/test_fftconv.py tests/unit/test_distill_math.py
-  tests/unit/test_hyena.py tests/unit/test_multihyena.py tests/integration/test_exact_decoding.py)
+NUMERICS=(tests/unit/models/test_modal.py tests/unit/models/test_rtf.py tests/unit/models/test_fftconv.py
+  tests/unit/models/test_hyena.py tests/unit/models/test_multihyena.py tests/unit/models/test_decode_harness.py
+  tests/unit/models/test_chunked_loss.py tests/unit/distillation/test_distill_math.py
+  tests/integration/models/test_exact_decoding.py)
 echo "[test] numerics again with ATEN_CPU_CAPABILITY=default (torch's portable kernels)"
 ATEN_CPU_CAPABILITY=default .venv/bin/python -m pytest -q "${PARALLEL[@]}" -m "not slow" "${NUMERICS[@]}"
 echo "[test] the Hugging Face contract again under the oldest supported transformers ($oldest)"
@@ -82,4 +84,4 @@ built $old_build .test-logs/venv-transformers.log
 echo "[test] vLLM serving ($vllm_pin) in .venv-vllm"
 built $vllm_build .test-logs/venv-vllm.log
 # One file, one process: its engines are shared by its tests (module fixtures).
-exec .venv-vllm/bin/python -m pytest -q -m serving tests/integration/test_serving_vllm.py
+exec .venv-vllm/bin/python -m pytest -q -m serving tests/integration/serving/test_serving_vllm.py

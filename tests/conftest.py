@@ -24,7 +24,7 @@ if "HF_MODULES_CACHE" not in os.environ:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from _train_utils import make_corpus, reference_curve  # noqa: E402
+from support.train_utils import make_corpus, reference_curve  # noqa: E402
 
 # Two tiers, one folder each. tests/unit/: what `pytest` with no arguments runs (well under a minute
 # on 2 cores), for the person changing one module: the mathematics against its float64 references,

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, load_script, tiny_model, train_tiny_tokenizer
+from support.helpers import REPO, load_script, tiny_model, train_tiny_tokenizer
 
 from export.folder import save_hf_checkpoint
 from hf.loading import RemoteCodeRefused

@@ -27,8 +27,8 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO, load_script, naive_greedy, tiny_model, train_tiny_tokenizer
 from safetensors.torch import load_file
+from support.helpers import REPO, load_script, naive_greedy, tiny_model, train_tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 import distillation.checkpoint as distill_checkpoint

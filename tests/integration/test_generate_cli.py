@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_script, tiny_config, train_tiny_tokenizer
+from support.helpers import load_script, tiny_config, train_tiny_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from data_prep.tokenizer import hf_tokenizer

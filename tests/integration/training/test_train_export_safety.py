@@ -1,0 +1,185 @@
+"""Exporting never destroys what the export did not write.
+
+Each case runs `train.py export` (or a training run with an export at the end) the way a careless
+user would, and checks both the one-line error (exit code 2) and that every file that was there
+before is still there, byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from support.train_utils import TINY, error_line, torch_threads
+
+import train
+from training.config import load_config
+from training.trainer import run
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, by relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained_run(corpus, tmp_path_factory):
+    """A 4-step run folder with one checkpoint and metrics, no export."""
+    out = tmp_path_factory.mktemp("run")
+    with torch_threads(1):
+        run(
+            load_config(
+                None, [*TINY, f"data.dir={corpus}", f"train.out_dir={out}", "train.max_steps=4", "train.eval_every=4"]
+            )
+        )
+    return corpus, out
+
+
+def export(capsys, *args) -> tuple[int, str]:
+    code = train.main(["export", *map(str, args)])
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("where", ["the run itself", "a folder holding the run", "inside its checkpoints"])
+def test_export_onto_the_run_is_refused_and_the_run_survives(trained_run, capsys, where):
+    _, out = trained_run
+    target = {
+        "the run itself": out,
+        "a folder holding the run": out.parent,
+        "inside its checkpoints": out / "checkpoints" / "hf",
+    }[where]
+    before = snapshot(out)
+    for extra in ((), ("--overwrite",)):  # --overwrite does not lift this refusal
+        code, err = export(capsys, out, target, *extra)
+        assert code == 2
+        assert err == error_line(err)  # the one line on stderr
+        assert err.startswith("train.py: error: export folder"), err
+    assert snapshot(out) == before
+
+
+def test_export_into_a_folder_with_other_files_keeps_them(trained_run, tmp_path, capsys):
+    _, out = trained_run
+    home = tmp_path / "models"
+    (home / "other_model").mkdir(parents=True)
+    (home / "other_model" / "weights.bin").write_bytes(b"\x00" * 100)
+    (home / "notes.txt").write_text("mine")
+    before = snapshot(home)
+    code, err = export(capsys, out, home)
+    assert code == 2
+    assert "is not empty" in err, err
+    assert "--overwrite" in err, err
+    assert snapshot(home) == before
+
+
+def test_export_onto_a_file_keeps_the_file(trained_run, tmp_path, capsys):
+    _, out = trained_run
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"precious")
+    code, err = export(capsys, out, target)
+    assert code == 2
+    assert "is not a folder" in err, err
+    assert target.read_bytes() == b"precious"
+
+
+def test_an_earlier_export_is_replaced_but_not_one_holding_foreign_files(trained_run, tmp_path, capsys):
+    _, out = trained_run
+    hf = tmp_path / "hf"
+    assert export(capsys, out, hf)[0] == 0
+    first = snapshot(hf)
+    assert export(capsys, out, hf)[0] == 0  # an export of ours: replaced
+    assert snapshot(hf).keys() == first.keys()
+    (hf / "my_eval_results.txt").write_text("keep me")
+    code, err = export(capsys, out, hf)
+    assert code == 2
+    assert "did not write" in err, err
+    assert "my_eval_results.txt" in err, err
+    assert (hf / "my_eval_results.txt").read_text() == "keep me"
+    assert export(capsys, out, hf, "--overwrite")[0] == 0  # asked for: replaced whole
+    assert not (hf / "my_eval_results.txt").exists()
+    assert (hf / "config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
+
+
+def test_an_export_beside_the_checkpoints_is_fine(trained_run, capsys):
+    _, out = trained_run
+    assert export(capsys, out, out / "hf_on_demand")[0] == 0
+    assert json.loads((out / "hf_on_demand" / "config.json").read_text())["model_type"] == "hyena_rtf"
+
+
+def test_export_dir_equal_to_out_dir_fails_before_training(trained_run, tmp_path, capsys):
+    corpus, _ = trained_run
+    out = tmp_path / "run2"
+    code = train.main(
+        [
+            "--config",
+            str(train.DEFAULT_CONFIG),
+            *TINY,
+            f"data.dir={corpus}",
+            f"train.out_dir={out}",
+            "checkpoint.export_at_end=true",
+            f"checkpoint.export_dir={out}",
+        ]
+    )
+    assert code == 2
+    assert error_line(capsys.readouterr().err).startswith("train.py: error: checkpoint.export_dir:")
+    assert not (out / "metrics.jsonl").exists()
+    assert not (out / "checkpoints").exists()
+    assert not os.path.exists(out) or set(os.listdir(out)) <= {".run.lock"}
+
+
+def test_a_full_disk_during_train_py_export_is_one_line_and_keeps_the_earlier_export(
+    trained_run, tmp_path, capsys, monkeypatch
+):
+    """An OSError while writing the export was a traceback (exit 1): now one line naming the
+    folder, exit 2, and the earlier export is still there, file for file."""
+    import errno
+
+    import export.folder as hf_export
+
+    _, out = trained_run
+    hf = tmp_path / "hf"
+    assert export(capsys, out, hf)[0] == 0
+    before = snapshot(tmp_path)
+
+    def full_disk(*_a, **_k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(hf_export, "with_user_umask", full_disk)
+    code, err = export(capsys, out, hf)
+    assert code == 2
+    assert "Traceback" not in err, err  # (transformers' own progress bar may come before the line)
+    last = err.splitlines()[-1]
+    assert last == f"train.py: error: cannot write the export {hf}: No space left on device", err
+    assert snapshot(tmp_path) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
+
+
+@pytest.mark.parametrize(
+    "raised, code, message",
+    [
+        (KeyboardInterrupt(), 130, "interrupted: {hf} left as it was"),
+        (FileNotFoundError(2, "No such file or directory"), 2, "reading {run}: [Errno 2] No such file or directory"),
+    ],
+)
+def test_ctrl_c_or_a_checkpoint_pruned_during_train_py_export_is_one_line(
+    trained_run, tmp_path, capsys, monkeypatch, raised, code, message
+):
+    """Both were tracebacks (exit 1): a Ctrl-C while the weights are read, and a checkpoint file that
+    a running job pruned between the manifest check and the read. Now one line with the documented
+    code (130: interrupted, 2: the input), and the earlier export stays as it was."""
+    import export.from_training as train_export
+
+    _, out = trained_run
+    hf = tmp_path / "hf"
+    assert export(capsys, out, hf)[0] == 0
+    before = snapshot(tmp_path)
+
+    def interrupted(*_a, **_k):
+        raise raised
+
+    monkeypatch.setattr(train_export.ckpt, "load_fp32_state_dict", interrupted)
+    got, err = export(capsys, out, hf)
+    assert (got, err) == (code, "train.py: error: " + message.format(hf=hf, run=out))
+    assert snapshot(tmp_path) == before

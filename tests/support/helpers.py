@@ -1,0 +1,190 @@
+"""Independent references and instruments shared by the tests (numpy float64, no code under test),
+and the tiny models and tokenizer they run on."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from models import HyenaRTFConfig, HyenaRTFForCausalLM
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_script(name: str):
+    """A top-level script (generate.py, evaluate_lm.py) as the module it is: `generate.py` is
+    `import generate` from the repository root, like every other file of the tree."""
+    return importlib.import_module(name.removesuffix(".py"))
+
+
+def naive_greedy(
+    model, ids: torch.Tensor, new: int, mask: torch.Tensor | None = None, penalty: float = 1.0
+) -> torch.Tensor:
+    """Greedy decoding by a full parallel forward over the whole sequence for every token: no cache,
+    no generation code. mask: (B, T) attention mask of `ids` (left padding), grown with the ids.
+    penalty: Hugging Face's repetition penalty (divide positive scores of seen tokens by it,
+    multiply negative ones), written out here so that it is checked, not reused."""
+    with torch.no_grad():
+        for _ in range(new):
+            logits = model(ids, attention_mask=mask, use_cache=False).logits[:, -1]
+            if penalty != 1.0:
+                seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids, True)
+                logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=-1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+    return ids
+
+
+# Every keyword a model may receive its cache under (transformers from 5.24, and before).
+CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+@dataclass
+class Call:
+    positions: int  # how many positions this forward was fed
+    seen: int | None  # positions the cache it was given had already seen (None: no cache)
+    flops: int
+
+
+def spy_on_forward(model) -> list[Call]:
+    """Replace model.forward by a recorder (generate() calls the module, which calls forward)."""
+    calls: list[Call] = []
+    forward = type(model).forward.__get__(model)  # the real one, even if a spy is already installed
+
+    @functools.wraps(forward)  # keeps the signature, which generate() inspects to decide what to pass
+    def recording_forward(*args, **kwargs):
+        fed = next(x for x in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds")) if x is not None)
+        cache = next((kwargs[name] for name in CACHE_KEYWORDS if kwargs.get(name) is not None), None)
+        seen = None if cache is None else cache.seen_tokens
+        with FlopCounterMode(display=False) as counter:
+            out = forward(*args, **kwargs)
+        calls.append(Call(fed.shape[1], seen, counter.get_total_flops()))
+        return out
+
+    model.forward = recording_forward
+    return calls
+
+
+def np_causal_conv(u: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Naive O(T^2) causal convolution, u (B, C, T), k (C, T): y_t = sum_{s<=t} k_s u_{t-s}."""
+    T = u.shape[-1]
+    y = np.zeros(u.shape)
+    for t in range(T):
+        y[..., t] = (k[:, : t + 1][:, ::-1] * u[..., : t + 1]).sum(-1)
+    return y
+
+
+class FFTSpy(TorchFunctionMode):
+    """Records (function name, dtype of the first tensor argument) of every torch.fft call made
+    under it, however torch.fft was imported."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, torch.dtype]] = []
+
+    @property
+    def dtypes(self) -> list[torch.dtype]:
+        return [d for _, d in self.calls]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if "fft" in name and args and isinstance(args[0], torch.Tensor):
+            self.calls.append((name, args[0].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+def train_tiny_tokenizer(path) -> str:
+    """A byte-level BPE of about 300 tokens with `<|endoftext|>`, trained on a few generated English
+    sentences and written to `path` (a tokenizers JSON file); returns the path as a string. Lets the
+    Hugging Face tests run without the shared real tokenizers, with a vocabulary small enough that
+    a tiny model's embedding costs nothing."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    words = (
+        "the cat dog sat on a mat and ran to house tree big small red blue quick lazy fox jumps over "
+        "def return class import for in if else while print self value list"
+    ).split()
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.choice(words, size=12)) + "." for _ in range(400)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(lines, trainer)
+    tok.save(str(path))
+    return str(path)
+
+
+def tiny_config(**fields) -> HyenaRTFConfig:
+    """A tiny HyenaRTFConfig: d_model 32, 2 layers, l_max 32, state size 4, 4 heads, and whatever
+    `fields` set (or override)."""
+    return HyenaRTFConfig(**{"d_model": 32, "n_layer": 2, "l_max": 32, "state_size": 4, "n_head": 4, **fields})
+
+
+def tiny_model(attn_layers=None, vocab=97, seed=0, **overrides) -> HyenaRTFForCausalLM:
+    """A random tiny Hyena-RTF (`tiny_config`) that decodes exactly the tokens asked for (no EOS),
+    pad id 0; `overrides` replace any config field."""
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=vocab, pad_vocab_size_multiple=8, attn_layers=attn_layers, initializer_range=0.3)
+    model = HyenaRTFForCausalLM(tiny_config(**{**fields, "pad_token_id": 0, **overrides})).eval()
+    model.generation_config.eos_token_id = None  # every test decodes exactly the tokens it asks for
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def slow_poles(model) -> HyenaRTFForCausalLM:
+    """Give every other RTF filter of every Hyena layer a pole at radius ~0.995 and a larger
+    numerator, so that its impulse response is still large after l_max taps: decoding past l_max
+    then depends on the kernel's aliasing correction and on an exact prefill (as in
+    test_generation.py). Returns the model."""
+    for block in model.model.layers:
+        f = getattr(block.mixer, "filter", None)
+        if f is None or not hasattr(f, "slack"):
+            continue
+        with torch.no_grad():
+            f.a[::2] = 0.0
+            f.a[::2, 0] = -1.0
+            f.slack[::2] = 0.005
+            f.b.mul_(3.0)
+        assert 0.99 < f.pole_radius().max() < 1.0
+    return model
+
+
+def counting_backend(graphs: list):
+    """A torch.compile backend that records the example inputs of each graph it is handed and runs
+    the graph as it is."""
+
+    def backend(gm, example_inputs, **_):
+        graphs.append(example_inputs)
+        return gm.forward
+
+    return backend
+
+
+def decode_tolerance(model, eps: float, floor: float = 0.0) -> float:
+    """A bound on the relative error of a model's recurrent decoding against its parallel form,
+    derived from the conditioning of its filters' modal forms: each state term rounds by eps, and
+    the output of a filter sums its terms with a cancellation of at most `amplification`
+    (models/modal.py); 64 covers the rounding of the products, the layers and the steps. Never
+    below `floor` (the rounding of the rest of the network, which the caller knows)."""
+    from models.modal import amplification
+
+    worst = 1.0
+    for module in model.modules():
+        if getattr(module, "finite_state", False) and hasattr(module, "recurrence"):
+            rec = module.recurrence(torch.float64)
+            worst = max(worst, float(amplification(rec, rec.taps(module.l_max + 1)).max()))
+    return max(floor, 64 * eps * worst)
