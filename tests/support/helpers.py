@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from models import HyenaRTFConfig, HyenaRTFForCausalLM
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def run_child(cmd: list, *, cwd, env: dict, timeout: int, code: int = 0) -> subprocess.CompletedProcess:
+    """Run `cmd` to the end (text output captured) and check its exit code; on a wrong one the
+    assertion shows the tail of its stderr."""
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == code, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
+    return proc
 
 
 def load_script(name: str):

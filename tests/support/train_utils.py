@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -128,6 +129,23 @@ def launcher_cmd(launcher: str, nproc: int) -> list:
 # justified in the docstrings of test_train_distributed.py and test_train_elastic.py.
 LOSS_ATOL = 2e-5
 NORM_RTOL = 1e-4
+
+
+def run_one_thread(cfg) -> dict:
+    """train's `run` at one thread, as the tests themselves run (conftest.py); its summary."""
+    with torch_threads(1):
+        return run(cfg)
+
+
+def assert_learned(steps: list[int], losses: list[float], n: int = 10) -> None:
+    """A run logged every step 1..n and its loss fell by more than 0.3 nats."""
+    assert steps == list(range(1, n + 1))
+    assert losses[-1] < losses[0] - 0.3
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of a module-scoped run folder (tmp_path/run), for a test that damages it."""
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
 
 
 def reference_curve(corpus: Path, out: Path) -> dict:

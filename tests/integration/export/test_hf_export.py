@@ -9,14 +9,13 @@ with the in-memory model: logits, greedy text, tokenizer ids, pipeline output.
 import ast
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from support.helpers import tiny_config, train_tiny_tokenizer
+from support.helpers import run_child, tiny_config, train_tiny_tokenizer
 from tokenizers import Tokenizer
 
 from data_prep.tokenizer import hf_tokenizer
@@ -86,15 +85,9 @@ def exported(tmp_path_factory):
         "TRANSFORMERS_VERBOSITY": "error",
     }
     env.pop("HF_MODULES_CACHE", None)  # so the dynamic modules go under the empty HF_HOME
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(ckpt), str(bf16), str(tmp), TEXT, str(NEW)],
-        cwd=tmp,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_child(
+        [sys.executable, "-c", CHILD, str(ckpt), str(bf16), str(tmp), TEXT, str(NEW)], cwd=tmp, env=env, timeout=300
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp / "result.json").read_text())
     result["logits"] = torch.load(tmp / "logits.pt")
     result["hf_home"] = str(hf_home)

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from support.helpers import decode_tolerance, load_script
+from support.helpers import decode_tolerance, load_script, run_child
 from support.train_utils import torch_threads
 from transformers import AutoModelForCausalLM
 
@@ -276,13 +275,5 @@ def test_a_distilled_checkpoint_decodes_exactly_in_a_fresh_process_from_its_own_
     assert load_script("distill.py").main([str(source), str(out), "--order", "8", "--steps", "15"]) == 0
     env = {**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_child([sys.executable, "-c", FRESH_PROCESS, str(out)], cwd=tmp_path, env=env, timeout=300)
     assert float(proc.stdout.strip().splitlines()[-1]) <= RTOL

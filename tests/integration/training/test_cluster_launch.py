@@ -4,11 +4,11 @@ the ranks pass. The environment and CUDA are faked: nothing here needs SLURM or 
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 import torch
+from support.helpers import run_child
 from support.train_utils import REPO, child_env, error_line
 
 from training.config import ConfigError
@@ -82,15 +82,8 @@ def test_plain_srun_exits_2_with_one_line(tmp_path):
     for key in LAUNCH_VARS:
         env.pop(key, None)
     env.update(srun_task(1, 4))
-    p = subprocess.run(
-        [sys.executable, "train.py", f"train.out_dir={tmp_path / 'run'}", f"data.dir={tmp_path / 'none'}"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert p.returncode == 2, p.stderr[-2000:]
+    cmd = [sys.executable, "train.py", f"train.out_dir={tmp_path / 'run'}", f"data.dir={tmp_path / 'none'}"]
+    p = run_child(cmd, cwd=REPO, env=env, timeout=120, code=2)
     assert "srun as task 1 of 4" in error_line(p.stderr)
     assert not (tmp_path / "run").exists()
 

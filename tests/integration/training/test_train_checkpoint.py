@@ -8,14 +8,13 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from support.train_utils import TINY, error_line
+from support.train_utils import TINY, copy_of, error_line
 
 import train
 from data_prep.prepare import prepare
@@ -38,9 +37,7 @@ def stopped_run(corpus, tmp_path_factory):
 
 @pytest.fixture
 def run_copy(stopped_run, tmp_path):
-    dst = tmp_path / "run"
-    shutil.copytree(stopped_run, dst)
-    return dst
+    return copy_of(stopped_run, tmp_path)
 
 
 def step_dir(run, step):

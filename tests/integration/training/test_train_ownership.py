@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.train_utils import TINY, error_line
+from support.train_utils import TINY, copy_of, error_line
 
 import train
 from training import checkpoint as ckpt
@@ -63,9 +63,7 @@ def six_steps(corpus, tmp_path_factory):
 
 @pytest.fixture
 def run_copy(six_steps, tmp_path):
-    dst = tmp_path / "run"
-    shutil.copytree(six_steps, dst)
-    return dst
+    return copy_of(six_steps, tmp_path)
 
 
 # ---- 1. keep_last keeps the newest intact checkpoint, never a corrupt newer one ---------------
