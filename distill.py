@@ -78,6 +78,13 @@ def build_parser() -> OneLineParser:
     )
     p.add_argument("--steps", type=int, default=300, help="optimisation steps of each fit (0: the Hankel init only)")
     p.add_argument(
+        "--no-polish",
+        dest="polish",
+        action="store_false",
+        help="modal form: skip the variable-projection stage for the filters still above 1e-2 after the "
+        "joint fit (faster; those filters keep the joint fit)",
+    )
+    p.add_argument(
         "--max-pole-radius",
         type=float,
         default=R_MAX,

@@ -117,6 +117,7 @@ class Options:
     force: bool = False
     max_order: int = 64
     steps: int = 300
+    polish: bool = True
     max_pole_radius: float = R_MAX
     sweep: list[int] = field(default_factory=list)
     data: list[Path] = field(default_factory=list)
@@ -296,7 +297,9 @@ def fit_layers(checkpoint: Path, model: HyenaRTFForCausalLM, opts: Options) -> l
         targets.append(taps)
     fits = []
     if opts.form == "modal":
-        fit = functools.partial(distill_modal, steps=opts.steps, max_order=max_order, r_max=opts.max_pole_radius)
+        fit = functools.partial(
+            distill_modal, steps=opts.steps, max_order=max_order, r_max=opts.max_pole_radius, polish=opts.polish
+        )
     else:
         fit = functools.partial(
             distill_filters, fft_len=fft_len, steps=opts.steps, max_order=max_order, r_max=opts.max_pole_radius

@@ -379,9 +379,11 @@ def distill_modal(
     progress: bool = False,
     tolerance: float | None = None,
     max_order: int = 64,
+    polish: bool = True,
 ) -> ModalFit:
     """Conjugate-pair modal fit with ceil(order/2) slots (module docstring, section 6): the same ERA, the
-    same Levenberg-Marquardt driver and stopping rule as `distill_filters`.
+    same Levenberg-Marquardt driver and stopping rule as `distill_filters`; then, with `polish`, the
+    variable-projection stage for the filters still above POLISH_RTOL (`_polish_modal`).
 
     Give exactly one of `order` and `tolerance`. With a tolerance the order starts at the
     smallest even k whose Hankel tail is below it for every filter (no order-k fit can do better,
@@ -394,13 +396,13 @@ def distill_modal(
         raise ValueError("give exactly one of order and tolerance")
     sv, U = _hankel_svd(target, hankel_size)
     if order is not None:
-        return _fit_modal(target, order, steps, r_max, sv, U, progress)
+        return _fit_modal(target, order, steps, r_max, sv, U, progress, polish)
     _check_order(max_order, L)
     m = min(sv.shape[-1], max_order + 1)
     k = choose_order(_tails(sv, m), tolerance, min(max_order, m - 1))
     k = min(max_order - max_order % 2, k + k % 2)
     while True:
-        fit = _fit_modal(target, k, steps, r_max, sv, U, progress)
+        fit = _fit_modal(target, k, steps, r_max, sv, U, progress, polish)
         larger = [o for o in LOWER_ORDERS if o % 2 == 0 and k < o <= max_order]
         if float(memory_error(fit.kernel(L), target).max()) <= tolerance or not larger:
             return fit
@@ -437,7 +439,7 @@ def _modal_start(modes, target: torch.Tensor, m: int, r_max: float) -> torch.Ten
     return torch.cat([p.real, p.imag, res.real, res.imag, target[:, :1]], -1)
 
 
-def _fit_modal(target, order: int, steps: int, r_max: float, sv, U, progress: bool) -> ModalFit:
+def _fit_modal(target, order: int, steps: int, r_max: float, sv, U, progress: bool, polish: bool = True) -> ModalFit:
     F, L = target.shape
     _check_order(order, L)
     m = -(-order // 2)  # slots: a conjugate pair or a real pole each
@@ -469,7 +471,8 @@ def _fit_modal(target, order: int, steps: int, r_max: float, sv, U, progress: bo
         steps,
         progress,
     )
-    theta = _polish_modal(theta, target, m, steps, r_max, basis)
+    if polish:
+        theta = _polish_modal(theta, target, m, steps, r_max, basis)
     p, res, d = _modal_split(theta)
     rel = (_modal_loss(theta, target) / norm2).sqrt()
     return ModalFit(p, res, d, order, rel, init_error, sv, _tails(sv, sv.shape[-1]))

@@ -620,6 +620,7 @@ def test_unloadable_models_give_one_line_errors(model_dir, docs_jsonl, tmp_path,
         assert "\n" not in err, err
 
 
+@pytest.mark.slow  # a command's exit status: the same under every transformers release
 def test_cli_missing_model_is_one_line_error(tmp_path):
     done = subprocess.run(
         [sys.executable, str(REPO / "evaluate_lm.py"), str(tmp_path / "nope"), "--data", __file__],

@@ -351,6 +351,7 @@ def test_bad_arguments_give_one_line_and_exit_2(ours, tmp_path, capsys, monkeypa
         assert out == ""
 
 
+@pytest.mark.slow  # a command's exit status: the same under every transformers release
 def test_bad_argument_exit_status_from_the_command_line(ours, env):
     proc = cli(env, ours[1], "--prompt", "hi", "--top-p", "0", timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -358,6 +359,7 @@ def test_bad_argument_exit_status_from_the_command_line(ours, env):
     assert proc.stdout == ""
 
 
+@pytest.mark.slow  # a command's exit status: the same under every transformers release
 def test_unloadable_checkpoint_gives_one_line_and_exit_2(ours, env, tmp_path):
     """A checkpoint folder that fails at load time (weights missing) still gives one line."""
     broken = tmp_path / "broken"

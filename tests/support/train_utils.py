@@ -143,6 +143,20 @@ def assert_learned(steps: list[int], losses: list[float], n: int = 10) -> None:
     assert losses[-1] < losses[0] - 0.3
 
 
+def assert_same_run(out: Path, ref: Path, step: int = 10) -> None:
+    """A resumed run `out` ended where the uninterrupted `ref` did: the same logged steps, losses and
+    gradient norms bit for bit, the same evaluations, and the same weights at `step`."""
+
+    def logged(run_dir: Path) -> list[tuple]:
+        return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(run_dir / "metrics.jsonl")]
+
+    assert logged(out) == logged(ref)
+    assert read_metrics(out / "metrics.jsonl", "eval") == read_metrics(ref / "metrics.jsonl", "eval")
+    a = torch.load(out / f"checkpoints/step_{step:08d}/model.pt")
+    b = torch.load(ref / f"checkpoints/step_{step:08d}/model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+
+
 def copy_of(run_dir: Path, tmp_path: Path) -> Path:
     """A private copy of a module-scoped run folder (tmp_path/run), for a test that damages it."""
     return Path(shutil.copytree(run_dir, tmp_path / "run"))

@@ -216,7 +216,9 @@ def test_distilled_implicit_models_decode_exactly(trained_implicit, form, order,
     source, seq = trained_implicit
     out = tmp_path / "out"
     code = load_script("distill.py").main(
-        [str(source), str(out), "--order", str(order), "--form", form, "--steps", "15"]
+        # --no-polish: exact decoding holds for any fit; the variable-projection stage is
+        # distill.py's own tests' subject (tests/integration/test_distill_cli.py).
+        [str(source), str(out), "--order", str(order), "--form", form, "--steps", "15", "--no-polish"]
     )
     assert code == 0
     model = AutoModelForCausalLM.from_pretrained(out).eval()
