@@ -39,9 +39,8 @@ derived_venv() {
   rm -rf "$dir" # ours: an older .venv install or pin, or a build that was cut short
   mkdir "$dir"
   echo "building" >"$stamp" # first, so that an interrupted build is still known as ours
-  # At the lowest CPU and disk priority: built while the main run tests, they take idle time only.
-  nice -n 19 ionice -c3 cp -a .venv/. "$dir"/
-  nice -n 19 ionice -c3 "$dir/bin/python" -m pip install --quiet "$pin"
+  cp -a .venv/. "$dir"/
+  "$dir/bin/python" -m pip install --quiet "$pin"
   if [ $# -gt 0 ]; then "$dir/bin/python" -m pip uninstall --quiet -y "$@"; fi
   echo "$want" >"$stamp"
 }
