@@ -80,8 +80,12 @@ echo "[test] the Hugging Face contract again under the oldest supported transfor
 built $old_build .test-logs/venv-transformers.log
 # The end-to-end command tests marked slow (whole CLI runs whose outcome does not turn on the
 # transformers release) ran above; here the contract itself: Auto classes, generate, caches, Trainer.
-# Only the files that hold `hf` tests are collected (collecting the rest imports them for nothing).
-mapfile -t HF_FILES < <(grep -rlE "pytest\.mark\.hf\b" tests --include='test_*.py' | sort)
+# The model's Hugging Face contract: Auto classes, forward and caches, generate(), Trainer and PEFT,
+# export and reload, streaming. The command lines built on it ran above under the newest release.
+HF_FILES=(tests/integration/models/test_hf_contract.py tests/integration/models/test_hf_gaps.py
+  tests/integration/models/test_hf_finetune.py tests/integration/models/test_generation.py
+  tests/integration/models/test_exact_decoding.py tests/unit/models/test_static_decode.py
+  tests/integration/export/test_hf_export.py tests/integration/hf/test_streaming.py)
 ".venv-transformers-$oldest/bin/python" -m pytest -q -m "hf and not slow" "${PARALLEL[@]}" "${HF_FILES[@]}"
 echo "[test] vLLM serving ($vllm_pin) in .venv-vllm"
 built $vllm_build .test-logs/venv-vllm.log
