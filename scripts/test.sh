@@ -15,6 +15,9 @@
 # (2026-12-01). `--dist loadfile` keeps each file's module fixtures in one worker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# step MESSAGE: what runs next and the seconds since this script started (where CI time goes)
+step() { echo "[test ${SECONDS}s] $*"; }
+step "set-up (scripts/setup.sh)"
 bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 if [ $# -gt 0 ]; then
@@ -62,11 +65,12 @@ built() { # built PID LOG: wait for a background build; its log and a failure if
   wait "$1" || { cat "$2" >&2; echo "scripts/test.sh: building a test environment failed (log above: $2)" >&2; exit 1; }
 }
 
-echo "[test] ruff: lint and formatting (config in pyproject.toml)"
+step "ruff: lint and formatting (config in pyproject.toml)"
 .venv/bin/ruff check --quiet .
 .venv/bin/ruff format --check --quiet .
 PARALLEL=(-n "${TEST_WORKERS:-auto}" --dist loadfile)
 # Every tier (`pytest` alone runs only the unit tier: tests/conftest.py); serving runs in .venv-vllm below.
+step "every tier but serving"
 .venv/bin/python -m pytest -q "${PARALLEL[@]}" -m "not serving"
 # Users' CPUs differ: the numerics again on torch's portable kernels (no AVX2/AVX-512 routes), so
 # that no tolerance holds only for the rounding of one instruction set.
@@ -74,9 +78,9 @@ NUMERICS=(tests/unit/models/test_modal.py tests/unit/models/test_rtf.py tests/un
   tests/unit/models/test_hyena.py tests/unit/models/test_multihyena.py tests/unit/models/test_decode_harness.py
   tests/unit/models/test_chunked_loss.py tests/unit/distillation/test_distill_math.py
   tests/integration/models/test_exact_decoding.py)
-echo "[test] numerics again with ATEN_CPU_CAPABILITY=default (torch's portable kernels)"
+step "numerics again with ATEN_CPU_CAPABILITY=default (torch's portable kernels)"
 ATEN_CPU_CAPABILITY=default .venv/bin/python -m pytest -q "${PARALLEL[@]}" -m "not slow" "${NUMERICS[@]}"
-echo "[test] the Hugging Face contract again under the oldest supported transformers ($oldest)"
+step "the Hugging Face contract again under the oldest supported transformers ($oldest)"
 built $old_build .test-logs/venv-transformers.log
 # The end-to-end command tests marked slow (whole CLI runs whose outcome does not turn on the
 # transformers release) ran above; here the contract itself: Auto classes, generate, caches, Trainer.
@@ -87,7 +91,8 @@ HF_FILES=(tests/integration/models/test_hf_contract.py tests/integration/models/
   tests/integration/models/test_exact_decoding.py tests/unit/models/test_static_decode.py
   tests/integration/export/test_hf_export.py tests/integration/hf/test_streaming.py)
 ".venv-transformers-$oldest/bin/python" -m pytest -q -m "hf and not slow" "${PARALLEL[@]}" "${HF_FILES[@]}"
-echo "[test] vLLM serving ($vllm_pin) in .venv-vllm"
+step "vLLM serving ($vllm_pin) in .venv-vllm"
 built $vllm_build .test-logs/venv-vllm.log
 # One file, one process: its engines are shared by its tests (module fixtures).
-exec .venv-vllm/bin/python -m pytest -q -m serving tests/integration/serving/test_serving_vllm.py
+.venv-vllm/bin/python -m pytest -q -m serving tests/integration/serving/test_serving_vllm.py
+step "all passed"
