@@ -18,6 +18,14 @@ from models import HyenaRTFConfig, HyenaRTFForCausalLM
 
 REPO = Path(__file__).resolve().parents[2]
 
+# The project's packages: the top-level folders of the repository (README "Layout").
+PACKAGES = frozenset(
+    {"models", "data_prep", "training", "hf", "utils", "serving", "benchmarks", "distillation", "evaluation", "export"}
+)
+# The first lines of a child process that must run on a checkpoint folder's own code: from there on,
+# importing any package of the project fails, whatever the import path holds.
+NO_PROJECT = f"import sys\nsys.modules.update(dict.fromkeys({sorted(PACKAGES)!r}))\n"
+
 
 def run_child(cmd: list, *, cwd, env: dict, timeout: int, code: int = 0) -> subprocess.CompletedProcess:
     """Run `cmd` to the end (text output captured) and check its exit code; on a wrong one the

@@ -11,20 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.helpers import REPO
+from support.helpers import PACKAGES, REPO
 
-PACKAGES = {
-    "models",
-    "data_prep",
-    "training",
-    "hf",
-    "utils",
-    "serving",
-    "benchmarks",
-    "distillation",
-    "evaluation",
-    "export",
-}  # the top-level folders
 SCRIPTS = ["train.py", "generate.py", "evaluate_lm.py", "distill.py"]
 
 

@@ -23,7 +23,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from support.helpers import decode_tolerance, load_script, run_child
+from support.helpers import NO_PROJECT, decode_tolerance, load_script, run_child
 from support.train_utils import torch_threads
 from transformers import AutoModelForCausalLM
 
@@ -245,11 +245,13 @@ def test_padding_inside_a_later_turn_is_honoured_by_the_cache(kind):
         assert float((cached - parallel)[real].abs().max() / scale) <= RTOL
 
 
-FRESH_PROCESS = """
-import sys, torch
+FRESH_PROCESS = (
+    NO_PROJECT
+    + """
+import torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-assert not type(model).__module__.startswith("hyena_rtf"), type(model).__module__  # the folder's own code
+assert type(model).__module__.startswith("transformers_modules."), type(model).__module__  # the folder's code
 assert model.config.filter == "modal", model.config.filter
 ids = torch.randint(1, 64, (1, model.config.l_max + 40), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
@@ -263,6 +265,7 @@ with torch.no_grad():
 err = float((torch.cat(pieces, 1) - parallel).abs().max() / parallel.abs().max())
 print(err)
 """
+)
 
 
 @pytest.mark.slow

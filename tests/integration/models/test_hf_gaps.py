@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 import torch
-from support.helpers import naive_greedy, spy_on_forward, tiny_model, train_tiny_tokenizer
+from support.helpers import NO_PROJECT, naive_greedy, spy_on_forward, tiny_model, train_tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from export.folder import save_hf_checkpoint
@@ -57,17 +57,17 @@ SAVE_CHILD = textwrap.dedent(r"""
     Trainer(model=model, args=TrainingArguments(output_dir=trained + "_run", report_to=[])).save_model(trained)
 """)
 
-LOAD_CHILD = textwrap.dedent(r"""
-    import json, sys
-    sys.modules["hyena_rtf"] = None  # nothing of the project: only the code saved in the folder
+LOAD_CHILD = NO_PROJECT + textwrap.dedent(r"""
+    import json
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-    ids = torch.tensor(json.loads(sys.argv[2]))
-    with torch.no_grad():
-        logits = model(ids).logits
-    print(json.dumps({"module": type(model).__module__, "logits": logits.tolist()}))
+    ids = torch.tensor(json.loads(sys.argv[1]))
+    for folder in sys.argv[2:]:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        with torch.no_grad():
+            logits = model(ids).logits
+        print(json.dumps({"module": type(model).__module__, "logits": logits.tolist()}))
 """)
 
 
@@ -87,7 +87,10 @@ def test_a_folder_saved_after_a_no_flag_load_holds_its_code_and_loads_in_a_fresh
         auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
         for entry in auto_map.values():
             assert (folder / f"{entry.split('.')[0]}.py").is_file(), (folder, entry)
-        out = json.loads(run_child(LOAD_CHILD, str(folder), json.dumps(ids.tolist()), tmp_path=tmp_path))
+    lines = run_child(LOAD_CHILD, json.dumps(ids.tolist()), str(saved), str(trained), tmp_path=tmp_path)
+    outs = [json.loads(line) for line in lines.splitlines()]
+    assert len(outs) == 2
+    for out in outs:
         assert out["module"].startswith("transformers_modules."), out["module"]
         torch.testing.assert_close(torch.tensor(out["logits"]), expected, rtol=0, atol=1e-5)
 

@@ -1,7 +1,7 @@
 """Multi-node runs need train.out_dir on a filesystem every node shares (training/dist_env.py,
 `check_shared_out_dir`). Nodes are modelled on one machine by giving ranks different out_dir
 folders: each rank is started by hand with the rendezvous variables a launcher sets, and a
-different train.out_dir per rank (2 "nodes" of 1 process) or per pair of ranks (2 "nodes" of 2).
+different train.out_dir per pair of ranks (2 "nodes" of 2).
 Every rank must refuse at start with the same one-line error and exit 2; every launch is bounded
 by a timeout, so a rank left waiting in a collective fails the test instead of hanging it.
 
@@ -71,10 +71,10 @@ def launch_ranks(corpus: Path, out_dirs: list[Path]) -> list[subprocess.Complete
     return done
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_separate_out_dirs_are_refused_on_every_rank(corpus, tmp_path, world):
-    """2 ranks with a folder each, or 4 ranks as 2 nodes of 2 sharing a folder per node."""
-    per_node = 1 if world == 2 else 2
+def test_separate_out_dirs_are_refused_on_every_rank(corpus, tmp_path):
+    """4 ranks as 2 nodes of 2 sharing a folder per node: every rank refuses, those whose peer on the
+    same node shares their folder too (the 2-node, 1-rank case is this one with fewer ranks)."""
+    world, per_node = 4, 2
     nodes = [tmp_path / f"node{n}" / "run" for n in range(world // per_node)]
     nodes[1].mkdir(parents=True)  # the other node's folder exists: it is just not rank 0's
     out_dirs = [nodes[r // per_node] for r in range(world)]

@@ -1,4 +1,4 @@
-"""Two CPU processes under `deepspeed --num_gpus 2` (ZeRO 1, ZeRO 2) and `torchrun --nproc_per_node 2`
+"""Two CPU processes under `deepspeed --num_gpus 2` (ZeRO 1) and `torchrun --nproc_per_node 2`
 train the tiny model with the same global batch (8 = 2 processes x micro 4) as a single process
 accumulating two micro-batches of 4, and must follow its loss curve.
 
@@ -7,7 +7,7 @@ the runs differ only in the order of additions: per-rank gradients all-reduced (
 ZeRO: flattened partitions) instead of accumulated in one process, the loss averaged over ranks,
 and 1 thread per process instead of 2. Measured over the 10 steps (lr 1e-2): loss gaps <= 5e-7,
 gradient-norm gaps <= 3e-7 relative, for torchrun, ZeRO 1 and ZeRO 2 (resumed), and <= 2.4e-7 for
-ZeRO checkpoints resumed on another number of processes (test_train_elastic.py). We allow 2e-5
+ZeRO 2 checkpoints resumed on the same or another number of processes (test_train_elastic.py). We allow 2e-5
 absolute on the losses (~6) and 1e-4 relative on the gradient norms: 40x the measured noise, and
 still far below what a real error does: another batch changes the step-1 loss by 5e-3 to 1.5e-2
 (measured on this corpus), a lost 1/accumulation factor doubles the gradient norm.
@@ -25,7 +25,6 @@ from support.train_utils import assert_close, assert_resized, curve, in_process_
 from models.rtf import RTF
 from training import checkpoint as ckpt
 from training import engine as engine_mod
-from training.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -51,21 +50,11 @@ def test_deepspeed_zero1_matches_single_process_exports_fp32_and_resumes_on_one_
     assert all(v.dtype == torch.float32 for v in exported.values())
     for k, v in exported.items():
         assert torch.equal(v, full[k]), k
-    # Elastic resume under ZeRO 1 (ZeRO 2, both ways, in test_train_elastic.py): steps 9 and 10
+    # Elastic resume under ZeRO 1 (ZeRO 2: as saved, and both ways, in test_train_elastic.py): steps 9 and 10
     # again, from the step-8 checkpoint of the 2 processes, on 1; same curve.
     step8 = final.parent / "step_00000008"
     p = launch("python", corpus, tmp_path, "train.engine=deepspeed", f"checkpoint.resume={step8}")
     assert_resized(p, step=8, saved_on=2, resumed_on=1)
-    assert_close(curve(tmp_path), reference)
-
-
-def test_deepspeed_zero2_interrupted_and_resumed_matches(corpus, reference, tmp_path):
-    launch("deepspeed", corpus, tmp_path, "train.zero_stage=2", "train.stop_after_steps=6")
-    assert ckpt.latest_checkpoint(tmp_path / "checkpoints").endswith("step_00000006")
-    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, 7))
-    p = launch("deepspeed", corpus, tmp_path, "train.zero_stage=2")
-    assert "resumed from" in p.stderr
-    assert "at step 6" in p.stderr
     assert_close(curve(tmp_path), reference)
 
 

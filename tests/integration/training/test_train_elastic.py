@@ -1,8 +1,9 @@
-"""Elastic resume under DeepSpeed (training/zero_elastic.py): one 10-step ZeRO 2 run in three
-segments, 2 processes (steps 1-4), 1 (steps 5-7), 2 (steps 8-10), each resuming the checkpoint of
-the one before, must follow the uninterrupted one-process run of the same global batch (8 = micro
-4 x accumulation 2 x 1 process = micro 4 x 2 processes). ZeRO 1 resumes 2 -> 1 in
-test_train_distributed.py, on the checkpoints of its 2-process run (one launch fewer).
+"""Interrupted and elastic resume under DeepSpeed (training/zero_elastic.py): one 10-step ZeRO 2 run
+in four segments, 2 processes (steps 1-3), 2 again (steps 4-5: an interrupted run resumed as it
+was), 1 (steps 6-7), 2 (steps 8-10), each resuming the checkpoint of the one before, must follow
+the uninterrupted one-process run of the same global batch (8 = micro 4 x accumulation 2 x 1
+process = micro 4 x 2 processes). ZeRO 1 resumes 2 -> 1 in test_train_distributed.py, on the
+checkpoints of its 2-process run (one launch fewer).
 
 What must continue: the step counter (the log, metrics.jsonl, trainer_state.json, DeepSpeed's own
 global_steps and AdamW's step count), the tokens seen and the learning rate of both groups (equal
@@ -31,6 +32,7 @@ import torch
 from support.train_utils import assert_close, assert_resized, curve, launch
 
 from training import checkpoint as ckpt
+from training.metrics import read_metrics
 from training.resume import check_resume_compatible
 from training.zero_elastic import FULL_STATE_FILE
 
@@ -58,10 +60,14 @@ def check_saved(out, step, world_size):
         assert FULL_STATE_FILE in json.load(f)["files"]
 
 
-def test_zero2_checkpoints_resume_on_fewer_and_more_processes(corpus, reference, tmp_path):
-    zero2_run(2, corpus, tmp_path, "train.stop_after_steps=4")
-    check_saved(tmp_path, step=4, world_size=2)
-    assert_resized(zero2_run(1, corpus, tmp_path, "train.stop_after_steps=7"), step=4, saved_on=2, resumed_on=1)
+def test_zero2_checkpoints_resume_on_the_same_fewer_and_more_processes(corpus, reference, tmp_path):
+    zero2_run(2, corpus, tmp_path, "train.stop_after_steps=3")
+    check_saved(tmp_path, step=3, world_size=2)
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    p = zero2_run(2, corpus, tmp_path, "train.stop_after_steps=5")  # DeepSpeed's own partitions, as saved
+    assert "resumed from" in p.stderr and "at step 3" in p.stderr and "different world size" not in p.stderr
+    check_saved(tmp_path, step=5, world_size=2)
+    assert_resized(zero2_run(1, corpus, tmp_path, "train.stop_after_steps=7"), step=5, saved_on=2, resumed_on=1)
     check_saved(tmp_path, step=7, world_size=1)
     assert_resized(zero2_run(2, corpus, tmp_path), step=7, saved_on=1, resumed_on=2)
     assert_close(curve(tmp_path), reference)  # steps, losses, grad norms, lr, tokens
