@@ -72,7 +72,7 @@ built() { # built PID LOG: wait for a background build; its log and a failure if
 step "ruff: lint and formatting (config in pyproject.toml)"
 .venv/bin/ruff check --quiet .
 .venv/bin/ruff format --check --quiet .
-PARALLEL=(-n "${TEST_WORKERS:-auto}" --dist loadfile)
+PARALLEL=(-n "${TEST_WORKERS:-auto}" --dist loadfile --no-loadscope-reorder) # file order: tests/conftest.py
 # Every tier (`pytest` alone runs only the unit tier: tests/conftest.py); serving runs in .venv-vllm below.
 step "every tier but serving"
 .venv/bin/python -m pytest -q "${PARALLEL[@]}" -m "not serving"

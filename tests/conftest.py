@@ -36,10 +36,18 @@ INTEGRATION = Path(__file__).resolve().parent / "integration"
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark the integration tier; with no arguments at all (no files, no -m), run only the unit tier."""
+    """Mark the integration tier; with no arguments at all (no files, no -m), run only the unit tier.
+
+    Order: files holding end-to-end tests (marked slow) first, then the rest of the integration tier,
+    then the unit tier, each file's tests in their own order. pytest-xdist hands out whole files in
+    this order (scripts/test.sh: --dist loadfile --no-loadscope-reorder), so a run ends on many
+    short files instead of one worker finishing a minute-long file while the other waits (xdist's
+    own order, by number of tests per file, put the few-test multi-process files last)."""
     for item in items:
         if INTEGRATION in item.path.parents:
             item.add_marker(pytest.mark.integration)
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: (item.path not in slow_files, INTEGRATION not in item.path.parents))
     bare = config.args_source == pytest.Config.ArgsSource.TESTPATHS and not config.option.markexpr
     if bare:
         drop = [item for item in items if item.get_closest_marker("integration")]

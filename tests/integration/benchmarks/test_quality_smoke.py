@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from support.train_utils import REPO, child_env, run_cmd
+from support.train_utils import REPO, child_env
 
 import benchmarks.quality.run as quality
 from benchmarks.quality.report import summarize, table
@@ -245,7 +245,7 @@ def test_a_diverged_run_is_recorded_and_never_chosen(corpus, tmp_path):
 def test_sigterm_stops_the_runs_after_a_checkpoint_and_a_rerun_continues_them(corpus, tmp_path):
     """The benchmark in a subprocess, stopped by SIGTERM once its run has logged step 20 of 300:
     exit status 143, the run saved a checkpoint on the way out and left no result; the same
-    command again resumes the run from that checkpoint and finishes it."""
+    command again (its main() here) resumes the run from that checkpoint and finishes it."""
     tiny = [o for o in TINY if not o.startswith(("train.max_steps", "logging.log_every"))]
     tiny += ["train.max_steps=300", "logging.log_every=10"]
     cmd = [sys.executable, "-m", "benchmarks.quality", *smoke_args(corpus, tmp_path, variants="rtf16", tiny=tiny)]
@@ -263,7 +263,7 @@ def test_sigterm_stops_the_runs_after_a_checkpoint_and_a_rerun_continues_them(co
     assert not (tmp_path / "out" / "results" / "rtf16_lr0.01_seed0.json").exists()
     stopped_at = int(text.split("stopped by SIGTERM: checkpoint saved at step ")[1].split(";")[0])
     assert 20 <= stopped_at < 300
-    run_cmd(cmd, threads=1)
+    assert quality.main(cmd[3:]) == 0  # the same command again (in this process: one start fewer)
     assert f"resumed from {tmp_path / 'out' / 'runs' / 'rtf16_lr0.01_seed0' / 'checkpoints'}" in log.read_text()
     result = json.loads((tmp_path / "out" / "results" / "rtf16_lr0.01_seed0.json").read_text())
     assert result["curve"]["step"][-1] == 300
