@@ -47,7 +47,7 @@ derived_venv() {
   mkdir "$dir"
   echo "building" >"$stamp" # first, so that an interrupted build is still known as ours
   cp -a .venv/. "$dir"/
-  .venv/bin/uv pip install --quiet --python "$dir/bin/python" "$pin"
+  .venv/bin/uv pip install --quiet --python "$dir/bin/python" --compile-bytecode "$pin"
   if [ $# -gt 0 ]; then .venv/bin/uv pip uninstall --quiet --python "$dir/bin/python" "$@"; fi
   echo "$want" >"$stamp"
 }
@@ -82,6 +82,13 @@ NUMERICS=(tests/unit/models/test_modal.py tests/unit/models/test_rtf.py tests/un
   tests/unit/models/test_hyena.py tests/unit/models/test_multihyena.py tests/unit/models/test_decode_harness.py
   tests/unit/models/test_chunked_loss.py tests/unit/distillation/test_distill_math.py
   tests/integration/models/test_exact_decoding.py)
+# The serving tests keep about one core busy (one pytest process and its engine, sequential requests
+# on tiny models): they run in the background beside the next two runs instead of after them.
+step "vLLM serving ($vllm_pin) in .venv-vllm, in the background (log: .test-logs/serving.log)"
+built $vllm_build .test-logs/venv-vllm.log
+# One file, one process: its engines are shared by its tests (module fixtures).
+.venv-vllm/bin/python -m pytest -q -m serving tests/integration/serving/test_serving_vllm.py >.test-logs/serving.log 2>&1 &
+serving=$!
 step "numerics again with ATEN_CPU_CAPABILITY=default (torch's portable kernels)"
 ATEN_CPU_CAPABILITY=default .venv/bin/python -m pytest -q "${PARALLEL[@]}" -m "not slow" "${NUMERICS[@]}"
 step "the Hugging Face contract again under the oldest supported transformers ($oldest)"
@@ -95,8 +102,11 @@ HF_FILES=(tests/integration/models/test_hf_contract.py tests/integration/models/
   tests/integration/models/test_exact_decoding.py tests/unit/models/test_static_decode.py
   tests/integration/export/test_hf_export.py tests/integration/hf/test_streaming.py)
 ".venv-transformers-$oldest/bin/python" -m pytest -q -m "hf and not slow" "${PARALLEL[@]}" "${HF_FILES[@]}"
-step "vLLM serving ($vllm_pin) in .venv-vllm"
-built $vllm_build .test-logs/venv-vllm.log
-# One file, one process: its engines are shared by its tests (module fixtures).
-.venv-vllm/bin/python -m pytest -q -m serving tests/integration/serving/test_serving_vllm.py
+step "waiting for the vLLM serving tests"
+if ! wait $serving; then
+  cat .test-logs/serving.log >&2
+  echo "scripts/test.sh: the vLLM serving tests failed (log above: .test-logs/serving.log)" >&2
+  exit 1
+fi
+tail -n 1 .test-logs/serving.log
 step "all passed"
