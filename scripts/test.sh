@@ -93,14 +93,14 @@ step "numerics again with ATEN_CPU_CAPABILITY=default (torch's portable kernels)
 ATEN_CPU_CAPABILITY=default .venv/bin/python -m pytest -q "${PARALLEL[@]}" -m "not slow" "${NUMERICS[@]}"
 step "the Hugging Face contract again under the oldest supported transformers ($oldest)"
 built $old_build .test-logs/venv-transformers.log
-# The end-to-end command tests marked slow (whole CLI runs whose outcome does not turn on the
-# transformers release) ran above; here the contract itself: Auto classes, generate, caches, Trainer.
 # The model's Hugging Face contract: Auto classes, forward and caches, generate(), Trainer and PEFT,
-# export and reload, streaming. The command lines built on it ran above under the newest release.
+# export and reload, streaming. The command lines built on it (tests marked slow), and the exact-
+# decoding mathematics that reaches the model through the same cache calls, ran above under the
+# newest release.
 HF_FILES=(tests/integration/models/test_hf_contract.py tests/integration/models/test_hf_gaps.py
   tests/integration/models/test_hf_finetune.py tests/integration/models/test_generation.py
-  tests/integration/models/test_exact_decoding.py tests/unit/models/test_static_decode.py
-  tests/integration/export/test_hf_export.py tests/integration/hf/test_streaming.py)
+  tests/unit/models/test_static_decode.py tests/integration/export/test_hf_export.py
+  tests/integration/hf/test_streaming.py)
 ".venv-transformers-$oldest/bin/python" -m pytest -q -m "hf and not slow" "${PARALLEL[@]}" "${HF_FILES[@]}"
 step "waiting for the vLLM serving tests"
 if ! wait $serving; then
