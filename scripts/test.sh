@@ -27,7 +27,7 @@ unset PYTHONDONTWRITEBYTECODE
 if [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest -q "$@"
 fi
-# derived_venv DIR PIN [PACKAGE...]: DIR is a copy of .venv with PIN pip-installed over it (and the
+# derived_venv DIR PIN [PACKAGE...]: DIR is a copy of .venv with PIN installed over it (and the
 # PACKAGEs removed). Copying takes seconds where a second full install took minutes. DIR is made by
 # this script, stamped with the .venv install and the pin it came from, and made again only when
 # either changes; a DIR without that stamp is not ours and is refused, never deleted.
@@ -46,7 +46,10 @@ derived_venv() {
   rm -rf "$dir" # ours: an older .venv install or pin, or a build that was cut short
   mkdir "$dir"
   echo "building" >"$stamp" # first, so that an interrupted build is still known as ours
-  cp -a .venv/. "$dir"/
+  # Hard links, not copies: 2 GB of disk traffic fewer per environment during the main run. Nothing
+  # writes into an installed file in place (pip and uv replace or unlink files; Python writes its
+  # bytecode to a new file and renames it), so neither environment can change the other's files.
+  cp -al .venv/. "$dir"/ 2>/dev/null || cp -a .venv/. "$dir"/ # a copy where links cannot be made
   .venv/bin/uv pip install --quiet --python "$dir/bin/python" --compile-bytecode "$pin"
   if [ $# -gt 0 ]; then .venv/bin/uv pip uninstall --quiet --python "$dir/bin/python" "$@"; fi
   echo "$want" >"$stamp"
