@@ -193,8 +193,8 @@ class HyenaMixer(MambaBase, nn.Module):
         past = conv_cache[slot][None].to(p.dtype) if resume else None
         z, a = self._gate(short_causal_conv(u, self.short_conv, past))
         # The zero-state part is the parallel forward's own route (HyenaOperator.forward), with the
-        # filter's memoised kernel: recomputing the system's taps for every resumed chunk was
-        # two thirds of the Hyena prefill time at 8192-token prompts.
+        # filter's memoised kernel, resumed or not (ModalSystem.chunk would recompute the system's
+        # taps in complex128 for every resumed chunk: docs/benchmarks.md, "Serving with vLLM").
         y = fft_causal_conv(z, self.filter.kernel(T))
         x = filt_cache[slot][None, ..., :m].to(rec.dtype) if resume else None
         if resume:  # + the stored state's response
