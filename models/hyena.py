@@ -202,17 +202,16 @@ class HyenaOperator(nn.Module):
         pole_check: what building the filter's recurrence does with an unstable filter.
         """
         p, x0, z = self._gate_inputs(u, mask, None if state is None else state.conv)
-        if state is None:  # the parallel form; the prefill adds the state after u
-            yf = fft_causal_conv(z, filter_kernel(self.filter, u.shape[1]))
-            if not return_state:
-                return self.out_proj((x0 * yf).transpose(1, 2))
-            rec = self.filter("recurrence", self.rec_dtype, pole_check)
-            filt = rec.prefill(z)
-        else:  # a chunk after the state: its outputs and the state after it, in closed form
-            rec = state.rec
-            yf, filt = rec.chunk(z, state.filt)
+        yf = fft_causal_conv(z, filter_kernel(self.filter, u.shape[1]))  # the zero-state part
+        if state is None and not return_state:
+            return self.out_proj((x0 * yf).transpose(1, 2))
+        # The state part, in closed form: the stored state's response over the chunk, and the state after it.
+        rec = self.filter("recurrence", self.rec_dtype, pole_check) if state is None else state.rec
+        x = None if state is None else state.filt
+        if x is not None:
+            yf = yf + rec.response(x, u.shape[1]).to(yf.dtype)
         out = self.out_proj((x0 * yf.to(x0.dtype)).transpose(1, 2))
-        return out, advance_state(state, conv_tail(p, state, self.width), filt, rec)
+        return out, advance_state(state, conv_tail(p, state, self.width), rec.advance(z, x), rec)
 
     def step(
         self, u: torch.Tensor, state: HyenaState, mask: torch.Tensor | None = None

@@ -125,15 +125,16 @@ class HistoryRecurrence:
     def init_state(self, batch: int, device=None) -> torch.Tensor:
         return torch.zeros(batch, self.filter.channels, 0, dtype=self.dtype, device=device)
 
-    def prefill(self, u: torch.Tensor) -> torch.Tensor:
-        """The history after u (B, C, T) from nothing: u itself."""
-        return u.to(self.dtype)
+    def response(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        """The outputs of the history x (B, C, t) over the next T steps with no input, (B, C, T):
+        y_(t+j) = sum_(s < t) k[t + j - s] x_s, the tail of the convolution of [x, 0] with the kernel."""
+        t = x.shape[-1]
+        padded = torch.nn.functional.pad(x, (0, T))
+        return fft_causal_conv(padded, self.filter.kernel(t + T).to(x.dtype))[..., t:]
 
-    def chunk(self, u: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """u (B, C, T) after the history x (B, C, t) or none: (outputs (B, C, T), history + u)."""
-        history = u.to(self.dtype) if x is None else torch.cat([x, u.to(x.dtype)], dim=-1)
-        y = fft_causal_conv(history, self.filter.kernel(history.shape[-1]).to(history.dtype))
-        return y[..., -u.shape[-1] :], history
+    def advance(self, u: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """The history after u (B, C, T): x + u (or u alone)."""
+        return u.to(self.dtype) if x is None else torch.cat([x, u.to(x.dtype)], dim=-1)
 
     def step(self, u: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """u: (B, C). Appends u and returns y_t = sum_s k[s] u_{t-s} and the longer history."""

@@ -7,12 +7,16 @@ A long filter maps (B, C, T) to (B, C, T) by a causal convolution whose kernel i
     recurrence(dtype, check)  the recurrent form, an object with
                                 finite_state               True when the state has a fixed size
                                 init_state(B, device)      the zero state
-                                prefill(u) -> x            the state after u (B, C, T) from zero
-                                                           (the outputs are the parallel forward's)
-                                chunk(u, x) -> (y, x')     a whole chunk u (B, C, T) from state x (or
-                                                           None): its outputs and the state after it
+                                response(x, T) -> y        the outputs of state x over the next T
+                                                           steps with no input, (B, C, T)
+                                advance(u, x=None) -> x'   the state after a chunk u (B, C, T) from x
+                                                           (or from zero: the prefill)
                                 step(u, x) -> (y, x')      one token u (B, C); a finite state is
                                                            written in place (x' is x)
+                              A chunk from a state is three terms: its outputs are the convolution
+                              with kernel(T), as in the parallel forward, plus response(x, T); the
+                              state after it is advance(u, x). Every operator (models/hyena.py,
+                              models/multihyena.py, serving/hyena_mixer.py) composes them that way.
                               dtype: the state's real dtype (a layer may promote it, see modal.py);
                               check: "error" | "warn" | "none", what to do with a filter whose
                               recurrence would diverge

@@ -20,6 +20,9 @@ and serving engines need), everything is closed-form:
     y_t   = (k * u)_t + Re sum_k r_k lambda_k^t x_k          zero-state convolution + state response
     x_T   = lambda^T x + sum_s lambda^(T-1-s) u_s            one Vandermonde product per channel
 
+The convolution is the parallel forward's, with the kernel the filter already holds; this module
+gives the other two terms (`response`, `advance`).
+
 Powers lambda^t are formed in float64 as blocked products lambda^(jS) lambda^i (S ~ sqrt(T)), so each
 sum above is a batched matrix product and nothing is a polynomial in the coefficients: with
 |lambda| < 1 every power is bounded and the form is as well conditioned as its poles and residues.
@@ -38,7 +41,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .fftconv import fft_causal_conv
 from .long_filter import LongFilter
 
 CHUNK_ELEMENTS = 1 << 22  # complex entries per block of the Vandermonde products (bounds their memory)
@@ -176,21 +178,6 @@ class ModalSystem:
             lam_T = big[:, T // S] * small[..., T % S]  # (C, m)
             out = out + lam_T.to(ctype) * torch.complex(x[:, :, 0], x[:, :, 1]).to(ctype)
         return torch.stack((out.real, out.imag), dim=2).to(self.dtype).contiguous()
-
-    def prefill(self, u: torch.Tensor) -> torch.Tensor:
-        """The state after u (B, C, T) from the zero state (the caller has the outputs: the parallel
-        forward's convolution with the filter's kernel)."""
-        return self.advance(u)
-
-    def chunk(self, u: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Filter a chunk u (B, C, T) from the state x (or zero): (y (B, C, T) in u's dtype or float32,
-        the state after the chunk). The zero-state part is one FFT convolution with `taps`."""
-        T = u.shape[-1]
-        work = torch.promote_types(u.dtype, torch.float32)
-        y = fft_causal_conv(u.to(work), self.taps(T).detach().to(work))
-        if x is not None:
-            y = y + self.response(x, T).to(work)
-        return y, self.advance(u, x)
 
     def _real_part_sums(self, coef: torch.Tensor, T: int, ctype: torch.dtype) -> torch.Tensor:
         """Re sum_k coef[b, c, k] lambda_ck^t for t < T: coef (B, C, m) complex -> (B, C, T) real."""

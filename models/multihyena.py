@@ -17,7 +17,7 @@ recurrence and its prefill serve the M e^2 channels unchanged, tap 0 carrying th
 Cost.  Parallel: one causal FFT convolution over B x M e^2 = B d e channels, O(B d e T log T), plus
 the outer products and contractions, O(B d e T); the kernel is computed and transformed once per head
 and broadcast over its e^2 channels. Decoding: the state of a head is e x e x n (its M e^2 channels'
-companion states, HyenaState.filt of shape (B, M e^2, n)), each token costs O(M e^2 n) = O(d e n),
+modal states, HyenaState.filt of shape (B, M e^2, 2, m)), each token costs O(M e^2 n) = O(d e n),
 whatever the position. (The implicit filter has no finite state: it keeps its input history,
 (B, M e^2, t), and costs O(d e t) per token.)
 
@@ -84,16 +84,15 @@ class MultiHyenaOperator(nn.Module):
         if keep is not None:
             z = z * keep[..., None, None, :].to(z.dtype)
         z = z.flatten(2, 3)  # (B, M, e^2, T): channel m e^2 + i e + j of the filter
+        h = filter_kernel(self.filter, T)[:: self.head_dim**2, None]  # (M, 1, T): one filter per head
+        Z = fft_causal_conv(z, h)  # the zero-state part, (B, M, e^2, T)
         rec = filt = None
-        if state is None:  # the parallel form; the prefill adds the state after z
-            h = filter_kernel(self.filter, T)[:: self.head_dim**2, None]  # (M, 1, T): one filter per head
-            Z = fft_causal_conv(z, h)
-            if return_state:
-                rec = self.filter("recurrence", self.rec_dtype, pole_check)
-                filt = rec.prefill(z.flatten(1, 2))
-        else:  # a chunk after the state, in closed form
-            rec = state.rec
-            Z, filt = rec.chunk(z.flatten(1, 2), state.filt)
+        if state is not None or return_state:  # the state part, in closed form (as HyenaOperator.forward)
+            rec = self.filter("recurrence", self.rec_dtype, pole_check) if state is None else state.rec
+            x = None if state is None else state.filt
+            if x is not None:
+                Z = Z + rec.response(x, T).to(Z.dtype).view_as(Z)
+            filt = rec.advance(z.flatten(1, 2), x)
         Z = Z.to(q.dtype).reshape(B, self.heads, self.head_dim, self.head_dim, T)
         y = torch.einsum("bmit,bmijt->bmjt", q, Z).flatten(1, 2)  # (B, d, T)
         out = self.out_proj(y.transpose(1, 2))

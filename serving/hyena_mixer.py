@@ -18,7 +18,7 @@ A forward pass receives the tokens of several requests at once: vLLM orders them
 so a prompt split into chunks (chunked prefill), or resumed from a cached prefix, gives the outputs
 and the state of one pass over the whole prompt. The arithmetic is the project's own: the short
 convolution (`short_causal_conv`, `short_conv_step`), the filter's kernel and its modal recurrence
-(`LongFilter.recurrence`: `prefill`, `chunk`, `step`), so vLLM and `generate()` compute the same
+(`LongFilter.recurrence`: `response`, `advance`, `step`), so vLLM and `generate()` compute the same
 numbers.
 """
 
@@ -192,9 +192,8 @@ class HyenaMixer(MambaBase, nn.Module):
         u = p.T[None]  # (1, 3d, T)
         past = conv_cache[slot][None].to(p.dtype) if resume else None
         z, a = self._gate(short_causal_conv(u, self.short_conv, past))
-        # The zero-state part is the parallel forward's own route (HyenaOperator.forward), with the
-        # filter's memoised kernel, resumed or not (ModalSystem.chunk would recompute the system's
-        # taps in complex128 for every resumed chunk: docs/benchmarks.md, "Serving with vLLM").
+        # A chunk as HyenaOperator.forward runs it (models/long_filter.py): the convolution with the
+        # filter's memoised kernel, plus the stored state's response; the state after it in closed form.
         y = fft_causal_conv(z, self.filter.kernel(T))
         x = filt_cache[slot][None, ..., :m].to(rec.dtype) if resume else None
         if resume:  # + the stored state's response

@@ -118,6 +118,18 @@ class FFTSpy(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def filter_chunk(kernel: torch.Tensor, rec, u: torch.Tensor, x: torch.Tensor | None = None):
+    """A chunk u (B, C, T) through a long filter from the state x (or zero), composed as every operator
+    composes it (models/long_filter.py): (kernel * u + rec.response(x, T), rec.advance(u, x)).
+    kernel: (C, T), the filter's kernel(T) or its system's taps(T)."""
+    from models.fftconv import fft_causal_conv
+
+    y = fft_causal_conv(u, kernel.to(u.dtype))
+    if x is not None:
+        y = y + rec.response(x, u.shape[-1]).to(y.dtype)
+    return y, rec.advance(u, x)
+
+
 def train_tiny_tokenizer(path) -> str:
     """A byte-level BPE of about 300 tokens with `<|endoftext|>`, trained on a few generated English
     sentences and written to `path` (a tokenizers JSON file); returns the path as a string. Lets the

@@ -30,7 +30,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from support.helpers import FFTSpy, np_causal_conv
+from support.helpers import FFTSpy, filter_chunk, np_causal_conv
 
 from models.fftconv import fft_causal_conv
 from models.modal import amplification
@@ -363,23 +363,25 @@ def test_advance_equals_stepped_state(T):
 
 @pytest.mark.parametrize("T1,T2", [(10, 3), (7, 25), (40, 70), (1, 1)])
 def test_chunk_from_a_state_equals_stepping(T1, T2):
-    """chunk(u2, x1) with x1 the state after u1 gives the outputs and the state of stepping through
-    u1 then u2: the initial-state response and the state's own decay included; T2 of 1 and 3
-    tokens, T2 < L' and T2 > 2 L' (70 > 2 * 26); n = 8, l_max = 25 (odd -> L' = 26). Same
-    tolerance reasoning as above (the zero-state part adds one float64 FFT convolution, ~1e-14).
+    """A chunk u2 from x1, the state after u1 (the kernel's convolution + response(x1), then advance),
+    gives the outputs and the state of stepping through u1 then u2: the initial-state response and
+    the state's own decay included; T2 of 1 and 3 tokens, T2 < L' and T2 > 2 L' (70 > 2 * 26);
+    n = 8, l_max = 25 (odd -> L' = 26). Same tolerance reasoning as above (the zero-state part adds
+    one float64 FFT convolution, ~1e-14).
     Dropping the state's response is caught (> 1e-2)."""
     torch.manual_seed(T1 + T2)
     rtf = random_system_rtf(8, 25, torch.float64, seed=T1 * 100 + T2, channels=2)
     rec = rtf.recurrence(torch.float64)
     u = torch.randn(3, 2, T1 + T2, dtype=torch.float64)
     y_step, x_step = step_through(rec, u)
-    _, x1 = rec.chunk(u[..., :T1])
-    y2, x2 = rec.chunk(u[..., T1:], x1)
+    with torch.no_grad():  # the kernel of inference: the modal system's taps
+        _, x1 = filter_chunk(rtf.kernel(T1), rec, u[..., :T1])
+        y2, x2 = filter_chunk(rtf.kernel(T2), rec, u[..., T1:], x1)
+        y_cold, _ = filter_chunk(rtf.kernel(T2), rec, u[..., T1:])
     scale = x_step.abs().max().item()
     assert (x2 - x_step).abs().max().item() / scale < 1e-12
     y_scale = y_step.abs().max().item()
     assert (y2 - y_step[..., T1:]).abs().max().item() / y_scale < 1e-12
-    y_cold, _ = rec.chunk(u[..., T1:])
     assert (y_cold - y_step[..., T1:]).abs().max().item() / y_scale > 1e-2
 
 
