@@ -226,8 +226,8 @@ def test_bf16_autocast_forward_and_backward(filt):
 def test_prefill_then_step_matches_parallel_forward(filt, prompt, total):
     """forward(prompt, return_state) then step() token by token gives the same outputs as one
     parallel forward over the whole sequence, also past l_max = 40 where the parallel form uses
-    the corrected long kernel. RTF: float64 with recurrent_dtype float64, 1e-9 relative (the
-    companion recursion of the corrected system over <= 70 steps adds ~ cond eps t). Implicit:
+    the modal form's long kernel. RTF: float64 with recurrent_dtype float64, 1e-9 relative (the
+    modal recursion over <= 70 steps adds ~ amplification eps t). Implicit:
     its decoding history and kernel are float32 whatever the module dtype (ImplicitFilter.prefill
     / step), so 1e-6 (float32 rounding, observed ~4e-8). The state holds only the last w - 1 = 2
     short-conv inputs (its size does not grow)."""
@@ -248,6 +248,33 @@ def test_prefill_then_step_matches_parallel_forward(filt, prompt, total):
         # The modal state: real and imaginary parts of ceil(6 / 2) = 3 slots or more (real poles take
         # a slot each), per channel; it does not grow with the prompt.
         assert state.filt.shape[:3] == (2, 8, 2) and 3 <= state.filt.shape[3] <= 6
+
+
+@pytest.mark.parametrize("filt", ["rtf", "implicit"])
+def test_chunks_from_a_state_match_the_parallel_forward_and_reuse_the_kernel(filt, monkeypatch):
+    """forward(chunk, state=S) over chunks of 12, 5 and 23 tokens (past l_max = 40) equals one parallel
+    forward, within the tolerances of the test above; and a chunk takes its zero-state convolution
+    from the filter's memoised kernel: counted, no modal system recomputes its taps for it (they are
+    O(C m T) complex128 work per chunk otherwise)."""
+    from models.modal import ModalSystem
+
+    op = make_op(filt, 8, 6, 40, seed=3)
+    torch.manual_seed(3)
+    u = torch.randn(2, 40, 8, dtype=torch.float64)
+    with torch.no_grad():
+        full = op(u)
+        out, state = op(u[:, :12], return_state=True)
+        op.filter.kernel(40)  # the memo holds the longest kernel computed so far
+        calls = []
+        taps = ModalSystem.taps
+        monkeypatch.setattr(ModalSystem, "taps", lambda self, T: calls.append(T) or taps(self, T))
+        outs = [out]
+        for a, b in ((12, 17), (17, 40)):
+            y, state = op(u[:, a:b], state=state)
+            outs.append(y)
+    assert calls == []
+    tol = 1e-9 if filt == "rtf" else 1e-6
+    assert (torch.cat(outs, 1) - full).abs().max() / full.abs().max() < tol
 
 
 def test_left_padding_mask_gives_the_unpadded_outputs():
