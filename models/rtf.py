@@ -172,9 +172,12 @@ def _closed_form(lam: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, fft_len: 
     num = torch.zeros_like(lam)
     for i in range(n):  # Horner: b~(lambda) = b1 lambda^(n-1) + ... + bn
         num = num * lam + b[:, i : i + 1]
-    diff = lam[:, :, None] - lam[:, None, :]
-    eye = torch.eye(n, dtype=torch.bool, device=lam.device)
-    den = torch.where(eye, torch.ones_like(diff), diff).prod(-1)
+    diff = lam[:, :, None] - lam[:, None, :]  # (F, n, n): lambda_k - lambda_j
+    if not diff.requires_grad:  # in place: a masked copy of this (F, n, n) tensor costs twice its product
+        diff.diagonal(dim1=-2, dim2=-1).fill_(1)
+    else:
+        diff = torch.where(torch.eye(n, dtype=torch.bool, device=lam.device), torch.ones_like(diff), diff)
+    den = diff.prod(-1)  # A'(lambda_k) = prod_(j != k) (lambda_k - lambda_j)
     r = torch.where(num == 0, torch.zeros_like(num), num / torch.where(den == 0, torch.ones_like(den), den))
     r = torch.where((den == 0) & (num != 0), torch.full_like(r, math.inf), r)
     # r~ = r / (1 - lambda^L') and its tap-0 term r~ lambda^(L'-1), written with 1/lambda for a pole
