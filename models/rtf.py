@@ -150,12 +150,16 @@ def poles_of(a: torch.Tensor) -> torch.Tensor:
     eigenproblems), where LAPACK takes the matrices one after the other on one thread, so the rows
     are split over torch's intra-op threads (each call releases the GIL)."""
     device, a = a.device, a.cpu()  # small dense problems: LAPACK on the host beats a GPU eigensolver
+    # Filters that share a denominator (num_a < num_filters) share its roots: each is computed once.
+    a, rows = torch.unique(a, dim=0, return_inverse=True) if a.shape[0] > 1 else (a, None)
     threads = torch.get_num_threads()
     if threads <= 1 or a.shape[0] < 2 * threads:
-        return torch.linalg.eigvals(companion(a)).to(device)
-    parts = a.tensor_split(threads)
-    with ThreadPoolExecutor(threads) as pool:
-        return torch.cat(list(pool.map(lambda rows: torch.linalg.eigvals(companion(rows)), parts))).to(device)
+        lam = torch.linalg.eigvals(companion(a))
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            parts = pool.map(lambda part: torch.linalg.eigvals(companion(part)), a.tensor_split(threads))
+            lam = torch.cat(list(parts))
+    return (lam if rows is None else lam[rows]).to(device)
 
 
 def rtf_modal_system(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, fft_len: int) -> ModalSystem:
