@@ -150,28 +150,34 @@ class HyenaMixer(MambaBase, nn.Module):
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, d) the normalised hidden states of this step's tokens (decodes first, then the
-        prefill chunks, then padding) -> (N, d). Reads and writes the requests' state slots."""
+        prefill chunks, then padding) -> (N, d). Reads and writes the requests' state slots.
+
+        Inside, tokens are columns: p^T = W_in x^T + b (3d, N), so that a request's chunk is a
+        (3d, T) block whose rows are time series, the layout of the short conv and the FFT; the
+        matrix products take the transposes for free (a token-major chunk cost two transposing
+        copies per layer, more than its short convolution)."""
         meta = get_forward_context().attn_metadata
         meta = meta.get(self.prefix) if isinstance(meta, dict) else None
-        p = self.in_proj(x)  # (N, 3d)
+        pt = torch.addmm(self.in_proj.bias[:, None], self.in_proj.weight, x.T)  # (3d, N)
         if meta is None:  # vLLM's profiling run: no slots yet; only the shapes and memory matter
-            z, a = self._gate(short_causal_conv(p.T[None], self.short_conv))
-            return self.out_proj(self._combine(a, fft_causal_conv(z, self.filter.kernel(z.shape[-1])))[0].T)
+            z, a = self._gate(short_causal_conv(pt[None], self.short_conv))
+            out = self._combine(a, fft_causal_conv(z, self.filter.kernel(z.shape[-1])))[0]
+            return torch.addmm(self.out_proj.bias, out.T, self.out_proj.weight.T)
+        out = torch.zeros(self.d_model, x.shape[0], dtype=pt.dtype, device=pt.device)  # (d, N)
         conv_cache, filt_cache = self.kv_cache
-        out = torch.zeros_like(p[:, : self.d_model])
         decodes = meta.num_decode_tokens
         if decodes:
             slots = meta.state_indices_tensor_d[:decodes]  # rows past `decodes`: graph padding
             slots = (slots[:, 0] if slots.dim() > 1 else slots).long()
-            out[:decodes] = self._decode(p[:decodes], slots, conv_cache, filt_cache)
+            out[:, :decodes] = self._decode(pt[:, :decodes].T, slots, conv_cache, filt_cache).T
         if meta.num_prefills:
             starts = (meta.query_start_loc_p + decodes).tolist()
             slots = meta.state_indices_tensor_p.tolist()
             resume = meta.has_initial_states_p.tolist()
             for i, slot in enumerate(slots):
                 s, e = starts[i], starts[i + 1]
-                out[s:e] = self._prefill(p[s:e], slot, resume[i], conv_cache, filt_cache)
-        return self.out_proj(out)
+                out[:, s:e] = self._prefill(pt[:, s:e], slot, resume[i], conv_cache, filt_cache)
+        return torch.addmm(self.out_proj.bias, out.T, self.out_proj.weight.T)  # (N, d)
 
     def _decode(self, p: torch.Tensor, slots: torch.Tensor, conv_cache, filt_cache) -> torch.Tensor:
         """One token of each of B requests: p (B, 3d) -> (B, d); their slots advanced."""
@@ -187,9 +193,9 @@ class HyenaMixer(MambaBase, nn.Module):
 
     def _prefill(self, p: torch.Tensor, slot: int, resume: bool, conv_cache, filt_cache) -> torch.Tensor:
         """A chunk of T tokens of one request, from its stored state if `resume`, else from zero:
-        p (T, 3d) -> (T, d); its slot holds the state after the chunk."""
-        m, rec, T = self.rec.slots, self.rec, p.shape[0]
-        u = p.T[None]  # (1, 3d, T)
+        p (3d, T) -> (d, T); its slot holds the state after the chunk."""
+        m, rec, T = self.rec.slots, self.rec, p.shape[-1]
+        u = p[None]  # (1, 3d, T)
         past = conv_cache[slot][None].to(p.dtype) if resume else None
         z, a = self._gate(short_causal_conv(u, self.short_conv, past))
         # A chunk as HyenaOperator.forward runs it (models/long_filter.py): the convolution with the
@@ -205,4 +211,4 @@ class HyenaMixer(MambaBase, nn.Module):
         conv_cache[slot] = u[0, :, u.shape[-1] - keep :].to(conv_cache.dtype)
         filt_cache[slot] = 0
         filt_cache[slot, :, :, :m] = filt[0].to(filt_cache.dtype)
-        return self._combine(a, y)[0].T
+        return self._combine(a, y)[0]

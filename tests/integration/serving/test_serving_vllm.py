@@ -114,7 +114,7 @@ def mixer_calls(monkeypatch):
 
     def spy_prefill(self, p, slot, resume, conv_cache, filt_cache):
         if self.layer_idx == 0:
-            calls[-1][1].append((p.shape[0], bool(resume)))
+            calls[-1][1].append((p.shape[-1], bool(resume)))  # p: (3d, T), tokens as columns
         return prefill(self, p, slot, resume, conv_cache, filt_cache)
 
     def spy_decode(self, p, *args):
