@@ -117,7 +117,9 @@ a, b (F, n); h0 (F,).
    still above POLISH_RTOL memory-tap error then get `_polish_modal`: variable projection (the
    residues eliminated by least squares, Levenberg-Marquardt on p = r_max exp(-exp(w) + i phi)
    alone, so |p| < r_max without a clamp for the steps to stall on) from several ERA starts, the
-   better fit kept per filter (docs/mathematics.md, section 5.1, has the measurements).
+   better fit kept per filter (docs/mathematics.md, section 5.1, has the measurements). Last,
+   `_residues_for_storage` rounds the poles as ModalFilter stores them (float32 log-decay and
+   angle) and solves the residues again for the rounded poles, where that lowers the stored error.
 
 Hankel bound.  An order-k fit has a rank-<= k Hankel section, so by Eckart-Young its error,
 weighted by how often each tap appears in the section, cannot beat
@@ -163,6 +165,7 @@ from .refine import (
     best_numerator,
     levenberg_marquardt,
     modal_kernel,
+    projected_residues,
     variable_projection,
 )
 
@@ -473,6 +476,7 @@ def _fit_modal(target, order: int, steps: int, r_max: float, sv, U, progress: bo
     )
     if polish:
         theta = _polish_modal(theta, target, m, steps, r_max, basis)
+    theta = _residues_for_storage(theta, target)
     p, res, d = _modal_split(theta)
     rel = (_modal_loss(theta, target) / norm2).sqrt()
     return ModalFit(p, res, d, order, rel, init_error, sv, _tails(sv, sv.shape[-1]))
@@ -501,9 +505,12 @@ def _polish_modal(theta, target, m: int, steps: int, r_max: float, basis, rtol: 
             th = _modal_start((q, rho), sub, m, r_max)
             starts.append(torch.complex(th[:, :m], th[:, m : 2 * m]))
     n = len(starts)
-    p, res, _ = variable_projection(torch.cat(starts), taps[rows].repeat(n, 1), r_max, steps)
+    p, _, _ = variable_projection(torch.cat(starts), taps[rows].repeat(n, 1), r_max, steps)
     # Judged as the float32 ModalFilter will store them: a fit of beating modes can have large
-    # cancelling residues whose float32 rounding ruins it (measured: 1e4 relative error).
+    # cancelling residues whose float32 rounding ruins it (measured: 1e4 relative error). The
+    # residues are solved for the poles as stored (`_residues_for_storage`).
+    p = _stored_poles(p)
+    res, _ = projected_residues(p, taps[rows].repeat(n, 1))
     loss = _stored_loss(p, res, taps[rows].repeat(n, 1))
     k = loss.view(n, -1).argmin(0)  # best start per filter
     pick = torch.arange(len(rows), device=target.device) + k * len(rows)
@@ -516,11 +523,34 @@ def _polish_modal(theta, target, m: int, steps: int, r_max: float, basis, rtol: 
     return theta
 
 
+def _residues_for_storage(theta: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The fit with its poles as ModalFilter stores them (`_stored_poles`) and residues solved again
+    by least squares for those poles, per filter where that lowers the stored memory-tap error.
+
+    Why: rounding a pole's angle theta to float32 moves its term at tap t by about |r| t theta eps32,
+    and a fit of beating modes has large cancelling residues, so at t ~ l_max this alone can cost
+    several percent. Residues solved for the rounded poles absorb it; only their own rounding
+    (|r| eps32 per term) is left."""
+    p, res, d = _modal_split(theta)
+    taps = target[:, 1:]
+    q = _stored_poles(p)
+    res_q, _ = projected_residues(q, taps)
+    better = _stored_loss(q, res_q, taps) < _stored_loss(p, res, taps)
+    resolved = torch.cat([q.real, q.imag, res_q.real, res_q.imag, d[:, None]], -1)
+    return torch.where(better[:, None], resolved, theta)
+
+
+def _stored_poles(p: torch.Tensor) -> torch.Tensor:
+    """The poles p (F, m) as `ModalFilter.load_modes` stores them: log(-log|p|) and the angle in
+    float32, read back in float64 (as ModalFilter.system computes)."""
+    w = torch.log(-torch.log(p.abs().clamp(1e-30, 1.0))).float().double()
+    return torch.polar(torch.exp(-torch.exp(w)), p.angle().float().double())
+
+
 def _stored_loss(p: torch.Tensor, res: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """Squared memory-tap error (F,) of the modes after the float32 rounding of `ModalFilter.load_modes`
     (log(-log|p|), angle, 2 res)."""
-    w = torch.log(-torch.log(p.abs().clamp(1e-30, 1.0))).float().double()
-    q = torch.polar(torch.exp(-torch.exp(w)), p.angle().float().double())
+    q = _stored_poles(p)
     r = torch.complex(res.real.float().double(), res.imag.float().double())
     h = modal_kernel(q, r, torch.zeros_like(taps[:, 0]), taps.shape[-1] + 1)[:, 1:]
     return torch.nan_to_num(h - taps, nan=float("inf")).square().sum(-1)
