@@ -14,6 +14,15 @@ r_k; a real pole has a real r_k). Its recurrence, per channel and slot, is diago
 The state is m complex numbers per channel, kept as real and imaginary parts, (B, C, 2, m): a step is
 a few elementwise products, allocates nothing and runs unchanged under torch.compile.
 
+A real pole's state is real, so a slot of its own would leave half of the slot's two numbers at
+zero. `pack_real_pairs` puts two real poles a, b in one slot instead (a real 2x2 block): the slot
+stores lambda = lambda_a + i lambda_b and r = r_a + i r_b, is marked in `paired`, and steps as
+
+    y += r_a x_1 + r_b x_2,    x_1 <- lambda_a x_1 + u,    x_2 <- lambda_b x_2 + u
+
+so an order-n filter needs ceil(n/2) slots, n real numbers of state, whatever its real poles. The
+closed forms below work on the MODES (one per pole: `modes`), a paired slot being two of them.
+
 Over a chunk u_0 .. u_(T-1) from a state x (the chunked prefill that batching, prompt continuation
 and serving engines need), everything is closed-form:
 
@@ -90,13 +99,27 @@ class ModalSystem:
     res: torch.Tensor
     d: torch.Tensor
     dtype: torch.dtype = torch.float32
+    paired: torch.Tensor | None = None  # (C, m) bool: slots holding two real poles, first in each row
     finite_state = True  # the state has a fixed size (the implicit filter's history does not)
     coef: tuple = field(init=False, repr=False)
 
     def __post_init__(self):
-        # What a step reads: (C, m) real and imaginary parts of lambda and r, and d, in `dtype`.
-        parts = (self.lam.real, self.lam.imag, self.res.real, self.res.imag, self.d)
-        self.coef = tuple(t.detach().to(self.dtype).contiguous() for t in parts)
+        lr, li, rr, ri = (t.detach() for t in (self.lam.real, self.lam.imag, self.res.real, self.res.imag))
+        if self.paired is None:
+            # What a step reads: (C, m) real and imaginary parts of lambda and r, and d, in `dtype`.
+            parts = (lr, li, rr, ri, self.d.detach())
+            self.pair_columns = 0
+        else:
+            # The slot's 2x2 block [[a11, a12], [a21, a22]], the input's weight e2 on x_2 and the output
+            # weights (c1, c2): a rotation-scaling for a conjugate pair, diag(lambda_a, lambda_b) for two
+            # real poles (module docstring).
+            p, zero = self.paired, torch.zeros_like(lr)
+            parts = (
+                lr, torch.where(p, zero, -li), torch.where(p, zero, li), torch.where(p, li, lr),
+                p.to(lr.dtype), rr, torch.where(p, ri, -ri), self.d.detach(),
+            )  # fmt: skip
+            self.pair_columns = int(p.any(0).sum())  # paired slots come first: columns [0, k) hold them all
+        self.coef = tuple(t.to(self.dtype).contiguous() for t in parts)
 
     @property
     def channels(self) -> int:
@@ -112,14 +135,47 @@ class ModalSystem:
 
     def to(self, dtype: torch.dtype) -> ModalSystem:
         """The same system with its state and step in `dtype` (float32 or float64)."""
-        return ModalSystem(self.lam.detach(), self.res.detach(), self.d.detach(), dtype)
+        return ModalSystem(self.lam.detach(), self.res.detach(), self.d.detach(), dtype, self.paired)
 
     def expand(self, repeats: int) -> ModalSystem:
         """Filter-level -> channel-level: each row serves `repeats` consecutive channels."""
         if repeats == 1:
             return self
         lam, res, d = (t.repeat_interleave(repeats, dim=0) for t in (self.lam, self.res, self.d))
-        return ModalSystem(lam, res, d, self.dtype)
+        paired = None if self.paired is None else self.paired.repeat_interleave(repeats, dim=0)
+        return ModalSystem(lam, res, d, self.dtype, paired)
+
+    def modes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Poles and residues of every mode, (C, M) complex: the slots, and a paired slot's second
+        real pole in one of k extra columns (M = m + k)."""
+        if self.paired is None:
+            return self.lam, self.res
+        k, p = self.pair_columns, self.paired
+        split = []
+        for t in (self.lam, self.res):
+            first = torch.where(p, torch.complex(t.real, torch.zeros_like(t.real)), t)
+            second = torch.complex(t.imag[:, :k], torch.zeros_like(t.imag[:, :k]))
+            split.append(torch.cat([first, torch.where(p[:, :k], second, torch.zeros_like(second))], -1))
+        return split[0], split[1]
+
+    def _mode_state(self, x: torch.Tensor) -> torch.Tensor:
+        """The slot state x (B, C, 2, m) as one complex state per mode, (B, C, M)."""
+        x1, x2 = x[:, :, 0], x[:, :, 1]
+        if self.paired is None:
+            return torch.complex(x1, x2)
+        k, p = self.pair_columns, self.paired
+        first = torch.complex(x1, torch.where(p, torch.zeros_like(x2), x2))
+        second = torch.where(p[:, :k], x2[..., :k], torch.zeros_like(x2[..., :k]))
+        return torch.cat([first, torch.complex(second, torch.zeros_like(second))], -1)
+
+    def _slot_state(self, xm: torch.Tensor) -> torch.Tensor:
+        """Inverse of `_mode_state`: (B, C, M) complex -> (B, C, 2, m) real (a real mode's state is real)."""
+        first = xm[..., : self.slots]
+        second = first.imag
+        if self.paired is not None:
+            tail = torch.nn.functional.pad(xm[..., self.slots :].real, (0, self.slots - self.pair_columns))
+            second = torch.where(self.paired, tail, second)
+        return torch.stack((first.real, second), dim=2)
 
     def init_state(self, batch: int, device=None) -> torch.Tensor:
         """The zero state, (B, C, 2, m): real and imaginary parts of x."""
@@ -131,11 +187,17 @@ class ModalSystem:
 
         y = d u + Re sum_k r_k x_k,     x_k <- lambda_k x_k + u
         """
-        lr, li, rr, ri, d = self.coef
         u = u.to(self.dtype)
-        xr, xi = x[:, :, 0], x[:, :, 1]
-        y = d * u + (rr * xr - ri * xi).sum(-1)
-        x.copy_(torch.stack((lr * xr - li * xi + u.unsqueeze(-1), lr * xi + li * xr), dim=2))
+        x1, x2 = x[:, :, 0], x[:, :, 1]
+        if self.paired is None:
+            lr, li, rr, ri, d = self.coef
+            y = d * u + (rr * x1 - ri * x2).sum(-1)
+            x.copy_(torch.stack((lr * x1 - li * x2 + u.unsqueeze(-1), lr * x2 + li * x1), dim=2))
+            return y, x
+        a11, a12, a21, a22, e2, c1, c2, d = self.coef  # the 2x2 blocks (module docstring)
+        y = d * u + (c1 * x1 + c2 * x2).sum(-1)
+        u = u.unsqueeze(-1)
+        x.copy_(torch.stack((a11 * x1 + a12 * x2 + u, a21 * x1 + a22 * x2 + e2 * u), dim=2))
         return y, x
 
     # ---- whole chunks -------------------------------------------------------------------------
@@ -143,7 +205,8 @@ class ModalSystem:
         """Impulse response k_0 .. k_(T-1), (C, T) float64 (differentiable in lam, res, d)."""
         if T <= 1:
             return self.d[:, None][:, :T]
-        tail = self._real_part_sums(self.res.unsqueeze(0), T - 1, torch.complex128)[0]  # (C, T - 1)
+        lam, res = self.modes()
+        tail = self._real_part_sums(lam, res.unsqueeze(0), T - 1, torch.complex128)[0]  # (C, T - 1)
         return torch.cat([self.d[:, None], tail], dim=-1)
 
     def response(self, x: torch.Tensor, T: int) -> torch.Tensor:
@@ -151,8 +214,9 @@ class ModalSystem:
 
         y_t = Re sum_k r_k lambda_k^t x_k
         """
-        xc = torch.complex(x[:, :, 0].double(), x[:, :, 1].double())
-        return self._real_part_sums(self.res.detach() * xc, T, self.complex_dtype).to(self.dtype)
+        lam, res = self.modes()
+        coef = res.detach() * self._mode_state(x.double())
+        return self._real_part_sums(lam, coef, T, self.complex_dtype).to(self.dtype)
 
     def advance(self, u: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """The state after the inputs u (B, C, T) from x (B, C, 2, m) or zero: (B, C, 2, m), `dtype`.
@@ -160,29 +224,31 @@ class ModalSystem:
         x_T = lambda^T x + sum_s lambda^(T-1-s) u_s
         """
         B, C, T = u.shape
-        lam = self.lam.detach()
+        lam = self.modes()[0].detach()
+        M = lam.shape[-1]
         small, big = blocked_powers(lam, T + 1)  # exponents 0..T: lambda^T is needed for x
         S, J = small.shape[-1], big.shape[-2]
         ctype = self.complex_dtype
         w = torch.nn.functional.pad(u.to(self.dtype).flip(-1), (0, S * J - T))  # w_e = u_(T-1-e)
         w = w.unflatten(-1, (J, S))  # (B, C, J, S)
-        out = torch.empty(B, C, self.slots, dtype=ctype, device=u.device)
+        out = torch.empty(B, C, M, dtype=ctype, device=u.device)
         # Real matrix products against [Re lambda^i, Im lambda^i], then the block powers.
-        powers = torch.cat([small.real, small.imag], dim=-2).transpose(-1, -2).to(self.dtype)  # (C, S, 2m)
-        for c0, c1 in _channel_chunks(C, B * J * 2 * self.slots):
+        powers = torch.cat([small.real, small.imag], dim=-2).transpose(-1, -2).to(self.dtype)  # (C, S, 2M)
+        for c0, c1 in _channel_chunks(C, B * J * 2 * M):
             wc = w[:, c0:c1].permute(1, 0, 2, 3).flatten(1, 2)  # (Cc, B J, S)
-            inner = torch.bmm(wc, powers[c0:c1]).unflatten(1, (B, J))  # (Cc, B, J, 2m)
+            inner = torch.bmm(wc, powers[c0:c1]).unflatten(1, (B, J))  # (Cc, B, J, 2M)
             inner = torch.complex(*inner.chunk(2, dim=-1))  # complex64 or complex128, as the state
             out[:, c0:c1] = (inner * big[c0:c1, None].to(ctype)).sum(2).transpose(0, 1)
         if x is not None:
-            lam_T = big[:, T // S] * small[..., T % S]  # (C, m)
-            out = out + lam_T.to(ctype) * torch.complex(x[:, :, 0], x[:, :, 1]).to(ctype)
-        return torch.stack((out.real, out.imag), dim=2).to(self.dtype).contiguous()
+            lam_T = big[:, T // S] * small[..., T % S]  # (C, M)
+            out = out + lam_T.to(ctype) * self._mode_state(x).to(ctype)
+        return self._slot_state(out).to(self.dtype).contiguous()
 
-    def _real_part_sums(self, coef: torch.Tensor, T: int, ctype: torch.dtype) -> torch.Tensor:
-        """Re sum_k coef[b, c, k] lambda_ck^t for t < T: coef (B, C, m) complex -> (B, C, T) real."""
+    @staticmethod
+    def _real_part_sums(lam: torch.Tensor, coef: torch.Tensor, T: int, ctype: torch.dtype) -> torch.Tensor:
+        """Re sum_k coef[b, c, k] lam_ck^t for t < T: lam (C, M), coef (B, C, M) complex -> (B, C, T) real."""
         B, C, m = coef.shape
-        small, big = blocked_powers(self.lam if coef.requires_grad else self.lam.detach(), T)
+        small, big = blocked_powers(lam if coef.requires_grad else lam.detach(), T)
         S, J = small.shape[-1], big.shape[-2]
         parts = []
         for c0, c1 in _channel_chunks(C, B * J * max(m, S)):
@@ -192,11 +258,50 @@ class ModalSystem:
         return torch.cat(parts, dim=1)
 
 
+def pack_real_pairs(system: ModalSystem) -> ModalSystem:
+    """The same system with its real poles two to a slot (module docstring), paired slots first in
+    each row, then an odd real pole in a slot of its own, then the conjugate pairs; slots with a zero
+    residue (padding) are dropped. n poles take ceil(n/2) slots. A system with no two real poles in
+    any row is returned as it is."""
+    if system.paired is not None:
+        return system
+    lam, res = system.lam.detach(), system.res.detach()
+    real = (lam.imag == 0) & (res != 0)
+    pairs = real.sum(-1) // 2  # (C,)
+    K = int(pairs.max()) if real.numel() else 0
+    if K == 0:
+        return system
+    odd = real.sum(-1) % 2
+    cplx = lam.imag != 0
+    width = int((pairs + odd + cplx.sum(-1)).max())
+    C, m = lam.shape
+    real_first = torch.argsort((~real).to(torch.int8), dim=-1, stable=True)
+    r_lam, r_res = lam.gather(-1, real_first).real, res.gather(-1, real_first).real  # real modes first
+    out_lam = lam.new_zeros(C, width + 1)  # the last column takes what is not placed (dropped below)
+    out_res = res.new_zeros(C, width + 1)
+    paired = torch.zeros(C, width + 1, dtype=torch.bool, device=lam.device)
+    valid = torch.arange(K, device=lam.device)[None] < pairs[:, None]  # (C, K)
+    zero = lam.new_zeros(())
+    out_lam[:, :K] = torch.where(valid, torch.complex(r_lam[:, 0 : 2 * K : 2], r_lam[:, 1 : 2 * K : 2]), zero)
+    out_res[:, :K] = torch.where(valid, torch.complex(r_res[:, 0 : 2 * K : 2], r_res[:, 1 : 2 * K : 2]), zero)
+    paired[:, :K] = valid
+    last = (2 * pairs).clamp_max(m - 1)[:, None]  # the odd real mode, if any, after the pairs
+    col = torch.where(odd.bool(), pairs, width)[:, None]
+    for out, src in ((out_lam, r_lam), (out_res, r_res)):
+        out.scatter_(-1, col, torch.complex(src.gather(-1, last), torch.zeros_like(src.gather(-1, last))))
+    cplx_first = torch.argsort((~cplx).to(torch.int8), dim=-1, stable=True)
+    j = torch.arange(m, device=lam.device)[None]
+    pos = torch.where(j < cplx.sum(-1, keepdim=True), (pairs + odd)[:, None] + j, width)
+    for out, src in ((out_lam, lam), (out_res, res)):
+        out.scatter_(-1, pos, src.gather(-1, cplx_first))
+    return ModalSystem(out_lam[:, :width], out_res[:, :width], system.d, system.dtype, paired[:, :width])
+
+
 def amplification(system: ModalSystem, taps: torch.Tensor) -> torch.Tensor:
     """Per channel, how much larger the state's terms can get than the output: sum_k |r_k| / (1 - |lambda_k|)
     (the largest |r_k x_k| for inputs bounded by 1) over the l1 norm of the taps. Rounding the state
     to eps costs about eps times this, relative to the output: (C,) float64."""
-    lam, res = system.lam.detach(), system.res.detach()
+    lam, res = (t.detach() for t in system.modes())
     gain = (res.abs() / (1 - lam.abs()).clamp_min(1e-300)).sum(-1)
     return gain / taps.detach()[:, 1:].abs().sum(-1).clamp_min(1e-300)
 

@@ -51,7 +51,7 @@ import torch.nn as nn
 from torch.fft import irfft, rfft
 
 from .long_filter import LongFilter
-from .modal import ModalSystem, amplification, blocked_powers, state_dtype
+from .modal import ModalSystem, amplification, blocked_powers, pack_real_pairs, state_dtype
 from .precision import DtypeName
 
 RTFInit = Literal["zeros", "xavier", "montel"]
@@ -489,7 +489,8 @@ class RTF(LongFilter):
         def build() -> ModalSystem:
             system = conversion.system
             chosen = state_dtype(conversion.amplification[conversion.stable], dtype)
-            return system.to(chosen).expand(self.channels // self.num_filters)
+            # Real poles two to a slot: ceil(n / 2) slots, n numbers of state per channel.
+            return pack_real_pairs(system).to(chosen).expand(self.channels // self.num_filters)
 
         return self.memo(("recurrence", dtype), build)
 

@@ -45,11 +45,10 @@ def filter_channels(config) -> int:
 
 
 def max_slots(config, layer_idx: int) -> int:
-    """An upper bound on the modal slots m of a layer's filter, known before its weights are: an
-    order-n RTF has at most n (one per real pole, one per conjugate pair), a modal filter
-    ceil(n / 2)."""
-    n = config.state_size_of(layer_idx)
-    return math.ceil(n / 2) if config.filter == "modal" else n
+    """An upper bound on the modal slots m of a layer's filter, known before its weights are:
+    ceil(n / 2) for order n (a modal filter has that many; an RTF's n poles take a slot per
+    conjugate pair and one per two real poles, models/modal.py `pack_real_pairs`)."""
+    return math.ceil(config.state_size_of(layer_idx) / 2)
 
 
 def state_dtype(config) -> torch.dtype:

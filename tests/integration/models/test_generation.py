@@ -169,10 +169,11 @@ def test_cache_size_is_constant_for_hyena_layers():
         for new in (1, 5, 60):  # 60: well past l_max
             out = model.generate(ids, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
             shapes.append(_cache_shapes(output_cache(out)))
-            # Decoding keeps: short-conv tail (3d, w - 1) and the modal state (d, 2, slots). The
-            # filters of tiny_model with a pole at the origin of multiplicity 3 get cancelling
-            # residues (models/rtf.py `_spread_zero_cluster`), so their layers' state is float64.
-            assert shapes[-1] == [((2, 96, 2), (2, 32, 2, 4), torch.float64)] * 2
+            # Decoding keeps: short-conv tail (3d, w - 1) and the modal state (d, 2, slots), with
+            # ceil(n / 2) = 2 slots for order 4 (real poles two to a slot). The filters of
+            # tiny_model with a pole at the origin of multiplicity 3 get cancelling residues
+            # (models/rtf.py `_spread_zero_cluster`), so their layers' state is float64.
+            assert shapes[-1] == [((2, 96, 2), (2, 32, 2, 2), torch.float64)] * 2
         assert shapes[0] == shapes[1] == shapes[2]
         # Stepping by hand: same sizes at every step, and the byte count never moves.
         cache = output_cache(model(ids, use_cache=True))

@@ -19,7 +19,7 @@ import pytest
 import torch
 from support.helpers import filter_chunk
 
-from models.modal import ModalFilter, ModalSystem, amplification, blocked_powers, state_dtype
+from models.modal import ModalFilter, ModalSystem, amplification, blocked_powers, pack_real_pairs, state_dtype
 from models.rtf import RTF, convert_rtf, rational_kernel
 
 EPS64 = float(np.finfo(np.float64).eps)
@@ -110,6 +110,39 @@ def test_taps_chunk_advance_and_response_match_the_numpy_recursion(T):
     steps = [system.step(u[..., t], state)[0] for t in range(T)]
     assert rel(torch.stack(steps, -1).numpy(), y_ref) <= ops * gain / np.abs(y_ref).max() + 1e-14
     assert rel(as_complex(state), x_ref) <= ops
+
+
+@pytest.mark.parametrize("T", [1, 17, 300])
+def test_real_poles_packed_two_to_a_slot_run_the_same_system(T):
+    """pack_real_pairs on 5 channels of 3 real poles (one negative), 2 conjugate pairs and a padding
+    slot: 7 poles in ceil(7 / 2) = 4 slots, and the packed system's taps, its chunk from a state
+    (convolution + response, then advance) and its steps give the numpy recursion of the unpacked
+    system, twice in a row (so the state after the first chunk is right too). Tolerance as in the
+    test above: 8 (S + J + T) eps64 times the largest term over the output's scale."""
+    system = random_system(C=5, m=6, seed=10 + T)
+    lam, res = system.lam.clone(), system.res.clone()
+    lam[:, 3], res[:, 3] = 0.7 + 0j, res[:, 3].real + 0j  # a third real pole
+    system = ModalSystem(lam, res, system.d, torch.float64)
+    packed = pack_real_pairs(system)
+    assert packed.slots == 4 and packed.pair_columns == 1
+    g = torch.Generator().manual_seed(T)
+    u0, u1, u2 = (torch.randn(2, 5, n, generator=g, dtype=torch.float64) for n in (40, T, T))
+    S, J = (blocked_powers(system.lam, T + 41)[i].shape[k] for i, k in ((0, -1), (1, -2)))
+    ops = 8 * (S + J + T + 40) * EPS64
+    term = np.abs(res.numpy()).sum(-1).max()
+    gain = term * np.abs(u0.numpy()).sum(-1).max() / (1 - system.lam.abs().max().item()) * 4
+
+    assert rel(packed.taps(T).numpy(), np_taps(system, T)) <= ops * term
+    _, x_ref = np_run(system, u0.numpy())
+    x = packed.advance(u0)
+    step_state = x.clone()
+    for u in (u1, u2):
+        y_ref, x_ref = np_run(system, u.numpy(), x_ref)
+        y, x = filter_chunk(packed.taps(T), packed, u, x)
+        steps = torch.stack([packed.step(u[..., t], step_state)[0] for t in range(T)], -1)
+        scale = max(np.abs(y_ref).max(), 1e-300)
+        assert rel(y.numpy(), y_ref) <= ops * gain / scale + 1e-14
+        assert rel(steps.numpy(), y_ref) <= ops * gain / scale + 1e-14
 
 
 def test_the_step_runs_in_place_and_allocates_no_state():
