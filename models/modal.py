@@ -119,6 +119,7 @@ class ModalSystem:
                 p.to(lr.dtype), rr, torch.where(p, ri, -ri), self.d.detach(),
             )  # fmt: skip
             self.pair_columns = int(p.any(0).sum())  # paired slots come first: columns [0, k) hold them all
+            self._modes = self._split_pairs()  # what every closed form reads: built once, not per chunk
         self.coef = tuple(t.to(self.dtype).contiguous() for t in parts)
 
     @property
@@ -148,8 +149,9 @@ class ModalSystem:
     def modes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Poles and residues of every mode, (C, M) complex: the slots, and a paired slot's second
         real pole in one of k extra columns (M = m + k)."""
-        if self.paired is None:
-            return self.lam, self.res
+        return (self.lam, self.res) if self.paired is None else self._modes
+
+    def _split_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         k, p = self.pair_columns, self.paired
         split = []
         for t in (self.lam, self.res):
@@ -260,9 +262,9 @@ class ModalSystem:
 
 def pack_real_pairs(system: ModalSystem) -> ModalSystem:
     """The same system with its real poles two to a slot (module docstring), paired slots first in
-    each row, then an odd real pole in a slot of its own, then the conjugate pairs; slots with a zero
-    residue (padding) are dropped. n poles take ceil(n/2) slots. A system with no two real poles in
-    any row is returned as it is."""
+    each row, then an odd real pole in a slot of its own, then the conjugate pairs; real slots with a
+    zero residue (the padding, lambda = r = 0) are dropped. n poles take ceil(n/2) slots. A system
+    with no two real poles in any row is returned as it is."""
     if system.paired is not None:
         return system
     lam, res = system.lam.detach(), system.res.detach()
