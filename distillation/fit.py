@@ -117,8 +117,18 @@ a, b (F, n); h0 (F,).
    still above POLISH_RTOL memory-tap error then get `_polish_modal`: variable projection (the
    residues eliminated by least squares, Levenberg-Marquardt on p = r_max exp(-exp(w) + i phi)
    alone, so |p| < r_max without a clamp for the steps to stall on) from several ERA starts, the
-   better fit kept per filter (docs/mathematics.md, section 5.1, has the measurements). Last,
-   `_residues_for_storage` rounds the poles as ModalFilter stores them (float32 log-decay and
+   better fit kept per filter (docs/mathematics.md, section 5.1, has the measurements). Filters
+   whose memory decays, then GROWS towards l_max still stall there, with several poles on r_max:
+   a stable fit makes a growing envelope only by beating, a pair r_max e^(i (phi +- delta)) whose
+   sum 2 r_max^t e^(i phi t) cos(delta t) swells over t ~ pi / delta, and a local step never
+   separates such a pair out of one pole. `_split_modal` therefore gives up the slot the fit needs
+   least (its least-squares error rises least without it) and puts a beating pair, delta of
+   0.25 to 2 times 2 pi / L, at the angle of each other slot in turn, each start refined by the
+   same variable projection; up to SPLIT_ROUNDS rounds, each from the best fit so far. On the
+   seq_len-2048 benchmark model at order 16 this took the 10 filters above 1e-2 (up to 0.027) to
+   7e-4 - 8.8e-3 and no filter got worse. Every stage judges a candidate as the float32
+   ModalFilter stores it (`_stored_loss`); a stage replaces a filter's fit only where that is lower.
+   Last, `_residues_for_storage` rounds the poles as ModalFilter stores them (float32 log-decay and
    angle) and solves the residues again for the rounded poles, where that lowers the stored error.
 
 Hankel bound.  An order-k fit has a rank-<= k Hankel section, so by Eckart-Young its error,
@@ -174,6 +184,13 @@ R_MAX = 0.9999  # largest pole radius a fit may have: 0.9999^2048 = 0.81, memory
 LOWER_ORDERS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96)  # orders _lower_order_starts tries
 POLISH_RTOL = 1e-2  # memory-tap error above which a modal fit gets the variable-projection stage
 POLISH_HANKEL = 1024  # rows of the full-resolution (stride 1 at L = 2048) Hankel section of its extra start
+# Angle gaps of the beating pairs `_split_modal` starts from, in units of 2 pi / L. Which minimum a
+# start ends in depends on rounding: with (0.5, 2) alone one constructed filter ended at 1.7e-2 on
+# torch's portable kernels and 5e-4 on AVX2; with all four, 2.0e-3 on both (and <= 7.7e-3 for
+# every filter of three seeds of tests/unit/distillation/test_distill_math.py's construction).
+SPLIT_GAPS = (0.25, 0.5, 1.0, 2.0)
+SPLIT_ROUNDS = 3  # `_split_modal` rounds, each from the best fit so far
+SPLIT_INSET = 1e-4  # the beating pairs start at radius r_max (1 - SPLIT_INSET): slow, off the bound
 CONDITION_RTOL = 0.1  # bound on eps * fft_condition in the kernel dtype (module docstring, section 5)
 
 
@@ -476,6 +493,7 @@ def _fit_modal(target, order: int, steps: int, r_max: float, sv, U, progress: bo
     )
     if polish:
         theta = _polish_modal(theta, target, m, steps, r_max, basis)
+        theta = _split_modal(theta, target, m, steps, r_max)
     theta = _residues_for_storage(theta, target)
     p, res, d = _modal_split(theta)
     rel = (_modal_loss(theta, target) / norm2).sqrt()
@@ -483,16 +501,14 @@ def _fit_modal(target, order: int, steps: int, r_max: float, sv, U, progress: bo
 
 
 def _polish_modal(theta, target, m: int, steps: int, r_max: float, basis, rtol: float | None = None):
-    """Variable-projection stage (module docstring, section 6) for the filters whose memory-tap error
-    after the joint Levenberg-Marquardt is above rtol: from several starts per filter (the fit's
-    own poles; the ERA of the strided section at orders 2m and 3m and of a full-resolution section
-    at order 2m, each with its unstable poles clamped to r_max and, separately, reflected to
-    1 / conj(p)), `variable_projection` refines the poles alone with |p| < r_max by construction;
-    per filter the best of all these and of the incoming fit is kept, so no filter gets worse."""
-    F, L = target.shape
-    taps = target[:, 1:]
-    rtol = POLISH_RTOL if rtol is None else rtol
-    rows = (memory_error(modal_kernel(*_modal_split(theta), L), target) > rtol).nonzero().flatten()
+    """Variable-projection stage (module docstring, section 6) for the filters whose stored
+    memory-tap error (`_stored_loss`) after the joint Levenberg-Marquardt is above rtol: from
+    several starts per filter (the fit's own poles; the ERA of the strided section at orders 2m and
+    3m and of a full-resolution section at order 2m, each with its unstable poles clamped to r_max
+    and, separately, reflected to 1 / conj(p)), `variable_projection` refines the poles alone with
+    |p| < r_max by construction; per filter the best of all these and of the incoming fit is kept,
+    so no filter gets worse (`_best_of_starts`)."""
+    rows = _above(theta, target, POLISH_RTOL if rtol is None else rtol)
     if not len(rows) or steps <= 0:
         return theta
     sub = target[rows]
@@ -504,19 +520,84 @@ def _polish_modal(theta, target, m: int, steps: int, r_max: float, basis, rtol: 
         for q in (p, torch.where(p.abs() > 1, 1 / p.conj(), p)):
             th = _modal_start((q, rho), sub, m, r_max)
             starts.append(torch.complex(th[:, :m], th[:, m : 2 * m]))
+    return _best_of_starts(theta, target, rows, starts, steps, r_max)
+
+
+def _split_modal(theta, target, m: int, steps: int, r_max: float, rtol: float | None = None):
+    """Beating-pair stage (module docstring, section 6) for the filters whose stored memory-tap error
+    is still above rtol after `_polish_modal`: give up the slot the fit needs least and spend it on
+    a beating partner of another slot.
+
+    Why: the hard filters' memory decays, then grows towards l_max (an unconstrained fit wants
+    |p| ~ 1.004); stable modes make such an envelope only by beating, a pair r_max e^(i (phi +- delta))
+    whose sum 2 r_max^t e^(i phi t) cos(delta t) swells over t ~ pi / delta. The stalled fits have
+    several poles on r_max but no such pair, and no local step creates one (the two poles of a pair
+    must move together from a coincident, degenerate start). So, with k the slot whose removal
+    raises the fit's least-squares error least (residues re-solved without it), for every other
+    slot j a start replaces poles k and j by r_max (1 - SPLIT_INSET) e^(i (phi_j -+ delta)), delta
+    in SPLIT_GAPS times 2 pi / L (a beat over about the window); `variable_projection` refines
+    every start and `_best_of_starts` keeps a start only where it beats the current fit. Up to
+    SPLIT_ROUNDS rounds, each for the filters still above rtol and from the best fit so far (a
+    first pair often lowers the error without reaching rtol; the next round's least needed slot is
+    then another one). Measured on the seq_len-2048 benchmark model at order 16: its 10 filters
+    above 1e-2 (0.012-0.027 stored) end at 7e-4 to 8.8e-3; from the stalled fits, 64 random starts
+    at the FFT peaks of the taps near the unit circle reached only 0.014-0.023 on the worst three."""
+    L = target.shape[-1]
+    rtol = POLISH_RTOL if rtol is None else rtol
+    hopeful = torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
+    for _ in range(SPLIT_ROUNDS if m >= 2 and steps > 0 else 0):
+        rows = _above(theta, target, rtol)
+        rows = rows[hopeful[rows]]
+        if not len(rows):
+            break
+        p = torch.complex(theta[rows, :m], theta[rows, m : 2 * m])
+        taps = target[rows, 1:]
+        without = [projected_residues(torch.cat([p[:, :k], p[:, k + 1 :]], -1), taps)[1] for k in range(m)]
+        k = torch.stack(without, -1).argmin(-1)  # the slot the fit needs least
+        every = torch.arange(len(rows), device=target.device)
+        radius = torch.full_like(p.real[:, 0], r_max * (1 - SPLIT_INSET))
+        starts = []
+        for offset in range(1, m):
+            j = (k + offset) % m
+            phi = p[every, j].angle()
+            for gap in SPLIT_GAPS:
+                delta = gap * 2 * torch.pi / L
+                q = p.clone()
+                q[every, k] = torch.polar(radius, phi - delta)
+                q[every, j] = torch.polar(radius, phi + delta)
+                starts.append(q)
+        before = theta[rows]
+        theta = _best_of_starts(theta, target, rows, starts, steps, r_max)
+        hopeful[rows] = (theta[rows] != before).any(-1)  # unchanged: the next round would repeat this one
+    return theta
+
+
+def _above(theta, target, rtol: float) -> torch.Tensor:
+    """Indices of the filters whose stored memory-tap error (`_stored_loss`) is above rtol."""
+    p, res, _ = _modal_split(theta)
+    taps = target[:, 1:]
+    return (_stored_loss(p, res, taps) > rtol**2 * taps.square().sum(-1)).nonzero().flatten()
+
+
+def _best_of_starts(theta, target, rows, starts: list, steps: int, r_max: float):
+    """theta with the filters `rows` replaced by the best of `variable_projection` from each of
+    `starts` (a list of (len(rows), m) poles), where it beats the current fit.
+
+    Judged as the float32 ModalFilter will store them: a fit of beating modes can have large
+    cancelling residues whose float32 rounding ruins it (measured: 1e4 relative error). The
+    residues are solved for the poles as stored (`_residues_for_storage`)."""
     n = len(starts)
-    p, _, _ = variable_projection(torch.cat(starts), taps[rows].repeat(n, 1), r_max, steps)
-    # Judged as the float32 ModalFilter will store them: a fit of beating modes can have large
-    # cancelling residues whose float32 rounding ruins it (measured: 1e4 relative error). The
-    # residues are solved for the poles as stored (`_residues_for_storage`).
+    sub = target[rows]
+    taps = sub[:, 1:].repeat(n, 1)
+    p, _, _ = variable_projection(torch.cat(starts), taps, r_max, steps)
     p = _stored_poles(p)
-    res, _ = projected_residues(p, taps[rows].repeat(n, 1))
-    loss = _stored_loss(p, res, taps[rows].repeat(n, 1))
+    res, _ = projected_residues(p, taps)
+    loss = _stored_loss(p, res, taps)
     k = loss.view(n, -1).argmin(0)  # best start per filter
     pick = torch.arange(len(rows), device=target.device) + k * len(rows)
     p, res, loss = p[pick], res[pick], loss[pick]
     old_p, old_res, _ = _modal_split(theta[rows])
-    better = loss < _stored_loss(old_p, old_res, taps[rows])
+    better = loss < _stored_loss(old_p, old_res, sub[:, 1:])
     theta = theta.clone()
     new = torch.cat([p.real, p.imag, res.real, res.imag, sub[:, :1]], -1)
     theta[rows[better]] = new[better]

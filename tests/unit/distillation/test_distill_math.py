@@ -474,6 +474,56 @@ def test_polish_improves_a_decay_then_grow_filter_and_never_makes_one_worse():
     assert float(_modal_split(polished)[0].abs().max()) <= distill.R_MAX
 
 
+def growing_modal_target(F: int, L: int, seed: int, growth: float = 1.0016):
+    """(damped poles (F, 3), growing angle (F,), taps (F, L)) of filters whose memory decays, then
+    GROWS to l_max as the trained ones do: 3 damped pairs (radius U(0.6, 0.99), residues O(1 - r))
+    and one mode of radius `growth` > 1 (x2.3 over 512 taps), residue 0.02, period 200-300 taps."""
+    g = np.random.default_rng(seed)
+    P, R, W = [], [], []
+    for _ in range(F):
+        radius = g.uniform(0.6, 0.99, 3)
+        p = radius * np.exp(1j * np.pi * (np.arange(3) + g.uniform(0.2, 0.8, 3)) / 3)
+        r = (g.standard_normal(3) + 1j * g.standard_normal(3)) * (1 - radius)
+        W.append(2 * np.pi / g.uniform(200, 300))
+        P.append(np.append(p, growth * np.exp(1j * W[-1])))
+        R.append(np.append(r, 0.02 * np.exp(2j * np.pi * g.uniform())))
+    taps = torch.tensor(np_modal(np.array(P), np.array(R), np.ones(F), L))
+    return np.array(P)[:, :3], np.array(W), taps
+
+
+def test_beating_pairs_fit_a_filter_whose_memory_grows(monkeypatch):
+    """A growing mode (|p| = 1.0016) is outside what a stable fit can hold: an unconstrained fit
+    puts a pole there, and Levenberg-Marquardt and the variable-projection stage stall with poles
+    on r_max: stored memory-tap error 0.17 at order 16 (measured without `_split_modal`, which
+    SPLIT_ROUNDS = 0 switches off). A stable order-16 fit far below 1e-2 exists: the 3 damped
+    pairs exact and 5 poles r_max e^(i (w + k delta)), k = -2..2, delta = 0.25 * 2 pi / L, whose
+    least-squares residues (numpy, below) follow the envelope to <= 2e-4. With the beating-pair
+    starts every filter ends below POLISH_RTOL = 1e-2, the stage's aim (it stops once a filter is
+    below; measured 2.0e-3 and 1.4e-3, the same with AVX2 and with torch's portable kernels: the
+    local refinement need not reach the construction), and none is worse than without. The margin
+    is 5x: which minimum a start ends in depends on rounding (with only two of SPLIT_GAPS' four gaps
+    the first filter ended at 5e-4 with AVX2 and at 1.7e-2 with the portable kernels)."""
+    L = 512
+    damped, w, taps = growing_modal_target(2, L, seed=2)
+    t = np.arange(L - 1)
+    for f in range(2):
+        q = np.concatenate([damped[f], 0.9999 * np.exp(1j * (w[f] + np.arange(-2, 3) * 0.25 * 2 * np.pi / L))])
+        V = q[:, None] ** t  # (8, L - 1): h[t + 1] = 2 Re sum res q^t
+        design = np.concatenate([V.real, -V.imag]).T
+        h = taps[f, 1:].numpy()
+        built = design @ np.linalg.lstsq(design, h, rcond=None)[0]
+        assert np.linalg.norm(built - h) / np.linalg.norm(h) <= 2e-4
+
+    def stored(fit):
+        return distill._stored_loss(fit.poles, fit.residues, taps[:, 1:]).sqrt() / taps[:, 1:].norm(dim=-1)
+
+    new = stored(distill_modal(taps, 16))
+    monkeypatch.setattr(distill, "SPLIT_ROUNDS", 0)
+    old = stored(distill_modal(taps, 16))
+    assert float(old.min()) > 5e-2 and float(new.max()) <= distill.POLISH_RTOL, (old, new)
+    assert (new <= old).all(), (old, new)
+
+
 def test_residues_are_solved_again_for_the_poles_as_stored():
     """Two nearly equal poles (angle gap 1e-6 at angle 1, radius 0.999) with cancelling residues
     +-1e3: the taps are a slow beat ~1e3 smaller than each term. Rounding the angle to float32
