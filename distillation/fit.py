@@ -190,6 +190,7 @@ POLISH_HANKEL = 1024  # rows of the full-resolution (stride 1 at L = 2048) Hanke
 # every filter of three seeds of tests/unit/distillation/test_distill_math.py's construction).
 SPLIT_GAPS = (0.25, 0.5, 1.0, 2.0)
 SPLIT_ROUNDS = 3  # `_split_modal` rounds, each from the best fit so far
+SPLIT_PARTNERS = 7  # `_split_modal` pairs the least needed slot's pole with at most this many others
 SPLIT_INSET = 1e-4  # the beating pairs start at radius r_max (1 - SPLIT_INSET): slow, off the bound
 CONDITION_RTOL = 0.1  # bound on eps * fft_condition in the kernel dtype (module docstring, section 5)
 
@@ -533,10 +534,11 @@ def _split_modal(theta, target, m: int, steps: int, r_max: float, rtol: float | 
     whose sum 2 r_max^t e^(i phi t) cos(delta t) swells over t ~ pi / delta. The stalled fits have
     several poles on r_max but no such pair, and no local step creates one (the two poles of a pair
     must move together from a coincident, degenerate start). So, with k the slot whose removal
-    raises the fit's least-squares error least (residues re-solved without it), for every other
-    slot j a start replaces poles k and j by r_max (1 - SPLIT_INSET) e^(i (phi_j -+ delta)), delta
-    in SPLIT_GAPS times 2 pi / L (a beat over about the window); `variable_projection` refines
-    every start and `_best_of_starts` keeps a start only where it beats the current fit. Up to
+    raises the fit's least-squares error least (residues re-solved without it), for each of the
+    SPLIT_PARTNERS slowest other slots j (every other slot up to order 16) a start replaces poles
+    k and j by r_max (1 - SPLIT_INSET) e^(i (phi_j -+ delta)), delta in SPLIT_GAPS times 2 pi / L
+    (a beat over about the window); `variable_projection` refines every start and
+    `_best_of_starts` keeps a start only where it beats the current fit. Up to
     SPLIT_ROUNDS rounds, each for the filters still above rtol and from the best fit so far (a
     first pair often lowers the error without reaching rtol; the next round's least needed slot is
     then another one). Measured on the seq_len-2048 benchmark model at order 16: its 10 filters
@@ -556,9 +558,12 @@ def _split_modal(theta, target, m: int, steps: int, r_max: float, rtol: float | 
         k = torch.stack(without, -1).argmin(-1)  # the slot the fit needs least
         every = torch.arange(len(rows), device=target.device)
         radius = torch.full_like(p.real[:, 0], r_max * (1 - SPLIT_INSET))
+        # Partners: the slowest other slots (largest |p|), where a long-memory envelope lives; at
+        # most SPLIT_PARTNERS of them, since a start's refinement costs O(L m^2) per step.
+        slowness = p.abs().index_put((every, k), torch.tensor(-1.0, dtype=p.real.dtype))
+        partners = slowness.topk(min(m - 1, SPLIT_PARTNERS), dim=-1).indices  # (rows, P)
         starts = []
-        for offset in range(1, m):
-            j = (k + offset) % m
+        for j in partners.T:
             phi = p[every, j].angle()
             for gap in SPLIT_GAPS:
                 delta = gap * 2 * torch.pi / L
