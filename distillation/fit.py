@@ -119,15 +119,16 @@ a, b (F, n); h0 (F,).
    alone, so |p| < r_max without a clamp for the steps to stall on) from several ERA starts, the
    better fit kept per filter (docs/mathematics.md, section 5.1, has the measurements). Filters
    whose memory decays, then GROWS towards l_max still stall there, with several poles on r_max:
-   a stable fit makes a growing envelope only by beating, a pair r_max e^(i (phi +- delta)) whose
-   sum 2 r_max^t e^(i phi t) cos(delta t) swells over t ~ pi / delta, and a local step never
-   separates such a pair out of one pole. `_split_modal` therefore gives up the slot the fit needs
-   least (its least-squares error rises least without it) and puts a beating pair, delta of
-   0.25 to 2 times 2 pi / L, at the angle of each other slot in turn, each start refined by the
-   same variable projection; up to SPLIT_ROUNDS rounds, each from the best fit so far. On the
-   seq_len-2048 benchmark model at order 16 this took the 10 filters above 1e-2 (up to 0.027) to
-   7e-4 - 8.8e-3 and no filter got worse. Every stage judges a candidate as the float32
-   ModalFilter stores it (`_stored_loss`); a stage replaces a filter's fit only where that is lower.
+   a stable fit makes a growing envelope only by beating, a pair r_max e^(i (phi +- delta)) with
+   residues +-c, whose sum -2i c r_max^t e^(i phi t) sin(delta t) swells until t = pi / (2 delta),
+   and a local step never separates such a pair out of one pole. `_split_modal` therefore gives up
+   the slot the fit needs least (its least-squares error rises least without it) and puts a
+   beating pair, delta of 0.25 to 2 times 2 pi / L, at the angle of each of the slowest other
+   slots, each start refined by the same variable projection; up to SPLIT_ROUNDS rounds, each
+   from the best fit so far. On the seq_len-2048 benchmark model at order 16 this took the 10
+   filters above 1e-2 (up to 0.027) to 7e-4 - 5.4e-3 and no filter got worse. Every stage judges
+   a candidate as the float32 ModalFilter stores it (`_stored_loss`); a stage replaces a filter's
+   fit only where that is lower.
    Last, `_residues_for_storage` rounds the poles as ModalFilter stores them (float32 log-decay and
    angle) and solves the residues again for the rounded poles, where that lowers the stored error.
 
@@ -531,7 +532,8 @@ def _split_modal(theta, target, m: int, steps: int, r_max: float, rtol: float | 
 
     Why: the hard filters' memory decays, then grows towards l_max (an unconstrained fit wants
     |p| ~ 1.004); stable modes make such an envelope only by beating, a pair r_max e^(i (phi +- delta))
-    whose sum 2 r_max^t e^(i phi t) cos(delta t) swells over t ~ pi / delta. The stalled fits have
+    with residues +-c, whose sum -2i c r_max^t e^(i phi t) sin(delta t) swells until
+    t = pi / (2 delta). The stalled fits have
     several poles on r_max but no such pair, and no local step creates one (the two poles of a pair
     must move together from a coincident, degenerate start). So, with k the slot whose removal
     raises the fit's least-squares error least (residues re-solved without it), for each of the
@@ -542,7 +544,7 @@ def _split_modal(theta, target, m: int, steps: int, r_max: float, rtol: float | 
     SPLIT_ROUNDS rounds, each for the filters still above rtol and from the best fit so far (a
     first pair often lowers the error without reaching rtol; the next round's least needed slot is
     then another one). Measured on the seq_len-2048 benchmark model at order 16: its 10 filters
-    above 1e-2 (0.012-0.027 stored) end at 7e-4 to 8.8e-3; from the stalled fits, 64 random starts
+    above 1e-2 (0.012-0.027 stored) end at 7e-4 to 5.4e-3; from the stalled fits, 64 random starts
     at the FFT peaks of the taps near the unit circle reached only 0.014-0.023 on the worst three."""
     L = target.shape[-1]
     rtol = POLISH_RTOL if rtol is None else rtol
