@@ -562,7 +562,8 @@ def _split_modal(theta, target, m: int, steps: int, r_max: float, rtol: float | 
         radius = torch.full_like(p.real[:, 0], r_max * (1 - SPLIT_INSET))
         # Partners: the slowest other slots (largest |p|), where a long-memory envelope lives; at
         # most SPLIT_PARTNERS of them, since a start's refinement costs O(L m^2) per step.
-        slowness = p.abs().index_put((every, k), torch.tensor(-1.0, dtype=p.real.dtype))
+        slowness = p.abs()
+        slowness[every, k] = -1  # never its own partner
         partners = slowness.topk(min(m - 1, SPLIT_PARTNERS), dim=-1).indices  # (rows, P)
         starts = []
         for j in partners.T:
