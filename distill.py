@@ -81,8 +81,8 @@ def build_parser() -> OneLineParser:
         "--no-polish",
         dest="polish",
         action="store_false",
-        help="modal form: skip the variable-projection stage for the filters still above 1e-2 after the "
-        "joint fit (faster; those filters keep the joint fit)",
+        help="modal form: skip the variable-projection and beating-pair stages for the filters still above "
+        "1e-2 after the joint fit (faster; those filters keep the joint fit)",
     )
     p.add_argument(
         "--max-pole-radius",

@@ -405,7 +405,8 @@ def distill_modal(
 ) -> ModalFit:
     """Conjugate-pair modal fit with ceil(order/2) slots (module docstring, section 6): the same ERA, the
     same Levenberg-Marquardt driver and stopping rule as `distill_filters`; then, with `polish`, the
-    variable-projection stage for the filters still above POLISH_RTOL (`_polish_modal`).
+    variable-projection stage for the filters still above POLISH_RTOL (`_polish_modal`) and the
+    beating-pair stage for those still above it after that (`_split_modal`).
 
     Give exactly one of `order` and `tolerance`. With a tolerance the order starts at the
     smallest even k whose Hankel tail is below it for every filter (no order-k fit can do better,
