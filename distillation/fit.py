@@ -534,15 +534,14 @@ def _split_modal(theta, target, m: int, steps: int, r_max: float, rtol: float | 
     Why: the hard filters' memory decays, then grows towards l_max (an unconstrained fit wants
     |p| ~ 1.004); stable modes make such an envelope only by beating, a pair r_max e^(i (phi +- delta))
     with residues +-c, whose sum -2i c r_max^t e^(i phi t) sin(delta t) swells until
-    t = pi / (2 delta). The stalled fits have
-    several poles on r_max but no such pair, and no local step creates one (the two poles of a pair
-    must move together from a coincident, degenerate start). So, with k the slot whose removal
-    raises the fit's least-squares error least (residues re-solved without it), for each of the
-    SPLIT_PARTNERS slowest other slots j (every other slot up to order 16) a start replaces poles
-    k and j by r_max (1 - SPLIT_INSET) e^(i (phi_j -+ delta)), delta in SPLIT_GAPS times 2 pi / L
-    (a beat over about the window); `variable_projection` refines every start and
-    `_best_of_starts` keeps a start only where it beats the current fit. Up to
-    SPLIT_ROUNDS rounds, each for the filters still above rtol and from the best fit so far (a
+    t = pi / (2 delta). The stalled fits have several poles on r_max but no such pair, and no local
+    step creates one (the two poles of a pair must move together from a coincident, degenerate
+    start). So, with k the slot whose removal raises the fit's least-squares error least (residues
+    re-solved without it), for each of the SPLIT_PARTNERS slowest other slots j (every other slot
+    up to order 16) a start replaces poles k and j by r_max (1 - SPLIT_INSET) e^(i (phi_j -+ delta)),
+    delta in SPLIT_GAPS times 2 pi / L (a beat over about the window); `variable_projection`
+    refines every start and `_best_of_starts` keeps a start only where it beats the current fit. Up
+    to SPLIT_ROUNDS rounds, each for the filters still above rtol and from the best fit so far (a
     first pair often lowers the error without reaching rtol; the next round's least needed slot is
     then another one). Measured on the seq_len-2048 benchmark model at order 16: its 10 filters
     above 1e-2 (0.012-0.027 stored) end at 7e-4 to 5.4e-3; from the stalled fits, 64 random starts

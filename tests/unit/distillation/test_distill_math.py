@@ -500,9 +500,10 @@ def test_beating_pairs_fit_a_filter_whose_memory_grows(monkeypatch):
     least-squares residues (numpy, below) follow the envelope to <= 2e-4. With the beating-pair
     starts every filter ends below POLISH_RTOL = 1e-2, the stage's aim (it stops once a filter is
     below; measured 2.0e-3 and 8e-4 to 1.4e-3 with AVX2 or torch's portable kernels, 1 or 2
-    threads: the local refinement need not reach the construction), and none is worse than without. The margin
-    is 5x: which minimum a start ends in depends on rounding (with only two of SPLIT_GAPS' four gaps
-    the first filter ended at 5e-4 with AVX2 and at 1.7e-2 with the portable kernels)."""
+    threads: the local refinement need not reach the construction), and none is worse than
+    without. The margin is 5x: which minimum a start ends in depends on rounding (with only two of
+    SPLIT_GAPS' four gaps the first filter ended at 5e-4 with AVX2 and at 1.7e-2 with the portable
+    kernels)."""
     L = 512
     damped, w, taps = growing_modal_target(2, L, seed=2)
     t = np.arange(L - 1)
