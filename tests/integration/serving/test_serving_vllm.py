@@ -208,6 +208,79 @@ def test_seeded_sampling_has_the_models_log_probabilities(rtf):
         torch.testing.assert_close(reported.double(), own, rtol=0, atol=5e-5)
 
 
+def test_a_graph_padded_decode_batch_matches_and_writes_only_the_null_slot(rtf, monkeypatch):
+    """What vLLM does on a GPU, where it captures decode-only batches as full CUDA graphs (CPU vLLM
+    captures none, so this is checked by hand here): the graph is recorded once per padded batch
+    size and replayed for fewer requests, the padding rows pointing at slot NULL_BLOCK_ID, the null
+    block no request owns. So (1) the mixer's decode forward must run as one graph, with no host
+    synchronisation (reading a tensor's value on the host is not allowed while capturing):
+    torch.compile(fullgraph=True) raises on any such break; and (2) a padded batch must give the
+    real rows what an unpadded one gives and change no slot but theirs and the null one.
+
+    "One graph" is checked by tracing the forward with torch.compile(fullgraph=True) (any graph
+    break raises) into a backend that only records the graph, and finding no value in it that
+    depends on tensor data (an unbacked symbol: `.item()`, `.tolist()`, a mask's nonzero). Tracing
+    alone would not do: torch 2.13 puts `int(t)` into the graph as an unbacked symbol.
+
+    Tolerance: the two calls do the same element-wise work per row; only the projections' float32
+    matrix products see 2 rows against 4 and may round differently (another kernel). Each output
+    sums d products, so it may move by up to about d eps32 times the largest output (the random
+    stored states make the outputs large and cancelling, |y| up to 2e6); the states follow their
+    inputs with the same bound. Measured: 2.3e-7 of the largest output (2 ulps) and 1.4e-7 of the
+    largest state, against d eps32 = 7.6e-6 allowed."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+    from vllm.v1.attention.backends.utils import NULL_BLOCK_ID
+
+    llm, _ = rtf
+    mixer = llm.apply_model(lambda m: next(x for x in m.modules() if isinstance(x, hyena_mixer.HyenaMixer)))[0]
+    engine_cache = mixer.kv_cache
+    g = torch.Generator().manual_seed(5)
+    start = tuple(torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) for t in engine_cache)
+    x = torch.randn(4, mixer.d_model, generator=g)
+    real = [3, 5]
+    assert NULL_BLOCK_ID not in real and max(real) < start[0].shape[0]
+
+    graphs = []
+
+    def record(graph, example_inputs):  # a torch.compile backend that keeps the graph and runs it as is
+        graphs.append(graph)
+        return graph.forward
+
+    def decode(rows: int, slots: list[int], compiled: bool = False):
+        """The mixer's forward on a decode-only batch of `rows` tokens, on a copy of the cache."""
+        meta = type("Meta", (), {})()
+        meta.num_decode_tokens, meta.num_prefills = rows, 0
+        meta.state_indices_tensor_d = torch.tensor(slots, dtype=torch.int32)
+        context = type("Context", (), {"attn_metadata": {mixer.prefix: meta}})()
+        monkeypatch.setattr(hyena_mixer, "get_forward_context", lambda: context)
+        mixer.kv_cache = tuple(t.clone() for t in start)
+        try:
+            forward = torch.compile(mixer.forward, fullgraph=True, backend=record) if compiled else mixer.forward
+            with torch.no_grad():
+                return forward(x[:rows]), mixer.kv_cache
+        finally:
+            mixer.kv_cache = engine_cache
+            torch._dynamo.reset()
+
+    y_real, cache_real = decode(2, real)
+    y_pad, cache_pad = decode(4, real + [NULL_BLOCK_ID, NULL_BLOCK_ID], compiled=True)
+    nodes = [node for graph in graphs for node in graph.graph.nodes]
+    assert len(graphs) == 1 and any(node.op == "call_function" for node in nodes)
+    reads = [n.format_node() for n in nodes if free_unbacked_symbols(n.meta.get("example_value"))]
+    assert not reads, f"the decode step reads tensor values on the host: {reads}"
+
+    def close(a, b):  # within d eps32 of the largest |b| (docstring)
+        bound = mixer.d_model * torch.finfo(torch.float32).eps * float(b.abs().max())
+        torch.testing.assert_close(a, b, rtol=0, atol=bound)
+
+    close(y_pad[:2], y_real)
+    others = [s for s in range(start[0].shape[0]) if s not in real + [NULL_BLOCK_ID]]
+    for before, unpadded, padded in zip(start, cache_real, cache_pad):
+        close(padded[real], unpadded[real])
+        assert torch.equal(padded[others], before[others])  # untouched, bit for bit
+        assert not torch.equal(unpadded[real], before[real])  # the step did advance the states
+
+
 @pytest.mark.parametrize("kind", ["hybrid", "multi"])
 def test_hybrid_and_multihyena_checkpoints_give_generates_tokens(checkpoints, kind):
     """Attention layers through vLLM's paged KV cache beside Hyena layers; MultiHyena's per-head
