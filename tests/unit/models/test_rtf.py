@@ -34,7 +34,7 @@ from support.helpers import FFTSpy, filter_chunk, np_causal_conv
 
 from models.fftconv import fft_causal_conv
 from models.modal import amplification
-from models.rtf import RTF
+from models.rtf import RTF, poles_of
 
 EPS64 = np.finfo(np.float64).eps
 EPS32 = np.finfo(np.float32).eps
@@ -612,6 +612,31 @@ def test_shared_denominators_are_factored_once(monkeypatch):
         c, h0_eff, _ = np_corrected(den[f], stored(rtf.b)[f], stored(rtf.h0)[f], 40)
         ref = np_impulse_response(den[f], c, h0_eff, 40)
         assert np.abs(k[2 * f] - ref).max() / np.abs(ref).max() < 1e-10
+
+
+def test_roots_split_over_threads_belong_to_their_rows_and_the_thread_count_comes_back():
+    """With 2 intra-op threads `poles_of` splits the rows over a thread pool whose workers run
+    LAPACK on one thread each. Every row's n roots, multiplied out (numpy, float64), must give back
+    that row's polynomial [1, a]: a row's roots in another row's place would miss by O(1). And the
+    caller keeps its thread count (the workers' setting is their own).
+
+    Tolerance: the eigenvalues are backward stable for the companion matrix C (error ~ n eps ||C||
+    in C), which maps to a coefficient error of about n eps ||C||^2 (Edelman and Murakami; here
+    ||C||_F^2 = n - 1 + ||a||^2 ~ 16). Multiplying the roots out in float64 rounds each coefficient
+    relative to the partial products it sums, at most prod_k (1 + |lambda_k|) (~3e4 here: the
+    result is small by cancellation). So 4 n eps (||C||_F^2 + prod_k (1 + |lambda_k|)): 1.6e-10 to 3.4e-10;
+    measured at most 1.4e-13."""
+    torch.manual_seed(3)
+    a = 0.2 * torch.randn(64, 16, dtype=torch.float64)  # 64 rows >= 2 x threads: the pool is used
+    torch.set_num_threads(2)  # the autouse fixture restores 1 after the test
+    lam = poles_of(a)
+    assert torch.get_num_threads() == 2
+    n, eps = a.shape[-1], torch.finfo(torch.float64).eps
+    for row in range(a.shape[0]):
+        coef = np.poly(lam[row].numpy())
+        growth = float((1 + lam[row].abs()).prod())
+        bound = 4 * n * eps * (n - 1 + float(a[row].square().sum()) + growth)
+        assert np.abs(coef - np.r_[1.0, a[row].numpy()]).max() < bound, row
 
 
 # ---------------------------------------------------------------------------------------------
