@@ -147,10 +147,8 @@ def _slots(lam: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 def poles_of(a: torch.Tensor) -> torch.Tensor:
     """Roots of z^n + a1 z^(n-1) + ... + an per row of a (F, n): the eigenvalues of the companion
     matrices, (F, n) complex, on a's device. Computed on the host (many small non-symmetric
-    eigenproblems), where LAPACK takes the matrices one after the other, so the rows are split over
-    torch's intra-op threads (each call releases the GIL), each worker's LAPACK on one thread: the
-    rows are the parallelism, and MKL's own threads on top of them oversubscribe the cores (2048
-    order-64 matrices on 2 cores: 741 ms with them, 672 ms without, 1395 ms on one thread)."""
+    eigenproblems), where LAPACK takes the matrices one after the other on one thread, so the rows
+    are split over torch's intra-op threads (each call releases the GIL)."""
     device, a = a.device, a.cpu()  # small dense problems: LAPACK on the host beats a GPU eigensolver
     # Filters that share a denominator (num_a < num_filters) share its roots: each is computed once.
     a, rows = torch.unique(a, dim=0, return_inverse=True) if a.shape[0] > 1 else (a, None)
@@ -158,13 +156,9 @@ def poles_of(a: torch.Tensor) -> torch.Tensor:
     if threads <= 1 or a.shape[0] < 2 * threads:
         lam = torch.linalg.eigvals(companion(a))
     else:
-
-        def roots(part: torch.Tensor) -> torch.Tensor:
-            torch.set_num_threads(1)  # OpenMP's and MKL's settings are per thread: the caller keeps its own
-            return torch.linalg.eigvals(companion(part))
-
         with ThreadPoolExecutor(threads) as pool:
-            lam = torch.cat(list(pool.map(roots, a.tensor_split(threads))))
+            parts = pool.map(lambda part: torch.linalg.eigvals(companion(part)), a.tensor_split(threads))
+            lam = torch.cat(list(parts))
     return (lam if rows is None else lam[rows]).to(device)
 
 

@@ -614,11 +614,11 @@ def test_shared_denominators_are_factored_once(monkeypatch):
         assert np.abs(k[2 * f] - ref).max() / np.abs(ref).max() < 1e-10
 
 
-def test_roots_split_over_threads_belong_to_their_rows_and_the_thread_count_comes_back():
-    """With 2 intra-op threads `poles_of` splits the rows over a thread pool whose workers run
-    LAPACK on one thread each. Every row's n roots, multiplied out (numpy, float64), must give back
-    that row's polynomial [1, a]: a row's roots in another row's place would miss by O(1). And the
-    caller keeps its thread count (the workers' setting is their own).
+def test_roots_split_over_threads_belong_to_their_rows_and_the_caller_keeps_its_threads():
+    """With 2 intra-op threads `poles_of` splits the rows over a thread pool (the other tests run on
+    one thread, where it does not). Every row's n roots, multiplied out (numpy, float64), must give
+    back that row's polynomial [1, a]: a row's roots in another row's place would miss by O(1). And
+    the caller keeps its thread count.
 
     Tolerance: the eigenvalues are backward stable for the companion matrix C (error ~ n eps ||C||
     in C), which maps to a coefficient error of about n eps ||C||^2 (Edelman and Murakami; here
