@@ -149,7 +149,10 @@ def poles_of(a: torch.Tensor) -> torch.Tensor:
     matrices, (F, n) complex, on a's device. Computed on the host (many small non-symmetric
     eigenproblems), where LAPACK takes the matrices one after the other on one thread, so the rows
     are split over torch's intra-op threads (each call releases the GIL)."""
-    device, a = a.device, a.cpu()  # small dense problems: LAPACK on the host beats a GPU eigensolver
+    # Small dense problems, on the host: torch's CUDA eig (MAGMA's or cuSOLVER's geev) is itself a
+    # hybrid CPU-GPU routine taking one matrix at a time, which its authors found slower than the
+    # host's LAPACK below thousands of rows (not measured here: no GPU).
+    device, a = a.device, a.cpu()
     # Filters that share a denominator (num_a < num_filters) share its roots: each is computed once.
     a, rows = torch.unique(a, dim=0, return_inverse=True) if a.shape[0] > 1 else (a, None)
     threads = torch.get_num_threads()
