@@ -101,6 +101,18 @@ def run(llm, batch: list[list[int]], params) -> list:
     return llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
 
 
+def chosen_log_probabilities(model, prompt: list[int], out):
+    """For the tokens vLLM chose after `prompt` (`out`, a RequestOutput asked for logprobs=0): the
+    log-probability vLLM reported for each, the reference model's own (log_softmax of its parallel
+    forward over prompt + chosen tokens, teacher-forced), both float64, and that forward's logits."""
+    chosen = list(out.outputs[0].token_ids)
+    reported = torch.tensor([step[tok].logprob for step, tok in zip(out.outputs[0].logprobs, chosen)])
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + chosen]), use_cache=False).logits[0, len(prompt) - 1 : -1]
+    own = torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(chosen)[:, None])[:, 0]
+    return reported.double(), own, logits
+
+
 @pytest.fixture
 def mixer_calls(monkeypatch):
     """Every HyenaMixer step of the engine in this process: (decode tokens, [(prefill length,
@@ -202,11 +214,8 @@ def test_seeded_sampling_has_the_models_log_probabilities(rtf):
     for prompt, out, out2 in zip(batch, outs, again):
         sampled = list(out.outputs[0].token_ids)
         assert sampled == list(out2.outputs[0].token_ids)
-        reported = torch.tensor([step[tok].logprob for step, tok in zip(out.outputs[0].logprobs, sampled)])
-        with torch.no_grad():
-            logits = model(torch.tensor([prompt + sampled]), use_cache=False).logits[0, len(prompt) - 1 : -1]
-        own = torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(sampled)[:, None])[:, 0]
-        torch.testing.assert_close(reported.double(), own, rtol=0, atol=5e-5)
+        reported, own, _ = chosen_log_probabilities(model, prompt, out)
+        torch.testing.assert_close(reported, own, rtol=0, atol=5e-5)
 
 
 def test_bfloat16_serving_follows_the_float32_model_within_bfloat16_rounding(checkpoints):
@@ -228,13 +237,9 @@ def test_bfloat16_serving_follows_the_float32_model_within_bfloat16_rounding(che
     batch = prompts([5, 40, 90], seed=6)
     params = vllm.SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
     for prompt, out in zip(batch, run(llm, batch, params)):
-        chosen = list(out.outputs[0].token_ids)
-        reported = torch.tensor([step[tok].logprob for step, tok in zip(out.outputs[0].logprobs, chosen)])
-        with torch.no_grad():
-            logits = model(torch.tensor([prompt + chosen]), use_cache=False).logits[0, len(prompt) - 1 : -1]
-        own = torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(chosen)[:, None])[:, 0]
+        reported, own, logits = chosen_log_probabilities(model, prompt, out)
         bound = 2 * 10 * 2.0**-9 * float(logits.abs().max())
-        torch.testing.assert_close(reported.double(), own, rtol=0, atol=bound)
+        torch.testing.assert_close(reported, own, rtol=0, atol=bound)
     del llm
 
 
