@@ -34,6 +34,7 @@ HYENA_RTF_DEBUG=1 to get the traceback as well.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import traceback
@@ -138,5 +139,19 @@ def main(argv: list[str] | None = None) -> int:
     return 128 + summary["signal"] if summary["signal"] else 0
 
 
+def exit_launched_rank(code: int) -> None:
+    """End a process started by torchrun / deepspeed (WORLD_SIZE > 1) with `code`, its output flushed,
+    without Python's shutdown: freeing the DDP reducer there would destroy the gloo process group
+    with the GIL held, which can deadlock (training/engine.py, TorchEngine.close). Everything this
+    run writes is closed, renamed into place and released before main() returns."""
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):  # set by every launcher
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    exit_launched_rank(code)
+    sys.exit(code)

@@ -8,7 +8,9 @@ the same width, depth and vocabulary, and against this project's own `generate()
 
 Every method gets the same workload: R concurrent requests (all submitted at once), random prompts of
 P tokens, N new tokens each (greedy, no EOS stop), for each P asked for. Each method and P runs in a
-fresh process (its peak resident memory is its own):
+fresh process (its peak resident memory is its own). With --repeats K each P runs K rounds of all
+methods, the order reversed every other round (A B, B A, ...), so that a slow spell of a shared
+machine lands on both sides; the summary gives each method's median and the ratio of medians:
 
     output tokens/s      R N / wall time of the whole batch
     TTFT                 time to first token: vLLM's per-request first-token time after arrival
@@ -18,13 +20,18 @@ fresh process (its peak resident memory is its own):
                            Hyena-RTF  per Hyena layer 3d (w - 1) conv inputs (4 bytes) and the
                                       modal state C x 2 x m_max in float64 (serving/hyena_mixer.py)
                            GPT-NeoX   keys and values of every position: 2 n_layer d (P + N) x 4 bytes
+    cpu / steal seconds  over the timed batch: this process's CPU time (user + system), and the time
+                         the hypervisor gave the machine's cores to someone else (/proc/stat "steal",
+                         all cores): a wall time well above the CPU time with steal beside it is
+                         the machine, not the method
 
     python -m benchmarks.serve                                     # 64 requests, P 512,2048,8192, N 64
     python -m benchmarks.serve --requests 16 --prompt-lengths 256,1024 --new-tokens 16 --name small
+    python -m benchmarks.serve --prompt-lengths 8192 --methods vllm_hyena,vllm_gpt_neox --repeats 3
 
 Needs vLLM (the .venv-vllm that scripts/test.sh builds: `.venv-vllm/bin/python -m benchmarks.serve`).
-Writes benchmarks/results/serve_<name>.json (machine, arguments, per method and P the figures above)
-and serve_<name>.png (tokens/s and TTFT against P).
+Writes benchmarks/results/serve_<name>.json (machine, arguments, every run's figures, and the
+summary: per method and P the medians) and serve_<name>.png (median tokens/s and TTFT against P).
 """
 
 from __future__ import annotations
@@ -89,6 +96,22 @@ def export(args, method: str, folder: Path) -> Path:
     return save_hf_checkpoint(HyenaRTFForCausalLM(config).eval(), None, folder)
 
 
+def steal_seconds() -> float:
+    """Seconds of "steal" summed over the machine's cores so far (/proc/stat; 0 where there is none)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return 0.0
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 and fields[0] == "cpu" else 0.0
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time so far, user + system, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measure(args, method: str, prompt: int) -> dict:
     """One method at one prompt length, in this process: the figures of the module docstring."""
     prompts = random_prompts(args, prompt)
@@ -107,9 +130,9 @@ def measure(args, method: str, prompt: int) -> dict:
                 t = time.perf_counter()
                 model.generate(ids, max_new_tokens=1, **run)
                 ttft = time.perf_counter() - t
-                t = time.perf_counter()
+                t, cpu, steal = time.perf_counter(), cpu_seconds(), steal_seconds()
                 model.generate(ids, max_new_tokens=args.new_tokens, **run)
-                wall = time.perf_counter() - t
+                wall, cpu, steal = time.perf_counter() - t, cpu_seconds() - cpu, steal_seconds() - steal
             ttft_mean = ttft_max = ttft
         else:
             import vllm
@@ -128,9 +151,9 @@ def measure(args, method: str, prompt: int) -> dict:
             )
             params = vllm.SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True, detokenize=False)
             llm.generate([{"prompt_token_ids": prompts[0][:16]}], params, use_tqdm=False)  # warm-up
-            t = time.perf_counter()
+            t, cpu, steal = time.perf_counter(), cpu_seconds(), steal_seconds()
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-            wall = time.perf_counter() - t
+            wall, cpu, steal = time.perf_counter() - t, cpu_seconds() - cpu, steal_seconds() - steal
             assert all(len(o.outputs[0].token_ids) == args.new_tokens for o in outs)
             firsts = [first_token_delay(o, t) for o in outs]
             ttft_mean, ttft_max = sum(firsts) / len(firsts), max(firsts)
@@ -138,12 +161,44 @@ def measure(args, method: str, prompt: int) -> dict:
         "method": method,
         "prompt_length": prompt,
         "seconds": round(wall, 3),
+        "cpu_seconds": round(cpu, 3),
+        "steal_seconds": round(steal, 3),
         "output_tokens_per_s": round(total / wall, 2),
         "ttft_mean_s": round(ttft_mean, 3),
         "ttft_max_s": round(ttft_max, 3),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "state_bytes_per_request": state_bytes(args, method, prompt),
     }
+
+
+def summarise(runs: list[dict], methods: list[str], prompts: list[int]) -> list[dict]:
+    """Per method and prompt length: the median run's figures (by wall time; with an even count the
+    slower of the middle two), the spread of tokens/s over the rounds, and against vLLM's GPT-NeoX
+    both the ratio of medians and each round's own ratio."""
+    rows = []
+    for prompt in prompts:
+        base = [r for r in runs if r["method"] == "vllm_gpt_neox" and r["prompt_length"] == prompt]
+        for method in methods:
+            mine = sorted(
+                (r for r in runs if r["method"] == method and r["prompt_length"] == prompt), key=lambda r: r["seconds"]
+            )
+            median = mine[len(mine) // 2]
+            row = {k: v for k, v in median.items() if k != "repeat"}
+            row.update(
+                rounds=len(mine), tokens_per_s_range=[mine[-1]["output_tokens_per_s"], mine[0]["output_tokens_per_s"]]
+            )
+            if base:
+                base_median = sorted(base, key=lambda r: r["seconds"])[len(base) // 2]
+                row["tokens_per_s_vs_vllm_gpt_neox"] = round(
+                    row["output_tokens_per_s"] / base_median["output_tokens_per_s"], 2
+                )
+                by_round = {r["repeat"]: r for r in base}
+                row["per_round_vs_vllm_gpt_neox"] = [
+                    round(r["output_tokens_per_s"] / by_round[r["repeat"]]["output_tokens_per_s"], 2)
+                    for r in sorted(mine, key=lambda r: r["repeat"])
+                ]
+            rows.append(row)
+    return rows
 
 
 def first_token_delay(output, submitted: float) -> float:
@@ -164,7 +219,7 @@ def draw(result: dict, path: Path) -> Path:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for method in result["args"]["methods"]:
-        rows = [r for r in result["runs"] if r["method"] == method]
+        rows = [r for r in result["summary"] if r["method"] == method]
         xs = [r["prompt_length"] for r in rows]
         left.plot(xs, [r["output_tokens_per_s"] for r in rows], "o-", label=method)
         right.plot(xs, [r["ttft_mean_s"] for r in rows], "o-", label=method)
@@ -176,7 +231,10 @@ def draw(result: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
     left.legend()
     a = result["args"]
-    fig.suptitle(f"{a['requests']} concurrent requests, {a['new_tokens']} new tokens, preset {a['preset']} (CPU)")
+    rounds = f", median of {a['repeats']} rounds" if a["repeats"] > 1 else ""
+    fig.suptitle(
+        f"{a['requests']} concurrent requests, {a['new_tokens']} new tokens, preset {a['preset']} (CPU{rounds})"
+    )
     fig.tight_layout()
     return save_png(fig, path, 120)
 
@@ -192,10 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-budget", type=int, default=8192, help="vLLM's max_num_batched_tokens")
     parser.add_argument("--kv-cache-gb", type=int, default=6)
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of every method per prompt length (>= 1)")
     parser.add_argument("--name", default="cpu")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # "method,prompt": the child process's job
     args = parser.parse_args(argv)
     args.methods = args.methods.split(",")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.one:
         method, prompt = args.one.split(",")
         print(json.dumps(measure(args, method, int(prompt))))
@@ -206,20 +267,18 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the engine in the measured process
     runs = []
     for prompt in args.prompt_lengths:
-        for method in args.methods:
-            cmd = [sys.executable, "-m", "benchmarks.serve", *(argv if argv is not None else sys.argv[1:])]
-            done = subprocess.run([*cmd, "--one", f"{method},{prompt}"], env=env, capture_output=True, text=True)
-            if done.returncode:
-                raise SystemExit(f"{method} at prompt {prompt} failed:\n{done.stderr[-3000:]}")
-            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(json.dumps(runs[-1]), flush=True)
-    for run in runs:
-        base = next(
-            (r for r in runs if r["method"] == "vllm_gpt_neox" and r["prompt_length"] == run["prompt_length"]), None
-        )
-        if base:
-            run["tokens_per_s_vs_vllm_gpt_neox"] = round(run["output_tokens_per_s"] / base["output_tokens_per_s"], 2)
-    result = {"machine": where, "args": vars(args), "runs": runs}
+        for repeat in range(args.repeats):
+            for method in args.methods if repeat % 2 == 0 else args.methods[::-1]:
+                cmd = [sys.executable, "-m", "benchmarks.serve", *(argv if argv is not None else sys.argv[1:])]
+                done = subprocess.run([*cmd, "--one", f"{method},{prompt}"], env=env, capture_output=True, text=True)
+                if done.returncode:
+                    raise SystemExit(f"{method} at prompt {prompt} failed:\n{done.stderr[-3000:]}")
+                runs.append({**json.loads(done.stdout.strip().splitlines()[-1]), "repeat": repeat})
+                print(json.dumps(runs[-1]), flush=True)
+    summary = summarise(runs, args.methods, args.prompt_lengths)
+    for row in summary:
+        print(json.dumps(row), flush=True)
+    result = {"machine": where, "args": vars(args), "runs": runs, "summary": summary}
     import vllm
 
     result["machine"]["vllm"] = vllm.__version__

@@ -265,6 +265,10 @@ class Engine:
 # --------------------------------------------------------------------------------------------
 
 
+# The DistributedDataParallel wrappers of closed engines, kept until the process ends (TorchEngine.close).
+_CLOSED_DDP: list[nn.Module] = []
+
+
 class TorchEngine(Engine):
     """Plain PyTorch: one process, or DistributedDataParallel when launched with several."""
 
@@ -283,6 +287,19 @@ class TorchEngine(Engine):
             self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         else:
             self.wrapped = model
+
+    def close(self) -> None:
+        """Leaves the process group (Engine.close) but never frees the DDP wrapper: its reducer holds
+        the last reference to the gloo group, and freeing it destroys the group with the GIL held.
+        That destructor waits for gloo's worker threads, and a worker that is freeing a finished
+        collective's tensors needs the GIL while holding the lock the destructor waits on: rank 1 of
+        a two-process torchrun run hung there forever after its last step (torch 2.13; gdb showed
+        the main thread in ~ProcessGroupGloo under the reducer's deallocation and a gloo worker in
+        take_gil). So the wrapper lives as long as the process, and a launched train.py ends with
+        os._exit (train.py), which runs no destructor."""
+        super().close()
+        if self.wrapped is not self.module:
+            _CLOSED_DDP.append(self.wrapped)
 
     def train_step(self, micro_batches, signals=None):
         self.module.train()

@@ -89,6 +89,23 @@ def child_env(threads: int | None = None) -> dict:
     return env
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (children, their children, ...), read from /proc."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/stat") as f:
+                    # "pid (comm) state ppid ...": comm may hold spaces, so split after its ")"
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [child for child, parent in parents.items() if parent in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
 def run_cmd(cmd: list, timeout: int = 240, threads: int | None = None) -> subprocess.CompletedProcess:
     """Run and return; on failure the assertion shows the tail of the output."""
     # A session of its own, so that a timeout kills the launcher *and* its rank processes.
@@ -104,8 +121,14 @@ def run_cmd(cmd: list, timeout: int = 240, threads: int | None = None) -> subpro
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        # torchrun starts each rank in a session of its own, so the launcher's group is not enough:
+        # a rank left alive holds the output pipes open and the reads below would never end.
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
         raise AssertionError(
             f"{' '.join(map(str, cmd))} timed out after {timeout} s:\n{out[-3000:]}\n{err[-5000:]}"
         ) from None

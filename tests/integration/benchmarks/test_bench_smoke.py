@@ -208,3 +208,30 @@ def test_hf_generate_counts_what_each_generate_call_feeds(tmp_path):
         rows["recurrent_loop"]["decode_tokens_per_s"] / base, rel=1e-12
     )
     assert (tmp_path / "hf_generate_cpu_b2_p24.png").stat().st_size > 0
+
+
+def test_serve_summary_takes_medians_over_interleaved_rounds():
+    """benchmarks/serve.py's summary (the vLLM runs themselves need .venv-vllm and minutes): each
+    method's median round by wall time, the ratio of medians, each round's own ratio, the spread."""
+    import benchmarks.serve as serve
+
+    def run(method, repeat, seconds):
+        return {
+            "method": method,
+            "prompt_length": 8,
+            "repeat": repeat,
+            "seconds": seconds,
+            "output_tokens_per_s": 64 / seconds,
+        }
+
+    runs = [run("vllm_hyena", 0, 2.0), run("vllm_gpt_neox", 0, 10.0), run("vllm_gpt_neox", 1, 12.0)]
+    runs += [run("vllm_hyena", 1, 4.0), run("vllm_hyena", 2, 3.0), run("vllm_gpt_neox", 2, 8.0)]
+    hyena, neox = serve.summarise(runs, ["vllm_hyena", "vllm_gpt_neox"], [8])
+    assert (hyena["seconds"], neox["seconds"], hyena["rounds"]) == (3.0, 10.0, 3)
+    assert "repeat" not in hyena
+    assert hyena["tokens_per_s_range"] == [16.0, 32.0]
+    assert hyena["tokens_per_s_vs_vllm_gpt_neox"] == round(10.0 / 3.0, 2)
+    assert hyena["per_round_vs_vllm_gpt_neox"] == [5.0, 3.0, round(8.0 / 3.0, 2)]
+    assert neox["per_round_vs_vllm_gpt_neox"] == [1.0, 1.0, 1.0]
+    even = serve.summarise(runs[:4], ["vllm_hyena"], [8])[0]  # two rounds: the slower of the two
+    assert even["seconds"] == 4.0
