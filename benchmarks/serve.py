@@ -10,7 +10,8 @@ Every method gets the same workload: R concurrent requests (all submitted at onc
 P tokens, N new tokens each (greedy, no EOS stop), for each P asked for. Each method and P runs in a
 fresh process (its peak resident memory is its own). With --repeats K each P runs K rounds of all
 methods, the order reversed every other round (A B, B A, ...), so that a slow spell of a shared
-machine lands on both sides; the summary gives each method's median and the ratio of medians:
+machine lands on both sides; the summary gives each method's median and the ratio of medians.
+--malloc default,hugepages runs every method under each memory-allocator setting in turn (below):
 
     output tokens/s      R N / wall time of the whole batch
     TTFT                 time to first token: vLLM's per-request first-token time after arrival
@@ -20,6 +21,10 @@ machine lands on both sides; the summary gives each method's median and the rati
                            Hyena-RTF  per Hyena layer 3d (w - 1) conv inputs (4 bytes) and the
                                       modal state C x 2 x m_max in float64 (serving/hyena_mixer.py)
                            GPT-NeoX   keys and values of every position: 2 n_layer d (P + N) x 4 bytes
+    malloc               the C allocator's setting in the measured process: `default` (glibc's), or
+                         `hugepages` (GLIBC_TUNABLES=glibc.malloc.hugetlb=1: memory it maps gets
+                         transparent huge pages, so a large temporary that glibc maps and unmaps on
+                         every step costs a few faults instead of one per 4 KiB page)
     cpu / steal seconds  over the timed batch: this process's CPU time (user + system), and the time
                          the hypervisor gave the machine's cores to someone else (/proc/stat "steal",
                          all cores): a wall time well above the CPU time with steal beside it is
@@ -28,6 +33,7 @@ machine lands on both sides; the summary gives each method's median and the rati
     python -m benchmarks.serve                                     # 64 requests, P 512,2048,8192, N 64
     python -m benchmarks.serve --requests 16 --prompt-lengths 256,1024 --new-tokens 16 --name small
     python -m benchmarks.serve --prompt-lengths 8192 --methods vllm_hyena,vllm_gpt_neox --repeats 3
+    python -m benchmarks.serve --prompt-lengths 8192 --methods vllm_hyena,vllm_gpt_neox --malloc default,hugepages
 
 Needs vLLM (the .venv-vllm that scripts/test.sh builds: `.venv-vllm/bin/python -m benchmarks.serve`).
 Writes benchmarks/results/serve_<name>.json (machine, arguments, every run's figures, and the
@@ -49,6 +55,8 @@ from pathlib import Path
 from benchmarks.common import RESULTS, gpt_neox_baseline, ints, machine, save_png, write_json
 
 METHODS = ("vllm_hyena", "vllm_gpt_neox", "generate")
+# The measured process's extra environment per allocator setting (module docstring, "malloc").
+MALLOC = {"default": {}, "hugepages": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}}
 
 
 def hyena_config(args):
@@ -171,34 +179,37 @@ def measure(args, method: str, prompt: int) -> dict:
     }
 
 
-def summarise(runs: list[dict], methods: list[str], prompts: list[int]) -> list[dict]:
-    """Per method and prompt length: the median run's figures (by wall time; with an even count the
-    slower of the middle two), the spread of tokens/s over the rounds, and against vLLM's GPT-NeoX
-    both the ratio of medians and each round's own ratio."""
-    rows = []
-    for prompt in prompts:
-        base = [r for r in runs if r["method"] == "vllm_gpt_neox" and r["prompt_length"] == prompt]
-        for method in methods:
-            mine = sorted(
-                (r for r in runs if r["method"] == method and r["prompt_length"] == prompt), key=lambda r: r["seconds"]
-            )
-            median = mine[len(mine) // 2]
-            row = {k: v for k, v in median.items() if k != "repeat"}
-            row.update(
-                rounds=len(mine), tokens_per_s_range=[mine[-1]["output_tokens_per_s"], mine[0]["output_tokens_per_s"]]
-            )
-            if base:
-                base_median = sorted(base, key=lambda r: r["seconds"])[len(base) // 2]
-                row["tokens_per_s_vs_vllm_gpt_neox"] = round(
-                    row["output_tokens_per_s"] / base_median["output_tokens_per_s"], 2
+def summarise(runs: list[dict], methods: list[str], prompts: list[int], mallocs: list[str]) -> list[dict]:
+    """Per allocator setting, method and prompt length: the median run's figures (by wall time; with
+    an even count the slower of the middle two), the spread of tokens/s over the rounds, and against
+    vLLM's GPT-NeoX under the same allocator both the ratio of medians and each round's own ratio."""
+
+    def median(rows: list[dict]) -> dict:
+        return sorted(rows, key=lambda r: r["seconds"])[len(rows) // 2]
+
+    out = []
+    for malloc in mallocs:
+        for prompt in prompts:
+            here = [r for r in runs if r.get("malloc", "default") == malloc and r["prompt_length"] == prompt]
+            base = [r for r in here if r["method"] == "vllm_gpt_neox"]
+            for method in methods:
+                mine = sorted((r for r in here if r["method"] == method), key=lambda r: r["seconds"])
+                row = {k: v for k, v in median(mine).items() if k != "repeat"}
+                row.update(
+                    rounds=len(mine),
+                    tokens_per_s_range=[mine[-1]["output_tokens_per_s"], mine[0]["output_tokens_per_s"]],
                 )
-                by_round = {r["repeat"]: r for r in base}
-                row["per_round_vs_vllm_gpt_neox"] = [
-                    round(r["output_tokens_per_s"] / by_round[r["repeat"]]["output_tokens_per_s"], 2)
-                    for r in sorted(mine, key=lambda r: r["repeat"])
-                ]
-            rows.append(row)
-    return rows
+                if base:
+                    row["tokens_per_s_vs_vllm_gpt_neox"] = round(
+                        row["output_tokens_per_s"] / median(base)["output_tokens_per_s"], 2
+                    )
+                    by_round = {r["repeat"]: r for r in base}
+                    row["per_round_vs_vllm_gpt_neox"] = [
+                        round(r["output_tokens_per_s"] / by_round[r["repeat"]]["output_tokens_per_s"], 2)
+                        for r in sorted(mine, key=lambda r: r["repeat"])
+                    ]
+                out.append(row)
+    return out
 
 
 def first_token_delay(output, submitted: float) -> float:
@@ -218,11 +229,15 @@ def draw(result: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for method in result["args"]["methods"]:
-        rows = [r for r in result["summary"] if r["method"] == method]
-        xs = [r["prompt_length"] for r in rows]
-        left.plot(xs, [r["output_tokens_per_s"] for r in rows], "o-", label=method)
-        right.plot(xs, [r["ttft_mean_s"] for r in rows], "o-", label=method)
+    mallocs = result["args"]["malloc"]
+    for malloc in mallocs:
+        for method in result["args"]["methods"]:
+            rows = [r for r in result["summary"] if r["method"] == method and r.get("malloc", "default") == malloc]
+            xs = [r["prompt_length"] for r in rows]
+            label = method if len(mallocs) == 1 else f"{method}, malloc {malloc}"
+            style = "o-" if malloc == mallocs[0] else "s--"
+            left.plot(xs, [r["output_tokens_per_s"] for r in rows], style, label=label)
+            right.plot(xs, [r["ttft_mean_s"] for r in rows], style, label=label)
     for ax, label in ((left, "output tokens/s"), (right, "mean time to first token (s)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -251,12 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-cache-gb", type=int, default=6)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeats", type=int, default=1, help="rounds of every method per prompt length (>= 1)")
+    parser.add_argument("--malloc", default="default", help=f"allocator settings, comma-separated: {', '.join(MALLOC)}")
     parser.add_argument("--name", default="cpu")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # "method,prompt": the child process's job
     args = parser.parse_args(argv)
     args.methods = args.methods.split(",")
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    args.malloc = args.malloc.split(",")
+    if unknown := [m for m in args.malloc if m not in MALLOC]:
+        parser.error(f"--malloc: unknown setting {unknown[0]!r} (known: {', '.join(MALLOC)})")
     if args.one:
         method, prompt = args.one.split(",")
         print(json.dumps(measure(args, method, int(prompt))))
@@ -268,14 +287,22 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for prompt in args.prompt_lengths:
         for repeat in range(args.repeats):
-            for method in args.methods if repeat % 2 == 0 else args.methods[::-1]:
-                cmd = [sys.executable, "-m", "benchmarks.serve", *(argv if argv is not None else sys.argv[1:])]
-                done = subprocess.run([*cmd, "--one", f"{method},{prompt}"], env=env, capture_output=True, text=True)
-                if done.returncode:
-                    raise SystemExit(f"{method} at prompt {prompt} failed:\n{done.stderr[-3000:]}")
-                runs.append({**json.loads(done.stdout.strip().splitlines()[-1]), "repeat": repeat})
-                print(json.dumps(runs[-1]), flush=True)
-    summary = summarise(runs, args.methods, args.prompt_lengths)
+            for malloc in args.malloc:
+                for method in args.methods if repeat % 2 == 0 else args.methods[::-1]:
+                    cmd = [sys.executable, "-m", "benchmarks.serve", *(argv if argv is not None else sys.argv[1:])]
+                    extra = dict(MALLOC[malloc])
+                    if "GLIBC_TUNABLES" in extra and env.get("GLIBC_TUNABLES"):
+                        extra["GLIBC_TUNABLES"] = f"{env['GLIBC_TUNABLES']}:{extra['GLIBC_TUNABLES']}"
+                    done = subprocess.run(
+                        [*cmd, "--one", f"{method},{prompt}"], env={**env, **extra}, capture_output=True, text=True
+                    )
+                    if done.returncode:
+                        raise SystemExit(f"{method} at prompt {prompt} failed:\n{done.stderr[-3000:]}")
+                    runs.append(
+                        {**json.loads(done.stdout.strip().splitlines()[-1]), "malloc": malloc, "repeat": repeat}
+                    )
+                    print(json.dumps(runs[-1]), flush=True)
+    summary = summarise(runs, args.methods, args.prompt_lengths, args.malloc)
     for row in summary:
         print(json.dumps(row), flush=True)
     result = {"machine": where, "args": vars(args), "runs": runs, "summary": summary}

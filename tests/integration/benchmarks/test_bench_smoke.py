@@ -226,12 +226,23 @@ def test_serve_summary_takes_medians_over_interleaved_rounds():
 
     runs = [run("vllm_hyena", 0, 2.0), run("vllm_gpt_neox", 0, 10.0), run("vllm_gpt_neox", 1, 12.0)]
     runs += [run("vllm_hyena", 1, 4.0), run("vllm_hyena", 2, 3.0), run("vllm_gpt_neox", 2, 8.0)]
-    hyena, neox = serve.summarise(runs, ["vllm_hyena", "vllm_gpt_neox"], [8])
+    hyena, neox = serve.summarise(runs, ["vllm_hyena", "vllm_gpt_neox"], [8], ["default"])
     assert (hyena["seconds"], neox["seconds"], hyena["rounds"]) == (3.0, 10.0, 3)
     assert "repeat" not in hyena
     assert hyena["tokens_per_s_range"] == [16.0, 32.0]
     assert hyena["tokens_per_s_vs_vllm_gpt_neox"] == round(10.0 / 3.0, 2)
     assert hyena["per_round_vs_vllm_gpt_neox"] == [5.0, 3.0, round(8.0 / 3.0, 2)]
     assert neox["per_round_vs_vllm_gpt_neox"] == [1.0, 1.0, 1.0]
-    even = serve.summarise(runs[:4], ["vllm_hyena"], [8])[0]  # two rounds: the slower of the two
+    even = serve.summarise(runs[:4], ["vllm_hyena"], [8], ["default"])[0]  # two rounds: the slower of the two
     assert even["seconds"] == 4.0
+    # Each allocator setting is compared with GPT-NeoX under the same setting only.
+    other = [
+        {**r, "malloc": "hugepages", "seconds": r["seconds"] / 2, "output_tokens_per_s": 2 * r["output_tokens_per_s"]}
+        for r in runs
+    ]
+    rows = serve.summarise(runs + other, ["vllm_hyena", "vllm_gpt_neox"], [8], ["default", "hugepages"])
+    assert [(r["malloc"], r["method"]) for r in rows[2:]] == [
+        ("hugepages", "vllm_hyena"),
+        ("hugepages", "vllm_gpt_neox"),
+    ]
+    assert rows[2]["seconds"] == 1.5 and rows[2]["tokens_per_s_vs_vllm_gpt_neox"] == round(10.0 / 3.0, 2)
