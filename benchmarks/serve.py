@@ -24,7 +24,10 @@ machine lands on both sides; the summary gives each method's median and the rati
     malloc               the C allocator's setting in the measured process: `default` (glibc's), or
                          `hugepages` (GLIBC_TUNABLES=glibc.malloc.hugetlb=1: memory it maps gets
                          transparent huge pages, so a large temporary that glibc maps and unmaps on
-                         every step costs a few faults instead of one per 4 KiB page)
+                         every step costs a few faults instead of one per 4 KiB page), or `heap`
+                         (huge pages too, and every block below 32 MiB, glibc's largest mmap
+                         threshold, taken from the heap and kept there for reuse instead of being
+                         mapped and returned to the kernel each time)
     cpu / steal seconds  over the timed batch: this process's CPU time (user + system), and the time
                          the hypervisor gave the machine's cores to someone else (/proc/stat "steal",
                          all cores): a wall time well above the CPU time with steal beside it is
@@ -56,7 +59,14 @@ from benchmarks.common import RESULTS, gpt_neox_baseline, ints, machine, save_pn
 
 METHODS = ("vllm_hyena", "vllm_gpt_neox", "generate")
 # The measured process's extra environment per allocator setting (module docstring, "malloc").
-MALLOC = {"default": {}, "hugepages": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}}
+MALLOC = {
+    "default": {},
+    "hugepages": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+    "heap": {
+        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"
+        f":glibc.malloc.mmap_threshold={32 << 20}:glibc.malloc.trim_threshold={1 << 40}"
+    },
+}
 
 
 def hyena_config(args):
