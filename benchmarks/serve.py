@@ -25,9 +25,9 @@ machine lands on both sides; the summary gives each method's median and the rati
                          `hugepages` (GLIBC_TUNABLES=glibc.malloc.hugetlb=1: memory it maps gets
                          transparent huge pages, so a large temporary that glibc maps and unmaps on
                          every step costs a few faults instead of one per 4 KiB page), or `heap`
-                         (huge pages too, and every block below 32 MiB, glibc's largest mmap
-                         threshold, taken from the heap and kept there for reuse instead of being
-                         mapped and returned to the kernel each time)
+                         (huge pages too, and every block below 32 MiB, the largest threshold
+                         glibc's own adjustment reaches, taken from the heap and kept there for
+                         reuse instead of being mapped and returned to the kernel each time)
     cpu / steal seconds  over the timed batch: this process's CPU time (user + system), and the time
                          the hypervisor gave the machine's cores to someone else (/proc/stat "steal",
                          all cores): a wall time well above the CPU time with steal beside it is
