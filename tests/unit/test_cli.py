@@ -5,6 +5,9 @@ over two lines; train.py did until it shared the parser)."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,10 +50,6 @@ def test_a_launched_rank_exits_with_its_code_and_its_output_flushed(argv, code):
     shutdown (train.py `exit_launched_rank`), which would otherwise flush a piped stdout: the
     printed config (several KB, block-buffered into a pipe) and the one-line error must still
     arrive, with the exit status main() returned."""
-    import os
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as launchers leave it
     env.update(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1")
     done = subprocess.run([sys.executable, "train.py", *argv], cwd=REPO, env=env, capture_output=True, text=True)
