@@ -21,7 +21,11 @@ machine lands on both sides; the summary gives each method's median and the rati
                            Hyena-RTF  per Hyena layer 3d (w - 1) conv inputs (4 bytes) and the
                                       modal state C x 2 x m_max in float64 (serving/hyena_mixer.py)
                            GPT-NeoX   keys and values of every position: 2 n_layer d (P + N) x 4 bytes
-    malloc               the C allocator's setting in the measured process: `default` (glibc's), or
+    malloc               the C allocator's setting in the measured process: `default` (nothing set:
+                         what a user gets; the Hyena-RTF plugin keeps freed memory in the heap on
+                         CPU, serving/host_memory.py, GPT-NeoX runs on glibc's own policy), `glibc`
+                         (glibc's own policy for both: HYENA_RTF_RETAIN_FREED_MEMORY=0), `retain`
+                         (the plugin's policy for both, set through GLIBC_TUNABLES), or
                          `hugepages` (GLIBC_TUNABLES=glibc.malloc.hugetlb=1: memory it maps gets
                          transparent huge pages, so a large temporary that glibc maps and unmaps on
                          every step costs a few faults instead of one per 4 KiB page), or `heap`
@@ -63,6 +67,8 @@ METHODS = ("vllm_hyena", "vllm_gpt_neox", "generate")
 # The measured process's extra environment per allocator setting (module docstring, "malloc").
 MALLOC = {
     "default": {},
+    "glibc": {"HYENA_RTF_RETAIN_FREED_MEMORY": "0"},
+    "retain": {"GLIBC_TUNABLES": f"glibc.malloc.mmap_threshold={32 << 20}:glibc.malloc.trim_threshold={(1 << 31) - 1}"},
     "hugepages": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
     "heap": {
         "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"
@@ -130,6 +136,11 @@ def steal_seconds() -> float:
     return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 and fields[0] == "cpu" else 0.0
 
 
+def page_faults() -> int:
+    """This process's minor page faults so far (a fresh page of memory touched for the first time)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def cpu_seconds() -> float:
     """This process's CPU time so far, user + system, all its threads."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -154,9 +165,10 @@ def measure(args, method: str, prompt: int) -> dict:
                 t = time.perf_counter()
                 model.generate(ids, max_new_tokens=1, **run)
                 ttft = time.perf_counter() - t
-                t, cpu, steal = time.perf_counter(), cpu_seconds(), steal_seconds()
+                t, cpu, steal, faults = time.perf_counter(), cpu_seconds(), steal_seconds(), page_faults()
                 model.generate(ids, max_new_tokens=args.new_tokens, **run)
                 wall, cpu, steal = time.perf_counter() - t, cpu_seconds() - cpu, steal_seconds() - steal
+                faults = page_faults() - faults
             ttft_mean = ttft_max = ttft
         else:
             import vllm
@@ -167,7 +179,8 @@ def measure(args, method: str, prompt: int) -> dict:
                 dtype="float32",
                 max_model_len=prompt + args.new_tokens,
                 max_num_seqs=args.requests,
-                max_num_batched_tokens=max(args.token_budget, prompt + args.new_tokens),
+                max_num_batched_tokens=args.token_budget,
+                enable_chunked_prefill=True,  # a prompt longer than the budget is split over steps
                 kv_cache_memory_bytes=args.kv_cache_gb << 30,
                 enable_prefix_caching=False,
                 disable_log_stats=False,
@@ -175,9 +188,10 @@ def measure(args, method: str, prompt: int) -> dict:
             )
             params = vllm.SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True, detokenize=False)
             llm.generate([{"prompt_token_ids": prompts[0][:16]}], params, use_tqdm=False)  # warm-up
-            t, cpu, steal = time.perf_counter(), cpu_seconds(), steal_seconds()
+            t, cpu, steal, faults = time.perf_counter(), cpu_seconds(), steal_seconds(), page_faults()
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
             wall, cpu, steal = time.perf_counter() - t, cpu_seconds() - cpu, steal_seconds() - steal
+            faults = page_faults() - faults
             assert all(len(o.outputs[0].token_ids) == args.new_tokens for o in outs)
             firsts = [first_token_delay(o, t) for o in outs]
             ttft_mean, ttft_max = sum(firsts) / len(firsts), max(firsts)
@@ -187,6 +201,7 @@ def measure(args, method: str, prompt: int) -> dict:
         "seconds": round(wall, 3),
         "cpu_seconds": round(cpu, 3),
         "steal_seconds": round(steal, 3),
+        "page_faults": faults,
         "output_tokens_per_s": round(total / wall, 2),
         "ttft_mean_s": round(ttft_mean, 3),
         "ttft_max_s": round(ttft_max, 3),
@@ -278,7 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--prompt-lengths", type=ints, default=[512, 2048, 8192])
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--token-budget", type=int, default=8192, help="vLLM's max_num_batched_tokens")
+    parser.add_argument(
+        "--token-budget",
+        type=int,
+        default=4096,
+        help="vLLM's max_num_batched_tokens (default: vLLM's own default for vllm.LLM on a CPU)",
+    )
     parser.add_argument("--kv-cache-gb", type=int, default=6)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeats", type=int, default=1, help="rounds of every method per prompt length (>= 1)")

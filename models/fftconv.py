@@ -67,8 +67,12 @@ class _CausalFFTConv(torch.autograd.Function):
     def forward(ctx, u: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
         T = u.shape[-1]
         u_f, k_f = rfft(u, n=n), rfft(k, n=n)
-        ctx.save_for_backward(u_f, k_f)
         ctx.fft_size, ctx.length = n, T
+        if not any(ctx.needs_input_grad[:2]) and u_f.shape == torch.broadcast_shapes(u_f.shape, k_f.shape):
+            # Inference: nothing to save, so the product goes into u's spectrum (one fresh block
+            # of memory fewer per call, see models/hyena.py short_causal_conv).
+            return irfft(u_f.mul_(k_f), n=n)[..., :T].contiguous()
+        ctx.save_for_backward(u_f, k_f)
         # Contiguous: the gate multiplies (and saves) y, and a view would keep all N columns alive.
         return irfft(u_f * k_f, n=n)[..., :T].contiguous()
 

@@ -111,7 +111,9 @@ def short_causal_conv(p: torch.Tensor, conv: nn.Conv1d, past: torch.Tensor | Non
     weight = conv.weight[:, 0, :, None].to(p.dtype)  # (Ch, w, 1)
     q = torch.addcmul(conv.bias[:, None].to(p.dtype), padded[..., :T], weight[:, 0])
     for j in range(1, w):
-        q = torch.addcmul(q, padded[..., j : j + T], weight[:, j])
+        # In place (addcmul's backward never reads q): an output per tap is a fresh block of
+        # memory, and touching fresh pages can cost more than the multiply-add (benchmarks/serve.py).
+        q.addcmul_(padded[..., j : j + T], weight[:, j])
     return q
 
 

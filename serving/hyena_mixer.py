@@ -134,7 +134,7 @@ class HyenaMixer(MambaBase, nn.Module):
         needs. Hyena: z = x1 * v. MultiHyena: z = k v^T per head, flattened (channel m e^2 + i e + j)."""
         a, k, v = q.chunk(3, dim=1)
         if not self.heads:
-            return k * v, a
+            return k.mul_(v), a  # in place: q is this step's own (fewer fresh blocks: `forward`)
         a, k, v = (t.unflatten(1, (self.heads, self.head_dim)) for t in (a, k, v))  # (B, M, e, ...)
         return (k.unsqueeze(3) * v.unsqueeze(2)).flatten(1, 3), a
 
@@ -142,7 +142,7 @@ class HyenaMixer(MambaBase, nn.Module):
         """The gate after the filter: Hyena x0 * y; MultiHyena y^m_j = sum_i q^m_i Z^m_ij. -> (B, d, ...)."""
         y = y.to(a.dtype)
         if not self.heads:
-            return a * y
+            return y.mul_(a)
         Z = y.unflatten(1, (self.heads, self.head_dim, self.head_dim))  # (B, M, e, e, ...)
         return torch.einsum("bmi...,bmij...->bmj...", a, Z).flatten(1, 2)
 
@@ -154,7 +154,9 @@ class HyenaMixer(MambaBase, nn.Module):
         Inside, tokens are columns: p^T = W_in x^T + b (3d, N), so that a request's chunk is a
         (3d, T) block whose rows are time series, the layout of the short conv and the FFT; the
         matrix products take the transposes for free (a token-major chunk cost two transposing
-        copies per layer, more than its short convolution)."""
+        copies per layer, more than its short convolution). The gate and the state response are
+        applied in place, into blocks this step made: on CPU every fresh block of memory is paid
+        in page faults when first written (benchmarks/serve.py counts them)."""
         meta = get_forward_context().attn_metadata
         meta = meta.get(self.prefix) if isinstance(meta, dict) else None
         pt = torch.addmm(self.in_proj.bias[:, None], self.in_proj.weight, x.T)  # (3d, N)
@@ -202,7 +204,7 @@ class HyenaMixer(MambaBase, nn.Module):
         y = fft_causal_conv(z, self.filter.kernel(T))
         x = filt_cache[slot][None, ..., :m].to(rec.dtype) if resume else None
         if resume:  # + the stored state's response
-            y = y + rec.response(x, T).to(y.dtype)
+            y.add_(rec.response(x, T).to(y.dtype))
         filt = rec.advance(z, x)  # the state after the chunk, in closed form
         keep = self.width - 1  # the short conv's last inputs, from this chunk, or earlier ones too
         if T < keep:

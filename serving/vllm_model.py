@@ -17,6 +17,7 @@ What is refused, in one line, when vLLM checks the configuration: serving/servab
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import torch
@@ -28,8 +29,11 @@ from vllm.model_executor.layers.mamba.mamba_utils import get_temporal_copy_spec
 from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid, SupportsMambaPrefixCaching
 from vllm.sequence import IntermediateTensors
 
+from .host_memory import retain_freed_memory
 from .hyena_mixer import HyenaMixer, state_dtype, state_shapes
 from .servable import refusal
+
+logger = logging.getLogger(__name__)
 
 
 class AttentionMixer(nn.Module):
@@ -56,7 +60,8 @@ class MLP(nn.Module):
         self.proj = nn.Linear(config.mlp_ratio * config.d_model, config.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x)))
+        # GELU in place on fc's output: no second (N, 4d) block (see HyenaMixer.forward).
+        return self.proj(torch.ops.aten.gelu_(self.fc(x)))
 
 
 class Block(nn.Module):
@@ -73,8 +78,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = h + self.mixer(self.norm1(h))
-        return h + self.mlp(self.norm2(h))
+        h = h + self.mixer(self.norm1(h))  # a new h: the caller's (the embedding's) is left as it is
+        return h.add_(self.mlp(self.norm2(h)))
 
 
 class HyenaRTFBackbone(nn.Module):
@@ -110,6 +115,10 @@ class HyenaRTFForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsMambaPrefi
         if reason:
             raise ValueError(reason)
         self.config = config
+        if vllm_config.device_config.device.type == "cpu":
+            # The mixer's big temporaries are re-made every layer and step: keep them in the heap
+            # (serving/host_memory.py), as the caching allocator vLLM's CPU backend expects would.
+            logger.info("host allocator: %s", retain_freed_memory())
         self.model = HyenaRTFBackbone(config, vllm_config, "model" if not prefix else f"{prefix}.model")
 
     # ---- the state vLLM allocates per request (before the model exists) ---------------------------
