@@ -8,7 +8,9 @@ the same width, depth and vocabulary, and against this project's own `generate()
 
 Every method gets the same workload: R concurrent requests (all submitted at once), random prompts of
 P tokens, N new tokens each (greedy, no EOS stop), for each P asked for. Each method and P runs in a
-fresh process (its peak resident memory is its own). With --repeats K each P runs K rounds of all
+fresh process (its peak resident memory is its own). vLLM runs at --token-budget tokens a step
+(max_num_batched_tokens, default 4096: vLLM's own default for vllm.LLM on a CPU) with chunked
+prefill, so a longer prompt is prefilled over several steps. With --repeats K each P runs K rounds of all
 methods, the order reversed every other round (A B, B A, ...), so that a slow spell of a shared
 machine lands on both sides; the summary gives each method's median and the ratio of medians.
 --malloc default,hugepages runs every method under each memory-allocator setting in turn (below):
@@ -34,6 +36,8 @@ machine lands on both sides; the summary gives each method's median and the rati
                          reuse instead of being mapped and returned to the kernel each time), or
                          `heap_all` (the same with a 1 GiB threshold, which the tunable accepts:
                          the MLP's 34 MB blocks at 8192 tokens stay in the heap too)
+    page faults          the measured process's minor page faults over the timed batch (fresh memory
+                         touched: the allocator's policy shows here, serving/host_memory.py)
     cpu / steal seconds  over the timed batch: this process's CPU time (user + system), and the time
                          the hypervisor gave the machine's cores to someone else (/proc/stat "steal",
                          all cores): a wall time well above the CPU time with steal beside it is

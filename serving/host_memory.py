@@ -11,9 +11,10 @@ and takes them back each time:
       returned to the kernel.
 
 Either way the next block of that size is fresh memory, and every 4 KiB page of it costs a page
-fault (the kernel zero-fills it) when first written. On the 2-core test machine that was 0.35 to
-1.2 million faults, 1.5 to 3 s of a 16-19 s batch of 16 requests x 8192 tokens, and run-to-run
-swings of 20-30% in Hyena-RTF's time (benchmarks/serve.py records the faults of every run).
+fault (the kernel zero-fills it) when first written. Whether a block is fresh depends on the
+process's history: two batches of 16 requests x 8192 tokens on the 2-core test machine took 14.9 s
+with 51 thousand faults and 17.7 s with 878 thousand; under the policy below, 15.0 s and 14.7 s with
+4,141 and 49 (benchmarks/results/serve_cpu_r16_p8192_malloc.json).
 
 vLLM's CPU backend expects a caching allocator: it preloads tcmalloc into its engine processes when
 its wheel ships one, and warns when it is missing. Where it is not, `retain_freed_memory` gives glibc
