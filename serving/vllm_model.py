@@ -33,7 +33,9 @@ from .host_memory import retain_freed_memory
 from .hyena_mixer import HyenaMixer, state_dtype, state_shapes
 from .servable import refusal
 
-logger = logging.getLogger(__name__)
+# Under vLLM's logger, whose handler and level vLLM sets up (VLLM_LOGGING_LEVEL): a logger of our own
+# name would have no handler in a vLLM process, and its INFO lines would be dropped.
+logger = logging.getLogger("vllm.plugins.hyena_rtf")
 
 
 class AttentionMixer(nn.Module):
