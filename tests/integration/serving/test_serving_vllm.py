@@ -347,10 +347,11 @@ def post(url: str, body: dict) -> bytes:
         return response.read()
 
 
-def test_openai_server_completions_and_streaming(checkpoints):
+def test_openai_server_completions_and_streaming(checkpoints, tmp_path):
     """The server as the README starts it (python -m vllm.entrypoints.openai.api_server) on
     127.0.0.1 and a free port: three requests (models, a completion, the same completion streamed)
-    give generate()'s text; the server is stopped by its PID."""
+    give generate()'s text; the server is stopped by its PID. Its engine process, which holds the
+    model, logged that it set the CPU allocator policy (serving/host_memory.py)."""
     folder = checkpoints["rtf"]
     tokenizer = hf_tokenizer(str(folder / "tokenizer.json"))
     port = free_port()
@@ -358,7 +359,8 @@ def test_openai_server_completions_and_streaming(checkpoints):
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "512"]
     cmd += ["--kv-cache-memory-bytes", str(64 << 20), "--served-model-name", "hyena"]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # as a user runs it
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "server.out"  # vLLM logs to stdout; a file, so that a full pipe never blocks it
+    server = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240
@@ -393,3 +395,7 @@ def test_openai_server_completions_and_streaming(checkpoints):
             server.kill()
             server.wait()
     assert server.returncode is not None
+    policy = [line for line in log.read_text().splitlines() if "host allocator: " in line]
+    assert len(policy) == 1, policy  # one engine process, one model
+    # retained, unless vLLM preloaded an allocator of its own into the engine process (tcmalloc)
+    assert "freed memory retained" in policy[0] or "another allocator is loaded" in policy[0], policy
