@@ -66,13 +66,17 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, gpt_neox_baseline, ints, machine, save_png, write_json
+from serving import host_memory  # the plugin's allocator policy (no vLLM import)
 
 METHODS = ("vllm_hyena", "vllm_gpt_neox", "generate")
 # The measured process's extra environment per allocator setting (module docstring, "malloc").
 MALLOC = {
     "default": {},
-    "glibc": {"HYENA_RTF_RETAIN_FREED_MEMORY": "0"},
-    "retain": {"GLIBC_TUNABLES": f"glibc.malloc.mmap_threshold={32 << 20}:glibc.malloc.trim_threshold={(1 << 31) - 1}"},
+    "glibc": {host_memory.SWITCH: "0"},
+    "retain": {
+        "GLIBC_TUNABLES": f"glibc.malloc.mmap_threshold={host_memory.MMAP_THRESHOLD}"
+        f":glibc.malloc.trim_threshold={host_memory.TRIM_THRESHOLD}"
+    },
     "hugepages": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
     "heap": {
         "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"

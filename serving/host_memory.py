@@ -49,7 +49,8 @@ def user_choice() -> str | None:
         return f"{SWITCH}=0"
     if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return "GLIBC_TUNABLES sets glibc.malloc"
-    if any(name in loaded_libraries() for name in ALLOCATORS):
+    maps = loaded_libraries()
+    if any(name in maps for name in ALLOCATORS):
         return "another allocator is loaded"
     if platform.libc_ver()[0] != "glibc":
         return "the C library is not glibc"

@@ -11,6 +11,8 @@ implicit kernels) in numpy float64 from the definitions; it never calls the modu
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -304,3 +306,22 @@ def test_short_causal_conv_is_the_depthwise_conv1d_module(width):
     padded = torch.nn.functional.pad(p, (width - 1, 0))
     for t in range(11):
         torch.testing.assert_close(short_conv_step(padded[..., t : t + width], conv), q[..., t], rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("with_past", [False, True])
+def test_short_causal_conv_gradients_gradcheck(with_past):
+    """The taps after the first are added in place into the output (no fresh block per tap), which
+    autograd must differentiate as the out-of-place sum: gradcheck in float64 (defaults: eps 1e-6,
+    atol 1e-5, rtol 1e-3) against finite differences, for the input, the earlier chunk's inputs,
+    the weight and the bias (read from the module as the operators pass it)."""
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(2, 4, 7, generator=g, dtype=torch.float64)]  # p (B, Ch, T)
+    inputs += [torch.randn(4, 1, 3, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)]
+    if with_past:
+        inputs.append(torch.randn(2, 4, 2, generator=g, dtype=torch.float64))
+    inputs = [t.requires_grad_() for t in inputs]
+
+    def f(p, weight, bias, past=None):
+        return short_causal_conv(p, SimpleNamespace(weight=weight, bias=bias, kernel_size=(3,)), past)
+
+    assert torch.autograd.gradcheck(f, tuple(inputs))

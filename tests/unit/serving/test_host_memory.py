@@ -10,10 +10,9 @@ import subprocess
 import sys
 
 import pytest
+from support.helpers import REPO
 
 from serving import host_memory
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 # Forty 1 MiB blocks made with the C library's malloc, written, freed, and again, five times; the
 # page faults of each round. glibc's own policy maps the first blocks, then (its thresholds raised to
@@ -43,7 +42,7 @@ PAGES = 40 * (1 << 20) // 4096  # the pages a round writes
 def remake(mode: str, **env) -> dict:
     """REMAKE in a fresh interpreter, with glibc's settings from the environment removed and `env` added."""
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_memory.SWITCH)} | env
-    env["PYTHONPATH"] = REPO
+    env["PYTHONPATH"] = str(REPO)
     done = subprocess.run(
         [sys.executable, "-c", REMAKE, mode], env=env, capture_output=True, text=True, timeout=120, cwd=REPO
     )
