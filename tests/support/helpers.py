@@ -41,13 +41,57 @@ def load_script(name: str):
     return importlib.import_module(name.removesuffix(".py"))
 
 
+# Two float routes to the same logits (the cached recurrence and the parallel forward, a compiled
+# decoder and an eager one, vLLM and generate()) round differently, and by different amounts on
+# different CPUs: on the tiny float32 test models they differ by up to ~25 eps of the largest
+# |logit| (measured: 2e-5 at |logit| <= 7.7). Where the best two logits are closer than
+# GREEDY_TIE_EPS eps of the largest |logit| (8 times that), either token is a correct greedy choice.
+GREEDY_TIE_EPS = 200
+
+
+def assert_greedy(
+    model, sequences: torch.Tensor, prompt_len: int, mask: torch.Tensor | None = None, penalty: float = 1.0
+) -> None:
+    """Every token of `sequences` (B, prompt_len + new) after the prompt is a greedy choice of `model`
+    given the tokens before it: the largest logit of the model's parallel forward (use_cache=False,
+    no generation code; causal, so one forward over the whole sequences teacher-forces every step),
+    or within the rounding tie (GREEDY_TIE_EPS) of the largest. Asserting this instead of equal token
+    ids keeps a test from pinning which way one machine's rounding decides a near-tie.
+
+    mask: (B, prompt_len) attention mask of the prompts (left padding), grown with ones.
+    penalty: Hugging Face's repetition penalty, written out here so that it is checked, not reused:
+    the logit of a token already in the sequence is divided by it when positive, multiplied when not.
+    """
+    B, T = sequences.shape
+    if mask is not None:
+        mask = torch.cat([mask, mask.new_ones(B, T - prompt_len)], dim=-1)
+    with torch.no_grad():
+        logits = model(sequences, attention_mask=mask, use_cache=False).logits[:, prompt_len - 1 : -1].double()
+    chosen = sequences[:, prompt_len:]
+    if penalty != 1.0:
+        for j in range(chosen.shape[1]):  # step j has seen the prompt and the first j new tokens
+            step = logits[:, j]
+            seen = torch.zeros_like(step, dtype=torch.bool).scatter_(1, sequences[:, : prompt_len + j], True)
+            logits[:, j] = torch.where(seen, torch.where(step > 0, step / penalty, step * penalty), step)
+    best, top = logits.max(-1)
+    got = logits.gather(-1, chosen[..., None])[..., 0]
+    eps = torch.finfo(model.dtype).eps
+    tie = GREEDY_TIE_EPS * eps * logits.abs().amax(-1)
+    short = (best - got > tie).nonzero().tolist()
+    assert not short, "not a greedy choice: " + "; ".join(
+        f"row {r} new token {j}: {int(chosen[r, j])} ({float(got[r, j]):.6g}) where {int(top[r, j])} "
+        f"has {float(best[r, j]):.6g} (tie {float(tie[r, j]):.2g})"
+        for r, j in short[:4]
+    )
+
+
 def naive_greedy(
     model, ids: torch.Tensor, new: int, mask: torch.Tensor | None = None, penalty: float = 1.0
 ) -> torch.Tensor:
     """Greedy decoding by a full parallel forward over the whole sequence for every token: no cache,
     no generation code. mask: (B, T) attention mask of `ids` (left padding), grown with the ids.
-    penalty: Hugging Face's repetition penalty (divide positive scores of seen tokens by it,
-    multiply negative ones), written out here so that it is checked, not reused."""
+    penalty as in `assert_greedy`. For a test that needs a continuation to compare text or stops
+    against; a route's own tokens are checked with `assert_greedy`."""
     with torch.no_grad():
         for _ in range(new):
             logits = model(ids, attention_mask=mask, use_cache=False).logits[:, -1]

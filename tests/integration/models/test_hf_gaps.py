@@ -3,7 +3,8 @@ process that imported the project loads elsewhere, offloading hooks see every we
 torch.export, continuing a static cache returned by generate(), and trl's position_ids.
 
 References: the in-memory model's own forward in float64 (a different code path from each feature
-under test: no hooks, no export, no cache) and `naive_greedy`, a loop of full parallel forwards.
+under test: no hooks, no export, no cache) and `assert_greedy`: every generated token is a greedy choice
+of a full parallel forward over the tokens before it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import textwrap
 
 import pytest
 import torch
-from support.helpers import NO_PROJECT, naive_greedy, spy_on_forward, tiny_model, train_tiny_tokenizer
+from support.helpers import NO_PROJECT, assert_greedy, spy_on_forward, tiny_model, train_tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from export.folder import save_hf_checkpoint
@@ -142,7 +143,7 @@ def offload_with_hooks(model: torch.nn.Module) -> int:
 def test_a_model_whose_weights_exist_only_inside_module_calls_computes_the_same(heads):
     """float64: the forward, a cached prefill and decode steps with every weight swapped in by hooks
     equal the same model's with its weights in place (rtol 1e-12), and greedy generate() gives the
-    tokens of the naive loop."""
+    parallel forward's greedy tokens."""
     kw = dict(attn_layers=[1], n_layer=3, multi_hyena_heads=heads)
     reference, model = tiny_model(**kw).double(), tiny_model(**kw).double()
     assert offload_with_hooks(model) > 0
@@ -150,13 +151,14 @@ def test_a_model_whose_weights_exist_only_inside_module_calls_computes_the_same(
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-12, atol=1e-12)
         out = model.generate(ids, max_new_tokens=6, do_sample=False)
-        assert torch.equal(out, naive_greedy(reference, ids, 6))
+    assert out.shape[1] == ids.shape[1] + 6
+    assert_greedy(reference, out, ids.shape[1])
 
 
 def test_accelerate_disk_and_cpu_offload_through_device_map(tmp_path):
     """from_pretrained(device_map=..., offload_folder=...) with a Hyena and an attention block on
     disk: logits equal the model in memory (atol 1e-6, float32: the same operations), and greedy
-    generate() gives the naive loop's tokens."""
+    generate() gives the parallel forward's greedy tokens."""
     pytest.importorskip("accelerate", reason="accelerate is not installed: the hooks test above covers the principle")
     model = tiny_model(attn_layers=[2], n_layer=3)
     model.save_pretrained(tmp_path / "ckpt")
@@ -178,7 +180,8 @@ def test_accelerate_disk_and_cpu_offload_through_device_map(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(offloaded(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
         out = offloaded.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert torch.equal(out, naive_greedy(model, ids, 5))
+    assert out.shape[1] == ids.shape[1] + 5
+    assert_greedy(model, out, ids.shape[1])
 
 
 # ---- 3. torch.export with a dynamic length ------------------------------------------------------
@@ -228,7 +231,7 @@ def test_torch_export_refuses_what_it_cannot_trace_in_one_line(case, match):
 def test_a_static_cache_from_generate_continues_in_a_second_call(attn, pads):
     """generate(cache_implementation="static") returns a cache sized for that call; a second
     generate() given it and the whole sequence so far (plus text the user adds) feeds only the new
-    positions, then one token per step, and gives the naive loop's tokens."""
+    positions, then one token per step, and gives the parallel forward's greedy tokens."""
     model = tiny_model(attn_layers=attn)
     ids, mask = ids_of(2, 9), torch.ones(2, 9, dtype=torch.long)
     for row, n in enumerate(pads):
@@ -251,7 +254,8 @@ def test_a_static_cache_from_generate_continues_in_a_second_call(attn, pads):
             more, attention_mask=more_mask, max_new_tokens=8, do_sample=False, **cache_kwargs(cache)
         )
     assert [c.positions for c in calls] == [4] + [1] * 7  # the last generated token, the 3 added, then steps
-    assert torch.equal(second, naive_greedy(model, more, 8, more_mask))
+    assert second.shape[1] == more.shape[1] + 8
+    assert_greedy(model, second, more.shape[1], more_mask)
 
 
 def test_padding_among_new_tokens_of_a_static_cache_is_refused():

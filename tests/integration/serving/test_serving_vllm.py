@@ -30,7 +30,7 @@ import torch
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: spies see its calls
 vllm = pytest.importorskip("vllm")
 
-from support.helpers import slow_poles, tiny_model, train_tiny_tokenizer  # noqa: E402
+from support.helpers import assert_greedy, slow_poles, tiny_model, train_tiny_tokenizer  # noqa: E402
 
 from data_prep.tokenizer import hf_tokenizer  # noqa: E402
 from export.folder import save_hf_checkpoint  # noqa: E402
@@ -81,11 +81,16 @@ def reference(folder) -> HyenaRTFForCausalLM:
     return HyenaRTFForCausalLM.from_pretrained(folder).eval()
 
 
-def generate_reference(model, prompt: list[int], new: int) -> list[int]:
-    """The project's generate(): parallel prefill, then recurrent decoding, greedy, no EOS stop."""
+def assert_generates_tokens(model, prompt: list[int], tokens: list[int]) -> None:
+    """vLLM's greedy `tokens` are the project's generate()'s (parallel prefill, then recurrent
+    decoding, no EOS stop): both are the greedy choices of the model's parallel forward
+    (`assert_greedy`), so they are the same ids up to the first step, if any, where the best two
+    logits are within float32 rounding of each other and either route may take either."""
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None)
-    return out[0, len(prompt) :].tolist()
+        own = model.generate(torch.tensor([prompt]), max_new_tokens=len(tokens), do_sample=False, eos_token_id=None)
+    assert own.shape[1] == len(prompt) + len(tokens)
+    assert_greedy(model, torch.tensor([prompt + tokens]), len(prompt))
+    assert_greedy(model, own, len(prompt))
 
 
 def prompts(lengths, seed=0) -> list[list[int]]:
@@ -157,7 +162,8 @@ def test_continuous_batching_past_l_max_gives_generates_tokens(rtf, mixer_calls)
     batch = prompts([1, 5, 17, 31, 33, 64, 90, 130, 8, 45])
     outs = run(llm, batch, greedy(16))
     for prompt, out in zip(batch, outs):
-        assert list(out.outputs[0].token_ids) == generate_reference(model, prompt, 16), len(prompt)
+        assert len(out.outputs[0].token_ids) == 16
+        assert_generates_tokens(model, prompt, list(out.outputs[0].token_ids))
     assert len(batch) > MAX_NUM_SEQS
     assert max(decodes for decodes, _ in mixer_calls) > 1  # decode steps were batched over requests
 
@@ -170,7 +176,8 @@ def test_chunked_prefill_mixed_with_decodes_gives_generates_tokens(rtf, mixer_ca
     params = [greedy(40), greedy(40), greedy(8)]
     outs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
     for prompt, out, p in zip(batch, outs, params):
-        assert list(out.outputs[0].token_ids) == generate_reference(model, prompt, p.max_tokens)
+        assert len(out.outputs[0].token_ids) == p.max_tokens
+        assert_generates_tokens(model, prompt, list(out.outputs[0].token_ids))
     chunks = [chunk for _, prefills in mixer_calls for chunk in prefills if chunk[0] > 6]
     assert len(chunks) >= math.ceil(150 / TOKEN_BUDGET) and sum(t for t, _ in chunks) >= 150 - 6
     assert all(resumed for _, resumed in chunks[1:])
@@ -183,12 +190,13 @@ def test_prefix_cache_hit_resumes_from_the_cached_state(rtf, mixer_calls):
     llm, model = rtf
     shared = prompts([100], seed=2)[0]
     first, second = shared + [7, 8], shared + [9, 10, 11]
-    assert list(run(llm, [first], greedy(6))[0].outputs[0].token_ids) == generate_reference(model, first, 6)
+    assert_generates_tokens(model, first, list(run(llm, [first], greedy(6))[0].outputs[0].token_ids))
     mixer_calls.clear()
     out = run(llm, [second], greedy(6))[0]
     assert out.num_cached_tokens > 0
     assert mixer_calls[0][1][0] == (len(second) - out.num_cached_tokens, True)
-    assert list(out.outputs[0].token_ids) == generate_reference(model, second, 6)
+    assert len(out.outputs[0].token_ids) == 6
+    assert_generates_tokens(model, second, list(out.outputs[0].token_ids))
 
 
 def test_seeded_sampling_has_the_models_log_probabilities(rtf):
@@ -324,7 +332,8 @@ def test_hybrid_and_multihyena_checkpoints_give_generates_tokens(checkpoints, ki
     model = reference(checkpoints[kind])
     batch = prompts([4, 40, 100, 9, 70], seed=4)
     for prompt, out in zip(batch, run(llm, batch, greedy(10))):
-        assert list(out.outputs[0].token_ids) == generate_reference(model, prompt, 10)
+        assert len(out.outputs[0].token_ids) == 10
+        assert_generates_tokens(model, prompt, list(out.outputs[0].token_ids))
     del llm
 
 
@@ -350,7 +359,8 @@ def post(url: str, body: dict) -> bytes:
 def test_openai_server_completions_and_streaming(checkpoints, tmp_path):
     """The server as the README starts it (python -m vllm.entrypoints.openai.api_server) on
     127.0.0.1 and a free port: three requests (models, a completion, the same completion streamed)
-    give generate()'s text; the server is stopped by its PID. Its engine process, which holds the
+    give generate()'s tokens (`assert_generates_tokens`) and their text; the server is stopped by
+    its PID. Its engine process, which holds the
     model, logged that it set the CPU allocator policy (serving/host_memory.py)."""
     folder = checkpoints["rtf"]
     tokenizer = hf_tokenizer(str(folder / "tokenizer.json"))
@@ -377,16 +387,21 @@ def test_openai_server_completions_and_streaming(checkpoints, tmp_path):
 
         prompt = "the cat sat on a mat and ran to the house"
         ids = tokenizer(prompt)["input_ids"]
-        want = tokenizer.decode(generate_reference(reference(folder), ids, 12))
         body = {"model": "hyena", "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
-        completion = json.loads(post(f"{base}/v1/completions", body))
-        assert completion["choices"][0]["text"] == want
+        # the chosen ids too (vLLM's extension of the API), so that the tokens can be checked
+        completion = json.loads(
+            post(f"{base}/v1/completions", {**body, "logprobs": 0, "return_tokens_as_token_ids": True})
+        )
+        choice = completion["choices"][0]
+        chosen = [int(t.removeprefix("token_id:")) for t in choice["logprobs"]["tokens"]]
+        assert_generates_tokens(reference(folder), ids, chosen)
+        assert choice["text"] == tokenizer.decode(chosen)
         assert completion["usage"] == {**completion["usage"], "prompt_tokens": len(ids), "completion_tokens": 12}
 
         events = post(f"{base}/v1/completions", {**body, "stream": True}).decode().split("\n\n")
         chunks = [json.loads(e.removeprefix("data: ")) for e in events if e.startswith("data: {")]
         assert len(chunks) > 1 and events[-2].strip() == "data: [DONE]"
-        assert "".join(c["choices"][0]["text"] for c in chunks) == want
+        assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]  # the same engine, same request
     finally:
         server.terminate()  # by PID: vLLM's front end shuts its engine process down on SIGTERM
         try:

@@ -17,7 +17,7 @@ import ast
 import numpy as np
 import pytest
 import torch
-from support.helpers import naive_greedy, spy_on_forward, tiny_model
+from support.helpers import assert_greedy, spy_on_forward, tiny_model
 from support.train_utils import TINY
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM
@@ -243,10 +243,10 @@ def multihyena_lm(attn_layers=None) -> torch.nn.Module:
 
 @pytest.mark.parametrize("padded", [False, True], ids=["batch", "left_padded"])
 @pytest.mark.parametrize("attn", [None, [1]], ids=["multihyena", "hybrid"])
-def test_generate_with_cache_equals_naive_greedy(attn, padded):
+def test_generate_with_cache_decodes_greedily(attn, padded):
     """Greedy generate() past l_max: the prompt is fed once, then one token per step against a
-    cache that has seen every earlier position, and the tokens are those of a full parallel
-    forward per token (naive_greedy), left-padded rows included."""
+    cache that has seen every earlier position, and the tokens are greedy choices of the full
+    parallel forward (assert_greedy), left-padded rows included."""
     model = multihyena_lm(attn)
     ids = torch.randint(1, VOCAB, (2, PROMPT), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
@@ -258,7 +258,7 @@ def test_generate_with_cache_equals_naive_greedy(attn, padded):
     assert [c.positions for c in calls] == [PROMPT] + [1] * (NEW - 1)
     assert [c.seen for c in calls] == [None] + list(range(PROMPT, PROMPT + NEW - 1))
     assert out.shape == (2, PROMPT + NEW)
-    assert torch.equal(out, naive_greedy(model, ids, NEW, mask if padded else None))
+    assert_greedy(model, out, PROMPT, mask if padded else None)
 
 
 def test_beam_search_with_cache_equals_without():

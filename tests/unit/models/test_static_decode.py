@@ -1,21 +1,23 @@
 """The static decode step (models/static_decode.py, StaticHyenaRTFCache in models/cache.py).
 
 The references are independent of the step: the parallel FFT forward over the whole sequence (no
-cache, no recurrence) in float64, a naive greedy loop of full forwards (helpers.naive_greedy), and
-the eager cached path (HyenaRTFCache, growing KV cache) for token-for-token equality. "It compiles
+cache, no recurrence), in float64 for logits and as greedy choices for tokens (helpers.assert_greedy:
+a near-tie may go either way, as rounding decides it), and the eager cached path (HyenaRTFCache,
+growing KV cache). "It compiles
 as one graph and is reused" is checked by counting what torch.compile's backend is handed, and "the
 state is written in place" by the tensors' addresses, never by comparing a path with itself.
 
 Models are tiny (d 32, l_max 32), decode past l_max, and have slow poles on every other RTF filter
 (helpers.slow_poles), so an error in the recurrence or the prefill shows; initializer_range 0.3
-keeps greedy choices clear of float rounding.
+spreads the logits. Token-for-token equality is asserted only between routes that do the same
+arithmetic (a traced graph run as is, a returned cache continued).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from support.helpers import counting_backend, decode_tolerance, naive_greedy, slow_poles, tiny_model
+from support.helpers import assert_greedy, counting_backend, decode_tolerance, slow_poles, tiny_model
 from transformers import CompileConfig
 
 from models.attention import StaticKV
@@ -87,8 +89,8 @@ def test_float32_logits_and_greedy_tokens_equal_the_eager_cache(kind):
     """float32: static steps vs the eager cached path (HyenaRTFCache, growing KV cache), fed the
     same tokens: 1e-5 relative (float32 rounding of (B, d) against (B, 1, d) matmuls and of attention
     over the fixed-length masked key axis; observed <= 1.3e-6), and 1e-4 against the parallel
-    forward (as test_generation.py). Greedy decoding gives the same 40 tokens as generate() with the
-    eager cache and as the naive loop of full forwards, on a left-padded batch."""
+    forward (as test_generation.py). Greedy decoding by the static step and by generate() with the
+    eager cache both give the parallel forward's greedy tokens, on a left-padded batch."""
     model = model_of(kind)
     ids, mask = batch()
     with torch.no_grad():
@@ -106,17 +108,19 @@ def test_float32_logits_and_greedy_tokens_equal_the_eager_cache(kind):
     with torch.no_grad():
         hf = model.generate(prompt, attention_mask=prompt_mask, max_new_tokens=40, do_sample=False)[:, PROMPT:]
     tokens = greedy_decode(model, prompt, prompt_mask, 40)
-    assert torch.equal(tokens, hf)
-    assert torch.equal(tokens, naive_greedy(model, prompt, 40, mask=prompt_mask)[:, PROMPT:])
+    assert tokens.shape == hf.shape == (3, 40)
+    assert_greedy(model, torch.cat([prompt, tokens], 1), PROMPT, prompt_mask)
+    assert_greedy(model, torch.cat([prompt, hf], 1), PROMPT, prompt_mask)
 
 
 def test_left_padded_rows_decode_as_each_prompt_alone():
     model = model_of("hybrid")
     ids, mask = batch(PROMPT, pads=(3, 0, 5))
     together = greedy_decode(model, ids, mask, 30)
-    for row, pad in enumerate((3, 0, 5)):
-        alone = greedy_decode(model, ids[row : row + 1, pad:], None, 30)
-        assert torch.equal(together[row : row + 1], alone)
+    for row, pad in enumerate((3, 0, 5)):  # greedy for the prompt alone: no padding in the reference
+        prompt = ids[row : row + 1, pad:]
+        assert_greedy(model, torch.cat([prompt, together[row : row + 1]], 1), prompt.shape[1])
+        assert_greedy(model, torch.cat([prompt, greedy_decode(model, prompt, None, 30)], 1), prompt.shape[1])
 
 
 # ---- static: in place, one graph -----------------------------------------------------------------
@@ -271,12 +275,10 @@ def compile_everywhere(graphs: list) -> CompileConfig:
 def test_generate_compiles_the_static_step_and_feeds_one_token_per_step(how):
     """generate() with a StaticHyenaRTFCache (given, or built for cache_implementation="static")
     runs the prefill eagerly, then every step through its torch.compile'd forward, one token per
-    row each, traced once with fullgraph=True; the tokens are those of the eager cached generate()
-    on a left-padded batch of a hybrid model."""
+    row each, traced once with fullgraph=True; the tokens are greedy, on a left-padded batch of a
+    hybrid model."""
     model = model_of("hybrid")
     ids, mask = batch(PROMPT)
-    with torch.no_grad():
-        eager = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
     graphs, calls = [], compiled_calls(model)
     static = StaticHyenaRTFCache(max_length=PROMPT + 30)
     extra = cache_kwargs(static) if how == "cache" else {"cache_implementation": "static"}
@@ -290,8 +292,9 @@ def test_generate_compiles_the_static_step_and_feeds_one_token_per_step(how):
             return_dict_in_generate=True,
             **extra,
         )
-    assert torch.equal(out.sequences, eager)
     assert calls == [(3, 1)] * 29  # the 30th token is chosen from the 29th step's logits
+    assert out.sequences.shape == (3, PROMPT + 30)
+    assert_greedy(model, out.sequences, PROMPT, mask)
     assert len(graphs) == 1
     cache = output_cache(out)
     assert isinstance(cache, StaticHyenaRTFCache)
@@ -303,7 +306,9 @@ def test_generate_compiles_the_static_step_and_feeds_one_token_per_step(how):
 @pytest.mark.hf
 def test_generate_with_a_static_cache_samples_and_beam_searches_as_the_eager_cache():
     """Sampling (same seed) and beam search (reorder_cache in place on the static buffers) give the
-    eager cache's sequences; a returned static cache continues in a second generate() call."""
+    eager cache's sequences (the two routes' rounding, ~1e-6 of a probability, could part them only
+    at a draw or a beam score that close to a boundary); a returned static cache continues greedily
+    in a second generate() call."""
     model = model_of("hybrid")
     ids, _ = batch(PROMPT, pads=(0, 0))
     sample = dict(max_new_tokens=20, do_sample=True, top_k=20)
@@ -324,7 +329,8 @@ def test_generate_with_a_static_cache_samples_and_beam_searches_as_the_eager_cac
         )
         more = torch.cat([first.sequences, ids[:, :3]], dim=1)
         second = model.generate(more, max_new_tokens=6, do_sample=False, **cache_kwargs(output_cache(first)))
-        assert torch.equal(second, model.generate(more, max_new_tokens=6, do_sample=False))
+        assert second.shape[1] == more.shape[1] + 6
+        assert_greedy(model, second, more.shape[1])
         with pytest.raises(ValueError, match="max_length=12 positions, but 13 are asked for"):
             model.generate(ids, max_new_tokens=10, do_sample=False, **cache_kwargs(StaticHyenaRTFCache(12)))
 
@@ -333,11 +339,11 @@ def test_generate_with_a_static_cache_samples_and_beam_searches_as_the_eager_cac
 def test_cuda_graphs_capture_the_compiled_step(monkeypatch):
     """On CUDA the step compiles with mode="reduce-overhead" and is captured as a CUDA graph: with
     cudagraph_or_error set, anything that made inductor skip the capture (a CPU scalar, a mutated
-    input not marked static, a dynamic shape) raises instead. Same tokens as the eager step."""
+    input not marked static, a dynamic shape) raises instead. The tokens are greedy."""
     monkeypatch.setattr(torch._inductor.config.triton, "cudagraph_or_error", True)
     model = model_of("multihyena_hybrid").cuda()
     ids, mask = (t.cuda() for t in batch(PROMPT))
-    eager = greedy_decode(model, ids, mask, 40)
     torch._dynamo.utils.counters.clear()
-    assert torch.equal(greedy_decode(model, ids, mask, 40, compile=True), eager)
+    tokens = greedy_decode(model, ids, mask, 40, compile=True)  # inductor's kernels: their own rounding
+    assert_greedy(model, torch.cat([ids, tokens], 1), PROMPT, mask)
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
