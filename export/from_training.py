@@ -46,11 +46,12 @@ def model_from_checkpoint(ckpt_dir: str):
 
 def check_export_destination(out_dir: str, source: str, overwrite: bool = False) -> None:
     """Raise NotReplaceableError (one line) unless `out_dir` may receive an export from `source`
-    (a run folder or one of its checkpoints). Whatever `overwrite` says, never: `source` itself, a
-    folder that contains it, or anything in the run's checkpoints folder. A folder beside the
-    checkpoints (OUT_DIR/hf) is fine. Otherwise as export.folder.check_export_target."""
+    (a run folder, its checkpoints folder, or one checkpoint). Whatever `overwrite` says, never:
+    `source` itself, a folder that contains it, or anything in the checkpoints folder it names
+    (training/checkpoint.py `checkpoints_root`). A folder beside the checkpoints (OUT_DIR/hf) is
+    fine. Otherwise as export.folder.check_export_target."""
     out, src = Path(os.path.realpath(out_dir)), Path(os.path.realpath(source))
-    ckpt_root = src.parent if src.parent.name == ckpt.CHECKPOINTS else src / ckpt.CHECKPOINTS
+    ckpt_root = Path(os.path.realpath(ckpt.checkpoints_root(source)))
     if out == src or out in src.parents or out == ckpt_root or ckpt_root in out.parents:
         raise NotReplaceableError(
             f"export folder {out_dir} would replace or be written into {source} or its "

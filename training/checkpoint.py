@@ -156,6 +156,17 @@ def resolve_checkpoint(path: str, key: str | None = None) -> str:
     raise CheckpointError(f"no complete checkpoint at {where} (expected {STATE_FILE} or {CHECKPOINTS}/step_*/)")
 
 
+def checkpoints_root(path: str) -> str:
+    """The checkpoints folder that `path` names, read as resolve_checkpoint reads it: the folder
+    holding the checkpoint `path` (or the latest one of the run folder `path`, or of the checkpoints
+    folder `path`), else PATH/checkpoints (a run folder that has saved nothing yet). Decided by what
+    the folders hold, never by their names."""
+    try:
+        return os.path.dirname(os.path.abspath(resolve_checkpoint(path)))
+    except CheckpointError:
+        return os.path.join(path, CHECKPOINTS)
+
+
 # --------------------------------------------------------------------------------------------
 # Stamps, ownership and lineage
 # --------------------------------------------------------------------------------------------

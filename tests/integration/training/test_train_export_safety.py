@@ -42,17 +42,26 @@ def export(capsys, *args) -> tuple[int, str]:
     return code, capsys.readouterr().err.strip()
 
 
-@pytest.mark.parametrize("where", ["the run itself", "a folder holding the run", "inside its checkpoints"])
-def test_export_onto_the_run_is_refused_and_the_run_survives(trained_run, capsys, where):
+@pytest.mark.parametrize("source", ["run folder", "checkpoints folder", "checkpoint"])
+@pytest.mark.parametrize(
+    "where", ["the run itself", "a folder holding the run", "inside its checkpoints", "onto its checkpoint"]
+)
+def test_export_onto_the_run_is_refused_and_the_run_survives(trained_run, capsys, source, where):
+    """However the source is named (train.py export accepts the three forms), the run's
+    checkpoints are protected: `RUN/checkpoints` given as the source once let --overwrite replace
+    a checkpoint by an export."""
     _, out = trained_run
+    (checkpoint,) = (out / "checkpoints").glob("step_*")
+    src = {"run folder": out, "checkpoints folder": out / "checkpoints", "checkpoint": checkpoint}[source]
     target = {
         "the run itself": out,
         "a folder holding the run": out.parent,
         "inside its checkpoints": out / "checkpoints" / "hf",
+        "onto its checkpoint": checkpoint,
     }[where]
     before = snapshot(out)
     for extra in ((), ("--overwrite",)):  # --overwrite does not lift this refusal
-        code, err = export(capsys, out, target, *extra)
+        code, err = export(capsys, src, target, *extra)
         assert code == 2
         assert err == error_line(err)  # the one line on stderr
         assert err.startswith("train.py: error: export folder"), err
@@ -106,6 +115,18 @@ def test_an_export_beside_the_checkpoints_is_fine(trained_run, capsys):
     _, out = trained_run
     assert export(capsys, out, out / "hf_on_demand")[0] == 0
     assert json.loads((out / "hf_on_demand" / "config.json").read_text())["model_type"] == "hyena_rtf"
+
+
+def test_a_run_inside_a_folder_named_checkpoints_trains_and_exports(corpus, tmp_path, capsys):
+    """Which folder holds a run's checkpoints is read from what is on disk, not from folder names:
+    a run at .../checkpoints/run1 (a user's folder that happens to be called so) trains with its
+    end-of-run export to run1/hf, which a name test once refused before training."""
+    out = tmp_path / "checkpoints" / "run1"
+    args = [*TINY, f"data.dir={corpus}", f"train.out_dir={out}", "train.max_steps=2", "train.eval_every=2"]
+    with torch_threads(1):
+        assert train.main(["--config", str(train.DEFAULT_CONFIG), *args, "checkpoint.export_at_end=true"]) == 0
+    assert (out / "hf" / "config.json").is_file()
+    assert export(capsys, out, tmp_path / "checkpoints" / "run1_hf")[0] == 0
 
 
 def test_export_dir_equal_to_out_dir_fails_before_training(trained_run, tmp_path, capsys):
