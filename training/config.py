@@ -11,7 +11,8 @@ type fails at load time with a `ConfigError` naming the key and where it came fr
 The `model` section is not written by hand: its dataclass is derived from the signature of
 `HyenaRTFConfig.__init__` (one source of truth for model hyper-parameters), every field made
 Optional with default None meaning "not set here". A set `model.preset` (a key of `PRESETS`) fills
-the unset fields; the rest fall back to HyenaRTFConfig's own defaults. `vocab_size` comes from the
+the unset fields; the rest fall back to HyenaRTFConfig's own defaults. A preset chosen on the
+command line also replaces the sizes the YAML file set (`apply_preset_layer`). `vocab_size` comes from the
 data's tokenizer (`resolve_model_kwargs`), and `l_max` defaults to `data.seq_len`. `model.arch`
 picks the architecture (below: Hyena-RTF, or GPT-NeoX, which uses only the keys the two share;
 `check_arch_keys` says what happens to the others). Choice fields are `Literal` types, checked by
@@ -403,6 +404,7 @@ def load_config(
         layers.append((1, f"command-line override '{item}'", dot))
     resolve_all(cfg)
     check_values(cfg)
+    apply_preset_layer(cfg, layers)
     if check_model:
         check_model_section(cfg)
     check_arch_keys(cfg, layers)
@@ -413,6 +415,22 @@ def _sets(layer: DictConfig, key: str) -> bool:
     """True when the YAML file or override `layer` gives model.<key> a value (null is no value)."""
     model = layer.get("model")
     return isinstance(model, DictConfig) and model.get(key) is not None
+
+
+def apply_preset_layer(cfg: DictConfig, layers: list[tuple[int, str, DictConfig]]) -> None:
+    """A `model.preset` chosen on the command line sizes the model, even over the YAML file's sizes:
+    a key the preset gives (PRESETS) that only the file set is cleared, so the preset fills it
+    (configs/default.yaml sets d_model, n_layer, state_size and n_head, which would otherwise shadow
+    most of any preset, silently). A key set where the preset was chosen or later (the same file,
+    or the command line) stays: the explicit value wins, as it does over any preset. `layers` as in
+    `check_arch_keys`."""
+    preset = cfg.model.preset
+    if preset is None or preset not in PRESETS:  # an unknown one is refused when the model is built
+        return
+    chosen_in = max(group for group, _, layer in layers if _sets(layer, "preset"))
+    for key in PRESETS[preset]:
+        if not any(group >= chosen_in for group, _, layer in layers if _sets(layer, key)):
+            cfg.model[key] = None
 
 
 def check_arch_keys(cfg: DictConfig, layers: list[tuple[int, str, DictConfig]]) -> None:

@@ -114,6 +114,27 @@ def test_overrides_are_typed_and_merged_in_order(tmp_path):
     assert resolve_model_kwargs(load_config(None).model, 300, 64)["l_max"] == 64
 
 
+def test_a_preset_on_the_command_line_sizes_the_model_over_the_yaml_file(tmp_path):
+    """configs/default.yaml sets d_model, n_layer, state_size and n_head; `model.preset=small` on the
+    command line gives the preset's sizes (it once gave the file's, with the preset's l_max alone).
+    A size set on the command line too wins over the preset; a size set in the same file as the
+    preset wins; keys the preset does not give keep the file's values."""
+
+    def sizes(config_file, *overrides):
+        return resolve_model_kwargs(load_config(str(config_file), list(overrides)).model, vocab_size=300, seq_len=64)
+
+    kw = sizes(train.DEFAULT_CONFIG, "model.preset=small")
+    assert {k: kw[k] for k in PRESETS["small"]} == PRESETS["small"]
+    kw = sizes(train.DEFAULT_CONFIG, "model.preset=small", "model.n_layer=3")
+    assert (kw["d_model"], kw["n_layer"]) == (PRESETS["small"]["d_model"], 3)
+    own = tmp_path / "own.yaml"
+    own.write_text("model:\n  preset: small\n  d_model: 96\n  mlp_ratio: 2\n")
+    kw = sizes(own)
+    assert (kw["d_model"], kw["n_layer"], kw["mlp_ratio"]) == (96, PRESETS["small"]["n_layer"], 2)
+    kw = sizes(own, "model.preset=tiny")  # chosen later than the file's d_model: the preset's
+    assert (kw["d_model"], kw["mlp_ratio"]) == (PRESETS["tiny"]["d_model"], 2)
+
+
 @pytest.mark.parametrize(
     "overrides, expected",
     [
