@@ -21,6 +21,7 @@ step are all distinct: ranks never overlap. Resuming at step k is just calling i
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -122,6 +123,13 @@ class PackedDataset:
         self.tokenizer_file = str(self.data_dir / tok.file)
         if not Path(self.tokenizer_file).is_file():
             raise FileNotFoundError(f"{self.data_dir}: tokenizer file {self.tokenizer_file} is missing")
+        # The tokenizer must be the one the shards were made with: another one of the same size
+        # would train and export a model whose tokenizer reads its tokens as other text.
+        if hashlib.sha256(Path(self.tokenizer_file).read_bytes()).hexdigest() != tok.sha256:
+            raise ValueError(
+                f"{self.tokenizer_file} is not the tokenizer {MANIFEST} records (its SHA-256 differs): it was "
+                "replaced or altered after the data was prepared; put the original back or prepare the data again"
+            )
         # The pair must be the one the manifest describes (token count, file sizes): an index
         # copied from another dataset would otherwise train on the wrong tokens in silence.
         self._ds = IndexedDataset(self.prefix, expected=self._split, manifest=mpath)

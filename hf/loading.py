@@ -59,15 +59,27 @@ def from_pretrained(auto_class, path, trust_remote_code: bool = False, **kwargs)
         ) from None
 
 
+# Loading a model reports which weights did not match instead of raising or warning about them:
+# `check_weights_match` then refuses the folder, naming them (transformers' own error for a shape
+# mismatch points at a report that its held-back warnings would have printed).
+MODEL_LOAD_REPORT = {"output_loading_info": True, "ignore_mismatched_sizes": True}
+
+
 def load_pretrained(auto_class, what: str, path, trust_remote_code: bool = False, **kwargs):
     """`from_pretrained` for a CLI: the folder is checked first, transformers' warnings are held back
     while it loads, and any failure (refused remote code, invalid hyper-parameters, truncated
-    weights) becomes one LoadError line, "could not load the {what} from {path}: ..."."""
+    weights) becomes one LoadError line, "could not load the {what} from {path}: ...".
+
+    A model must find exactly its weights in the folder (`check_weights_match`): transformers only
+    warns about missing or unused weights, and leaves a missing one as it was allocated."""
     check_model_folder(path)
+    is_model = hasattr(auto_class, "_model_mapping")  # the Auto*Model* classes; not AutoConfig/AutoTokenizer
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a failed load should read as one line, not a page of warnings
     try:
-        return from_pretrained(auto_class, path, trust_remote_code, **kwargs)
+        loaded = from_pretrained(
+            auto_class, path, trust_remote_code, **kwargs, **(MODEL_LOAD_REPORT if is_model else {})
+        )
     except RemoteCodeRefused:
         raise
     except Exception as e:  # noqa: BLE001 - whatever the loader raises, the user needs one line
@@ -75,6 +87,27 @@ def load_pretrained(auto_class, what: str, path, trust_remote_code: bool = False
         raise LoadError(f"could not load the {what} from {path}: {message[:300]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    if not is_model:
+        return loaded
+    model, info = loaded
+    check_weights_match(path, info)
+    return model
+
+
+def check_weights_match(path, info: dict) -> None:
+    """LoadError naming the first few keys when from_pretrained's loading `info` reports weights the
+    model has and the folder lacks (they would hold whatever memory was allocated: NaN, 1e28),
+    weights of the wrong shape, or weights the folder has and the model does not use (config.json
+    and the weights disagree, e.g. on n_layer)."""
+    for field, what in (
+        ("missing_keys", "has no weights for"),
+        ("mismatched_keys", "has weights of the wrong shape for"),
+        ("unexpected_keys", "has weights the model does not use:"),
+    ):
+        keys = [k if isinstance(k, str) else k[0] for k in info.get(field) or []]
+        if keys:
+            shown = ", ".join(sorted(keys)[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            raise LoadError(f"{path} {what} {shown}: its weights do not match its config.json")
 
 
 def load_tokenizer(path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -7,6 +7,7 @@ would copy code into the user's HF cache from this process).
 
 import functools
 import io
+import json
 import os
 import re
 import shutil
@@ -372,6 +373,42 @@ def test_unloadable_checkpoint_gives_one_line_and_exit_2(ours, env, tmp_path):
     assert err.startswith(f"generate.py: error: could not load the model from {broken}"), err
     assert "model.safetensors" in err  # says what is missing
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("damage", ["filter weights removed", "n_layer lowered", "n_layer raised", "shape changed"])
+def test_weights_that_do_not_match_the_config_are_refused_naming_them(ours, tmp_path, capsys, damage):
+    """transformers only warns when a folder lacks weights its model has (they keep whatever memory
+    was allocated: NaN or 1e28, found by hand giving perplexity 39,280 and exit 0) or has weights
+    the model does not use (config.json's n_layer lowered: half the model ran, silently). The CLIs'
+    loader (hf/loading.py, shared by generate.py, evaluate_lm.py and distill.py) refuses both, and
+    a weight of another shape, in one line naming the keys."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(ours[1], folder)
+    config, weights = folder / "config.json", folder / "model.safetensors"
+    state = load_file(weights)
+    settings = json.loads(config.read_text())
+    if damage == "filter weights removed":
+        for name in ("a", "b", "h0"):
+            del state[f"model.layers.2.mixer.filter.{name}"]
+        expect = "has no weights for model.layers.2.mixer.filter.a, model.layers.2.mixer.filter.b, "
+    elif damage == "n_layer lowered":
+        settings["n_layer"] = 2
+        expect = "has weights the model does not use: model.layers.2."
+    elif damage == "n_layer raised":
+        settings["n_layer"] = 4
+        expect = "has no weights for model.layers.3."
+    else:
+        state["model.layers.0.mixer.filter.h0"] = torch.zeros(3)
+        expect = "has weights of the wrong shape for model.layers.0.mixer.filter.h0"
+    save_file(state, weights, metadata={"format": "pt"})
+    config.write_text(json.dumps(settings))
+    gen = load_script("generate.py")
+    assert gen.main([str(folder), "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    assert err.startswith(f"generate.py: error: {folder} {expect}"), err
 
 
 def test_a_tokenizer_larger_than_the_model_is_one_error_line(tokenizer_file, tmp_path, capsys):

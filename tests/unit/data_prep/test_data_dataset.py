@@ -55,6 +55,24 @@ def test_clear_errors(prepared, tmp_path):
         PackedDataset(prepared, "val", n)
 
 
+def test_a_tokenizer_other_than_the_recorded_one_is_refused(prepared, tmp_path):
+    """tokenizer.json replaced after preparation (another tokenizer of the same size, or one edited
+    by hand) trained and exported a model whose tokenizer read its tokens as other text: the file's
+    SHA-256 must be the manifest's."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    tok = copy / "tokenizer.json"
+    text = tok.read_text()
+    assert '"doc"' in text
+    tok.write_text(text.replace('"doc"', '"DOC"', 1))  # one vocabulary entry renamed: same size
+    with pytest.raises(ValueError, match=r"tokenizer.json is not the tokenizer manifest.json records"):
+        PackedDataset(copy, "train", 8)
+    shutil.copy(prepared / "tokenizer.json", tok)
+    assert PackedDataset(copy, "train", 8).num_samples > 0
+
+
 def test_permutation_is_a_bijection():
     for n in (1, 2, 3, 7, 100, 1000, 4097):
         p = permute(np.arange(n), n, seed=5, epoch=0)
