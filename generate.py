@@ -228,7 +228,11 @@ def decode_ids(model, tokenizer, ids, mask, args, on_token=None, decoder=None):
                         "decoded token by token"
                     )
                 last = out.logits[:, -1]
-            scores = procs(ids, last.float())
+            # The processors see each row's own tokens: a left pad (often the end-of-text id) would
+            # count as a token the row produced, and the repetition penalty would then hit it in a
+            # batch and not for the same prompt alone. Pads read as the row's newest token, which the
+            # row holds anyway.
+            scores = procs(torch.where(mask.bool(), ids, ids[:, -1:]), last.float())
             if args.temperature > 0:
                 tok = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
             else:

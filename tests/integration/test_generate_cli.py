@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.helpers import load_script, tiny_config, train_tiny_tokenizer
+from support.helpers import assert_greedy, load_script, tiny_config, train_tiny_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from data_prep.tokenizer import hf_tokenizer
@@ -234,6 +234,22 @@ def test_greedy_loop_matches_generate_on_padded_batch(ours, tokenizer, args_for)
     assert stats["rows"] == 3
     assert stats["steps"] == tokens.shape[1]
     assert stats["ttft"] > 0
+
+
+def test_repetition_penalty_gives_a_row_in_a_batch_what_its_prompt_alone_gets(ours, tokenizer, args_for):
+    """Left pads (id 0, which is also end-of-text here) once counted as tokens of their row, so the
+    penalty lowered end-of-text in padded rows only and a prompt's text depended on its batch. Each
+    row must be greedy under the penalty for its own prompt, unpadded (assert_greedy), up to and
+    including its end-of-text."""
+    model, _ = ours
+    args = args_for("--temperature", 0, "--max-new-tokens", 30, "--repetition-penalty", 1.8)
+    tokens, _ = gen.decode_batch(model, tokenizer, PROMPTS, args)
+    lengths = {len(tokenizer(p)["input_ids"]) for p in PROMPTS}
+    assert len(lengths) > 1  # the batch is padded
+    for prompt, row in zip(PROMPTS, tokens.tolist()):
+        ids = tokenizer(prompt)["input_ids"]
+        end = row.index(0) + 1 if 0 in row else len(row)
+        assert_greedy(model, torch.tensor([ids + row[:end]]), len(ids), penalty=1.8)
 
 
 def test_output_streams_token_by_token(ours, tokenizer, args_for, monkeypatch, capsys):
