@@ -17,9 +17,10 @@ token_perplexity = exp(target NLL / target tokens).
 
 Exit status: 0 done; 2 bad arguments, model, data or --output (one line `evaluate_lm.py: error: ...`
 naming the file); 130 interrupted (Ctrl-C), also one line. --output is checked before the evaluation
-runs: not a folder, in a writable folder, and apart from every input (not the model folder or a data
-file, not inside one: realpath compared); it is written whole or not at all, and a failed write (full
-disk, read-only folder) is one line naming it after the results are printed.
+runs: not a folder, in a writable folder, apart from every input (not the model folder or a data file,
+not inside one: realpath compared), and either absent or an earlier report of this program (its
+"kind" field; anything else is replaced only with --overwrite); it is written whole or not at all,
+and a failed write (full disk, read-only folder) is one line naming it after the results are printed.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ from evaluation.scoring import (
 )
 from hf.loading import LoadError, check_model_folder, load_tokenizer
 from models.precision import DTYPES
-from utils.atomic import NotReplaceableError, check_apart, write_text
+from utils.atomic import NotReplaceableError, check_apart, is_json_report, write_text
 from utils.cli import OneLineParser, UsageError
 from utils.logs import error_exit
 
@@ -78,6 +79,9 @@ def positive_int(text):
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
+
+
+REPORT_KIND = "Hyena-RTF evaluate_lm report"  # the stamp in every --output file (check_output)
 
 
 def build_parser():
@@ -114,6 +118,9 @@ def build_parser():
     )
     p.add_argument("--max-tokens", type=positive_int, help="score at most about this many tokens per --data input")
     p.add_argument("--output", type=Path, help="write the results as JSON here (default: print only)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="let --output replace a file that is not an earlier evaluation report"
+    )
     return p
 
 
@@ -151,6 +158,7 @@ def evaluate(args):
 
     model = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
     results = {
+        "kind": REPORT_KIND,
         "model": str(args.model),
         "model_type": getattr(config, "model_type", None),
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -206,15 +214,20 @@ def format_table(results):
     return "\n".join(lines)
 
 
-def check_output(path: Path | None, inputs=()) -> None:
+def check_output(path: Path | None, inputs=(), overwrite: bool = False) -> None:
     """EvalError unless --output can be written, checked before the (long) evaluation runs: not a
-    folder, in a writable folder, and none of `inputs` (the model folder and the data files), nor
+    folder, in a writable folder, none of `inputs` (the model folder and the data files), nor
     inside one of them (writing it would replace a file of the model or data, or be read back as
-    data next time)."""
+    data next time), and not a file this program did not write, unless `overwrite`."""
     if path is None:
         return
     if path.is_dir():
         raise EvalError(f"--output {path} is a folder; name the JSON file to write")
+    if (path.exists() or path.is_symlink()) and not overwrite and not is_json_report(path, REPORT_KIND):
+        raise EvalError(
+            f"--output {path} exists and is not an evaluate_lm.py report; pass --overwrite to replace it, "
+            "or choose another path"
+        )
     parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), None)
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise EvalError(f"--output {path}: {parent or path.parent} is not a writable folder")
@@ -227,7 +240,7 @@ def check_output(path: Path | None, inputs=()) -> None:
 def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
-        check_output(args.output, [args.model, *args.data, *([args.lambada] if args.lambada else [])])
+        check_output(args.output, [args.model, *args.data, *([args.lambada] if args.lambada else [])], args.overwrite)
         results = evaluate(args)
     except (UsageError, EvalError, LoadError) as error:
         return error_exit("evaluate_lm.py", error)

@@ -88,7 +88,7 @@ from models.hf_compat import cache_kwargs, output_cache
 from models.modeling_hyena_rtf import HyenaRTFForCausalLM
 from models.precision import FILTER_MODULE, is_filter_param
 from models.rtf import fft_length
-from utils.atomic import write_bytes, write_text
+from utils.atomic import is_json_report, write_bytes, write_text
 from utils.logs import ROOT, get_logger
 
 log = get_logger("distill")
@@ -229,10 +229,7 @@ def earlier_report_files(out: Path) -> tuple[str, ...]:
 
 
 def is_report(path: Path) -> bool:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("kind") == REPORT_KIND
-    except (OSError, ValueError, AttributeError):
-        return False
+    return is_json_report(path, REPORT_KIND)
 
 
 def check_data(opts: Options, tokenizer, config) -> tuple[dict, int, int]:

@@ -187,6 +187,17 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 # ----------------------------------------------------------------------------- the stamp
 
 
+def is_json_report(path: str | os.PathLike, kind: str) -> bool:
+    """Whether the file `path` is a JSON report a program of this project wrote: an object whose
+    "kind" field is `kind` (the stamp a report carries in itself). Anything else at that path (a
+    user's file, another program's report) is not ours to replace without --overwrite."""
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and report.get("kind") == kind
+
+
 def read_stamp(folder: str | os.PathLike, kind: str | None = None) -> dict | None:
     """The stamp of ``folder`` (a real folder, not a link to one, holding a valid ``OWNER``
     file of the kind ``kind`` when given), else None. Valid: a JSON object of our format with

@@ -744,3 +744,28 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_evaluation(tmp_p
     assert ev.main([str(tmp_path), "--data", str(tmp_path), "--output", str(tmp_path / "results")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a folder" in err[0]
+
+
+def test_output_replaces_its_own_report_and_nothing_else_without_overwrite(tmp_path, monkeypatch, capsys):
+    """--output once replaced whatever file it named. A file that is not an earlier report of this
+    program (its "kind" stamp) is refused before the evaluation, kept byte for byte, and replaced
+    only with --overwrite; an earlier report is replaced without it."""
+    results = {"kind": ev.REPORT_KIND, "data": []}
+    ran = []
+    monkeypatch.setattr(ev, "evaluate", lambda args: ran.append(1) or results)
+    monkeypatch.setattr(ev, "format_table", lambda results: "table")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    out = tmp_path / "mine.json"
+    for content in (b"important\n", b'{"kind": "another program"}'):
+        out.write_bytes(content)
+        args = [str(tmp_path / "model"), "--data", str(tmp_path / "d.txt"), "--output", str(out)]
+        assert ev.main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"evaluate_lm.py: error: --output {out} exists and is not an evaluate_lm.py report")
+        assert "--overwrite" in err and "\n" not in err
+        assert out.read_bytes() == content and not ran
+    assert ev.main([*args, "--overwrite"]) == 0
+    assert json.loads(out.read_text()) == results and len(ran) == 1
+    assert ev.main(args) == 0  # its own report: replaced without --overwrite
+    assert len(ran) == 2
