@@ -36,6 +36,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import PreTrainedModel
 
 from data_prep.tokenizer import hf_tokenizer
@@ -155,6 +156,8 @@ def save_hf_checkpoint(
         raise
     except OSError as e:  # full disk, read-only folder, a file removed meanwhile: the old export is intact
         raise output_error(e, out, "the export") from e
+    except SafetensorError as e:  # the weights' writer reports the same I/O errors as its own type
+        raise output_error(OSError(" ".join(str(e).split())), out, "the export") from e
     return out
 
 

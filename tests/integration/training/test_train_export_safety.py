@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
-from support.train_utils import TINY, error_line, torch_threads
+from support.train_utils import REPO, TINY, error_line, torch_threads
 
 import train
 from training.config import load_config
@@ -173,6 +173,40 @@ def test_a_full_disk_during_train_py_export_is_one_line_and_keeps_the_earlier_ex
     assert "Traceback" not in err, err  # (transformers' own progress bar may come before the line)
     last = err.splitlines()[-1]
     assert last == f"train.py: error: cannot write the export {hf}: No space left on device", err
+    assert snapshot(tmp_path) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
+
+
+def test_a_real_write_failure_of_the_weights_is_one_line_and_keeps_the_earlier_export(trained_run, tmp_path):
+    """The weights themselves failing to write, for real: the export runs in a process whose files
+    may not grow past 100 kB (RLIMIT_FSIZE, SIGXFSZ ignored, so write() fails with EFBIG as it would
+    with ENOSPC on a full disk). safetensors reports that as its own SafetensorError, not an
+    OSError, which was a traceback (exit 1); now one line naming the folder, exit 2, and the earlier
+    export is still there, file for file."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    _, out = trained_run
+    hf = tmp_path / "hf"
+    limit = 100_000
+    command = [sys.executable, "train.py", "export", str(out), str(hf)]
+    assert subprocess.run(command, cwd=REPO, capture_output=True).returncode == 0
+    before = snapshot(tmp_path)
+    sizes = {f.name: f.stat().st_size for f in hf.iterdir()}
+    assert sizes.pop("model.safetensors") > limit > max(sizes.values())  # the limit cuts the weights alone
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, preexec_fn=small_files)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"train.py: error: cannot write the export {hf}: "), last
+    assert "File too large" in last, last
     assert snapshot(tmp_path) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
 
