@@ -161,9 +161,30 @@ class HyenaRTFConfig(PreTrainedConfig):
             raise ValueError(
                 f"multi_hyena_heads ({self.multi_hyena_heads}) must be >= 1 and divide d_model ({self.d_model})"
             )
-        for name in ("vocab_size", "d_model", "n_layer", "l_max", "state_size", "short_conv_width"):
+        for name in (
+            "vocab_size",
+            "pad_vocab_size_multiple",
+            "d_model",
+            "n_layer",
+            "l_max",
+            "state_size",
+            "short_conv_width",
+            "implicit_order",
+            "n_head",
+            "mlp_ratio",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        filters = self.multi_hyena_heads or self.filter_heads or self.d_model  # long filters per layer
+        if self.num_a is not None and (self.num_a < 1 or filters % self.num_a):
+            raise ValueError(f"num_a ({self.num_a}) must be >= 1 and divide the {filters} filters of a layer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.initializer_range < 0 or self.layer_norm_eps <= 0:
+            raise ValueError(
+                f"initializer_range must be >= 0 and layer_norm_eps > 0, got {self.initializer_range} "
+                f"and {self.layer_norm_eps}"
+            )
 
 
 def choice_fields(config_cls: type) -> dict[str, tuple]:

@@ -519,6 +519,17 @@ def check_values(cfg: DictConfig) -> None:
     }.items():
         if v < 0:
             raise ConfigError(f"invalid value for '{key}': {v} (must be >= 0)")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= cfg.optim[key] < 1.0:
+            raise ConfigError(f"invalid value for 'optim.{key}': {cfg.optim[key]} (must be in [0, 1))")
+    if cfg.optim.eps <= 0:
+        raise ConfigError(f"invalid value for 'optim.eps': {cfg.optim.eps} (must be > 0)")
+    for key, v in {
+        "schedule.decay_steps": cfg.schedule.decay_steps,
+        "logging.unigram_max_train_samples": cfg.logging.unigram_max_train_samples,
+    }.items():
+        if v is not None and v < 1:
+            raise ConfigError(f"invalid value for '{key}': {v} (must be >= 1, or null for the default)")
     if not 0.0 <= cfg.schedule.min_lr_ratio <= 1.0:
         raise ConfigError(f"invalid value for 'schedule.min_lr_ratio': {cfg.schedule.min_lr_ratio} (must be in [0, 1])")
     if not 0 <= t.seed < 2**32:

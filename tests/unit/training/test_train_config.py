@@ -221,6 +221,18 @@ def test_vocab_mismatch_and_short_l_max_are_errors():
         (["model.state_size=300"], ["invalid model configuration", "every RTF order must be in [1, l_max=256)"]),
         (["model.d_model=30", "model.attn_layers=[0]"], ["invalid model configuration", "n_head"]),
         (["model.state_size=300", "model.l_max=512"], ["data.seq_len=256 must be greater than model.state_size=300"]),
+        # Out of range: each was a traceback from deep in the model or the optimizer (exit 1, the code
+        # of a diverged run) after the run folder had been created, or silently accepted.
+        (["model.dropout=5"], ["dropout must be in [0, 1), got 5.0"]),
+        (["model.initializer_range=-1"], ["initializer_range must be >= 0"]),
+        (["model.pad_vocab_size_multiple=0"], ["pad_vocab_size_multiple must be >= 1, got 0"]),
+        (["model.num_a=5"], ["num_a (5) must be >= 1 and divide the 768 filters of a layer"]),
+        (["model.mlp_ratio=0"], ["mlp_ratio must be >= 1, got 0"]),
+        (["optim.beta1=2"], ["'optim.beta1': 2.0 (must be in [0, 1))"]),
+        (["optim.beta2=1.0"], ["'optim.beta2': 1.0 (must be in [0, 1))"]),
+        (["optim.eps=0"], ["'optim.eps': 0.0 (must be > 0)"]),
+        (["schedule.decay_steps=0"], ["'schedule.decay_steps': 0 (must be >= 1, or null"]),
+        (["logging.unigram_max_train_samples=-3"], ["'logging.unigram_max_train_samples': -3"]),
     ],
 )
 def test_model_section_choices_and_rules_fail_at_load_naming_the_key(overrides, expected):
