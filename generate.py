@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -104,6 +105,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.repetition_penalty <= 0:
         raise UsageError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
     try:
         check_model_folder(args.checkpoint)
     except LoadError as e:
@@ -112,14 +115,21 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         prompts = [args.prompt]
         if not args.prompt.strip():
             raise UsageError("--prompt is empty")
+        try:  # the shell hands over bytes that are not UTF-8 as lone surrogates, which no tokenizer takes
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UsageError(f"--prompt is not UTF-8 text ({e.reason} at character {e.start})") from None
     else:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise UsageError(f"prompt file not found: {path}")
         try:
-            prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first prompt
         except UnicodeDecodeError as e:
             raise UsageError(f"prompt file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        # One prompt per line: split at line feeds only (CRLF included), never at the other characters
+        # str.splitlines() treats as line ends (form feed, U+2028, ...), which source code and text hold.
+        prompts = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
         if not prompts:
             raise UsageError(f"prompt file {path} has no non-empty line")
     return args, prompts
@@ -326,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         return error_exit("generate.py", e)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`generate.py ... | head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141
     return 0
 
 

@@ -352,7 +352,39 @@ def bad_cases(ckpt: Path, tmp: Path):
         ([ckpt, "--prompt", "hi", "--temperature", "inf"], "--temperature must be a finite number"),
         ([ckpt, "--prompt", "hi", "--top-p", "nan"], "--top-p must be a finite number"),
         ([ckpt, "--prompt", "hi", "--repetition-penalty", "inf"], "--repetition-penalty must be a finite number"),
+        ([ckpt, "--prompt", "abc\udcff"], "--prompt is not UTF-8 text"),  # what a shell's byte 0xff becomes
+        ([ckpt, "--prompt", "hi", "--seed", str(10**20)], "--seed must be in [0, 2**63)"),
+        ([ckpt, "--prompt", "hi", "--seed", "-1"], "--seed must be in [0, 2**63)"),
     ]
+
+
+def test_a_prompt_file_holds_one_prompt_per_line_feed(ours, tmp_path):
+    """Lines end at a line feed (CRLF too) and nowhere else: str.splitlines() also split at form
+    feed, U+2028 and other characters that text and source code hold, making one prompt several.
+    A UTF-8 byte-order mark is not part of the first prompt."""
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("\ufeffimport os\r\na = 'x\u2028y'\nb = 1\x0cc = 2\n\n  \nlast".encode())
+    _, prompts = gen.parse_args([str(ours[1]), "--prompt-file", str(path)])
+    assert prompts == ["import os", "a = 'x\u2028y'", "b = 1\x0cc = 2", "last"]
+
+
+@pytest.mark.slow  # a command's exit status: the same under every transformers release
+def test_a_reader_that_goes_away_ends_the_command_quietly(ours, env):
+    """`generate.py ... | head -c 20`: the pipe closes while tokens still stream; that was a
+    BrokenPipeError traceback. Now no output on stderr but the timings, exit status 141 (as a
+    shell reports a process ended by SIGPIPE)."""
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(ours[1]), "--prompt", "hi", "--max-new-tokens", "400", "--temperature", "0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
+    assert proc.stdout.read(2) == b"hi"
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=240) == 141, err
+    assert "Traceback" not in err and "Error" not in err, err
 
 
 def test_bad_arguments_give_one_line_and_exit_2(ours, tmp_path, capsys, monkeypatch):
