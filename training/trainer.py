@@ -131,17 +131,26 @@ class Trainer:
         except KeyboardInterrupt as e:
             return self.interrupted(getattr(e, "signum", signal.SIGINT))
 
+    def rerun(self, change: str = "") -> str:
+        """How to go on from the checkpoint just saved (`change`: what else the command must drop).
+        The same command does only when it resumes from the run folder's latest
+        (checkpoint.resume=auto): with resume=PATH it would branch off PATH again, setting aside
+        what this run saved; with resume=none it would start over."""
+        resume = self.cfg.checkpoint.resume
+        changes = [c for c in (change, "" if resume == "auto" else f"with checkpoint.resume=auto (not {resume})") if c]
+        return f"rerun {' and '.join(changes)} to resume" if changes else "rerun the same command to resume"
+
     def interrupted(self, signum: int) -> dict:
         """One log line on what was interrupted and what a rerun resumes from; the summary with
         `signal` set, so that train.py exits 128 + signum (130 for SIGINT, 143 for SIGTERM)."""
         sig = signal.Signals(signum)
         last = self.last_ckpt or self.resume_from
-        resume = f"rerun the same command to resume from {last}" if last else "nothing was saved"
+        resume = f"{self.rerun()} from {last}" if last else "nothing was saved"
         if self.saving is not None:
             step, path = self.saving["step"], os.path.join(self.ckpt_root, ckpt.step_dir_name(self.saving["step"]))
             stamp = ckpt.read_stamp(path) if self.main else None
             if stamp is not None and stamp["checkpoint_id"] == self.saving["checkpoint_id"]:  # it got published
-                resume = f"rerun the same command to resume from {path}"
+                resume = f"{self.rerun()} from {path}"
                 what = "it was complete"
             else:
                 what = "that checkpoint is incomplete and is removed at the next start"
@@ -373,7 +382,7 @@ class Trainer:
             self.last_ckpt = self.save(step)
         if stop_now:
             self.stop_signal = sig = signal.SIGTERM if got_term > 0 else signal.SIGINT
-            log.info(f"stopped by {sig.name}: checkpoint saved at step {step}; rerun the same command to resume")
+            log.info(f"stopped by {sig.name}: checkpoint saved at step {step}; {self.rerun()}")
         return stop_now
 
     def evaluate(self, step: int) -> float:
@@ -437,7 +446,10 @@ class Trainer:
                 summary["export_dir"] = export_dir
                 self.engine.barrier()
         elif self.stop_signal is None:
-            log.info(f"stopped after step {step} as configured (train.stop_after_steps); rerun without it to resume")
+            log.info(
+                f"stopped after step {step} as configured (train.stop_after_steps); "
+                f"{self.rerun('without train.stop_after_steps')}"
+            )
         summary["wall_s"] = time.time() - self.t_start
         log.info(f"done in {summary['wall_s']:.1f}s")
         self.metrics.close()

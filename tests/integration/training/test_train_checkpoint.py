@@ -159,3 +159,25 @@ def test_resume_refuses_data_prepared_again_with_another_tokenizer_of_the_same_s
     assert "the tokenizer file differs" in err
     assert "train split tokens" in err
     assert train.main(args(corpus, run_copy, "train.stop_after_steps=5")) == 0  # the original data still resumes
+
+
+def test_the_advice_after_a_stop_resumes_a_run_that_branched_off_a_path(corpus, stopped_run, tmp_path, caplog):
+    """A run started from checkpoint.resume=PATH and stopped (here by train.stop_after_steps) once
+    said "rerun without it to resume": the same command then branched off PATH again, set the new
+    checkpoint aside and trained its steps again. The advice now names checkpoint.resume=auto, and
+    following it resumes where the run stopped."""
+    branch = tmp_path / "branch"
+    base = args(corpus, branch, f"checkpoint.resume={step_dir(stopped_run, 4)}", "checkpoint.every=2")
+    with caplog.at_level("INFO"):
+        assert train.main([*base, "train.stop_after_steps=6"]) == 0
+    advice = [r.getMessage() for r in caplog.records if "stopped after step 6" in r.getMessage()]
+    assert len(advice) == 1, advice
+    assert (
+        f"rerun without train.stop_after_steps and with checkpoint.resume=auto (not {step_dir(stopped_run, 4)})"
+        in advice[0]
+    )
+    caplog.clear()
+    with caplog.at_level("INFO"):  # as advised
+        assert train.main([*base[:-2], "checkpoint.every=2", "checkpoint.resume=auto", "train.max_steps=8"]) == 0
+    assert any("resumed from" in r.getMessage() and "step_00000006" in r.getMessage() for r in caplog.records)
+    assert not [p for p in (branch / "checkpoints").iterdir() if ".abandoned" in p.name]
