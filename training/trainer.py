@@ -196,6 +196,11 @@ class Trainer:
         # checkpoints, which every rank must find in the same folder.
         check_shared_out_dir(cfg.train.out_dir, self.engine)
         self.ckpt_root = os.path.join(cfg.train.out_dir, ckpt.CHECKPOINTS)
+        if os.path.lexists(self.ckpt_root) and not os.path.isdir(self.ckpt_root):  # found now, not at the first save
+            raise ckpt.CheckpointError(
+                f"{self.ckpt_root} is not a folder, so no checkpoint could be saved; move it away or choose "
+                "another train.out_dir"
+            )
         if self.main:  # the run's own leftovers only: stamped staging and trash folders
             ckpt.cleanup_partial(self.ckpt_root, self.run_id)
         log.info(self._banner())

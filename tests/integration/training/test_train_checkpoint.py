@@ -181,3 +181,19 @@ def test_the_advice_after_a_stop_resumes_a_run_that_branched_off_a_path(corpus, 
         assert train.main([*base[:-2], "checkpoint.every=2", "checkpoint.resume=auto", "train.max_steps=8"]) == 0
     assert any("resumed from" in r.getMessage() and "step_00000006" in r.getMessage() for r in caplog.records)
     assert not [p for p in (branch / "checkpoints").iterdir() if ".abandoned" in p.name]
+
+
+def test_a_checkpoints_path_that_is_a_file_is_refused_before_training(corpus, run_copy, capsys):
+    """A file where the run folder's checkpoints folder belongs let every step train and failed at
+    the first save (with checkpoint.every=500, 500 steps lost): now one line before the first step,
+    and the file is kept."""
+    import shutil
+
+    shutil.rmtree(run_copy / "checkpoints")
+    (run_copy / "checkpoints").write_text("mine")
+    metrics = (run_copy / "metrics.jsonl").read_bytes()
+    assert train.main(args(corpus, run_copy, "train.max_steps=6")) == 2
+    err = one_error_line(capsys)
+    assert f"{run_copy / 'checkpoints'} is not a folder, so no checkpoint could be saved" in err, err
+    assert (run_copy / "checkpoints").read_text() == "mine"
+    assert (run_copy / "metrics.jsonl").read_bytes() == metrics  # not one step trained
