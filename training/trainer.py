@@ -65,7 +65,7 @@ from training.optim import lr_factor, set_lr
 from training.preemption import StopRequest
 from training.resume import check_resume, data_fingerprint, find_resume
 from training.runlock import RunLock, claim_run_dir
-from utils.atomic import NotReplaceableError, write_text
+from utils.atomic import OVERWRITE_HINT, NotReplaceableError, write_text
 from utils.logs import ROOT, get_logger, setup_logging
 
 log = get_logger("train")
@@ -482,8 +482,9 @@ def run(cfg: DictConfig) -> dict:
     if cfg.checkpoint.export_at_end:  # a bad export folder must fail now, not after the last step
         try:
             check_run_export_dir(cfg)
-        except NotReplaceableError as e:
-            raise ConfigError(f"checkpoint.export_dir: {e}") from None
+        except NotReplaceableError as e:  # train.py takes no --overwrite: the choice is another folder
+            reason = str(e).replace(OVERWRITE_HINT, "move it away, or set checkpoint.export_dir to another folder")
+            raise ConfigError(f"checkpoint.export_dir: {reason}") from None
     if env.rank != 0:
         return Trainer(cfg, env, t_start).run()
     lock = RunLock(out_dir)

@@ -56,7 +56,7 @@ SUFFIX = ".partial"
 # The stamp file of every folder replace_dir builds (see the module docstring).
 OWNER = ".hyena-rtf-output.json"
 OWNER_FORMAT = "hyena-rtf-output/1"
-_OVERWRITE_HINT = "pass --overwrite to replace it with everything in it, or choose another output path"
+OVERWRITE_HINT = "pass --overwrite to replace it with everything in it, or choose another output path"
 
 
 class NotReplaceableError(FileExistsError):
@@ -282,13 +282,15 @@ def check_replaceable(
         return
     stamp = read_stamp(os.path.realpath(target), kind)
     if stamp is None:
+        other = read_stamp(os.path.realpath(target))
+        what = f"it is a {other['kind']}" if other else f"no stamp {OWNER} of one"
         raise NotReplaceableError(
-            f"{target} is not empty ({_shown(names)}) and is not a {kind} (no stamp {OWNER} of one); {_OVERWRITE_HINT}"
+            f"{target} is not empty ({_shown(names)}) and is not a {kind} ({what}); {OVERWRITE_HINT}"
         )
     foreign = [n for n in names if n != OWNER and n not in also_owned and not _listed(stamp, target / n)]
     if foreign:
         raise NotReplaceableError(
-            f"{target} is a {kind} but also holds files it did not write ({_shown(foreign)}); {_OVERWRITE_HINT}"
+            f"{target} is a {kind} but also holds files it did not write ({_shown(foreign)}); {OVERWRITE_HINT}"
         )
 
 

@@ -238,3 +238,25 @@ def test_ctrl_c_or_a_checkpoint_pruned_during_train_py_export_is_one_line(
     got, err = export(capsys, out, hf)
     assert (got, err) == (code, "train.py: error: " + message.format(hf=hf, run=out))
     assert snapshot(tmp_path) == before
+
+
+def test_a_refused_export_dir_names_what_is_there_and_no_flag_train_py_lacks(trained_run, tmp_path, capsys):
+    """checkpoint.export_dir naming a prepared dataset: the refusal said the folder had no stamp
+    while listing the stamp among its files, and advised --overwrite, which train.py does not take.
+    It now says which kind of output the folder is, and how to go on."""
+    corpus, _ = trained_run
+    out = tmp_path / "run"
+    code = train.main(
+        [
+            *TINY,
+            f"data.dir={corpus}",
+            f"train.out_dir={out}",
+            "checkpoint.export_at_end=true",
+            f"checkpoint.export_dir={corpus}",
+        ]
+    )
+    assert code == 2
+    err = error_line(capsys.readouterr().err)
+    assert err.startswith(f"train.py: error: checkpoint.export_dir: {corpus} is not empty"), err
+    assert "(it is a " in err and "no stamp" not in err, err
+    assert "--overwrite" not in err and "set checkpoint.export_dir to another folder" in err, err
