@@ -135,10 +135,11 @@ class PackedDataset:
         self._ds = IndexedDataset(self.prefix, expected=self._split, manifest=mpath)
         self.num_tokens = self._ds.num_tokens
         if self.num_tokens < self.seq_len + 1:
+            larger = ", or a larger val_fraction" if split == "val" else ""
             raise ValueError(
                 f"{self.data_dir} split {split!r} has {self.num_tokens} tokens, fewer "
                 f"than the seq_len + 1 = {self.seq_len + 1} of one sample (use more "
-                f"data, a shorter seq_len, or a larger val_fraction for 'val')"
+                f"data, a shorter seq_len{larger})"
             )
         self.num_samples = (self.num_tokens - 1) // self.seq_len
 

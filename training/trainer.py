@@ -36,6 +36,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data_prep.dataset import PackedDataset
+from data_prep.layout import MANIFEST
 from export.from_training import check_run_export_dir, export_checkpoint, run_export_dir
 from training import checkpoint as ckpt
 from training import metrics as metrics_clock
@@ -485,6 +486,10 @@ def run(cfg: DictConfig) -> dict:
         except NotReplaceableError as e:  # train.py takes no --overwrite: the choice is another folder
             reason = str(e).replace(OVERWRITE_HINT, "move it away, or set checkpoint.export_dir to another folder")
             raise ConfigError(f"checkpoint.export_dir: {reason}") from None
+    # Data not prepared: refused before the run folder is made (open_split raises the one-line
+    # DataError for a missing folder or manifest; prepared data is opened and checked in setup).
+    if not os.path.isfile(os.path.join(cfg.data.dir, MANIFEST)):
+        open_split(cfg.data.dir, "train", cfg.data.seq_len)
     if env.rank != 0:
         return Trainer(cfg, env, t_start).run()
     lock = RunLock(out_dir)

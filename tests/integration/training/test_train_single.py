@@ -185,7 +185,13 @@ def test_data_errors_are_clear(corpus, tmp_path, capsys):
     assert "model.vocab_size=1000 disagrees with the data's tokenizer, which has 512 tokens" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert train.main([*TINY, f"data.dir={tmp_path / 'empty'}", f"train.out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json" in err
+    assert err.count("data_prep.prepare") == 1, err  # the advice once
+    # Data not prepared is refused before the run folder is made (a refusal touches nothing).
+    assert train.main([*TINY, f"data.dir={tmp_path / 'empty'}", f"train.out_dir={tmp_path / 'new_run'}"]) == 2
     assert "manifest.json" in capsys.readouterr().err
+    assert not (tmp_path / "new_run").exists()
 
 
 def test_export_loads_with_automodel_and_generates(reference, tmp_path):
