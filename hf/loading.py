@@ -110,6 +110,10 @@ def check_weights_match(path, info: dict) -> None:
             raise LoadError(f"{path} {what} {shown}: its weights do not match its config.json")
 
 
+# The files a Hugging Face tokenizer keeps its vocabulary in (fast, sentencepiece, BPE, WordPiece, tiktoken).
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "tekken.json")
+
+
 def load_tokenizer(path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The folder's tokenizer through AutoTokenizer; a folder that holds only a tokenizer.json
     (no tokenizer_config.json, or a model type AutoTokenizer does not know) gets the fast tokenizer
@@ -121,6 +125,9 @@ def load_tokenizer(path, trust_remote_code: bool = False) -> PreTrainedTokenizer
     except LoadError:
         tokenizer_json = Path(path) / "tokenizer.json"
         if not tokenizer_json.is_file():
+            if not any((Path(path) / name).is_file() for name in VOCABULARY_FILES):
+                # transformers' own message would ask for sentencepiece or tiktoken
+                raise LoadError(f"{path} has no tokenizer: no tokenizer.json (nor another vocabulary file)") from None
             raise
         try:
             return hf_tokenizer(tokenizer_json)

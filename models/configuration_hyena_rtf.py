@@ -143,6 +143,23 @@ class HyenaRTFConfig(PreTrainedConfig):
 
     def check(self) -> None:
         """Raise ValueError naming the first inconsistent hyper-parameter."""
+        for name in (  # first: the rules below compute with them
+            "vocab_size",
+            "pad_vocab_size_multiple",
+            "d_model",
+            "n_layer",
+            "l_max",
+            "state_size",
+            "short_conv_width",
+            "implicit_order",
+            "n_head",
+            "mlp_ratio",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")  # config.json: "128", 16.5
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         for name, choices in choice_fields(type(self)).items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
@@ -161,20 +178,6 @@ class HyenaRTFConfig(PreTrainedConfig):
             raise ValueError(
                 f"multi_hyena_heads ({self.multi_hyena_heads}) must be >= 1 and divide d_model ({self.d_model})"
             )
-        for name in (
-            "vocab_size",
-            "pad_vocab_size_multiple",
-            "d_model",
-            "n_layer",
-            "l_max",
-            "state_size",
-            "short_conv_width",
-            "implicit_order",
-            "n_head",
-            "mlp_ratio",
-        ):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         filters = self.multi_hyena_heads or self.filter_heads or self.d_model  # long filters per layer
         if self.num_a is not None and (self.num_a < 1 or filters % self.num_a):
             raise ValueError(f"num_a ({self.num_a}) must be >= 1 and divide the {filters} filters of a layer")

@@ -459,6 +459,28 @@ def test_weights_that_do_not_match_the_config_are_refused_naming_them(ours, tmp_
     assert err.startswith(f"generate.py: error: {folder} {expect}"), err
 
 
+@pytest.mark.parametrize("damage", ["no tokenizer.json", "d_model a string", "state_size a fraction"])
+def test_a_folder_without_a_tokenizer_or_with_a_mistyped_config_says_what_is_wrong(ours, tmp_path, capsys, damage):
+    """A missing tokenizer.json read as "install sentencepiece or tiktoken"; "d_model": "128" in
+    config.json as a failed tensor allocation naming no key."""
+    folder = tmp_path / "damaged"
+    shutil.copytree(ours[1], folder)
+    settings = json.loads((folder / "config.json").read_text())
+    if damage == "no tokenizer.json":
+        (folder / "tokenizer.json").unlink()
+        expect = f"{folder} has no tokenizer: no tokenizer.json"
+    elif damage == "d_model a string":
+        settings["d_model"] = str(settings["d_model"])
+        expect = f"d_model must be an integer, got '{settings['d_model']}'"
+    else:
+        settings["state_size"] += 0.5
+        expect = f"state_size must be an integer, got {settings['state_size']}"
+    (folder / "config.json").write_text(json.dumps(settings))
+    assert load_script("generate.py").main([str(folder), "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and expect in err, err
+
+
 def test_a_tokenizer_larger_than_the_model_is_one_error_line(tokenizer_file, tmp_path, capsys):
     """A checkpoint whose tokenizer has more tokens than its model was an IndexError traceback."""
     model = HyenaRTFForCausalLM(tiny_config(vocab_size=40)).eval()
