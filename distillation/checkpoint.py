@@ -210,7 +210,7 @@ def check_target(opts: Options) -> None:
     checkpoint being read. An explicit --report file that exists must be an earlier report."""
     if opts.out.resolve() == opts.checkpoint.resolve():
         raise DistillError(f"{opts.out} is the checkpoint being distilled; choose another output folder")
-    check_export_target(opts.out, opts.overwrite, also_owned=earlier_report_files(opts.out))
+    check_export_target(opts.out, opts.overwrite, also_owned=earlier_report_files(opts))
     if opts.report is None or opts.overwrite:
         return
     for path in (opts.report_path, opts.plot_path):
@@ -223,9 +223,15 @@ def check_target(opts: Options) -> None:
         )
 
 
-def earlier_report_files(out: Path) -> tuple[str, ...]:
-    """The names of an earlier run's default report and plot in `out` (none unless its report is one)."""
-    return (REPORT_NAME, PLOT_NAME) if is_report(out / REPORT_NAME) else ()
+def earlier_report_files(opts: Options) -> tuple[str, ...]:
+    """The names of an earlier run's report and plot inside the output folder: the default pair,
+    and the --report pair when that path lies in the folder (each pair only if its report is one)."""
+    out = opts.out.resolve()
+    names: list[str] = []
+    for report in dict.fromkeys((opts.out / REPORT_NAME, opts.report_path)):
+        if report.parent.resolve() == out and is_report(report):
+            names += [report.name, report.with_suffix(Path(PLOT_NAME).suffix).name]
+    return tuple(dict.fromkeys(names))
 
 
 def is_report(path: Path) -> bool:
@@ -654,7 +660,7 @@ def write_outputs(opts: Options, distilled: HyenaRTFForCausalLM, report: dict) -
         opts.out,
         saved_dtype(opts.checkpoint),
         opts.overwrite,
-        also_owned=earlier_report_files(opts.out),  # an earlier run's report goes with its folder
+        also_owned=earlier_report_files(opts),  # an earlier run's report goes with its folder
     )
     opts.report_path.parent.mkdir(parents=True, exist_ok=True)
     write_text(opts.report_path, json.dumps(report, indent=2) + "\n")

@@ -385,3 +385,18 @@ def test_the_command_exits_2_with_one_line(bad_sources, tmp_path):
     assert done.stderr.strip().splitlines()[-1].startswith("distill.py: error: --order 0 is out of range")
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rerun_with_its_report_inside_the_output_folder_replaces_both(bad_sources, tmp_path, capsys):
+    """--report naming a file inside the output folder: the rerun was refused because the folder
+    "holds files it did not write" (the report and plot the first run wrote there)."""
+    out = tmp_path / "out"
+    for _ in range(2):
+        assert (
+            run(bad_sources["good"], out, "--order", 4, "--steps", 0, "--no-polish", "--report", out / "mine.json") == 0
+        )
+        assert json.loads((out / "mine.json").read_text())["kind"] == "Hyena-RTF distillation report"
+        assert (out / "mine.png").is_file() and (out / "config.json").is_file()
+    (out / "notes.txt").write_text("a user's file")  # anything else still keeps the folder
+    assert run(bad_sources["good"], out, "--order", 4, "--steps", 0, "--report", out / "mine.json") == 2
+    assert "notes.txt" in capsys.readouterr().err
