@@ -1,14 +1,16 @@
-"""Distil the long filters of a Hyena-RTF checkpoint into low-order RTFs (Laughing Hyena).
+"""Distil the long filters of a Hyena-RTF checkpoint into small recurrences (Laughing Hyena): modal
+(poles and residues, the default) or RTF (`--form rtf`) filters of a low order.
 
     python distill.py CKPT OUT --order 16
     python distill.py CKPT OUT --tolerance 1e-3 --data ../shared/data/wikitext2_raw_test.raw --max-documents 64
 
 CKPT is a Hyena-RTF Hugging Face folder (from train.py's export or save_hf_checkpoint) with implicit
 filters, or RTF filters of a higher order; Hyena and MultiHyena mixers alike. Each layer's distinct
-long filters are fitted by an RTF of order --order, or of the smallest order whose Hankel
+long filters are fitted by a system of order --order, or of the smallest order whose Hankel
 singular-value tail is below --tolerance (at most --max-order); OUT receives a checkpoint with the
-same weights except those filters, config filter="rtf" with the order of each layer in
-`state_sizes`, loading like any other (no trust_remote_code) and decoding in O(1) per token.
+same weights except those filters, config filter="modal" (or "rtf") with the order of each layer in
+`state_sizes`, loading like any other (no trust_remote_code) and decoding in O(1) per token. A
+checkpoint whose cached decoding fails the recurrent check is not written (exit 2) unless --force.
 
 Also written: a JSON report (default OUT/distill_report.json, or --report PATH) with, per layer,
 the relative error of the fitted filters (mean / max over filters), the Hankel singular-value tail

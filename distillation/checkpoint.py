@@ -1,6 +1,7 @@
 """Laughing Hyena distillation of a checkpoint folder: a Hyena-RTF Hugging Face checkpoint in (implicit
 filters, or RTF filters of a higher order; Hyena or MultiHyena mixers), a model whose every long
-filter is a low-order RTF out, with a report of what was lost. distill.py is the command line.
+filter is a low-order modal system (or RTF, `form="rtf"`) out, with a report of what was lost.
+distill.py is the command line.
 
 What it does, in order; nothing is written before every check has passed:
 
@@ -9,21 +10,22 @@ What it does, in order; nothing is written before every check has passed:
    reads the evaluation data, before loading the model.
 2. Finds the long filter of every mixer (the attribute models/precision.FILTER_MODULE of each
    Hyena or MultiHyena operator) and refuses non-finite weights or taps.
-3. Fits an RTF to the distinct filters of each layer (distillation/fit.py: `filter_bank_taps` gives
-   the l_max taps the layer trains and scores with, `distill_filters` fits them, at `order` or at
-   the smallest order whose Hankel singular-value tail is below `tolerance`).
-4. Builds the distilled model: the same config but filter="rtf", rtf_constraint="none",
-   rtf_kernel_dtype="float64", recurrent_dtype="float64",
+3. Fits the distinct filters of each layer (distillation/fit.py: `filter_bank_taps` gives the
+   l_max taps the layer trains and scores with; `distill_modal` fits poles and residues,
+   `distill_filters` RTF coefficients; at `order` or at the smallest order whose Hankel
+   singular-value tail is below `tolerance`).
+4. Builds the distilled model (`distilled_config`): the same config but filter="modal" (or "rtf",
+   then rtf_constraint="none" and rtf_kernel_dtype="float64"),
    num_a=None and state_sizes = the fitted order per layer (attention layers get the largest
    order as a placeholder, and state_size is that largest order); filter_heads and
    multi_hyena_heads stay, so each new filter bank has as many distinct filters as the old one.
-   Every non-filter weight is copied, every new RTF gets its fit (`load_fit`), and a fit whose
-   float32 coefficients (what the checkpoint stores) have a pole on or outside the unit circle is
-   refused.
+   Every non-filter weight is copied, every new filter gets its fit (`load_into`), and a fit whose
+   stored float32 parameters have a pole on or outside the unit circle is refused.
 5. Checks that the distilled model's recurrent decoding gives its parallel logits (relative
-   RECURRENT_RTOL) and, with data, scores both models on the same windows (evaluation/scoring.py):
-   perplexity, bits per byte, and KL(original || distilled) of the next-token distributions.
-6. Writes the checkpoint with hf/export.save_hf_checkpoint (its replace rules), then the JSON
+   RECURRENT_RTOL; a failure writes nothing unless `force`) and, with data, scores both models on
+   the same windows (evaluation/scoring.py): perplexity, bits per byte, and KL(original ||
+   distilled) of the next-token distributions.
+6. Writes the checkpoint with export/folder.save_hf_checkpoint (its replace rules), then the JSON
    report and the PNG plot, each atomically.
 
 Error against order (the report's `hankel_tail_by_order` and the plot, `plot_report`): per layer,
@@ -364,7 +366,7 @@ def distilled_config(config: HyenaRTFConfig, orders: dict[int, int], form: str =
 
 
 def build_distilled(model: HyenaRTFForCausalLM, fits: list[LayerFit]) -> HyenaRTFForCausalLM:
-    """The distilled model: `model`'s non-filter weights and generation config, the fits' RTFs."""
+    """The distilled model: `model`'s non-filter weights and generation config, the fits' filters."""
     form = "modal" if isinstance(fits[0].fit, ModalFit) else "rtf"
     config = distilled_config(model.config, {f.layer: f.fit.order for f in fits}, form)
     device = next(model.parameters()).device
