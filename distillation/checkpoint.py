@@ -551,8 +551,8 @@ def plot_report(report: dict) -> bytes:
 
 def saved_dtype(checkpoint: Path) -> torch.dtype | None:
     """The half precision the checkpoint's non-filter weights are stored in (the distilled model
-    keeps it), None for float32. Read from the weight files' headers: config.json's "dtype" is
-    what the model was in when saved, float32 for a half-precision save_hf_checkpoint export."""
+    keeps it), None for float32. Read from the weight files' headers, which cannot disagree with
+    the weights (a folder saved by other code may carry any "dtype" in its config.json)."""
     for path in sorted(checkpoint.glob("*.safetensors")):
         with safe_open(path, "pt") as weights:
             for key in weights.keys():

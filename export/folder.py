@@ -145,8 +145,12 @@ def save_hf_checkpoint(
             with replace_dir(out, EXPORT_KIND) as staging:
                 if dtype is not None and dtype != torch.float32:
                     state = {k: (v if is_filter_param(k) else v.to(dtype)) for k, v in model.state_dict().items()}
-                    config.dtype = str(dtype).removeprefix("torch.")
                     model.save_pretrained(staging, state_dict=state)
+                    # save_pretrained writes the dtype of the model in memory (float32); the folder's
+                    # weights are `dtype`, which from_pretrained(dtype="auto") should load them in.
+                    saved = json.loads((staging / "config.json").read_text(encoding="utf-8"))
+                    saved["dtype"] = str(dtype).removeprefix("torch.")
+                    (staging / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
                 else:
                     model.save_pretrained(staging)
                 if tok is not None:

@@ -8,6 +8,8 @@ module's class (RTF, ImplicitFilter), never by the parameter names the rule itse
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -85,6 +87,11 @@ def test_half_export_and_from_pretrained_keep_filters_float32(kind, tmp_path):
     for name, p in loaded.named_parameters():
         if name in filters:  # kept bit for bit, not rounded through bfloat16
             assert torch.equal(p, model.get_parameter(name)), name
+    # config.json says what the weights are (it said float32, the model's dtype in memory), so
+    # dtype="auto" loads them as stored instead of doubling them to float32.
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    auto = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    assert_filters_float32_rest(torch.bfloat16, {n: p.dtype for n, p in auto.named_parameters()}, filters)
 
 
 @pytest.mark.parametrize("kind", ["rtf", "implicit"])
