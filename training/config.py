@@ -353,6 +353,12 @@ def _valid_keys(schema: DictConfig, dotted: str) -> str:
 def _merge(base: DictConfig, other: DictConfig, source: str, schema: DictConfig) -> DictConfig:
     """OmegaConf.merge with its exceptions turned into ConfigErrors naming key and source."""
     try:
+        unset = sorted(OmegaConf.missing_keys(other))
+    except OmegaConfBaseException:
+        unset = []  # a malformed layer: merging it below names what is wrong
+    if unset:  # OmegaConf's "???" (a value still to give) would leave the layer below in place, silently
+        raise ConfigError(f"{source}: '{unset[0]}' is '???', which gives no value; give one, or leave the key out")
+    try:
         return OmegaConf.merge(base, other)
     except ConfigKeyError as e:
         key = e.full_key or str(e)

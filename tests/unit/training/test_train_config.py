@@ -147,6 +147,7 @@ def test_a_preset_on_the_command_line_sizes_the_model_over_the_yaml_file(tmp_pat
         (["train.zero_stage=3"], ["'train.zero_stage'"]),
         (["train.micro_batch_size=0"], ["'train.micro_batch_size'", ">= 1"]),
         (["optim.lr"], ["not of the form"]),
+        (["train.out_dir=???"], ["'train.out_dir' is '???', which gives no value"]),  # was dropped silently
     ],
 )
 def test_config_errors_name_the_key(overrides, expected):
