@@ -268,6 +268,12 @@ class Trainer:
         """Steps up to train.stop_after_steps / train.max_steps, or to the step a signal arrived in."""
         cfg = self.cfg
         stop_at = min(cfg.train.max_steps, cfg.train.stop_after_steps or cfg.train.max_steps)
+        if self.counters.step >= stop_at and self.main:  # a rerun with a smaller max_steps, say: not silent
+            log.warning(
+                f"the run is already at step {self.counters.step}, not below step {stop_at} "
+                "(train.max_steps / train.stop_after_steps): nothing to train; the checkpoint of step "
+                f"{self.counters.step} stays the latest"
+            )
         stopper = StopRequest()
         stopper.install()
         bar = None

@@ -197,3 +197,11 @@ def test_a_checkpoints_path_that_is_a_file_is_refused_before_training(corpus, ru
     assert f"{run_copy / 'checkpoints'} is not a folder, so no checkpoint could be saved" in err, err
     assert (run_copy / "checkpoints").read_text() == "mine"
     assert (run_copy / "metrics.jsonl").read_bytes() == metrics  # not one step trained
+
+
+def test_a_rerun_with_fewer_steps_than_done_says_there_is_nothing_to_train(corpus, run_copy, caplog):
+    """Rerunning a run stopped at step 4 with train.max_steps=3 trained nothing and said nothing."""
+    with caplog.at_level("WARNING"):
+        assert train.main(args(corpus, run_copy, "train.max_steps=3")) == 0
+    said = [r.getMessage() for r in caplog.records if "nothing to train" in r.getMessage()]
+    assert len(said) == 1 and "already at step 4, not below step 3" in said[0], said
