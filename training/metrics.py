@@ -16,7 +16,7 @@ dip in every window that holds one.
 `loss` is the mean over the steps of its logging window (the step's own loss when
 logging.log_every = 1); Python's float repr round-trips, so losses read back are bit-exact.
 On resume the file is cut back to the resumed step, so an interrupted-and-resumed run leaves the
-same file as an uninterrupted one.
+same file as an uninterrupted one; the records cut are kept in metrics.set_aside.jsonl.
 """
 
 from __future__ import annotations
@@ -142,11 +142,19 @@ class MetricsLogger:
                 ) from e
             self.tb = SummaryWriter(tensorboard_dir)
 
+    @property
+    def set_aside_path(self) -> str:
+        """Where records cut from the file are kept (`truncate_after`): metrics.set_aside.jsonl."""
+        return self.path.removesuffix(".jsonl") + ".set_aside.jsonl"
+
     def truncate_after(self, step: int) -> None:
-        """Drop records of steps > `step` (left by a run interrupted after its last checkpoint)."""
+        """Cut records of steps > `step` from the file: steps a run interrupted after its last
+        checkpoint will train again, or the steps of the line a run branching off an older
+        checkpoint leaves (checkpoint.resume=PATH; that line's checkpoints are kept too). Nothing is
+        lost: the cut records are appended to `set_aside_path` first."""
         if not self.enabled:
             return
-        kept = []
+        kept, cut = [], []
         if os.path.isfile(self.path):
             with open(self.path) as f:
                 for line in f:
@@ -154,8 +162,13 @@ class MetricsLogger:
                         rec = json.loads(line)
                     except json.JSONDecodeError:  # a line cut by a kill
                         continue
-                    if rec.get("step", 0) <= step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
+                    line = line if line.endswith("\n") else line + "\n"
+                    (kept if rec.get("step", 0) <= step else cut).append(line)
+        if cut:
+            with open(self.set_aside_path, "a") as f:
+                f.write("".join(cut))
+                f.flush()
+                os.fsync(f.fileno())
         write_text(self.path, "".join(kept))
 
     def log(self, record: dict) -> None:

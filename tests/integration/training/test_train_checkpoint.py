@@ -205,3 +205,16 @@ def test_a_rerun_with_fewer_steps_than_done_says_there_is_nothing_to_train(corpu
         assert train.main(args(corpus, run_copy, "train.max_steps=3")) == 0
     said = [r.getMessage() for r in caplog.records if "nothing to train" in r.getMessage()]
     assert len(said) == 1 and "already at step 4, not below step 3" in said[0], said
+
+
+def test_branching_off_an_older_checkpoint_sets_the_cut_metrics_aside(corpus, run_copy):
+    """checkpoint.resume=PATH to step 2 of a run at step 4 cuts metrics.jsonl back to step 2 (the
+    new line's records follow); the cut records of steps 3-4, the old line's, were lost. They
+    are kept in metrics.set_aside.jsonl, byte for byte."""
+    lines = (run_copy / "metrics.jsonl").read_text().splitlines(keepends=True)
+    later = [line for line in lines if json.loads(line)["step"] > 2]
+    assert later, lines
+    resume = f"checkpoint.resume={step_dir(run_copy, 2)}"
+    assert train.main(args(corpus, run_copy, resume, "train.max_steps=3", "checkpoint.every=2")) == 0
+    assert (run_copy / "metrics.set_aside.jsonl").read_text() == "".join(later)
+    assert max(json.loads(line)["step"] for line in (run_copy / "metrics.jsonl").read_text().splitlines()) == 3
