@@ -82,6 +82,21 @@ def positive_int(text):
 
 
 REPORT_KIND = "Hyena-RTF evaluate_lm report"  # the stamp in every --output file (check_output)
+# The fields of a report written before the stamp existed: a rerun of the main job (scripts/main.sh)
+# replaces its own earlier runs/default/eval.json.
+UNSTAMPED_REPORT_KEYS = {"model", "model_type", "parameters", "versions", "settings", "data", "seconds"}
+
+
+def is_report(path: Path) -> bool:
+    """Whether `path` holds a report of this program, known by its content: the stamp, or every
+    field of a report from before the stamp and no other."""
+    if is_json_report(path, REPORT_KIND):
+        return True
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and set(report) - {"total", "lambada"} == UNSTAMPED_REPORT_KEYS
 
 
 def build_parser():
@@ -223,7 +238,7 @@ def check_output(path: Path | None, inputs=(), overwrite: bool = False) -> None:
         return
     if path.is_dir():
         raise EvalError(f"--output {path} is a folder; name the JSON file to write")
-    if (path.exists() or path.is_symlink()) and not overwrite and not is_json_report(path, REPORT_KIND):
+    if (path.exists() or path.is_symlink()) and not overwrite and not is_report(path):
         raise EvalError(
             f"--output {path} exists and is not an evaluate_lm.py report; pass --overwrite to replace it, "
             "or choose another path"

@@ -769,3 +769,10 @@ def test_output_replaces_its_own_report_and_nothing_else_without_overwrite(tmp_p
     assert json.loads(out.read_text()) == results and len(ran) == 1
     assert ev.main(args) == 0  # its own report: replaced without --overwrite
     assert len(ran) == 2
+    # A report from before the stamp (a rerun of scripts/main.sh finds runs/default/eval.json), known
+    # by having exactly its fields, is ours too.
+    fields = ("model", "model_type", "parameters", "versions", "settings", "data", "seconds")
+    out.write_text(json.dumps(dict.fromkeys(fields, 0)))
+    assert ev.main(args) == 0 and len(ran) == 3
+    out.write_text(json.dumps(dict.fromkeys((*fields, "notes"), 0)))  # anything more: a user's file
+    assert ev.main(args) == 2 and len(ran) == 3
