@@ -10,11 +10,14 @@ Hyena-RTF checkpoint is served.
                  - vLLM maps the architecture "HyenaRTFForCausalLM" (config.json's) to
                    serving/vllm_model.py, and
                  - checks the checkpoint when vLLM checks its configuration (`ServingConfig`):
-                   refusals are one line before any engine process starts, and the per-request
-                   state is sized as for vLLM's own state-space models.
+                   a refusal is logged as one line and raised before any engine process starts
+                   (vLLM then prints its configuration traceback, the reason at its end), and the
+                   per-request state is sized as for vLLM's own state-space models.
 """
 
 from __future__ import annotations
+
+import logging
 
 from models import HyenaRTFConfig  # importing it registers the config with transformers' AutoConfig
 
@@ -22,6 +25,14 @@ from .servable import refusal
 
 ARCHITECTURE = "HyenaRTFForCausalLM"
 MODEL_CLASS = "serving.vllm_model:HyenaRTFForCausalLM"
+log = logging.getLogger("vllm.plugins.hyena_rtf")  # under vLLM's logger: its format and level
+
+
+def refuse(reason: str) -> None:
+    """Log the refusal as one line of its own (vLLM wraps the error in its configuration
+    validation's traceback), then raise it."""
+    log.error("cannot serve this checkpoint: %s", reason)
+    raise ValueError(reason)
 
 
 def register() -> None:
@@ -49,7 +60,7 @@ def serving_config():
         def verify_and_update_model_config(model_config) -> None:
             reason = refusal(model_config.hf_config)
             if reason:
-                raise ValueError(reason)
+                refuse(reason)
 
         @classmethod
         def verify_and_update_config(cls, vllm_config) -> None:
@@ -58,7 +69,7 @@ def serving_config():
                 vllm_config.model_config.hf_config, parallel.tensor_parallel_size, parallel.pipeline_parallel_size
             )
             if reason:
-                raise ValueError(reason)
+                refuse(reason)
             super().verify_and_update_config(vllm_config)
 
     return ServingConfig

@@ -337,11 +337,19 @@ def test_hybrid_and_multihyena_checkpoints_give_generates_tokens(checkpoints, ki
     del llm
 
 
-def test_implicit_filter_checkpoint_is_refused_with_one_line(checkpoints):
+def test_implicit_filter_checkpoint_is_refused_with_one_line(checkpoints, monkeypatch):
+    """Refused before any engine starts. vLLM wraps the error in its configuration validation's
+    traceback; the plugin logs the reason first as one line of its own, which is what a user reads."""
+    from serving import vllm_plugin
+
+    logged = []
+    monkeypatch.setattr(vllm_plugin.log, "error", lambda fmt, *args: logged.append(fmt % args))
     with pytest.raises(ValueError) as caught:
         vllm.LLM(model=str(checkpoints["implicit"]), **ENGINE)
     line = next(line for line in str(caught.value).splitlines() if "implicit long filters" in line)
     assert "distill.py" in line
+    assert len(logged) == 1 and "\n" not in logged[0], logged
+    assert logged[0].startswith("cannot serve this checkpoint: this Hyena-RTF checkpoint has implicit long filters")
 
 
 def free_port() -> int:
