@@ -1,6 +1,13 @@
-"""Which Hyena-RTF checkpoints vLLM can serve, decided from config.json alone (no vLLM import)."""
+"""Which Hyena-RTF checkpoints vLLM can serve, decided from config.json alone (no vLLM import), and the
+plugin's logger."""
 
 from __future__ import annotations
+
+import logging
+
+# Under vLLM's logger, whose handler and level vLLM sets up (VLLM_LOGGING_LEVEL): a logger of our own
+# name would have no handler in a vLLM process, and its INFO lines would be dropped.
+log = logging.getLogger("vllm.plugins.hyena_rtf")
 
 
 def refusal(config, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> str | None:

@@ -17,7 +17,6 @@ What is refused, in one line, when vLLM checks the configuration: serving/servab
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 
 import torch
@@ -31,11 +30,8 @@ from vllm.sequence import IntermediateTensors
 
 from .host_memory import retain_freed_memory
 from .hyena_mixer import HyenaMixer, state_dtype, state_shapes
+from .servable import log as logger
 from .servable import refusal
-
-# Under vLLM's logger, whose handler and level vLLM sets up (VLLM_LOGGING_LEVEL): a logger of our own
-# name would have no handler in a vLLM process, and its INFO lines would be dropped.
-logger = logging.getLogger("vllm.plugins.hyena_rtf")
 
 
 class AttentionMixer(nn.Module):

@@ -17,15 +17,12 @@ Hyena-RTF checkpoint is served.
 
 from __future__ import annotations
 
-import logging
-
 from models import HyenaRTFConfig  # importing it registers the config with transformers' AutoConfig
 
-from .servable import refusal
+from .servable import log, refusal
 
 ARCHITECTURE = "HyenaRTFForCausalLM"
 MODEL_CLASS = "serving.vllm_model:HyenaRTFForCausalLM"
-log = logging.getLogger("vllm.plugins.hyena_rtf")  # under vLLM's logger: its format and level
 
 
 def refuse(reason: str) -> None:

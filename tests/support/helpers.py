@@ -49,6 +49,13 @@ def load_script(name: str):
 GREEDY_TIE_EPS = 200
 
 
+def penalised(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Hugging Face's repetition penalty, written out so that it is checked, not reused: the logit
+    (B, V) of a token in `seen_ids` (B, T) is divided by `penalty` when positive, multiplied when not."""
+    seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, seen_ids, True)
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
 def assert_greedy(
     model, sequences: torch.Tensor, prompt_len: int, mask: torch.Tensor | None = None, penalty: float = 1.0
 ) -> None:
@@ -59,8 +66,7 @@ def assert_greedy(
     ids keeps a test from pinning which way one machine's rounding decides a near-tie.
 
     mask: (B, prompt_len) attention mask of the prompts (left padding), grown with ones.
-    penalty: Hugging Face's repetition penalty, written out here so that it is checked, not reused:
-    the logit of a token already in the sequence is divided by it when positive, multiplied when not.
+    penalty: Hugging Face's repetition penalty (`penalised`), on the tokens already in the sequence.
     """
     B, T = sequences.shape
     if mask is not None:
@@ -70,9 +76,7 @@ def assert_greedy(
     chosen = sequences[:, prompt_len:]
     if penalty != 1.0:
         for j in range(chosen.shape[1]):  # step j has seen the prompt and the first j new tokens
-            step = logits[:, j]
-            seen = torch.zeros_like(step, dtype=torch.bool).scatter_(1, sequences[:, : prompt_len + j], True)
-            logits[:, j] = torch.where(seen, torch.where(step > 0, step / penalty, step * penalty), step)
+            logits[:, j] = penalised(logits[:, j], sequences[:, : prompt_len + j], penalty)
     best, top = logits.max(-1)
     got = logits.gather(-1, chosen[..., None])[..., 0]
     eps = torch.finfo(model.dtype).eps
@@ -96,8 +100,7 @@ def naive_greedy(
         for _ in range(new):
             logits = model(ids, attention_mask=mask, use_cache=False).logits[:, -1]
             if penalty != 1.0:
-                seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids, True)
-                logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+                logits = penalised(logits, ids, penalty)
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=-1)
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
