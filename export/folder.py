@@ -137,6 +137,8 @@ def save_hf_checkpoint(
         }
     else:
         setattr(config, EXPORT_MARKER, config.model_type)
+    if isinstance(model, HyenaRTFForCausalLM):
+        model.store_recurrence()  # decoding-ready: a load skips the filters' O(n^3) conversion (models/rtf.py)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with locked(out):

@@ -49,6 +49,9 @@ class HyenaRTFConfig(PreTrainedConfig):
         rtf_kernel_dtype: precision of the kernel FFT, "float32" or "float64" (distilled models;
             see models/rtf.py).
         recurrent_dtype: dtype of the decoding state and coefficients, "float32" or "float64".
+        stored_recurrence: the checkpoint holds every RTF filter's modal form, computed when it
+            was saved (an export sets it), so that loading it skips the O(n^3) conversion
+            (models/rtf.py, "Stored form").
         short_conv_width: causal depthwise conv width before the gating.
         implicit_order, implicit_bands: width and positional bands of the implicit filter MLP.
         attn_layers: layer indices that use causal softmax attention instead of Hyena.
@@ -86,6 +89,7 @@ class HyenaRTFConfig(PreTrainedConfig):
         rtf_constraint: RTFConstraint = "l1_montel",
         rtf_kernel_dtype: DtypeName = "float32",
         recurrent_dtype: DtypeName = "float32",
+        stored_recurrence: bool = False,
         short_conv_width: int = 3,
         implicit_order: int = 64,
         implicit_bands: int = 8,
@@ -117,6 +121,7 @@ class HyenaRTFConfig(PreTrainedConfig):
         self.rtf_constraint = rtf_constraint
         self.rtf_kernel_dtype = rtf_kernel_dtype
         self.recurrent_dtype = recurrent_dtype
+        self.stored_recurrence = stored_recurrence
         self.short_conv_width = short_conv_width
         self.implicit_order = implicit_order
         self.implicit_bands = implicit_bands
@@ -160,6 +165,8 @@ class HyenaRTFConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be an integer, got {value!r}")  # config.json: "128", 16.5
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if not isinstance(self.stored_recurrence, bool):
+            raise ValueError(f"stored_recurrence must be true or false, got {self.stored_recurrence!r}")
         for name, choices in choice_fields(type(self)).items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")

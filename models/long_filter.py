@@ -24,6 +24,10 @@ A long filter maps (B, C, T) to (B, C, T) by a causal convolution whose kernel i
                               the two above as a call of the module: what the operators use, so
                               that module hooks run around every read of the parameters
                               (accelerate's offload hooks put them in place only during a call)
+    store_recurrence()        keep what building the recurrent form computed in the module's
+                              state, so that a checkpoint saved next loads without computing it
+                              again (an export calls it; only a kind whose build is costly, the
+                              RTF's O(n^3) roots, stores anything)
     own_optimizer_group       True: its parameters get their own lr and no weight decay
     from_config(config, layer_idx, channels, num_filters)   the constructor the registry calls
 
@@ -59,6 +63,9 @@ class LongFilter(Float32Parameters):
 
     def recurrence(self, dtype: torch.dtype = torch.float32, check: str = "error"):
         raise NotImplementedError
+
+    def store_recurrence(self) -> None:
+        """Nothing to store: this kind's recurrent form is cheap to build from its parameters."""
 
     def forward(self, what: str, *args):
         """self(what, *args) = self.kernel(*args) or self.recurrence(*args), inside the module's call."""

@@ -38,12 +38,13 @@ sum above is a batched matrix product and nothing is a polynomial in the coeffic
 
 `ModalFilter` keeps |lambda| = exp(-exp(w)) < 1 by construction (no constraint to enforce), the angle
 of lambda, the residues and d, all float32; its kernel, recurrence and everything above come from
-the same `ModalSystem`. docs/mathematics.md (section 6) has the derivations and why the companion
+the same `ModalSystem`. docs/mathematics.md (sections 1.3 to 1.8) has the derivations and why the companion
 form of the coefficients is not used for decoding.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -139,12 +140,20 @@ class ModalSystem:
         return ModalSystem(self.lam.detach(), self.res.detach(), self.d.detach(), dtype, self.paired)
 
     def expand(self, repeats: int) -> ModalSystem:
-        """Filter-level -> channel-level: each row serves `repeats` consecutive channels."""
+        """Filter-level -> channel-level: each row serves `repeats` consecutive channels. What
+        __post_init__ derived row by row is repeated too, not derived again for every channel."""
         if repeats == 1:
             return self
-        lam, res, d = (t.repeat_interleave(repeats, dim=0) for t in (self.lam, self.res, self.d))
-        paired = None if self.paired is None else self.paired.repeat_interleave(repeats, dim=0)
-        return ModalSystem(lam, res, d, self.dtype, paired)
+
+        def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.repeat_interleave(repeats, dim=0)
+
+        out = copy.copy(self)
+        out.lam, out.res, out.d, out.paired = (rows(t) for t in (self.lam, self.res, self.d, self.paired))
+        out.coef = tuple(rows(t) for t in self.coef)
+        if self.paired is not None:
+            out._modes = tuple(rows(t) for t in self._modes)
+        return out
 
     def modes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Poles and residues of every mode, (C, M) complex: the slots, and a paired slot's second

@@ -39,6 +39,7 @@ from .chunked_loss import linear_cross_entropy
 from .configuration_hyena_rtf import HyenaRTFConfig
 from .hf_compat import CACHE_NAME, cache_kwargs, output_cache, pick_cache
 from .hyena import HyenaOperator
+from .long_filter import LongFilter
 from .multihyena import MultiHyenaOperator
 from .precision import FILTER_MODULE
 from .static_decode import decode_steps
@@ -122,7 +123,9 @@ class HyenaRTFPreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules_strict = [FILTER_MODULE]
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """transformers' save_pretrained (so `Trainer.save_model` too), plus one rule: a folder whose
+        """transformers' save_pretrained (so `Trainer.save_model` too), plus two rules. A model whose
+        config says `stored_recurrence` stores its filters' current recurrent form first (unless a
+        `state_dict` is given: that is saved as given). A folder whose
         config.json names the model code (`auto_map`) holds that code. transformers copies the code
         only for a class registered with `register_for_auto_class`, which a model loaded by a
         process that imported the project (the Auto classes know it, no trust_remote_code) is not,
@@ -134,12 +137,24 @@ class HyenaRTFPreTrainedModel(PreTrainedModel):
         writes_code = bool(getattr(self.config, "auto_map", None)) or any(
             type(obj)._auto_class is not None for obj in (self, self.config)
         )
+        if self.config.stored_recurrence and kwargs.get("state_dict") is None:
+            self.store_recurrence()  # fine-tuned since it was loaded: the stored form follows
         if writes_code:
             self.config.auto_map = code_auto_map()
         super().save_pretrained(save_directory, *args, **kwargs)
         if writes_code and kwargs.get("is_main_process", True):
             for source in (Path(__file__), *map(Path, get_relative_import_files(__file__))):
                 shutil.copyfile(source, Path(save_directory) / source.name)
+
+    def store_recurrence(self) -> None:
+        """Store every long filter's recurrent form in the model's state (models/long_filter.py), and
+        say so in the config, so that the checkpoint saved next decodes without building it again.
+        An export calls it; `save_pretrained` refreshes it for a model whose config already says so
+        (a stored form that no longer matches its parameters is never used: models/rtf.py)."""
+        for module in self.modules():
+            if isinstance(module, LongFilter):
+                module.store_recurrence()
+        self.config.stored_recurrence = True
 
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2 init: N(0, 0.02) weights, zero biases, residual projections / sqrt(2 n_layer).

@@ -47,27 +47,35 @@ def is_filter_param(name: str) -> bool:
 
 
 class Float32Parameters(nn.Module):
-    """Base class of the filters: after any cast of the module (`.to(bfloat16)`, `.half()`, a
-    mixed-precision engine that casts whole models) its half-precision parameters are put back
-    to float32. Buffers and float64 parameters are left as the cast made them."""
+    """Base class of the filters: a cast of the module to half precision (`.to(bfloat16)`,
+    `.half()`, a mixed-precision engine that casts whole models) leaves its parameters and buffers
+    (an RTF's stored modal form) as they were, only moved to the cast's device: a filter never
+    holds a rounded number. Other casts (float64, device moves) apply as usual."""
 
     def _apply(self, fn, recurse=True):
+        # detach(): the tensor as it is now (a cast may swap a parameter's .data in place)
+        before = [(m, kind, name, t.detach()) for m in self.modules() for kind in ("_parameters", "_buffers")
+                  for name, t in getattr(m, kind).items() if t is not None]  # fmt: skip
         super()._apply(fn, recurse)
-        for p in self.parameters():
-            if p.dtype in _HALF:
-                p.data = p.data.float()
+        for module, kind, name, old in before:
+            new = getattr(module, kind)[name]
+            if new is not None and new.dtype in _HALF and old.dtype not in _HALF:
+                if kind == "_parameters":
+                    new.data = old.to(new.device)
+                else:
+                    module._buffers[name] = old.to(new.device)
         return self
 
 
 def cast_keeping_filters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast floating parameters and buffers to `dtype`, except the filters' parameters (found by
-    name, so this works for a model loaded from a checkpoint folder's own code too) and float64
-    buffers. Returns `model`."""
+    """Cast floating parameters and buffers to `dtype`, except the filters' parameters and buffers
+    (found by name, so this works for a model loaded from a checkpoint folder's own code too) and
+    float64 buffers. Returns `model`."""
     for name, p in model.named_parameters():
         if p.is_floating_point() and not is_filter_param(name):
             p.data = p.data.to(dtype)
-    for b in model.buffers():
-        if b.is_floating_point() and b.dtype != torch.float64:
+    for name, b in model.named_buffers():
+        if b.is_floating_point() and b.dtype != torch.float64 and not is_filter_param(name):
             b.data = b.data.to(dtype)
     return model
 

@@ -26,11 +26,18 @@ continues the kernel past l_max, and gives the state after any chunk in closed f
 float64 and checked tap by tap against the float64 FFT kernel; a filter whose two forms differ by
 more than the conditioning of its coefficients explains is reported by a warning that names it.
 
+Stored form (exports).  The conversion above costs O(n^3) per filter (the roots), about 0.6 s for a
+768-filter layer of order 64 on one CPU core. An export runs it once and stores its result in the
+checkpoint (`store_recurrence`, buffers `modal_form` and `modal_stamp`); a load that finds it
+stamped with the digest of exactly these parameter values uses it instead of converting again
+(`stored_conversion`). Any change of the parameters, or of the stored numbers, breaks the stamp,
+and the filter converts as it would without it.
+
 Which route `kernel(T)` takes.  When autograd would differentiate it (training), the FFT route above
 (T <= l_max only: training never runs past l_max). Otherwise the taps of the memoised modal system,
 so that the parallel forward, the chunked prefill and the token-by-token decoding of a model are one
 system, also for filters whose coefficients are too ill-conditioned for the FFT route (clustered
-poles near the unit circle: docs/mathematics.md section 6). A filter with a pole on or outside the
+poles near the unit circle: docs/mathematics.md section 1.8). A filter with a pole on or outside the
 unit circle (trained without a constraint) keeps the FFT kernel up to l_max and has no recurrence
 unless asked for with a warning.
 
@@ -40,6 +47,7 @@ the modal system in float64; the decoding state float32 or wider (models/modal.p
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -248,6 +256,45 @@ class ModalConversion:
         return self.radius < 1.0
 
 
+# Hashed into every stamp: a new layout of the stored form gets a new version, so that a form stored
+# in an older layout never matches (the filter then converts from its parameters).
+STORED_FORM_VERSION = b"hyena-rtf stored modal form 1"
+
+
+def split_float64(x: torch.Tensor) -> torch.Tensor:
+    """float64 (...) -> (3, ...) float32: the 64 bits of each number as three integers of 22, 21 and 21
+    bits (the first signed), each of which float32 holds exactly (|k| <= 2^22 < 2^24), so that a
+    float32 round trip, or a widening to float64, keeps every bit (NaN, inf, -0.0, subnormals too)."""
+    bits = x.contiguous().view(torch.int64)
+    low = (1 << 21) - 1
+    return torch.stack([bits >> 42, (bits >> 21) & low, bits & low]).float()
+
+
+def join_float64(parts: torch.Tensor) -> torch.Tensor:
+    """(3, ...) parts of split_float64 -> the float64 numbers (...), bit for bit."""
+    k = parts.to(torch.int64)
+    return (k[0] * (1 << 42) + k[1] * (1 << 21) + k[2]).view(torch.float64)
+
+
+def pack_conversion(conversion: ModalConversion, n: int) -> torch.Tensor:
+    """ModalConversion of F filters (at most n slots) -> (F, 4n + 5) float64: per filter Re lambda,
+    Im lambda, Re r, Im r (n columns each, the slots zero-padded to n), then d, radius, error, bound
+    and amplification."""
+    s = conversion.system
+    pad = (0, n - s.slots)
+    slots = [torch.nn.functional.pad(t, pad) for t in (s.lam.real, s.lam.imag, s.res.real, s.res.imag)]
+    scalars = [s.d, conversion.radius, conversion.error, conversion.bound, conversion.amplification]
+    return torch.cat([*slots, *(t[:, None] for t in scalars)], dim=-1).to(torch.float64)
+
+
+def unpack_conversion(form: torch.Tensor, n: int, slots: int) -> ModalConversion:
+    """The inverse of pack_conversion for a system of `slots` slots: form (F, 4n + 5) float64."""
+    lr, li, rr, ri = (form[:, j * n : j * n + slots] for j in range(4))
+    d, radius, error, bound, amp = form[:, 4 * n :].unbind(-1)
+    system = ModalSystem(torch.complex(lr, li), torch.complex(rr, ri), d, torch.float64)
+    return ModalConversion(system, radius, error, bound, amp)
+
+
 @torch.no_grad()
 def convert_rtf(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, fft_len: int) -> ModalConversion:
     """`rtf_modal_system`, checked tap by tap against the float64 FFT kernel. A stable filter that misses
@@ -316,6 +363,8 @@ class RTF(LongFilter):
         kernel_dtype: "float32" or "float64", the precision of the FFT route that turns (a, b, h0)
             into the training kernel (parameters stay float32 either way). Dividing by A(z) on the
             unit circle loses about log10 of its condition digits (`fft_condition`).
+        stored_form: hold the buffers of the stored modal form (module docstring): an exported
+            checkpoint's config says so (`stored_recurrence`), so that loading it fills them.
     """
 
     own_optimizer_group = True  # (a, b, h0, slack): the RTF paper's own lr, no weight decay
@@ -331,6 +380,7 @@ class RTF(LongFilter):
         constraint: str = "l1_montel",
         eps: float = 1e-4,
         kernel_dtype: str = "float32",
+        stored_form: bool = False,
     ):
         super().__init__()
         num_filters = num_filters or channels
@@ -364,6 +414,8 @@ class RTF(LongFilter):
         if init == "montel":
             with torch.no_grad():
                 self.a.mul_(0.5 / self.a.abs().sum(-1, keepdim=True).clamp_min(1e-12))
+        if stored_form:
+            self._add_stored_form()
 
     @classmethod
     def from_config(cls, config, layer_idx: int, channels: int, num_filters: int | None) -> RTF:
@@ -376,6 +428,7 @@ class RTF(LongFilter):
             init=config.rtf_init,
             constraint=config.rtf_constraint,
             kernel_dtype=config.rtf_kernel_dtype,
+            stored_form=config.stored_recurrence,
         )
         module.layer_idx = layer_idx
         return module
@@ -447,10 +500,64 @@ class RTF(LongFilter):
         parameters change."""
 
         def build() -> ModalConversion:
+            stored = self.stored_conversion()
+            if stored is not None:
+                return stored
             a = self.denominator().to(torch.float64)
             return convert_rtf(a, self.b.to(torch.float64), self.h0.to(torch.float64), self.fft_len)
 
         return self.memo("conversion", build)
+
+    # ---- the stored form (module docstring) ----------------------------------------------------
+    def _add_stored_form(self) -> None:
+        """modal_form (3, num_filters, 4n + 5) float32: `pack_conversion`'s float64 numbers, their
+        bits in three float32 integers each (`split_float64`); modal_stamp (33,) float32: the slot
+        count, then the 32 bytes of the digest (`_stored_digest`). float32 because transformers
+        loads everything in a module named `filter` as float32 when a model is loaded in half
+        precision (the precision rule, models/precision.py): an integer buffer there would be
+        rounded. All zeros: nothing stored (no digest is zero)."""
+        n, kw = self.state_size, {"dtype": torch.float32, "device": self.b.device}
+        self.register_buffer("modal_form", torch.zeros(3, self.num_filters, 4 * n + 5, **kw))
+        self.register_buffer("modal_stamp", torch.zeros(33, **kw))
+
+    def _stored_digest(self, form: torch.Tensor, slots: int) -> torch.Tensor:
+        """SHA-256 of the filter's shape and constraint, its parameter values and the stored numbers
+        `form`, all as float64 (equal values in any dtype give one digest): (32,) float32 bytes."""
+        h = hashlib.sha256(STORED_FORM_VERSION)
+        shape = (self.num_filters, self.num_a, self.state_size, self.fft_len, self.constraint, self.eps, slots)
+        h.update(repr(shape).encode())
+        for name, t in (*sorted(self.named_parameters()), ("modal_form", form)):
+            h.update(name.encode())
+            h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+        return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8).float()
+
+    @torch.no_grad()
+    def store_recurrence(self) -> None:
+        """Write the modal conversion of the current parameters into the stored form (adding its
+        buffers if the module has none): what an export does before saving."""
+        if "modal_form" not in self._buffers:
+            self._add_stored_form()
+        conversion = self.conversion()
+        form = split_float64(pack_conversion(conversion, self.state_size))
+        slots = conversion.system.slots
+        self.modal_form.copy_(form)
+        self.modal_stamp.copy_(torch.cat([torch.tensor([float(slots)]), self._stored_digest(form, slots)]))
+
+    @torch.no_grad()
+    def stored_conversion(self) -> ModalConversion | None:
+        """The stored modal conversion if its stamp matches the current parameters and its own
+        numbers, else None (nothing stored, another model's, or parameters changed since)."""
+        stamp = self._buffers.get("modal_stamp")
+        if stamp is None or stamp.device.type == "meta":
+            return None
+        stamp = stamp.to("cpu", torch.float64)
+        slots = int(stamp[0])
+        if slots != stamp[0] or not 0 <= slots <= self.state_size:
+            return None
+        form = self.modal_form
+        if not torch.equal(stamp[1:], self._stored_digest(form, slots).double()):
+            return None
+        return unpack_conversion(join_float64(form), self.state_size, slots)
 
     def pole_radius(self) -> torch.Tensor:
         """Largest |pole| of each filter, (num_filters,), float64."""

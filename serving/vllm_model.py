@@ -156,9 +156,10 @@ class HyenaRTFForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsMambaPrefi
 
     # ---- weights ---------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy the checkpoint's tensors into the parameters of the same name (the head is tied to
-        the embedding and has none of its own), then build every filter's modal recurrence."""
-        params = dict(self.named_parameters())
+        """Copy the checkpoint's tensors into the parameters and buffers of the same name (the head
+        is tied to the embedding and has none of its own; an export's filters carry their stored
+        modal form as buffers, models/rtf.py), then build every filter's modal recurrence."""
+        params = {**dict(self.named_buffers()), **dict(self.named_parameters())}
         loaded = set()
         for name, tensor in weights:
             if name == "lm_head.weight" and name not in params:

@@ -48,8 +48,11 @@ def test_deepspeed_zero1_matches_single_process_exports_fp32_and_resumes_on_one_
     full = ckpt.load_fp32_state_dict(str(final))
     assert exported
     assert all(v.dtype == torch.float32 for v in exported.values())
-    for k, v in exported.items():
-        assert torch.equal(v, full[k]), k
+    # the weights, and besides them only the RTF filters' stored modal form (models/rtf.py)
+    stored_form = {k for k in exported if k.endswith((".modal_form", ".modal_stamp"))}
+    assert stored_form and not stored_form & full.keys()
+    for k in exported.keys() - stored_form:
+        assert torch.equal(exported[k], full[k]), k
     # Elastic resume under ZeRO 1 (ZeRO 2: as saved, and both ways, in test_train_elastic.py): steps 9 and 10
     # again, from the step-8 checkpoint of the 2 processes, on 1; same curve.
     step8 = final.parent / "step_00000008"

@@ -57,13 +57,16 @@ def assert_filters_float32_rest(dtype, named_dtypes: dict[str, torch.dtype], fil
 
 @pytest.mark.parametrize("kind", ["rtf", "implicit"])
 def test_to_half_keeps_both_filter_kinds_float32(kind):
+    """A half-precision cast leaves the filters' parameters float32 and unrounded (the same values)."""
     model = tiny(kind)
     filters = filter_param_names(model)
+    values = {n: p.detach().clone() for n, p in model.named_parameters() if n in filters}
     for dtype in (torch.bfloat16, torch.float16):
         model.to(dtype)
         assert_filters_float32_rest(dtype, {n: p.dtype for n, p in model.named_parameters()}, filters)
     model.half().float()
     assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.equal(p, values[n]) for n, p in model.named_parameters() if n in filters)
 
 
 def test_float64_filters_stay_float64():
