@@ -88,26 +88,32 @@ def _channel_chunks(C: int, per_channel: int):
 
 @dataclass
 class ModalSystem:
-    """The modal system of C channels: poles `lam` and residues `res` (C, m) complex128, feed-through
-    `d` (C,) float64, and `dtype`, the real dtype of the decode state and of the step's coefficients.
+    """The modal system of C = R g channels: R rows of poles `lam` and residues `res` (R, m)
+    complex128 and feed-through `d` (R,) float64, each row serving `group` g consecutive channels (a
+    filter shared by channels is held once: a MultiHyena head's filter serves e^2 of them), and
+    `dtype`, the real dtype of the decode state and of the step's coefficients.
 
-    lambda^t is never formed beyond the blocked powers, so every method is O(C m T) time and
-    O(CHUNK_ELEMENTS) extra memory. The float64 tensors may carry autograd history (ModalFilter's
-    kernel is differentiated through `taps`); the step's coefficients never do.
+    Inputs, outputs and states are per channel: u (B, C, T), x (B, C, 2, m). The closed forms run
+    the g channels of a row as g more batch rows against the row's poles (`_fold`), and the step
+    broadcasts each row's coefficients over its channels, so nothing is held per channel. lambda^t is
+    never formed beyond the blocked powers, so every method is O(C m T) time and O(CHUNK_ELEMENTS)
+    extra memory. The float64 tensors may carry autograd history (ModalFilter's kernel is
+    differentiated through `taps`); the step's coefficients never do.
     """
 
     lam: torch.Tensor
     res: torch.Tensor
     d: torch.Tensor
     dtype: torch.dtype = torch.float32
-    paired: torch.Tensor | None = None  # (C, m) bool: slots holding two real poles, first in each row
+    paired: torch.Tensor | None = None  # (R, m) bool: slots holding two real poles, first in each row
+    group: int = 1  # consecutive channels per row
     finite_state = True  # the state has a fixed size (the implicit filter's history does not)
     coef: tuple = field(init=False, repr=False)
 
     def __post_init__(self):
         lr, li, rr, ri = (t.detach() for t in (self.lam.real, self.lam.imag, self.res.real, self.res.imag))
         if self.paired is None:
-            # What a step reads: (C, m) real and imaginary parts of lambda and r, and d, in `dtype`.
+            # What a step reads: (R, m) real and imaginary parts of lambda and r, and d, in `dtype`.
             parts = (lr, li, rr, ri, self.d.detach())
             self.pair_columns = 0
         else:
@@ -121,11 +127,16 @@ class ModalSystem:
             )  # fmt: skip
             self.pair_columns = int(p.any(0).sum())  # paired slots come first: columns [0, k) hold them all
             self._modes = self._split_pairs()  # what every closed form reads: built once, not per chunk
-        self.coef = tuple(t.to(self.dtype).contiguous() for t in parts)
+        # (R, 1, m) and d (R, 1): broadcast over the g channels of each row by the step
+        self.coef = tuple(t.to(self.dtype).unsqueeze(1).contiguous() for t in parts)
+
+    @property
+    def rows(self) -> int:
+        return self.lam.shape[0]
 
     @property
     def channels(self) -> int:
-        return self.lam.shape[0]
+        return self.rows * self.group
 
     @property
     def slots(self) -> int:
@@ -137,26 +148,31 @@ class ModalSystem:
 
     def to(self, dtype: torch.dtype) -> ModalSystem:
         """The same system with its state and step in `dtype` (float32 or float64)."""
-        return ModalSystem(self.lam.detach(), self.res.detach(), self.d.detach(), dtype, self.paired)
+        return ModalSystem(self.lam.detach(), self.res.detach(), self.d.detach(), dtype, self.paired, self.group)
 
     def expand(self, repeats: int) -> ModalSystem:
-        """Filter-level -> channel-level: each row serves `repeats` consecutive channels. What
-        __post_init__ derived row by row is repeated too, not derived again for every channel."""
-        if repeats == 1:
-            return self
-
-        def rows(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.repeat_interleave(repeats, dim=0)
-
+        """The same system with each row serving `repeats` times as many consecutive channels (a
+        filter bank expanded to its channels): nothing is copied."""
         out = copy.copy(self)
-        out.lam, out.res, out.d, out.paired = (rows(t) for t in (self.lam, self.res, self.d, self.paired))
-        out.coef = tuple(rows(t) for t in self.coef)
-        if self.paired is not None:
-            out._modes = tuple(rows(t) for t in self._modes)
+        out.group = self.group * repeats
         return out
 
+    def _fold(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, C, ...) per channel -> (B g, R, ...): the g channels of a row as batch rows."""
+        return t.unflatten(1, (self.rows, self.group)).transpose(1, 2).flatten(0, 1)
+
+    def _unfold(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        """Inverse of `_fold`: (B g, R, ...) -> (B, C, ...)."""
+        return t.unflatten(0, (batch, self.group)).transpose(1, 2).flatten(1, 2)
+
+    def _pieces(self, batch: int, per_row: int) -> list[tuple[int, int]]:
+        """Slices of a folded batch whose rows take at most CHUNK_ELEMENTS entries each (per_row per
+        batch row), so that a row's g channels never make one block of a closed form too large."""
+        step = max(1, CHUNK_ELEMENTS // max(per_row, 1))
+        return [(b, min(batch, b + step)) for b in range(0, batch, step)]
+
     def modes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Poles and residues of every mode, (C, M) complex: the slots, and a paired slot's second
+        """Poles and residues of every mode, (R, M) complex: the slots, and a paired slot's second
         real pole in one of k extra columns (M = m + k)."""
         return (self.lam, self.res) if self.paired is None else self._modes
 
@@ -170,7 +186,7 @@ class ModalSystem:
         return split[0], split[1]
 
     def _mode_state(self, x: torch.Tensor) -> torch.Tensor:
-        """The slot state x (B, C, 2, m) as one complex state per mode, (B, C, M)."""
+        """The slot state x (B, R, 2, m) of rows as one complex state per mode, (B, R, M)."""
         x1, x2 = x[:, :, 0], x[:, :, 1]
         if self.paired is None:
             return torch.complex(x1, x2)
@@ -180,7 +196,7 @@ class ModalSystem:
         return torch.cat([first, torch.complex(second, torch.zeros_like(second))], -1)
 
     def _slot_state(self, xm: torch.Tensor) -> torch.Tensor:
-        """Inverse of `_mode_state`: (B, C, M) complex -> (B, C, 2, m) real (a real mode's state is real)."""
+        """Inverse of `_mode_state`: (B, R, M) complex -> (B, R, 2, m) real (a real mode's state is real)."""
         first = xm[..., : self.slots]
         second = first.imag
         if self.paired is not None:
@@ -198,26 +214,28 @@ class ModalSystem:
 
         y = d u + Re sum_k r_k x_k,     x_k <- lambda_k x_k + u
         """
-        u = u.to(self.dtype)
-        x1, x2 = x[:, :, 0], x[:, :, 1]
+        B, R, g, m = u.shape[0], self.rows, self.group, self.slots
+        u = u.to(self.dtype).reshape(B, R, g)  # each row's coefficients broadcast over its g channels
+        xg = x.view(B, R, g, 2, m)
+        x1, x2 = xg[:, :, :, 0], xg[:, :, :, 1]
         if self.paired is None:
             lr, li, rr, ri, d = self.coef
             y = d * u + (rr * x1 - ri * x2).sum(-1)
-            x.copy_(torch.stack((lr * x1 - li * x2 + u.unsqueeze(-1), lr * x2 + li * x1), dim=2))
-            return y, x
+            xg.copy_(torch.stack((lr * x1 - li * x2 + u.unsqueeze(-1), lr * x2 + li * x1), dim=3))
+            return y.reshape(B, R * g), x
         a11, a12, a21, a22, e2, c1, c2, d = self.coef  # the 2x2 blocks (module docstring)
         y = d * u + (c1 * x1 + c2 * x2).sum(-1)
         u = u.unsqueeze(-1)
-        x.copy_(torch.stack((a11 * x1 + a12 * x2 + u, a21 * x1 + a22 * x2 + e2 * u), dim=2))
-        return y, x
+        xg.copy_(torch.stack((a11 * x1 + a12 * x2 + u, a21 * x1 + a22 * x2 + e2 * u), dim=3))
+        return y.reshape(B, R * g), x
 
     # ---- whole chunks -------------------------------------------------------------------------
     def taps(self, T: int) -> torch.Tensor:
-        """Impulse response k_0 .. k_(T-1), (C, T) float64 (differentiable in lam, res, d)."""
+        """Impulse response k_0 .. k_(T-1) of each row, (R, T) float64 (differentiable in lam, res, d)."""
         if T <= 1:
             return self.d[:, None][:, :T]
         lam, res = self.modes()
-        tail = self._real_part_sums(lam, res.unsqueeze(0), T - 1, torch.complex128)[0]  # (C, T - 1)
+        tail = self._real_part_sums(lam, res.unsqueeze(0), T - 1, torch.complex128)[0]  # (R, T - 1)
         return torch.cat([self.d[:, None], tail], dim=-1)
 
     def response(self, x: torch.Tensor, T: int) -> torch.Tensor:
@@ -226,14 +244,30 @@ class ModalSystem:
         y_t = Re sum_k r_k lambda_k^t x_k
         """
         lam, res = self.modes()
-        coef = res.detach() * self._mode_state(x.double())
-        return self._real_part_sums(lam, coef, T, self.complex_dtype).to(self.dtype)
+        xr = self._fold(x)  # (B g, R, 2, m)
+        S, J = _blocks(T)
+        out = []
+        for b0, b1 in self._pieces(xr.shape[0], J * max(lam.shape[-1], S)):
+            coef = res.detach() * self._mode_state(xr[b0:b1].double())
+            out.append(self._real_part_sums(lam, coef, T, self.complex_dtype))
+        return self._unfold(torch.cat(out), x.shape[0]).to(self.dtype)
 
     def advance(self, u: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """The state after the inputs u (B, C, T) from x (B, C, 2, m) or zero: (B, C, 2, m), `dtype`.
 
         x_T = lambda^T x + sum_s lambda^(T-1-s) u_s
         """
+        ur = self._fold(u)  # (B g, R, T)
+        xr = None if x is None else self._fold(x)
+        S, J = _blocks(u.shape[-1] + 1)
+        out = [
+            self._advance_rows(ur[b0:b1], None if xr is None else xr[b0:b1])
+            for b0, b1 in self._pieces(ur.shape[0], J * 2 * self.modes()[0].shape[-1])
+        ]
+        return self._unfold(torch.cat(out), u.shape[0]).contiguous()
+
+    def _advance_rows(self, u: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+        """`advance` for inputs u (B, R, T) and states x (B, R, 2, m) of the rows themselves."""
         B, C, T = u.shape
         lam = self.modes()[0].detach()
         M = lam.shape[-1]
@@ -305,11 +339,11 @@ def pack_real_pairs(system: ModalSystem) -> ModalSystem:
     pos = torch.where(j < cplx.sum(-1, keepdim=True), (pairs + odd)[:, None] + j, width)
     for out, src in ((out_lam, lam), (out_res, res)):
         out.scatter_(-1, pos, src.gather(-1, cplx_first))
-    return ModalSystem(out_lam[:, :width], out_res[:, :width], system.d, system.dtype, paired[:, :width])
+    return ModalSystem(out_lam[:, :width], out_res[:, :width], system.d, system.dtype, paired[:, :width], system.group)
 
 
 def amplification(system: ModalSystem, taps: torch.Tensor) -> torch.Tensor:
-    """Per channel, how much larger the state's terms can get than the output: sum_k |r_k| / (1 - |lambda_k|)
+    """Per row, how much larger the state's terms can get than the output: sum_k |r_k| / (1 - |lambda_k|)
     (the largest |r_k x_k| for inputs bounded by 1) over the l1 norm of the taps. Rounding the state
     to eps costs about eps times this, relative to the output: (C,) float64."""
     lam, res = (t.detach() for t in system.modes())

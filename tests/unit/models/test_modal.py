@@ -145,6 +145,52 @@ def test_real_poles_packed_two_to_a_slot_run_the_same_system(T):
         assert rel(steps.numpy(), y_ref) <= ops * gain / scale + 1e-14
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_a_row_serving_several_channels_runs_each_channel(monkeypatch, packed, chunk):
+    """A system of 3 rows expanded to 4 channels each (`expand`: a filter bank's filters serving
+    consecutive channels, as MultiHyena's heads do) against the numpy recursion of the 12 channels
+    written out (each row's poles, residues and d repeated): chunk from a state, response, advance and
+    steps, with real poles packed or not, and with CHUNK_ELEMENTS cut to 64 so that a row's channels
+    are split over several pieces. Nothing per channel is held: the coefficients stay per row.
+    Tolerance as in the first test: 8 (S + J + T) eps64 times the largest term over the scale."""
+    if chunk is not None:
+        monkeypatch.setattr("models.modal.CHUNK_ELEMENTS", chunk)
+    rows = random_system(C=3, m=6, seed=21)
+    if packed:
+        lam, res = rows.lam.clone(), rows.res.clone()
+        lam[:, 3], res[:, 3] = 0.6 + 0j, res[:, 3].real + 0j
+        rows = pack_real_pairs(ModalSystem(lam, res, rows.d, torch.float64))
+        assert rows.paired is not None
+    system = rows.expand(4)
+    assert system.channels == 12 and system.rows == 3 and all(c.shape[0] == 3 for c in system.coef)
+    written_out = ModalSystem(*(t.repeat_interleave(4, dim=0) for t in (rows.lam, rows.res, rows.d)), torch.float64)
+    if packed:  # numpy runs the modes: a paired slot's two real poles as two columns
+        lam_m, res_m = (t.repeat_interleave(4, dim=0) for t in rows.modes())
+        written_out = ModalSystem(lam_m, res_m, rows.d.repeat_interleave(4), torch.float64)
+    T = 37
+    g = torch.Generator().manual_seed(5)
+    u0, u = (torch.randn(2, 12, n, generator=g, dtype=torch.float64) for n in (25, T))
+    x0 = system.advance(u0)
+    _, x0_ref = np_run(written_out, u0.numpy())
+    S, J = (blocked_powers(rows.lam, T + 26)[i].shape[k] for i, k in ((0, -1), (1, -2)))
+    ops = 8 * (S + J + T + 25) * EPS64
+    term = np.abs(written_out.res.numpy()).sum(-1).max()
+    gain = term * np.abs(u.numpy()).sum(-1).max() / (1 - written_out.lam.abs().max().item()) * 4
+    y_ref, x_ref = np_run(written_out, u.numpy(), x0_ref)
+    y, x = filter_chunk(system.taps(T).repeat_interleave(4, dim=0), system, u, x0)
+    scale = np.abs(y_ref).max()
+    assert rel(y.numpy(), y_ref) <= ops * gain / scale
+    state = x0.clone()
+    steps = torch.stack([system.step(u[..., t], state)[0] for t in range(T)], -1)
+    assert rel(steps.numpy(), y_ref) <= ops * gain / scale
+    # the final states, through what they do next (their response, no input): a paired slot's state
+    # is two real modes, so states are compared by their effect, not their layout
+    after_ref, _ = np_run(written_out, np.zeros((2, 12, 20)), x_ref)
+    for got in (x, state):
+        assert rel(system.response(got, 20).numpy(), after_ref) <= ops * gain / np.abs(after_ref).max()
+
+
 def test_the_step_runs_in_place_and_allocates_no_state():
     system = random_system(C=3, m=4, seed=0).to(torch.float32)
     x = system.init_state(2)
