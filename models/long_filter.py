@@ -29,6 +29,8 @@ A long filter maps (B, C, T) to (B, C, T) by a causal convolution whose kernel i
                               again (an export calls it; only a kind whose build is costly, the
                               RTF's O(n^3) roots, stores anything)
     own_optimizer_group       True: its parameters get their own lr and no weight decay
+    training_route()          (a context) kernel(T) is the one training differentiates, with or
+                              without gradients: the trainer's evaluations run in it
     from_config(config, layer_idx, channels, num_filters)   the constructor the registry calls
 
 The registry of kinds is models/filters.py. Adding a kind is a file with a LongFilter subclass and
@@ -37,11 +39,33 @@ one line there.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 import torch
 
 from .precision import Float32Parameters
+
+_TRAINING_ROUTE = contextvars.ContextVar("hyena_rtf_training_route", default=False)
+
+
+@contextlib.contextmanager
+def training_route() -> Iterator[None]:
+    """Inside it, a filter's kernel(T) for T up to its training length is the one training
+    differentiates, with or without gradients: what an evaluation during training measures
+    (training/engine.py). For an RTF that is the FFT kernel, so such an evaluation builds no
+    recurrent form (an O(n^3) conversion each time the weights have changed)."""
+    token = _TRAINING_ROUTE.set(True)
+    try:
+        yield
+    finally:
+        _TRAINING_ROUTE.reset(token)
+
+
+def in_training_route() -> bool:
+    """Whether `training_route()` is active here."""
+    return _TRAINING_ROUTE.get()
 
 
 class LongFilter(Float32Parameters):

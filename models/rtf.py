@@ -33,8 +33,9 @@ stamped with the digest of exactly these parameter values uses it instead of con
 (`stored_conversion`). Any change of the parameters, or of the stored numbers, breaks the stamp,
 and the filter converts as it would without it.
 
-Which route `kernel(T)` takes.  When autograd would differentiate it (training), the FFT route above
-(T <= l_max only: training never runs past l_max). Otherwise the taps of the memoised modal system,
+Which route `kernel(T)` takes.  When autograd would differentiate it (training), or inside
+`training_route()` (the trainer's evaluations), the FFT route above (T <= l_max only: training
+never runs past l_max). Otherwise the taps of the memoised modal system,
 so that the parallel forward, the chunked prefill and the token-by-token decoding of a model are one
 system, also for filters whose coefficients are too ill-conditioned for the FFT route (clustered
 poles near the unit circle: docs/mathematics.md section 1.8). A filter with a pole on or outside the
@@ -58,7 +59,7 @@ import torch
 import torch.nn as nn
 from torch.fft import irfft, rfft
 
-from .long_filter import LongFilter
+from .long_filter import LongFilter, in_training_route
 from .modal import ModalSystem, amplification, blocked_powers, pack_real_pairs, state_dtype
 from .precision import DtypeName
 
@@ -445,8 +446,9 @@ class RTF(LongFilter):
     def kernel(self, T: int) -> torch.Tensor:
         """Convolution kernel of length T, (channels, T), in float32 (float64 for float64 params).
 
-        Differentiated (training): the first T taps of the length-L' FFT kernel, T <= l_max (past
-        it, the closed-form modal system's taps, differentiable for distinct poles).
+        Differentiated (training), or inside `training_route()` (an evaluation during training):
+        the first T taps of the length-L' FFT kernel, T <= l_max (past it, the closed-form modal
+        system's taps, differentiable for distinct poles).
         Otherwise: the taps of the modal system (`recurrence`'s), at any T, so that every inference
         form of the model is one system; filters with a pole on or outside the unit circle keep the
         FFT kernel up to l_max (module docstring).
@@ -455,6 +457,9 @@ class RTF(LongFilter):
             if T <= self.l_max:
                 return self._expand(self._fft_kernel(T))
             return self._expand(self._long_kernel_with_grad(T).to(self.compute_dtype()))
+        if T <= self.l_max and in_training_route():  # an evaluation during training: training's kernel
+            with torch.no_grad():
+                return self._expand(self._fft_kernel(T))
         conversion = self.conversion()
         if T <= self.l_max and not bool(conversion.stable.all()):
             with torch.no_grad():

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from models.long_filter import training_route
 from models.modeling_hyena_rtf import HyenaRTFForCausalLM, next_token_nll
 from training.config import BatchPlan, check_deepspeed_extra
 from training.dist_env import DistEnv
@@ -219,12 +220,13 @@ class Engine:
 
     @torch.no_grad()
     def eval_sums(self, batches: list[torch.Tensor]) -> tuple[float, float]:
-        """(sum of token losses, number of tokens) over this rank's batches, summed over ranks."""
+        """(sum of token losses, number of tokens) over this rank's batches, summed over ranks, with
+        the long filters' training kernels (`training_route`: no recurrent form is built for it)."""
         was_training = self.module.training
         self.module.eval()
         total, count = 0.0, 0
         for batch in batches:
-            with self.autocast():
+            with self.autocast(), training_route():
                 s, n = lm_loss_terms(self.module, batch.to(self.device, non_blocking=True))
             total += float(s)
             count += n
