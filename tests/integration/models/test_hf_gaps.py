@@ -66,9 +66,11 @@ LOAD_CHILD = NO_PROJECT + textwrap.dedent(r"""
     ids = torch.tensor(json.loads(sys.argv[1]))
     for folder in sys.argv[2:]:
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        filters = [m for m in model.modules() if hasattr(m, "stored_conversion")]
+        stored = bool(filters) and all(m.stored_conversion() is not None for m in filters)
         with torch.no_grad():
             logits = model(ids).logits
-        print(json.dumps({"module": type(model).__module__, "logits": logits.tolist()}))
+        print(json.dumps({"module": type(model).__module__, "logits": logits.tolist(), "stored": stored}))
 """)
 
 
@@ -76,7 +78,9 @@ def test_a_folder_saved_after_a_no_flag_load_holds_its_code_and_loads_in_a_fresh
     """An export loaded by a process that imported the project, then saved by save_pretrained and by
     Trainer.save_model: each folder's config.json names the code (auto_map) and the code is there,
     so a fresh process that has never seen the project loads it with trust_remote_code=True and
-    computes the logits of the original model. (Before: auto_map and no code, an error there.)"""
+    computes the logits of the original model. (Before: auto_map and no code, an error there.) Both
+    saves carry the filters' stored modal form, valid for their parameters, which the folder's own
+    copy of the code finds (no root finding at load: models/rtf.py, "Stored form")."""
     model = tiny_model(attn_layers=[1], vocab=320)
     src = save_hf_checkpoint(model, train_tiny_tokenizer(tmp_path / "tokenizer.json"), tmp_path / "export")
     saved, trained = tmp_path / "saved", tmp_path / "trained"
@@ -93,6 +97,7 @@ def test_a_folder_saved_after_a_no_flag_load_holds_its_code_and_loads_in_a_fresh
     assert len(outs) == 2
     for out in outs:
         assert out["module"].startswith("transformers_modules."), out["module"]
+        assert out["stored"] is True
         torch.testing.assert_close(torch.tensor(out["logits"]), expected, rtol=0, atol=1e-5)
 
 
