@@ -48,22 +48,30 @@ def is_filter_param(name: str) -> bool:
 
 class Float32Parameters(nn.Module):
     """Base class of the filters: a cast of the module to half precision (`.to(bfloat16)`,
-    `.half()`, a mixed-precision engine that casts whole models) leaves its parameters and buffers
-    (an RTF's stored modal form) as they were, only moved to the cast's device: a filter never
-    holds a rounded number. Other casts (float64, device moves) apply as usual."""
+    `.half()`, a mixed-precision engine that casts whole models) leaves its parameters, their
+    accumulated gradients and its buffers (an RTF's stored modal form) as they were, only moved to
+    the cast's device: a filter never holds a rounded number. Other casts (float64, device moves)
+    apply as usual."""
 
     def _apply(self, fn, recurse=True):
         # detach(): the tensor as it is now (a cast may swap a parameter's .data in place)
-        before = [(m, kind, name, t.detach()) for m in self.modules() for kind in ("_parameters", "_buffers")
+        before = [(m, kind, name, t.detach(), None if t.grad is None else t.grad.detach())
+                  for m in self.modules() for kind in ("_parameters", "_buffers")
                   for name, t in getattr(m, kind).items() if t is not None]  # fmt: skip
         super()._apply(fn, recurse)
-        for module, kind, name, old in before:
+
+        def rounded(old: torch.Tensor | None, new: torch.Tensor | None) -> bool:
+            return old is not None and new is not None and new.dtype in _HALF and old.dtype not in _HALF
+
+        for module, kind, name, old, old_grad in before:
             new = getattr(module, kind)[name]
-            if new is not None and new.dtype in _HALF and old.dtype not in _HALF:
+            if rounded(old, new):
                 if kind == "_parameters":
                     new.data = old.to(new.device)
                 else:
                     module._buffers[name] = old.to(new.device)
+            if rounded(old_grad, None if new is None else new.grad):
+                new.grad = old_grad.to(new.grad.device)  # an accumulated gradient is a filter number too
         return self
 
 

@@ -556,9 +556,10 @@ class RTF(LongFilter):
         if stamp is None or stamp.device.type == "meta":
             return None
         stamp = stamp.to("cpu", torch.float64)
-        slots = int(stamp[0])
-        if slots != stamp[0] or not 0 <= slots <= self.state_size:
+        count = float(stamp[0])  # anything at all in a damaged or never-written buffer: NaN, inf, 1e30
+        if not (math.isfinite(count) and count.is_integer() and 0 <= count <= self.state_size):
             return None
+        slots = int(count)
         form = self.modal_form
         if not torch.equal(stamp[1:], self._stored_digest(form, slots).double()):
             return None

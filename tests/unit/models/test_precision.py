@@ -69,6 +69,23 @@ def test_to_half_keeps_both_filter_kinds_float32(kind):
     assert all(torch.equal(p, values[n]) for n, p in model.named_parameters() if n in filters)
 
 
+@pytest.mark.parametrize("kind", ["rtf", "implicit"])
+def test_to_half_keeps_the_filters_accumulated_gradients(kind):
+    """Gradients accumulated before a half-precision cast stay float32 and unrounded on the filters
+    (the next backward adds to them), and are cast as usual elsewhere."""
+    model = tiny(kind).train()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    model(ids, labels=ids).loss.backward()
+    filters = filter_param_names(model)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if n in filters}
+    model.half()
+    for n, p in model.named_parameters():
+        if n in filters:
+            assert p.grad.dtype == torch.float32 and torch.equal(p.grad, grads[n]), n
+        elif p.grad is not None:
+            assert p.grad.dtype == torch.float16, n
+
+
 def test_float64_filters_stay_float64():
     model = tiny("rtf").double()
     assert all(p.dtype == torch.float64 for p in model.parameters())

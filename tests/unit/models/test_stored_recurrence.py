@@ -167,6 +167,24 @@ def test_an_altered_stored_form_is_not_used(tmp_path, root_finding, what):
     assert_greedy(loaded, loaded.generate(ids, max_new_tokens=5, do_sample=False), ids.shape[1])
 
 
+@pytest.mark.parametrize("count", [float("nan"), float("inf"), 1e30, -1.0, 1.5])
+def test_a_stamp_whose_slot_count_is_not_a_count_is_not_used(tmp_path, root_finding, count):
+    """The stamp's first number is the slot count; whatever else a damaged file (or a buffer that
+    loading left unwritten) holds there is a stamp that does not match: the filter converts, and
+    nothing raises."""
+    folder = exported(tmp_path, tiny_model(seed=9))
+    weights = load_file(folder / "model.safetensors")
+    key = next(k for k in weights if k.endswith("filter.modal_stamp"))
+    weights[key][0] = count
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    loaded = HyenaRTFForCausalLM.from_pretrained(folder).eval()
+    root_finding.clear()
+    damaged = rtf_filters(loaded)[0]
+    assert damaged.stored_conversion() is None
+    assert_same_conversion(damaged.conversion(), cold_conversion(damaged))
+    assert root_finding
+
+
 def test_a_checkpoint_without_the_stored_form_still_loads_and_converts(tmp_path, root_finding):
     """A model saved without the stored form (a checkpoint from before it, or a plain save_pretrained
     of a model built here) has neither the buffers nor the config flag: it loads with no missing or
