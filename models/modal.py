@@ -214,7 +214,11 @@ class ModalSystem:
 
         y = d u + Re sum_k r_k x_k,     x_k <- lambda_k x_k + u
         """
-        B, R, g, m = u.shape[0], self.rows, self.group, self.slots
+        # Sizes from the tensors the step reads anyway: a compiled step then takes no other input
+        # (reading self.lam's shape would make it one, once dynamo treats shapes as symbolic).
+        B, C, _, m = x.shape
+        R = self.coef[0].shape[0]
+        g = C // R
         u = u.to(self.dtype).reshape(B, R, g)  # each row's coefficients broadcast over its g channels
         xg = x.view(B, R, g, 2, m)
         x1, x2 = xg[:, :, :, 0], xg[:, :, :, 1]

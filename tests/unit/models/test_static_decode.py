@@ -186,6 +186,31 @@ def test_compiles_as_one_graph_reused_for_every_step_and_prompt(kind):
     assert [tuple(t.shape) for t in copied] == [(3,)]
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_with_symbolic_sizes_the_graph_still_reads_only_static_tensors(kind):
+    """Once dynamo has compiled the step for two models of different widths it compiles with
+    symbolic sizes (automatic dynamic shapes), and a size read from a tensor the step does not
+    otherwise touch (a pole tensor's shape, say) makes that tensor a graph input copied in at every
+    step, which a CUDA graph would replay from a stale address. In a fresh dynamo state, whatever
+    ran before in the process."""
+    torch._dynamo.reset()
+    ids, mask = batch(PROMPT)
+    for d_model in (32, 64):  # the second compile: sizes symbolic
+        model = slow_poles(tiny_model(**KINDS[kind], d_model=d_model))
+        graphs = []
+        compiled = StaticDecoder(model, compile=True, backend=counting_backend(graphs))
+        assert torch.equal(greedy_decode(model, ids, mask, 6, decoder=compiled), greedy_decode(model, ids, mask, 6))
+    assert len(graphs) == 1
+    copied = [
+        t
+        for t in graphs[0]
+        if isinstance(t, torch.Tensor)
+        and not isinstance(t, torch.nn.Parameter)
+        and not hasattr(t, "_dynamo_static_input_type")
+    ]
+    assert [t.dim() for t in copied] == [1]  # the step's token ids, (B,)
+
+
 def test_aot_eager_backend_gives_the_same_tokens():
     """AOTAutograd's functionalisation of the in-place writes (what inductor compiles from) keeps
     the tokens of the uncompiled step."""
