@@ -53,6 +53,18 @@ def batch(width=TOTAL, pads=(3, 0, 5)):
     return ids, mask
 
 
+def copied_inputs(example_inputs: list) -> list[torch.Tensor]:
+    """The tensors a compiled graph takes that are neither parameters nor marked static: what is
+    copied in at every call (and what a CUDA graph would replay from a stale address otherwise)."""
+    return [
+        t
+        for t in example_inputs
+        if isinstance(t, torch.Tensor)
+        and not isinstance(t, torch.nn.Parameter)
+        and not hasattr(t, "_dynamo_static_input_type")
+    ]
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max over positions of ||a - b|| / ||b|| over the vocabulary."""
     return ((a - b).norm(dim=-1) / b.norm(dim=-1)).max().item()
@@ -176,14 +188,7 @@ def test_compiles_as_one_graph_reused_for_every_step_and_prompt(kind):
     # and writes it where it is), except the step's token ids, the one input copied in per step.
     # (Sizes that dynamo made symbolic, after other tests in the process compiled other shapes,
     # are passed as SymInt scalars, not tensors: they are not copies.)
-    copied = [
-        t
-        for t in graphs[0]
-        if isinstance(t, torch.Tensor)
-        and not isinstance(t, torch.nn.Parameter)
-        and not hasattr(t, "_dynamo_static_input_type")
-    ]
-    assert [tuple(t.shape) for t in copied] == [(3,)]
+    assert [tuple(t.shape) for t in copied_inputs(graphs[0])] == [(3,)]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -201,14 +206,7 @@ def test_with_symbolic_sizes_the_graph_still_reads_only_static_tensors(kind):
         compiled = StaticDecoder(model, compile=True, backend=counting_backend(graphs))
         assert torch.equal(greedy_decode(model, ids, mask, 6, decoder=compiled), greedy_decode(model, ids, mask, 6))
     assert len(graphs) == 1
-    copied = [
-        t
-        for t in graphs[0]
-        if isinstance(t, torch.Tensor)
-        and not isinstance(t, torch.nn.Parameter)
-        and not hasattr(t, "_dynamo_static_input_type")
-    ]
-    assert [t.dim() for t in copied] == [1]  # the step's token ids, (B,)
+    assert [t.dim() for t in copied_inputs(graphs[0])] == [1]  # the step's token ids, (B,)
 
 
 def test_aot_eager_backend_gives_the_same_tokens():

@@ -147,15 +147,12 @@ def test_changed_parameters_are_converted_again(tmp_path, root_finding):
     assert_same_conversion(conversion, cold_conversion(g))
 
 
-@pytest.mark.parametrize("what", ["form", "stamp"])
-def test_an_altered_stored_form_is_not_used(tmp_path, root_finding, what):
-    """One stored number changed in model.safetensors (a corrupted or hand-edited file): the digest
-    no longer matches, the load converts from the parameters, and decoding is that of the
-    parameters (greedy against the parallel forward)."""
+def load_altered(tmp_path, root_finding, what: str, edit) -> tuple[HyenaRTFForCausalLM, RTF]:
+    """An export whose first filter's `modal_{what}` tensor `edit` changed in model.safetensors (a
+    corrupted or hand-edited file), loaded; that filter, checked to convert from its parameters."""
     folder = exported(tmp_path, tiny_model(seed=6))
     weights = load_file(folder / "model.safetensors")
-    key = next(k for k in weights if k.endswith(f"filter.modal_{what}"))
-    weights[key].view(-1)[7] += 1.0
+    edit(weights[next(k for k in weights if k.endswith(f"filter.modal_{what}"))])
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     loaded = HyenaRTFForCausalLM.from_pretrained(folder).eval()
     root_finding.clear()
@@ -163,6 +160,14 @@ def test_an_altered_stored_form_is_not_used(tmp_path, root_finding, what):
     assert altered.stored_conversion() is None
     assert_same_conversion(altered.conversion(), cold_conversion(altered))
     assert root_finding
+    return loaded, altered
+
+
+@pytest.mark.parametrize("what", ["form", "stamp"])
+def test_an_altered_stored_form_is_not_used(tmp_path, root_finding, what):
+    """One stored number changed: the digest no longer matches, the load converts from the
+    parameters, and decoding is that of the parameters (greedy against the parallel forward)."""
+    loaded, _ = load_altered(tmp_path, root_finding, what, lambda t: t.view(-1)[7].add_(1.0))
     ids = torch.randint(1, 97, (1, 12), generator=torch.Generator().manual_seed(1))
     assert_greedy(loaded, loaded.generate(ids, max_new_tokens=5, do_sample=False), ids.shape[1])
 
@@ -172,17 +177,7 @@ def test_a_stamp_whose_slot_count_is_not_a_count_is_not_used(tmp_path, root_find
     """The stamp's first number is the slot count; whatever else a damaged file (or a buffer that
     loading left unwritten) holds there is a stamp that does not match: the filter converts, and
     nothing raises."""
-    folder = exported(tmp_path, tiny_model(seed=9))
-    weights = load_file(folder / "model.safetensors")
-    key = next(k for k in weights if k.endswith("filter.modal_stamp"))
-    weights[key][0] = count
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    loaded = HyenaRTFForCausalLM.from_pretrained(folder).eval()
-    root_finding.clear()
-    damaged = rtf_filters(loaded)[0]
-    assert damaged.stored_conversion() is None
-    assert_same_conversion(damaged.conversion(), cold_conversion(damaged))
-    assert root_finding
+    load_altered(tmp_path, root_finding, "stamp", lambda t: t.view(-1)[0].fill_(count))
 
 
 def test_a_checkpoint_without_the_stored_form_still_loads_and_converts(tmp_path, root_finding):
