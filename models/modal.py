@@ -12,7 +12,8 @@ r_k; a real pole has a real r_k). Its recurrence, per channel and slot, is diago
     x_k,t+1    = lambda_k x_k,t + u_t
 
 The state is m complex numbers per channel, kept as real and imaginary parts, (B, C, 2, m): a step is
-a few elementwise products, allocates nothing and runs unchanged under torch.compile.
+a few fused multiply-adds written back into that state (no new state), and runs unchanged under
+torch.compile.
 
 A real pole's state is real, so a slot of its own would leave half of the slot's two numbers at
 zero. `pack_real_pairs` puts two real poles a, b in one slot instead (a real 2x2 block): the slot
@@ -79,6 +80,11 @@ def blocked_powers(lam: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tenso
     small = powers(lam, S)
     big = powers(small[..., -1] * lam, J).transpose(-1, -2)  # lambda^S = lambda^(S-1) lambda
     return small, big
+
+
+def _dot(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """sum_k c_k x_k over the slots: x (B, R, g, m), c (R, 1, m) -> (B, R, g), with no temporary of x's size."""
+    return torch.matmul(x, c.transpose(-1, -2))[..., 0]
 
 
 def _channel_chunks(C: int, per_channel: int):
@@ -221,16 +227,22 @@ class ModalSystem:
         g = C // R
         u = u.to(self.dtype).reshape(B, R, g)  # each row's coefficients broadcast over its g channels
         xg = x.view(B, R, g, 2, m)
-        x1, x2 = xg[:, :, :, 0], xg[:, :, :, 1]
+        x1, x2 = xg[:, :, :, 0], xg[:, :, :, 1]  # (B, R, g, m) each, views of the state
+
+        # Fused multiply-adds into two new halves, then one write each: the step is memory-bound,
+        # and each elementwise temporary of the state's size costs a pass over it.
         if self.paired is None:
             lr, li, rr, ri, d = self.coef
-            y = d * u + (rr * x1 - ri * x2).sum(-1)
-            xg.copy_(torch.stack((lr * x1 - li * x2 + u.unsqueeze(-1), lr * x2 + li * x1), dim=3))
-            return y.reshape(B, R * g), x
-        a11, a12, a21, a22, e2, c1, c2, d = self.coef  # the 2x2 blocks (module docstring)
-        y = d * u + (c1 * x1 + c2 * x2).sum(-1)
-        u = u.unsqueeze(-1)
-        xg.copy_(torch.stack((a11 * x1 + a12 * x2 + u, a21 * x1 + a22 * x2 + e2 * u), dim=3))
+            y = torch.addcmul(_dot(x1, rr), d, u).sub_(_dot(x2, ri))
+            new1 = torch.addcmul(u.unsqueeze(-1), lr, x1).addcmul_(li, x2, value=-1)  # lr x1 - li x2 + u
+            new2 = torch.mul(lr, x2).addcmul_(li, x1)  # lr x2 + li x1
+        else:
+            a11, a12, a21, a22, e2, c1, c2, d = self.coef  # the 2x2 blocks (module docstring)
+            y = torch.addcmul(_dot(x1, c1), d, u).add_(_dot(x2, c2))
+            new1 = torch.addcmul(u.unsqueeze(-1), a11, x1).addcmul_(a12, x2)
+            new2 = torch.mul(e2, u.unsqueeze(-1)).addcmul_(a21, x1).addcmul_(a22, x2)
+        x1.copy_(new1)
+        x2.copy_(new2)
         return y.reshape(B, R * g), x
 
     # ---- whole chunks -------------------------------------------------------------------------
