@@ -87,9 +87,11 @@ def _dot(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x, c.transpose(-1, -2))[..., 0]
 
 
-def _channel_chunks(C: int, per_channel: int):
-    step = max(1, CHUNK_ELEMENTS // max(per_channel, 1))
-    return [(c, min(C, c + step)) for c in range(0, C, step)]
+def _chunks(n: int, per_item: int) -> list[tuple[int, int]]:
+    """Slices of n items (channels, or batch rows) of `per_item` entries each, at most
+    CHUNK_ELEMENTS entries a slice (one item when an item alone is larger)."""
+    step = max(1, CHUNK_ELEMENTS // max(per_item, 1))
+    return [(c, min(n, c + step)) for c in range(0, n, step)]
 
 
 @dataclass
@@ -170,12 +172,6 @@ class ModalSystem:
     def _unfold(self, t: torch.Tensor, batch: int) -> torch.Tensor:
         """Inverse of `_fold`: (B g, R, ...) -> (B, C, ...)."""
         return t.unflatten(0, (batch, self.group)).transpose(1, 2).flatten(1, 2)
-
-    def _pieces(self, batch: int, per_row: int) -> list[tuple[int, int]]:
-        """Slices of a folded batch whose rows take at most CHUNK_ELEMENTS entries each (per_row per
-        batch row), so that a row's g channels never make one block of a closed form too large."""
-        step = max(1, CHUNK_ELEMENTS // max(per_row, 1))
-        return [(b, min(batch, b + step)) for b in range(0, batch, step)]
 
     def modes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Poles and residues of every mode, (R, M) complex: the slots, and a paired slot's second
@@ -263,7 +259,8 @@ class ModalSystem:
         xr = self._fold(x)  # (B g, R, 2, m)
         S, J = _blocks(T)
         out = []
-        for b0, b1 in self._pieces(xr.shape[0], J * max(lam.shape[-1], S)):
+        # in slices of the folded batch: a row's g channels must not make one block too large
+        for b0, b1 in _chunks(xr.shape[0], J * max(lam.shape[-1], S)):
             coef = res.detach() * self._mode_state(xr[b0:b1].double())
             out.append(self._real_part_sums(lam, coef, T, self.complex_dtype))
         return self._unfold(torch.cat(out), x.shape[0]).to(self.dtype)
@@ -275,10 +272,10 @@ class ModalSystem:
         """
         ur = self._fold(u)  # (B g, R, T)
         xr = None if x is None else self._fold(x)
-        S, J = _blocks(u.shape[-1] + 1)
+        J = _blocks(u.shape[-1] + 1)[1]
         out = [
             self._advance_rows(ur[b0:b1], None if xr is None else xr[b0:b1])
-            for b0, b1 in self._pieces(ur.shape[0], J * 2 * self.modes()[0].shape[-1])
+            for b0, b1 in _chunks(ur.shape[0], J * 2 * self.modes()[0].shape[-1])
         ]
         return self._unfold(torch.cat(out), u.shape[0]).contiguous()
 
@@ -295,7 +292,7 @@ class ModalSystem:
         out = torch.empty(B, C, M, dtype=ctype, device=u.device)
         # Real matrix products against [Re lambda^i, Im lambda^i], then the block powers.
         powers = torch.cat([small.real, small.imag], dim=-2).transpose(-1, -2).to(self.dtype)  # (C, S, 2M)
-        for c0, c1 in _channel_chunks(C, B * J * 2 * M):
+        for c0, c1 in _chunks(C, B * J * 2 * M):
             wc = w[:, c0:c1].permute(1, 0, 2, 3).flatten(1, 2)  # (Cc, B J, S)
             inner = torch.bmm(wc, powers[c0:c1]).unflatten(1, (B, J))  # (Cc, B, J, 2M)
             inner = torch.complex(*inner.chunk(2, dim=-1))  # complex64 or complex128, as the state
@@ -312,7 +309,7 @@ class ModalSystem:
         small, big = blocked_powers(lam if coef.requires_grad else lam.detach(), T)
         S, J = small.shape[-1], big.shape[-2]
         parts = []
-        for c0, c1 in _channel_chunks(C, B * J * max(m, S)):
+        for c0, c1 in _chunks(C, B * J * max(m, S)):
             q = coef[:, c0:c1].transpose(0, 1)[:, :, None, :] * big[c0:c1, None]  # (Cc, B, J, m)
             y = torch.matmul(q.flatten(1, 2).to(ctype), small[c0:c1].to(ctype))  # (Cc, B J, S)
             parts.append(y.real.unflatten(1, (B, J)).flatten(2)[..., :T].transpose(0, 1))
