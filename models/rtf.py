@@ -69,6 +69,9 @@ INITS, CONSTRAINTS, KERNEL_DTYPES = get_args(RTFInit), get_args(RTFConstraint), 
 # The modal form's taps must match the float64 FFT kernel to this relative l2 error, plus the
 # rounding the coefficients' conditioning allows (`conversion_bound`).
 CONVERSION_RTOL = 1e-9
+# Past l_max, a filter differentiates through its closed form only when no |A'(lambda_k)| is smaller
+# (`differentiable_rows`): the gradient's relative rounding stays below about 1e-6.
+GRAD_MIN_DERIVATIVE = 1e-4
 ZERO_CLUSTER = 1e-3  # poles this close to the origin count as one repeated pole at 0 (`_spread_zero_cluster`)
 
 
@@ -206,6 +209,26 @@ def _closed_form(lam: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, fft_len: 
     wrap = torch.where(outside, r / gap, r_alias * p)  # r~ lambda^(L'-1)
     d = h0 + wrap.sum(-1).real
     return ModalSystem(*_slots(lam, r_alias), d, torch.float64)
+
+
+def differentiable_rows(
+    a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, fft_len: int, conversion, exact: torch.Tensor
+) -> torch.Tensor:
+    """(F,) bool: the filters whose taps past L' may be differentiated through the closed form
+    (`rtf_modal_system` with autograd). Its values must pass the conversion's check against the
+    checked taps `exact` (F, T), and every |A'(lambda_k)| = prod_(j != k) |lambda_k - lambda_j| must be
+    at least GRAD_MIN_DERIVATIVE: the residues divide by A'(lambda_k), their derivatives by its
+    square, so the gradient's rounding grows as the poles close in (measured against a float64
+    recurrence on a pair, a triple and a double complex pair of poles: relative error 2e-7 at
+    |A'| = 1.4e-4, 2e-4 at 1.4e-5, 3e-5 at 7e-7), and the backward of an exactly repeated pole is a
+    singular solve."""
+    lam = poles_of(a.to(torch.float64))
+    taps = _closed_form(lam, *(t.to(torch.float64) for t in (b, h0)), fft_len).taps(exact.shape[-1])
+    error = (taps - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-300)
+    diff = lam[:, :, None] - lam[:, None, :]
+    diff.diagonal(dim1=-2, dim2=-1).fill_(1)
+    derivative = diff.abs().prod(-1).amin(-1) if lam.shape[-1] else error.new_ones(error.shape)
+    return conversion_ok(error, conversion.bound) & (derivative >= GRAD_MIN_DERIVATIVE)
 
 
 def _spread_zero_cluster(lam: torch.Tensor) -> torch.Tensor:
@@ -470,25 +493,29 @@ class RTF(LongFilter):
     def _long_kernel_with_grad(self, T: int) -> torch.Tensor:
         """T > l_max taps with gradients (an eval-mode forward outside no_grad), (num_filters, T)
         float64: the closed-form modal system, differentiable through the poles (eigenvalues) and
-        residues. A filter whose closed form misses the checked conversion (repeated poles) gets
-        the differentiable FFT kernel up to L' and the conversion's taps after it, with no gradient
-        through those later taps (a warning says so)."""
-        taps = rtf_modal_system(self.denominator(), self.b, self.h0, self.fft_len).taps(T)
+        residues. Only filters whose closed form is both right and well-conditioned to differentiate
+        go through it (`differentiable_rows`); the others get the differentiable FFT kernel up to L'
+        and the checked conversion's taps after it, with no gradient through those later taps (a
+        warning says so). They never enter the eigenvalue call with autograd: the backward of the
+        eigenvalues of a defective matrix (a repeated pole) is a singular solve, even for a zero
+        gradient."""
         conversion = self.conversion()
         exact = self.memo_taps(T, lambda n: conversion.system.taps(n))  # the no-grad route's, memoised
-        off = ~conversion_ok(
-            (taps.detach() - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-300), conversion.bound
-        )
-        if not bool(off.any()):
-            return taps
+        a, b, h0 = self.denominator(), self.b, self.h0
+        good = differentiable_rows(a.detach(), b.detach(), h0.detach(), self.fft_len, conversion, exact)
+        if bool(good.all()):
+            return rtf_modal_system(a, b, h0, self.fft_len).taps(T)
         warnings.warn(
-            f"{self.where()}RTF filters {off.nonzero().flatten().tolist()[:8]} have repeated poles: past l_max "
-            "their kernel taps carry no gradient",
+            f"{self.where()}RTF filters {(~good).nonzero().flatten().tolist()[:8]} have repeated or clustered poles: "
+            "past l_max their kernel taps carry no gradient",
             stacklevel=3,
         )
         head = self._fft_kernel(self.fft_len).to(torch.float64)
-        patched = torch.cat([head, exact[:, self.fft_len :]], dim=-1)
-        return torch.where(off[:, None], patched, taps)
+        taps = torch.cat([head, exact[:, self.fft_len :]], dim=-1)
+        rows = good.nonzero().flatten()
+        if len(rows):
+            taps = taps.index_put((rows,), rtf_modal_system(a[rows], b[rows], h0[rows], self.fft_len).taps(T))
+        return taps
 
     def _fft_kernel(self, T: int) -> torch.Tensor:
         """The first T <= l_max taps of the size-L' FFT kernel, (num_filters, T), compute dtype."""

@@ -34,7 +34,7 @@ from support.helpers import FFTSpy, filter_chunk, np_causal_conv
 
 from models.fftconv import fft_causal_conv
 from models.modal import amplification
-from models.rtf import RTF, poles_of
+from models.rtf import RTF, poles_of, rational_kernel
 
 EPS64 = np.finfo(np.float64).eps
 EPS32 = np.finfo(np.float32).eps
@@ -497,6 +497,45 @@ def test_gradients_reach_every_rtf_parameter():
             assert g is not None, (T, name)
             assert torch.isfinite(g).all(), (T, name)
             assert (g != 0).all(), (T, name)
+
+
+def continued_kernel(rtf: RTF, T: int) -> torch.Tensor:
+    """An independent differentiable reference past l_max: the float64 FFT kernel up to L', then the
+    homogeneous recurrence k_t = -(a1 k_(t-1) + ... + an k_(t-n)) that every later tap of the aliased
+    system obeys (all its modes are roots of A). (F, T); no eigenvalues involved."""
+    a = rtf.denominator().double()
+    head = rational_kernel(rtf.b.double(), a, rtf.h0.double(), rtf.fft_len)
+    taps = list(head.unbind(-1))
+    for t in range(rtf.fft_len, T):
+        taps.append(-sum(a[:, i] * taps[t - 1 - i] for i in range(a.shape[-1])))
+    return torch.stack(taps, -1)
+
+
+def test_gradients_past_l_max_with_repeated_poles():
+    """A backward through taps past l_max works when filters have repeated poles (here a triple pole
+    at 0 beside one at 0.9, and a = 0, rtf_init="zeros": four poles at 0), whose eigenvalue backward
+    would be a singular solve. Those filters are named in a warning and their gradient is that of
+    the FFT kernel up to L' alone; the filter with distinct poles gets the full gradient, equal to
+    that of `continued_kernel` (float64 throughout: 1e-9 relative, the closed form's gradient at
+    |A'| of order 0.1 being good to about 1e-13)."""
+    torch.manual_seed(0)
+    rtf = RTF(3, 4, 16, constraint="none").double()
+    with torch.no_grad():
+        distinct = np.poly([0.8, -0.5, 0.3 + 0.4j, 0.3 - 0.4j])[1:].real
+        rtf.a.copy_(torch.from_numpy(np.stack([[-0.9, 0, 0, 0], [0, 0, 0, 0], distinct])))
+    T = 40
+    w = torch.randn(3, T, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"filters \[0, 1\] have repeated or clustered poles"):
+        (rtf.kernel(T) * w).sum().backward()
+    got = {name: getattr(rtf, name).grad.clone() for name in ("a", "b", "h0")}
+    rtf.zero_grad()
+    tail = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)[:, None]  # which rows keep their tail's gradient
+    weight = torch.cat([w[:, : rtf.fft_len], w[:, rtf.fft_len :] * tail], dim=-1)
+    (continued_kernel(rtf, T) * weight).sum().backward()
+    for name, g in got.items():
+        want = getattr(rtf, name).grad
+        assert torch.allclose(g, want, rtol=1e-9, atol=1e-12), (name, (g - want).abs().max())
+    assert (got["a"][2] != 0).all()
 
 
 # ---------------------------------------------------------------------------------------------
