@@ -46,6 +46,18 @@ class HyenaRTFCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
+    def check_batch(self, batch: int) -> None:
+        """ValueError (one line) unless the cache is empty or holds the states of `batch` sequences:
+        row i of the input continues row i of the cache, so another batch size cannot be right (after
+        beam search the rows are the beams, not the returned sequences)."""
+        held = next((s.conv if isinstance(s, HyenaState) else s[0] for s in self.layers if s is not None), None)
+        if held is not None and held.shape[0] != batch:
+            raise ValueError(
+                f"the cache holds the states of {held.shape[0]} sequences but the input has {batch} rows: a cache "
+                "continues the batch it was built with, row for row (beam search leaves one row per beam); "
+                "start without a cache instead"
+            )
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: keep the states of the selected beams (Hyena states in place)."""
         for i, s in enumerate(self.layers):

@@ -274,6 +274,8 @@ class HyenaRTFModel(HyenaRTFPreTrainedModel):
             if static.is_loaded:
                 raise ValueError("a filled StaticHyenaRTFCache decodes through HyenaRTFForCausalLM only")
             cache, use_cache = None, True  # the prefill fills an ordinary cache, then static takes it over
+        if cache is not None:
+            cache.check_batch((input_ids if inputs_embeds is None else inputs_embeds).shape[0])
         asked = use_cache is not None
         if not asked:
             use_cache = self.config.use_cache and not self.training

@@ -237,3 +237,23 @@ def test_plain_eval_forward_of_unstable_model_returns_logits():
         assert torch.equal(plain.logits, reference)
         with pytest.raises(ValueError, match="outside the unit circle"):
             model(ids, use_cache=True)
+
+
+@pytest.mark.parametrize("attn_layers", [(), (1,)])
+def test_a_cache_continues_only_its_own_batch(attn_layers):
+    """A cache continues the batch it was built with, row for row: an input with another number of
+    rows (a beam search's cache given the one returned sequence, a batch-1 cache given three beams)
+    is refused in one line naming both sizes, before any state is touched; the same batch goes on."""
+    torch.manual_seed(0)
+    model = HyenaRTFForCausalLM(tiny_config(attn_layers=list(attn_layers))).eval()
+    ids = torch.randint(0, 97, (3, 6))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+        states = [None if s is None else (s.filt.clone() if hasattr(s, "filt") else s[0].clone()) for s in cache.layers]
+        for rows in (1, 4):
+            with pytest.raises(ValueError, match=f"holds the states of 3 sequences but the input has {rows} rows"):
+                model(ids[:1].repeat(rows, 1)[:, :1], past_key_values=cache)
+        after = [s.filt if hasattr(s, "filt") else s[0] for s in cache.layers]
+        assert all(torch.equal(a, b) for a, b in zip(states, after)) and cache.seen_tokens == 6
+        model(ids[:, :1], past_key_values=cache)  # its own batch continues
+    assert cache.seen_tokens == 7
