@@ -146,7 +146,7 @@ def save_hf_checkpoint(
             check_export_target(out, overwrite, also_owned)  # again: another export may have finished meanwhile
             with replace_dir(out, EXPORT_KIND) as staging:
                 if dtype is not None and dtype != torch.float32:
-                    state = {k: (v if is_filter_param(k) else v.to(dtype)) for k, v in model.state_dict().items()}
+                    state = cast_state(model.state_dict(), dtype)
                     model.save_pretrained(staging, state_dict=state)
                     # save_pretrained writes the dtype of the model in memory (float32); the folder's
                     # weights are `dtype`, which from_pretrained(dtype="auto") should load them in.
@@ -164,6 +164,24 @@ def save_hf_checkpoint(
         raise output_error(e, out, "the export") from e
     except SafetensorError as e:  # the weights' writer reports the same I/O errors as its own type
         raise output_error(OSError(" ".join(str(e).split())), out, "the export") from e
+    return out
+
+
+def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`state` with every tensor but the long filters' cast to `dtype`. A tensor listed under two
+    names (a tied LM head: `lm_head.weight` is `model.embed.weight`) is cast once and stays shared, so
+    that save_pretrained still recognises the tie and writes it once."""
+    cast: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, t in state.items():
+        if is_filter_param(name):
+            out[name] = t
+            continue
+        # state_dict() gives each name its own tensor object: the memory it views tells a tie
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.device)
+        if key not in cast:
+            cast[key] = t.to(dtype)
+        out[name] = cast[key]
     return out
 
 

@@ -15,11 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from support.helpers import NO_PROJECT, run_child, tiny_config, train_tiny_tokenizer
 from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM
 
 from data_prep.tokenizer import hf_tokenizer
 from export.folder import save_hf_checkpoint
+from hf.loading import load_pretrained
 from models import HyenaRTFForCausalLM
 
 REPO = Path(__file__).resolve().parents[3]
@@ -163,6 +166,20 @@ def test_bf16_export_keeps_rtf_parameters_float32(exported):
     assert set(rtf.values()) == {"torch.float32"}, rtf
     assert dtypes["model.layers.0.mixer.in_proj.weight"] == "torch.bfloat16"
     assert res["bf16_generated"] == 4
+
+
+def test_half_precision_export_writes_the_tied_head_once(exported, tmp_path):
+    """A bf16 export stores the tied LM head once, as the float32 export does (it is the embedding:
+    writing it again cost 77 MB at 125M), and loads with exactly its weights (hf.loading's strict
+    check: no unused key) and the head tied again, equal to the bf16 embedding."""
+    model, _, _ = exported
+    folder = save_hf_checkpoint(model, None, tmp_path / "bf16", dtype=torch.bfloat16)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "model.embed.weight" in names and "lm_head.weight" not in names
+    half = load_pretrained(AutoModelForCausalLM, "model", folder, dtype=torch.bfloat16)
+    assert half.lm_head.weight.data_ptr() == half.model.embed.weight.data_ptr()
+    assert torch.equal(half.model.embed.weight, model.model.embed.weight.to(torch.bfloat16))
 
 
 def test_every_exported_file_gets_the_users_umask(tmp_path):
