@@ -37,6 +37,10 @@ with a warning, and a run refuses to start (one line) when such an entry holds a
 save under (`step_X` or `.tmp-step_X` past the step it starts from). A second Ctrl-C during a save
 (training/preemption.py) abandons the staging folder, stamped, for the next start to remove.
 Checkpoints of versions before the stamp are read (resume=PATH, export) but never deleted.
+Inside a checkpoint the run deletes only what it wrote there: the files its manifest lists, then
+the manifest and the stamp. A file or folder a user stored in a checkpoint (eval.json, notes)
+survives its pruning: the folder keeps its name, without the stamp (so it is the user's from then
+on), and a warning names what was kept. A checkpoint whose manifest is unreadable is not pruned.
 
 Lineage. Each checkpoint names its parent: the checkpoint its run resumed from, or the one the same
 run saved before. Following parents from the checkpoint saved last (highest save counter) gives the
@@ -59,10 +63,12 @@ aside as above. To keep the two lines in separate folders instead, branch into a
 `train.out_dir=NEW checkpoint.resume=PATH`.
 
 Verification (`verify_checkpoint`), before anything in a checkpoint is loaded, on resume and on
-export: the files on disk must be exactly those of manifest.json, with its sizes and SHA-256
-digests. What that guarantees: the checkpoint is byte for byte what its save wrote, with no file
-missing, truncated, altered or added (DeepSpeed loads every `*_optim_states.pt` it finds, so an
-added file would be loaded too), at the moment of the check. What it does not: the manifest is not
+export: the files of manifest.json must be on disk with its sizes and SHA-256 digests, and no file
+that a load could pick up may have been added (DeepSpeed loads every `*_optim_states.pt` it finds
+in its sub-folder, and the loaders open model.pt, rng_rank{R}.pt ... by name: `could_be_loaded`).
+Other added files (a user's eval.json or notes beside the weights) are ignored: they cannot change
+what is loaded. What that guarantees: what is loaded is byte for byte what its save wrote, with no
+file missing, truncated, altered or slipped in, at the moment of the check. What it does not: the manifest is not
 signed, so whoever can write the folder can also rewrite manifest.json to match crafted files; it
 tells a corrupt or partial checkpoint from a complete one, not a forged one from a genuine one.
 Against forgery: files this code loads itself go through torch's restricted unpickler
@@ -75,6 +81,7 @@ nobody else could write. A file changed after the check (a race) is not caught.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -260,8 +267,11 @@ def current_line(root: str, run_id: str | None) -> list[Stamped]:
 
 
 def _remove_owned(path: str) -> None:
-    """Delete a stamped folder with its stamp last, so that an interruption anywhere leaves it
-    recognisable (and removed at the next start). Failures are warnings: the run goes on."""
+    """Delete a stamped staging folder whole, with its stamp last, so that an interruption
+    anywhere leaves it recognisable (and removed at the next start). Only for `.tmp-step_X`
+    folders, which have no manifest yet (it is written last): the run created the folder a moment
+    ago under a hidden name and everything in it is the save's. Failures are warnings: the run
+    goes on."""
     try:
         for name in os.listdir(path):
             if name != STAMP_FILE:
@@ -278,14 +288,73 @@ def _remove_owned(path: str) -> None:
         log.warning(f"warning: could not delete {path}: {e.strerror} ({e.filename}); delete it by hand")
 
 
+def _manifest_files(ckpt_dir: str) -> list[str] | None:
+    """The relative paths manifest.json lists (only plain paths inside the folder), or None when
+    it is missing or unreadable."""
+    try:
+        with open(os.path.join(ckpt_dir, MANIFEST_FILE)) as f:
+            listed = json.load(f)["files"]
+        rels = list(listed) if isinstance(listed, dict) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if rels is None:
+        return None
+    # a forged or damaged entry must not name a file outside the folder
+    return [r for r in rels if isinstance(r, str) and not os.path.isabs(r) and ".." not in r.split("/")]
+
+
+def _discard_trash(trash: str, name: str) -> None:
+    """Delete what the run wrote in a pruned checkpoint, now at `trash` (`.trash-step_X-ID`): the
+    files its manifest lists (and the sub-folders they leave empty), then manifest.json, then the
+    stamp, last, so that an interruption leaves it recognisable and finished at the next start.
+    What the run did not write (a user's notes or evaluation stored beside the weights) stays:
+    the folder then goes back to its name `name` (step_X), without the stamp, so it is the user's
+    from then on, and a warning names what was kept. A trash folder without a manifest is one
+    whose removal was interrupted after the manifest went: only the stamp is left of the run's.
+    Failures are warnings: the run goes on."""
+    try:
+        for rel in _manifest_files(trash) or []:
+            if rel == STAMP_FILE:  # listed too, but deleted last
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(trash, rel))
+            parent = os.path.dirname(rel)
+            while parent:  # the run's sub-folders (deepspeed/) go once empty, never a user's file
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join(trash, parent))
+                parent = os.path.dirname(parent)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(trash, MANIFEST_FILE))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(trash, STAMP_FILE))
+        kept = sorted(os.listdir(trash))
+        if not kept:
+            os.rmdir(trash)
+            return
+        folder = os.path.join(os.path.dirname(trash), name)
+        if not os.path.lexists(folder):
+            os.rename(trash, folder)
+        where = "" if os.path.isdir(folder) and not os.path.lexists(trash) else f" (now {trash})"
+        log.warning(
+            f"warning: pruned checkpoint {folder} but kept the folder{where}: it holds files the run did not "
+            f"write ({', '.join(kept)}); only the checkpoint's own files were deleted"
+        )
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning(f"warning: could not delete {trash}: {e.strerror} ({e.filename}); delete it by hand")
+
+
 def cleanup_partial(root: str, run_id: str | None) -> None:
     """Delete this run folder's leftovers of interrupted saves and prunes (rank 0, before
     training): `.tmp-*` / `.trash-*` entries carrying the run's stamp under the name it gave
     them. Anything else is left (see `foreign_entries`)."""
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
         path = os.path.join(root, name)
-        if name.startswith((".tmp-", ".trash-")) and _own_leftover(path, run_id):
+        if name.startswith(".tmp-") and _own_leftover(path, run_id):
             _remove_owned(path)
+        elif name.startswith(".trash-") and _own_leftover(path, run_id):
+            _discard_trash(path, step_dir_name(_stamp_of_run(path, run_id)["step"]))
 
 
 def foreign_entries(root: str, run_id: str | None, start_step: int) -> list[str]:
@@ -299,6 +368,13 @@ def foreign_entries(root: str, run_id: str | None, start_step: int) -> list[str]
         path = os.path.join(root, name)
         m = _STEP_RE.match(name) or _STAGING_RE.match(name)
         if m and int(m.group(1)) > start_step and path not in own:
+            stamp_file = os.path.join(path, STAMP_FILE)
+            if os.path.isfile(stamp_file) and read_stamp(path) is None:  # a damaged stamp is no proof either way
+                raise CheckpointError(
+                    f"{stamp_file} is unreadable or damaged, so {path} cannot be told to be this run's checkpoint; "
+                    f"it is in the way of the checkpoints this run saves: move it out of {root} (train.py never "
+                    f"deletes or renames what it cannot prove it wrote)"
+                )
             raise CheckpointError(
                 f"{path} is not a checkpoint of this run (it carries no {STAMP_FILE} of it) and is in the way "
                 f"of the checkpoints this run saves; move it out of {root} (train.py never deletes or renames "
@@ -426,6 +502,25 @@ def shared_digests(engine: Engine, ckpt_dir: str) -> dict[str, str]:
     return {r: bytes(row).hex() for r, row in zip(rels, table.cpu().tolist())}
 
 
+# Files a checkpoint of any engine holds at its top level, which the loaders open by name.
+_CHECKPOINT_NAMES = frozenset(
+    {STATE_FILE, CONFIG_FILE, TOKENIZER_FILE, STAMP_FILE, "model.pt", "optimizer.pt", "zero_full_state.pt", "latest"}
+)
+
+
+def could_be_loaded(rel: str) -> bool:
+    """Whether a file at `rel` (relative, '/'-separated) inside a checkpoint could be read by a
+    resume or an export if it were there: anything under the DeepSpeed sub-folder (DeepSpeed globs
+    it, e.g. every `*_optim_states.pt`), a top-level file with a name a checkpoint's own files
+    have (`rng_rank{R}.pt` of a rank the saving run did not have included), or any torch file.
+    Other files a user adds (eval.json, NOTES.txt, a folder of results) cannot change what is
+    loaded, so verification ignores them instead of treating the checkpoint as corrupt."""
+    top, _, rest = rel.partition("/")
+    if rest:
+        return top == DS_TAG
+    return top in _CHECKPOINT_NAMES or top.endswith(".pt")
+
+
 def verify_checkpoint(ckpt_dir: str) -> None:
     """Raise CheckpointError naming the first file that differs from manifest.json (see the module
     docstring for what this guarantees). Sizes are compared before any digest is computed."""
@@ -443,9 +538,10 @@ def verify_checkpoint(ckpt_dir: str) -> None:
         raise CheckpointError(f"{path} is not a valid checkpoint manifest") from None
     on_disk = _files(ckpt_dir)
     for rel in on_disk:
-        if rel not in listed:
+        if rel not in listed and could_be_loaded(rel):
             raise CheckpointError(
-                f"{os.path.join(ckpt_dir, rel)} is not part of the checkpoint (not in {MANIFEST_FILE})"
+                f"{os.path.join(ckpt_dir, rel)} is not part of the checkpoint (not in {MANIFEST_FILE}) and would be "
+                f"loaded with it; move it out of {ckpt_dir}"
             )
     for rel, rec in listed.items():
         f = os.path.join(ckpt_dir, rel)
@@ -554,16 +650,24 @@ def _save_checkpoint(engine, root, step, trainer_state, config_yaml, tokenizer_f
 
 def prune(root: str, run_id: str | None, saved: Stamped, keep_last: int) -> None:
     """Keep the newest `keep_last` checkpoints of the line that ends in `saved` (the checkpoint
-    just written, so intact); the line's older ones go to `.trash-step_X-ID` first, then away.
-    Checkpoints of other lines (a corrupt one that resume skipped, an abandoned one), and anything
-    without the run's stamp, are never pruned."""
+    just written, so intact); the line's older ones go to `.trash-step_X-ID` first, then what the
+    run wrote in them (what their manifest lists) away (`_discard_trash`). Checkpoints of other
+    lines (a corrupt one that resume skipped, an abandoned one), anything without the run's stamp,
+    and a checkpoint whose manifest is unreadable (the run could not tell its files from the
+    user's) are never pruned."""
     for c in line_of(saved, own_checkpoints(root, run_id))[keep_last:]:
         trash = os.path.join(root, f".trash-{os.path.basename(c.path)}-{c.checkpoint_id}")
         if os.path.lexists(trash):  # not a name the run gave: leave both
             continue
+        if _manifest_files(c.path) is None:
+            log.warning(
+                f"warning: not pruning {c.path}: its {MANIFEST_FILE} is missing or unreadable, so the files the run "
+                f"wrote cannot be told from others; delete it by hand when you no longer need it"
+            )
+            continue
         with deferred():
             os.rename(c.path, trash)
-        _remove_owned(trash)
+        _discard_trash(trash, os.path.basename(c.path))
 
 
 def read_trainer_state(ckpt_dir: str) -> dict:
@@ -573,13 +677,15 @@ def read_trainer_state(ckpt_dir: str) -> dict:
 
 def load_checkpoint(engine: Engine, ckpt_dir: str) -> dict:
     """Collective: restores engine (model + optimizer) and this rank's RNG state; returns trainer_state.
+    The optimizer's hyper-parameters stay the config's, each changed one logged (`Engine.restore`).
 
     Call it on a checkpoint `verify_checkpoint` accepted. A rank without an RNG file (resuming with
     more processes than saved) keeps its seeded state; the engine re-partitions what it must
     (`trainer_state["world_size"]` is the number of processes that saved).
     """
     state = read_trainer_state(ckpt_dir)
-    engine.load(ckpt_dir, state.get("world_size", engine.world_size))
+    for change in engine.restore(ckpt_dir, state.get("world_size", engine.world_size)):
+        log.info(f"{change} (the config's value applies from here on)")
     rng_file = os.path.join(ckpt_dir, f"rng_rank{engine.rank}.pt")
     if os.path.isfile(rng_file):
         try:

@@ -358,6 +358,10 @@ def _merge(base: DictConfig, other: DictConfig, source: str, schema: DictConfig)
         unset = []  # a malformed layer: merging it below names what is wrong
     if unset:  # OmegaConf's "???" (a value still to give) would leave the layer below in place, silently
         raise ConfigError(f"{source}: '{unset[0]}' is '???', which gives no value; give one, or leave the key out")
+    for key, node in other.items_ex(resolve=False) if isinstance(other, DictConfig) else ():
+        # OmegaConf reports a scalar given for a whole section as "invalid value for 'None': None".
+        if key in schema and isinstance(schema[key], DictConfig) and not isinstance(node, (dict, DictConfig)):
+            raise ConfigError(f"{source}: '{key}' must be a mapping of keys (e.g. {key}.KEY=VALUE), got {node!r}")
     try:
         return OmegaConf.merge(base, other)
     except ConfigKeyError as e:

@@ -49,6 +49,7 @@ from models.long_filter import training_route
 from models.modeling_hyena_rtf import HyenaRTFForCausalLM, next_token_nll
 from training.config import BatchPlan, check_deepspeed_extra
 from training.dist_env import DistEnv
+from training.optim import apply_settings, config_settings
 from training.zero_elastic import ZeroFullState, group_param_names
 
 # --------------------------------------------------------------------------------------------
@@ -253,6 +254,26 @@ class Engine:
         """Restore model and optimizer from ckpt_dir, saved by `saved_world_size` processes."""
         raise NotImplementedError
 
+    def settings(self) -> dict[str, float]:
+        """The optimizer settings this engine took from the config, by config key (`config_settings`)."""
+        return config_settings(self.param_groups)
+
+    def apply_settings(self, settings: dict[str, float]) -> None:
+        apply_settings(self.param_groups, settings)
+
+    def restore(self, ckpt_dir: str, saved_world_size: int) -> list[str]:
+        """Collective: `load`, then the config's optimizer settings again. Loading an optimizer
+        state brings back the hyper-parameters it was saved with (lr, the schedule's `peak_lr`,
+        weight decay, betas, eps; DeepSpeed also its gradient clipping), but a resume with new
+        values (a lower lr after a loss spike) must train with them, as its config.yaml records.
+        The moments and step counts stay as loaded. Returns one line per value that changed:
+        "optim.lr: checkpoint 0.003 -> config 1e-05"."""
+        wanted = self.settings()
+        self.load(ckpt_dir, saved_world_size)
+        saved = self.settings()
+        self.apply_settings(wanted)
+        return [f"{k}: checkpoint {saved[k]:g} -> config {v:g}" for k, v in wanted.items() if saved.get(k) != v]
+
     def close(self) -> None:
         """Leave the process group together: a rank that tears down its gloo connections while a
         peer is still finishing the last collective can leave that peer waiting forever."""
@@ -450,6 +471,17 @@ class DeepSpeedEngine(Engine):
         grad_norm = dev_norm if on_device is not None else (float(norm) if norm is not None else None)
         applied = bool(self.ds.was_step_applied())
         return StepResult(loss, grad_norm, applied, sums)
+
+    def settings(self):
+        """The groups' settings and the gradient clipping, which DeepSpeed's ZeRO load also takes
+        from the checkpoint (its `clip_grad`)."""
+        clip = getattr(self.optimizer, "clip_grad", None)  # ZeRO 1/2 optimizers have it
+        return {**super().settings(), **({"optim.grad_clip": clip} if clip is not None else {})}
+
+    def apply_settings(self, settings):
+        super().apply_settings(settings)
+        if "optim.grad_clip" in settings:
+            self.optimizer.clip_grad = settings["optim.grad_clip"]
 
     def save(self, ckpt_dir):
         self.ds.save_checkpoint(ckpt_dir, tag=DS_TAG)

@@ -87,3 +87,47 @@ def set_lr(param_groups_: Iterable[dict], factor: float) -> None:
     """lr = peak_lr * factor for every group (works on DeepSpeed's wrapped optimizer groups too)."""
     for g in param_groups_:
         g["lr"] = g["peak_lr"] * factor
+
+
+# Which group field holds which config value (index into betas where it is a pair). Only the
+# `decay` group's weight decay comes from the config; the others' is 0 by the rule above.
+def _config_fields(group_name: str) -> dict[str, tuple[str, int | None]]:
+    fields = {
+        "optim.rtf_lr" if group_name == "rtf" else "optim.lr": ("peak_lr", None),
+        "optim.beta1": ("betas", 0),
+        "optim.beta2": ("betas", 1),
+        "optim.eps": ("eps", None),
+    }
+    if group_name == "decay":
+        fields["optim.weight_decay"] = ("weight_decay", None)
+    return fields
+
+
+def config_settings(param_groups_: Iterable[dict]) -> dict[str, float]:
+    """The optimizer settings that come from config keys, as the groups hold them now, by key:
+    optim.lr, optim.rtf_lr, optim.weight_decay, optim.beta1, optim.beta2, optim.eps (a key whose
+    group is absent is absent).
+
+    Needed around a resume: loading an optimizer state (torch's `load_state_dict`, DeepSpeed's
+    ZeRO load) restores the saved groups' hyper-parameters, `peak_lr` included, so without
+    `apply_settings` a resume would silently keep the checkpoint's values, not the config's."""
+    out: dict[str, float] = {}
+    for g in param_groups_:
+        for key, (field, index) in _config_fields(g["name"]).items():
+            out.setdefault(key, g[field] if index is None else g[field][index])
+    return out
+
+
+def apply_settings(param_groups_: Iterable[dict], settings: dict[str, float]) -> None:
+    """Set the groups' hyper-parameters to `settings` (as `config_settings` returns them); the
+    optimizer's per-parameter state (AdamW's moments, step count) is left as it is."""
+    for g in param_groups_:
+        for key, (field, index) in _config_fields(g["name"]).items():
+            if key not in settings:
+                continue
+            if index is None:
+                g[field] = settings[key]
+            else:
+                pair = list(g[field])
+                pair[index] = settings[key]
+                g[field] = tuple(pair)

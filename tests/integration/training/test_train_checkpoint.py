@@ -19,6 +19,7 @@ from support.train_utils import TINY, copy_of, error_line
 import train
 from data_prep.prepare import prepare
 from training import checkpoint as ckpt
+from training.metrics import read_metrics
 from training.rng import load_rng, save_rng
 
 
@@ -218,3 +219,31 @@ def test_branching_off_an_older_checkpoint_sets_the_cut_metrics_aside(corpus, ru
     assert train.main(args(corpus, run_copy, resume, "train.max_steps=3", "checkpoint.every=2")) == 0
     assert (run_copy / "metrics.set_aside.jsonl").read_text() == "".join(later)
     assert max(json.loads(line)["step"] for line in (run_copy / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_resume_with_new_optimizer_values_trains_with_them(corpus, stopped_run, tmp_path, capsys):
+    """After a loss spike one lowers optim.lr and resumes: the loaded optimizer state must not
+    bring back the checkpoint's peak lrs, weight decay, betas or eps. Both resumed runs follow the
+    same schedule, so the logged lrs of the changed one are the plain one's scaled by new / old
+    peak, its losses differ, and each changed value is named in one log line."""
+    plain, changed = copy_of(stopped_run, tmp_path / "a"), copy_of(stopped_run, tmp_path / "b")
+    assert train.main(args(corpus, plain, "train.stop_after_steps=6")) == 0
+    capsys.readouterr()
+    new = ("optim.lr=1e-4", "optim.rtf_lr=1e-5", "optim.weight_decay=0.5", "optim.beta2=0.9", "optim.eps=1e-6")
+    assert train.main(args(corpus, changed, "train.stop_after_steps=6", *new)) == 0
+    err = capsys.readouterr().err
+    for line in (
+        "optim.lr: checkpoint 0.01 -> config 0.0001",
+        "optim.rtf_lr: checkpoint 0.001 -> config 1e-05",
+        "optim.weight_decay: checkpoint 0.1 -> config 0.5",
+        "optim.beta2: checkpoint 0.95 -> config 0.9",
+        "optim.eps: checkpoint 1e-08 -> config 1e-06",
+    ):
+        assert err.count(line) == 1, (line, err)
+    a = [r for r in read_metrics(plain / "metrics.jsonl") if r["step"] > 4]
+    b = [r for r in read_metrics(changed / "metrics.jsonl") if r["step"] > 4]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [5, 6]
+    for ra, rb in zip(a, b):
+        assert rb["lr"] == pytest.approx(ra["lr"] * 1e-4 / 1e-2, rel=1e-9)
+        assert rb["rtf_lr"] == pytest.approx(ra["rtf_lr"] * 1e-5 / 1e-3, rel=1e-9)
+    assert a[1]["loss"] != b[1]["loss"]

@@ -84,3 +84,28 @@ def test_deepspeed_engine_bf16_keeps_rtf_fp32_and_skips_nonfinite_steps(corpus, 
         assert any(not torch.equal(before[k], v) for k, v in eng.module.state_dict().items())
     finally:
         eng.close()
+
+
+def test_deepspeed_resume_with_new_optimizer_values_trains_with_them(corpus, tmp_path):
+    """DeepSpeed's ZeRO load restores the saved groups' peak lrs and its own gradient clipping:
+    a resume with a lower optim.lr and optim.grad_clip must train with the config's values. Both
+    resumes follow the same schedule, so the changed one's lrs are the plain one's times new / old."""
+    import shutil
+
+    from training.metrics import read_metrics
+
+    first = tmp_path / "first"
+    launch("python", corpus, first, "train.engine=deepspeed", "train.stop_after_steps=4")
+    plain, changed = tmp_path / "plain", tmp_path / "changed"
+    shutil.copytree(first, plain), shutil.copytree(first, changed)
+    launch("python", corpus, plain, "train.engine=deepspeed", "train.stop_after_steps=5")
+    p = launch(
+        "python", corpus, changed, "train.engine=deepspeed", "train.stop_after_steps=5", "optim.lr=1e-4",
+        "optim.grad_clip=0.5",
+    )  # fmt: skip
+    assert "optim.lr: checkpoint 0.01 -> config 0.0001" in p.stderr
+    assert "optim.grad_clip: checkpoint 1 -> config 0.5" in p.stderr
+    a, b = ([r for r in read_metrics(d / "metrics.jsonl") if r["step"] == 5] for d in (plain, changed))
+    assert len(a) == len(b) == 1
+    assert b[0]["lr"] == pytest.approx(a[0]["lr"] * 1e-4 / 1e-2, rel=1e-9)
+    assert b[0]["loss"] == a[0]["loss"]  # step 5's loss is computed before its update

@@ -190,3 +190,64 @@ def test_an_empty_out_dir_is_used_and_stamped_and_a_rerun_resumes(corpus, tmp_pa
     assert train.main(args(corpus, out, "train.stop_after_steps=1")) == 0
     assert train.main(args(corpus, out, "train.stop_after_steps=2")) == 0
     assert f"resumed from {step_dir(out, 1)} at step 1" in capsys.readouterr().err
+
+
+# ---- 5. inside a checkpoint, the run deletes only the files its manifest lists ------------------
+
+
+def test_pruning_keeps_the_files_a_user_stored_inside_a_checkpoint(corpus, run_copy, capsys):
+    """Notes and an evaluation folder stored in step 2: keep_last=3 prunes step 2 after step 8 is
+    saved. The checkpoint's own files go, the user's stay where they were (same bytes), named in a
+    warning; the folder no longer carries the run's stamp, so later runs leave it alone."""
+    old = step_dir(run_copy, 2)
+    (old / "NOTES.txt").write_text("my eval notes for step 2")
+    (old / "my_eval").mkdir()
+    (old / "my_eval" / "result.json").write_text('{"ppl": 1}')
+    mine = {k: v for k, v in checksums(old).items() if k in ("NOTES.txt", "my_eval/result.json")}
+    extra = ("checkpoint.every=2", "checkpoint.keep_last=3", "train.stop_after_steps=8")
+    assert train.main(args(corpus, run_copy, *extra)) == 0
+    err = capsys.readouterr().err
+    assert checksums(old) == mine  # nothing of the checkpoint is left, all of the user's is
+    assert f"warning: pruned checkpoint {old} but kept the folder" in err
+    assert "(NOTES.txt, my_eval)" in err
+    names = sorted(p.name for p in (run_copy / "checkpoints").iterdir())
+    assert names == [old.name, "step_00000004", "step_00000006", "step_00000008"]
+    assert train.main(args(corpus, run_copy, *extra[:2], "train.stop_after_steps=9")) == 0
+    assert checksums(old) == mine
+    assert f"{old} is not a checkpoint of this run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("added", ["eval.json", "my_eval/result.json"])
+def test_a_user_file_in_the_newest_checkpoint_does_not_make_it_corrupt(corpus, run_copy, capsys, added):
+    """A result stored in the newest checkpoint (evaluate_lm.py --output step_6/eval.json) cannot
+    change what a resume loads: the run resumes from step 6, not from step 4 retraining steps."""
+    (step_dir(run_copy, 6) / added).parent.mkdir(exist_ok=True)
+    (step_dir(run_copy, 6) / added).write_text('{"ppl": 1}')
+    assert train.main(args(corpus, run_copy, "train.stop_after_steps=7")) == 0
+    err = capsys.readouterr().err
+    assert f"resumed from {step_dir(run_copy, 6)} at step 6" in err
+    assert "skipping checkpoint" not in err
+
+
+@pytest.mark.parametrize("added", ["rng_rank1.pt", "extra.pt", "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"])
+def test_an_added_file_a_load_could_pick_up_still_makes_the_checkpoint_corrupt(corpus, run_copy, capsys, added):
+    """Files a loader opens by name or glob (DeepSpeed loads every *_optim_states.pt of its folder)
+    are refused when the manifest does not list them: the resume falls back, naming the file."""
+    path = step_dir(run_copy, 6) / added
+    path.parent.mkdir(exist_ok=True)
+    torch.save({"x": torch.zeros(1)}, path)
+    assert train.main(args(corpus, run_copy, "train.stop_after_steps=7")) == 0
+    err = capsys.readouterr().err
+    assert f"warning: skipping checkpoint {step_dir(run_copy, 6)}: {path} is not part of the checkpoint" in err
+    assert f"resumed from {step_dir(run_copy, 4)} at step 4" in err
+
+
+def test_a_damaged_stamp_is_named_as_damaged_and_the_folder_left_alone(corpus, run_copy, capsys):
+    """A truncated stamp.json in the run's newest checkpoint: refused (nothing proves it is the
+    run's), but the message says the stamp is damaged, not that the folder is someone else's."""
+    (step_dir(run_copy, 6) / "stamp.json").write_bytes(b"")
+    before = checksums(run_copy)
+    assert train.main(args(corpus, run_copy)) == 2
+    err = error_line(capsys.readouterr().err)
+    assert f"{step_dir(run_copy, 6) / 'stamp.json'} is unreadable or damaged" in err, err
+    assert checksums(run_copy) == before

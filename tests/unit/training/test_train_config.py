@@ -180,6 +180,16 @@ def test_cli_reports_config_and_data_errors(tmp_path, capsys):
     assert "data_prep.prepare" in err
 
 
+def test_a_value_given_for_a_whole_section_names_the_section(tmp_path, capsys):
+    """`optim=3` (or YAML `optim: 3`) said "invalid value for 'None': None"."""
+    assert train.main(["optim=3", "--print-config"]) == 2
+    assert "'optim' must be a mapping of keys (e.g. optim.KEY=VALUE), got 3" in capsys.readouterr().err
+    y = tmp_path / "scalar.yaml"
+    y.write_text("optim: 3\n")
+    with pytest.raises(ConfigError, match=r"scalar.yaml: 'optim' must be a mapping of keys"):
+        load_config(str(y))
+
+
 @pytest.mark.parametrize(
     "overrides, package",
     [(["logging.tensorboard=true"], "tensorboard"), (["train.engine=deepspeed"], "deepspeed")],
