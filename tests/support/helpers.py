@@ -8,6 +8,7 @@ import importlib.util
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -49,6 +50,26 @@ def load_script(name: str):
 GREEDY_TIE_EPS = 200
 
 
+def rollout_logits(model, sequences: torch.Tensor, prompt_len: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The logits (float64, (B, new, V)) that chose each token of `sequences` (B, prompt_len + new)
+    after the prompt, from the model's parallel forward: use_cache=False, no generation code, causal,
+    so one forward over the whole sequences teacher-forces every step.
+    mask: (b, prompt_len) attention mask of the prompts (left padding), grown with ones; b may divide
+    B (generate()'s num_return_sequences rows per prompt, in order)."""
+    B, T = sequences.shape
+    if mask is not None:
+        mask = mask.repeat_interleave(B // mask.shape[0], dim=0)
+        mask = torch.cat([mask, mask.new_ones(B, T - prompt_len)], dim=-1)
+    with torch.no_grad():
+        return model(sequences, attention_mask=mask, use_cache=False).logits[:, prompt_len - 1 : -1].double()
+
+
+def rounding_tie(model, logits: torch.Tensor) -> torch.Tensor:
+    """How far apart two float routes may round the logits (..., V) of one step: GREEDY_TIE_EPS eps
+    of the model's dtype times the step's largest |logit|, shape (...)."""
+    return GREEDY_TIE_EPS * torch.finfo(model.dtype).eps * logits.abs().amax(-1)
+
+
 def penalised(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
     """Hugging Face's repetition penalty, written out so that it is checked, not reused: the logit
     (B, V) of a token in `seen_ids` (B, T) is divided by `penalty` when positive, multiplied when not."""
@@ -68,25 +89,144 @@ def assert_greedy(
     mask: (B, prompt_len) attention mask of the prompts (left padding), grown with ones.
     penalty: Hugging Face's repetition penalty (`penalised`), on the tokens already in the sequence.
     """
-    B, T = sequences.shape
-    if mask is not None:
-        mask = torch.cat([mask, mask.new_ones(B, T - prompt_len)], dim=-1)
-    with torch.no_grad():
-        logits = model(sequences, attention_mask=mask, use_cache=False).logits[:, prompt_len - 1 : -1].double()
+    logits = rollout_logits(model, sequences, prompt_len, mask)
     chosen = sequences[:, prompt_len:]
     if penalty != 1.0:
         for j in range(chosen.shape[1]):  # step j has seen the prompt and the first j new tokens
             logits[:, j] = penalised(logits[:, j], sequences[:, : prompt_len + j], penalty)
     best, top = logits.max(-1)
     got = logits.gather(-1, chosen[..., None])[..., 0]
-    eps = torch.finfo(model.dtype).eps
-    tie = GREEDY_TIE_EPS * eps * logits.abs().amax(-1)
+    tie = rounding_tie(model, logits)
     short = (best - got > tie).nonzero().tolist()
     assert not short, "not a greedy choice: " + "; ".join(
         f"row {r} new token {j}: {int(chosen[r, j])} ({float(got[r, j]):.6g}) where {int(top[r, j])} "
         f"has {float(best[r, j]):.6g} (tie {float(tie[r, j]):.2g})"
         for r, j in short[:4]
     )
+
+
+class Seeded(NamedTuple):
+    """A generate() call run from a seed: its output (return_dict_in_generate=True) and the state of
+    torch's CPU generator after it, which tells whether two runs drew the same random numbers."""
+
+    out: Any
+    rng: torch.Tensor
+
+
+def seeded(seed: int, run) -> Seeded:
+    """run() (a generate() call) under torch.manual_seed(seed) and no_grad."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = run()
+    return Seeded(out, torch.get_rng_state())
+
+
+# What assert_sampled reads from generate(): the raw logits and the processed scores of every step.
+SAMPLED_OUTPUTS = dict(return_dict_in_generate=True, output_logits=True, output_scores=True)
+
+
+def assert_sampled(
+    model, run: Seeded, prompt_len: int, mask: torch.Tensor | None = None, reference: Seeded | None = None
+) -> None:
+    """A sampling route's generate() output (`run`, with SAMPLED_OUTPUTS) drew every token after the
+    prompt from the model's distribution given the tokens before it:
+
+    - the logits of every step (output_logits) are the parallel forward's (`rollout_logits`: no cache,
+      no generation code) on the run's own sequences, within the rounding tie of two float routes
+      (`rounding_tie`: GREEDY_TIE_EPS eps of the step's largest |logit|, 8 times the ~25 eps measured
+      between two routes); a cache that lost or misplaced state is off by O(1);
+    - every drawn token has a finite processed score (output_scores: after temperature, top-k,
+      top-p), i.e. non-zero probability in what the sampler was handed.
+
+    reference: the same call through another route (use_cache=False, the eager cache) from the same
+    seed. Both routes must have drawn the same random numbers (the same generator state after them)
+    and both pass the checks above. Their ids are not compared: where a draw (or a top-k / top-p cut)
+    lies within rounding of a boundary, the same random numbers under two distributions that differ
+    by rounding pick different tokens, and the rows part there; each route's continuation is still
+    checked against the parallel forward on its own tokens.
+
+    mask: (B, prompt_len) attention mask of the prompts (left padding)."""
+    out = run.out
+    new = out.sequences[:, prompt_len:]
+    assert len(out.logits) == len(out.scores) == new.shape[1], "generate() must return SAMPLED_OUTPUTS"
+    ref = rollout_logits(model, out.sequences, prompt_len, mask)
+    err = (torch.stack(out.logits, 1).double() - ref).abs().amax(-1)
+    tie = rounding_tie(model, ref)
+    off = (err > tie).nonzero().tolist()
+    assert not off, "logits are not the parallel forward's: " + "; ".join(
+        f"row {r} new token {j}: off by {float(err[r, j]):.3g} (tie {float(tie[r, j]):.2g})" for r, j in off[:4]
+    )
+    drawn = torch.stack(out.scores, 1).gather(-1, new[..., None])[..., 0]
+    barred = (~drawn.isfinite()).nonzero().tolist()
+    assert not barred, "drawn where the sampler had probability 0: " + "; ".join(
+        f"row {r} new token {j}: {int(new[r, j])}" for r, j in barred[:4]
+    )
+    if reference is not None:
+        assert reference.out.sequences.shape == out.sequences.shape
+        assert torch.equal(run.rng, reference.rng), "the two routes drew different random numbers"
+        assert_sampled(model, reference, prompt_len, mask)
+
+
+def assert_beams(
+    model,
+    run: Seeded,
+    prompt_len: int,
+    num_beams: int,
+    returned: int = 1,
+    mask: torch.Tensor | None = None,
+    sampled: bool = False,
+    length_penalty: float = 1.0,
+    reference: Seeded | None = None,
+) -> None:
+    """A beam search's generate() output (`run`: return_dict_in_generate=True, output_scores=True;
+    `returned` (num_return_sequences) rows per prompt, in order; no stop token, so every beam has all `new` tokens):
+
+    - each returned beam's sequences_score is the parallel forward's (`rollout_logits`) sum of the
+      log-probabilities of its tokens divided by new ** length_penalty, within
+      (2 sum_j tie_j + new eps |sum|) / new ** length_penalty: a logit off by tie_j (`rounding_tie`)
+      moves a log-softmax by at most 2 tie_j, and the float32 running sum of `new` terms rounds by
+      at most new eps |sum|. A cache reordered to the wrong beam scores its tokens under another
+      prefix, off by O(1);
+    - (not `sampled`) every token is among the best num_beams continuations of its own prefix, up
+      to the rounding tie: a beam is kept only while it ranks in the top num_beams candidates, and
+      its prefix's other continuations compete with the same running score;
+    - each prompt's beams come back best first.
+
+    reference: the same call through another route (use_cache=False, the eager cache), same seed:
+    both routes drew the same random numbers and pass these checks. Their beams are not compared:
+    one candidate kept instead of another within rounding of the same score sends the two searches
+    down different branches, whose final scores need not be close.
+
+    mask: (B, prompt_len) attention mask of the prompts (left padding)."""
+    out = run.out
+    seqs, scores = out.sequences, out.sequences_scores.double()
+    new = seqs.shape[1] - prompt_len
+    logits = rollout_logits(model, seqs, prompt_len, mask)
+    tie = rounding_tie(model, logits)
+    chosen = seqs[:, prompt_len:, None]
+    total = logits.log_softmax(-1).gather(-1, chosen)[..., 0].sum(-1)
+    eps = torch.finfo(torch.float32).eps  # generate() keeps beam scores in float32
+    bound = (2 * tie.sum(-1) + new * eps * total.abs()) / new**length_penalty
+    err = (scores - total / new**length_penalty).abs()
+    off = (err > bound).nonzero()[:, 0].tolist()
+    assert not off, "beam scores are not the parallel forward's: " + "; ".join(
+        f"beam {r}: {float(scores[r]):.6g} where the forward gives {float(total[r] / new**length_penalty):.6g} "
+        f"(bound {float(bound[r]):.2g})"
+        for r in off[:4]
+    )
+    if not sampled:
+        got = logits.gather(-1, chosen)
+        better = (logits > got + tie[..., None]).sum(-1)
+        low = (better >= num_beams).nonzero().tolist()
+        assert not low, f"not among the best {num_beams} continuations: " + "; ".join(
+            f"beam {r} new token {j}: {int(chosen[r, j])} has {int(better[r, j])} better" for r, j in low[:4]
+        )
+    per_prompt = out.sequences_scores.view(-1, returned)
+    assert (per_prompt[:, :-1] >= per_prompt[:, 1:]).all(), per_prompt
+    if reference is not None:
+        assert reference.out.sequences.shape == seqs.shape
+        assert torch.equal(run.rng, reference.rng), "the two routes drew different random numbers"
+        assert_beams(model, reference, prompt_len, num_beams, returned, mask, sampled, length_penalty)
 
 
 def naive_greedy(

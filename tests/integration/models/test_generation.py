@@ -8,12 +8,24 @@ impulse response is still large after l_max taps, so a recurrence that ignored t
 aliasing (the C = b (I - A^L)^-1 correction) or a prefill with a wrong state would fail these
 tests instead of hiding behind fast-decaying filters. initializer_range 0.3 spreads the logits, and
 greedy tokens are checked with `assert_greedy` (a greedy choice of the parallel forward, up to a
-rounding tie), never as equal ids from two routes whose rounding a near-tie could tell apart.
+rounding tie), sampled tokens with `assert_sampled` and beams with `assert_beams` (drawn from, and
+scored by, the parallel forward), never as equal ids from two routes whose rounding a near-tie
+could tell apart.
 """
 
 import pytest
 import torch
-from support.helpers import assert_greedy, naive_greedy, spy_on_forward, tiny_config, train_tiny_tokenizer
+from support.helpers import (
+    SAMPLED_OUTPUTS,
+    assert_beams,
+    assert_greedy,
+    assert_sampled,
+    naive_greedy,
+    seeded,
+    spy_on_forward,
+    tiny_config,
+    train_tiny_tokenizer,
+)
 
 from models import HyenaRTFForCausalLM
 from models.hf_compat import cache_kwargs, output_cache
@@ -86,39 +98,42 @@ def test_greedy_generate_decodes_greedily_past_l_max(attn):
 
 
 def test_sampling_is_seeded_and_matches_the_uncached_path():
+    """Seeded sampling (temperature, top-k, top-p) is reproducible, and through the cache it draws
+    from the parallel forward's distribution with the random numbers of a run without the cache
+    (assert_sampled; the tokens of the two routes are not compared, a draw within rounding of a
+    boundary may part them)."""
     model = tiny_model("rtf", [1])
     ids = torch.randint(1, VOCAB, (3, 5), generator=torch.Generator().manual_seed(3))
-    kw = dict(max_new_tokens=30, do_sample=True, temperature=0.9, top_k=40, top_p=0.95)
+    kw = dict(max_new_tokens=30, do_sample=True, temperature=0.9, top_k=40, top_p=0.95, **SAMPLED_OUTPUTS)
 
     def sample(seed, **extra):
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            return model.generate(ids, **kw, **extra)
+        return seeded(seed, lambda: model.generate(ids, **kw, **extra))
 
     a, b, c = sample(0), sample(0), sample(1)
-    assert torch.equal(a, b)
-    assert not torch.equal(a, c)
-    # Same seed, same random draws: the recurrent path must pick what the full forward picks.
-    assert torch.equal(a, sample(0, use_cache=False))
-    assert not torch.equal(a, model.generate(ids, max_new_tokens=30, do_sample=False))
+    assert torch.equal(a.out.sequences, b.out.sequences)  # the same route twice: the same arithmetic
+    assert not torch.equal(a.out.sequences, c.out.sequences)
+    assert_sampled(model, a, 5, reference=sample(0, use_cache=False))
+    greedy = model.generate(ids, max_new_tokens=30, do_sample=False)
+    assert not torch.equal(a.out.sequences, greedy)
 
 
 @pytest.mark.parametrize("attn", [None, [1]], ids=["hyena", "hybrid"])
 def test_beam_search_with_cache_equals_without(attn):
-    """Beam search reorders the cache every step (HyenaRTFCache.reorder_cache); the result must be
-    what beam search over full forwards gives."""
+    """Beam search reorders the cache every step (HyenaRTFCache.reorder_cache): every beam it returns,
+    with the cache and without, is scored as the parallel forward scores it and keeps only
+    continuations among the best 4 of their prefix (assert_beams; the two routes' beams are not
+    compared, a near-tie of two candidates may send them down different branches)."""
     model = tiny_model("rtf", attn)
     ids = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(4))
     kw = dict(max_new_tokens=30, num_beams=4, num_return_sequences=2, do_sample=False, early_stopping=False)
-    with torch.no_grad():
-        cached = model.generate(ids, **kw, return_dict_in_generate=True, output_scores=True)
-        uncached = model.generate(ids, **kw, use_cache=False, return_dict_in_generate=True, output_scores=True)
-    assert cached.sequences.shape == (4, 35)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores, rtol=1e-4, atol=1e-5)
+    kw.update(return_dict_in_generate=True, output_scores=True)
+    cached = seeded(0, lambda: model.generate(ids, **kw))
+    uncached = seeded(0, lambda: model.generate(ids, **kw, use_cache=False))
+    assert cached.out.sequences.shape == (4, 35)
+    assert_beams(model, cached, 5, num_beams=4, returned=2, reference=uncached)
     # Two distinct beams per prompt came back (the search kept alternatives alive).
-    assert not torch.equal(cached.sequences[0], cached.sequences[1])
-    assert not torch.equal(cached.sequences[2], cached.sequences[3])
+    assert not torch.equal(cached.out.sequences[0], cached.out.sequences[1])
+    assert not torch.equal(cached.out.sequences[2], cached.out.sequences[3])
 
 
 def test_repetition_penalty_decodes_greedily_on_penalised_logits():

@@ -6,7 +6,8 @@ this module under the oldest supported release and under the newest one pip reso
 one position per step), never by comparing cached with uncached generation alone: on a release
 whose cache keyword the model does not know, both silently become the same full re-run.
 Greedy tokens are checked with `assert_greedy`: each is a greedy choice of a full parallel forward,
-which uses no cache and no generation code.
+which uses no cache and no generation code; sampled tokens and beams likewise (`assert_sampled`,
+`assert_beams`), never as equal ids from two routes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from support.helpers import REPO, assert_greedy, load_script, spy_on_forward, tiny_model, train_tiny_tokenizer
+from support.helpers import (
+    REPO,
+    SAMPLED_OUTPUTS,
+    assert_beams,
+    assert_greedy,
+    assert_sampled,
+    load_script,
+    seeded,
+    spy_on_forward,
+    tiny_model,
+    train_tiny_tokenizer,
+)
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from data_prep.tokenizer import hf_tokenizer
@@ -53,25 +65,27 @@ def test_generate_feeds_the_prompt_once_then_one_token_per_step(mode, padded):
     ids, mask = prompt_ids(), torch.ones(2, PROMPT, dtype=torch.long)
     if padded:
         ids[0, :4], mask[0, :4] = 0, 0
+    kw = dict(attention_mask=mask, max_new_tokens=NEW, **MODES[mode], **SAMPLED_OUTPUTS)
     calls = spy_on_forward(model)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, **MODES[mode])
+    run = seeded(0, lambda: model.generate(ids, **kw))
     assert [c.positions for c in calls] == [PROMPT] + [1] * (NEW - 1)
     assert [c.seen for c in calls] == [None] + list(range(PROMPT, PROMPT + NEW - 1))
-    # And what was decoded that way is right: greedy tokens are the parallel forward's greedy choices;
-    # the other modes give the tokens of a run without the cache (which, the counts above show, is a
-    # different computation) from the same seed. Their draws and beam rankings could part only where
-    # two routes' rounding (~1e-6 of a probability) straddles a uniform draw or a score tie.
+    # And what was decoded that way is right, checked against a full parallel forward (no cache, no
+    # generation code) on the run's own tokens: greedy tokens are its greedy choices, sampled ones
+    # were drawn from its distribution, beams carry its scores (support.helpers). The other modes
+    # also run without the cache (which, the counts show, is a different computation) from the same
+    # seed: both routes must draw the same random numbers, and pass the same checks. Their ids are
+    # not compared: a draw or a beam score within rounding (~1e-6) of a boundary may part them.
     if mode == "greedy":
-        assert_greedy(model, out, PROMPT, mask)
+        assert_greedy(model, run.out.sequences, PROMPT, mask)
         return
     uncached_calls = spy_on_forward(model)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        uncached = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, use_cache=False, **MODES[mode])
+    uncached = seeded(0, lambda: model.generate(ids, **kw, use_cache=False))
     assert [c.positions for c in uncached_calls] == list(range(PROMPT, PROMPT + NEW))
-    assert torch.equal(out, uncached)
+    if mode == "sampling":
+        assert_sampled(model, run, PROMPT, mask, reference=uncached)
+    else:
+        assert_beams(model, run, PROMPT, 3, mask=mask, sampled=mode == "beam_sample", reference=uncached)
 
 
 def test_decode_step_cost_does_not_grow_with_the_prompt():

@@ -17,7 +17,7 @@ import ast
 import numpy as np
 import pytest
 import torch
-from support.helpers import assert_greedy, spy_on_forward, tiny_model
+from support.helpers import assert_beams, assert_greedy, seeded, spy_on_forward, tiny_model
 from support.train_utils import TINY
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM
@@ -262,18 +262,18 @@ def test_generate_with_cache_decodes_greedily(attn, padded):
 
 
 def test_beam_search_with_cache_equals_without():
-    """Beam search reorders the MultiHyena states (HyenaState.index_select) every step; it must
-    find what beam search over full forwards finds (scores to float32 rounding)."""
+    """Beam search reorders the MultiHyena states (HyenaState.index_select) every step: every beam it
+    returns, with the cache and without, is scored as the parallel forward scores it and keeps only
+    continuations among the best 4 of their prefix (assert_beams; the two routes' beams are not
+    compared, a near-tie of two candidates may send them down different branches)."""
     model = multihyena_lm([1])
     ids = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(4))
     kw = dict(max_new_tokens=30, num_beams=4, num_return_sequences=2, do_sample=False, early_stopping=False)
     kw.update(return_dict_in_generate=True, output_scores=True)
-    with torch.no_grad():
-        cached = model.generate(ids, **kw)
-        uncached = model.generate(ids, **kw, use_cache=False)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores, rtol=1e-4, atol=1e-5)
-    assert not torch.equal(cached.sequences[0], cached.sequences[1])
+    cached = seeded(0, lambda: model.generate(ids, **kw))
+    uncached = seeded(0, lambda: model.generate(ids, **kw, use_cache=False))
+    assert_beams(model, cached, 5, num_beams=4, returned=2, reference=uncached)
+    assert not torch.equal(cached.out.sequences[0], cached.out.sequences[1])
 
 
 def test_export_loads_with_the_same_logits(tmp_path):

@@ -17,7 +17,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.helpers import assert_greedy, counting_backend, decode_tolerance, slow_poles, tiny_model
+from support.helpers import (
+    SAMPLED_OUTPUTS,
+    assert_beams,
+    assert_greedy,
+    assert_sampled,
+    counting_backend,
+    decode_tolerance,
+    seeded,
+    slow_poles,
+    tiny_model,
+)
 from transformers import CompileConfig
 
 from models.attention import StaticKV
@@ -328,21 +338,31 @@ def test_generate_compiles_the_static_step_and_feeds_one_token_per_step(how):
 
 @pytest.mark.hf
 def test_generate_with_a_static_cache_samples_and_beam_searches_as_the_eager_cache():
-    """Sampling (same seed) and beam search (reorder_cache in place on the static buffers) give the
-    eager cache's sequences (the two routes' rounding, ~1e-6 of a probability, could part them only
-    at a draw or a beam score that close to a boundary); a returned static cache continues greedily
-    in a second generate() call."""
+    """Sampling (same seed) through the compiled static step draws from the parallel forward's
+    distribution with the eager cache's random numbers (assert_sampled); beam search on a static
+    cache (reorder_cache in place on its buffers; generate() runs beam search's steps uncompiled)
+    returns beams scored as the parallel forward scores them, each token among the best 4
+    continuations of its prefix (assert_beams). The ids of the two routes are not compared: their
+    rounding (~1e-6 of a probability) may part them at a draw or a beam score that close to a
+    boundary. A returned static cache continues greedily in a second generate() call."""
     model = model_of("hybrid")
     ids, _ = batch(PROMPT, pads=(0, 0))
-    sample = dict(max_new_tokens=20, do_sample=True, top_k=20)
+    sample = dict(max_new_tokens=20, do_sample=True, top_k=20, **SAMPLED_OUTPUTS)
     beams = dict(max_new_tokens=20, num_beams=4, num_return_sequences=2, do_sample=False, early_stopping=False)
+    beams.update(return_dict_in_generate=True, output_scores=True)
+
+    def static_and_eager(kw, graphs):
+        compiled = dict(compile_config=compile_everywhere(graphs), cache_implementation="static")
+        static = seeded(0, lambda: model.generate(ids, **kw, **compiled))
+        assert isinstance(output_cache(static.out), StaticHyenaRTFCache)
+        return static, seeded(0, lambda: model.generate(ids, **kw))
+
+    graphs = []
+    runs = {"sample": static_and_eager(sample, graphs), "beams": static_and_eager(beams, [])}
+    assert len(graphs) == 1  # sampling's steps ran through the compiled static step
+    assert_sampled(model, runs["sample"][0], PROMPT, reference=runs["sample"][1])
+    assert_beams(model, runs["beams"][0], PROMPT, num_beams=4, returned=2, reference=runs["beams"][1])
     with torch.no_grad():
-        for kw in (sample, beams):
-            torch.manual_seed(0)
-            eager = model.generate(ids, **kw)
-            torch.manual_seed(0)
-            static = model.generate(ids, **kw, compile_config=compile_everywhere([]), cache_implementation="static")
-            assert torch.equal(static, eager), kw
         first = model.generate(
             ids,
             max_new_tokens=5,
