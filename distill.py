@@ -24,7 +24,8 @@ Bad input (a folder that is not a Hyena-RTF checkpoint, no Hyena layer, an order
 [1, l_max), non-finite filter weights, an OUT that holds other things) is one error line, exit
 status 2, before anything is written. OUT (and --report) are checked before the fit: writable, and
 apart from the inputs (OUT may not be the checkpoint or a --data file, lie inside one, or contain
-one, realpath compared, --overwrite or not). OUT is replaced only as train.py's export replaces a
+one, realpath compared, --overwrite or not); --report may not be OUT nor lie inside it, except as
+the default OUT/distill_report.json. OUT is replaced only as train.py's export replaces a
 folder (export/folder.py: by the stamp an earlier export wrote, never by names). A write that fails
 (full disk, read-only folder, permission denied, a file removed meanwhile) is one line naming the
 path, exit 2; Ctrl-C is one line, exit 130; either way OUT is the earlier folder or the new one
@@ -39,11 +40,11 @@ from pathlib import Path
 
 import torch
 
-from distillation.checkpoint import DistillError, Options, distill_checkpoint
+from distillation.checkpoint import DistillError, Options, check_report_outside, distill_checkpoint
 from distillation.fit import R_MAX
 from evaluation.scoring import EvalError
 from hf.loading import LoadError
-from utils.atomic import NotReplaceableError, check_apart, check_writable
+from utils.atomic import NotReplaceableError, check_apart, check_not_workplace, check_writable, file_target
 from utils.cli import OneLineParser, UsageError
 from utils.logs import error_exit, setup_logging
 
@@ -109,8 +110,15 @@ def check_paths(opts: Options) -> None:
     """NotReplaceableError (one line) unless OUT and the report are apart from every input (the
     checkpoint, the --data files) and can be written; before anything is loaded."""
     inputs = [opts.checkpoint, *opts.data]
+    check_not_workplace(opts.out)  # not the current folder (an empty OUT is one), --overwrite or not
     check_apart(opts.out, inputs, flag="")  # the message starts with OUT itself
     check_writable(opts.out, "OUT")
+    check_report_outside(opts)  # before the next check: a report naming OUT is told so
+    for path in (opts.report_path, opts.plot_path):
+        try:
+            file_target(path)  # not a folder, a device or a FIFO, --overwrite or not
+        except NotReplaceableError as e:
+            raise NotReplaceableError(f"--report {path}: {e}") from None
     if opts.report is not None:
         check_apart(opts.report, inputs, flag="--report")
         check_writable(opts.report, "--report")

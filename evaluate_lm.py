@@ -15,6 +15,12 @@ accuracy = fraction of examples where greedy argmax reproduces every target toke
 perplexity = exp(mean over examples of the target's NLL), the per-word figure papers report;
 token_perplexity = exp(target NLL / target tokens).
 
+A data_prep shard (`--data` folder or .bin/.idx) holds token ids, which mean something only to
+the tokenizer that made them: it is refused unless every token of the tokenizer.json beside it
+has the same id in the model's tokenizer. A model with learned absolute positions (GPT-2's
+n_positions, OPT's max_position_embeddings) refuses a --context-length past that table; models
+whose positions are computed (Hyena-RTF, rotary GPT-NeoX) take any length.
+
 Exit status: 0 done; 2 bad arguments, model, data or --output (one line `evaluate_lm.py: error: ...`
 naming the file); 130 interrupted (Ctrl-C), also one line. --output is checked before the evaluation
 runs: not a folder, in a writable folder, apart from every input (not the model folder or a data file,
@@ -44,6 +50,7 @@ from data_prep.indexed import MMapIndexedDataset
 from evaluation.scoring import (
     EvalError,
     Window,  # noqa: F401
+    check_context_length,
     check_device,
     check_vocabulary,
     default_context_length,
@@ -64,7 +71,7 @@ from evaluation.scoring import (
 )
 from hf.loading import LoadError, check_model_folder, load_tokenizer
 from models.precision import DTYPES
-from utils.atomic import NotReplaceableError, check_apart, is_json_report, write_text
+from utils.atomic import NotReplaceableError, check_apart, file_target, is_json_report, write_text
 from utils.cli import OneLineParser, UsageError
 from utils.logs import error_exit
 
@@ -172,6 +179,7 @@ def evaluate(args):
     lambada = lambada_windows(args.lambada, tokenizer, context_length, args.max_documents) if args.lambada else None
 
     model = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    check_context_length(model, args.model, context_length)  # GPT-2 and the like: no position past their table
     results = {
         "kind": REPORT_KIND,
         "model": str(args.model),
@@ -236,8 +244,10 @@ def check_output(path: Path | None, inputs=(), overwrite: bool = False) -> None:
     data next time), and not a file this program did not write, unless `overwrite`."""
     if path is None:
         return
-    if path.is_dir():
-        raise EvalError(f"--output {path} is a folder; name the JSON file to write")
+    try:
+        file_target(path)  # not a folder, a device or a FIFO, --overwrite or not
+    except NotReplaceableError as e:
+        raise EvalError(f"--output: {e}") from None
     if (path.exists() or path.is_symlink()) and not overwrite and not is_report(path):
         raise EvalError(
             f"--output {path} exists and is not an evaluate_lm.py report; pass --overwrite to replace it, "

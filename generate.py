@@ -17,7 +17,8 @@ Output: with a single prompt and a single sample the text streams to stdout as i
 otherwise each output gets a `==> prompt I sample J <==` header (streamed when --batch-size is 1,
 printed per batch otherwise). Time to first token and tokens/s are logged to stderr. Bad arguments
 and folders that cannot be loaded give a one-line error and exit code 2, before any model loads
-(--compile on a model without a static step: once it has loaded).
+(--compile on a model without a static step, and a prompt plus --max-new-tokens longer than a
+model with learned absolute positions can take: once it has loaded, before any token is decoded).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from evaluation.scoring import position_limit
 from hf.loading import LoadError, check_model_folder, load_pretrained, load_tokenizer
 from hf.streaming import Streamer
 from models.hf_compat import cache_kwargs, output_cache
@@ -156,6 +158,25 @@ def load(checkpoint: str, device: str, dtype_name: str, trust_remote_code: bool 
             tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.convert_ids_to_tokens(0)
         )
     return model, tokenizer
+
+
+def check_positions(model, tokenizer, prompts: list[str], args) -> None:
+    """UsageError before any token is decoded when the longest prompt plus --max-new-tokens does not
+    fit a model with learned absolute positions (GPT-2's n_positions; `position_limit`): past its
+    position table the forward fails with an IndexError, after part of the text has been streamed.
+    Models whose positions are computed (Hyena-RTF, rotary GPT-NeoX) decode any length."""
+    limit = position_limit(model)
+    if limit is None:
+        return
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[longest] + args.max_new_tokens > limit[0]:
+        which = "the prompt" if len(prompts) == 1 else f"prompt {longest + 1}"
+        raise UsageError(
+            f"{which} of {lengths[longest]} tokens + --max-new-tokens {args.max_new_tokens} exceeds the "
+            f"{limit[0]} positions of the model ({limit[1]} in {Path(args.checkpoint) / 'config.json'}: learned "
+            "absolute positions); shorten the prompt or lower --max-new-tokens"
+        )
 
 
 def logits_processors(args):
@@ -282,6 +303,7 @@ def run(args, prompts: list[str], out=sys.stdout) -> list[str]:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     stop = eos_ids(model, tokenizer)
+    check_positions(model, tokenizer, prompts, args)
     decoder = static_decoder(model, tokenizer, prompts, args) if args.compile else None
     jobs = [(i, j) for i in range(len(prompts)) for j in range(args.num_samples)]
     single = len(jobs) == 1

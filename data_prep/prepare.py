@@ -327,6 +327,49 @@ def _cli_error(e: BaseException) -> str:
     return str(e)
 
 
+# The flags that shape what tokenizing a corpus builds, by their argparse dest. Linking existing
+# shards (--indexed-train/--indexed-val) reads only --tokenizer, --eos-token, --out and --overwrite,
+# so any of these beside it would be silently ignored (--workers and --no-progress change nothing
+# that is built, and --force: a link always rewrites, so those three are harmless and allowed).
+_TOKENIZING_FLAGS = {
+    "input": "--input",
+    "vocab_size": "--vocab-size",
+    "bpe_train_bytes": "--bpe-train-bytes",
+    "val_fraction": "--val-fraction",
+    "seed": "--seed",
+    "on_error": "--on-error",
+    "on_file_error": "--on-file-error",
+    "max_docs": "--max-docs",
+    "max_bytes": "--max-bytes",
+    "pile_sets": "--pile-set",
+    "dtype": "--dtype",
+    "text_key": "--text-key",
+    "text_chunk_bytes": "--text-chunk-bytes",
+    "chunk_bytes": "--chunk-bytes",
+}
+
+
+def _check_indexed_flags(ap: argparse.ArgumentParser, argv, a: argparse.Namespace) -> None:
+    """UsageError when --indexed-* is combined with a flag only tokenizing uses (`_TOKENIZING_FLAGS`),
+    or --indexed-val comes without --indexed-train (which alone selects linking). The flags given
+    are told from those left out by parsing again into a namespace that holds None for each of
+    them (argparse fills in a default only where the namespace has no value), so that a value
+    equal to its default counts as given too."""
+    if not (a.indexed_train or a.indexed_val):
+        return
+    if not a.indexed_train:
+        raise UsageError("--indexed-val needs --indexed-train (linking takes both splits' prefixes)")
+    if not a.tokenizer:
+        raise UsageError("--indexed-train needs --tokenizer")
+    seen = ap.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(_TOKENIZING_FLAGS)))
+    given = [flag for dest, flag in _TOKENIZING_FLAGS.items() if getattr(seen, dest) is not None]
+    if given:
+        raise UsageError(
+            f"--indexed-train links existing token shards and tokenizes nothing, so {', '.join(given)} "
+            "would be ignored; drop them, or drop --indexed-train/--indexed-val to tokenize the corpus"
+        )
+
+
 def main(argv=None) -> int:
     ap = OneLineParser(
         prog=PROG,
@@ -374,8 +417,7 @@ def main(argv=None) -> int:
     ap.add_argument("--indexed-val")
     try:
         a = ap.parse_args(argv)
-        if a.indexed_train and not a.tokenizer:
-            raise UsageError("--indexed-train needs --tokenizer")
+        _check_indexed_flags(ap, argv, a)
     except UsageError as e:
         return error_exit(PROG, e)
     setup_logging()

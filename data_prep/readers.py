@@ -44,6 +44,10 @@ from typing import Any, NamedTuple
 
 import zstandard
 
+from utils.logs import get_logger
+
+log = get_logger("data_prep")
+
 READ_BLOCK = 1 << 20
 # The largest plain-text document a file given with text_chunk_bytes = 0 ("one document per
 # file") is kept whole up to; a larger file is cut into documents of about this size (see
@@ -144,10 +148,17 @@ def _is_hf_disk(d: Path) -> bool:
 
 
 def _walk(d: Path) -> list[Path]:
-    out = []
+    """The regular files under folder `d` (hidden names and __pycache__ left out), sorted. Anything
+    else os.walk lists as a file (a FIFO, a socket, a device) is skipped with a warning naming it:
+    reading a FIFO nobody writes to blocks forever, and a device is not a document."""
+    out, skipped = [], []
     for root, dirs, files in os.walk(d):
         dirs[:] = sorted(x for x in dirs if not x.startswith(".") and x != "__pycache__")
-        out.extend(Path(root) / f for f in sorted(files) if not f.startswith("."))
+        for path in (Path(root) / f for f in sorted(files) if not f.startswith(".")):
+            (out if path.is_file() else skipped).append(path)
+    if skipped:
+        shown = ", ".join(map(str, skipped[:3])) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        log.warning(f"skipping {len(skipped)} input(s) in {d} that are not regular files: {shown}")
     return sorted(out)
 
 
@@ -175,6 +186,8 @@ def expand_inputs(inputs: list[str]) -> list[Source]:
                     sources.append(Source(str(p), "hf_disk", files=[str(f) for f in _walk(p)]))
                 else:
                     sources.extend(Source(str(f), classify(f.name)) for f in _walk(p))
+            elif not p.is_file():  # a FIFO, socket or device named by the user: reading could block forever
+                raise SourceError(m, None, "not a regular file or folder (a FIFO, socket or device)")
             else:
                 sources.append(Source(str(p), classify(p.name)))
     return sources

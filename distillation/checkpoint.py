@@ -209,9 +209,11 @@ def check_target(opts: Options) -> None:
     """The output folder may receive the distilled checkpoint: save_hf_checkpoint's rule (absent,
     empty, or an earlier Hyena-RTF export holding only an export's files, or anything with
     --overwrite), where an earlier distillation's report files count as the export's own; never the
-    checkpoint being read. An explicit --report file that exists must be an earlier report."""
+    checkpoint being read. An explicit --report file that exists must be an earlier report, and it
+    may not be in the output folder (`check_report_outside`)."""
     if opts.out.resolve() == opts.checkpoint.resolve():
         raise DistillError(f"{opts.out} is the checkpoint being distilled; choose another output folder")
+    check_report_outside(opts)
     check_export_target(opts.out, opts.overwrite, also_owned=earlier_report_files(opts))
     if opts.report is None or opts.overwrite:
         return
@@ -225,15 +227,33 @@ def check_target(opts: Options) -> None:
         )
 
 
-def earlier_report_files(opts: Options) -> tuple[str, ...]:
-    """The names of an earlier run's report and plot inside the output folder: the default pair,
-    and the --report pair when that path lies in the folder (each pair only if its report is one)."""
+def check_report_outside(opts: Options) -> None:
+    """DistillError when --report or its .png is the output folder or lies inside it, other than
+    as the default pair (distill_report.json/.png, what leaving --report out gives).
+
+    The report is written after the checkpoint has replaced the folder, so a name of the
+    checkpoint's own (OUT/config.json, OUT/tokenizer.json) would overwrite that file, and the
+    folder itself fails only after the fit; any other name would be a file the export's stamp does
+    not list, which makes the next run refuse the folder."""
+    if opts.report is None:
+        return
     out = opts.out.resolve()
-    names: list[str] = []
-    for report in dict.fromkeys((opts.out / REPORT_NAME, opts.report_path)):
-        if report.parent.resolve() == out and is_report(report):
-            names += [report.name, report.with_suffix(Path(PLOT_NAME).suffix).name]
-    return tuple(dict.fromkeys(names))
+    for path in (opts.report_path, opts.plot_path):
+        resolved = path.resolve()
+        if resolved.parent == out and resolved.name in (REPORT_NAME, PLOT_NAME):
+            continue
+        if resolved == out or out in resolved.parents:
+            where = "is" if resolved == out else "lies inside"
+            raise DistillError(
+                f"--report {opts.report}: {path} {where} the output folder {opts.out}, which receives the "
+                f"distilled checkpoint; name a file outside it, or leave --report out to write {REPORT_NAME} there"
+            )
+
+
+def earlier_report_files(opts: Options) -> tuple[str, ...]:
+    """The names of an earlier run's report and plot inside the output folder, if its report is
+    one: the default pair, the only one a report may have there (`check_report_outside`)."""
+    return (REPORT_NAME, PLOT_NAME) if is_report(opts.out / REPORT_NAME) else ()
 
 
 def is_report(path: Path) -> bool:

@@ -43,16 +43,20 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from data_prep import layout
 from data_prep.indexed import MMapIndexedDataset
 from data_prep.readers import Source, SourceError, classify, iter_records, validate_record
 from hf.loading import load_pretrained
 from models.hf_compat import cache_kwargs, output_cache
 from models.precision import dtype_from_name
 
+# Where configs keep the size of a learned position table (GPT-2: n_positions; OPT, BERT:
+# max_position_embeddings). Rotary models (GPT-NeoX, Llama) keep their trained length there too;
+# `position_limit` tells the two apart by the model's modules.
+POSITION_CONFIG_KEYS = ("max_position_embeddings", "n_positions")
 # Where configs keep their trained length (l_max: Hyena-RTF); the default --context-length.
 CONTEXT_CONFIG_KEYS = (
-    "max_position_embeddings",
-    "n_positions",
+    *POSITION_CONFIG_KEYS,
     "l_max",
     "max_seq_len",
     "seq_len",
@@ -106,6 +110,40 @@ def default_context_length(config):
         if isinstance(getattr(config, key, None), int):
             return getattr(config, key)
     raise EvalError("the model config gives no maximum length; pass --context-length")
+
+
+# OPT's learned position table has 2 rows more than max_position_embeddings (its positions start at 2).
+POSITION_TABLE_OFFSETS = (0, 2)
+
+
+def position_limit(model):
+    """(limit, config key) when the model has learned absolute positions, else None.
+
+    Such a model (GPT-2, OPT) looks each position up in a table of `limit` rows, so a sequence
+    longer than that ends in an IndexError deep inside the forward; models whose positions are
+    computed (rotary GPT-NeoX, Hyena-RTF's filters) run past their trained length and have no
+    limit. The table is recognised as an embedding other than the token embedding whose size is
+    the config's position count (POSITION_CONFIG_KEYS), plus OPT's offset."""
+    # The keys as config.json spells them (GPT2Config also answers to max_position_embeddings).
+    saved, tokens = model.config.to_dict(), model.get_input_embeddings()
+    limits = [(saved[key], key) for key in POSITION_CONFIG_KEYS if isinstance(saved.get(key), int)]
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding) and module is not tokens:
+            for value, key in limits:
+                if module.num_embeddings - value in POSITION_TABLE_OFFSETS:
+                    return value, key
+    return None
+
+
+def check_context_length(model, path, context_length):
+    """EvalError when windows of `context_length` inputs need positions the model has no embedding
+    for (`position_limit`); checked once the model is loaded, before any scoring."""
+    limit = position_limit(model)
+    if limit is not None and context_length > limit[0]:
+        raise EvalError(
+            f"--context-length {context_length} exceeds the {limit[0]} positions of the model "
+            f"({limit[1]} in {path}/config.json: learned absolute positions); pass --context-length <= {limit[0]}"
+        )
 
 
 # ----------------------------------------------------------------------------- documents
@@ -166,19 +204,56 @@ def text_documents(path, tokenizer, max_documents=None, max_tokens=None):
     return documents
 
 
+def shard_prefix(path):
+    """The .bin/.idx path prefix of a --data shard: a data_prep folder's val split, or the pair named."""
+    return path / layout.VAL if path.is_dir() else path.with_suffix("")
+
+
+def shard_tokenizer_file(prefix):
+    """The tokenizer.json the shard at `prefix` was made with: data_prep keeps it in the shard's folder."""
+    tokenizer_file = prefix.parent / layout.TOKENIZER
+    if not tokenizer_file.is_file():
+        raise EvalError(f"no {layout.TOKENIZER} beside {prefix}: cannot tell which tokenizer made the shard")
+    return tokenizer_file
+
+
+def check_shard_tokenizer(path, tokenizer):
+    """EvalError unless the shard at `path` was made with the model's tokenizer `tokenizer`.
+
+    A shard stores token ids, not text: ids of another tokenizer whose vocabulary is no larger
+    than the model's pass `check_vocabulary` and are scored into a meaningless perplexity. The
+    shard's tokenizer matches when each of its tokens has the same id in the model's tokenizer;
+    the model's may hold more (a pad token added at export), which no stored id can be."""
+    tokenizer_file = shard_tokenizer_file(shard_prefix(path))
+    try:
+        stored = Tokenizer.from_file(str(tokenizer_file)).get_vocab(with_added_tokens=True)
+    except Exception as error:  # noqa: BLE001 - tokenizers raises its own exception types
+        raise EvalError(f"cannot read {tokenizer_file}: {' '.join(str(error).split())}") from None
+    model_vocab = tokenizer.get_vocab()
+    differing = sorted((i, token) for token, i in stored.items() if model_vocab.get(token) != i)
+    if differing:
+        i, token = differing[0]
+        model = getattr(tokenizer, "name_or_path", "") or "the model"
+        found = "has no such token" if token not in model_vocab else f"gives it id {model_vocab[token]}"
+        raise EvalError(
+            f"{path} was made with another tokenizer than the model's: {tokenizer_file} gives {token!r} "
+            f"id {i}, the tokenizer of {model} {found} ({len(differing)} of {len(stored)} tokens differ); "
+            "prepare the data with the model's tokenizer, or pass the text instead"
+        )
+
+
 def shard_documents(path, max_documents=None, max_tokens=None, reader=MMapIndexedDataset):
     """Documents of a data_prep token shard: a folder (its val split) or a .bin/.idx path prefix.
 
     Reads through `reader(prefix)`, by default data_prep.indexed.MMapIndexedDataset (Megatron
     layout): len(ds) sequences, ds[i] -> array of ids, ds.doc_idx -> document starts in sequence
     units (one sequence per document when absent). Bytes come from the shard's own tokenizer.json."""
-    prefix = path / "val" if path.is_dir() else path.with_suffix("")
+    prefix = shard_prefix(path)
     if not prefix.with_suffix(".bin").is_file() or not prefix.with_suffix(".idx").is_file():
         raise EvalError(f"no {prefix}.bin / {prefix}.idx token shard")
-    if not (prefix.parent / "tokenizer.json").is_file():
-        raise EvalError(f"no tokenizer.json beside {prefix}: cannot count the bytes of the shard's text")
+    tokenizer_file = shard_tokenizer_file(prefix)
     try:
-        decoder = Tokenizer.from_file(str(prefix.parent / "tokenizer.json"))
+        decoder = Tokenizer.from_file(str(tokenizer_file))
         dataset = reader(str(prefix))
     except Exception as error:  # noqa: BLE001 - tokenizers and the index reader raise several types
         raise EvalError(f"cannot read the token shard {prefix}: {' '.join(str(error).split())}") from None
@@ -214,8 +289,10 @@ def is_shard(path):
 
 def load_documents(path, tokenizer, max_documents=None, max_tokens=None, reader=MMapIndexedDataset):
     """The Documents of one --data input: a data_prep token shard (read through `reader`, see
-    `shard_documents`) or a text / .jsonl / .jsonl.zst file. EvalError if none has a token."""
+    `shard_documents`) or a text / .jsonl / .jsonl.zst file. EvalError if none has a token, or if
+    a shard was made with another tokenizer than `tokenizer` (`check_shard_tokenizer`)."""
     if is_shard(path):
+        check_shard_tokenizer(path, tokenizer)
         documents = shard_documents(path, max_documents, max_tokens, reader)
     else:
         documents = text_documents(path, tokenizer, max_documents, max_tokens)

@@ -130,6 +130,8 @@ def load_tokenizer(path, trust_remote_code: bool = False) -> PreTrainedTokenizer
                 raise LoadError(f"{path} has no tokenizer: no tokenizer.json (nor another vocabulary file)") from None
             raise
         try:
-            return hf_tokenizer(tokenizer_json)
+            tokenizer = hf_tokenizer(tokenizer_json)
         except (OSError, ValueError) as e:  # TokenizerError is a ValueError
             raise LoadError(f"could not load the tokenizer from {path}: {' '.join(str(e).split())[:300]}") from None
+        tokenizer.name_or_path = str(path)  # as AutoTokenizer sets it: messages name the folder
+        return tokenizer

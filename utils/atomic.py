@@ -121,7 +121,7 @@ class AtomicFile:
     was. The file is created exclusively (mode "x") with the usual permissions (umask applies)."""
 
     def __init__(self, path: str | os.PathLike, mode: str = "wb", encoding: str | None = None):
-        self.path = Path(path)
+        self.path = file_target(path)
         self.tmp = temp_path(self.path)
         self.file = open(self.tmp, mode.replace("w", "x"), encoding=encoding)
         self.done = False
@@ -170,6 +170,22 @@ class AtomicFile:
         else:
             self.abort()
         return False
+
+
+def file_target(path: str | os.PathLike) -> Path:
+    """The path a file output is renamed onto: ``path``, or the file a symlink at ``path`` points to
+    (the link is kept, as a user who made it expects). ``OutputError`` (one line) for an empty path
+    and for an existing target that is not a regular file (a folder, a device such as /dev/null or
+    /dev/stdout, a FIFO, a socket): a rename would put a file in its place (for root, in place of a
+    system device), so no ``--overwrite`` lifts this. Call it before the long work too."""
+    if not os.fspath(path):
+        raise OutputError("the output path is empty (an unset variable?); name a file")
+    real = Path(os.path.realpath(path))
+    if real.exists() and not real.is_file():
+        what = "a folder" if real.is_dir() else "not a regular file (a device, FIFO or socket)"
+        shown = f"{path} (-> {real})" if Path(path).is_symlink() else str(path)
+        raise OutputError(f"cannot write {shown}: it is {what}; name a file")
+    return real
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -269,7 +285,9 @@ def check_replaceable(
     stamp lists, unchanged in type and size, plus the names in ``also_owned`` (files a caller
     writes beside the output and has itself recognised by their content). ``overwrite=True``
     accepts any folder. A target that is not a folder is always refused. Names play no part: an
-    unstamped folder holding only ``*.partial`` files is the user's."""
+    unstamped folder holding only ``*.partial`` files is the user's. Nor does ``overwrite`` lift
+    ``check_not_workplace``."""
+    check_not_workplace(target)
     target = Path(target)
     if not target.exists() and not target.is_symlink():
         return
@@ -292,6 +310,26 @@ def check_replaceable(
         raise NotReplaceableError(
             f"{target} is a {kind} but also holds files it did not write ({_shown(foreign)}); {OVERWRITE_HINT}"
         )
+
+
+def check_not_workplace(target: str | os.PathLike) -> None:
+    """``NotReplaceableError`` (one line) for an output folder path that is empty (an unset shell
+    variable: it would mean the current folder) or that is, or contains, the current working
+    directory, the home folder or the file-system root, resolved through symlinks. Replacing such a
+    folder would delete the user's working tree, whatever ``--overwrite`` says."""
+    if not os.fspath(target):
+        raise NotReplaceableError("the output folder path is empty (an unset variable?); name a folder")
+    real = _real(target)
+    try:
+        cwd = [(_real(os.getcwd()), "the current folder")]
+    except FileNotFoundError:  # the current folder was deleted: nothing of it left to protect
+        cwd = []
+    for place, what in [*cwd, (_real("~"), "your home folder")]:
+        if real == place or real in place.parents:
+            holds = "is" if real == place else "contains"
+            raise NotReplaceableError(f"{target} {holds} {what} ({place}); choose an output folder of its own")
+    if real == real.parent:
+        raise NotReplaceableError(f"{target} is the file-system root; choose an output folder of its own")
 
 
 def check_writable(target: str | os.PathLike, what: str = "output") -> None:
@@ -401,6 +439,7 @@ def replace_dir(target: str | os.PathLike, kind: str):
     The caller decides whether ``target`` may be replaced (``check_replaceable``) and keeps other
     writers away (``locked``). A symlinked ``target`` is resolved: the folder it points to is
     replaced and the link is kept. Needs room for the old and the new folder at once."""
+    check_not_workplace(target)  # again, at the one place that deletes: whatever its caller checked
     target = Path(os.path.realpath(target))
     staging = temp_path(target)
     os.mkdir(staging)

@@ -387,16 +387,52 @@ def test_the_command_exits_2_with_one_line(bad_sources, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_rerun_with_its_report_inside_the_output_folder_replaces_both(bad_sources, tmp_path, capsys):
-    """--report naming a file inside the output folder: the rerun was refused because the folder
-    "holds files it did not write" (the report and plot the first run wrote there)."""
+@pytest.mark.parametrize(
+    "name, earlier",
+    [(".", False), ("config.json", False), ("tokenizer.json", False), ("mine.json", False), ("sub/r.json", False)]
+    + [(".", True), ("config.json", True)],
+)
+def test_a_report_in_the_output_folder_is_refused_before_the_fit(
+    bad_sources, tmp_path, capsys, monkeypatch, name, earlier
+):
+    """The report is written after the checkpoint has replaced OUT: --report OUT/config.json
+    overwrote the distilled model's own config (exit 0, a folder that no longer loads) and
+    --report OUT failed after the fit naming a temp file. Refused before any work, whether OUT is
+    new or an earlier distillation's folder (which is left as it was)."""
+    out = tmp_path / "out"
+    if earlier:
+        assert run(bad_sources["good"], out, "--order", 4, "--steps", 0, "--no-polish") == 0
+    monkeypatch.setattr(distill_checkpoint, "fit_layers", lambda *a: pytest.fail("refused only after the fit"))
+    report = out if name == "." else out / name
+    before = listing(tmp_path)
+    capsys.readouterr()
+    assert run(bad_sources["good"], out, "--order", 4, "--report", report) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"distill.py: error: --report {report}: "), err
+    assert f"the output folder {out}, which receives the distilled checkpoint" in err and "\n" not in err, err
+    assert listing(tmp_path) == before
+
+
+def test_data_made_with_another_tokenizer_is_refused(bad_sources, docs, tmp_path, capsys):
+    """--data read as evaluate_lm.py reads it: a token shard of another tokenizer (here a BPE
+    trained on the documents, smaller than the model's) is refused, not scored as if its ids were
+    the model's."""
+    from data_prep.prepare import prepare
+
+    prepare([str(docs)], tmp_path / "other", vocab_size=290, workers=1, val_fraction=0.5, verbose=False)
+    before = listing(tmp_path)
+    assert run(bad_sources["good"], tmp_path / "out", "--order", 4, "--data", tmp_path / "other") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"distill.py: error: {tmp_path / 'other'} was made with another tokenizer"), err
+    assert f"the tokenizer of {bad_sources['good']} " in err and "\n" not in err, err
+    assert listing(tmp_path) == before
+
+
+def test_the_default_report_named_explicitly_is_the_default(bad_sources, tmp_path):
+    """--report OUT/distill_report.json is what leaving --report out gives: written, and a rerun
+    replaces it with the folder."""
     out = tmp_path / "out"
     for _ in range(2):
-        assert (
-            run(bad_sources["good"], out, "--order", 4, "--steps", 0, "--no-polish", "--report", out / "mine.json") == 0
-        )
-        assert json.loads((out / "mine.json").read_text())["kind"] == "Hyena-RTF distillation report"
-        assert (out / "mine.png").is_file() and (out / "config.json").is_file()
-    (out / "notes.txt").write_text("a user's file")  # anything else still keeps the folder
-    assert run(bad_sources["good"], out, "--order", 4, "--steps", 0, "--report", out / "mine.json") == 2
-    assert "notes.txt" in capsys.readouterr().err
+        assert run(bad_sources["good"], out, "--order", 4, "--steps", 0, "--report", out / "distill_report.json") == 0
+        assert json.loads((out / "distill_report.json").read_text())["kind"] == "Hyena-RTF distillation report"
+        assert (out / "distill_report.png").is_file() and (out / "config.json").is_file()

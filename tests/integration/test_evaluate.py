@@ -660,6 +660,50 @@ def test_shard_with_other_vocabulary_is_refused(model_dir, tmp_path, monkeypatch
         run_eval(model_dir, "--data", tmp_path, "--context-length", 8)
 
 
+def test_shard_made_with_another_tokenizer_is_refused(model_dir, tmp_path, capsys):
+    """A data_prep shard holds token ids of the tokenizer that made it. One of another, smaller
+    tokenizer passes the vocabulary-range check, and was scored into a meaningless perplexity
+    (exit 0): the shard's tokenizer.json must give every token the model tokenizer's id."""
+    from data_prep.prepare import prepare
+
+    source = tmp_path / "corpus.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_documents(seed=7, lengths=(8, 15, 25) * 6)))
+    prepare([str(source)], tmp_path / "other", vocab_size=300, workers=1, val_fraction=0.3, verbose=False)
+    out = tmp_path / "results.json"
+    for data in (tmp_path / "other", tmp_path / "other" / "val.bin"):  # the folder, and its shard named directly
+        code = ev.main([str(model_dir), "--data", str(data), "--context-length", "8", "--output", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert err.startswith(f"evaluate_lm.py: error: {data} was made with another tokenizer than the model's: "), err
+        assert f"{tmp_path / 'other' / 'tokenizer.json'} gives " in err and f"the tokenizer of {model_dir} " in err, err
+        assert len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("context_length, message", [(17, "--context-length 17 exceeds the 16 positions"), (16, None)])
+def test_context_length_past_a_learned_position_table_is_refused(tmp_path, docs_jsonl, capsys, context_length, message):
+    """GPT-2 looks positions up in a table of n_positions rows: a longer window was an IndexError
+    traceback (exit 1). Models without such a table (GPT-NeoX's rotary positions, Hyena-RTF) run
+    past their trained length in the other tests (--context-length 512 > Hyena-RTF's l_max 64)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = tiny_tokenizer()
+    config = GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=16, vocab_size=len(tokenizer))
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    capsys.readouterr()
+    code = ev.main([str(tmp_path / "gpt2"), "--data", str(docs_jsonl), "--context-length", str(context_length)])
+    err = capsys.readouterr().err
+    if message is None:
+        assert code == 0, err
+        return
+    assert code == 2, err
+    assert err.strip().splitlines()[-1] == (
+        f"evaluate_lm.py: error: {message} of the model (n_positions in {tmp_path / 'gpt2'}/config.json: "
+        "learned absolute positions); pass --context-length <= 16"
+    )
+
+
 # ----------------------------------------------------------------------------- lm-evaluation-harness
 
 LM_EVAL_TASKS = """\

@@ -491,3 +491,38 @@ def test_a_tokenizer_larger_than_the_model_is_one_error_line(tokenizer_file, tmp
     assert gen.main([str(ckpt), "--prompt", "the quick brown fox jumps", "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not belong to its model" in err[-1], err
+
+
+def test_a_prompt_past_a_learned_position_table_is_one_error_line_before_decoding(tokenizer, env, tmp_path, capsys):
+    """GPT-2 looks positions up in a table of n_positions rows: prompt + --max-new-tokens past it was
+    an IndexError traceback after part of the text had been streamed. Rotary GPT-NeoX has no
+    table, so the same lengths decode."""
+    folders = {}
+    for kind in ("gpt2", "gpt_neox"):
+        model = other_model(kind, len(tokenizer))
+        model.config.update({"n_positions" if kind == "gpt2" else "max_position_embeddings": 16})
+        model = type(model)(model.config).eval()  # the position table (GPT-2's wpe) sized by the config
+        folders[kind] = tmp_path / kind
+        model.save_pretrained(folders[kind])
+        tokenizer.save_pretrained(folders[kind])
+    prompt = "the cat sat on the mat"
+    n_prompt = len(tokenizer(prompt)["input_ids"])
+    assert n_prompt < 16
+    too_many = 17 - n_prompt
+    proc = cli(env, folders["gpt2"], "--prompt", prompt, "--temperature", 0, "--max-new-tokens", too_many)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""  # refused before the prompt is echoed and any token streamed
+    assert proc.stderr == (
+        f"generate.py: error: the prompt of {n_prompt} tokens + --max-new-tokens {too_many} exceeds the 16 "
+        f"positions of the model (n_positions in {folders['gpt2'] / 'config.json'}: learned absolute positions); "
+        "shorten the prompt or lower --max-new-tokens\n"
+    )
+    (tmp_path / "prompts.txt").write_text(f"a\n{prompt}\n")
+    capsys.readouterr()  # the saving's own output
+    prompt_file = ["--prompt-file", str(tmp_path / "prompts.txt")]
+    assert gen.main([str(folders["gpt2"]), *prompt_file, "--max-new-tokens", "40"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: prompt 2 of {n_prompt} tokens + --max-new-tokens 40 exceeds the 16" in err and err.count("\n") == 1
+    fits = ["--prompt", prompt, "--temperature", "0", "--max-new-tokens", str(16 - n_prompt)]
+    assert gen.main([str(folders["gpt2"]), *fits]) == 0  # exactly fills the table
+    assert gen.main([str(folders["gpt_neox"]), *fits[:-1], "40"]) == 0  # rotary: past 16 is fine

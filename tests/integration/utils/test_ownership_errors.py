@@ -5,12 +5,14 @@ the path (exit 2; Ctrl-C 130), and the previous output is left as it was."""
 import errno
 import json
 import os
+import stat
 
 import pytest
-from support.data_fixtures import checksums
+from support.data_fixtures import checksums, cli_args, corpus, jsonl, one_error_line
 from support.helpers import load_script, tiny_model, train_tiny_tokenizer
 
 import export.folder as hf_export
+from data_prep.prepare import main as prepare_main
 from export.folder import save_hf_checkpoint
 from utils import atomic
 
@@ -136,3 +138,64 @@ def test_evaluate_ctrl_c_while_writing_is_one_line_exit_130(ckpt, tmp_path, caps
     assert ev.main([str(source), "--data", str(data), "--output", str(tmp_path / "r.json")]) == 130
     assert "interrupted" in _one_line(capsys, "evaluate_lm.py")
     assert not (tmp_path / "r.json").exists()
+
+
+# ----------------------------------------------------------------------------- what is never an output
+
+
+@pytest.mark.parametrize("out", ["", ".", ".."])
+def test_an_output_folder_that_is_empty_or_holds_the_working_folder_is_refused(
+    ckpt, tmp_path, capsys, monkeypatch, out
+):
+    """`--out "$UNSET"` is `--out ""`, which resolves to the current folder: with --overwrite the
+    three folder-writing commands replaced the user's working folder. An empty path, the current
+    folder and a folder that contains it are refused, --overwrite or not, before any work, and
+    every file stays as it was."""
+    source, tok = ckpt
+    work = tmp_path / "projects" / "work"  # ".." is projects/, which holds no input
+    work.mkdir(parents=True)
+    (work / "thesis.txt").write_text("precious")
+    docs = jsonl(tmp_path / "docs.jsonl", corpus(20))
+    monkeypatch.chdir(work)
+    before = checksums(tmp_path)
+    with pytest.raises(atomic.NotReplaceableError, match="empty|current folder"):
+        save_hf_checkpoint(tiny_model(vocab=320), tok, out, overwrite=True)
+    assert prepare_main([*cli_args(docs, out, tok), "--overwrite"]) == 2
+    line = one_error_line(capsys)
+    assert "empty" in line or "current folder" in line, line
+    monkeypatch.setattr(distill, "distill_checkpoint", lambda opts: pytest.fail("the fit ran"))
+    assert distill.main([str(source), out, "--order", "2", "--overwrite"]) == 2
+    line = _one_line(capsys, "distill.py")
+    assert "empty" in line or "current folder" in line, line
+    assert checksums(tmp_path) == before
+
+
+def test_a_file_output_never_takes_the_place_of_a_device_or_a_folder(ckpt, tmp_path, capsys, monkeypatch):
+    """`--output /dev/null --overwrite` (root) replaced the device with a regular file, and an
+    output named through a symlink replaced the link. A FIFO (a device stands for any non-regular
+    file) and a folder are refused in one line whatever --overwrite says, and stay what they
+    were; a symlink to a file is written through: the link stays and its file gets the report."""
+    source, _ = ckpt
+    data = tmp_path / "docs.jsonl"
+    data.write_text(json.dumps({"text": "the cat sat on the mat"}) + "\n")
+    monkeypatch.setattr(ev, "evaluate", lambda args: pytest.fail("the evaluation ran"))
+    fifo, folder = tmp_path / "fifo", tmp_path / "folder"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    for target in (fifo, folder):
+        assert ev.main([str(source), "--data", str(data), "--output", str(target), "--overwrite"]) == 2
+        assert str(target) in _one_line(capsys, "evaluate_lm.py")
+        monkeypatch.setattr(distill, "distill_checkpoint", lambda opts: pytest.fail("the fit ran"))
+        out = ["--report", str(target), "--overwrite"]
+        assert distill.main([str(source), str(tmp_path / "d"), "--order", "2", *out]) == 2
+        assert str(target) in _one_line(capsys, "distill.py")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and folder.is_dir() and not os.listdir(folder)
+    monkeypatch.setattr(ev, "evaluate", lambda args: {"model": str(source), "settings": {}, "data": []})
+    real = tmp_path / "reports" / "r.json"
+    real.parent.mkdir()
+    real.write_text("{}")
+    (tmp_path / "link.json").symlink_to(real)
+    assert ev.main([str(source), "--data", str(data), "--output", str(tmp_path / "link.json"), "--overwrite"]) == 0
+    assert (tmp_path / "link.json").is_symlink() and json.loads(real.read_text())["model"] == str(source)
+    with pytest.raises(atomic.OutputError, match="empty"):
+        atomic.write_text("", "x")
