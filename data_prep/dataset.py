@@ -28,8 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.atomic import read_stamp
+
 from .indexed import IndexedDataset
-from .layout import MANIFEST
+from .layout import KIND, MANIFEST
 from .manifest import Manifest
 
 _MASK64 = (1 << 64) - 1
@@ -106,6 +108,11 @@ class PackedDataset:
         if not self.data_dir.is_dir():
             raise FileNotFoundError(f"prepared data directory {self.data_dir} does not exist; {hint}")
         mpath = self.data_dir / MANIFEST
+        other = read_stamp(self.data_dir)
+        if other is not None and other.get("kind") != KIND:  # data_prep would refuse to replace it: no hint
+            raise FileNotFoundError(
+                f"{self.data_dir} is a {other.get('kind')}, not a prepared dataset; name a data_prep folder"
+            )
         if not mpath.is_file():
             raise FileNotFoundError(
                 f"{self.data_dir} has no {MANIFEST} (not prepared, or its preparation did not finish); {hint}"

@@ -47,7 +47,7 @@ def open_split(data_dir: str, split: str, seq_len: int):
         return PackedDataset(data_dir, split, seq_len)
     except (FileNotFoundError, KeyError) as e:  # not prepared, or its preparation did not finish
         reason = str(e.args[0]) if e.args else str(e)  # (a KeyError's str() would quote the message)
-        hint = "" if "data_prep.prepare" in reason else f"; {prepare_hint(data_dir)}"  # said once
+        hint = "" if "data_prep" in reason else f"; {prepare_hint(data_dir)}"  # said once, or not at all
         raise DataError(f"cannot open the '{split}' split of '{data_dir}': {reason}{hint}") from None
     except (ValueError, OSError) as e:  # prepared, but too small, altered or unreadable: the message says which
         raise DataError(f"cannot use the '{split}' split of '{data_dir}': {e}") from None

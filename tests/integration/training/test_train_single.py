@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train
+from export.folder import EXPORT_KIND
 from export.from_training import model_from_checkpoint
 from models.configuration_hyena_rtf import HyenaRTFConfig
 from models.modeling_hyena_rtf import HyenaRTFForCausalLM
@@ -37,6 +38,7 @@ from training.engine import TorchEngine
 from training.metrics import read_metrics
 from training.optim import make_optimizer, param_groups
 from training.trainer import TrainingError, run
+from utils.atomic import replace_dir
 
 
 def tiny(corpus, out_dir, *extra):
@@ -192,6 +194,13 @@ def test_data_errors_are_clear(corpus, tmp_path, capsys):
     assert train.main([*TINY, f"data.dir={tmp_path / 'empty'}", f"train.out_dir={tmp_path / 'new_run'}"]) == 2
     assert "manifest.json" in capsys.readouterr().err
     assert not (tmp_path / "new_run").exists()
+    # An export given as data.dir is named as what it is, with no advice to prepare data over it
+    # (data_prep would refuse to replace a folder of another kind).
+    with replace_dir(tmp_path / "export", EXPORT_KIND):
+        pass
+    assert train.main([*TINY, f"data.dir={tmp_path / 'export'}", f"train.out_dir={tmp_path / 'new_run'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"is a {EXPORT_KIND}, not a prepared dataset" in err and "data_prep.prepare" not in err, err
 
 
 def test_export_loads_with_automodel_and_generates(reference, tmp_path):
