@@ -67,6 +67,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedConfig, PreTrainedModel
@@ -350,8 +351,36 @@ def _valid_keys(schema: DictConfig, dotted: str) -> str:
     return ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else ""
 
 
-def _merge(base: DictConfig, other: DictConfig, source: str, schema: DictConfig) -> DictConfig:
-    """OmegaConf.merge with its exceptions turned into ConfigErrors naming key and source."""
+def yaml_line(path: str, dotted: str) -> int | None:
+    """The 1-based line of the key `dotted` ("optim.lrr") in the YAML file `path`, or None where it
+    cannot be found: OmegaConf keeps no positions, so the file is composed again (PyYAML, which
+    OmegaConf reads YAML with) and its mapping nodes walked key by key."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            node = yaml.compose(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    line = None
+    for part in dotted.split("."):
+        if not isinstance(node, yaml.MappingNode):
+            break
+        match = next(((k, v) for k, v in node.value if getattr(k, "value", None) == part), None)
+        if match is None:
+            break
+        line, node = match[0].start_mark.line + 1, match[1]
+    return line
+
+
+def _merge(
+    base: DictConfig, other: DictConfig, source: str, schema: DictConfig, yaml_file: str | None = None
+) -> DictConfig:
+    """OmegaConf.merge with its exceptions turned into ConfigErrors naming key and source (and, for
+    the layer read from `yaml_file`, the key's line in it)."""
+
+    def at(key: str) -> str:
+        line = yaml_line(yaml_file, key) if yaml_file and key else None
+        return source if line is None else f"{source}, line {line}"
+
     try:
         unset = sorted(OmegaConf.missing_keys(other))
     except OmegaConfBaseException:
@@ -361,17 +390,18 @@ def _merge(base: DictConfig, other: DictConfig, source: str, schema: DictConfig)
     for key, node in other.items_ex(resolve=False) if isinstance(other, DictConfig) else ():
         # OmegaConf reports a scalar given for a whole section as "invalid value for 'None': None".
         if key in schema and isinstance(schema[key], DictConfig) and not isinstance(node, (dict, DictConfig)):
-            raise ConfigError(f"{source}: '{key}' must be a mapping of keys (e.g. {key}.KEY=VALUE), got {node!r}")
+            raise ConfigError(f"{at(key)}: '{key}' must be a mapping of keys (e.g. {key}.KEY=VALUE), got {node!r}")
     try:
         return OmegaConf.merge(base, other)
     except ConfigKeyError as e:
         key = e.full_key or str(e)
         raise ConfigError(
-            f"{source}: unknown config key '{key}'. Valid keys here: {_valid_keys(schema, key)}"
+            f"{at(key)}: unknown config key '{key}'. Valid keys here: {_valid_keys(schema, key)}"
         ) from None
     except ValidationError as e:
         # e.msg is OmegaConf's first line ("Value 'abc' of type 'str' could not be converted to Integer").
-        raise ConfigError(f"{source}: invalid value for '{e.full_key}': {str(e.msg).splitlines()[0]}") from None
+        reason = str(e.msg).splitlines()[0]
+        raise ConfigError(f"{at(str(e.full_key or ''))}: invalid value for '{e.full_key}': {reason}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{source}: {e}") from None
 
@@ -401,7 +431,7 @@ def load_config(
             raise ConfigError(f"{config_file}: not valid YAML: {e}") from None
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{config_file}: the top level must be a mapping of sections")
-        cfg = _merge(cfg, loaded, config_file, schema)
+        cfg = _merge(cfg, loaded, config_file, schema, yaml_file=config_file)
         layers.append((0, config_file, loaded))
     for item in overrides or []:
         if "=" not in item or item.startswith("="):

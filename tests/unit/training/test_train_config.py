@@ -157,13 +157,18 @@ def test_config_errors_name_the_key(overrides, expected):
         assert s in str(e.value), str(e.value)
 
 
-def test_yaml_errors_name_the_file(tmp_path):
+def test_yaml_errors_name_the_file_and_line(tmp_path):
+    """A key of the YAML file is named with its line (OmegaConf keeps none: the file is composed
+    again), as YAML syntax errors are."""
     y = tmp_path / "bad.yaml"
-    y.write_text("train:\n  max_step: 10\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'train.max_step'"):
+    y.write_text("optim:\n  lr: 1.0e-3\ntrain:\n  # steps\n  max_step: 10\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml, line 5: unknown config key 'train.max_step'"):
         load_config(str(y))
     y.write_text("train:\n  max_steps: ten\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: invalid value for 'train.max_steps'"):
+    with pytest.raises(ConfigError, match=r"bad.yaml, line 2: invalid value for 'train.max_steps'"):
+        load_config(str(y))
+    y.write_text("model: {}\noptim: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml, line 2: 'optim' must be a mapping of keys"):
         load_config(str(y))
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(str(tmp_path / "missing.yaml"))
@@ -186,7 +191,7 @@ def test_a_value_given_for_a_whole_section_names_the_section(tmp_path, capsys):
     assert "'optim' must be a mapping of keys (e.g. optim.KEY=VALUE), got 3" in capsys.readouterr().err
     y = tmp_path / "scalar.yaml"
     y.write_text("optim: 3\n")
-    with pytest.raises(ConfigError, match=r"scalar.yaml: 'optim' must be a mapping of keys"):
+    with pytest.raises(ConfigError, match=r"scalar.yaml, line 1: 'optim' must be a mapping of keys"):
         load_config(str(y))
 
 
