@@ -316,23 +316,38 @@ class ModalSystem:
         return torch.cat(parts, dim=1)
 
 
+def _without_padding(system: ModalSystem, keep: torch.Tensor, width: int) -> ModalSystem:
+    """`system` with only its `keep` (C, m) slots, in order, in `width` columns (rows with fewer are
+    filled with lambda = r = 0): the dropped slots have a zero residue and add nothing to the output.
+    Without it, a filter whose poles include a repeated one at 0 (rtf_init="zeros", zero trailing
+    coefficients) kept one slot per pole, past the ceil(n/2) a serving engine sizes its state for."""
+    if width >= system.slots:
+        return system
+    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :width]
+    unused = torch.arange(width, device=keep.device)[None] >= keep.sum(-1, keepdim=True)
+    lam, res = (
+        torch.where(unused, torch.zeros_like(t[:, :width]), t.gather(-1, order)) for t in (system.lam, system.res)
+    )
+    return ModalSystem(lam, res, system.d, system.dtype, None, system.group)
+
+
 def pack_real_pairs(system: ModalSystem) -> ModalSystem:
     """The same system with its real poles two to a slot (module docstring), paired slots first in
     each row, then an odd real pole in a slot of its own, then the conjugate pairs; real slots with a
-    zero residue (the padding, lambda = r = 0) are dropped. n poles take ceil(n/2) slots. A system
-    with no two real poles in any row is returned as it is."""
+    zero residue (the padding, lambda = r = 0) are dropped. n poles take ceil(n/2) slots (at least
+    one). A system with no two real poles in any row keeps its slots unpaired, without the padding."""
     if system.paired is not None:
         return system
     lam, res = system.lam.detach(), system.res.detach()
     real = (lam.imag == 0) & (res != 0)
     pairs = real.sum(-1) // 2  # (C,)
     K = int(pairs.max()) if real.numel() else 0
-    if K == 0:
-        return system
     odd = real.sum(-1) % 2
     cplx = lam.imag != 0
-    width = int((pairs + odd + cplx.sum(-1)).max())
+    width = max(int((pairs + odd + cplx.sum(-1)).max()) if real.numel() else 0, 1)
     C, m = lam.shape
+    if K == 0:
+        return _without_padding(system, real | cplx, width)
     real_first = torch.argsort((~real).to(torch.int8), dim=-1, stable=True)
     r_lam, r_res = lam.gather(-1, real_first).real, res.gather(-1, real_first).real  # real modes first
     out_lam = lam.new_zeros(C, width + 1)  # the last column takes what is not placed (dropped below)

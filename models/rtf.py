@@ -283,6 +283,7 @@ class ModalConversion:
 # Hashed into every stamp: a new layout of the stored form gets a new version, so that a form stored
 # in an older layout never matches (the filter then converts from its parameters).
 STORED_FORM_VERSION = b"hyena-rtf stored modal form 1"
+STORED_FORM_BUFFERS = ("modal_form", "modal_stamp")  # the buffers `store_recurrence` fills
 
 
 def split_float64(x: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,8 @@ from models.fftconv import fft_causal_conv
 from models.filters import make_filter
 from models.hyena import short_causal_conv, short_conv_step
 
+from .servable import refuse, unstable_refusal
+
 
 def filter_channels(config) -> int:
     """Channels the long filter convolves: d for Hyena, M e^2 for MultiHyena (e = d / M)."""
@@ -123,6 +125,9 @@ class HyenaMixer(MambaBase, nn.Module):
         """The filter's modal system from the loaded weights, as the project's cache builds it (a
         filter with a pole on or outside the unit circle is refused in one line)."""
         wanted = torch.float64 if self.config.recurrent_dtype == "float64" else torch.float32
+        radius = getattr(self.filter, "pole_radius", None)  # RTFs; a modal filter's poles are inside by construction
+        if radius is not None and float(radius().max()) >= 1.0:
+            refuse(unstable_refusal(self.layer_idx, float(radius().max())))
         self.rec = self.filter.recurrence(wanted, "error")
         slots = self.get_state_shape()[1][-1]
         if self.rec.slots > slots:

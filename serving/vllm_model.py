@@ -28,6 +28,8 @@ from vllm.model_executor.layers.mamba.mamba_utils import get_temporal_copy_spec
 from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid, SupportsMambaPrefixCaching
 from vllm.sequence import IntermediateTensors
 
+from models.rtf import STORED_FORM_BUFFERS
+
 from .host_memory import retain_freed_memory
 from .hyena_mixer import HyenaMixer, state_dtype, state_shapes
 from .servable import log as logger
@@ -118,6 +120,10 @@ class HyenaRTFForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsMambaPrefi
             # (serving/host_memory.py), as the caching allocator vLLM's CPU backend expects would.
             logger.info("host allocator: %s", retain_freed_memory())
         self.model = HyenaRTFBackbone(config, vllm_config, "model" if not prefix else f"{prefix}.model")
+        # The output head: the embedding itself when tied (the default), else its own weight.
+        self.lm_head = (
+            None if config.tie_word_embeddings else nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        )
 
     # ---- the state vLLM allocates per request (before the model exists) ---------------------------
     @classmethod
@@ -151,19 +157,20 @@ class HyenaRTFForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsMambaPrefi
         return self.model(h)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(N, d) -> (N, vocab_size): the tied head without the embedding's padding rows."""
-        return F.linear(hidden_states, self.model.embed.weight[: self.config.vocab_size])
+        """(N, d) -> (N, vocab_size): the head (tied: the embedding) without its padding rows."""
+        head = self.model.embed if self.lm_head is None else self.lm_head
+        return F.linear(hidden_states, head.weight[: self.config.vocab_size])
 
     # ---- weights ---------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy the checkpoint's tensors into the parameters and buffers of the same name (the head
-        is tied to the embedding and has none of its own; an export's filters carry their stored
-        modal form as buffers, models/rtf.py), then build every filter's modal recurrence."""
+        """Copy the checkpoint's tensors into the parameters and buffers of the same name (a tied head
+        has no weight of its own, an untied one is `lm_head.weight`; an export's filters carry their
+        stored modal form as buffers, models/rtf.py), then build every filter's modal recurrence."""
         params = {**dict(self.named_buffers()), **dict(self.named_parameters())}
         loaded = set()
         for name, tensor in weights:
-            if name == "lm_head.weight" and name not in params:
-                continue  # tied: the embedding holds it
+            if name not in params and (name == "lm_head.weight" or name.rsplit(".", 1)[-1] in STORED_FORM_BUFFERS):
+                continue  # tied: the embedding holds it; a stored form the config does not ask for: built again
             if name not in params:
                 raise ValueError(f"unexpected tensor {name} in a Hyena-RTF checkpoint")
             param = params[name]
@@ -172,6 +179,8 @@ class HyenaRTFForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsMambaPrefi
             with torch.no_grad():
                 param.copy_(tensor.to(param.dtype))
             loaded.add(name)
+        if self.lm_head is not None and "lm_head.weight" not in loaded:  # else it would score with random weights
+            raise ValueError("the checkpoint's config unties the output head but it has no lm_head.weight")
         mixers = [m for m in self.modules() if isinstance(m, HyenaMixer)]
         for mixer in mixers:
             mixer.build_recurrence()

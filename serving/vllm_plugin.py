@@ -19,17 +19,10 @@ from __future__ import annotations
 
 from models import HyenaRTFConfig  # importing it registers the config with transformers' AutoConfig
 
-from .servable import log, refusal
+from .servable import refusal, refuse
 
 ARCHITECTURE = "HyenaRTFForCausalLM"
 MODEL_CLASS = "serving.vllm_model:HyenaRTFForCausalLM"
-
-
-def refuse(reason: str) -> None:
-    """Log the refusal as one line of its own (vLLM wraps the error in its configuration
-    validation's traceback), then raise it."""
-    log.error("cannot serve this checkpoint: %s", reason)
-    raise ValueError(reason)
 
 
 def register() -> None:

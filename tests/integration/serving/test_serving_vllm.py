@@ -58,7 +58,8 @@ ENGINE = dict(
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Exported folders (save_hf_checkpoint, as `train.py export` writes them): 'rtf', 'hybrid'
-    (attention at layer 1 of 3), 'multi' (MultiHyena, 16 heads), 'implicit'."""
+    (attention at layer 1 of 3), 'multi' (MultiHyena, 16 heads), 'untied' (an output head of its
+    own), 'odd' (order 3 with a double pole at 0), 'implicit'."""
     root = tmp_path_factory.mktemp("serving")
     tokenizer_file = train_tiny_tokenizer(root / "tokenizer.json")
     vocab = len(hf_tokenizer(tokenizer_file))
@@ -66,6 +67,8 @@ def checkpoints(tmp_path_factory):
         "rtf": {},
         "hybrid": {"attn_layers": [1], "n_layer": 3},
         "multi": {"multi_hyena_heads": 16},
+        "untied": {"tie_word_embeddings": False},
+        "odd": {"state_size": 3},  # slow_poles' a = (-1, 0, 0): one pole near 1, a double pole at 0
         "implicit": {"filter": "implicit"},
     }
     folders = {}
@@ -324,10 +327,13 @@ def test_a_graph_padded_decode_batch_matches_and_writes_only_the_null_slot(rtf, 
         assert not torch.equal(unpadded[real], before[real])  # the step did advance the states
 
 
-@pytest.mark.parametrize("kind", ["hybrid", "multi"])
+@pytest.mark.parametrize("kind", ["hybrid", "multi", "untied", "odd"])
 def test_hybrid_and_multihyena_checkpoints_give_generates_tokens(checkpoints, kind):
     """Attention layers through vLLM's paged KV cache beside Hyena layers; MultiHyena's per-head
-    state (channels M e^2) in the same state cache. Batched, chunked, past l_max."""
+    state (channels M e^2) in the same state cache; an untied output head (the plugin scored with
+    the embedding: every first token wrong); poles at 0 that once took more modal slots than
+    ceil(n / 2), the state vLLM sizes from the config (the load was refused). Batched, chunked,
+    past l_max."""
     llm = vllm.LLM(model=str(checkpoints[kind]), **ENGINE)
     model = reference(checkpoints[kind])
     batch = prompts([4, 40, 100, 9, 70], seed=4)
@@ -340,16 +346,38 @@ def test_hybrid_and_multihyena_checkpoints_give_generates_tokens(checkpoints, ki
 def test_implicit_filter_checkpoint_is_refused_with_one_line(checkpoints, monkeypatch):
     """Refused before any engine starts. vLLM wraps the error in its configuration validation's
     traceback; the plugin logs the reason first as one line of its own, which is what a user reads."""
-    from serving import vllm_plugin
+    from serving import servable
 
     logged = []
-    monkeypatch.setattr(vllm_plugin.log, "error", lambda fmt, *args: logged.append(fmt % args))
+    monkeypatch.setattr(servable.log, "error", lambda fmt, *args: logged.append(fmt % args))
     with pytest.raises(ValueError) as caught:
         vllm.LLM(model=str(checkpoints["implicit"]), **ENGINE)
     line = next(line for line in str(caught.value).splitlines() if "implicit long filters" in line)
     assert "distill.py" in line
     assert len(logged) == 1 and "\n" not in logged[0], logged
     assert logged[0].startswith("cannot serve this checkpoint: this Hyena-RTF checkpoint has implicit long filters")
+
+
+def test_unstable_filter_checkpoint_is_refused_with_one_line(checkpoints, monkeypatch, tmp_path):
+    """A filter with a pole outside the unit circle (trained without the Montel constraint) is found
+    only when the weights load, in the engine: the plugin logs one line that names the layer and
+    what a vLLM user can do (the generic advice to decode with the parallel forward does not apply),
+    and the engine does not start."""
+    from serving import servable
+
+    vocab = reference(checkpoints["rtf"]).config.vocab_size
+    model = tiny_model(vocab=vocab, d_model=64, n_head=2, l_max=L_MAX, rtf_constraint="none")
+    for block in model.model.layers:
+        with torch.no_grad():
+            block.mixer.filter.a[0] = torch.tensor([-1.2, 0.0, 0.0, 0.0])  # a pole at 1.2
+    folder = save_hf_checkpoint(model, checkpoints["rtf"] / "tokenizer.json", tmp_path / "unstable")
+    logged = []
+    monkeypatch.setattr(servable.log, "error", lambda fmt, *args: logged.append(fmt % args))
+    with pytest.raises(Exception) as caught:  # noqa: B017 - vLLM's own engine-start error, caused by the refusal
+        vllm.LLM(model=str(folder), **ENGINE)
+    assert len(logged) == 1 and "\n" not in logged[0], (logged, caught.value)
+    assert logged[0].startswith("cannot serve this checkpoint: layer 0: RTF filters have poles on or outside")
+    assert "distill.py" in logged[0] and "use_cache" not in logged[0]
 
 
 def free_port() -> int:

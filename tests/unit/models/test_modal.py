@@ -145,6 +145,26 @@ def test_real_poles_packed_two_to_a_slot_run_the_same_system(T):
         assert rel(steps.numpy(), y_ref) <= ops * gain / scale + 1e-14
 
 
+@pytest.mark.parametrize("init", ["zeros", "trailing zeros"])
+@pytest.mark.parametrize("n", [3, 4, 7])
+def test_poles_at_zero_take_no_more_than_half_the_order_in_slots(init, n):
+    """An RTF whose poles include a repeated one at 0 (rtf_init="zeros": all n; or zero trailing
+    denominator coefficients) kept one slot per pole when no row had two real poles to pair, past
+    the ceil(n / 2) a serving engine sizes its state for (vLLM refused such a checkpoint). The
+    padding (real slots with a zero residue) is dropped, and the decoded taps are those of the
+    unpacked conversion: float32 recurrence against float64 taps, 1e-6 of the largest tap."""
+    torch.manual_seed(n)
+    rtf = RTF(4, n, 32, init="zeros" if init == "zeros" else "xavier")
+    if init != "zeros":
+        with torch.no_grad():
+            rtf.a[:, 1:] = 0
+    rec = rtf.recurrence(torch.float32, "error")
+    assert rec.slots <= math.ceil(n / 2), rec.slots
+    want = rtf.conversion().system.taps(80)  # (filters, T), float64, nothing dropped
+    got = rec.taps(80).double()
+    assert (got - want).abs().max() <= 1e-6 * want.abs().max().clamp_min(1.0)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("chunk", [None, 64])
 def test_a_row_serving_several_channels_runs_each_channel(monkeypatch, packed, chunk):
