@@ -125,9 +125,10 @@ class HyenaMixer(MambaBase, nn.Module):
         """The filter's modal system from the loaded weights, as the project's cache builds it (a
         filter with a pole on or outside the unit circle is refused in one line)."""
         wanted = torch.float64 if self.config.recurrent_dtype == "float64" else torch.float32
-        radius = getattr(self.filter, "pole_radius", None)  # RTFs; a modal filter's poles are inside by construction
-        if radius is not None and float(radius().max()) >= 1.0:
-            refuse(unstable_refusal(self.layer_idx, float(radius().max())))
+        pole_radius = getattr(self.filter, "pole_radius", None)  # RTFs; a modal filter's are inside by construction
+        radius = float(pole_radius().max()) if pole_radius is not None else 0.0
+        if radius >= 1.0:
+            refuse(unstable_refusal(self.layer_idx, radius))
         self.rec = self.filter.recurrence(wanted, "error")
         slots = self.get_state_shape()[1][-1]
         if self.rec.slots > slots:
